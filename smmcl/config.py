@@ -1,0 +1,223 @@
+"""Configuration: SMMCL's defaults, loading an experiment's ``config.py``, command-line overrides.
+
+Each experiment folder's ``config.py`` builds on :func:`base_config` and sets only what differs (its
+dataset). Paths that derive from other values (``rgb_root_folder``, ``log_dir``, ...) are computed by
+:func:`finalize` *after* command-line overrides, so ``--set dataset_path=/data/x backbone=mscan_t`` moves
+the data folders and the log folder with it. Field names follow the authors' (CMX-style) config.
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import os
+import os.path as osp
+import time
+from typing import Iterable, Optional
+
+import numpy as np
+from easydict import EasyDict
+
+REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+
+# Keys computed by ``finalize``; overriding one of them on the command line pins it.
+DERIVED_KEYS = (
+    'rgb_root_folder', 'x_root_folder', 'gt_root_folder', 'train_source', 'eval_source',
+    'eval_subset_sources', 'log_dir', 'tb_dir', 'checkpoint_dir', 'log_file', 'val_log_file',
+    'niters_per_epoch',
+)
+
+
+def base_config() -> EasyDict:
+    """SMMCL defaults (the authors' SMMCL_LLRGBD values for everything that is not dataset-specific)."""
+    C = EasyDict()
+    C.seed = 12345
+    C.exp_dir = os.getcwd()  # the experiment folder; set by each config.py to its own folder
+
+    # ---- dataset (layout values; the experiment config fills these in) ----
+    C.dataset_name = 'LLRGBD'
+    C.dataset_path = osp.join(REPO_ROOT, 'datasets', 'LLRGBD')
+    # Sub-folder of dataset_path holding each split ('' when both splits share one folder and list
+    # files pick the images). LLRGBD ships train/ and test/ folders.
+    C.train_split_dir = ''
+    C.eval_split_dir = ''
+    C.rgb_folder = 'RGB'
+    C.rgb_format = '.png'
+    C.x_folder = 'Depth'
+    C.x_format = '.png'
+    C.x_is_single_channel = True  # replicate a 1-channel X image to 3 channels, as the authors
+    C.gt_folder = 'Label'
+    C.gt_format = '.png'
+    C.gt_transform = False  # True: label - 1 with 0 -> 255 (NYU)
+    # List files relative to dataset_path (None: every image in the split's RGB folder, sorted).
+    C.train_list = None
+    C.eval_list = None
+    # Optional extra evaluation subsets {name: list file}, reported beside the full test set.
+    C.eval_subsets = {}
+    C.num_train_imgs = 0
+    C.num_eval_imgs = 0
+    C.num_classes = 14
+    C.class_names = []
+    # Score the first class in a separate "mIoU without it" line (LLRGBD's void class).
+    C.report_miou_without_first = False
+    # The authors' loader reads RGB with flag cv2.COLOR_BGR2RGB (=4 = IMREAD_ANYCOLOR), so images reach
+    # the network in OpenCV's BGR order; their checkpoints were trained that way. True: convert to RGB.
+    C.true_rgb_order = False
+
+    # ---- image ----
+    C.background = 255  # ignore label
+    C.image_height = 480
+    C.image_width = 640
+    C.norm_mean = np.array([0.485, 0.456, 0.406])
+    C.norm_std = np.array([0.229, 0.224, 0.225])
+
+    # ---- network ----
+    C.backbone = 'mscan_b'
+    C.pretrained_model = osp.join(REPO_ROOT, 'pretrained', 'segnext', 'mscan_b.pth')
+    C.decoder = 'LightHamHead'
+    C.decoder_embed_dim = 512
+    C.bn_eps = 1e-3
+    C.bn_momentum = 0.1
+    C.drop_path_rate = None  # None: the variant's own (mscan_b: 0.2)
+
+    # ---- supervised multi-modal contrastive loss ----
+    C.min_views_per_class = 5
+    C.max_views_per_class = 300
+    C.max_features_total = 4800
+    C.cm_temperature = 0.1
+    C.temperature = 0.1
+    C.weight_cm = 0.2
+    C.weight_vis = 0.2
+    C.weight_aux = 0.2
+    # The authors call their sampler once per branch: same sets and counts, different pixels.
+    C.share_anchor_draw = False
+    # 'vectorized' (one host read per batch) or 'loop' (the authors' per-class loop; reference path,
+    # reproduces their random stream).
+    C.anchor_sampler = 'vectorized'
+
+    # ---- optimisation ----
+    C.optimizer = 'AdamW'
+    C.lr = 6e-5
+    C.lr_power = 0.9
+    C.momentum = 0.9
+    C.weight_decay = 0.01
+    C.batch_size = 16
+    C.nepochs = 500
+    C.num_workers = 8
+    C.train_scale_array = [0.5, 0.75, 1, 1.25, 1.5, 1.75]
+    C.warm_up_epoch = 10
+    # The authors' parameter groups hold only conv / linear / norm weights and biases, so MSCAN's
+    # layer scales are never trained. True: train them too (no weight decay).
+    C.train_layer_scale = False
+    C.deterministic = False
+    # What to do with a non-finite loss: 'stop' (default) or 'skip' the batch (counted and logged).
+    C.nonfinite_loss = 'stop'
+    # Seconds a rank waits in a collective before giving up when another rank died.
+    C.dist_timeout_s = 300
+
+    # ---- speed (issue 4); 'plain' is the reference path ----
+    C.fast_path = False
+    C.amp = False
+
+    # ---- evaluation ----
+    C.eval_iter = 25
+    C.eval_stride_rate = 2 / 3
+    C.eval_scale_array = [1]
+    C.eval_flip = False
+    C.eval_crop_size = [480, 640]
+    C.eval_batch_size = 1
+
+    # ---- checkpoints ----
+    C.checkpoint_start_epoch = 250
+    C.checkpoint_step = 25
+    return C
+
+
+def load_config(path: str, overrides: Optional[Iterable[str]] = None) -> EasyDict:
+    """Import ``config`` from an experiment's ``config.py``, apply ``key=value`` overrides, finalize.
+
+    Raises:
+        FileNotFoundError: the config file does not exist.
+        KeyError: an override names an unknown key (the message suggests the nearest one).
+    """
+    path = osp.abspath(path)
+    if not osp.isfile(path):
+        raise FileNotFoundError(f'config file {path} does not exist')
+    spec = importlib.util.spec_from_file_location(f'_smmcl_config_{abs(hash(path))}', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = EasyDict(module.config)
+    config.config_file = path
+    apply_overrides(config, overrides or [])
+    return finalize(config)
+
+
+def parse_value(text: str):
+    """A command-line value: a Python literal (number, None, True, list, ...) else the string itself."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_overrides(config: EasyDict, overrides: Iterable[str]) -> EasyDict:
+    """Apply ``key=value`` strings in place; ``a.b=v`` reaches into nested dicts."""
+    config.setdefault('_overridden', [])
+    for item in overrides:
+        if '=' not in item:
+            raise ValueError(f'override {item!r} is not of the form key=value')
+        key, text = item.split('=', 1)
+        key = key.strip()
+        node, parts = config, key.split('.')
+        for depth, part in enumerate(parts):
+            if part not in node:
+                known = [k for k in node.keys() if not k.startswith('_')]
+                near = difflib.get_close_matches(part, known, n=1)
+                hint = f"; did you mean '{'.'.join(parts[:depth] + [near[0]])}'?" if near else ''
+                raise KeyError(f"unknown config key '{key}'{hint}")
+            if depth < len(parts) - 1:
+                node = node[part]
+        value = parse_value(text)
+        if isinstance(node[parts[-1]], np.ndarray):
+            value = np.asarray(value, dtype=node[parts[-1]].dtype)
+        node[parts[-1]] = value
+        config._overridden.append(key)
+    return config
+
+
+def finalize(config: EasyDict) -> EasyDict:
+    """Compute the derived paths and counts from the primary values (skipping pinned overrides)."""
+    pinned = set(config.get('_overridden', []))
+
+    def put(key, value):
+        if key not in pinned:
+            config[key] = value
+
+    def split_root(split_dir):
+        return osp.join(config.dataset_path, split_dir) if split_dir else config.dataset_path
+
+    train_root, eval_root = split_root(config.train_split_dir), split_root(config.eval_split_dir)
+    put('rgb_root_folder', osp.join(train_root, config.rgb_folder))
+    put('x_root_folder', osp.join(train_root, config.x_folder))
+    put('gt_root_folder', osp.join(train_root, config.gt_folder))
+    put('train_source', osp.join(config.dataset_path, config.train_list) if config.train_list else None)
+    put('eval_source', osp.join(config.dataset_path, config.eval_list) if config.eval_list else None)
+    put('eval_subset_sources', {name: osp.join(config.dataset_path, rel)
+                                for name, rel in (config.eval_subsets or {}).items()})
+    config.train_root = train_root
+    config.eval_root = eval_root
+    # The authors: niters_per_epoch = num_train_imgs // batch_size + 1.
+    put('niters_per_epoch', config.num_train_imgs // config.batch_size + 1)
+    log_dir = osp.join(config.exp_dir, f'log_{config.dataset_name}_{config.backbone}')
+    put('log_dir', log_dir)
+    put('tb_dir', osp.join(config.log_dir, 'tb'))
+    put('checkpoint_dir', osp.join(config.log_dir, 'checkpoint'))
+    stamp = time.strftime('%Y%m%d-%H%M%S', time.localtime())
+    put('log_file', osp.join(config.log_dir, f'log_{stamp}.log'))
+    put('val_log_file', osp.join(config.log_dir, f'val_{stamp}.log'))
+    return config
+
+
+def format_config(config: EasyDict) -> str:
+    """The effective config, one ``key: value`` per line, for the logs."""
+    return '\n'.join(f'{k}: {v!r}' for k, v in sorted(config.items()) if not k.startswith('_'))

@@ -1,0 +1,347 @@
+"""RGB-X segmentation datasets of SMMCL (Dong & Yokoya, WACV 2024): LLRGBD, MFNet, NYU Depth V2.
+
+The authors' ``RGBXDataset`` (CMX ``dataloader/RGBXDataset.py``) with the same items and file layout
+(``<split root>/<folder>/<name><format>`` for RGB, X and label), plus early, explicit errors: every
+problem a dataset can have (missing folder, list or file, unreadable image, mismatched sizes, label
+values outside the classes) raises :class:`DatasetError` with a message naming the file and the fix.
+The per-item checks live here, in :func:`split_names`, :func:`missing_files` and :func:`load_item`, and
+are shared by the dataset, ``smmcl.data.check`` (scans everything) and ``quick_check`` (training start).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import os.path as osp
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from smmcl.data.transforms import train_transform
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
+SPLITS = ('train', 'val')
+IGNORE_LABEL = 255
+
+
+class DatasetError(ValueError):
+    """A problem with the data on disk; the message names the file and the fix.
+
+    Attributes:
+        problems: one message per problem.
+    """
+
+    def __init__(self, problems):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        if len(self.problems) == 1:
+            message = self.problems[0]
+        else:
+            message = f'{len(self.problems)} dataset problems:\n' + '\n'.join(f'- {p}' for p in self.problems)
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class SplitLayout:
+    """Where one split's files are: ``<rgb_dir>/<name><rgb_format>`` and so on."""
+    split: str
+    root: str
+    rgb_dir: str
+    x_dir: str
+    gt_dir: str
+    rgb_format: str
+    x_format: str
+    gt_format: str
+    source: Optional[str]  # list file; None: every image of rgb_dir
+
+    def paths(self, name: str) -> Tuple[str, str, str]:
+        """(rgb, x, label) paths of item ``name``."""
+        return (osp.join(self.rgb_dir, name + self.rgb_format), osp.join(self.x_dir, name + self.x_format),
+                osp.join(self.gt_dir, name + self.gt_format))
+
+    def listed_in(self) -> str:
+        return f'listed in {self.source}' if self.source else f'an image of {self.rgb_dir}'
+
+
+def split_layout(config, split: str, source: Optional[str] = None) -> SplitLayout:
+    """The layout of ``split`` ('train' or 'val'); ``source`` replaces the split's list file.
+
+    Train uses ``config.rgb_root_folder`` / ``x_root_folder`` / ``gt_root_folder`` (derived from
+    ``train_root`` unless pinned on the command line); val uses ``config.eval_root`` and the folder names.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+    if split == 'train':
+        root = config.train_root
+        dirs = (config.rgb_root_folder, config.x_root_folder, config.gt_root_folder)
+        source = source or config.train_source
+    else:
+        root = config.eval_root
+        dirs = tuple(osp.join(root, config[k]) for k in ('rgb_folder', 'x_folder', 'gt_folder'))
+        source = source or config.eval_source
+    return SplitLayout(split, root, *dirs, config.rgb_format, config.x_format, config.gt_format, source)
+
+
+def _listing(folder: str) -> str:
+    """A short listing of ``folder`` for error messages."""
+    try:
+        entries = sorted(os.listdir(folder))
+    except OSError:
+        return ''
+    shown = ', '.join(entries[:10]) + (', ...' if len(entries) > 10 else '')
+    return f' ({folder} holds: {shown or "nothing"})'
+
+
+def folder_problems(config, layout: SplitLayout) -> List[str]:
+    """Missing dataset / split / modality folders and a missing list file, one message each."""
+    name = config.dataset_name
+    if not osp.isdir(config.dataset_path):
+        return [f'dataset folder {config.dataset_path} does not exist. Fix: get {name} as '
+                f'datasets/README.md describes and point the experiment at it with '
+                f'--set dataset_path=/path/to/{name} (or write a synthetic one with '
+                f'python -m smmcl.data.synthetic --out DIR).']
+    if not osp.isdir(layout.root):
+        key = 'train_split_dir' if layout.split == 'train' else 'eval_split_dir'
+        return [f'{layout.split} split folder {layout.root} does not exist{_listing(config.dataset_path)}. '
+                f'Fix: lay the data out as datasets/README.md describes, or set {key}=<sub-folder>.']
+    problems = []
+    for what, folder, key in (('RGB', layout.rgb_dir, 'rgb_folder'), ('X', layout.x_dir, 'x_folder'),
+                              ('label', layout.gt_dir, 'gt_folder')):
+        if not osp.isdir(folder):
+            problems.append(f'{what} folder {folder} does not exist{_listing(osp.dirname(folder))}. '
+                            f'Fix: set {key}=<folder name> (--set {key}=...).')
+    if layout.source and not osp.isfile(layout.source):
+        key = 'train_list' if layout.split == 'train' else 'eval_list'
+        problems.append(f'list file {layout.source} does not exist{_listing(osp.dirname(layout.source))}. '
+                        f'Fix: write it (one image name a line) or set {key}=<file relative to '
+                        f'dataset_path> ({key}=None: every image of {layout.rgb_dir}).')
+    return problems
+
+
+def name_of(line: str) -> str:
+    """The bare item name of a list line: ``RGB/0001.jpg``, ``0001.png`` and ``0001`` all give ``0001``."""
+    base = osp.basename(line.strip().replace('\\', '/'))
+    stem, ext = osp.splitext(base)
+    return stem if ext.lower() in IMAGE_EXTENSIONS else base
+
+
+def split_names(config, layout: SplitLayout) -> List[str]:
+    """Check the split's folders and list file and return its item names.
+
+    Names come from the list file (stripped, blank lines skipped, each reduced by :func:`name_of`) or,
+    without one, are the sorted stems of the RGB folder's ``rgb_format`` files.
+
+    Raises:
+        DatasetError: with every folder / list problem found.
+    """
+    problems = folder_problems(config, layout)
+    if problems:
+        raise DatasetError(problems)
+    if layout.source:
+        with open(layout.source) as f:
+            names = [name_of(line) for line in f if line.strip()]
+        if not names:
+            raise DatasetError(f'list file {layout.source} is empty. Fix: write one image name a line '
+                               f'(e.g. 0001 or {osp.basename(layout.rgb_dir)}/0001{layout.rgb_format}).')
+        return names
+    names = sorted(f[:-len(layout.rgb_format)] for f in os.listdir(layout.rgb_dir)
+                   if f.endswith(layout.rgb_format))
+    if not names:
+        found = sorted({osp.splitext(f)[1] for f in os.listdir(layout.rgb_dir)} - {''})
+        raise DatasetError(f"RGB folder {layout.rgb_dir} holds no '{layout.rgb_format}' images "
+                           f'(extensions found: {found or "none"}). Fix: put the images there or set '
+                           f'rgb_format=<extension>.')
+    return names
+
+
+def missing_files(layout: SplitLayout, name: str) -> List[str]:
+    """One message per missing RGB / X / label file of item ``name`` (``os.path.exists`` only)."""
+    return [_missing_message(layout, name, what, path)
+            for what, path in zip(('RGB', 'X', 'label'), layout.paths(name)) if not osp.exists(path)]
+
+
+def _missing_message(layout: SplitLayout, name: str, what: str, path: str) -> str:
+    fix = (f"add it or remove '{name}' from {layout.source}" if layout.source
+           else f'add it or remove the RGB image {layout.paths(name)[0]}')
+    return f"{what} file {path} of item '{name}' ({layout.listed_in()}) does not exist. Fix: {fix}."
+
+
+def _jpeg_truncated(buf: np.ndarray) -> bool:
+    """True when a JPEG's last scan has no end-of-image marker after it (OpenCV decodes such files,
+    filling the missing part with grey). 0xFFDA / 0xFFD9 cannot occur inside entropy-coded data."""
+    data = buf.tobytes()
+    if not data.startswith(b'\xff\xd8'):
+        return False
+    return data.find(b'\xff\xd9', max(data.rfind(b'\xff\xda'), 0)) < 0
+
+
+def read_image(path: str, flag: int) -> Optional[np.ndarray]:
+    """``cv2.imread(path, flag)`` that also returns None for a truncated JPEG (and for a missing file)."""
+    try:
+        buf = np.fromfile(path, dtype=np.uint8)
+    except OSError:
+        return None
+    if buf.size == 0 or _jpeg_truncated(buf):
+        return None
+    return cv2.imdecode(buf, flag)
+
+
+def label_problems(gt: np.ndarray, path: str, config) -> List[str]:
+    """A message when ``gt`` (after the gt_transform shift) holds values that are neither a class nor 255."""
+    counts = np.bincount(gt.ravel(), minlength=256)
+    counts[IGNORE_LABEL] = 0
+    counts[:config.num_classes] = 0
+    bad = np.flatnonzero(counts)
+    if bad.size == 0:
+        return []
+    shift = 1 if config.gt_transform else 0
+    file_values = ((bad + shift) % 256).tolist()
+    shifted = ' after the gt_transform shift (file value - 1, 0 -> 255)' if config.gt_transform else ''
+    hint = ''
+    if not config.gt_transform and int(gt.max()) == config.num_classes:
+        hint = ' The file uses 1..num_classes: set gt_transform=True if 0 means unlabelled.'
+    return [f'label file {path} holds values {file_values} ({int(counts[bad].sum())} pixels) that are '
+            f'neither a class index 0..{config.num_classes - 1} nor 255 (ignore){shifted}.{hint} Fix: check '
+            f'num_classes (={config.num_classes}) and gt_transform (={config.gt_transform}), or remap '
+            f'the labels.']
+
+
+def load_item(layout: SplitLayout, name: str, config):
+    """Read item ``name``: RGB, label, X as the authors do, checked.
+
+    Reading is faithful: the authors pass ``cv2.COLOR_BGR2RGB`` as the imread flag, which is
+    ``4 = cv2.IMREAD_ANYCOLOR``, so images reach the network in OpenCV's BGR order. We read with
+    ``cv2.IMREAD_COLOR`` (the same pixels for 8-bit 3-channel files, and a grayscale file still gives
+    3 channels) and keep BGR unless ``config.true_rgb_order`` is True. The label is read as uint8
+    grayscale, shifted by ``gt - 1`` in uint8 (0 -> 255) when ``config.gt_transform``. A single-channel
+    X (``config.x_is_single_channel``) is read as grayscale and replicated to 3 channels; otherwise X is
+    read like RGB (a 1-channel file is then replicated too).
+
+    Returns:
+        rgb H-W-3 uint8, gt H-W uint8, x H-W-3 uint8.
+
+    Raises:
+        DatasetError: with every problem of the item (missing or unreadable file, sizes, label values).
+    """
+    paths = layout.paths(name)
+    flags = (cv2.IMREAD_COLOR, cv2.IMREAD_GRAYSCALE if config.x_is_single_channel else cv2.IMREAD_COLOR,
+             cv2.IMREAD_GRAYSCALE)
+    images, problems = [], []
+    for what, path, flag in zip(('RGB', 'X', 'label'), paths, flags):
+        img = read_image(path, flag)
+        if img is None:
+            problems.append(_missing_message(layout, name, what, path) if not osp.exists(path) else
+                            f"{what} file {path} of item '{name}' cannot be decoded (truncated, corrupt or "
+                            f"not an image). Fix: copy it again from the source, or remove '{name}' "
+                            f'from {layout.source or "the RGB folder"}.')
+        images.append(img)
+    if problems:
+        raise DatasetError(problems)
+    rgb, x, gt = images
+    if config.x_is_single_channel:
+        x = cv2.merge([x, x, x])
+    if config.get('true_rgb_order', False):
+        rgb = cv2.cvtColor(rgb, cv2.COLOR_BGR2RGB)
+        x = cv2.cvtColor(x, cv2.COLOR_BGR2RGB)
+    if config.gt_transform:
+        gt = gt - np.uint8(1)  # uint8 wrap-around: 0 (unlabelled) -> 255
+    problems = label_problems(gt, paths[2], config)
+    sizes = [img.shape[:2] for img in (rgb, x, gt)]
+    if len(set(sizes)) > 1:
+        (rh, rw), (xh, xw), (gh, gw) = sizes
+        problems.insert(0, f"item '{name}' has images of different sizes: RGB {paths[0]} is {rh}x{rw}, "
+                           f'X {paths[1]} is {xh}x{xw}, label {paths[2]} is {gh}x{gw} (HxW). Fix: the '
+                           f'three must be aligned and of one size; re-export them or remove '
+                           f"'{name}' from {layout.source or 'the split'}.")
+    if problems:
+        raise DatasetError(problems)
+    return rgb, gt, x
+
+
+def _to_tensor(a, is_label: bool) -> torch.Tensor:
+    if isinstance(a, torch.Tensor):
+        return a
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if is_label:
+        return t.long()
+    return t.float() if t.is_floating_point() else t  # the authors' .float() on normalised images
+
+
+class RGBXDataset(Dataset):
+    """RGB + X + label items of one split, read as the authors do (see :func:`load_item`).
+
+    Args:
+        config: a finalised experiment config (``smmcl.config.load_config``).
+        split: 'train' (``config.train_root``, ``train_source``) or 'val' (``eval_root``, ``eval_source``).
+        preprocess: ``(rgb, gt, x) -> (rgb, gt, x[, valid_box])``. None: for 'train'
+            :func:`~smmcl.data.transforms.train_transform` with ``config``; for 'val' nothing.
+        file_length: the epoch length (the authors use ``batch_size * niters_per_epoch``); None: one
+            pass over the names.
+        source: a list file replacing the split's (e.g. ``config.eval_subset_sources['night']``).
+
+    Items, 'train': ``data`` 3-H-W, ``modal_x`` 3-H-W (uint8 from the default preprocess; float32 from a
+    preprocess returning floats such as ``train_transform_plain``), ``label`` int64 H-W (255 = ignore),
+    ``valid_box`` int64 [top, bottom, left, right] (the whole image when the preprocess gives none),
+    ``fn`` the item name, ``n`` the number of names. 'val': ``data``, ``modal_x`` uint8 H-W-3 numpy,
+    ``label`` uint8 H-W numpy, ``fn``, ``n``, unprocessed (the evaluator normalises and slides windows).
+
+    Raises:
+        DatasetError: at construction for folder / list problems, when loading for item problems.
+    """
+
+    def __init__(self, config, split: str, preprocess: Optional[Callable] = None,
+                 file_length: Optional[int] = None, source: Optional[str] = None):
+        self.config = config
+        self.split = split
+        self.layout = split_layout(config, split, source)
+        self.names = split_names(config, self.layout)
+        if preprocess is None and split == 'train':
+            preprocess = functools.partial(train_transform, config=config)
+        self.preprocess = preprocess
+        self.file_length = file_length
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw this epoch's names when ``file_length`` is set.
+
+        The authors' ``_construct_new_file_names``: every name ``file_length // n`` times, then the first
+        ``file_length % n`` of ``torch.randperm(n)``. They recompute it (a fresh permutation) on every
+        ``__getitem__`` call; we draw it once per epoch from ``config.seed + epoch``, so all ranks and
+        workers agree. Each index gets the same distribution of names; the extras of one epoch are
+        distinct here, while the authors' independent per-call draws could repeat one. Call it before
+        each epoch (like ``DistributedSampler.set_epoch``); with ``persistent_workers`` the workers keep
+        the copy they were started with.
+        """
+        n = len(self.names)
+        if self.file_length is None:
+            self.epoch_names = self.names
+            return
+        generator = torch.Generator().manual_seed(int(self.config.seed) + int(epoch))
+        extra = torch.randperm(n, generator=generator)[:self.file_length % n].tolist()
+        self.epoch_names = self.names * (self.file_length // n) + [self.names[i] for i in extra]
+
+    def __len__(self) -> int:
+        return len(self.epoch_names)
+
+    def read(self, name: str):
+        """The raw, checked (rgb H-W-3, gt H-W, x H-W-3) uint8 arrays of item ``name``."""
+        return load_item(self.layout, name, self.config)
+
+    def __getitem__(self, index: int) -> dict:
+        name = self.epoch_names[index]
+        rgb, gt, x = self.read(name)
+        out = (rgb, gt, x) if self.preprocess is None else self.preprocess(rgb, gt, x)
+        item = dict(fn=str(name), n=len(self.names))
+        if self.split == 'train':
+            item.update(data=_to_tensor(out[0], False), label=_to_tensor(out[1], True),
+                        modal_x=_to_tensor(out[2], False))
+            h, w = item['label'].shape
+            item['valid_box'] = (out[3] if len(out) > 3 else
+                                 torch.tensor([0, h, 0, w], dtype=torch.int64))
+        else:
+            item.update(data=out[0], label=out[1], modal_x=out[2])
+            if len(out) > 3:
+                item['valid_box'] = out[3]
+        return item

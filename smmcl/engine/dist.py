@@ -1,0 +1,136 @@
+"""Process set-up for training and evaluation: one process per GPU, or one CPU process.
+
+Three ways in, one ``DistContext`` out:
+- ``torchrun --nproc_per_node=N script.py``: read ``RANK`` / ``LOCAL_RANK`` / ``WORLD_SIZE`` /
+  ``MASTER_ADDR`` / ``MASTER_PORT`` from the environment;
+- ``script.py -d 0-3``: the script starts one process per listed GPU itself (``mp.spawn``) on a free
+  port (or ``-p PORT``);
+- no GPU: one CPU process (``cpu_procs`` > 1 starts that many gloo processes, used by tests).
+NCCL on GPUs, gloo on the CPU. The authors' ``--local_rank`` flag is accepted and ignored in favour
+of the environment.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import warnings
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device('cpu')
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def parse_devices(text: Optional[str]) -> List[int]:
+    """'0-3' -> [0, 1, 2, 3]; '0,2' -> [0, 2]; '1' -> [1]; None or '' -> []."""
+    if not text:
+        return []
+    devices = []
+    for part in str(text).split(','):
+        part = part.strip()
+        if '-' in part:
+            start, end = part.split('-')
+            devices.extend(range(int(start), int(end) + 1))
+        elif part:
+            devices.append(int(part))
+    return devices
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def _worker(local_rank: int, fn: Callable, devices: Sequence[int], use_cuda: bool, port: int,
+            timeout_s: float, args) -> None:
+    world_size = len(devices) if use_cuda else int(os.environ['SMMCL_CPU_PROCS'])
+    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    ctx = init_from_env(devices, timeout_s)
+    try:
+        fn(ctx, *args)
+    finally:
+        cleanup()
+
+
+def init_from_env(devices: Sequence[int] = (), timeout_s: float = 1800) -> DistContext:
+    """Join the process group described by the environment (single process when WORLD_SIZE is unset)."""
+    world_size = int(os.environ.get('WORLD_SIZE', 1))
+    rank = int(os.environ.get('RANK', 0))
+    local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        index = devices[local_rank] if local_rank < len(devices) else local_rank
+        torch.cuda.set_device(index)
+        device = torch.device('cuda', index)
+    else:
+        device = torch.device('cpu')
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group('nccl' if use_cuda else 'gloo', rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    return DistContext(rank, world_size, local_rank, device)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def launch(fn: Callable, devices: Sequence[int], args=(), port: Optional[int] = None,
+           timeout_s: float = 1800, cpu_procs: int = 1) -> None:
+    """Run ``fn(ctx, *args)`` in every process.
+
+    Under torchrun (``WORLD_SIZE`` set) this process is one rank already. Otherwise one process per
+    device in ``devices`` when CUDA is available, else ``cpu_procs`` CPU processes (gloo). If any
+    process fails, ``mp.spawn`` terminates the others and raises here, so the script exits non-zero
+    instead of hanging.
+    """
+    use_cuda = torch.cuda.is_available()
+    if 'WORLD_SIZE' in os.environ:
+        ctx = init_from_env(devices, timeout_s)
+        try:
+            fn(ctx, *args)
+        finally:
+            cleanup()
+        return
+    if not use_cuda and devices:
+        warnings.warn(f'no GPU available: running on the CPU instead of devices {list(devices)}')
+    nprocs = len(devices) if use_cuda else cpu_procs
+    if nprocs <= 1:
+        ctx = init_from_env(devices[:1] if use_cuda else (), timeout_s)
+        fn(ctx, *args)
+        return
+    os.environ['SMMCL_CPU_PROCS'] = str(nprocs)
+    mp.spawn(_worker, args=(fn, list(devices), use_cuda, port or free_port(), timeout_s, args),
+             nprocs=nprocs, join=True)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks in place (no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

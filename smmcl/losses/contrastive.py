@@ -1,0 +1,212 @@
+"""Supervised multi-modal contrastive loss of SMMCL (Dong & Yokoya, WACV 2024, Sec. 3.2).
+
+Anchors are stage-4 embeddings sampled per (image, class) from labels downsampled to stage 4. The
+InfoNCE follows the authors' code, which follows ContrastiveSeg's ``_contrastive`` (Wang et al., 2021):
+cosine-similarity logits over a temperature; the positives of row i are the same-class columns j != i
+(in the cross-modal term too); ``log p_ij = l_ij - log(exp(l_ij) + sum_k exp(l_ik))`` over row i's
+different-class columns k; each row averages over its positives and the loss is minus the row mean.
+
+The authors' sampler loops over images and classes in Python with a host sync per class and crashes
+when no class has enough cells (``torch.min`` of an empty tensor). This one is vectorised: one host
+read per batch (the number of anchor sets and views, which fix the output shape), the same
+distribution (a uniform random subset per set, drawn independently per modality by default), and a
+batch without anchors gives zero losses that still backpropagate.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_LABEL = 255
+
+
+def downsample_labels(labels: torch.Tensor, size) -> torch.Tensor:
+    """Nearest-neighbour downsampling of N-H-W labels to N-h-w (F.interpolate 'nearest', as the authors)."""
+    return F.interpolate(labels[:, None].float(), size=tuple(size), mode='nearest')[:, 0].long()
+
+
+def anchor_plan(labels: torch.Tensor, num_classes: int, min_views: int, max_views: int,
+                max_total: int):
+    """Which (image, class) sets become anchors and how many views each gets.
+
+    Args:
+        labels: N-M stage-4 labels (IGNORE_LABEL and values >= num_classes are never sampled).
+    Returns:
+        group: N-M group id ``image * num_classes + class`` of each cell (N*K for unusable cells);
+        counts: (N*K) cells per group; kept: (N*K) bool; num_sets, num_views: python ints.
+    """
+    n, m = labels.shape
+    valid = (labels >= 0) & (labels < num_classes)
+    image = torch.arange(n, device=labels.device)[:, None]
+    group = torch.where(valid, image * num_classes + labels, torch.full_like(labels, n * num_classes))
+    counts = torch.bincount(group.flatten(), minlength=n * num_classes + 1)[:-1]
+    kept = counts >= min_views
+    num_sets_t = kept.sum()
+    fewest = torch.where(kept, counts, torch.full_like(counts, max_views)).min()
+    views = torch.minimum(fewest.clamp(max=max_views), max_total // num_sets_t.clamp(min=1))
+    num_sets, num_views = torch.stack([num_sets_t, views]).tolist()  # the one host read per batch
+    if num_views <= 0:
+        num_sets = 0
+    return group, counts, kept, num_sets, num_views
+
+
+def kept_group_ids(kept: torch.Tensor, num_sets: int) -> torch.Tensor:
+    """Ids of the kept groups in increasing order (T), without a host sync."""
+    return torch.argsort((~kept).to(torch.int8), stable=True)[:num_sets]
+
+
+def sample_anchor_indices(group: torch.Tensor, counts: torch.Tensor, kept_groups: torch.Tensor,
+                          num_views: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Flat cell indices (into N*M) of ``num_views`` distinct random cells of every kept group: T-V."""
+    flat = group.flatten()
+    # Random order, then a stable sort by group: cells of each group end up contiguous, uniformly shuffled.
+    perm = torch.randperm(flat.numel(), device=flat.device, generator=generator)
+    order = perm[torch.argsort(flat[perm], stable=True)]
+    starts = torch.cumsum(counts, 0) - counts
+    slots = starts[kept_groups][:, None] + torch.arange(num_views, device=flat.device)[None]
+    return order[slots]
+
+
+def sample_anchors(labels: torch.Tensor, color_fea: torch.Tensor, other_fea: torch.Tensor,
+                   num_classes: int, min_views: int = 5, max_views: int = 300, max_total: int = 4800,
+                   share_draw: bool = False, generator: Optional[torch.Generator] = None):
+    """Sample anchor sets from both modalities.
+
+    Args:
+        labels: N-h-w labels at the features' resolution.
+        color_fea, other_fea: N-C-h-w embeddings.
+    Returns:
+        (color T-C-V, other T-C-V, labels T) or None when no set reaches ``min_views`` cells.
+    """
+    n, c = color_fea.shape[:2]
+    group, counts, kept, num_sets, num_views = anchor_plan(
+        labels.reshape(n, -1), num_classes, min_views, max_views, max_total)
+    if num_sets == 0:
+        return None
+    kept_groups = kept_group_ids(kept, num_sets)
+    idx_c = sample_anchor_indices(group, counts, kept_groups, num_views, generator)
+    idx_o = idx_c if share_draw else sample_anchor_indices(group, counts, kept_groups, num_views,
+                                                           generator)
+
+    def gather(fea, idx):  # N-C-h-w -> (N*h*w)-C -> T-V-C -> T-C-V
+        return fea.permute(0, 2, 3, 1).reshape(-1, c)[idx].permute(0, 2, 1)
+
+    return gather(color_fea, idx_c), gather(other_fea, idx_o), kept_groups % num_classes
+
+
+def sample_anchors_loop(labels: torch.Tensor, color_fea: torch.Tensor, other_fea: torch.Tensor,
+                        num_classes: int, min_views: int = 5, max_views: int = 300,
+                        max_total: int = 4800, share_draw: bool = False):
+    """The authors' sampler, kept as the plain reference path: same arguments and result as
+    :func:`sample_anchors`, and it consumes the CPU random stream exactly as their code (one
+    ``torch.randperm(count)`` per set in image, class order, the whole pass once for RGB and then
+    once for X), so seeded runs reproduce their numbers. Unlike theirs it returns None instead of
+    crashing when no set is large enough, and skips label values >= ``num_classes``."""
+    n, c = color_fea.shape[:2]
+    flat_labels = labels.reshape(n, -1)
+    sets = []  # (image, class, cell indices)
+    for image in range(n):
+        for cls in torch.unique(flat_labels[image]).tolist():
+            if cls == IGNORE_LABEL or cls < 0 or cls >= num_classes:
+                continue
+            cells = (flat_labels[image] == cls).nonzero()[:, 0]
+            if cells.numel() >= min_views:
+                sets.append((image, cls, cells))
+    if not sets:
+        return None
+    num_views = min(min(len(cells) for _, _, cells in sets), max_views, max_total // len(sets))
+    if num_views <= 0:
+        return None
+
+    def draw(fea):  # T-C-V
+        chosen = [cells[torch.randperm(len(cells))[:num_views].to(cells.device)] for _, _, cells in sets]
+        return torch.stack([fea[image].reshape(c, -1)[:, idx] for (image, _, _), idx in zip(sets, chosen)])
+
+    if share_draw:
+        state = torch.random.get_rng_state()
+        feats_c = draw(color_fea)
+        torch.random.set_rng_state(state)
+        feats_o = draw(other_fea)
+    else:
+        feats_c, feats_o = draw(color_fea), draw(other_fea)
+    set_labels = torch.tensor([cls for _, cls, _ in sets], device=labels.device)
+    return feats_c, feats_o, set_labels
+
+
+ANCHOR_SAMPLERS = {'vectorized': sample_anchors, 'loop': sample_anchors_loop}
+
+
+def info_nce(anchors: torch.Tensor, contrast: torch.Tensor, labels: torch.Tensor,
+             temperature: float) -> torch.Tensor:
+    """Supervised InfoNCE between two T-C-V anchor sets with T labels (rows: ``anchors``).
+
+    Pass the same tensor twice for the intra-modal term.
+    """
+    t, c, v = anchors.shape
+    rows = F.normalize(anchors.float().permute(0, 2, 1).reshape(t * v, c), dim=1)
+    cols = F.normalize(contrast.float().permute(0, 2, 1).reshape(t * v, c), dim=1)
+    row_labels = labels.reshape(t, 1).expand(t, v).reshape(-1)
+    logits = rows @ cols.T / temperature  # (TV)-(TV)
+    logits = logits - logits.max(dim=1, keepdim=True).values.detach()
+    same = row_labels[:, None] == row_labels[None, :]
+    positive = same & ~torch.eye(t * v, dtype=torch.bool, device=same.device)
+    exp_logits = logits.exp()
+    negative_sum = (exp_logits * (~same)).sum(1, keepdim=True)
+    log_prob = logits - torch.log(exp_logits + negative_sum)
+    # Rows without positives contribute 0 (the authors' code would divide by zero there).
+    mean_log_prob_pos = (log_prob * positive).sum(1) / positive.sum(1).clamp(min=1)
+    return -mean_log_prob_pos.mean()
+
+
+class SupervisedMultiModalContrastiveLoss(nn.Module):
+    """Cross-modal and two intra-modal InfoNCE terms on sampled stage-4 anchors.
+
+    Config fields: ``num_classes``, ``min_views_per_class``, ``max_views_per_class``,
+    ``max_features_total``, ``cm_temperature``, ``temperature``; optional ``share_anchor_draw`` and
+    ``anchor_sampler`` ('vectorized', or 'loop': the authors' per-class loop, the reference path).
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.num_classes = cfg.num_classes
+        self.min_views = cfg.min_views_per_class
+        self.max_views = cfg.max_views_per_class
+        self.max_total = cfg.max_features_total
+        self.cm_temperature = cfg.cm_temperature
+        self.temperature = cfg.temperature
+        self.share_draw = bool(cfg.get('share_anchor_draw', False))
+        sampler = cfg.get('anchor_sampler', 'vectorized')
+        if sampler not in ANCHOR_SAMPLERS:
+            raise ValueError(f"anchor_sampler {sampler!r}: choose one of {sorted(ANCHOR_SAMPLERS)}")
+        self.sampler = ANCHOR_SAMPLERS[sampler]
+
+    def intra_modal_loss(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """feats: T-C-V anchors, labels: T."""
+        return info_nce(feats, feats, labels, self.temperature)
+
+    def cross_modal_loss(self, feats_c: torch.Tensor, feats_o: torch.Tensor,
+                         labels: torch.Tensor) -> torch.Tensor:
+        """Rows: RGB anchors, columns: X anchors (both T-C-V), labels: T."""
+        return info_nce(feats_c, feats_o, labels, self.cm_temperature)
+
+    def forward(self, label: torch.Tensor, color_fea: torch.Tensor, other_fea: torch.Tensor
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """label: N-H-W full-resolution labels; color_fea, other_fea: N-C-h-w embeddings.
+
+        Returns (loss_cm, loss_vis, loss_aux), unweighted.
+        """
+        with torch.autocast(device_type=color_fea.device.type, enabled=False):
+            labels = downsample_labels(label, color_fea.shape[2:])
+            sampled = self.sampler(labels, color_fea, other_fea, self.num_classes, self.min_views,
+                                     self.max_views, self.max_total, self.share_draw)
+            if sampled is None:
+                # Zero, but connected to the graph so that backward (and DDP's reducer) still works.
+                zero = 0.0 * (color_fea.float().sum() + other_fea.float().sum())
+                return zero, zero, zero
+            feats_c, feats_o, set_labels = sampled
+            return (self.cross_modal_loss(feats_c, feats_o, set_labels),
+                    self.intra_modal_loss(feats_c, set_labels),
+                    self.intra_modal_loss(feats_o, set_labels))

@@ -1,0 +1,66 @@
+"""Dual-branch RGB-X MSCAN encoder with per-stage cross-modal modulation and fusion (SMMCL, Sec. 3)."""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .fusion import CrossModalModulation, FusionConv, Projector
+from .mscan import build_stage, drop_path_schedule, mscan_spec
+
+
+class DualMSCAN(nn.Module):
+    """Two MSCAN branches (RGB: ``block{i}``..., X: ``block_other{i}``...) exchanging features per stage.
+
+    Args:
+        backbone: variant name (``mscan_t/s/b/l``).
+        norm_layer: batch-norm factory for the branches and projectors.
+        in_channels: input channels of each branch (both 3 in SMMCL: 1-channel X is replicated).
+        drop_path_rate: overrides the variant's stochastic depth when given.
+        embed_dim: output channels of the two projectors.
+    """
+
+    def __init__(self, backbone: str = 'mscan_b', norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+                 in_channels: int = 3, drop_path_rate: Optional[float] = None, embed_dim: int = 256):
+        super().__init__()
+        spec = mscan_spec(backbone)
+        self.embed_dims = tuple(spec.embed_dims)
+        rates = drop_path_schedule(spec, drop_path_rate)
+        for i in range(4):
+            stage_in = in_channels if i == 0 else spec.embed_dims[i - 1]
+            for suffix in ('', '_other'):
+                patch_embed, blocks, norm = build_stage(spec, i, stage_in, rates[i], norm_layer)
+                setattr(self, f'patch_embed{suffix}{i + 1}', patch_embed)
+                setattr(self, f'block{suffix}{i + 1}', blocks)
+                setattr(self, f'norm{suffix}{i + 1}', norm)
+            setattr(self, f'module{i + 1}', CrossModalModulation(spec.embed_dims[i]))
+            setattr(self, f'fconv{i + 1}', FusionConv(spec.embed_dims[i]))
+        self.projector_color = Projector(spec.embed_dims[3], norm_layer, embed_dim)
+        self.projector_other = Projector(spec.embed_dims[3], norm_layer, embed_dim)
+
+    def _branch_stage(self, x: torch.Tensor, stage: int, suffix: str) -> torch.Tensor:
+        x = getattr(self, f'patch_embed{suffix}{stage}')(x)
+        for block in getattr(self, f'block{suffix}{stage}'):
+            x = block(x)
+        return getattr(self, f'norm{suffix}{stage}')(x)
+
+    def forward(self, rgb: torch.Tensor, modal_x: torch.Tensor, with_embeddings: bool = True
+                ) -> Tuple[List[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """rgb, modal_x: N-3-H-W.
+
+        Returns:
+            fused: four N-C_i-H/s_i-W/s_i maps (strides 4, 8, 16, 32);
+            color_embedding, other_embedding: N-256-H/32-W/32 projections of each branch's stage-4
+            features before that stage's modulation (None when ``with_embeddings`` is False).
+        """
+        fused, color_emb, other_emb = [], None, None
+        for stage in range(1, 5):
+            rgb = self._branch_stage(rgb, stage, '')
+            modal_x = self._branch_stage(modal_x, stage, '_other')
+            if stage == 4 and with_embeddings:
+                color_emb = self.projector_color(rgb)
+                other_emb = self.projector_other(modal_x)
+            rgb, modal_x = getattr(self, f'module{stage}')(rgb, modal_x)
+            fused.append(getattr(self, f'fconv{stage}')(rgb, modal_x))
+        return fused, color_emb, other_emb

@@ -1,0 +1,123 @@
+"""LightHamHead: the "Hamburger" matrix-decomposition decoder of SegNeXt (Geng et al., ICLR 2021),
+written without mmcv. Names (``squeeze.conv/gn``, ``hamburger.ham_in/ham_out``, ``align``,
+``conv_seg``) match the authors' checkpoints.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ConvGNReLU(nn.Module):
+    """1x1 conv (no bias) + GroupNorm(32) + ReLU, mmcv's ConvModule with GN as SegNeXt configures it."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int = 32):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        self.gn = nn.GroupNorm(groups, out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.gn(self.conv(x)))
+
+
+class Conv1x1(nn.Module):
+    """1x1 conv with bias, wrapped so that its parameters are named ``<name>.conv.*``."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class NMF2D(nn.Module):
+    """Non-negative matrix factorisation by multiplicative updates, one factorisation per image.
+
+    Bases (R of them, dimension D = C / S) are drawn fresh every forward from ``torch.rand`` and
+    L2-normalised over D, as the authors' ``_build_bases`` (RAND_INIT=True). Gradients flow through
+    all update steps: mmseg's port runs them without ``torch.no_grad`` and so do the authors.
+    The decomposition always runs in float32, also under autocast.
+    """
+
+    def __init__(self, rank: int = 64, spatial: int = 1, train_steps: int = 6, eval_steps: int = 7,
+                 eps: float = 1e-6):
+        super().__init__()
+        self.rank, self.spatial = rank, spatial
+        self.train_steps, self.eval_steps = train_steps, eval_steps
+        self.eps = eps
+        self.inv_t = 1  # NMF2D overrides the base class' INV_T=100 with 1
+
+    def _update_coef(self, x, bases, coef):
+        # (B*S, D, N)^T @ (B*S, D, R) -> (B*S, N, R)
+        numerator = torch.bmm(x.transpose(1, 2), bases)
+        # (B*S, N, R) @ [(B*S, D, R)^T @ (B*S, D, R)] -> (B*S, N, R)
+        denominator = coef.bmm(bases.transpose(1, 2).bmm(bases))
+        return coef * numerator / (denominator + self.eps)
+
+    def _update_bases(self, x, bases, coef):
+        # (B*S, D, N) @ (B*S, N, R) -> (B*S, D, R)
+        numerator = torch.bmm(x, coef)
+        # (B*S, D, R) @ [(B*S, N, R)^T @ (B*S, N, R)] -> (B*S, D, R)
+        denominator = bases.bmm(coef.transpose(1, 2).bmm(coef))
+        return bases * numerator / (denominator + self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """N-C-H-W (non-negative) -> its rank-R reconstruction, N-C-H-W, float32."""
+        B, C, H, W = x.shape
+        D, N = C // self.spatial, H * W
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.float().reshape(B * self.spatial, D, N)
+            bases = F.normalize(torch.rand(B * self.spatial, D, self.rank, device=x.device), dim=1)
+            # (B*S, D, N)^T @ (B*S, D, R) -> (B*S, N, R)
+            coef = F.softmax(self.inv_t * torch.bmm(x.transpose(1, 2), bases), dim=-1)
+            for _ in range(self.train_steps if self.training else self.eval_steps):
+                coef = self._update_coef(x, bases, coef)
+                bases = self._update_bases(x, bases, coef)
+            coef = self._update_coef(x, bases, coef)
+            # (B*S, D, R) @ (B*S, N, R)^T -> (B*S, D, N)
+            return torch.bmm(bases, coef.transpose(1, 2)).reshape(B, C, H, W)
+
+
+class Hamburger(nn.Module):
+    """ReLU(x + ham_out(NMF(ReLU(ham_in(x)))))."""
+
+    def __init__(self, channels: int = 512, rank: int = 64, train_steps: int = 6, eval_steps: int = 7):
+        super().__init__()
+        self.ham_in = Conv1x1(channels)
+        self.ham = NMF2D(rank=rank, train_steps=train_steps, eval_steps=eval_steps)
+        self.ham_out = Conv1x1(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        enjoy = self.ham(F.relu(self.ham_in(x))).to(x.dtype)
+        return F.relu(x + self.ham_out(enjoy))
+
+
+class LightHamHead(nn.Module):
+    """Decoder on fused stages 2-4.
+
+    Args:
+        in_channels: channels of the three input maps (strides 8, 16, 32).
+        num_classes: output classes.
+        channels: ``decoder_embed_dim`` (``ham_channels`` = ``channels`` = 512 in SegNeXt-B).
+    """
+
+    def __init__(self, in_channels: Sequence[int], num_classes: int, channels: int = 512,
+                 ham_channels: int = 512, dropout: float = 0.1):
+        super().__init__()
+        self.squeeze = ConvGNReLU(sum(in_channels), ham_channels)
+        self.hamburger = Hamburger(ham_channels)
+        self.align = ConvGNReLU(ham_channels, channels)
+        self.dropout = nn.Dropout2d(dropout)
+        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """inputs: N-C_i-H_i-W_i maps, the first the largest -> N-K-H_0-W_0 logits."""
+        size = inputs[0].shape[2:]
+        x = torch.cat([inputs[0]] + [F.interpolate(t, size=size, mode='bilinear', align_corners=False)
+                                     for t in inputs[1:]], dim=1)
+        x = self.align(self.hamburger(self.squeeze(x)))
+        return self.conv_seg(self.dropout(x))

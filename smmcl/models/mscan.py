@@ -1,0 +1,202 @@
+"""MSCAN, the multi-scale convolutional attention encoder of SegNeXt (Guo et al., NeurIPS 2022).
+
+Layer names follow SegNeXt's ``mscan.py`` (and hence the authors' SMMCL checkpoints): ``proj.0/1/3/4``
+for the stem, ``attn.spatial_gating_unit.conv0_1`` ..., ``mlp.dwconv.dwconv``, ``layer_scale_1/2``.
+Blocks here work on N-C-H-W maps directly; SegNeXt flattens to tokens between blocks, which is the same
+function with extra reshapes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Sequence
+
+import torch
+from torch import nn
+
+NormLayer = Callable[[int], nn.Module]
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (identity in eval mode and for ``drop_prob == 0``)."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f'drop_prob={self.drop_prob}'
+
+
+class StemConv(nn.Module):
+    """Stage-1 patch embedding: two 3x3 stride-2 convs with BN (GELU between). N-Cin-H-W -> N-C-H/4-W/4."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm_layer: NormLayer):
+        super().__init__()
+        self.proj = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels // 2, 3, stride=2, padding=1),
+            norm_layer(out_channels // 2),
+            nn.GELU(),
+            nn.Conv2d(out_channels // 2, out_channels, 3, stride=2, padding=1),
+            norm_layer(out_channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class OverlapPatchEmbed(nn.Module):
+    """Stages 2-4 patch embedding: 3x3 stride-2 conv + BN. N-Cin-H-W -> N-C-H/2-W/2."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm_layer: NormLayer):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1)
+        self.norm = norm_layer(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x))
+
+
+class AttentionModule(nn.Module):
+    """Multi-scale convolutional attention: 5x5 depthwise, three depthwise strip branches, 1x1, gating."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv0 = nn.Conv2d(dim, dim, 5, padding=2, groups=dim)
+        self.conv0_1 = nn.Conv2d(dim, dim, (1, 7), padding=(0, 3), groups=dim)
+        self.conv0_2 = nn.Conv2d(dim, dim, (7, 1), padding=(3, 0), groups=dim)
+        self.conv1_1 = nn.Conv2d(dim, dim, (1, 11), padding=(0, 5), groups=dim)
+        self.conv1_2 = nn.Conv2d(dim, dim, (11, 1), padding=(5, 0), groups=dim)
+        self.conv2_1 = nn.Conv2d(dim, dim, (1, 21), padding=(0, 10), groups=dim)
+        self.conv2_2 = nn.Conv2d(dim, dim, (21, 1), padding=(10, 0), groups=dim)
+        self.conv3 = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # SegNeXt clones x first; nothing writes to it in place, so the clone is not needed.
+        attn = self.conv0(x)
+        attn = (attn + self.conv0_2(self.conv0_1(attn)) + self.conv1_2(self.conv1_1(attn))
+                + self.conv2_2(self.conv2_1(attn)))
+        return self.conv3(attn) * x
+
+
+class SpatialAttention(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj_1 = nn.Conv2d(dim, dim, 1)
+        self.activation = nn.GELU()
+        self.spatial_gating_unit = AttentionModule(dim)
+        self.proj_2 = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj_2(self.spatial_gating_unit(self.activation(self.proj_1(x)))) + x
+
+
+class DWConv(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dwconv(x)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Conv2d(dim, hidden_dim, 1)
+        self.dwconv = DWConv(hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Conv2d(hidden_dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.dwconv(self.fc1(x))))
+
+
+class Block(nn.Module):
+    """MSCAN block: x + s1 * attn(BN(x)); x + s2 * mlp(BN(x)); per-channel layer scales, drop path."""
+
+    def __init__(self, dim: int, mlp_ratio: float, drop_path: float, norm_layer: NormLayer):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = SpatialAttention(dim)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.layer_scale_1 = nn.Parameter(1e-2 * torch.ones(dim))
+        self.layer_scale_2 = nn.Parameter(1e-2 * torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """N-C-H-W -> N-C-H-W."""
+        x = x + self.drop_path(self.layer_scale_1[:, None, None] * self.attn(self.norm1(x)))
+        x = x + self.drop_path(self.layer_scale_2[:, None, None] * self.mlp(self.norm2(x)))
+        return x
+
+
+class ChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channels of an N-C-H-W map (SegNeXt applies it to N-HW-C tokens)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+@dataclass(frozen=True)
+class MSCANSpec:
+    embed_dims: Sequence[int]
+    depths: Sequence[int]
+    drop_path_rate: float
+    mlp_ratios: Sequence[float] = (8, 8, 4, 4)
+
+
+def mscan_t() -> MSCANSpec:
+    return MSCANSpec((32, 64, 160, 256), (3, 3, 5, 2), 0.1)
+
+
+def mscan_s() -> MSCANSpec:
+    return MSCANSpec((64, 128, 320, 512), (2, 2, 4, 2), 0.1)
+
+
+def mscan_b() -> MSCANSpec:
+    return MSCANSpec((64, 128, 320, 512), (3, 3, 12, 3), 0.2)
+
+
+def mscan_l() -> MSCANSpec:
+    return MSCANSpec((64, 128, 320, 512), (3, 5, 27, 3), 0.3)
+
+
+MSCAN_VARIANTS: Dict[str, Callable[[], MSCANSpec]] = {
+    'mscan_t': mscan_t, 'mscan_s': mscan_s, 'mscan_b': mscan_b, 'mscan_l': mscan_l,
+}
+
+
+def mscan_spec(name: str) -> MSCANSpec:
+    if name not in MSCAN_VARIANTS:
+        raise ValueError(f"unknown backbone '{name}'; choose one of {sorted(MSCAN_VARIANTS)}")
+    return MSCAN_VARIANTS[name]()
+
+
+def build_stage(spec: MSCANSpec, stage: int, in_channels: int, drop_path_rates: Sequence[float],
+                norm_layer: NormLayer):
+    """Patch embedding, blocks and final LayerNorm of one stage (0-based ``stage``)."""
+    dim = spec.embed_dims[stage]
+    embed_cls = StemConv if stage == 0 else OverlapPatchEmbed
+    patch_embed = embed_cls(in_channels, dim, norm_layer)
+    blocks = nn.ModuleList(Block(dim, spec.mlp_ratios[stage], rate, norm_layer)
+                           for rate in drop_path_rates)
+    return patch_embed, blocks, ChannelLayerNorm(dim)
+
+
+def drop_path_schedule(spec: MSCANSpec, drop_path_rate: float = None):
+    """Per-stage lists of linearly increasing stochastic-depth rates, as SegNeXt."""
+    rate = spec.drop_path_rate if drop_path_rate is None else drop_path_rate
+    rates = torch.linspace(0, rate, sum(spec.depths)).tolist()
+    out, start = [], 0
+    for depth in spec.depths:
+        out.append(rates[start:start + depth])
+        start += depth
+    return out
