@@ -1,7 +1,7 @@
 """Dual-branch RGB-X MSCAN encoder with per-stage cross-modal modulation and fusion (SMMCL, Sec. 3)."""
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -19,11 +19,14 @@ class DualMSCAN(nn.Module):
         in_channels: input channels of each branch (both 3 in SMMCL: 1-channel X is replicated).
         drop_path_rate: overrides the variant's stochastic depth when given.
         embed_dim: output channels of the two projectors.
+        fused_stages: 1-based stages whose fused map is returned (the decoder reads 2-4).
     """
 
     def __init__(self, backbone: str = 'mscan_b', norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
-                 in_channels: int = 3, drop_path_rate: Optional[float] = None, embed_dim: int = 256):
+                 in_channels: int = 3, drop_path_rate: Optional[float] = None, embed_dim: int = 256,
+                 fused_stages: Sequence[int] = (2, 3, 4)):
         super().__init__()
+        self.fused_stages = tuple(fused_stages)
         spec = mscan_spec(backbone)
         self.embed_dims = tuple(spec.embed_dims)
         rates = drop_path_schedule(spec, drop_path_rate)
@@ -36,6 +39,12 @@ class DualMSCAN(nn.Module):
                 setattr(self, f'norm{suffix}{i + 1}', norm)
             setattr(self, f'module{i + 1}', CrossModalModulation(spec.embed_dims[i]))
             setattr(self, f'fconv{i + 1}', FusionConv(spec.embed_dims[i]))
+        # The authors build a fusion conv for every stage but decode stages 2-4 only; the unused ones
+        # stay for checkpoint compatibility, frozen (no gradient ever reaches them, and DDP must not
+        # wait for one).
+        for stage in range(1, 5):
+            if stage not in self.fused_stages:
+                getattr(self, f'fconv{stage}').requires_grad_(False)
         self.projector_color = Projector(spec.embed_dims[3], norm_layer, embed_dim)
         self.projector_other = Projector(spec.embed_dims[3], norm_layer, embed_dim)
 
@@ -50,7 +59,7 @@ class DualMSCAN(nn.Module):
         """rgb, modal_x: N-3-H-W.
 
         Returns:
-            fused: four N-C_i-H/s_i-W/s_i maps (strides 4, 8, 16, 32);
+            fused: N-C_i-H/s_i-W/s_i maps of ``fused_stages`` (strides 4, 8, 16, 32 for stages 1-4);
             color_embedding, other_embedding: N-256-H/32-W/32 projections of each branch's stage-4
             features before that stage's modulation (None when ``with_embeddings`` is False).
         """
@@ -62,5 +71,6 @@ class DualMSCAN(nn.Module):
                 color_emb = self.projector_color(rgb)
                 other_emb = self.projector_other(modal_x)
             rgb, modal_x = getattr(self, f'module{stage}')(rgb, modal_x)
-            fused.append(getattr(self, f'fconv{stage}')(rgb, modal_x))
+            if stage in self.fused_stages:
+                fused.append(getattr(self, f'fconv{stage}')(rgb, modal_x))
         return fused, color_emb, other_emb

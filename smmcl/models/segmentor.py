@@ -47,7 +47,7 @@ class EncoderDecoder(nn.Module):
             logger.info(self.pretrained_report.summary())
 
     def _decode(self, fused, size) -> torch.Tensor:
-        logits = self.decode_head(fused[1:])
+        logits = self.decode_head(fused)
         return F.interpolate(logits, size=size, mode='bilinear', align_corners=False)
 
     def encode_decode(self, rgb: torch.Tensor, modal_x: torch.Tensor

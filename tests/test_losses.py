@@ -1,0 +1,127 @@
+"""The vectorised anchor sampler and the contrastive loss."""
+import pytest
+import torch
+
+from smmcl.config import base_config
+from smmcl.losses import SupervisedMultiModalContrastiveLoss
+from smmcl.losses.contrastive import (anchor_plan, downsample_labels, sample_anchors,
+                                      sample_anchors_loop)
+
+
+def loss_cfg(**changes):
+    cfg = base_config()
+    cfg.num_classes = 6
+    cfg.update(changes)
+    return cfg
+
+
+def random_labels(generator, n=3, h=12, w=16, num_classes=6, ignore_fraction=0.2):
+    labels = torch.randint(0, num_classes, (n, h, w), generator=generator)
+    ignore = torch.rand(n, h, w, generator=generator) < ignore_fraction
+    return labels.masked_fill(ignore, 255)
+
+
+@pytest.mark.parametrize('seed', range(5))
+def test_sampler_invariants(seed):
+    g = torch.Generator().manual_seed(seed)
+    labels = random_labels(g)
+    n, h, w = labels.shape
+    # Each feature vector encodes its own flat cell index, so sampled cells can be identified.
+    cell_id = torch.arange(n * h * w, dtype=torch.float32).reshape(n, h, w)
+    feats = torch.stack([cell_id, -cell_id], dim=1)  # N-2-h-w
+    min_views, max_views, max_total = 5, 7, 40
+    out = sample_anchors(labels, feats, feats, 6, min_views, max_views, max_total, generator=g)
+    counts = {(b, c): int((labels[b] == c).sum()) for b in range(n) for c in range(6)}
+    kept = sorted(k for k, v in counts.items() if v >= min_views)
+    views = min(min(counts[k] for k in kept), max_views, max_total // len(kept))
+    feats_c, feats_o, set_labels = out
+    assert feats_c.shape == feats_o.shape == (len(kept), 2, views)
+    assert len(kept) * views <= max_total
+    assert set_labels.tolist() == [c for _, c in kept]
+    flat_labels = labels.flatten()
+    for t, (b, c) in enumerate(kept):
+        for sampled in (feats_c, feats_o):
+            cells = sampled[t, 0].long()
+            assert len(set(cells.tolist())) == views  # no duplicates
+            assert (cells // (h * w) == b).all()  # from the right image
+            assert (flat_labels[cells] == c).all()  # of the right class, never 255
+            assert torch.equal(sampled[t, 1], -sampled[t, 0])  # channels gathered together
+
+
+def test_views_follow_the_fewest_cells_and_caps():
+    labels = torch.full((2, 10, 10), 255)
+    labels[0, :2] = 0  # 20 cells
+    labels[0, 2:3] = 1  # 10 cells
+    labels[1, :4] = 2  # 40 cells
+    labels[1, 4, :4] = 3  # 4 cells: below min_views, dropped
+    _, _, _, sets, views = anchor_plan(labels.reshape(2, -1), 6, 5, 300, 4800)
+    assert (sets, views) == (3, 10)
+    assert anchor_plan(labels.reshape(2, -1), 6, 5, 8, 4800)[3:] == (3, 8)
+    assert anchor_plan(labels.reshape(2, -1), 6, 5, 300, 12)[3:] == (3, 4)
+
+
+def test_independent_draws_differ_but_shared_draw_is_identical():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.zeros(1, 8, 8, dtype=torch.long)
+    labels[0, 4:] = 1
+    feats = torch.arange(64, dtype=torch.float32).reshape(1, 1, 8, 8)
+    c, o, _ = sample_anchors(labels, feats, feats, 2, 5, 10, 4800, generator=g)
+    assert not torch.equal(c, o)
+    c, o, _ = sample_anchors(labels, feats, feats, 2, 5, 10, 4800, share_draw=True, generator=g)
+    assert torch.equal(c, o)
+
+
+@pytest.mark.parametrize('seed', range(3))
+def test_vectorised_equals_loop_when_every_cell_is_kept(seed):
+    """With equal class sizes every cell is sampled; then the loss is the same function."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.zeros(2, 8, 12, dtype=torch.long)  # 4 classes x 24 cells per image
+    labels[:, :, 6:] = 1
+    labels[:, 4:, :] += 2
+    labels[1] += 2
+    feats_c = torch.randn(2, 16, 8, 12, generator=g)
+    feats_o = torch.randn(2, 16, 8, 12, generator=g)
+    full = torch.nn.functional.interpolate(labels[:, None].float(), scale_factor=32.0)[:, 0].long()
+    results = {}
+    for sampler in ('vectorized', 'loop'):
+        loss = SupervisedMultiModalContrastiveLoss(loss_cfg(anchor_sampler=sampler, share_anchor_draw=True))
+        torch.manual_seed(seed)
+        results[sampler] = torch.stack(loss(full, feats_c, feats_o))
+    assert torch.allclose(results['vectorized'], results['loop'], rtol=1e-5)
+
+
+def test_loop_sampler_matches_vectorised_shapes_on_random_labels():
+    g = torch.Generator().manual_seed(1)
+    labels = random_labels(g)
+    feats = torch.randn(3, 4, 12, 16, generator=g)
+    a = sample_anchors(labels, feats, feats, 6, 5, 7, 40, generator=g)
+    b = sample_anchors_loop(labels, feats, feats, 6, 5, 7, 40)
+    assert a[0].shape == b[0].shape and torch.equal(a[2], b[2])
+
+
+def test_no_anchor_set_gives_zero_losses_that_backpropagate():
+    loss = SupervisedMultiModalContrastiveLoss(loss_cfg())
+    label = torch.full((2, 64, 64), 255)
+    label[:, :8, :8] = 1  # far fewer than 5 stage-4 cells
+    feats_c = torch.randn(2, 8, 2, 2, requires_grad=True)
+    feats_o = torch.randn(2, 8, 2, 2, requires_grad=True)
+    terms = loss(label, feats_c, feats_o)
+    assert all(t.item() == 0.0 for t in terms)
+    sum(terms).backward()
+    assert feats_c.grad is not None and (feats_c.grad == 0).all()
+
+
+def test_labels_are_downsampled_by_nearest_top_left_sampling():
+    label = torch.arange(64 * 96).reshape(1, 64, 96) % 7
+    small = downsample_labels(label, (2, 3))
+    assert torch.equal(small, label[:, ::32, ::32])
+
+
+def test_loss_stays_float32_under_autocast():
+    loss = SupervisedMultiModalContrastiveLoss(loss_cfg())
+    label = torch.zeros(1, 256, 256, dtype=torch.long)
+    label[:, 128:] = 1
+    feats = torch.randn(1, 8, 8, 8).bfloat16()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        terms = loss(label, feats, feats)
+    assert all(t.dtype == torch.float32 and torch.isfinite(t) for t in terms)
