@@ -1,0 +1,42 @@
+# Thin targets. Without an active virtual environment, one is created in .venv inside the repo, so
+# nothing leaks into the system Python. TORCH_SPEC is what gets installed when torch is missing
+# (the default wheel from PyPI carries CUDA; any torch >= 2.1 works).
+TORCH_SPEC ?= torch==2.13.0
+VENV ?= .venv
+
+ifdef VIRTUAL_ENV
+PY := python
+STAMP := $(VIRTUAL_ENV)/.smmcl-deps
+else
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.smmcl-deps
+endif
+
+# One BLAS/OpenMP thread per process in tests: several test processes share the cores, and
+# oversubscribed OpenMP threads spin-wait (a forward pass went from 0.06 s to 8 s on 2 busy cores).
+TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+
+.PHONY: install test test-all demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt
+	@if [ -z "$$VIRTUAL_ENV" ] && [ ! -x $(VENV)/bin/python ]; then python3 -m venv $(VENV); fi
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -r requirements-dev.txt
+	@touch $@
+
+test: install
+	$(TEST_ENV) $(PY) -m pytest -q -m "not slow"
+
+test-all: install
+	$(TEST_ENV) $(PY) -m pytest -q
+
+demo: install
+	$(PY) -m smmcl.demo
+
+bench: install
+	$(PY) bench/bench.py
+
+clean:
+	rm -rf demo_out .pytest_cache .hypothesis

@@ -1,0 +1,207 @@
+"""Plain vs fast path, side by side, on whatever device is present.
+
+Measures, for SMMCL's model and loss: training-step images/s (forward, all four losses, backward,
+AdamW), inference images/s (eval-mode forward), whole sliding-window evaluation images/s of a
+synthetic test set (loading included), and peak memory. Prints one table.
+
+    python bench/bench.py                      # GPU: MSCAN-B, batch 8, 480x640
+    python bench/bench.py --backbone mscan_t --height 120 --width 160 --batch 2   # a quick CPU run
+
+Plain path: the authors' way (fp32, NCHW, their per-class anchor-sampling loop, one window at a time).
+Fast path: vectorised sampler, channels_last, bf16 autocast (NMF and InfoNCE stay fp32), BN and
+layer scales folded for inference, batched sliding windows, optional torch.compile (--compile; its
+compile time is reported).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import resource
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from smmcl.config import base_config  # noqa: E402
+from smmcl.models import EncoderDecoder  # noqa: E402
+from smmcl.models.fast import fold_for_inference  # noqa: E402
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device):
+    if device.type == 'cuda':
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device):
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # process peak RSS
+
+
+def make_cfg(args, fast):
+    cfg = base_config()
+    cfg.update(backbone=args.backbone, num_classes=args.classes, pretrained_model=None,
+               anchor_sampler='vectorized' if fast else 'loop', fast_path=fast, amp=fast)
+    return cfg
+
+
+def autocast(device, enabled):
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def synthetic_batch(args, device, fast):
+    g = torch.Generator().manual_seed(0)
+    shape = (args.batch, 3, args.height, args.width)
+    rgb, x = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    # blocky labels with many classes, so the sampler sees many anchor sets per image
+    cells = torch.randint(0, args.classes, (args.batch, args.height // 32 + 1, args.width // 32 + 1),
+                          generator=g)
+    label = cells.repeat_interleave(32, 1).repeat_interleave(32, 2)[:, :args.height, :args.width]
+    fmt = torch.channels_last if fast else torch.contiguous_format
+    return (rgb.to(device).contiguous(memory_format=fmt), x.to(device).contiguous(memory_format=fmt),
+            label.to(device))
+
+
+def bench_train(args, device, fast):
+    torch.manual_seed(0)
+    model = EncoderDecoder(make_cfg(args, fast), criterion=torch.nn.CrossEntropyLoss(ignore_index=255))
+    model.to(device).train()
+    if fast:
+        model.to(memory_format=torch.channels_last)
+    step_model = model
+    compile_s = 0.0
+    if fast and args.compile:
+        step_model = torch.compile(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=6e-5,
+                                  weight_decay=0.01)
+    rgb, x, label = synthetic_batch(args, device, fast)
+
+    def step():
+        with autocast(device, fast):
+            loss = step_model(rgb, x, label)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    start = time.perf_counter()
+    step()
+    sync(device)
+    if fast and args.compile:
+        compile_s = time.perf_counter() - start
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    reset_peak(device)
+    start = time.perf_counter()
+    for _ in range(args.iters):
+        step()
+    sync(device)
+    elapsed = time.perf_counter() - start
+    return args.batch * args.iters / elapsed, peak_gib(device), compile_s
+
+
+def bench_infer(args, device, fast):
+    torch.manual_seed(0)
+    model = EncoderDecoder(make_cfg(args, fast)).to(device).eval()
+    if fast:
+        model = fold_for_inference(model).to(memory_format=torch.channels_last)
+    rgb, x, _ = synthetic_batch(args, device, fast)
+    run = torch.compile(model) if (fast and args.compile) else model
+    with torch.no_grad(), autocast(device, fast):
+        for _ in range(args.warmup + 1):
+            run(rgb, x)
+        sync(device)
+        reset_peak(device)
+        start = time.perf_counter()
+        for _ in range(args.iters):
+            run(rgb, x)
+        sync(device)
+    return args.batch * args.iters / (time.perf_counter() - start), peak_gib(device)
+
+
+def bench_eval(args, device, fast, data_dir):
+    """Whole sliding-window evaluation of a synthetic LLRGBD-layout test set, loading included."""
+    try:
+        from smmcl.data.dataset import RGBXDataset
+        from smmcl.engine.evaluate import evaluate
+    except ImportError as err:  # pragma: no cover - only while the evaluator is missing
+        print(f'whole-evaluation benchmark skipped: {err}')
+        return float('nan')
+    from smmcl.config import finalize
+    cfg = make_cfg(args, fast)
+    cfg.update(dataset_name='LLRGBD', dataset_path=data_dir, train_split_dir='train',
+               eval_split_dir='test', rgb_folder='rgb', x_folder='depth', gt_folder='label',
+               eval_crop_size=[args.height, args.width], eval_batch_size=args.batch if fast else 1,
+               exp_dir=data_dir)
+    cfg = finalize(cfg)
+    torch.manual_seed(0)
+    model = EncoderDecoder(cfg).to(device).eval()
+    if fast:
+        model = fold_for_inference(model).to(memory_format=torch.channels_last)
+    dataset = RGBXDataset(cfg, 'val')
+    sync(device)
+    start = time.perf_counter()
+    with autocast(device, fast):
+        evaluate(model, dataset, cfg, device)
+    sync(device)
+    return len(dataset) / (time.perf_counter() - start)
+
+
+def main(argv=None):
+    on_gpu = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument('--backbone', default='mscan_b' if on_gpu else 'mscan_t')
+    parser.add_argument('--batch', type=int, default=8 if on_gpu else 2)
+    parser.add_argument('--height', type=int, default=480 if on_gpu else 120)
+    parser.add_argument('--width', type=int, default=640 if on_gpu else 160)
+    parser.add_argument('--classes', type=int, default=14)
+    parser.add_argument('--iters', type=int, default=20 if on_gpu else 3)
+    parser.add_argument('--warmup', type=int, default=5 if on_gpu else 1)
+    parser.add_argument('--eval-images', type=int, default=479 if on_gpu else 8)
+    parser.add_argument('--compile', action='store_true', help='torch.compile the fast path')
+    parser.add_argument('--skip-eval', action='store_true')
+    args = parser.parse_args(argv)
+    device = torch.device('cuda' if on_gpu else 'cpu')
+    name = torch.cuda.get_device_name(device) if on_gpu else f'CPU ({torch.get_num_threads()} threads)'
+    print(f'device: {name}; torch {torch.__version__}; {args.backbone}, batch {args.batch}, '
+          f'{args.height}x{args.width}, {args.classes} classes')
+
+    rows = {}
+    for label, fast in (('plain', False), ('fast', True)):
+        train_ips, train_peak, compile_s = bench_train(args, device, fast)
+        infer_ips, infer_peak = bench_infer(args, device, fast)
+        rows[label] = dict(train=train_ips, train_peak=train_peak, infer=infer_ips, compile=compile_s)
+    if not args.skip_eval:
+        from smmcl.data.synthetic import generate
+        with tempfile.TemporaryDirectory() as data_dir:
+            generate('LLRGBD', data_dir, n_train=1, n_test=args.eval_images, height=args.height,
+                     width=args.width, seed=0)
+            for label, fast in (('plain', False), ('fast', True)):
+                rows[label]['eval'] = bench_eval(args, device, fast, data_dir)
+
+    mem = 'peak GiB (GPU alloc)' if on_gpu else 'peak RSS GiB'
+    header = f"{'path':<6} | {'train img/s':>11} | {'infer img/s':>11} | {'eval img/s':>10} | {mem:>20} | compile s"
+    print(header)
+    print('-' * len(header))
+    for label, r in rows.items():
+        print(f"{label:<6} | {r['train']:>11.2f} | {r['infer']:>11.2f} | {r.get('eval', float('nan')):>10.2f} | "
+              f"{r['train_peak']:>20.2f} | {r['compile']:.1f}")
+    p, f = rows['plain'], rows['fast']
+    print(f"speed-up: train x{f['train'] / p['train']:.2f}, inference x{f['infer'] / p['infer']:.2f}"
+          + (f", evaluation x{f['eval'] / p['eval']:.2f}" if 'eval' in f else ''))
+
+
+if __name__ == '__main__':
+    main()
