@@ -170,15 +170,15 @@ def apply_overrides(config: EasyDict, overrides: Iterable[str]) -> EasyDict:
         key = key.strip()
         node, parts = config, key.split('.')
         for depth, part in enumerate(parts):
-            if part not in node:
-                known = [k for k in node.keys() if not k.startswith('_')]
+            if part not in node and not (depth == 0 and part in DERIVED_KEYS):
+                known = [k for k in node.keys() if not k.startswith('_')] + list(DERIVED_KEYS * (depth == 0))
                 near = difflib.get_close_matches(part, known, n=1)
                 hint = f"; did you mean '{'.'.join(parts[:depth] + [near[0]])}'?" if near else ''
                 raise KeyError(f"unknown config key '{key}'{hint}")
             if depth < len(parts) - 1:
                 node = node[part]
         value = parse_value(text)
-        if isinstance(node[parts[-1]], np.ndarray):
+        if isinstance(node.get(parts[-1]), np.ndarray):
             value = np.asarray(value, dtype=node[parts[-1]].dtype)
         node[parts[-1]] = value
         config._overridden.append(key)

@@ -1,0 +1,64 @@
+"""Experiment configs and command-line overrides."""
+import os
+
+import numpy as np
+import pytest
+
+from smmcl.config import REPO_ROOT, load_config, parse_value
+
+EXPERIMENTS = {name: os.path.join(REPO_ROOT, name, 'config.py')
+               for name in ('SMMCL_LLRGBD', 'SMMCL_MFNet', 'SMMCL_NYU')}
+
+
+def test_authors_values():
+    c = load_config(EXPERIMENTS['SMMCL_LLRGBD'])
+    assert (c.num_classes, c.num_train_imgs, c.num_eval_imgs) == (14, 1418, 479)
+    assert c.class_names[0] == 'void' and c.class_names[-1] == 'window' and len(c.class_names) == 14
+    assert (c.batch_size, c.lr, c.weight_decay, c.lr_power, c.warm_up_epoch) == (16, 6e-5, 0.01, 0.9, 10)
+    assert c.train_scale_array == [0.5, 0.75, 1, 1.25, 1.5, 1.75]
+    assert (c.image_height, c.image_width, c.eval_crop_size) == (480, 640, [480, 640])
+    assert (c.eval_stride_rate, c.eval_scale_array, c.eval_flip) == (2 / 3, [1], False)
+    assert (c.weight_cm, c.weight_vis, c.weight_aux) == (0.2, 0.2, 0.2)
+    assert c.niters_per_epoch == 1418 // 16 + 1
+    assert c.rgb_root_folder.endswith(os.path.join('LLRGBD', 'train', 'rgb'))
+    assert c.eval_root.endswith(os.path.join('LLRGBD', 'test'))
+    m = load_config(EXPERIMENTS['SMMCL_MFNet'])
+    assert m.num_classes == 9 and m.class_names[0] == 'unlabeled' and not m.gt_transform
+    assert m.train_source.endswith('train_val.txt') and m.x_is_single_channel
+    n = load_config(EXPERIMENTS['SMMCL_NYU'])
+    assert n.num_classes == 40 and n.gt_transform and n.rgb_format == '.jpg'
+    assert not n.x_is_single_channel and n.class_names[23] == 'refridgerator'
+
+
+@pytest.mark.parametrize('name,epoch', [('SMMCL_LLRGBD', 500), ('SMMCL_MFNet', 300), ('SMMCL_NYU', 600)])
+def test_schedules_reach_the_released_checkpoints(name, epoch):
+    c = load_config(EXPERIMENTS[name])
+    assert c.nepochs >= epoch
+    assert epoch >= c.checkpoint_start_epoch and epoch % c.checkpoint_step == 0
+
+
+def test_overrides_and_derived_paths(tmp_path):
+    c = load_config(EXPERIMENTS['SMMCL_LLRGBD'],
+                    ['backbone=mscan_t', 'nepochs=2', f'dataset_path={tmp_path}', 'pretrained_model=None',
+                     'eval_scale_array=[0.75, 1.0]', 'eval_flip=True', 'norm_mean=[0.5, 0.5, 0.5]'])
+    assert c.backbone == 'mscan_t' and c.nepochs == 2 and c.pretrained_model is None
+    assert c.eval_scale_array == [0.75, 1.0] and c.eval_flip is True
+    assert isinstance(c.norm_mean, np.ndarray) and c.norm_mean.tolist() == [0.5, 0.5, 0.5]
+    assert c.rgb_root_folder == os.path.join(str(tmp_path), 'train', 'rgb')
+    assert c.log_dir.endswith('log_LLRGBD_mscan_t')
+    assert c.checkpoint_dir == os.path.join(c.log_dir, 'checkpoint')
+    pinned = load_config(EXPERIMENTS['SMMCL_LLRGBD'], [f'log_dir={tmp_path / "logs"}'])
+    assert pinned.checkpoint_dir == os.path.join(str(tmp_path / 'logs'), 'checkpoint')
+
+
+def test_unknown_key_suggests_the_nearest():
+    with pytest.raises(KeyError, match="did you mean 'nepochs'"):
+        load_config(EXPERIMENTS['SMMCL_NYU'], ['nepoch=3'])
+    with pytest.raises(ValueError, match='key=value'):
+        load_config(EXPERIMENTS['SMMCL_NYU'], ['nepochs'])
+
+
+def test_values_are_python_literals_else_strings():
+    assert parse_value('3') == 3 and parse_value('1e-3') == 1e-3 and parse_value('None') is None
+    assert parse_value('[1, 2]') == [1, 2] and parse_value('True') is True
+    assert parse_value('/data/x') == '/data/x' and parse_value('mscan_t') == 'mscan_t'
