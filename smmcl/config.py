@@ -171,7 +171,9 @@ def apply_overrides(config: EasyDict, overrides: Iterable[str]) -> EasyDict:
         node, parts = config, key.split('.')
         for depth, part in enumerate(parts):
             if part not in node and not (depth == 0 and part in DERIVED_KEYS):
-                known = [k for k in node.keys() if not k.startswith('_')] + list(DERIVED_KEYS * (depth == 0))
+                known = [k for k in node.keys() if not k.startswith('_')]
+                if depth == 0:
+                    known += list(DERIVED_KEYS)
                 near = difflib.get_close_matches(part, known, n=1)
                 hint = f"; did you mean '{'.'.join(parts[:depth] + [near[0]])}'?" if near else ''
                 raise KeyError(f"unknown config key '{key}'{hint}")
