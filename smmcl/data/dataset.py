@@ -101,7 +101,7 @@ def folder_problems(config, layout: SplitLayout) -> List[str]:
         return [f'dataset folder {config.dataset_path} does not exist. Fix: get {name} as '
                 f'datasets/README.md describes and point the experiment at it with '
                 f'--set dataset_path=/path/to/{name} (or write a synthetic one with '
-                f'python -m smmcl.data.synthetic --out DIR).']
+                f'python -m smmcl.data.synthetic --dataset {{LLRGBD,MFNet,NYU}} --out DIR).']
     if not osp.isdir(layout.root):
         key = 'train_split_dir' if layout.split == 'train' else 'eval_split_dir'
         return [f'{layout.split} split folder {layout.root} does not exist{_listing(config.dataset_path)}. '

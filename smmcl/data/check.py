@@ -1,0 +1,147 @@
+"""Check an SMMCL dataset on disk before any GPU time is spent.
+
+``python -m smmcl.data.check SMMCL_NYU/config.py [--set key=value ...] [--split train|val|all]`` reads
+every item of the experiment's splits and lists every problem (the file, what is wrong, the fix); it
+exits with 1 if there is any, else prints a summary (items per split, image sizes, label histogram) and
+exits with 0. :func:`quick_check` is the cheap part run at training start: folders and list files exist
+and are non-empty, and every listed file exists (no decoding). Both use the per-item checks of
+``smmcl.data.dataset``, so they find exactly what the dataset would raise.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import os.path as osp
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+from smmcl.config import load_config
+from smmcl.data.dataset import DatasetError, SplitLayout, load_item, missing_files, split_layout, split_names
+
+
+def split_layouts(config, split: str) -> List[SplitLayout]:
+    """The layout of ``split`` plus, for 'val', one per evaluation subset whose list file names images
+    (the subsets are optional: a missing or empty list, e.g. a test set without night images, is no
+    problem)."""
+    layouts = [split_layout(config, split)]
+    if split == 'val':
+        layouts += [split_layout(config, 'val', source)
+                    for source in (config.get('eval_subset_sources') or {}).values() if _names_images(source)]
+    return layouts
+
+
+def _names_images(source: str) -> bool:
+    if not osp.isfile(source):
+        return False
+    with open(source) as f:
+        return any(line.strip() for line in f)
+
+
+def quick_check(config, splits: Sequence[str] = ('train', 'val')) -> None:
+    """Folders, list files and the existence of every listed file, for training start.
+
+    Raises:
+        DatasetError: with every problem found.
+    """
+    problems = []
+    for split in splits:
+        for layout in split_layouts(config, split):
+            try:
+                names = split_names(config, layout)
+            except DatasetError as e:
+                problems += e.problems
+                continue
+            for name in names:
+                problems += missing_files(layout, name)
+    if problems:
+        raise DatasetError(list(dict.fromkeys(problems)))  # splits sharing a folder report it once
+
+
+def _inspect(layout: SplitLayout, name: str, config):
+    """(problems, image size, label histogram) of one item."""
+    try:
+        _, gt, _ = load_item(layout, name, config)
+    except DatasetError as e:
+        return e.problems, None, None
+    return [], gt.shape, np.bincount(gt.ravel(), minlength=256)
+
+
+def scan(config, splits: Sequence[str] = ('train', 'val'), workers: int = 4):
+    """Read and check every item of ``splits``.
+
+    Returns:
+        problems (list of messages) and, per split, a summary dict with ``items``, ``sizes`` (Counter of
+        (H, W)) and ``histogram`` (256 pixel counts of label values after the gt_transform shift).
+    """
+    problems, summaries = [], {}
+    with ThreadPoolExecutor(max(workers, 1)) as pool:  # cv2 decodes without the GIL
+        for split in splits:
+            layout, *subsets = split_layouts(config, split)
+            try:
+                names = split_names(config, layout)
+            except DatasetError as e:
+                problems += e.problems
+                continue
+            summary = summaries[split] = dict(items=len(names), sizes=collections.Counter(),
+                                              histogram=np.zeros(256, np.int64), source=layout.source)
+            for item_problems, size, hist in pool.map(lambda n: _inspect(layout, n, config), names):
+                problems += item_problems
+                if size is not None:
+                    summary['sizes'][size] += 1
+                    summary['histogram'] += hist
+            for subset in subsets:  # their items are test items: check the list and that files exist
+                try:
+                    problems += [p for n in split_names(config, subset) for p in missing_files(subset, n)]
+                except DatasetError as e:
+                    problems += e.problems
+    return list(dict.fromkeys(problems)), summaries  # splits sharing a folder report it once
+
+
+def format_summary(config, summaries: Dict[str, dict]) -> str:
+    names = list(config.get('class_names') or [])
+    lines = []
+    for split, s in summaries.items():
+        sizes = ', '.join(f'{h}x{w} ({n})' for (h, w), n in s['sizes'].most_common())
+        source = s['source'] or 'the RGB folder'
+        lines.append(f"{split}: {s['items']} items from {source}; sizes (HxW): {sizes}")
+        hist = s['histogram']
+        total = max(int(hist.sum()), 1)
+        present = [c for c in range(config.num_classes) if hist[c]]
+        absent = [c for c in range(config.num_classes) if not hist[c]]
+        lines.append(f'  {len(present)}/{config.num_classes} classes present; ignore (255): '
+                     f'{100 * hist[255] / total:.2f}% of pixels')
+        for c in present:
+            label = f' {names[c]}' if c < len(names) else ''
+            lines.append(f'  {c:3d}{label}: {100 * hist[c] / total:.2f}%')
+        if absent:
+            lines.append(f'  absent: {absent}')
+    return '\n'.join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description='Check an SMMCL dataset: list every problem or summarise.')
+    parser.add_argument('config', help="an experiment's config.py, e.g. SMMCL_NYU/config.py")
+    parser.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE', dest='overrides',
+                        help='config overrides, e.g. dataset_path=/data/NYUDepthv2')
+    parser.add_argument('--split', choices=('train', 'val', 'all'), default='all')
+    parser.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1))
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.overrides)
+    splits = ('train', 'val') if args.split == 'all' else (args.split,)
+    problems, summaries = scan(config, splits, args.workers)
+    if problems:
+        print(f'{len(problems)} problem(s) in {config.dataset_name} at {config.dataset_path}:')
+        for p in problems:
+            print(f'ERROR {p}')
+        return 1
+    print(f'{config.dataset_name} at {config.dataset_path}: no problems.')
+    print(format_summary(config, summaries))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
