@@ -1,0 +1,246 @@
+"""``python eval.py -d 0-3 -e 500``: evaluate SMMCL checkpoints as the authors' ``eval.py`` does.
+
+The experiment folders' ``eval.py`` call :func:`main` with their ``config.py``. Options follow the
+authors' (CMX ``eval.py`` and ``engine/evaluator.py run()``):
+
+- ``-e/--epochs``: ``500`` (``<checkpoint_dir>/epoch-500.pth``), ``400-500`` (every saved epoch in the
+  range), ``450-`` (every saved epoch from 450), ``last`` (``epoch-last.pth``, the authors' default) or
+  a ``.pth`` file;
+- ``-d/--devices``: GPUs, ``0-3`` or ``0,2``: one process per GPU, each predicting a share of the
+  images, confusion matrices summed (CPU when there is no GPU);
+- ``-p/--save_path DIR``: write every prediction as a palette PNG ``DIR/<name>.png``;
+- ``-v/--verbose``: log every image; ``--set key=value ...``: config overrides;
+  ``--local_rank`` / ``--local-rank``: accepted and ignored (the environment says the rank).
+
+For each checkpoint the test set is scored, and every subset of ``config.eval_subsets`` whose list file
+exists (MFNet day / night). The per-class IoU tables are printed and appended to ``config.val_log_file``
+(``Model: <checkpoint>`` then the table, as the authors); the last line printed is ``mIoU: <percent>`` of
+the last checkpoint's test set, for scripts. The model is built without ImageNet weights
+(``pretrained_model=None``); each checkpoint must match the config's backbone and class count.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import os.path as osp
+import pickle
+import re
+import sys
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from easydict import EasyDict
+
+from smmcl.config import load_config
+from smmcl.data.dataset import DatasetError, RGBXDataset, name_of
+from smmcl.engine.dist import DistContext, launch, parse_devices
+from smmcl.engine.evaluate import evaluate_per_image
+from smmcl.engine.metrics import compute_scores, format_results
+from smmcl.models import EncoderDecoder, check_compatible
+
+logger = logging.getLogger('smmcl.eval')
+
+_EPOCH_FILE = re.compile(r'^epoch-(\d+)\.pth$')
+
+
+def _saved_epochs(checkpoint_dir: str) -> Dict[int, str]:
+    """{epoch: path} of the ``epoch-N.pth`` files in ``checkpoint_dir`` (empty when it does not exist)."""
+    if not osp.isdir(checkpoint_dir):
+        return {}
+    return {int(m.group(1)): osp.join(checkpoint_dir, f) for f in os.listdir(checkpoint_dir)
+            for m in [_EPOCH_FILE.match(f)] if m}
+
+
+def _holds(checkpoint_dir: str) -> str:
+    if not osp.isdir(checkpoint_dir):
+        return f'{checkpoint_dir} does not exist'
+    epochs = sorted(_saved_epochs(checkpoint_dir))
+    others = sorted(f for f in os.listdir(checkpoint_dir) if f.endswith('.pth') and not _EPOCH_FILE.match(f))
+    return (f'{checkpoint_dir} holds epochs {epochs or "none"}'
+            + (f' and {others}' if others else ''))
+
+
+def parse_epochs(text: str, checkpoint_dir: str) -> List[str]:
+    """Checkpoint paths for ``-e`` (CMX ``Evaluator.run``), sorted by epoch.
+
+    ``'500'`` -> ``[<dir>/epoch-500.pth]``; ``'400-500'`` -> every existing ``epoch-N.pth`` with
+    400 <= N <= 500; ``'450-'`` -> every one from 450; ``'last'`` -> ``epoch-last.pth``; a path ending in
+    ``.pth`` -> that file.
+
+    Raises:
+        ValueError: ``text`` is none of these, or a range runs backwards.
+        FileNotFoundError: a named checkpoint is missing, or a range matches none; the message names
+            the path and the checkpoints that exist.
+    """
+    text = str(text).strip()
+    if text.endswith('.pth'):
+        if not osp.isfile(text):
+            raise FileNotFoundError(f'checkpoint {text} does not exist')
+        return [text]
+    if text.isdigit() or text == 'last':
+        path = osp.join(checkpoint_dir, f'epoch-{text}.pth')
+        if not osp.isfile(path):
+            raise FileNotFoundError(f'checkpoint {path} does not exist; {_holds(checkpoint_dir)}')
+        return [path]
+    match = re.fullmatch(r'(\d+)-(\d*)', text)
+    if match is None:
+        raise ValueError(f"-e {text!r}: expected an epoch (500), a range (400-500), an open range (450-), "
+                         f"'last' or a .pth file")
+    start = int(match.group(1))
+    end = int(match.group(2)) if match.group(2) else None
+    if end is not None and end < start:
+        raise ValueError(f'-e {text}: the range runs backwards ({start} > {end})')
+    saved = _saved_epochs(checkpoint_dir)
+    chosen = [saved[e] for e in sorted(saved) if e >= start and (end is None or e <= end)]
+    if not chosen:
+        raise FileNotFoundError(f'no checkpoint epoch-N.pth with {start} <= N'
+                                + (f' <= {end}' if end is not None else '')
+                                + f'; {_holds(checkpoint_dir)}')
+    return chosen
+
+
+def checkpoint_weights(path: str) -> Dict[str, torch.Tensor]:
+    """The model weights of a checkpoint: the authors' ``{'model': state_dict, 'optimizer': ..., 'epoch':
+    ..., 'iteration': ...}``, a ``{'state_dict': ...}`` file or a bare state dict (loaded on the CPU).
+
+    Loaded with ``weights_only=True``: the authors' checkpoints and ours hold only tensors, numbers and
+    containers, and a file that needs arbitrary unpickling is refused rather than executed.
+
+    Raises:
+        ValueError: the file cannot be read as a PyTorch checkpoint (or holds other objects).
+    """
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:
+        raise ValueError(f'cannot read checkpoint {path} (with weights_only=True): '
+                         f'{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}') from exc
+    for key in ('model', 'state_dict'):
+        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
+            return ckpt[key]
+    return ckpt
+
+
+def build_model(config, state_dict: Dict[str, torch.Tensor], source: str) -> EncoderDecoder:
+    """The eval-mode segmentor with ``state_dict`` loaded strictly (no ImageNet file needed).
+
+    Raises:
+        ValueError: the checkpoint's backbone or class count differs from the config's.
+    """
+    check_compatible(state_dict, config.backbone, int(config.num_classes), source)
+    cfg = EasyDict(dict(config))
+    cfg.pretrained_model = None
+    model = EncoderDecoder(cfg)
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval()
+
+
+def _result_block(title: str, hist: np.ndarray, config) -> str:
+    scores = compute_scores(hist)
+    table = format_results(scores, config.class_names or None, bool(config.report_miou_without_first))
+    return f'{title}\n{table}\n'
+
+
+def subset_indices(config, test_names: Sequence[str]) -> Dict[str, List[int]]:
+    """{subset: indices into the test set} for each ``config.eval_subset_sources`` list file that exists
+    and names at least one image (MFNet's day / night); the subsets are scored from the test set's
+    per-image confusion matrices, without predicting twice.
+
+    Raises:
+        DatasetError: a subset lists images that are not in the test set.
+    """
+    position = {name: i for i, name in enumerate(test_names)}
+    subsets = {}
+    for name, source in (config.get('eval_subset_sources') or {}).items():
+        if not osp.isfile(source):
+            continue
+        with open(source) as f:
+            names = [name_of(line) for line in f if line.strip()]
+        missing = [n for n in names if n not in position]
+        if missing:
+            raise DatasetError(f'subset {name} ({source}) lists {len(missing)} images that are not in the '
+                               f'test set ({config.eval_source or config.eval_root}), e.g. {missing[:3]}')
+        if names:  # an empty list (a test set without night images) reports nothing
+            subsets[name] = [position[n] for n in names]
+    return subsets
+
+
+def _evaluate_checkpoints(ctx: DistContext, config, checkpoints: Sequence[str], subsets: Dict[str, List[int]],
+                          save_path: Optional[str], verbose: bool) -> None:
+    """Every process: score each checkpoint on the test set and its subsets; rank 0 reports."""
+    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    if verbose:  # per-image lines only from the evaluator (not PIL's or torch's debug output)
+        logging.getLogger('smmcl.engine.evaluate').setLevel(logging.DEBUG)
+    dataset = RGBXDataset(config, 'val')
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    workers = min(int(config.get('num_workers', 0)), 4, cpus)  # image reading only; 4 keep a GPU busy
+    final, model = [], None
+    for path in checkpoints:
+        state = checkpoint_weights(path)
+        if model is None:
+            model = build_model(config, state, path).to(ctx.device)
+        else:
+            check_compatible(state, config.backbone, int(config.num_classes), path)
+            model.load_state_dict(state, strict=True)
+        save_dir = None
+        if save_path is not None:
+            save_dir = save_path if len(checkpoints) == 1 else osp.join(
+                save_path, osp.splitext(osp.basename(path))[0])
+        if ctx.is_main:
+            logger.info('Load Model: %s (%d test images, %d process(es))', path, len(dataset), ctx.world_size)
+        hists = evaluate_per_image(model, dataset, config, ctx.device, ctx.rank, ctx.world_size, save_dir,
+                                   num_workers=workers)
+        if not ctx.is_main:
+            continue
+        hist = hists.sum(0)
+        text = _result_block(f'Model: {path}', hist, config)
+        for name, indices in subsets.items():
+            text += _result_block(f'Model: {path} [{name}: {len(indices)} images]',
+                                  hists[indices].sum(0), config)
+        os.makedirs(osp.dirname(osp.abspath(config.val_log_file)), exist_ok=True)
+        with open(config.val_log_file, 'a') as f:
+            f.write(text)
+        print(text, flush=True)
+        final.append((path, compute_scores(hist)['mean_iou'] * 100))
+    if ctx.is_main:
+        if len(final) > 1:
+            best = max(final, key=lambda r: r[1])
+            print(f'best: {best[0]} mIoU {best[1]:.3f}')
+        print(f'results appended to {config.val_log_file}')
+        print(f'mIoU: {final[-1][1]:.3f}', flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Evaluate SMMCL checkpoints (the authors' eval.py options).")
+    parser.add_argument('-e', '--epochs', default='last',
+                        help="epoch (500), range (400-500), open range (450-), 'last' or a .pth file")
+    parser.add_argument('-d', '--devices', default=None, help="GPUs, e.g. '0-3' or '0,2' (CPU without GPU)")
+    parser.add_argument('-v', '--verbose', action='store_true', help='log every image')
+    parser.add_argument('-p', '--save_path', default=None, help='write palette PNG predictions here')
+    parser.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE', help='config overrides')
+    parser.add_argument('--port', type=int, default=None, help='port for the multi-GPU process group')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(config_path: str, argv: Optional[Sequence[str]] = None) -> None:
+    """Parse ``argv``, check the checkpoints against the config, evaluate (see the module docstring).
+
+    Exits with status 1 and a one-line reason for a bad option, a missing checkpoint or dataset, or a
+    checkpoint built for another backbone / class count.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(config_path, args.set)
+        checkpoints = parse_epochs(args.epochs, config.checkpoint_dir)
+        for path in checkpoints:  # refuse a wrong checkpoint before starting any process
+            check_compatible(checkpoint_weights(path), config.backbone, int(config.num_classes), path)
+        # Missing folders / list files, before starting any process.
+        subsets = subset_indices(config, RGBXDataset(config, 'val').names)
+    except (KeyError, ValueError, FileNotFoundError) as exc:  # DatasetError is a ValueError
+        print(f'error: {exc.args[0] if isinstance(exc, KeyError) else exc}', file=sys.stderr)
+        raise SystemExit(1)
+    launch(_evaluate_checkpoints, parse_devices(args.devices),
+           args=(config, checkpoints, subsets, args.save_path, args.verbose), port=args.port,
+           timeout_s=config.get('dist_timeout_s', 1800))

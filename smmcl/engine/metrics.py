@@ -1,0 +1,128 @@
+"""Segmentation metrics of SMMCL (Dong & Yokoya, WACV 2024): the authors' (CMX) arithmetic, as pure functions.
+
+CMX ``utils/metric.py`` (``hist_info``, ``compute_score``) and ``utils/pyt_utils.py`` (``print_iou``).
+Evaluation accumulates one K-K confusion matrix (rows = ground truth, columns = prediction) over the
+images; across processes the matrices are summed (never the mIoU), then :func:`compute_scores` turns the
+total into IoUs.
+
+One deliberate difference: CMX's ``hist_info`` keeps only labels in ``[0, K)`` and silently drops every
+other value, so a label file with a wrong class count scores as if those pixels were ignored.
+:func:`confusion_matrix` drops only the ignore value (255) and raises for anything else.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Dict, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+Array = Union[np.ndarray, torch.Tensor]
+
+
+def _bad_values_message(what: str, values, num_classes: int, ignore: int) -> str:
+    shown = ', '.join(str(v) for v in values[:20]) + (', ...' if len(values) > 20 else '')
+    return (f'{what} holds values [{shown}] outside the classes 0..{num_classes - 1} '
+            f'(ignore value {ignore}); check num_classes and the label files')
+
+
+def confusion_matrix(pred: Array, label: Array, num_classes: int, ignore: int = 255) -> Array:
+    """K-K int64 confusion matrix of one prediction, rows = ground truth (CMX ``hist_info``).
+
+    Args:
+        pred: H-W (any shape) predicted class indices in ``[0, K)``.
+        label: same shape, ground truth in ``[0, K)`` or ``ignore``.
+        num_classes: K.
+        ignore: label value left out of the count.
+
+    Returns:
+        K-K int64, numpy for numpy inputs, a tensor on ``label``'s device for tensor inputs.
+        ``hist.sum()`` is the number of non-ignored pixels.
+
+    Raises:
+        ValueError: shapes differ, or a label (other than ``ignore``) or prediction lies outside
+            ``[0, K)`` (the message names the values).
+    """
+    if tuple(pred.shape) != tuple(label.shape):
+        raise ValueError(f'prediction shape {tuple(pred.shape)} != label shape {tuple(label.shape)}')
+    k = num_classes
+    if isinstance(label, torch.Tensor) or isinstance(pred, torch.Tensor):
+        label = torch.as_tensor(label)
+        pred = torch.as_tensor(pred, device=label.device)
+        label, pred = label.reshape(-1).long(), pred.reshape(-1).long()
+        valid = label != ignore
+        label, pred = label[valid], pred[valid]
+        bad = label[(label < 0) | (label >= k)]
+        if bad.numel():
+            raise ValueError(_bad_values_message('label', torch.unique(bad).tolist(), k, ignore))
+        bad = pred[(pred < 0) | (pred >= k)]
+        if bad.numel():
+            raise ValueError(_bad_values_message('prediction', torch.unique(bad).tolist(), k, ignore))
+        return torch.bincount(label * k + pred, minlength=k * k).reshape(k, k)
+    label = np.asarray(label).reshape(-1).astype(np.int64)
+    pred = np.asarray(pred).reshape(-1).astype(np.int64)
+    valid = label != ignore
+    label, pred = label[valid], pred[valid]
+    bad = label[(label < 0) | (label >= k)]
+    if bad.size:
+        raise ValueError(_bad_values_message('label', np.unique(bad).tolist(), k, ignore))
+    bad = pred[(pred < 0) | (pred >= k)]
+    if bad.size:
+        raise ValueError(_bad_values_message('prediction', np.unique(bad).tolist(), k, ignore))
+    return np.bincount(label * k + pred, minlength=k * k).reshape(k, k).astype(np.int64)
+
+
+def _nanmean(values: np.ndarray) -> float:
+    """``np.nanmean`` without the all-NaN warning (an empty or all-absent set gives nan)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', RuntimeWarning)
+        return float(np.nanmean(values)) if values.size else float('nan')
+
+
+def compute_scores(hist: Array) -> Dict[str, Union[float, np.ndarray]]:
+    """Scores of a K-K confusion matrix (rows = ground truth), CMX ``compute_score``.
+
+    Returns:
+        dict with
+        ``iou`` (K float64): ``diag / (gt total + pred total - diag)``; nan for a class absent from
+        both ground truth and prediction, 0 for a class only predicted;
+        ``mean_iou``: nanmean of ``iou`` (absent classes left out);
+        ``mean_iou_no_back``: nanmean of ``iou[1:]`` (without the first class);
+        ``freq_iou``: sum of ``iou * gt frequency`` over classes present in the ground truth;
+        ``class_acc`` (K): ``diag / gt total`` (nan for classes absent from the ground truth);
+        ``mean_pixel_acc``: nanmean of ``class_acc``;
+        ``pixel_acc``: ``diag.sum() / hist.sum()``.
+    """
+    if isinstance(hist, torch.Tensor):
+        hist = hist.detach().cpu().numpy()
+    hist = np.asarray(hist, dtype=np.float64)
+    diag = np.diag(hist)
+    gt_total, pred_total = hist.sum(1), hist.sum(0)
+    with np.errstate(divide='ignore', invalid='ignore'):
+        iou = diag / (gt_total + pred_total - diag)
+        freq = gt_total / hist.sum()
+        class_acc = diag / gt_total
+        pixel_acc = diag.sum() / hist.sum()
+    present = freq > 0
+    return dict(iou=iou, mean_iou=_nanmean(iou), mean_iou_no_back=_nanmean(iou[1:]),
+                freq_iou=float((iou[present] * freq[present]).sum()), class_acc=class_acc,
+                mean_pixel_acc=_nanmean(class_acc), pixel_acc=float(pixel_acc))
+
+
+def format_results(scores: Dict, class_names: Optional[Sequence[str]] = None,
+                   show_no_back: bool = False) -> str:
+    """The authors' result text (CMX ``print_iou``): one ``'<i> <name>\\t<IoU>%'`` line per class and a
+    ``----------`` summary line (with ``mean_IU_no_back`` when ``show_no_back``), values in percent."""
+    iou = np.asarray(scores['iou'])
+    lines = []
+    for i in range(iou.size):
+        name = 'Class %d:' % (i + 1) if not class_names else '%d %s' % (i + 1, class_names[i])
+        lines.append('%-8s\t%.3f%%' % (name, iou[i] * 100))
+    fields = [('mean_IoU', scores['mean_iou'])]
+    if show_no_back:
+        fields.append(('mean_IU_no_back', scores['mean_iou_no_back']))
+    fields += [('freq_IoU', scores['freq_iou']), ('mean_pixel_acc', scores['mean_pixel_acc']),
+               ('pixel_acc', scores['pixel_acc'])]
+    summary = '\t'.join('%-8s\t%.3f%%' % (name, value * 100) for name, value in fields)
+    lines.append('----------     ' + summary)
+    return '\n'.join(lines)

@@ -1,0 +1,158 @@
+"""The evaluation command line (smmcl.engine.eval_cli, SMMCL_*/eval.py) on tiny synthetic data."""
+import os
+import os.path as osp
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from smmcl.config import REPO_ROOT, load_config
+from smmcl.data.synthetic import generate
+from smmcl.engine.dist import DistContext, launch
+from smmcl.engine.eval_cli import _evaluate_checkpoints, main, parse_epochs
+from smmcl.models import EncoderDecoder
+
+TINY = ['backbone=mscan_t', 'decoder_embed_dim=64', 'eval_crop_size=[32,48]', 'num_workers=0']
+
+
+# ---- -e parsing ----
+
+@pytest.fixture
+def ckpt_dir(tmp_path):
+    for name in ('epoch-250.pth', 'epoch-275.pth', 'epoch-300.pth', 'epoch-last.pth', 'notes.txt'):
+        (tmp_path / name).write_bytes(b'')
+    return str(tmp_path)
+
+
+def test_parse_epochs(ckpt_dir):
+    path = lambda e: osp.join(ckpt_dir, f'epoch-{e}.pth')  # noqa: E731
+    assert parse_epochs('275', ckpt_dir) == [path(275)]
+    assert parse_epochs('250-275', ckpt_dir) == [path(250), path(275)]
+    assert parse_epochs('260-', ckpt_dir) == [path(275), path(300)]
+    assert parse_epochs('0-1000', ckpt_dir) == [path(250), path(275), path(300)]
+    assert parse_epochs('300-300', ckpt_dir) == [path(300)]
+    assert parse_epochs('last', ckpt_dir) == [path('last')]
+    assert parse_epochs(path(250), ckpt_dir) == [path(250)]
+
+
+def test_parse_epochs_errors(ckpt_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r'epoch-500\.pth does not exist.*epochs \[250, 275, 300\]'):
+        parse_epochs('500', ckpt_dir)
+    with pytest.raises(FileNotFoundError, match=r'400 <= N.*\[250, 275, 300\]'):
+        parse_epochs('400-', ckpt_dir)
+    with pytest.raises(FileNotFoundError, match='other.pth does not exist'):
+        parse_epochs(str(tmp_path / 'other.pth'), ckpt_dir)
+    with pytest.raises(FileNotFoundError, match='missing_dir does not exist'):
+        parse_epochs('5', str(tmp_path / 'missing_dir'))
+    with pytest.raises(ValueError, match='backwards'):
+        parse_epochs('300-250', ckpt_dir)
+    with pytest.raises(ValueError, match='expected an epoch'):
+        parse_epochs('best', ckpt_dir)
+
+
+# ---- end to end ----
+
+def _write_checkpoint(config_path, overrides, path, **changes):
+    cfg = load_config(config_path, overrides)
+    cfg.update(pretrained_model=None, **changes)
+    torch.manual_seed(0)
+    state = EncoderDecoder(cfg).state_dict()
+    torch.save({'model': state, 'optimizer': {}, 'epoch': 3, 'iteration': 30}, path)  # the authors' format
+
+
+@pytest.fixture(scope='module')
+def llrgbd(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('llrgbd'))
+    return generate('LLRGBD', out, n_train=1, n_test=3, height=32, width=48)
+
+
+def _run_eval(folder, args):
+    return subprocess.run([sys.executable, osp.join(REPO_ROOT, folder, 'eval.py')] + args,
+                          capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+
+
+def test_eval_script_scores_an_authors_checkpoint(llrgbd, tmp_path):
+    config_path = osp.join(REPO_ROOT, 'SMMCL_LLRGBD', 'config.py')
+    overrides = TINY + [f'dataset_path={llrgbd}', f'log_dir={tmp_path / "log"}']
+    ckpt = str(tmp_path / 'epoch-3.pth')
+    _write_checkpoint(config_path, overrides, ckpt)
+    save = tmp_path / 'pred'
+    result = _run_eval('SMMCL_LLRGBD', ['-e', ckpt, '-d', '0', '-p', str(save), '--set'] + overrides)
+    assert result.returncode == 0, result.stderr
+    match = re.search(r'^mIoU: (\d+\.\d{3})$', result.stdout, re.M)
+    assert match and result.stdout.rstrip().endswith(match.group(0))
+    logs = [f for f in os.listdir(tmp_path / 'log') if f.startswith('val_')]
+    assert len(logs) == 1
+    log = (tmp_path / 'log' / logs[0]).read_text()
+    assert log.startswith(f'Model: {ckpt}\n1 void  \t')
+    assert '14 window\t' in log and 'mean_IU_no_back' in log
+    mean_iou = float(re.search(r'mean_IoU\t(\d+\.\d{3})%', log).group(1))
+    assert mean_iou == float(match.group(1))
+    pngs = sorted(os.listdir(save))
+    assert pngs == ['00001.png', '00002.png', '00003.png']
+    img = Image.open(save / pngs[0])
+    assert img.mode == 'P' and img.size == (48, 32) and np.asarray(img).max() < 14
+
+
+def test_eval_script_refuses_a_checkpoint_with_another_class_count(llrgbd, tmp_path):
+    config_path = osp.join(REPO_ROOT, 'SMMCL_LLRGBD', 'config.py')
+    overrides = TINY + [f'dataset_path={llrgbd}', f'log_dir={tmp_path / "log"}']
+    ckpt = str(tmp_path / 'epoch-3.pth')
+    _write_checkpoint(config_path, overrides, ckpt, num_classes=9)
+    result = _run_eval('SMMCL_LLRGBD', ['-e', ckpt, '--set'] + overrides)
+    assert result.returncode == 1
+    assert '9 classes (config: 14)' in result.stderr
+    assert not (tmp_path / 'log').exists() or not os.listdir(tmp_path / 'log')
+
+
+def test_two_processes_give_the_single_process_result(llrgbd, tmp_path):
+    # The CLI's multi-GPU path (one process per device, shards, summed matrices), here with 2 gloo
+    # processes. Items are seeded one by one, so the NMF draws and the scores are the same.
+    config_path = osp.join(REPO_ROOT, 'SMMCL_LLRGBD', 'config.py')
+    overrides = TINY + [f'dataset_path={llrgbd}', f'log_dir={tmp_path}']
+    ckpt = str(tmp_path / 'epoch-3.pth')
+    _write_checkpoint(config_path, overrides, ckpt)
+    logs = [tmp_path / 'two.log', tmp_path / 'one.log']
+    two, one = (load_config(config_path, overrides + [f'val_log_file={log}']) for log in logs)
+    launch(_evaluate_checkpoints, [], args=(two, [ckpt], {}, None, False), cpu_procs=2, timeout_s=60)
+    _evaluate_checkpoints(DistContext(), one, [ckpt], {}, None, False)
+    assert logs[0].read_text() == logs[1].read_text()
+    assert logs[0].read_text().startswith(f'Model: {ckpt}\n')
+
+
+def test_mfnet_day_and_night_subsets_and_epoch_ranges(tmp_path, capsys):
+    data = generate('MFNet', str(tmp_path / 'mfnet'), n_train=1, n_test=4, height=32, width=48, seed=1)
+    config_path = osp.join(REPO_ROOT, 'SMMCL_MFNet', 'config.py')
+    overrides = TINY + [f'dataset_path={data}', f'log_dir={tmp_path / "log"}']
+    ckpt_dir = tmp_path / 'log' / 'checkpoint'
+    ckpt_dir.mkdir(parents=True)
+    for epoch in (1, 2):
+        _write_checkpoint(config_path, overrides, str(ckpt_dir / f'epoch-{epoch}.pth'))
+    main(config_path, ['-e', '1-', '--local_rank', '0', '--set'] + overrides)
+    out = capsys.readouterr().out
+    test_names = open(osp.join(data, 'test.txt')).read().split()
+    day = [n for n in test_names if n.endswith('D')]
+    night = [n for n in test_names if n.endswith('N')]
+    for epoch in (1, 2):
+        assert f'Model: {ckpt_dir}/epoch-{epoch}.pth\n1 unlabeled' in out
+        for name, names in (('day', day), ('night', night)):
+            title = f'Model: {ckpt_dir}/epoch-{epoch}.pth [{name}: {len(names)} images]'
+            assert (title in out) == bool(names)
+    assert 'mean_IU_no_back' not in out  # MFNet scores all 9 classes
+    assert re.search(r'^best: .*epoch-\d\.pth mIoU \d+\.\d{3}$', out, re.M)
+    assert re.search(r'^mIoU: \d+\.\d{3}$', out.rstrip().split('\n')[-1])
+
+
+def test_bad_override_and_missing_checkpoint_exit_cleanly(tmp_path, capsys):
+    config_path = osp.join(REPO_ROOT, 'SMMCL_NYU', 'config.py')
+    with pytest.raises(SystemExit) as exc:
+        main(config_path, ['-e', '600', '--set', f'log_dir={tmp_path}'])
+    assert exc.value.code == 1
+    assert 'epoch-600.pth does not exist' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(config_path, ['--set', 'backbon=mscan_t'])
+    assert "did you mean 'backbone'" in capsys.readouterr().err
