@@ -134,3 +134,21 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Stack ``tensor`` from every rank: WORLD-... (1-... in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor[None]
+    out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, tensor)
+    return torch.stack(out)
+
+
+def all_gather_object(obj) -> list:
+    """A list of ``obj`` from every rank (``[obj]`` in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

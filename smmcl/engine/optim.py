@@ -1,0 +1,62 @@
+"""The optimizer of SMMCL: AdamW over the authors' parameter groups (CMX ``utils/init_func.py``)."""
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Tuple
+
+from torch import nn
+from torch.optim import AdamW
+
+logger = logging.getLogger(__name__)
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def group_weight(model: nn.Module, train_layer_scale: bool = False
+                 ) -> Tuple[List[nn.Parameter], List[nn.Parameter], List[str]]:
+    """Split the parameters as CMX's ``group_weight``.
+
+    Linear / conv weights decay; their biases and every norm-layer weight and bias do not. CMX walks
+    ``module.modules()`` and looks only at those layer types, so parameters owned directly by another
+    module - MSCAN's ``layer_scale_1/2`` - are in no group and are never updated in the authors' runs
+    (they keep their 1e-2 initialisation or the pretrained values). ``train_layer_scale=True`` puts
+    them into the no-decay group instead.
+
+    Returns:
+        (decay, no_decay, left_out): two parameter lists and the names of parameters in neither.
+    """
+    decay, no_decay = [], []
+    for m in model.modules():
+        if isinstance(m, (nn.Linear,) + _CONVS):
+            decay.append(m.weight)
+            if m.bias is not None:
+                no_decay.append(m.bias)
+        elif isinstance(m, _NORMS):
+            if m.weight is not None:
+                no_decay.append(m.weight)
+            if m.bias is not None:
+                no_decay.append(m.bias)
+    grouped = {id(p) for p in decay + no_decay}
+    left_out = [name for name, p in model.named_parameters() if id(p) not in grouped]
+    if train_layer_scale:
+        no_decay.extend(p for p in model.parameters() if id(p) not in grouped)
+        left_out = []
+    return decay, no_decay, left_out
+
+
+def build_optimizer(model: nn.Module, config) -> AdamW:
+    """CMX's AdamW: ``[decay group, no-decay group (weight_decay 0)]``, betas (0.9, 0.999).
+
+    Config fields: ``optimizer`` (only 'AdamW', SMMCL's choice), ``lr``, ``weight_decay``,
+    ``train_layer_scale``.
+    """
+    if config.get('optimizer', 'AdamW') != 'AdamW':
+        raise ValueError(f"optimizer {config.optimizer!r} is not available; SMMCL trains with 'AdamW'")
+    decay, no_decay, left_out = group_weight(model, config.get('train_layer_scale', False))
+    if left_out:
+        logger.info('%d parameter tensors are in no optimizer group and stay fixed, as in the authors\' '
+                    'runs (e.g. %s); --set train_layer_scale=True trains them', len(left_out), left_out[0])
+    groups: List[Dict] = [dict(params=decay, lr=config.lr),
+                          dict(params=no_decay, weight_decay=0.0, lr=config.lr)]
+    return AdamW(groups, lr=config.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay)
