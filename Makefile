@@ -16,7 +16,7 @@ endif
 # oversubscribed OpenMP threads spin-wait (a forward pass went from 0.06 s to 8 s on 2 busy cores).
 TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
-.PHONY: install test test-all demo bench clean
+.PHONY: install test test-quick demo bench clean
 
 install: $(STAMP)
 
@@ -27,10 +27,10 @@ $(STAMP): requirements.txt requirements-dev.txt
 	@touch $@
 
 test: install
-	$(TEST_ENV) $(PY) -m pytest -q -m "not slow"
-
-test-all: install
 	$(TEST_ENV) $(PY) -m pytest -q
+
+test-quick: install
+	$(TEST_ENV) $(PY) -m pytest -q -m "not slow"
 
 demo: install
 	$(PY) -m smmcl.demo

@@ -115,9 +115,10 @@ def base_config() -> EasyDict:
     # Seconds a rank waits in a collective before giving up when another rank died.
     C.dist_timeout_s = 300
 
-    # ---- speed (issue 4); 'plain' is the reference path ----
-    C.fast_path = False
-    C.amp = False
+    # ---- speed (see smmcl/engine/precision.py); all off = the plain reference path ----
+    C.fast_path = False  # channels_last; inference: BN and layer scales folded into the convs
+    C.amp = False  # bf16 autocast (NMF and InfoNCE stay fp32)
+    C.compile = False  # torch.compile (minutes for MSCAN-B the first time; inductor caches it)
 
     # ---- evaluation ----
     C.eval_iter = 25
@@ -125,7 +126,7 @@ def base_config() -> EasyDict:
     C.eval_scale_array = [1]
     C.eval_flip = False
     C.eval_crop_size = [480, 640]
-    C.eval_batch_size = 1
+    C.eval_batch_size = 1  # sliding windows per forward (the same function; >1 is faster on GPUs)
 
     # ---- checkpoints ----
     C.checkpoint_start_epoch = 250

@@ -38,6 +38,7 @@ from smmcl.data.dataset import DatasetError, RGBXDataset, name_of
 from smmcl.engine.dist import DistContext, launch, parse_devices
 from smmcl.engine.evaluate import evaluate_per_image
 from smmcl.engine.metrics import compute_scores, format_results
+from smmcl.engine.precision import for_inference, mixed_precision
 from smmcl.models import EncoderDecoder, check_compatible
 
 logger = logging.getLogger('smmcl.eval')
@@ -189,8 +190,10 @@ def _evaluate_checkpoints(ctx: DistContext, config, checkpoints: Sequence[str], 
                 save_path, osp.splitext(osp.basename(path))[0])
         if ctx.is_main:
             logger.info('Load Model: %s (%d test images, %d process(es))', path, len(dataset), ctx.world_size)
-        hists = evaluate_per_image(model, dataset, config, ctx.device, ctx.rank, ctx.world_size, save_dir,
-                                   num_workers=workers)
+        amp, _ = mixed_precision(config, ctx.device)
+        with amp:
+            hists = evaluate_per_image(for_inference(model, config), dataset, config, ctx.device, ctx.rank,
+                                       ctx.world_size, save_dir, num_workers=workers)
         if not ctx.is_main:
             continue
         hist = hists.sum(0)

@@ -12,7 +12,6 @@ augmentation seeded per sample (see :class:`SeededSamples`).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import math
 import os
@@ -42,6 +41,7 @@ from .checkpoint import (CheckpointError, load_checkpoint, remove_stale_temp_fil
 from .logging_utils import setup_logging
 from .lr import WarmUpPolyLR, set_lr
 from .optim import build_optimizer
+from .precision import for_training, maybe_compile, memory_format, mixed_precision
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def train(ctx: dist.DistContext, config, resume: Optional[str] = None) -> nn.Mod
         logger.info('log file: %s (with the effective config)', config.log_file)
     loader, sampler = build_loader(dataset, config, ctx)
 
-    model = build_model(config, ctx)
+    model = for_training(build_model(config, ctx), config)
     optimizer = build_optimizer(model, config)
     niters = config.niters_per_epoch
     policy = WarmUpPolyLR(config.lr, config.lr_power, config.nepochs * niters, niters * config.warm_up_epoch)
@@ -168,6 +168,7 @@ def train(ctx: dist.DistContext, config, resume: Optional[str] = None) -> nn.Mod
         ddp_model = DistributedDataParallel(
             model, device_ids=[ctx.device.index] if ctx.device.type == 'cuda' else None,
             find_unused_parameters=False)
+    ddp_model = maybe_compile(ddp_model, config)
     amp, scaler = mixed_precision(config, ctx.device)
     tb = SummaryWriter(config.tb_dir) if ctx.is_main else None
     if ctx.is_main:
@@ -278,19 +279,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
-def mixed_precision(config, device: torch.device):
-    """(autocast context, grad scaler): one code path whether ``config.amp`` is on or off.
-
-    bfloat16 where the device supports it (CPU, Ampere and newer GPUs) needs no loss scaling; float16 on
-    older GPUs uses a GradScaler. With amp off both are no-ops.
-    """
-    if not config.amp:
-        return contextlib.nullcontext(), torch.amp.GradScaler(device.type, enabled=False)
-    bf16 = device.type != 'cuda' or torch.cuda.is_bf16_supported()
-    dtype = torch.bfloat16 if bf16 else torch.float16
-    return torch.autocast(device.type, dtype=dtype), torch.amp.GradScaler(device.type, enabled=not bf16)
-
-
 def build_dataset(config, verbose: bool = True) -> RGBXDataset:
     """The authors' training set (``file_length = batch_size * niters_per_epoch``).
 
@@ -382,8 +370,8 @@ def to_device(batch, config, device: torch.device):
     def image(key):
         imgs = batch[key].to(device, non_blocking=True)
         if imgs.dtype == torch.uint8:
-            return normalize_batch(imgs, config.norm_mean, config.norm_std, batch['valid_box'])
-        return imgs.float()
+            imgs = normalize_batch(imgs, config.norm_mean, config.norm_std, batch['valid_box'])
+        return imgs.float().contiguous(memory_format=memory_format(config))
 
     return image('data'), image('modal_x'), batch['label'].to(device, non_blocking=True)
 
