@@ -166,10 +166,27 @@ def _prepare(rgb: torch.Tensor, x: torch.Tensor, crop: Tuple[int, int], stride_r
     return rgb, x, margin, windows
 
 
-def _unpad(acc: torch.Tensor, count: torch.Tensor, margin) -> torch.Tensor:
-    top, bottom, left, right = margin
-    score = acc / count
-    return score[:, top:score.shape[1] - bottom, left:score.shape[2] - right]
+class _Canvas:
+    """Window scores accumulated over the padded image and averaged where windows overlap."""
+
+    def __init__(self, size: Tuple[int, int], crop: Tuple[int, int]):
+        self.size, self.crop = tuple(size), crop
+        self.acc = self.count = None
+
+    def add(self, score: torch.Tensor, top: int, left: int) -> None:
+        """score: K-crop_h-crop_w at (top, left) of the padded image."""
+        if self.acc is None:
+            self.acc = score.new_zeros((score.shape[0],) + self.size)
+            self.count = score.new_zeros((1,) + self.size)
+        rows, cols = slice(top, top + self.crop[0]), slice(left, left + self.crop[1])
+        self.acc[:, rows, cols] += score
+        self.count[:, rows, cols] += 1
+
+    def scores(self, margin) -> torch.Tensor:
+        """K-H-W averaged scores with the padding margins (top, bottom, left, right) removed."""
+        top, bottom, left, right = margin
+        score = self.acc / self.count
+        return score[:, top:score.shape[1] - bottom, left:score.shape[2] - right]
 
 
 @torch.no_grad()
@@ -189,20 +206,15 @@ def sliding_window_scores_plain(model: Model, rgb: torch.Tensor, x: torch.Tensor
     """
     crop = (int(crop[0]), int(crop[1]))
     rgb, x, margin, windows = _prepare(rgb, x, crop, stride_rate)
-    acc = count = None
+    canvas = _Canvas(rgb.shape[1:], crop)
     for top, left in windows:
         rgb_w = rgb[None, :, top:top + crop[0], left:left + crop[1]]
         x_w = x[None, :, top:top + crop[0], left:left + crop[1]]
         score = _logits(model, rgb_w, x_w)[0]
         if flip:
             score = score + _logits(model, rgb_w.flip(-1), x_w.flip(-1))[0].flip(-1)
-        score = torch.exp(score)
-        if acc is None:
-            acc = score.new_zeros((score.shape[0],) + tuple(rgb.shape[1:]))
-            count = score.new_zeros((1,) + tuple(rgb.shape[1:]))
-        acc[:, top:top + crop[0], left:left + crop[1]] += score
-        count[:, top:top + crop[0], left:left + crop[1]] += 1
-    return _unpad(acc, count, margin)
+        canvas.add(torch.exp(score), top, left)
+    return canvas.scores(margin)
 
 
 @torch.no_grad()
@@ -217,7 +229,7 @@ def sliding_window_scores(model: Model, rgb: torch.Tensor, x: torch.Tensor, crop
     batch = max(int(batch), 1)
     rgb, x, margin, windows = _prepare(rgb, x, crop, stride_rate)
     jobs = [(i, flipped) for i in range(len(windows)) for flipped in ((False, True) if flip else (False,))]
-    acc = count = None
+    canvas = _Canvas(rgb.shape[1:], crop)
     pending = {}  # window index -> logits summed so far (waiting for its flipped half)
     for start in range(0, len(jobs), batch):
         chunk = jobs[start:start + batch]
@@ -233,14 +245,8 @@ def sliding_window_scores(model: Model, rgb: torch.Tensor, x: torch.Tensor, crop
             out = out.flip(-1) if flipped else out
             pending[i] = pending[i] + out if i in pending else out
             if flipped or not flip:  # this window is complete
-                top, left = windows[i]
-                score = torch.exp(pending.pop(i))
-                if acc is None:
-                    acc = score.new_zeros((score.shape[0],) + tuple(rgb.shape[1:]))
-                    count = score.new_zeros((1,) + tuple(rgb.shape[1:]))
-                acc[:, top:top + crop[0], left:left + crop[1]] += score
-                count[:, top:top + crop[0], left:left + crop[1]] += 1
-    return _unpad(acc, count, margin)
+                canvas.add(torch.exp(pending.pop(i)), *windows[i])
+    return canvas.scores(margin)
 
 
 # ---------------------------------------------------------------------------------------------------
