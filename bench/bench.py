@@ -8,14 +8,14 @@ synthetic test set (loading included), and peak memory. Prints one table.
     python bench/bench.py --backbone mscan_t --height 120 --width 160 --batch 2   # a quick CPU run
 
 Plain path: the authors' way (fp32, NCHW, their per-class anchor-sampling loop, one window at a time).
-Fast path: vectorised sampler, channels_last, bf16 autocast (NMF and InfoNCE stay fp32), BN and
-layer scales folded for inference, batched sliding windows, optional torch.compile (--compile; its
-compile time is reported).
+Fast path: vectorised sampler, channels_last, bf16 autocast where the device computes bf16 natively
+(NMF and InfoNCE stay fp32; the dtype column says what ran), BN and layer scales folded for inference,
+batched sliding windows, optional torch.compile (--compile; its compile time is reported). Both paths
+are configured by the same helpers as train.py and eval.py (``smmcl.engine.precision``).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import resource
 import sys
@@ -28,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from smmcl.config import base_config  # noqa: E402
 from smmcl.models import EncoderDecoder  # noqa: E402
-from smmcl.models.fast import fold_for_inference  # noqa: E402
+from smmcl.engine.precision import (for_inference, for_training, maybe_compile, memory_format,  # noqa: E402
+                                    mixed_precision)
 
 
 def sync(device):
@@ -49,19 +50,19 @@ def peak_gib(device):
 
 
 def make_cfg(args, fast):
+    """The plain path (the authors' way) or the fast path, as training and evaluation configure them."""
     cfg = base_config()
     cfg.update(backbone=args.backbone, num_classes=args.classes, pretrained_model=None,
-               anchor_sampler='vectorized' if fast else 'loop', fast_path=fast, amp=fast)
+               anchor_sampler='vectorized' if fast else 'loop', fast_path=fast, amp=fast,
+               compile=fast and args.compile)
     return cfg
 
 
-def autocast(device, enabled):
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+def precision_of(amp) -> str:
+    return {torch.bfloat16: 'bf16', torch.float16: 'fp16'}.get(getattr(amp, 'fast_dtype', None), 'fp32')
 
 
-def synthetic_batch(args, device, fast):
+def synthetic_batch(args, device, cfg):
     g = torch.Generator().manual_seed(0)
     shape = (args.batch, 3, args.height, args.width)
     rgb, x = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
@@ -69,37 +70,34 @@ def synthetic_batch(args, device, fast):
     cells = torch.randint(0, args.classes, (args.batch, args.height // 32 + 1, args.width // 32 + 1),
                           generator=g)
     label = cells.repeat_interleave(32, 1).repeat_interleave(32, 2)[:, :args.height, :args.width]
-    fmt = torch.channels_last if fast else torch.contiguous_format
+    fmt = memory_format(cfg)
     return (rgb.to(device).contiguous(memory_format=fmt), x.to(device).contiguous(memory_format=fmt),
             label.to(device))
 
 
 def bench_train(args, device, fast):
+    cfg = make_cfg(args, fast)
     torch.manual_seed(0)
-    model = EncoderDecoder(make_cfg(args, fast), criterion=torch.nn.CrossEntropyLoss(ignore_index=255))
-    model.to(device).train()
-    if fast:
-        model.to(memory_format=torch.channels_last)
-    step_model = model
-    compile_s = 0.0
-    if fast and args.compile:
-        step_model = torch.compile(model)
+    model = EncoderDecoder(cfg, criterion=torch.nn.CrossEntropyLoss(ignore_index=255))
+    model = for_training(model.to(device).train(), cfg)
+    step_model = maybe_compile(model, cfg)
+    amp, scaler = mixed_precision(cfg, device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=6e-5,
                                   weight_decay=0.01)
-    rgb, x, label = synthetic_batch(args, device, fast)
+    rgb, x, label = synthetic_batch(args, device, cfg)
 
     def step():
-        with autocast(device, fast):
+        with amp:
             loss = step_model(rgb, x, label)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
 
     start = time.perf_counter()
     step()
     sync(device)
-    if fast and args.compile:
-        compile_s = time.perf_counter() - start
+    compile_s = time.perf_counter() - start if cfg.compile else 0.0
     for _ in range(args.warmup):
         step()
     sync(device)
@@ -109,24 +107,23 @@ def bench_train(args, device, fast):
         step()
     sync(device)
     elapsed = time.perf_counter() - start
-    return args.batch * args.iters / elapsed, peak_gib(device), compile_s
+    return args.batch * args.iters / elapsed, peak_gib(device), compile_s, precision_of(amp)
 
 
 def bench_infer(args, device, fast):
+    cfg = make_cfg(args, fast)
     torch.manual_seed(0)
-    model = EncoderDecoder(make_cfg(args, fast)).to(device).eval()
-    if fast:
-        model = fold_for_inference(model).to(memory_format=torch.channels_last)
-    rgb, x, _ = synthetic_batch(args, device, fast)
-    run = torch.compile(model) if (fast and args.compile) else model
-    with torch.no_grad(), autocast(device, fast):
+    model = for_inference(EncoderDecoder(cfg).to(device), cfg)
+    amp, _ = mixed_precision(cfg, device)
+    rgb, x, _ = synthetic_batch(args, device, cfg)
+    with torch.no_grad(), amp:
         for _ in range(args.warmup + 1):
-            run(rgb, x)
+            model(rgb, x)
         sync(device)
         reset_peak(device)
         start = time.perf_counter()
         for _ in range(args.iters):
-            run(rgb, x)
+            model(rgb, x)
         sync(device)
     return args.batch * args.iters / (time.perf_counter() - start), peak_gib(device)
 
@@ -147,13 +144,12 @@ def bench_eval(args, device, fast, data_dir):
                exp_dir=data_dir)
     cfg = finalize(cfg)
     torch.manual_seed(0)
-    model = EncoderDecoder(cfg).to(device).eval()
-    if fast:
-        model = fold_for_inference(model).to(memory_format=torch.channels_last)
+    model = for_inference(EncoderDecoder(cfg).to(device), cfg)
+    amp, _ = mixed_precision(cfg, device)
     dataset = RGBXDataset(cfg, 'val')
     sync(device)
     start = time.perf_counter()
-    with autocast(device, fast):
+    with amp:
         evaluate(model, dataset, cfg, device)
     sync(device)
     return len(dataset) / (time.perf_counter() - start)
@@ -180,9 +176,10 @@ def main(argv=None):
 
     rows = {}
     for label, fast in (('plain', False), ('fast', True)):
-        train_ips, train_peak, compile_s = bench_train(args, device, fast)
+        train_ips, train_peak, compile_s, precision = bench_train(args, device, fast)
         infer_ips, infer_peak = bench_infer(args, device, fast)
-        rows[label] = dict(train=train_ips, train_peak=train_peak, infer=infer_ips, compile=compile_s)
+        rows[label] = dict(train=train_ips, train_peak=train_peak, infer=infer_ips, compile=compile_s,
+                           precision=precision)
     if not args.skip_eval:
         from smmcl.data.synthetic import generate
         with tempfile.TemporaryDirectory() as data_dir:
@@ -192,11 +189,11 @@ def main(argv=None):
                 rows[label]['eval'] = bench_eval(args, device, fast, data_dir)
 
     mem = 'peak GiB (GPU alloc)' if on_gpu else 'peak RSS GiB'
-    header = f"{'path':<6} | {'train img/s':>11} | {'infer img/s':>11} | {'eval img/s':>10} | {mem:>20} | compile s"
+    header = f"{'path':<6} | {'dtype':<5} | {'train img/s':>11} | {'infer img/s':>11} | {'eval img/s':>10} | {mem:>20} | compile s"
     print(header)
     print('-' * len(header))
     for label, r in rows.items():
-        print(f"{label:<6} | {r['train']:>11.2f} | {r['infer']:>11.2f} | {r.get('eval', float('nan')):>10.2f} | "
+        print(f"{label:<6} | {r['precision']:<5} | {r['train']:>11.2f} | {r['infer']:>11.2f} | {r.get('eval', float('nan')):>10.2f} | "
               f"{r['train_peak']:>20.2f} | {r['compile']:.1f}")
     p, f = rows['plain'], rows['fast']
     print(f"speed-up: train x{f['train'] / p['train']:.2f}, inference x{f['infer'] / p['infer']:.2f}"

@@ -78,6 +78,24 @@ def test_bf16_autocast_logits_within_1e2():
     assert (plain.argmax(1) == fast.argmax(1)).float().mean() > 0.95
 
 
+def test_amp_uses_bf16_only_where_the_cpu_has_it(monkeypatch, caplog):
+    from smmcl.engine import precision
+    cpu = torch.device('cpu')
+    amp, scaler = precision.mixed_precision(EasyDict(amp=False), cpu)
+    assert not isinstance(amp, torch.autocast) and not scaler.is_enabled()
+
+    monkeypatch.setattr(precision, 'native_bf16', lambda device: True)
+    amp, scaler = precision.mixed_precision(EasyDict(amp=True), cpu)
+    assert isinstance(amp, torch.autocast) and amp.fast_dtype == torch.bfloat16
+    assert not scaler.is_enabled()  # bf16 needs no loss scaling
+
+    # Emulated bf16 is several times slower than fp32 (AVX2 CPUs): amp falls back to fp32 and says so.
+    monkeypatch.setattr(precision, 'native_bf16', lambda device: False)
+    amp, scaler = precision.mixed_precision(EasyDict(amp=True), cpu)
+    assert not isinstance(amp, torch.autocast) and not scaler.is_enabled()
+    assert 'amp=True ignored' in caplog.text and 'float32' in caplog.text
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')
 def test_folded_model_on_gpu():
     model = trained_like_model().cuda()

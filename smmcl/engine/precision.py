@@ -1,7 +1,8 @@
 """Speed switches shared by training and evaluation (issue: fast on the GPU, same function).
 
-- ``config.amp``: bf16 autocast (fp16 + GradScaler on GPUs without bf16); the NMF and the InfoNCE
-  always run in fp32 (see ``smmcl.models.ham_head`` and ``smmcl.losses.contrastive``).
+- ``config.amp``: bf16 autocast (fp16 + GradScaler on GPUs without bf16; fp32 on CPUs without native
+  bf16, where it is emulated and slow); the NMF and the InfoNCE always run in fp32 (see
+  ``smmcl.models.ham_head`` and ``smmcl.losses.contrastive``).
 - ``config.fast_path``: channels_last tensors and, for inference, BN and layer scales folded into the
   convolutions (``smmcl.models.fast.fold_for_inference``). The plain path (both off) is the reference
   the tests compare against.
@@ -11,24 +12,49 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 from torch import nn
 
 from ..models.fast import fold_for_inference
 
+logger = logging.getLogger(__name__)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bfloat16 natively.
+
+    CPUs without AVX-512 (or AMX) emulate it: on a 2-core AVX2 EPYC, bf16 autocast made the MSCAN-T
+    training step 8x and inference 11x slower than fp32 (``bench/bench.py``).
+    """
+    if device.type == 'cuda':
+        return torch.cuda.is_bf16_supported()
+    try:
+        return device.type == 'cpu' and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
 
 def mixed_precision(config, device: torch.device):
     """(autocast context, grad scaler): one code path whether ``config.amp`` is on or off.
 
-    bfloat16 where the device supports it (CPU, Ampere and newer GPUs) needs no loss scaling; float16 on
-    older GPUs uses a GradScaler. With amp off both are no-ops.
+    bfloat16 where the device computes it natively (Ampere and newer GPUs, CPUs with AVX-512) needs no
+    loss scaling; float16 on older GPUs uses a GradScaler; other CPUs stay in fp32. With amp off both
+    are no-ops.
     """
+    off = contextlib.nullcontext(), torch.amp.GradScaler(device.type, enabled=False)
     if not config.get('amp', False):
-        return contextlib.nullcontext(), torch.amp.GradScaler(device.type, enabled=False)
-    bf16 = device.type != 'cuda' or torch.cuda.is_bf16_supported()
-    dtype = torch.bfloat16 if bf16 else torch.float16
-    return torch.autocast(device.type, dtype=dtype), torch.amp.GradScaler(device.type, enabled=not bf16)
+        return off
+    if device.type == 'cuda':
+        bf16 = native_bf16(device)
+        dtype = torch.bfloat16 if bf16 else torch.float16
+        return torch.autocast('cuda', dtype=dtype), torch.amp.GradScaler('cuda', enabled=not bf16)
+    if native_bf16(device):
+        return torch.autocast(device.type, dtype=torch.bfloat16), off[1]
+    logger.warning('amp=True ignored: this %s has no native bfloat16 (emulated it is several times slower '
+                   'than float32); computing in float32', device.type.upper())
+    return off
 
 
 def memory_format(config) -> torch.memory_format:
