@@ -171,6 +171,8 @@ def apply_overrides(config: EasyDict, overrides: Iterable[str]) -> EasyDict:
         key = key.strip()
         node, parts = config, key.split('.')
         for depth, part in enumerate(parts):
+            if not isinstance(node, dict):  # 'lr.x=1': lr holds no keys
+                raise KeyError(f"unknown config key '{key}': '{'.'.join(parts[:depth])}' is not a dict")
             if part not in node and not (depth == 0 and part in DERIVED_KEYS):
                 known = [k for k in node.keys() if not k.startswith('_')]
                 if depth == 0:

@@ -100,5 +100,6 @@ def test_quick_check_mfnet_subsets(tmp_path):
     with pytest.raises(DatasetError, match='99999N'):
         quick_check(config)
     os.remove(osp.join(path, 'test_night.txt'))
-    open(osp.join(path, 'test_day.txt'), 'w').close()
+    with open(osp.join(path, 'test_day.txt'), 'w', encoding='utf-8') as f:
+        f.write('\ufeff\n')  # only a byte-order mark: empty
     quick_check(config)  # the day/night lists are optional and may be empty

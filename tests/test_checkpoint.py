@@ -88,6 +88,28 @@ def test_failed_rename_keeps_the_old_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ['epoch-1.pth']  # the temporary file was cleaned up
 
 
+def test_checkpoint_files_get_the_usual_permissions(tmp_path):
+    """0o666 less the umask, as a plain torch.save; not tempfile's private 0o600."""
+    umask = os.umask(0o022)
+    try:
+        path = save_checkpoint({'model': {'w': torch.zeros(3)}, 'epoch': 1}, str(tmp_path))
+    finally:
+        os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o644
+
+
+def test_fp16_loss_scale_is_saved_and_restored(model_and_optimizer, tmp_path):
+    cfg, model, optimizer = model_and_optimizer
+    scaler = torch.amp.GradScaler('cpu', init_scale=1024.0)
+    state = training_state(model, optimizer, 1, 0, 1, [], cfg, scaler)
+    fresh = torch.amp.GradScaler('cpu')
+    restore_training_state(load_checkpoint(save_checkpoint(state, str(tmp_path))), model, optimizer, cfg,
+                           'ckpt', fresh)
+    assert fresh.get_scale() == 1024.0
+    assert 'scaler' not in training_state(model, optimizer, 1, 0, 1, [], cfg,
+                                          torch.amp.GradScaler('cpu', enabled=False))
+
+
 def test_process_killed_between_write_and_rename(tmp_path):
     """SIGKILL after the temporary file is complete but before os.replace: the old file and link stay;
     the leftover temporary file is recognisable and removed at the next start."""

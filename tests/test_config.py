@@ -56,6 +56,8 @@ def test_unknown_key_suggests_the_nearest():
         load_config(EXPERIMENTS['SMMCL_NYU'], ['nepoch=3'])
     with pytest.raises(ValueError, match='key=value'):
         load_config(EXPERIMENTS['SMMCL_NYU'], ['nepochs'])
+    with pytest.raises(KeyError, match="'lr' is not a dict"):
+        load_config(EXPERIMENTS['SMMCL_NYU'], ['lr.x=3'])
 
 
 def test_values_are_python_literals_else_strings():

@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import default_collate
 
 from smmcl.config import REPO_ROOT, load_config
@@ -120,7 +121,7 @@ def test_mfnet_lists_and_day_night_subsets(generated):
 def test_list_lines_of_every_style(generated, tmp_path):
     path = generated['NYU']
     source = tmp_path / 'mixed.txt'
-    source.write_text('RGB/0000.jpg\n\n  0001  \n0002.jpg\r\nRGB\\0003.JPG\n')
+    source.write_text('\ufeff0000\n\n  RGB/0001.jpg  \n0002.jpg\r\nRGB\\0003.JPG\n', encoding='utf-8')  # BOM
     ds = RGBXDataset(config_for('NYU', path), 'train', source=str(source))
     assert ds.names == ['0000', '0001', '0002', '0003']
     assert [ds[i]['fn'] for i in range(4)] == ds.names
@@ -156,6 +157,17 @@ def test_train_batch_normalises_on_device(generated):
         outside[top:bottom, left:right] = False
         assert (data[i][:, outside] == 0).all() and (batch['label'][i][outside] == 255).all()
         assert (data[i][:, ~outside] != 0).any()
+
+
+def test_train_items_from_a_tensor_preprocess(generated):
+    """Whatever types a preprocess returns, labels are int64 and float images float32, as the authors'."""
+    def preprocess(rgb, gt, x):
+        return (torch.from_numpy(rgb.transpose(2, 0, 1) / 255.0), torch.from_numpy(gt),
+                x.transpose(2, 0, 1).astype(np.float64))
+    item = RGBXDataset(config_for('LLRGBD', generated['LLRGBD']), 'train', preprocess=preprocess)[0]
+    assert item['data'].dtype == item['modal_x'].dtype == torch.float32
+    assert item['label'].dtype == torch.int64 and item['label'].shape == (H, W)
+    assert item['valid_box'].tolist() == [0, H, 0, W]
 
 
 def test_dataset_pickles_for_loader_workers(generated):
@@ -214,6 +226,13 @@ def test_error_list_file_missing_or_empty(copy_of):
         f.write('\n  \n')
     message = error_of(lambda: RGBXDataset(config, 'train'))
     assert osp.join(path, 'train_val.txt') in message and 'empty' in message
+
+
+def test_error_list_file_not_utf8(generated, tmp_path):
+    source = tmp_path / 'utf16.txt'
+    source.write_bytes('RGB/0000.jpg\nRGB/0001.jpg\n'.encode('utf-16'))  # Notepad's "Unicode"
+    message = error_of(lambda: RGBXDataset(config_for('NYU', generated['NYU']), 'train', source=str(source)))
+    assert str(source) in message and 'UTF-8' in message
 
 
 def test_error_no_images_in_rgb_folder(copy_of):
@@ -298,6 +317,35 @@ def test_error_label_values_after_shift(copy_of):
 def test_error_label_hint_one_based(copy_of):
     path = copy_of('LLRGBD')
     label_path = osp.join(path, 'train', 'label', '00000.png')
-    cv2.imwrite(label_path, cv2.imread(label_path, cv2.IMREAD_UNCHANGED) + 1)  # 1..14
+    label = cv2.imread(label_path, cv2.IMREAD_UNCHANGED) + 1  # 1..14
+    label[0, :3] = 255  # ignored pixels do not hide the hint
+    cv2.imwrite(label_path, label)
     message = error_of(lambda: RGBXDataset(config_for('LLRGBD', path), 'train')[0])
     assert 'set gt_transform=True' in message
+
+
+@pytest.mark.parametrize('bits', [16, 1])
+def test_error_label_bit_depth(copy_of, bits):
+    """OpenCV's 8-bit read turns 16-bit indices into 0 and a 1-bit mask into 0/255: no value error, so
+    the file format itself is checked."""
+    path = copy_of('LLRGBD')
+    label_path = osp.join(path, 'train', 'label', '00001.png')
+    label = cv2.imread(label_path, cv2.IMREAD_UNCHANGED)
+    if bits == 16:
+        cv2.imwrite(label_path, label.astype(np.uint16))
+    else:
+        Image.fromarray(label > 0).save(label_path)  # a 1-bit mask of 0/1
+    ds = RGBXDataset(config_for('LLRGBD', path), 'train')
+    message = error_of(lambda: ds[1])
+    assert label_path in message and f'{bits}-bit' in message and 'Fix: save the labels as 8-bit' in message
+    ds[0]
+
+
+def test_error_label_palette_png(copy_of):
+    path = copy_of('LLRGBD')
+    label_path = osp.join(path, 'train', 'label', '00002.png')
+    palette = Image.fromarray(cv2.imread(label_path, cv2.IMREAD_UNCHANGED), mode='P')
+    palette.putpalette(np.random.default_rng(0).integers(64, 256, 3 * 256).astype(np.uint8).tobytes())
+    palette.save(label_path)
+    message = error_of(lambda: RGBXDataset(config_for('LLRGBD', path), 'train')[2])
+    assert label_path in message and 'palette PNG' in message and 'not class indices' in message

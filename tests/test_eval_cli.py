@@ -156,3 +156,21 @@ def test_bad_override_and_missing_checkpoint_exit_cleanly(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(config_path, ['--set', 'backbon=mscan_t'])
     assert "did you mean 'backbone'" in capsys.readouterr().err
+
+
+def test_wrong_checkpoints_and_class_names_exit_cleanly(tmp_path, capsys):
+    config_path = osp.join(REPO_ROOT, 'SMMCL_NYU', 'config.py')
+    ckpt = str(tmp_path / 'epoch-1.pth')
+    _write_checkpoint(config_path, TINY, ckpt)  # mscan_t, 40 classes; the config says mscan_b
+    with pytest.raises(SystemExit) as exc:
+        main(config_path, ['-e', ckpt, '--set', f'log_dir={tmp_path}'])
+    assert exc.value.code == 1
+    assert 'backbone mscan_t (config: mscan_b)' in capsys.readouterr().err
+    torch.save(torch.zeros(3), tmp_path / 'tensor.pth')
+    with pytest.raises(SystemExit):
+        main(config_path, ['-e', str(tmp_path / 'tensor.pth'), '--set', f'log_dir={tmp_path}'])
+    assert 'holds a Tensor, not a state dict' in capsys.readouterr().err
+    # 40 class names for 9 classes: refused before evaluating, not an IndexError when printing the table
+    with pytest.raises(SystemExit):
+        main(config_path, ['-e', ckpt, '--set', f'log_dir={tmp_path}', 'num_classes=9'])
+    assert 'class_names holds 40 names for num_classes=9' in capsys.readouterr().err

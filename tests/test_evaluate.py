@@ -194,3 +194,12 @@ def test_evaluate_counts_shards_and_saves(tmp_path):
         assert img.mode == 'P' and img.size == (30, 20)
         expected = predict(model.eval(), it['data'], it['modal_x'], cfg, 'cpu').numpy()
         np.testing.assert_array_equal(np.asarray(img), expected)
+
+
+def test_a_bad_label_is_refused_naming_the_item():
+    # Values outside the classes are an error (CMX's hist_info drops them), and the message names the file.
+    model = PixelModel().eval()
+    data = FakeDataset(n=3)
+    data.items[2]['label'][5, 5] = K
+    with pytest.raises(ValueError, match=rf'img02: label holds values \[{K}\]'):
+        evaluate(model, data, eval_config(), 'cpu')

@@ -105,3 +105,17 @@ def test_score_properties(case):
     s = compute_scores(confusion_matrix(perfect, label, k))
     if (label != 255).any():
         assert s['mean_iou'] == 1.0 and s['pixel_acc'] == 1.0 and s['freq_iou'] == pytest.approx(1.0)
+
+
+def test_numpy_and_tensor_inputs_agree():
+    rng = np.random.default_rng(0)
+    label = rng.integers(0, 6, (7, 9)).astype(np.uint16)  # a dtype torch cannot take as it is
+    label[0] = 255
+    pred = rng.integers(0, 6, (7, 9)).astype(np.int32)
+    hist = confusion_matrix(pred, label, 6)
+    assert isinstance(hist, np.ndarray) and hist.dtype == np.int64 and hist.sum() == 6 * 9
+    mixed = confusion_matrix(torch.from_numpy(pred), label, 6)
+    assert isinstance(mixed, torch.Tensor)
+    np.testing.assert_array_equal(mixed.numpy(), hist)
+    flipped = confusion_matrix(pred[:, ::-1].astype(np.int64), label[:, ::-1].astype(np.int64), 6)
+    np.testing.assert_array_equal(flipped, hist)  # negative strides

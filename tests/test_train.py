@@ -147,6 +147,9 @@ def test_data_and_pretrained_problems_are_one_message(tiny_training, tmp_path, c
     with pytest.raises(SystemExit):
         train_module.main(CONFIG, ['--set', *tiny_training(), 'nepoch=3'])
     assert "did you mean 'nepochs'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # refused at the start, not at the first non-finite loss
+        train_module.main(CONFIG, ['--set', *tiny_training(nonfinite_loss='skp')])
+    assert "nonfinite_loss='skp': choose one of ('stop', 'skip')" in capsys.readouterr().err
 
 
 def test_unreadable_image_in_a_loader_worker_is_one_message(tiny_llrgbd, tiny_training, tmp_path, capsys):

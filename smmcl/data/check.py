@@ -20,7 +20,8 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 from smmcl.config import load_config
-from smmcl.data.dataset import DatasetError, SplitLayout, load_item, missing_files, split_layout, split_names
+from smmcl.data.dataset import (DatasetError, SplitLayout, load_item, missing_files, read_list, split_layout,
+                                split_names)
 
 
 def split_layouts(config, split: str) -> List[SplitLayout]:
@@ -35,10 +36,7 @@ def split_layouts(config, split: str) -> List[SplitLayout]:
 
 
 def _names_images(source: str) -> bool:
-    if not osp.isfile(source):
-        return False
-    with open(source) as f:
-        return any(line.strip() for line in f)
+    return osp.isfile(source) and bool(read_list(source))
 
 
 def quick_check(config, splits: Sequence[str] = ('train', 'val')) -> None:

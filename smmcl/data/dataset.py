@@ -2,8 +2,9 @@
 
 The authors' ``RGBXDataset`` (CMX ``dataloader/RGBXDataset.py``) with the same items and file layout
 (``<split root>/<folder>/<name><format>`` for RGB, X and label), plus early, explicit errors: every
-problem a dataset can have (missing folder, list or file, unreadable image, mismatched sizes, label
-values outside the classes) raises :class:`DatasetError` with a message naming the file and the fix.
+problem a dataset can have (missing folder, list or file, unreadable image, mismatched sizes, a label
+PNG that an 8-bit read changes, label values outside the classes) raises :class:`DatasetError` with a
+message naming the file and the fix.
 The per-item checks live here, in :func:`split_names`, :func:`missing_files` and :func:`load_item`, and
 are shared by the dataset, ``smmcl.data.check`` (scans everything) and ``quick_check`` (training start).
 """
@@ -127,11 +128,26 @@ def name_of(line: str) -> str:
     return stem if ext.lower() in IMAGE_EXTENSIONS else base
 
 
+def read_list(source: str) -> List[str]:
+    """The item names of list file ``source``: one a line, blank lines skipped, each reduced by
+    :func:`name_of`; UTF-8, a leading byte-order mark skipped.
+
+    Raises:
+        DatasetError: the file is not UTF-8 text.
+    """
+    try:
+        with open(source, encoding='utf-8-sig') as f:
+            return [name_of(line) for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        raise DatasetError(f'list file {source} is not UTF-8 text (byte {e.start}: {e.reason}). Fix: save it '
+                           f'as UTF-8 (or ASCII), one image name a line.') from None
+
+
 def split_names(config, layout: SplitLayout) -> List[str]:
     """Check the split's folders and list file and return its item names.
 
-    Names come from the list file (stripped, blank lines skipped, each reduced by :func:`name_of`) or,
-    without one, are the sorted stems of the RGB folder's ``rgb_format`` files.
+    Names come from the list file (:func:`read_list`) or, without one, are the sorted stems of the RGB
+    folder's ``rgb_format`` files.
 
     Raises:
         DatasetError: with every folder / list problem found.
@@ -140,8 +156,7 @@ def split_names(config, layout: SplitLayout) -> List[str]:
     if problems:
         raise DatasetError(problems)
     if layout.source:
-        with open(layout.source) as f:
-            names = [name_of(line) for line in f if line.strip()]
+        names = read_list(layout.source)
         if not names:
             raise DatasetError(f'list file {layout.source} is empty. Fix: write one image name a line '
                                f'(e.g. 0001 or {osp.basename(layout.rgb_dir)}/0001{layout.rgb_format}).')
@@ -177,20 +192,60 @@ def _jpeg_truncated(buf: np.ndarray) -> bool:
     return data.find(b'\xff\xd9', max(data.rfind(b'\xff\xda'), 0)) < 0
 
 
-def read_image(path: str, flag: int) -> Optional[np.ndarray]:
-    """``cv2.imread(path, flag)`` that also returns None for a truncated JPEG (and for a missing file)."""
+def read_file(path: str) -> Optional[np.ndarray]:
+    """The bytes of ``path`` as a uint8 array; None when it cannot be read."""
     try:
-        buf = np.fromfile(path, dtype=np.uint8)
+        return np.fromfile(path, dtype=np.uint8)
     except OSError:
         return None
-    if buf.size == 0 or _jpeg_truncated(buf):
+
+
+def decode_image(buf: Optional[np.ndarray], flag: int) -> Optional[np.ndarray]:
+    """``cv2.imdecode(buf, flag)`` that also returns None for no or empty bytes and a truncated JPEG."""
+    if buf is None or buf.size == 0 or _jpeg_truncated(buf):
         return None
     return cv2.imdecode(buf, flag)
 
 
-def label_problems(gt: np.ndarray, path: str, config) -> List[str]:
-    """A message when ``gt`` (after the gt_transform shift) holds values that are neither a class nor 255."""
+def png_header(buf: np.ndarray) -> Optional[Tuple[int, int]]:
+    """(bit depth, colour type) from the IHDR chunk of a PNG file's bytes; None for other formats.
+
+    Colour types: 0 grey, 2 RGB, 3 palette, 4 grey + alpha, 6 RGBA.
+    """
+    head = buf[:26].tobytes()
+    if len(head) < 26 or not head.startswith(b'\x89PNG\r\n\x1a\n') or head[12:16] != b'IHDR':
+        return None
+    return head[24], head[25]
+
+
+def label_format_problems(path: str, header: Optional[Tuple[int, int]]) -> List[str]:
+    """A message when the label file's sample depth makes OpenCV's 8-bit grayscale read change the values.
+
+    ``header`` is the file's :func:`png_header` (None: not a PNG, nothing to check).
+
+    OpenCV (and so the authors' ``cv2.imread(path, cv2.IMREAD_GRAYSCALE)``) keeps the high byte of 16-bit
+    samples (indices below 256 all become 0) and stretches 1/2/4-bit grey samples to 0..255 (a 1-bit
+    mask becomes 0/255, its class 1 ignored). Neither raises another error, so they are checked here.
+    """
+    if header is None:
+        return []
+    depth, colour_type = header
+    if depth == 16:
+        return [f'label file {path} is a 16-bit PNG; labels are read as 8-bit and OpenCV keeps the high '
+                f'byte, so class indices below 256 all become 0. Fix: save the labels as 8-bit PNGs '
+                f'(e.g. cv2.imwrite(path, label.astype(np.uint8))).']
+    if depth < 8 and colour_type in (0, 4):
+        return [f'label file {path} is a {depth}-bit greyscale PNG; OpenCV stretches it to 0..255 (index 1 '
+                f'becomes {255 // (2 ** depth - 1)}). Fix: save the labels as 8-bit PNGs '
+                f'(e.g. cv2.imwrite(path, label.astype(np.uint8))).']
+    return []
+
+
+def label_problems(gt: np.ndarray, path: str, config, header: Optional[Tuple[int, int]] = None) -> List[str]:
+    """A message when ``gt`` (H-W uint8, after the gt_transform shift) holds values that are neither a
+    class nor 255; ``header`` (the file's :func:`png_header`) adds a hint for colour and palette PNGs."""
     counts = np.bincount(gt.ravel(), minlength=256)
+    top = int(np.flatnonzero(counts[:IGNORE_LABEL]).max(initial=0))  # the largest value other than 255
     counts[IGNORE_LABEL] = 0
     counts[:config.num_classes] = 0
     bad = np.flatnonzero(counts)
@@ -200,7 +255,11 @@ def label_problems(gt: np.ndarray, path: str, config) -> List[str]:
     file_values = ((bad + shift) % 256).tolist()
     shifted = ' after the gt_transform shift (file value - 1, 0 -> 255)' if config.gt_transform else ''
     hint = ''
-    if not config.gt_transform and int(gt.max()) == config.num_classes:
+    if header is not None and header[1] in (2, 3, 6):
+        kind = 'a palette' if header[1] == 3 else 'a colour'
+        hint = (f' The file is {kind} PNG: OpenCV reads the luminance of its colours, not class indices; '
+                f'save the indices as a 1-channel 8-bit PNG.')
+    elif not config.gt_transform and top == config.num_classes:
         hint = ' The file uses 1..num_classes: set gt_transform=True if 0 means unlabelled.'
     return [f'label file {path} holds values {file_values} ({int(counts[bad].sum())} pixels) that are '
             f'neither a class index 0..{config.num_classes - 1} nor 255 (ignore){shifted}.{hint} Fix: check '
@@ -223,14 +282,16 @@ def load_item(layout: SplitLayout, name: str, config):
         rgb H-W-3 uint8, gt H-W uint8, x H-W-3 uint8.
 
     Raises:
-        DatasetError: with every problem of the item (missing or unreadable file, sizes, label values).
+        DatasetError: with every problem of the item (missing or unreadable file, sizes, a label PNG of
+            another bit depth than 8, label values).
     """
     paths = layout.paths(name)
     flags = (cv2.IMREAD_COLOR, cv2.IMREAD_GRAYSCALE if config.x_is_single_channel else cv2.IMREAD_COLOR,
              cv2.IMREAD_GRAYSCALE)
-    images, problems = [], []
+    files, images, problems = [], [], []
     for what, path, flag in zip(('RGB', 'X', 'label'), paths, flags):
-        img = read_image(path, flag)
+        files.append(read_file(path))
+        img = decode_image(files[-1], flag)
         if img is None:
             problems.append(_missing_message(layout, name, what, path) if not osp.exists(path) else
                             f"{what} file {path} of item '{name}' cannot be decoded (truncated, corrupt or "
@@ -247,7 +308,8 @@ def load_item(layout: SplitLayout, name: str, config):
         x = cv2.cvtColor(x, cv2.COLOR_BGR2RGB)
     if config.gt_transform:
         gt = gt - np.uint8(1)  # uint8 wrap-around: 0 (unlabelled) -> 255
-    problems = label_problems(gt, paths[2], config)
+    header = png_header(files[2])
+    problems = label_format_problems(paths[2], header) or label_problems(gt, paths[2], config, header)
     sizes = [img.shape[:2] for img in (rgb, x, gt)]
     if len(set(sizes)) > 1:
         (rh, rw), (xh, xw), (gh, gw) = sizes
@@ -261,12 +323,12 @@ def load_item(layout: SplitLayout, name: str, config):
 
 
 def _to_tensor(a, is_label: bool) -> torch.Tensor:
-    if isinstance(a, torch.Tensor):
-        return a
-    t = torch.from_numpy(np.ascontiguousarray(a))
+    """A preprocess output (numpy or tensor) as the authors hand it on: labels int64 (their ``.long()``),
+    float images float32 (their ``.float()``), uint8 images unchanged (normalised later on the device)."""
+    t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
     if is_label:
         return t.long()
-    return t.float() if t.is_floating_point() else t  # the authors' .float() on normalised images
+    return t.float() if t.is_floating_point() else t
 
 
 class RGBXDataset(Dataset):

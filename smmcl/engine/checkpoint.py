@@ -6,9 +6,10 @@ The authors' CMX ``Engine.save_checkpoint`` writes ``checkpoint_dir/epoch-N.pth`
 released ``epoch-500.pth`` files and ours load the same way, and add:
 
 - ``rng``: one entry per rank with the Python, NumPy, torch CPU (and CUDA) generator states,
-- ``lr_step``: optimizer steps taken so far (``epoch * niters_per_epoch``),
+- ``lr_step``: the position in the lr schedule (``epoch * niters_per_epoch`` iterations),
 - ``sampler_epoch``: the epoch the ``DistributedSampler`` last ran,
-- ``config``: ``backbone`` and ``num_classes`` the model was built with.
+- ``config``: ``backbone`` and ``num_classes`` the model was built with,
+- ``scaler``: the fp16 loss scale (``--set amp=True`` on GPUs without bf16 only).
 
 Crash safety: a checkpoint is written to a temporary file in the same folder (``.epoch-N.pth.*.tmp``),
 flushed and fsync'ed, then renamed over its final name with ``os.replace``, which is atomic on POSIX; a
@@ -28,13 +29,13 @@ import os
 import os.path as osp
 import random
 import re
-import tempfile
 import uuid
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 from torch import nn
+from torch.amp import GradScaler
 from torch.optim import Optimizer
 
 from ..models.weights import check_compatible
@@ -75,10 +76,17 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
+def _temp_name(path: str) -> str:
+    """A fresh ``.<name>.<random>.tmp`` beside ``path`` (see :func:`is_temp_file`)."""
+    return osp.join(osp.dirname(osp.abspath(path)), f'.{osp.basename(path)}.{uuid.uuid4().hex}.tmp')
+
+
 def atomic_save(obj: Any, path: str) -> None:
     """``torch.save(obj, path)`` such that ``path`` is always either the old file or the complete new one."""
     folder = osp.dirname(osp.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{osp.basename(path)}.', suffix='.tmp')
+    tmp = _temp_name(path)
+    # Mode 0o666 less the umask, as torch.save's own file (tempfile.mkstemp would make it 0o600).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, 'wb') as f:
             torch.save(obj, f)
@@ -95,7 +103,7 @@ def atomic_save(obj: Any, path: str) -> None:
 def atomic_symlink(target: str, link: str) -> None:
     """Point ``link`` at ``target`` (a name relative to the link's folder), replacing it atomically."""
     folder = osp.dirname(osp.abspath(link))
-    tmp = osp.join(folder, f'.{osp.basename(link)}.{uuid.uuid4().hex}.tmp')
+    tmp = _temp_name(link)
     os.symlink(target, tmp)
     try:
         os.replace(tmp, link)
@@ -150,15 +158,18 @@ def _to_tuple(value):
 # ---- saving and loading -------------------------------------------------------------------------
 
 def training_state(model: nn.Module, optimizer: Optimizer, epoch: int, iteration: int, lr_step: int,
-                   rng: List[Dict[str, Any]], config) -> Dict[str, Any]:
+                   rng: List[Dict[str, Any]], config, scaler: Optional[GradScaler] = None) -> Dict[str, Any]:
     """The checkpoint dict. ``model`` must be the unwrapped module (not the DDP wrapper), so its
     names carry no ``module.`` prefix; ``iteration`` is the authors' (index of the epoch's last
-    iteration)."""
+    iteration); ``scaler``'s loss scale is kept when it is enabled (fp16)."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
         raise TypeError('save the unwrapped model (ddp_model.module), not the DDP wrapper')
-    return {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
-            'iteration': iteration, 'rng': rng, 'lr_step': lr_step, 'sampler_epoch': epoch,
-            'config': {'backbone': config.backbone, 'num_classes': int(config.num_classes)}}
+    state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
+             'iteration': iteration, 'rng': rng, 'lr_step': lr_step, 'sampler_epoch': epoch,
+             'config': {'backbone': config.backbone, 'num_classes': int(config.num_classes)}}
+    if scaler is not None and scaler.is_enabled():
+        state['scaler'] = scaler.state_dict()
+    return state
 
 
 def save_checkpoint(state: Dict[str, Any], checkpoint_dir: str) -> str:
@@ -192,8 +203,9 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
 
 
 def restore_training_state(state: Dict[str, Any], model: nn.Module, optimizer: Optional[Optimizer],
-                           config, source: str) -> None:
-    """Load model (strict) and optimizer from a checkpoint dict, refusing another backbone / class count.
+                           config, source: str, scaler: Optional[GradScaler] = None) -> None:
+    """Load model (strict), optimizer and an enabled ``scaler``'s loss scale (when the checkpoint has
+    one) from a checkpoint dict, refusing another backbone / class count.
 
     Raises:
         CheckpointError: built for another backbone or number of classes (naming both values), or
@@ -210,5 +222,7 @@ def restore_training_state(state: Dict[str, Any], model: nn.Module, optimizer: O
             except ValueError as error:  # the parameter groups differ
                 raise ValueError(f'the optimizer state of {source} does not fit this model ({error}); was '
                                  f'it trained with another train_layer_scale?') from None
+        if scaler is not None and scaler.is_enabled() and 'scaler' in state:
+            scaler.load_state_dict(state['scaler'])
     except (ValueError, RuntimeError, KeyError) as error:
         raise CheckpointError(str(error)) from None

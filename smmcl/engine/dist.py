@@ -60,11 +60,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(local_rank: int, fn: Callable, devices: Sequence[int], use_cuda: bool, port: int,
+def _worker(local_rank: int, fn: Callable, devices: Sequence[int], world_size: int, port: int,
             timeout_s: float, args) -> None:
-    world_size = len(devices) if use_cuda else int(os.environ['SMMCL_CPU_PROCS'])
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    _run_in_group(fn, devices, timeout_s, args)
+
+
+def _run_in_group(fn: Callable, devices: Sequence[int], timeout_s: float, args) -> None:
+    """``fn(ctx, *args)`` as the rank the environment names, leaving the process group afterwards."""
     ctx = init_from_env(devices, timeout_s)
     try:
         fn(ctx, *args)
@@ -106,11 +110,7 @@ def launch(fn: Callable, devices: Sequence[int], args=(), port: Optional[int] = 
     """
     use_cuda = torch.cuda.is_available()
     if 'WORLD_SIZE' in os.environ:
-        ctx = init_from_env(devices, timeout_s)
-        try:
-            fn(ctx, *args)
-        finally:
-            cleanup()
+        _run_in_group(fn, devices, timeout_s, args)
         return
     if not use_cuda and devices:
         warnings.warn(f'no GPU available: running on the CPU instead of devices {list(devices)}')
@@ -119,8 +119,7 @@ def launch(fn: Callable, devices: Sequence[int], args=(), port: Optional[int] = 
         ctx = init_from_env(devices[:1] if use_cuda else (), timeout_s)
         fn(ctx, *args)
         return
-    os.environ['SMMCL_CPU_PROCS'] = str(nprocs)
-    mp.spawn(_worker, args=(fn, list(devices), use_cuda, port or free_port(), timeout_s, args),
+    mp.spawn(_worker, args=(fn, list(devices), nprocs, port or free_port(), timeout_s, args),
              nprocs=nprocs, join=True)
 
 

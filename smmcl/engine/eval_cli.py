@@ -34,7 +34,7 @@ import torch
 from easydict import EasyDict
 
 from smmcl.config import load_config
-from smmcl.data.dataset import DatasetError, RGBXDataset, name_of
+from smmcl.data.dataset import DatasetError, RGBXDataset, read_list
 from smmcl.engine.dist import DistContext, launch, parse_devices
 from smmcl.engine.evaluate import evaluate_per_image
 from smmcl.engine.metrics import compute_scores, format_results
@@ -110,15 +110,18 @@ def checkpoint_weights(path: str) -> Dict[str, torch.Tensor]:
     containers, and a file that needs arbitrary unpickling is refused rather than executed.
 
     Raises:
-        ValueError: the file cannot be read as a PyTorch checkpoint (or holds other objects).
+        ValueError: the file cannot be read as a PyTorch checkpoint (or holds other objects), or holds
+            no dict.
     """
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:
         raise ValueError(f'cannot read checkpoint {path} (with weights_only=True): '
                          f'{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}') from exc
+    if not isinstance(ckpt, dict):
+        raise ValueError(f'checkpoint {path} holds a {type(ckpt).__name__}, not a state dict')
     for key in ('model', 'state_dict'):
-        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
+        if isinstance(ckpt.get(key), dict):
             return ckpt[key]
     return ckpt
 
@@ -156,8 +159,7 @@ def subset_indices(config, test_names: Sequence[str]) -> Dict[str, List[int]]:
     for name, source in (config.get('eval_subset_sources') or {}).items():
         if not osp.isfile(source):
             continue
-        with open(source) as f:
-            names = [name_of(line) for line in f if line.strip()]
+        names = read_list(source)
         missing = [n for n in names if n not in position]
         if missing:
             raise DatasetError(f'subset {name} ({source}) lists {len(missing)} images that are not in the '
@@ -230,12 +232,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(config_path: str, argv: Optional[Sequence[str]] = None) -> None:
     """Parse ``argv``, check the checkpoints against the config, evaluate (see the module docstring).
 
-    Exits with status 1 and a one-line reason for a bad option, a missing checkpoint or dataset, or a
-    checkpoint built for another backbone / class count.
+    Exits with status 1 and a one-line reason for a bad option, a missing checkpoint or dataset, a
+    checkpoint built for another backbone / class count, or ``class_names`` of another length than
+    ``num_classes`` (which would fail only when the results are printed).
     """
     args = build_parser().parse_args(argv)
     try:
         config = load_config(config_path, args.set)
+        names = config.class_names or []
+        if names and len(names) != int(config.num_classes):  # the tables name class i by names[i]
+            raise ValueError(f'class_names holds {len(names)} names for num_classes={config.num_classes}; '
+                             f'give one name per class (or --set class_names=[] for "Class i:")')
         checkpoints = parse_epochs(args.epochs, config.checkpoint_dir)
         for path in checkpoints:  # refuse a wrong checkpoint before starting any process
             check_compatible(checkpoint_weights(path), config.backbone, int(config.num_classes), path)

@@ -26,7 +26,8 @@ so one forward on the whole image -- where every variant gives the same predicti
   values); identical for square crops only. We step each dimension by its own stride and crop.
 - CMX sums the overlapping windows without dividing by the count (TorchSeg computed ``count_scale``
   and commented the division out); we average (mmsegmentation's ``slide_inference``). Equal argmax at
-  one scale; with several scales, averaging keeps every scale's weight the same at every pixel.
+  scale 1 (the count is a per-pixel factor); where scores are resized or several scales are summed,
+  averaging keeps every window's weight the same at every pixel.
 - CMX's sliding branch zero-pads the *raw* image (pad = ``-mean / std`` after normalisation); with
   their single-forward test that branch never needed padding. We pad with 0 after normalisation
   everywhere, as their single-forward branch and the training crops do.
@@ -364,6 +365,10 @@ def evaluate_per_image(model: torch.nn.Module, dataset, config, device, rank: in
 
     Returns:
         N-K-K int64 numpy array, rows = ground truth.
+
+    Raises:
+        ValueError: an item's label holds values outside ``[0, K)`` other than ``background``, or differs
+            in size from its image (the message names the item).
     """
     k = int(config.num_classes)
     ignore = int(config.get('background', 255))
@@ -384,7 +389,10 @@ def evaluate_per_image(model: torch.nn.Module, dataset, config, device, rank: in
                 torch.manual_seed(seed + index)
                 pred = predict(model, item['data'], item['modal_x'], config, device)
                 label = torch.as_tensor(np.asarray(item['label'])).to(device)
-                hists[index] = confusion_matrix(pred, label, k, ignore)
+                try:
+                    hists[index] = confusion_matrix(pred, label, k, ignore)
+                except ValueError as exc:  # a label value outside the classes, or a label of another size
+                    raise ValueError(f"item {item['fn']}: {exc}") from exc
                 if save_dir is not None:
                     save_prediction(pred.cpu().numpy(), osp.join(save_dir, f"{item['fn']}.png"))
                 logger.debug('rank %d: %s done (%d/%d)', rank, item['fn'], index + 1, len(dataset))

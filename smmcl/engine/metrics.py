@@ -26,6 +26,13 @@ def _bad_values_message(what: str, values, num_classes: int, ignore: int) -> str
             f'(ignore value {ignore}); check num_classes and the label files')
 
 
+def _flat_long(a: Array) -> torch.Tensor:
+    """Flat int64 tensor of an array (numpy arrays of any integer dtype and strides, on the CPU)."""
+    if not isinstance(a, torch.Tensor):
+        a = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
+    return a.reshape(-1).long()
+
+
 def confusion_matrix(pred: Array, label: Array, num_classes: int, ignore: int = 255) -> Array:
     """K-K int64 confusion matrix of one prediction, rows = ground truth (CMX ``hist_info``).
 
@@ -45,31 +52,18 @@ def confusion_matrix(pred: Array, label: Array, num_classes: int, ignore: int = 
     """
     if tuple(pred.shape) != tuple(label.shape):
         raise ValueError(f'prediction shape {tuple(pred.shape)} != label shape {tuple(label.shape)}')
+    as_numpy = not (isinstance(label, torch.Tensor) or isinstance(pred, torch.Tensor))
+    label = _flat_long(label)
+    pred = _flat_long(pred).to(label.device)
     k = num_classes
-    if isinstance(label, torch.Tensor) or isinstance(pred, torch.Tensor):
-        label = torch.as_tensor(label)
-        pred = torch.as_tensor(pred, device=label.device)
-        label, pred = label.reshape(-1).long(), pred.reshape(-1).long()
-        valid = label != ignore
-        label, pred = label[valid], pred[valid]
-        bad = label[(label < 0) | (label >= k)]
-        if bad.numel():
-            raise ValueError(_bad_values_message('label', torch.unique(bad).tolist(), k, ignore))
-        bad = pred[(pred < 0) | (pred >= k)]
-        if bad.numel():
-            raise ValueError(_bad_values_message('prediction', torch.unique(bad).tolist(), k, ignore))
-        return torch.bincount(label * k + pred, minlength=k * k).reshape(k, k)
-    label = np.asarray(label).reshape(-1).astype(np.int64)
-    pred = np.asarray(pred).reshape(-1).astype(np.int64)
     valid = label != ignore
     label, pred = label[valid], pred[valid]
-    bad = label[(label < 0) | (label >= k)]
-    if bad.size:
-        raise ValueError(_bad_values_message('label', np.unique(bad).tolist(), k, ignore))
-    bad = pred[(pred < 0) | (pred >= k)]
-    if bad.size:
-        raise ValueError(_bad_values_message('prediction', np.unique(bad).tolist(), k, ignore))
-    return np.bincount(label * k + pred, minlength=k * k).reshape(k, k).astype(np.int64)
+    for what, values in (('label', label), ('prediction', pred)):
+        bad = values[(values < 0) | (values >= k)]
+        if bad.numel():
+            raise ValueError(_bad_values_message(what, torch.unique(bad).tolist(), k, ignore))
+    hist = torch.bincount(label * k + pred, minlength=k * k).reshape(k, k)
+    return hist.numpy() if as_numpy else hist
 
 
 def _nanmean(values: np.ndarray) -> float:

@@ -46,6 +46,7 @@ from .precision import for_training, maybe_compile, memory_format, mixed_precisi
 logger = logging.getLogger(__name__)
 
 TERMS = ('loss', 'ce', 'cm', 'vis', 'aux')  # the total, then the unweighted terms of EncoderDecoder
+NONFINITE_CHOICES = ('stop', 'skip')  # config.nonfinite_loss
 
 
 class NonFiniteLossError(RuntimeError):
@@ -122,6 +123,8 @@ def error_message(error: Exception) -> str:
 def train(ctx: dist.DistContext, config, resume: Optional[str] = None) -> nn.Module:
     """Train ``config``'s model in this process (one rank of ``ctx``); returns the unwrapped model."""
     setup_logging(config.log_file if ctx.is_main else None, ctx.rank)
+    if config.nonfinite_loss not in NONFINITE_CHOICES:  # checked now, not at the first NaN hours later
+        raise ValueError(f'nonfinite_loss={config.nonfinite_loss!r}: choose one of {NONFINITE_CHOICES}')
     if ctx.is_main:
         for folder in (config.log_dir, config.tb_dir, config.checkpoint_dir):
             os.makedirs(folder, exist_ok=True)
@@ -143,13 +146,14 @@ def train(ctx: dist.DistContext, config, resume: Optional[str] = None) -> nn.Mod
 
     model = for_training(build_model(config, ctx), config)
     optimizer = build_optimizer(model, config)
+    amp, scaler = mixed_precision(config, ctx.device)
     niters = config.niters_per_epoch
     policy = WarmUpPolyLR(config.lr, config.lr_power, config.nepochs * niters, niters * config.warm_up_epoch)
 
     start_epoch = 1
     if resume:
         state = load_checkpoint(resume)
-        restore_training_state(state, model, optimizer, config, resume)
+        restore_training_state(state, model, optimizer, config, resume, scaler)
         start_epoch = state['epoch'] + 1  # CMX's restore_checkpoint: epoch + 1
         restore_rng(state, ctx, config.seed)
         if ctx.is_main:
@@ -169,7 +173,6 @@ def train(ctx: dist.DistContext, config, resume: Optional[str] = None) -> nn.Mod
             model, device_ids=[ctx.device.index] if ctx.device.type == 'cuda' else None,
             find_unused_parameters=False)
     ddp_model = maybe_compile(ddp_model, config)
-    amp, scaler = mixed_precision(config, ctx.device)
     tb = SummaryWriter(config.tb_dir) if ctx.is_main else None
     if ctx.is_main:
         logger.info('begin training: epochs %d..%d, %d iterations each, %d process(es) on %s, batch %d per '
@@ -182,7 +185,8 @@ def train(ctx: dist.DistContext, config, resume: Optional[str] = None) -> nn.Mod
             if should_save(epoch, config):
                 rng = dist.all_gather_object(rng_state(ctx.device))  # every rank's, for an exact resume
                 if ctx.is_main:
-                    state = training_state(model, optimizer, epoch, niters - 1, epoch * niters, rng, config)
+                    state = training_state(model, optimizer, epoch, niters - 1, epoch * niters, rng, config,
+                                           scaler)
                     logger.info('saved %s', save_checkpoint(state, config.checkpoint_dir))
     finally:
         if tb is not None:
