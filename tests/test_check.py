@@ -103,3 +103,21 @@ def test_quick_check_mfnet_subsets(tmp_path):
     with open(osp.join(path, 'test_day.txt'), 'w', encoding='utf-8') as f:
         f.write('\ufeff\n')  # only a byte-order mark: empty
     quick_check(config)  # the day/night lists are optional and may be empty
+
+
+def test_scan_refuses_colour_x_read_as_one_channel(clean, tmp_path):
+    path = str(tmp_path / 'LLRGBD')
+    shutil.copytree(clean, path)
+    config = load_config(osp.join(REPO_ROOT, LLRGBD_CONFIG), [f'dataset_path={path}'])
+    grey_as_rgb = osp.join(path, 'train', 'depth', '00000.png')
+    depth = cv2.imread(grey_as_rgb, cv2.IMREAD_UNCHANGED)
+    cv2.imwrite(grey_as_rgb, cv2.merge([depth, depth, depth]))  # equal channels: fine
+    assert scan(config, ('train',), workers=1)[0] == []
+    hha_like = osp.join(path, 'train', 'depth', '00001.png')
+    depth = cv2.imread(hha_like, cv2.IMREAD_UNCHANGED)
+    cv2.imwrite(hha_like, cv2.merge([depth, 255 - depth, depth // 2]))
+    problems, _ = scan(config, ('train',), workers=1)
+    assert len(problems) == 1
+    assert hha_like in problems[0] and 'x_is_single_channel=False' in problems[0]
+    config.x_is_single_channel = False  # read as 3 channels: nothing to report
+    assert scan(config, ('train',), workers=1)[0] == []

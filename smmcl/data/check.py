@@ -3,7 +3,7 @@
 ``python -m smmcl.data.check SMMCL_NYU/config.py [--set key=value ...] [--split train|val|all]`` reads
 every item of the experiment's splits and lists every problem (the file, what is wrong, the fix); it
 exits with 1 if there is any, else prints a summary (items per split, image sizes, label histogram) and
-exits with 0. :func:`quick_check` is the cheap part run at training start: folders and list files exist
+exits with 0. The full scan also refuses a 3-channel X read as one channel (:func:`x_channel_problems`). :func:`quick_check` is the cheap part run at training start: folders and list files exist
 and are non-empty, and every listed file exists (no decoding). Both use the per-item checks of
 ``smmcl.data.dataset``, so they find exactly what the dataset would raise.
 """
@@ -17,6 +17,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Sequence
 
+import cv2
 import numpy as np
 
 from smmcl.config import load_config
@@ -59,13 +60,33 @@ def quick_check(config, splits: Sequence[str] = ('train', 'val')) -> None:
         raise DatasetError(list(dict.fromkeys(problems)))  # splits sharing a folder report it once
 
 
+def x_channel_problems(path: str, config) -> List[str]:
+    """A message when X file ``path`` has distinct colour channels but the config reads X as one channel.
+
+    With ``x_is_single_channel=True`` X is read in greyscale (as the authors' loader does), which keeps
+    only the luminance of a 3-channel modality such as HHA: no error anywhere, just a worse model. A
+    colour file whose channels are equal (grey saved as RGB) is fine. Costs a second decode, so it is
+    part of the full scan only, not of the training-time loading. (The opposite case, a 1-channel file
+    with ``x_is_single_channel=False``, is replicated to 3 channels: the intent is clear.)
+    """
+    if not config.x_is_single_channel:
+        return []
+    x = cv2.imread(path, cv2.IMREAD_COLOR)
+    if x is None or (np.array_equal(x[..., 0], x[..., 1]) and np.array_equal(x[..., 0], x[..., 2])):
+        return []
+    return [f'X file {path} has 3 different colour channels, but x_is_single_channel=True reads X as one '
+            f'(greyscale) channel and drops the rest. Fix: --set x_is_single_channel=False if X is a '
+            f'3-channel modality (e.g. HHA), or save X as 1-channel images.']
+
+
 def _inspect(layout: SplitLayout, name: str, config):
     """(problems, image size, label histogram) of one item."""
     try:
         _, gt, _ = load_item(layout, name, config)
     except DatasetError as e:
         return e.problems, None, None
-    return [], gt.shape, np.bincount(gt.ravel(), minlength=256)
+    problems = x_channel_problems(layout.paths(name)[1], config)
+    return problems, gt.shape, np.bincount(gt.ravel(), minlength=256)
 
 
 def scan(config, splits: Sequence[str] = ('train', 'val'), workers: int = 4):
