@@ -1,6 +1,8 @@
 """SMMCL on LLRGBD (low-light RGB-D, 14 classes): the authors' SMMCL_LLRGBD settings.
 
-Everything not set here is SMMCL's default from ``smmcl.config.base_config``. Override any value on the
+Everything not set here is SMMCL's default from ``smmcl.config.base_config``, whose training recipe is
+the authors' ``SMMCL_LLRGBD/config.py``: 1000 epochs of batch 16, checkpoints from epoch 300 every 100
+(their released ``epoch-500.pth`` is a mid-schedule checkpoint of such a run). Override any value on the
 command line: ``python train.py --set backbone=mscan_t dataset_path=/data/LLRGBD``.
 """
 import os.path as osp
@@ -28,8 +30,10 @@ C.class_names = ['void', 'bed', 'books', 'ceiling', 'chair', 'floor', 'furniture
                  'painting', 'sofa', 'table', 'tv', 'wall', 'window']
 C.report_miou_without_first = True
 C.image_height, C.image_width = 480, 640
-C.batch_size = 16
-C.nepochs = 500  # released checkpoint: epoch-500
-C.checkpoint_start_epoch = 250
-C.checkpoint_step = 25
 C.eval_crop_size = [480, 640]
+# Colours of eval.py -p predictions, the authors' RGBXDataset.get_class_colors (floats in 0-1, turned into
+# bytes as uint8(c * 255)), one per class in class_names' order.
+C.class_colors = [[0, 0, 0], [0, 0, 1], [0.9137, 0.3490, 0.1882], [0, 0.8549, 0], [0.5843, 0, 0.9412],
+                  [0.8706, 0.9451, 0.0941], [1.0000, 0.8078, 0.8078], [0, 0.8784, 0.8980],
+                  [0.4157, 0.5333, 0.8000], [0.4588, 0.1137, 0.1608], [0.9412, 0.1373, 0.9216],
+                  [0, 0.6549, 0.6118], [0.9765, 0.5451, 0], [0.8824, 0.8980, 0.7608]]

@@ -29,8 +29,19 @@ DERIVED_KEYS = (
 
 
 def base_config() -> EasyDict:
-    """SMMCL defaults (the authors' SMMCL_LLRGBD values for everything that is not dataset-specific)."""
+    """SMMCL defaults: the authors' ``SMMCL_LLRGBD/config.py`` values for everything that is not
+    dataset-specific (their training recipe included), plus our own switches, each defaulting to the
+    authors' behaviour.
+
+    Keys of their config that are absent here: ``fix_bias`` and ``is_test`` (read nowhere in their
+    code); ``bn_eps``, ``bn_momentum`` (their ``init_weight`` applies them only to BatchNorms of the
+    decode head, which has GroupNorms) and ``momentum`` (read only by their ``SGDM`` branch; their
+    config and ours train with AdamW): no-ops, so they would only mislead.
+    """
     C = EasyDict()
+    # The authors' seed. Their -d 0-3 runs one process (DataParallel) seeded with it; under their DDP
+    # launcher each process is seeded with its local rank instead. Ours: seed + rank (rank 0 draws
+    # the initial weights that DDP broadcasts, so they come from this seed as in their -d 0-3 run).
     C.seed = 12345
     C.exp_dir = os.getcwd()  # the experiment folder; set by each config.py to its own folder
 
@@ -76,8 +87,6 @@ def base_config() -> EasyDict:
     C.pretrained_model = osp.join(REPO_ROOT, 'pretrained', 'segnext', 'mscan_b.pth')
     C.decoder = 'LightHamHead'
     C.decoder_embed_dim = 512
-    C.bn_eps = 1e-3
-    C.bn_momentum = 0.1
     C.drop_path_rate = None  # None: the variant's own (mscan_b: 0.2)
 
     # ---- supervised multi-modal contrastive loss ----
@@ -99,17 +108,21 @@ def base_config() -> EasyDict:
     C.optimizer = 'AdamW'
     C.lr = 6e-5
     C.lr_power = 0.9
-    C.momentum = 0.9
     C.weight_decay = 0.01
-    C.batch_size = 16
-    C.nepochs = 500
-    C.num_workers = 8
+    C.batch_size = 16  # the whole batch; each of N processes takes batch_size // N
+    C.nepochs = 1000
+    C.num_workers = 8  # loader processes per training process (the authors': 16; machine-dependent)
     C.train_scale_array = [0.5, 0.75, 1, 1.25, 1.5, 1.75]
     C.warm_up_epoch = 10
     # The authors' parameter groups hold only conv / linear / norm weights and biases, so MSCAN's
     # layer scales are never trained. True: train them too (no weight decay).
     C.train_layer_scale = False
     C.deterministic = False
+    # BatchNorm over several processes. False (the authors'): each process normalises with the
+    # statistics of its own share of the batch, and the running statistics are rank 0's (DDP
+    # broadcasts them before every forward), which is what their nn.DataParallel run does. True:
+    # SyncBatchNorm, statistics over the whole batch (multi-GPU only; it has no CPU kernel).
+    C.sync_bn = False
     # What to do with a non-finite loss: 'stop' (default) or 'skip' the batch (counted and logged).
     C.nonfinite_loss = 'stop'
     # Seconds a rank waits in a collective before giving up when another rank died.
@@ -119,6 +132,9 @@ def base_config() -> EasyDict:
     C.fast_path = False  # channels_last; inference: BN and layer scales folded into the convs
     C.amp = False  # bf16 autocast (NMF and InfoNCE stay fp32)
     C.compile = False  # torch.compile (minutes for MSCAN-B the first time; inductor caches it)
+    # With fast_path: MSCAN's depthwise convs in our Triton kernels (smmcl/kernels; needs triton).
+    # Off until a GPU table shows them faster than PyTorch's.
+    C.triton_kernels = False
 
     # ---- evaluation ----
     C.eval_iter = 25
@@ -127,10 +143,16 @@ def base_config() -> EasyDict:
     C.eval_flip = False
     C.eval_crop_size = [480, 640]
     C.eval_batch_size = 1  # sliding windows per forward (the same function; >1 is faster on GPUs)
+    # Window geometry (smmcl/engine/evaluate.py): 'authors' = their CMX evaluator, quirks included;
+    # 'corrected' = one forward only when the image fits the crop, each dimension tiled with its own
+    # stride and crop, overlapping windows averaged.
+    C.eval_protocol = 'authors'
+    # Colours of eval.py -p predictions: one [r, g, b] in 0-1 per class; None: CMX's bit palette.
+    C.class_colors = None
 
-    # ---- checkpoints ----
-    C.checkpoint_start_epoch = 250
-    C.checkpoint_step = 25
+    # ---- checkpoints: from checkpoint_start_epoch every checkpoint_step epochs, and the last ----
+    C.checkpoint_start_epoch = 300
+    C.checkpoint_step = 100
     return C
 
 
@@ -217,7 +239,7 @@ def finalize(config: EasyDict) -> EasyDict:
     put('log_dir', log_dir)
     put('tb_dir', osp.join(config.log_dir, 'tb'))
     put('checkpoint_dir', osp.join(config.log_dir, 'checkpoint'))
-    stamp = time.strftime('%Y%m%d-%H%M%S', time.localtime())
+    stamp = time.strftime('%Y_%m_%d_%H_%M_%S', time.localtime())  # the authors' exp_time
     put('log_file', osp.join(config.log_dir, f'log_{stamp}.log'))
     put('val_log_file', osp.join(config.log_dir, f'val_{stamp}.log'))
     return config

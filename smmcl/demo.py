@@ -95,7 +95,7 @@ def main(argv=None) -> float:
     output = run('eval.py', ['-e', str(args.epochs), '-p', pred_dir, '--set'] + overrides)
     match = re.findall(r'mIoU:\s*([0-9.]+)', output)
     miou = float(match[-1]) if match else float('nan')
-    figure(data_dir, pred_dir, args.figure)
+    figure(data_dir, pred_dir + '_color', args.figure)  # eval.py -p DIR writes DIR_color/, as the authors'
     chance = 100.0 / 14
     print(f'\ndemo done in {time.time() - start:.0f} s: mIoU {miou:.2f}% on the synthetic test set '
           f'(chance is about {chance:.1f}%); figure: {args.figure}')

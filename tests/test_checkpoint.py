@@ -202,8 +202,10 @@ def test_rng_states_round_trip_through_a_file(tmp_path):
     assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
 
 
-@pytest.mark.parametrize('epoch,expected', [(1, False), (249, False), (250, True), (260, False),
-                                            (275, True), (499, False), (500, True)])
+@pytest.mark.parametrize('epoch,expected', [(1, False), (299, False), (300, True), (350, False),
+                                            (500, True), (999, False), (1000, True)])
 def test_authors_checkpoint_schedule(epoch, expected):
-    cfg = base_config()  # start 250, step 25, 500 epochs
+    cfg = base_config()  # the authors' SMMCL_LLRGBD/config.py: start 300, step 100, 1000 epochs
     assert should_save(epoch, cfg) is expected
+    cfg.nepochs = 1001  # the last epoch is saved off the grid too (their train.py's `or epoch == nepochs`)
+    assert should_save(1001, cfg)

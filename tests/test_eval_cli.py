@@ -85,17 +85,24 @@ def test_eval_script_scores_an_authors_checkpoint(llrgbd, tmp_path):
     assert result.returncode == 0, result.stderr
     match = re.search(r'^mIoU: (\d+\.\d{3})$', result.stdout, re.M)
     assert match and result.stdout.rstrip().endswith(match.group(0))
-    logs = [f for f in os.listdir(tmp_path / 'log') if f.startswith('val_')]
-    assert len(logs) == 1
-    log = (tmp_path / 'log' / logs[0]).read_text()
+    # The authors' log names: val_<%Y_%m_%d_%H_%M_%S>.log and a val_last.log link to it.
+    logs = sorted(f for f in os.listdir(tmp_path / 'log') if f.startswith('val_'))
+    assert len(logs) == 2 and logs[1] == 'val_last.log'
+    assert re.fullmatch(r'val_\d{4}_\d{2}_\d{2}_\d{2}_\d{2}_\d{2}\.log', logs[0])
+    assert os.readlink(tmp_path / 'log' / 'val_last.log') == logs[0]
+    log = (tmp_path / 'log' / 'val_last.log').read_text()
     assert log.startswith(f'Model: {ckpt}\n1 void  \t')
-    assert '14 window\t' in log and 'mean_IU_no_back' in log
+    summary = r'^14 window\t\d+\.\d{3}%\n-{10} {5}mean_IoU\t\d+\.\d{3}%\tmean_IU_wo_background\t'
+    assert re.search(summary, log, re.M)
     mean_iou = float(re.search(r'mean_IoU\t(\d+\.\d{3})%', log).group(1))
     assert mean_iou == float(match.group(1))
-    pngs = sorted(os.listdir(save))
+    # -p DIR: the empty DIR and the palette PNGs in DIR_color, in LLRGBD's own colours.
+    assert save.is_dir() and not os.listdir(save)
+    pngs = sorted(os.listdir(f'{save}_color'))
     assert pngs == ['00001.png', '00002.png', '00003.png']
-    img = Image.open(save / pngs[0])
+    img = Image.open(f'{save}_color/{pngs[0]}')
     assert img.mode == 'P' and img.size == (48, 32) and np.asarray(img).max() < 14
+    assert img.getpalette()[:9] == [0, 0, 0, 0, 0, 255, 232, 88, 47]  # void, bed, books
 
 
 def test_eval_script_refuses_a_checkpoint_with_another_class_count(llrgbd, tmp_path):
@@ -109,6 +116,8 @@ def test_eval_script_refuses_a_checkpoint_with_another_class_count(llrgbd, tmp_p
     assert not (tmp_path / 'log').exists() or not os.listdir(tmp_path / 'log')
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason='launch() runs one process per GPU where CUDA is '
+                    'available, so there it would compare a CUDA run with a CPU one (other NMF draws)')
 def test_two_processes_give_the_single_process_result(llrgbd, tmp_path):
     # The CLI's multi-GPU path (one process per device, shards, summed matrices), here with 2 gloo
     # processes. Items are seeded one by one, so the NMF draws and the scores are the same.
@@ -132,8 +141,14 @@ def test_mfnet_day_and_night_subsets_and_epoch_ranges(tmp_path, capsys):
     ckpt_dir.mkdir(parents=True)
     for epoch in (1, 2):
         _write_checkpoint(config_path, overrides, str(ckpt_dir / f'epoch-{epoch}.pth'))
-    main(config_path, ['-e', '1-', '--local_rank', '0', '--set'] + overrides)
+    main(config_path, ['-e', '1-', '--local_rank', '0', '-p', str(tmp_path / 'pred'), '--set'] + overrides)
     out = capsys.readouterr().out
+    # Several checkpoints: one sub-folder of DIR_color each, in CMX's bit palette (MFNet has no own colours).
+    assert sorted(os.listdir(tmp_path / 'pred_color')) == ['epoch-1', 'epoch-2']
+    pngs = sorted(os.listdir(tmp_path / 'pred_color' / 'epoch-2'))
+    assert len(pngs) == 4
+    img = Image.open(tmp_path / 'pred_color' / 'epoch-2' / pngs[0])
+    assert img.getpalette()[:12] == [0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0]
     test_names = open(osp.join(data, 'test.txt')).read().split()
     day = [n for n in test_names if n.endswith('D')]
     night = [n for n in test_names if n.endswith('N')]
@@ -142,7 +157,7 @@ def test_mfnet_day_and_night_subsets_and_epoch_ranges(tmp_path, capsys):
         for name, names in (('day', day), ('night', night)):
             title = f'Model: {ckpt_dir}/epoch-{epoch}.pth [{name}: {len(names)} images]'
             assert (title in out) == bool(names)
-    assert 'mean_IU_no_back' not in out  # MFNet scores all 9 classes
+    assert 'mean_IU' not in out  # MFNet scores all 9 classes
     assert re.search(r'^best: .*epoch-\d\.pth mIoU \d+\.\d{3}$', out, re.M)
     assert re.search(r'^mIoU: \d+\.\d{3}$', out.rstrip().split('\n')[-1])
 
@@ -156,6 +171,12 @@ def test_bad_override_and_missing_checkpoint_exit_cleanly(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(config_path, ['--set', 'backbon=mscan_t'])
     assert "did you mean 'backbone'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(config_path, ['--set', 'eval_protocol=cmx'])
+    assert "eval_protocol='cmx': expected one of ('authors', 'corrected')" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(config_path, ['--set', 'class_colors=[[0,0,255]]'])
+    assert 'class_colors must be one [r, g, b] of floats in 0-1' in capsys.readouterr().err
 
 
 def test_wrong_checkpoints_and_class_names_exit_cleanly(tmp_path, capsys):
@@ -174,3 +195,23 @@ def test_wrong_checkpoints_and_class_names_exit_cleanly(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(config_path, ['-e', ckpt, '--set', f'log_dir={tmp_path}', 'num_classes=9'])
     assert 'class_names holds 40 names for num_classes=9' in capsys.readouterr().err
+
+
+def test_val_last_link_follows_the_newest_log(tmp_path, caplog):
+    from smmcl.engine.logging_utils import link_last
+    first, second = tmp_path / 'val_2024_01_01_00_00_00.log', tmp_path / 'val_2024_01_02_00_00_00.log'
+    for path in (first, second):
+        path.write_text(path.name)
+    link = tmp_path / 'val_last.log'
+    link_last(str(first), str(link))
+    link_last(str(second), str(link))  # replaces the earlier link, as the authors' link_file
+    assert os.readlink(link) == second.name and link.read_text() == second.name
+    elsewhere = tmp_path / 'other' / 'val.log'
+    elsewhere.parent.mkdir()
+    elsewhere.write_text('x')
+    link_last(str(elsewhere), str(link))  # another folder: an absolute link
+    assert os.readlink(link) == str(elsewhere)
+    link.unlink()
+    link.mkdir()  # a folder of that name is left alone, with a warning
+    link_last(str(first), str(link))
+    assert link.is_dir() and 'could not link' in caplog.text

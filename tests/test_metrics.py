@@ -34,7 +34,7 @@ def test_scores_by_hand():
     # gt totals 4, 2, 2; prediction totals 3, 3, 2; diagonal 3, 1, 1.
     np.testing.assert_allclose(s['iou'], [3 / (4 + 3 - 3), 1 / (2 + 3 - 1), 1 / (2 + 2 - 1)])  # .75 .25 .333
     assert s['mean_iou'] == pytest.approx((0.75 + 0.25 + 1 / 3) / 3)
-    assert s['mean_iou_no_back'] == pytest.approx((0.25 + 1 / 3) / 2)
+    assert s['mean_iou_wo_background'] == pytest.approx((0.25 + 1 / 3) / 2)
     assert s['freq_iou'] == pytest.approx(0.5 * 0.75 + 0.25 * 0.25 + 0.25 / 3)
     np.testing.assert_allclose(s['class_acc'], [3 / 4, 1 / 2, 1 / 2])
     assert s['mean_pixel_acc'] == pytest.approx((0.75 + 0.5 + 0.5) / 3)
@@ -70,16 +70,46 @@ def test_bad_labels_are_refused_not_dropped():
 
 def test_format_results_is_the_authors_text():
     s = compute_scores(HIST)
-    text = format_results(s, ['void', 'bed', 'books'], show_no_back=True)
+    text = format_results(s, ['void', 'bed', 'books'], show_wo_background=True)
     lines = text.split('\n')
     assert lines[0] == '1 void  \t75.000%'  # '%-8s\t%.3f%%'
     assert lines[1] == '2 bed   \t25.000%'
     assert lines[2] == '3 books \t33.333%'
-    assert lines[3] == ('----------     mean_IoU\t44.444%\tmean_IU_no_back\t29.167%\tfreq_IoU\t52.083%\t'
+    assert lines[3] == ('----------     mean_IoU\t44.444%\tmean_IU_wo_background\t29.167%\tfreq_IoU\t52.083%\t'
                         'mean_pixel_acc\t58.333%\tpixel_acc\t62.500%')
-    plain = format_results(s, None, show_no_back=False)
+    plain = format_results(s, None, show_wo_background=False)
     assert plain.split('\n')[0] == 'Class 1:\t75.000%'
-    assert 'mean_IU_no_back' not in plain
+    assert 'mean_IU' not in plain
+
+
+# The table of the authors' released log (palmdong/SMMCL SMMCL_LLRGBD/log_LLRGBD_mscan_b/
+# val_2024_04_22_06_46_15.log), below its 'Model: ...' line.
+AUTHORS_LOG_TABLE = """1 void  \t0.000%
+2 bed   \t71.998%
+3 books \t78.942%
+4 ceiling\t92.233%
+5 chair \t47.525%
+6 floor \t96.711%
+7 furniture\t67.205%
+8 objects\t64.091%
+9 painting\t88.437%
+10 sofa \t29.506%
+11 table\t49.002%
+12 tv   \t31.232%
+13 wall \t93.788%
+14 window\t83.810%
+----------     mean_IoU\t63.891%\tmean_IU_wo_background\t68.806%\tfreq_IoU\t88.327%\t\
+mean_pixel_acc\t73.100%\tpixel_acc\t93.252%"""
+
+
+def test_format_results_reproduces_the_authors_released_log():
+    names = ['void', 'bed', 'books', 'ceiling', 'chair', 'floor', 'furniture', 'objects', 'painting', 'sofa',
+             'table', 'tv', 'wall', 'window']
+    iou = np.array([float(line.split('\t')[1][:-1]) / 100 for line in AUTHORS_LOG_TABLE.split('\n')[:14]])
+    scores = dict(iou=iou, mean_iou=0.63891, mean_iou_wo_background=0.68806, freq_iou=0.88327,
+                  mean_pixel_acc=0.731, pixel_acc=0.93252)
+    assert format_results(scores, names, show_wo_background=True) == AUTHORS_LOG_TABLE
+    assert abs(np.nanmean(iou) - 0.63891) < 1e-5 and abs(np.nanmean(iou[1:]) - 0.68806) < 1e-5
 
 
 labels_and_preds = st.integers(1, 6).flatmap(lambda k: st.tuples(

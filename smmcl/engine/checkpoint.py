@@ -9,7 +9,17 @@ released ``epoch-500.pth`` files and ours load the same way, and add:
 - ``lr_step``: the position in the lr schedule (``epoch * niters_per_epoch`` iterations),
 - ``sampler_epoch``: the epoch the ``DistributedSampler`` last ran,
 - ``config``: ``backbone`` and ``num_classes`` the model was built with,
-- ``scaler``: the fp16 loss scale (``--set amp=True`` on GPUs without bf16 only).
+- ``scaler``: the fp16 loss scale (``--set amp=True`` on GPUs without bf16 only),
+- ``optimizer_param_names``: the parameter name of every position in ``optimizer``'s groups.
+
+Optimizer state in the authors' order (a format change): PyTorch keys optimizer state by position in
+the groups, and our module registration order differs from the authors' (see
+:mod:`smmcl.models.authors_order`). Since this change ``optimizer`` is stored with the authors'
+positions, so their ``train.py -c`` resumes our checkpoints; parameters they do not optimise
+(MSCAN's layer scales under ``train_layer_scale=True``) follow theirs at the end of the no-decay group,
+and :func:`authors_checkpoint` refuses such a checkpoint with a message. Loading maps the state by
+parameter name: ours through ``optimizer_param_names``; the authors' files (no ``rng`` entry) through
+their name list; ours from before this change (``rng`` but no names) in our own module order.
 
 Crash safety: a checkpoint is written to a temporary file in the same folder (``.epoch-N.pth.*.tmp``),
 flushed and fsync'ed, then renamed over its final name with ``os.replace``, which is atomic on POSIX; a
@@ -38,7 +48,9 @@ from torch import nn
 from torch.amp import GradScaler
 from torch.optim import Optimizer
 
+from ..models.authors_order import authors_param_groups
 from ..models.weights import check_compatible
+from .optim import optimizer_param_names
 
 logger = logging.getLogger(__name__)
 
@@ -161,11 +173,15 @@ def training_state(model: nn.Module, optimizer: Optimizer, epoch: int, iteration
                    rng: List[Dict[str, Any]], config, scaler: Optional[GradScaler] = None) -> Dict[str, Any]:
     """The checkpoint dict. ``model`` must be the unwrapped module (not the DDP wrapper), so its
     names carry no ``module.`` prefix; ``iteration`` is the authors' (index of the epoch's last
-    iteration); ``scaler``'s loss scale is kept when it is enabled (fp16)."""
+    iteration); ``scaler``'s loss scale is kept when it is enabled (fp16); the optimizer state is
+    stored in the authors' parameter order (module docstring)."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
         raise TypeError('save the unwrapped model (ddp_model.module), not the DDP wrapper')
-    state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
-             'iteration': iteration, 'rng': rng, 'lr_step': lr_step, 'sampler_epoch': epoch,
+    names = optimizer_param_names(model, optimizer)
+    stored_names = in_authors_order(names, config.backbone)
+    optimizer_state = reorder_optimizer_state(optimizer.state_dict(), names, stored_names, 'the optimizer')
+    state = {'model': model.state_dict(), 'optimizer': optimizer_state, 'optimizer_param_names': stored_names,
+             'epoch': epoch, 'iteration': iteration, 'rng': rng, 'lr_step': lr_step, 'sampler_epoch': epoch,
              'config': {'backbone': config.backbone, 'num_classes': int(config.num_classes)}}
     if scaler is not None and scaler.is_enabled():
         state['scaler'] = scaler.state_dict()
@@ -205,7 +221,8 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
 def restore_training_state(state: Dict[str, Any], model: nn.Module, optimizer: Optional[Optimizer],
                            config, source: str, scaler: Optional[GradScaler] = None) -> None:
     """Load model (strict), optimizer and an enabled ``scaler``'s loss scale (when the checkpoint has
-    one) from a checkpoint dict, refusing another backbone / class count.
+    one) from a checkpoint dict (ours or the authors'), refusing another backbone / class count. The
+    optimizer state is matched to ``optimizer``'s parameters by name (module docstring).
 
     Raises:
         CheckpointError: built for another backbone or number of classes (naming both values), or
@@ -217,12 +234,123 @@ def restore_training_state(state: Dict[str, Any], model: nn.Module, optimizer: O
         if optimizer is not None:
             if 'optimizer' not in state:
                 raise ValueError(f'{source} holds no optimizer state')
-            try:
-                optimizer.load_state_dict(state['optimizer'])
-            except ValueError as error:  # the parameter groups differ
-                raise ValueError(f'the optimizer state of {source} does not fit this model ({error}); was '
-                                 f'it trained with another train_layer_scale?') from None
+            names = optimizer_param_names(model, optimizer)
+            stored_names = _stored_param_names(state, names, config.backbone)
+            saved = reorder_optimizer_state(state['optimizer'], stored_names, names, source)
+            _check_state_shapes(saved, optimizer, names, source)
+            optimizer.load_state_dict(saved)
         if scaler is not None and scaler.is_enabled() and 'scaler' in state:
             scaler.load_state_dict(state['scaler'])
     except (ValueError, RuntimeError, KeyError) as error:
         raise CheckpointError(str(error)) from None
+
+
+# ---- optimizer state by parameter name ----------------------------------------------------------
+
+def in_authors_order(names: List[List[str]], backbone: str) -> List[List[str]]:
+    """Each group of ``names`` sorted into the authors' positions
+    (:func:`smmcl.models.authors_order.authors_param_groups`); names the authors' optimizer does not
+    hold (layer scales with ``train_layer_scale=True``) keep their order after theirs."""
+    decay, no_decay = authors_param_groups(backbone)
+    rank = {name: i for i, name in enumerate(decay + no_decay)}
+    unranked = len(rank)
+    return [sorted(group, key=lambda name: rank.get(name, unranked)) for group in names]
+
+
+def _stored_param_names(state: Dict[str, Any], names: List[List[str]], backbone: str) -> List[List[str]]:
+    """The parameter name of every position of ``state['optimizer']``."""
+    if 'optimizer_param_names' in state:
+        return state['optimizer_param_names']
+    if 'rng' in state:  # ours from before the authors' order: our module order, as ``names``
+        return names
+    logger.info("no 'rng' entry: reading the optimizer state as the authors' checkpoint, matched to our "
+                "parameters through their order (smmcl.models.authors_order)")
+    return list(authors_param_groups(backbone))  # the authors' Engine.save_checkpoint
+
+
+def reorder_optimizer_state(saved: Dict[str, Any], saved_names: List[List[str]],
+                            names: List[List[str]], source: str) -> Dict[str, Any]:
+    """An ``optimizer.state_dict()`` whose positions hold ``saved_names`` rearranged so that they hold
+    ``names`` (group by group, the same names in each group). Group settings (lr, betas, ...) and the
+    per-parameter state (AdamW's step, exp_avg, exp_avg_sq) are kept; tensors are not copied.
+
+    Raises:
+        ValueError: the groups differ in number or in the parameters they hold (naming some).
+    """
+    groups = saved['param_groups']
+    if len(groups) != len(names) or len(saved_names) != len(groups):
+        raise ValueError(f'the optimizer state of {source} has {len(groups)} parameter groups, this '
+                         f'optimizer {len(names)}')
+    position = {}
+    for g, (group, group_names) in enumerate(zip(groups, saved_names)):
+        if len(group['params']) != len(group_names):
+            raise ValueError(f'group {g} of the optimizer state of {source} holds {len(group["params"])} '
+                             f'parameters, this optimizer {len(names[g])}; was it trained with another '
+                             f'train_layer_scale?')
+        position.update(zip(group_names, group['params']))
+    state, new_groups, index = {}, [], 0
+    for g, (group, group_names, wanted) in enumerate(zip(groups, saved_names, names)):
+        have, want = set(group_names), set(wanted)
+        if have != want:
+            extra, missing = sorted(have - want), sorted(want - have)
+            raise ValueError(
+                f'group {g} of the optimizer state of {source} does not hold the parameters of this '
+                f'optimizer (only there: {len(extra)}, e.g. {extra[:2]}; only here: {len(missing)}, e.g. '
+                f'{missing[:2]}); was it trained with another train_layer_scale?')
+        params = []
+        for name in wanted:
+            if position[name] in saved['state']:
+                state[index] = saved['state'][position[name]]
+            params.append(index)
+            index += 1
+        new_group = dict(group, params=params)
+        if 'param_names' in group:  # optimizers built from named parameters (torch >= 2.6)
+            new_group['param_names'] = list(wanted)
+        new_groups.append(new_group)
+    return {'state': state, 'param_groups': new_groups}
+
+
+def _check_state_shapes(saved: Dict[str, Any], optimizer: Optimizer, names: List[List[str]],
+                        source: str) -> None:
+    """Refuse per-parameter state (AdamW's moments) shaped unlike its parameter: PyTorch would load it
+    and fail only at the first ``step()``."""
+    params = [p for group in optimizer.param_groups for p in group['params']]
+    flat_names = [name for group in names for name in group]
+    for index, param_state in saved['state'].items():
+        for key, value in param_state.items():
+            if torch.is_tensor(value) and value.ndim and value.shape != params[index].shape:
+                raise ValueError(f'the optimizer state of {source} for {flat_names[index]} ({key}) has shape '
+                                 f'{tuple(value.shape)}, the parameter {tuple(params[index].shape)}')
+
+
+def authors_checkpoint(state: Dict[str, Any], source: str = 'the checkpoint') -> Dict[str, Any]:
+    """What the authors' ``train.py -c`` reads (``model``, ``optimizer``, ``epoch``, ``iteration``),
+    after checking that their optimizer can take the optimizer state as stored.
+
+    Raises:
+        CheckpointError: the optimizer state holds parameters the authors' optimizer does not
+            (trained with ``train_layer_scale=True``) or lacks some, or the file predates the authors'
+            order; the message says which and what to do.
+    """
+    keys = ('model', 'optimizer', 'epoch', 'iteration')
+    if 'rng' not in state:  # the authors' own file
+        return {key: state[key] for key in keys}
+    names = state.get('optimizer_param_names')
+    if names is None:
+        raise CheckpointError(f'{source} stores its optimizer state in our own parameter order (written '
+                              f'before checkpoints used the authors\' order); resume it with our train.py '
+                              f'for an epoch and use the checkpoint that writes')
+    backbone = state['config']['backbone']
+    theirs = list(authors_param_groups(backbone))
+    if names != theirs:
+        held = {name for group in names for name in group}
+        extra = sorted(held - {name for group in theirs for name in group})
+        if extra:
+            raise CheckpointError(
+                f'{source} cannot be resumed by the authors\' train.py: its optimizer state holds '
+                f'{len(extra)} parameters their optimizer never updates (e.g. {extra[0]}); it was '
+                f'trained with train_layer_scale=True, and their group_weight leaves MSCAN\'s layer '
+                f'scales out. Only its model weights are theirs (load state[\'model\'])')
+        raise CheckpointError(f'the optimizer state of {source} is not in the authors\' {backbone} '
+                              f'layout; it cannot be resumed by their train.py')
+    return {key: state[key] for key in keys}

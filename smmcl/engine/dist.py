@@ -6,8 +6,11 @@ Three ways in, one ``DistContext`` out:
 - ``script.py -d 0-3``: the script starts one process per listed GPU itself (``mp.spawn``) on a free
   port (or ``-p PORT``);
 - no GPU: one CPU process (``cpu_procs`` > 1 starts that many gloo processes, used by tests).
+
 NCCL on GPUs, gloo on the CPU. The authors' ``--local_rank`` flag is accepted and ignored in favour
-of the environment.
+of the environment. Their ``train.py -d 0-3`` runs one process with ``nn.DataParallel`` instead; with
+per-process BatchNorm and rank 0's statistics broadcast (``smmcl.engine.train.norm_layer_for`` and
+``wrap_ddp``) the processes compute the same.
 """
 from __future__ import annotations
 

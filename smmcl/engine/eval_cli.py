@@ -8,15 +8,20 @@ authors' (CMX ``eval.py`` and ``engine/evaluator.py run()``):
   a ``.pth`` file;
 - ``-d/--devices``: GPUs, ``0-3`` or ``0,2``: one process per GPU, each predicting a share of the
   images, confusion matrices summed (CPU when there is no GPU);
-- ``-p/--save_path DIR``: write every prediction as a palette PNG ``DIR/<name>.png``;
+- ``-p/--save_path DIR``: write every prediction as a palette PNG ``DIR_color/<name>.png`` (the
+  authors' ``SegEvaluator.func_per_iteration``: the folder is ``DIR`` + ``'_color'`` as a string, so
+  ``-p preds/`` writes ``preds/_color/``; they also create the empty ``DIR``), coloured with
+  ``config.class_colors`` (LLRGBD: the authors' ``get_class_colors``; MFNet, NYU: CMX's bit palette).
+  With several checkpoints each gets a sub-folder ``DIR_color/epoch-N/`` (theirs overwrite one another);
 - ``-v/--verbose``: log every image; ``--set key=value ...``: config overrides;
   ``--local_rank`` / ``--local-rank``: accepted and ignored (the environment says the rank).
 
 For each checkpoint the test set is scored, and every subset of ``config.eval_subsets`` whose list file
 exists (MFNet day / night). The per-class IoU tables are printed and appended to ``config.val_log_file``
-(``Model: <checkpoint>`` then the table, as the authors); the last line printed is ``mIoU: <percent>`` of
-the last checkpoint's test set, for scripts. The model is built without ImageNet weights
-(``pretrained_model=None``); each checkpoint must match the config's backbone and class count.
+(``<log_dir>/val_<%Y_%m_%d_%H_%M_%S>.log``; ``Model: <checkpoint>`` then the table, as the authors'
+``Evaluator.run``), and ``<log_dir>/val_last.log`` links to it; the last line printed is
+``mIoU: <percent>`` of the last checkpoint's test set, for scripts. The model is built without ImageNet
+weights (``pretrained_model=None``); each checkpoint must match the config's backbone and class count.
 """
 from __future__ import annotations
 
@@ -36,7 +41,8 @@ from easydict import EasyDict
 from smmcl.config import load_config
 from smmcl.data.dataset import DatasetError, RGBXDataset, read_list
 from smmcl.engine.dist import DistContext, launch, parse_devices
-from smmcl.engine.evaluate import evaluate_per_image
+from smmcl.engine.evaluate import evaluate_per_image, prediction_palette, window_function
+from smmcl.engine.logging_utils import link_last
 from smmcl.engine.metrics import compute_scores, format_results
 from smmcl.engine.precision import for_inference, mixed_precision
 from smmcl.models import EncoderDecoder, check_compatible
@@ -142,7 +148,8 @@ def build_model(config, state_dict: Dict[str, torch.Tensor], source: str) -> Enc
 
 def _result_block(title: str, hist: np.ndarray, config) -> str:
     scores = compute_scores(hist)
-    table = format_results(scores, config.class_names or None, bool(config.report_miou_without_first))
+    table = format_results(scores, config.class_names or None,
+                           show_wo_background=bool(config.report_miou_without_first))
     return f'{title}\n{table}\n'
 
 
@@ -179,6 +186,12 @@ def _evaluate_checkpoints(ctx: DistContext, config, checkpoints: Sequence[str], 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
     workers = min(int(config.get('num_workers', 0)), 4, cpus)  # image reading only; 4 keep a GPU busy
     final, model = [], None
+    if ctx.is_main:  # the authors open the log and link val_last.log before evaluating
+        os.makedirs(osp.dirname(osp.abspath(config.val_log_file)), exist_ok=True)
+        open(config.val_log_file, 'a').close()
+        link_last(config.val_log_file, osp.join(config.log_dir, 'val_last.log'))
+        if save_path is not None:
+            os.makedirs(save_path, exist_ok=True)
     for path in checkpoints:
         state = checkpoint_weights(path)
         if model is None:
@@ -188,8 +201,9 @@ def _evaluate_checkpoints(ctx: DistContext, config, checkpoints: Sequence[str], 
             model.load_state_dict(state, strict=True)
         save_dir = None
         if save_path is not None:
-            save_dir = save_path if len(checkpoints) == 1 else osp.join(
-                save_path, osp.splitext(osp.basename(path))[0])
+            save_dir = save_path + '_color'
+            if len(checkpoints) > 1:
+                save_dir = osp.join(save_dir, osp.splitext(osp.basename(path))[0])
         if ctx.is_main:
             logger.info('Load Model: %s (%d test images, %d process(es))', path, len(dataset), ctx.world_size)
         amp, _ = mixed_precision(config, ctx.device)
@@ -203,7 +217,6 @@ def _evaluate_checkpoints(ctx: DistContext, config, checkpoints: Sequence[str], 
         for name, indices in subsets.items():
             text += _result_block(f'Model: {path} [{name}: {len(indices)} images]',
                                   hists[indices].sum(0), config)
-        os.makedirs(osp.dirname(osp.abspath(config.val_log_file)), exist_ok=True)
         with open(config.val_log_file, 'a') as f:
             f.write(text)
         print(text, flush=True)
@@ -222,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="epoch (500), range (400-500), open range (450-), 'last' or a .pth file")
     parser.add_argument('-d', '--devices', default=None, help="GPUs, e.g. '0-3' or '0,2' (CPU without GPU)")
     parser.add_argument('-v', '--verbose', action='store_true', help='log every image')
-    parser.add_argument('-p', '--save_path', default=None, help='write palette PNG predictions here')
+    parser.add_argument('-p', '--save_path', default=None,
+                        help="write palette PNG predictions to SAVE_PATH + '_color'")
     parser.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE', help='config overrides')
     parser.add_argument('--port', type=int, default=None, help='port for the multi-GPU process group')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=None, help=argparse.SUPPRESS)
@@ -233,8 +247,9 @@ def main(config_path: str, argv: Optional[Sequence[str]] = None) -> None:
     """Parse ``argv``, check the checkpoints against the config, evaluate (see the module docstring).
 
     Exits with status 1 and a one-line reason for a bad option, a missing checkpoint or dataset, a
-    checkpoint built for another backbone / class count, or ``class_names`` of another length than
-    ``num_classes`` (which would fail only when the results are printed).
+    checkpoint built for another backbone / class count, ``class_names`` of another length than
+    ``num_classes`` (which would fail only when the results are printed), an unknown ``eval_protocol``
+    or malformed ``class_colors``.
     """
     args = build_parser().parse_args(argv)
     try:
@@ -243,6 +258,8 @@ def main(config_path: str, argv: Optional[Sequence[str]] = None) -> None:
         if names and len(names) != int(config.num_classes):  # the tables name class i by names[i]
             raise ValueError(f'class_names holds {len(names)} names for num_classes={config.num_classes}; '
                              f'give one name per class (or --set class_names=[] for "Class i:")')
+        window_function(config.eval_protocol)
+        prediction_palette(config.class_colors)
         checkpoints = parse_epochs(args.epochs, config.checkpoint_dir)
         for path in checkpoints:  # refuse a wrong checkpoint before starting any process
             check_compatible(checkpoint_weights(path), config.backbone, int(config.num_classes), path)

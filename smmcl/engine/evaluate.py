@@ -1,44 +1,52 @@
 """Sliding-window, multi-scale evaluation of SMMCL (Dong & Yokoya, WACV 2024), the authors' protocol.
 
-The authors evaluate with CMX's ``engine/evaluator.py`` (``sliding_eval_rgbX`` -> ``scale_process_rgbX``
--> ``process_image_rgbX`` -> ``val_func_process_rgbX``). Per image and per scale ``s`` of
-``config.eval_scale_array``:
+The authors evaluate with the evaluator they take from CMX (palmdong/SMMCL ``SMMCL_LLRGBD/engine/
+evaluator.py``: ``sliding_eval_rgbX`` -> ``scale_process_rgbX`` -> ``process_image_rgbX`` ->
+``val_func_process_rgbX``; driven by ``SMMCL_LLRGBD/eval.py`` ``SegEvaluator.func_per_iteration``).
+Per image and per scale ``s`` of ``config.eval_scale_array``:
 
-1. resize RGB and X by ``s`` (``cv2.resize``, INTER_LINEAR, on the uint8 image, as the authors);
-2. normalise ``(img / 255 - mean) / std`` (here in float32 on the device) and pad with 0 to at least
-   the crop size, ``pad // 2`` before and the rest after (CMX ``pad_image_to_shape``);
-3. cut crop-sized windows at stride ``ceil(crop * stride_rate)`` (per dimension), the last one of a row
-   / column shifted back to end at the border; one window when the image fits in the crop;
+1. resize RGB and X by ``s`` with ``cv2.resize(fx=s, fy=s)``, INTER_LINEAR, on the uint8 images;
+2. normalise ``(img / 255 - mean) / std`` in float64 and cast to float32 (their ``normalize`` and
+   ``val_func_process_rgbX``);
+3. split the scaled image into windows (below); each window's region is padded with zeros *after*
+   normalisation to at least the crop size, ``pad // 2`` before and the rest after
+   (``pad_image_to_shape`` inside ``process_image_rgbX``);
 4. score each window: ``exp(logits)``, or with ``eval_flip`` ``exp(logits + flip(logits(flip(input))))``
-   (CMX ``val_func_process_rgbX`` ends with ``score = torch.exp(score)`` on the raw logits -- not a
-   softmax; it leaves a single window's argmax unchanged but weights the sums of steps 5-6);
-5. average the overlapping window scores, remove the pad margins;
-6. resize the K-h-w scores back to the image size (bilinear exactly as ``cv2.resize`` INTER_LINEAR, see
-   :func:`resize_scores`) and sum over scales; the prediction is the argmax.
+   where ``input`` is the padded window (``val_func_process_rgbX`` takes the exp of the raw logits -- not
+   a softmax); cut the padding off and add the score to the scale's K-h-w canvas;
+5. bring the canvas to the host, ``cv2.resize`` it (float32, INTER_LINEAR) to the image size and add it
+   to a float64 sum over scales; the prediction is the argmax (first maximum on ties).
 
-Where we differ from CMX, and why (none of it touches SMMCL's settings -- scale 1, crop = image size,
-so one forward on the whole image -- where every variant gives the same prediction):
+``config.eval_protocol`` picks the window geometry of step 3.
 
-- CMX's single-forward test is ``new_cols <= crop_w or new_rows <= crop_h`` (as we remember their
-  code), so an image larger than the crop in one dimension went through the network whole. We slide
-  whenever the image does not fit in one crop, in both dimensions.
-- CMX's window loop, as we remember it, steps columns by ``stride[0]`` / ``crop_size[0]`` (the row
-  values); identical for square crops only. We step each dimension by its own stride and crop.
-- CMX sums the overlapping windows without dividing by the count (TorchSeg computed ``count_scale``
-  and commented the division out); we average (mmsegmentation's ``slide_inference``). Equal argmax at
-  scale 1 (the count is a per-pixel factor); where scores are resized or several scales are summed,
-  averaging keeps every window's weight the same at every pixel.
-- CMX's sliding branch zero-pads the *raw* image (pad = ``-mean / std`` after normalisation); with
-  their single-forward test that branch never needed padding. We pad with 0 after normalisation
-  everywhere, as their single-forward branch and the training crops do.
-- CMX adds the scales in float64 on the host; we add float32 scores on the device.
+``'authors'`` (default): :func:`authors_windows`, their ``scale_process_rgbX`` exactly:
 
-:func:`sliding_window_scores_plain` is the reference path (one window per forward, literally the loops
-above); :func:`sliding_window_scores` stacks an image's windows and their flipped copies into batches of
-``config.eval_batch_size``; the tests show they agree to 1e-5 for a deterministic model. SMMCL's NMF
-decoder draws random bases in every forward, one set per batch element: :func:`evaluate_per_image`
-seeds the generators per image so runs repeat whatever the number of processes, but another batch size
-gives other draws (differences at the level of the NMF noise).
+- one forward on the whole scaled image when *either* side fits the crop (``new_cols <= crop_w or
+  new_rows <= crop_h``), so an image larger than the crop in the other dimension goes through whole;
+- otherwise a window grid whose counts use each dimension's own stride and crop, but whose loop steps
+  columns by the row stride over ``crop_h`` columns and rows by the column stride over ``crop_w`` rows.
+  Equal to the intended grid for square crops only. With a non-square crop the windows are
+  ``crop_w x crop_h`` (padded to at least the crop), some pixels may be covered by no window (score 0
+  there: class 0 unless another scale covers them), and where ``crop_w`` exceeds the rows (or ``crop_h``
+  the columns) a window's start is negative, and Python's negative slicing picks the last
+  ``crop - length`` rows (columns) of the image;
+- overlapping window scores are summed, never divided by their count.
+
+Their sliding branch also pads the *raw* uint8 image to the crop before normalising (which would make
+the padding ``-mean / std``), but that branch runs only when both sides exceed the crop, so that pad is
+always empty; every pad that takes effect is the zero pad after normalisation of step 3.
+
+``'corrected'``: :func:`corrected_windows`: one forward only when the image fits the crop in both
+dimensions; otherwise each dimension is tiled with its own stride and crop (every pixel covered), and
+overlapping scores are averaged (mmsegmentation's ``slide_inference``). At scale 1 with a crop of the
+image size (SMMCL's shipped settings) both protocols run the same single forward and agree exactly.
+
+Speed, never geometry: ``config.eval_batch_size > 1`` runs consecutive windows of one input shape (and
+their flipped copies) in one forward; ``config.fast_path`` resizes and sums the scale scores on the
+device (:func:`resize_scores`, OpenCV's arithmetic to float32 rounding). Both agree with the plain path
+up to float rounding (tests). SMMCL's NMF decoder draws random bases in every forward, one set per batch
+element: :func:`evaluate_per_image` seeds the generators per image so runs repeat whatever the number of
+processes, but another batch size gives other draws (differences at the level of the NMF noise).
 """
 from __future__ import annotations
 
@@ -55,17 +63,19 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
-from smmcl.data.transforms import normalize_batch
 from smmcl.engine.dist import all_reduce_sum
 from smmcl.engine.metrics import confusion_matrix
 
 logger = logging.getLogger(__name__)
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (N-3-h-w, N-3-h-w) -> N-K-h-w logits
+Window = Tuple[int, int, int, int]  # (top, bottom, left, right) region of the scaled image
+
+EVAL_PROTOCOLS = ('authors', 'corrected')
 
 
 # ---------------------------------------------------------------------------------------------------
-# Tiling (pure functions)
+# Window geometry (pure functions)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -76,26 +86,86 @@ def pad_margins(height: int, width: int, crop: Tuple[int, int]) -> Tuple[int, in
     return pad_h // 2, pad_h // 2 + pad_h % 2, pad_w // 2, pad_w // 2 + pad_w % 2
 
 
-def window_starts(length: int, crop: int, stride: int) -> List[int]:
-    """Start offsets of crop-long windows along one padded dimension of ``length >= crop`` (CMX:
-    ``grid = ceil((length - crop) / stride) + 1``, window ``i`` ends at ``min(i * stride + crop, length)``
-    and starts ``crop`` before its end)."""
-    grid = int(np.ceil((length - crop) / stride)) + 1
-    return [min(i * stride + crop, length) - crop for i in range(grid)]
+def _stride(crop: int, stride_rate: float) -> int:
+    return int(np.ceil(crop * stride_rate))
 
 
-def sliding_windows(pad_rows: int, pad_cols: int, crop: Tuple[int, int], stride_rate: float
-                    ) -> List[Tuple[int, int]]:
-    """(top, left) of every crop-sized window of a padded ``pad_rows`` x ``pad_cols`` image, row-major.
+def _grid(length: int, crop: int, stride: int) -> int:
+    """Number of windows along a dimension of ``length > crop`` (CMX ``r_grid`` / ``c_grid``)."""
+    return int(np.ceil((length - crop) / stride)) + 1
 
-    Strides are ``int(ceil(crop * stride_rate))`` per dimension; windows cover every pixel and lie
-    inside the image (``pad_rows >= crop[0]``, ``pad_cols >= crop[1]``).
+
+def _slice_start(start: int, length: int) -> int:
+    """The first index ``array[start:...]`` reads along a dimension of ``length`` (a negative start
+    counts from the end, clamped at 0)."""
+    return slice(start, None).indices(length)[0]
+
+
+def authors_windows(height: int, width: int, crop: Sequence[int], stride_rate: float) -> List[Window]:
+    """Windows of the authors' ``scale_process_rgbX`` over a ``height`` x ``width`` scaled image.
+
+    Args:
+        height, width: the scaled image.
+        crop: (crop_h, crop_w).
+        stride_rate: stride as a fraction of the crop, ``ceil``-ed per dimension.
+
+    Returns:
+        (top, bottom, left, right) regions, rows outer, in their loop order: the whole image when either
+        side fits the crop; otherwise their grid with rows and columns' stride / crop swapped inside the
+        loop (module docstring). Regions may be smaller than the crop (they are padded for the
+        forward) or larger in one dimension, and need not cover the image.
     """
-    stride_h = int(np.ceil(crop[0] * stride_rate))
-    stride_w = int(np.ceil(crop[1] * stride_rate))
-    rows = window_starts(pad_rows, crop[0], stride_h)
-    cols = window_starts(pad_cols, crop[1], stride_w)
-    return [(top, left) for top in rows for left in cols]
+    crop_h, crop_w = int(crop[0]), int(crop[1])
+    if width <= crop_w or height <= crop_h:
+        return [(0, height, 0, width)]
+    stride_h, stride_w = _stride(crop_h, stride_rate), _stride(crop_w, stride_rate)
+    windows = []
+    for i in range(_grid(height, crop_h, stride_h)):
+        # Rows advance by the *column* stride and span crop_w rows (CMX's s_y / e_y).
+        bottom = min(i * stride_w + crop_w, height)
+        top = _slice_start(bottom - crop_w, height)
+        for j in range(_grid(width, crop_w, stride_w)):
+            # Columns advance by the *row* stride and span crop_h columns (CMX's s_x / e_x).
+            right = min(j * stride_h + crop_h, width)
+            left = _slice_start(right - crop_h, width)
+            windows.append((top, bottom, left, right))
+    return windows
+
+
+def window_starts(length: int, crop: int, stride: int) -> List[int]:
+    """Start offsets of crop-long windows along a dimension of ``length >= crop``: window ``i`` ends at
+    ``min(i * stride + crop, length)`` and starts ``crop`` before its end."""
+    return [min(i * stride + crop, length) - crop for i in range(_grid(length, crop, stride))]
+
+
+def corrected_windows(height: int, width: int, crop: Sequence[int], stride_rate: float) -> List[Window]:
+    """Windows of ``eval_protocol='corrected'``: arguments and result as :func:`authors_windows`.
+
+    Each dimension on its own: a dimension that fits the crop is one span (padded for the forward);
+    a longer one is tiled by crop-long spans at ``ceil(crop * stride_rate)``, the last ending at the
+    border. Every pixel is covered; one window only when the image fits the crop in both dimensions.
+    """
+    def spans(length, size):
+        if length <= size:
+            return [(0, length)]
+        return [(s, s + size) for s in window_starts(length, size, _stride(size, stride_rate))]
+
+    return [(top, bottom, left, right) for top, bottom in spans(height, int(crop[0]))
+            for left, right in spans(width, int(crop[1]))]
+
+
+def window_function(protocol: str) -> Callable[..., List[Window]]:
+    """The window geometry of ``config.eval_protocol``.
+
+    Raises:
+        ValueError: ``protocol`` is not one of ``'authors'``, ``'corrected'``.
+    """
+    if protocol == 'authors':
+        return authors_windows
+    if protocol == 'corrected':
+        return corrected_windows
+    raise ValueError(f"eval_protocol={protocol!r}: expected one of {EVAL_PROTOCOLS} (set it in the "
+                     f"experiment's config.py or with --set eval_protocol=authors)")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -106,11 +176,15 @@ def sliding_windows(pad_rows: int, pad_cols: int, crop: Tuple[int, int], stride_
 def to_input(img, mean, std, device) -> torch.Tensor:
     """uint8 H-W-3 image (numpy or tensor) -> normalised 3-H-W float32 on ``device``.
 
-    The uint8 image travels to the device and is normalised there in float32 (no float64 host copy).
+    ``(img / 255 - mean) / std`` in float64, in that order, then float32: the authors' ``normalize`` and
+    cast, bit for bit (IEEE operations round the same on any device). The uint8 image travels to the
+    device and is normalised there.
     """
     t = torch.as_tensor(np.ascontiguousarray(img) if isinstance(img, np.ndarray) else img)
-    t = t.to(device, non_blocking=True).permute(2, 0, 1)[None]  # 1-3-H-W
-    return normalize_batch(t, mean, std)[0]
+    t = t.to(device, non_blocking=True).permute(2, 0, 1).double()  # 3-H-W
+    mean = torch.as_tensor(np.asarray(mean, dtype=np.float64), device=t.device).view(-1, 1, 1)
+    std = torch.as_tensor(np.asarray(std, dtype=np.float64), device=t.device).view(-1, 1, 1)
+    return ((t / 255.0 - mean) / std).float().contiguous()
 
 
 def _cv2_linear_taps(n_in: int, n_out: int, device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -129,7 +203,8 @@ def _cv2_linear_taps(n_in: int, n_out: int, device) -> Tuple[torch.Tensor, torch
 
 
 def resize_scores(scores: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """Bilinearly resize K-h-w scores to K-H-W like the authors' ``cv2.resize(..., INTER_LINEAR)``.
+    """Bilinearly resize K-h-w scores to K-H-W like the authors' ``cv2.resize(..., INTER_LINEAR)``, on
+    the scores' device (the ``fast_path`` resize).
 
     Rows and columns are interpolated separably (columns first, as OpenCV) with OpenCV's own source
     coordinates; on the CPU this matches ``cv2.resize`` to float32 rounding (``F.interpolate`` differs by
@@ -144,8 +219,18 @@ def resize_scores(scores: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     return cols[:, y0] * (1 - fy)[:, None] + cols[:, y1] * fy[:, None]  # K-H-W
 
 
+def resize_scores_host(scores: torch.Tensor, size: Tuple[int, int]) -> np.ndarray:
+    """K-h-w scores (any device) -> H-W-K float32 numpy, ``cv2.resize`` INTER_LINEAR as the authors'
+    ``scale_process_rgbX`` (OpenCV copies an image of the target size unchanged)."""
+    hwk = np.ascontiguousarray(scores.permute(1, 2, 0).float().cpu().numpy())
+    if hwk.shape[:2] == tuple(size):
+        return hwk
+    out = cv2.resize(hwk, (int(size[1]), int(size[0])), interpolation=cv2.INTER_LINEAR)
+    return out.reshape(int(size[0]), int(size[1]), -1)  # OpenCV drops a single channel's axis
+
+
 # ---------------------------------------------------------------------------------------------------
-# One scale: sliding windows
+# One scale: windows
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -157,97 +242,70 @@ def _logits(model: Model, rgb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return out.float()
 
 
-def _prepare(rgb: torch.Tensor, x: torch.Tensor, crop: Tuple[int, int], stride_rate: float):
-    _, h, w = rgb.shape
-    margin = pad_margins(h, w, crop)
-    top, bottom, left, right = margin
-    rgb = F.pad(rgb, (left, right, top, bottom), value=0.0)
-    x = F.pad(x, (left, right, top, bottom), value=0.0)
-    windows = sliding_windows(rgb.shape[1], rgb.shape[2], crop, stride_rate)
-    return rgb, x, margin, windows
-
-
-class _Canvas:
-    """Window scores accumulated over the padded image and averaged where windows overlap."""
-
-    def __init__(self, size: Tuple[int, int], crop: Tuple[int, int]):
-        self.size, self.crop = tuple(size), crop
-        self.acc = self.count = None
-
-    def add(self, score: torch.Tensor, top: int, left: int) -> None:
-        """score: K-crop_h-crop_w at (top, left) of the padded image."""
-        if self.acc is None:
-            self.acc = score.new_zeros((score.shape[0],) + self.size)
-            self.count = score.new_zeros((1,) + self.size)
-        rows, cols = slice(top, top + self.crop[0]), slice(left, left + self.crop[1])
-        self.acc[:, rows, cols] += score
-        self.count[:, rows, cols] += 1
-
-    def scores(self, margin) -> torch.Tensor:
-        """K-H-W averaged scores with the padding margins (top, bottom, left, right) removed."""
-        top, bottom, left, right = margin
-        score = self.acc / self.count
-        return score[:, top:score.shape[1] - bottom, left:score.shape[2] - right]
+def _input_shape(window: Window, crop: Tuple[int, int]) -> Tuple[int, int]:
+    top, bottom, left, right = window
+    return max(bottom - top, crop[0]), max(right - left, crop[1])
 
 
 @torch.no_grad()
-def sliding_window_scores_plain(model: Model, rgb: torch.Tensor, x: torch.Tensor, crop: Sequence[int],
-                                stride_rate: float, flip: bool) -> torch.Tensor:
-    """Class scores of one scale, one window per forward (the reference path; CMX's loops).
+def window_scores(model: Model, rgb: torch.Tensor, x: torch.Tensor, windows: Sequence[Window],
+                  crop: Sequence[int], flip: bool, batch: int = 1, average: bool = False) -> torch.Tensor:
+    """Class scores of one scale from its windows.
+
+    Each window's region of ``rgb`` / ``x`` is zero-padded to at least the crop (:func:`pad_margins`),
+    scored ``exp(logits [+ flip(logits(flip(input)))])``, cut back to the region and added to a K-h-w
+    canvas in window order. With ``batch > 1`` consecutive inputs of one shape (a window, then its
+    flipped copy) share a forward; ``batch=1`` is one window per forward, the authors' loop.
 
     Args:
         model: eval-mode ``(rgb, x) -> logits``, N-3-h-w inputs to N-K-h-w outputs.
-        rgb, x: 3-H-W normalised float32 images on the model's device.
-        crop: (crop_h, crop_w) window size.
-        stride_rate: window stride as a fraction of the crop.
+        rgb, x: 3-h-w normalised float32 images on the model's device.
+        windows: (top, bottom, left, right) regions (:func:`authors_windows`, :func:`corrected_windows`).
+        crop: (crop_h, crop_w).
         flip: add the horizontally flipped input's flipped logits before the exp.
+        batch: inputs per forward.
+        average: divide by the number of windows covering each pixel (else the authors' plain sum;
+            pixels no window covers keep 0).
 
     Returns:
-        K-H-W float32 scores: per window ``exp(logits [+ flipped logits])``, averaged where windows overlap.
-    """
-    crop = (int(crop[0]), int(crop[1]))
-    rgb, x, margin, windows = _prepare(rgb, x, crop, stride_rate)
-    canvas = _Canvas(rgb.shape[1:], crop)
-    for top, left in windows:
-        rgb_w = rgb[None, :, top:top + crop[0], left:left + crop[1]]
-        x_w = x[None, :, top:top + crop[0], left:left + crop[1]]
-        score = _logits(model, rgb_w, x_w)[0]
-        if flip:
-            score = score + _logits(model, rgb_w.flip(-1), x_w.flip(-1))[0].flip(-1)
-        canvas.add(torch.exp(score), top, left)
-    return canvas.scores(margin)
-
-
-@torch.no_grad()
-def sliding_window_scores(model: Model, rgb: torch.Tensor, x: torch.Tensor, crop: Sequence[int],
-                          stride_rate: float, flip: bool, batch: int = 1) -> torch.Tensor:
-    """:func:`sliding_window_scores_plain` with up to ``batch`` windows (flipped copies included) per forward.
-
-    Inputs are queued window by window (the window, then its flipped copy), so a window's two halves are
-    summed in the same order as the plain path before the exp. Same arguments and K-H-W result.
+        K-h-w float32 scores on the device of ``rgb``.
     """
     crop = (int(crop[0]), int(crop[1]))
     batch = max(int(batch), 1)
-    rgb, x, margin, windows = _prepare(rgb, x, crop, stride_rate)
+    height, width = rgb.shape[1:]
     jobs = [(i, flipped) for i in range(len(windows)) for flipped in ((False, True) if flip else (False,))]
-    canvas = _Canvas(rgb.shape[1:], crop)
+    canvas = count = None
     pending = {}  # window index -> logits summed so far (waiting for its flipped half)
-    for start in range(0, len(jobs), batch):
-        chunk = jobs[start:start + batch]
-        rgb_b, x_b = [], []
-        for i, flipped in chunk:
-            top, left = windows[i]
-            r = rgb[:, top:top + crop[0], left:left + crop[1]]
-            m = x[:, top:top + crop[0], left:left + crop[1]]
-            rgb_b.append(r.flip(-1) if flipped else r)
-            x_b.append(m.flip(-1) if flipped else m)
-        logits = _logits(model, torch.stack(rgb_b), torch.stack(x_b))  # B-K-crop_h-crop_w
+
+    def window_input(img, i, flipped):
+        top, bottom, left, right = windows[i]
+        pad_t, pad_b, pad_l, pad_r = pad_margins(bottom - top, right - left, crop)
+        out = F.pad(img[:, top:bottom, left:right], (pad_l, pad_r, pad_t, pad_b), value=0.0)
+        return out.flip(-1) if flipped else out
+
+    shapes = [_input_shape(windows[i], crop) for i, _ in jobs]
+    start = 0
+    while start < len(jobs):  # a run of up to `batch` consecutive jobs with one input shape
+        stop = start + 1
+        while stop < len(jobs) and stop - start < batch and shapes[stop] == shapes[start]:
+            stop += 1
+        chunk = jobs[start:stop]
+        logits = _logits(model, torch.stack([window_input(rgb, i, f) for i, f in chunk]),
+                         torch.stack([window_input(x, i, f) for i, f in chunk]))  # B-K-h'-w'
         for (i, flipped), out in zip(chunk, logits):
             out = out.flip(-1) if flipped else out
             pending[i] = pending[i] + out if i in pending else out
             if flipped or not flip:  # this window is complete
-                canvas.add(torch.exp(pending.pop(i)), *windows[i])
-    return canvas.scores(margin)
+                top, bottom, left, right = windows[i]
+                pad_t, _, pad_l, _ = pad_margins(bottom - top, right - left, crop)
+                score = torch.exp(pending.pop(i))[:, pad_t:pad_t + bottom - top, pad_l:pad_l + right - left]
+                if canvas is None:
+                    canvas = score.new_zeros((score.shape[0], height, width))
+                    count = score.new_zeros((1, height, width))
+                canvas[:, top:bottom, left:right] += score
+                count[:, top:bottom, left:right] += 1
+        start = stop
+    return canvas / count if average else canvas
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -256,40 +314,45 @@ def sliding_window_scores(model: Model, rgb: torch.Tensor, x: torch.Tensor, crop
 
 
 @torch.no_grad()
-def predict_scores(model: Model, rgb: np.ndarray, x: np.ndarray, config, device,
-                   plain: bool = False) -> torch.Tensor:
-    """Scores of one image summed over ``config.eval_scale_array`` (CMX ``sliding_eval_rgbX``).
+def predict_scores(model: Model, rgb: np.ndarray, x: np.ndarray, config, device) -> torch.Tensor:
+    """Scores of one image summed over ``config.eval_scale_array`` (the authors' ``sliding_eval_rgbX``).
 
     Args:
         model: eval-mode model on ``device``.
         rgb, x: H-W-3 uint8 images (numpy or tensors), in the dataset's channel order.
         config: ``eval_scale_array``, ``eval_crop_size``, ``eval_stride_rate``, ``eval_flip``,
-            ``eval_batch_size``, ``norm_mean``, ``norm_std``.
-        plain: use :func:`sliding_window_scores_plain` (one window per forward).
+            ``eval_protocol``, ``eval_batch_size``, ``fast_path``, ``norm_mean``, ``norm_std``.
 
     Returns:
-        K-H-W float32 scores on ``device``.
+        K-H-W float64 scores: on the CPU, resized and summed on the host with OpenCV as the authors;
+        with ``config.fast_path`` on ``device``, resized there (equal to float32 rounding).
+
+    Raises:
+        ValueError: an unknown ``config.eval_protocol``.
     """
+    windows_of = window_function(config.eval_protocol)
+    average = config.eval_protocol == 'corrected'
+    on_device = bool(config.get('fast_path', False))
     rgb = rgb.numpy() if isinstance(rgb, torch.Tensor) else np.asarray(rgb)
     x = x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    height, width = rgb.shape[:2]
+    size = rgb.shape[:2]
     crop = tuple(int(c) for c in config.eval_crop_size)
     total = None
     for s in config.eval_scale_array:
-        rgb_s, x_s = rgb, x
-        if s != 1:  # the authors resize the uint8 images with OpenCV
-            rgb_s = cv2.resize(rgb, None, fx=s, fy=s, interpolation=cv2.INTER_LINEAR)
-            x_s = cv2.resize(x, None, fx=s, fy=s, interpolation=cv2.INTER_LINEAR)
+        rgb_s = cv2.resize(rgb, None, fx=s, fy=s, interpolation=cv2.INTER_LINEAR)
+        x_s = cv2.resize(x, None, fx=s, fy=s, interpolation=cv2.INTER_LINEAR)
         rgb_t = to_input(rgb_s, config.norm_mean, config.norm_std, device)
         x_t = to_input(x_s, config.norm_mean, config.norm_std, device)
-        if plain:
-            score = sliding_window_scores_plain(model, rgb_t, x_t, crop, config.eval_stride_rate,
-                                                config.eval_flip)
-        else:
-            score = sliding_window_scores(model, rgb_t, x_t, crop, config.eval_stride_rate, config.eval_flip,
-                                          config.get('eval_batch_size', 1))
-        score = resize_scores(score, (height, width))
+        windows = windows_of(rgb_t.shape[1], rgb_t.shape[2], crop, config.eval_stride_rate)
+        score = window_scores(model, rgb_t, x_t, windows, crop, config.eval_flip,
+                              config.get('eval_batch_size', 1), average)
+        if on_device:
+            score = resize_scores(score, size).double()
+        else:  # H-W-K float32 from OpenCV, added into float64 as theirs
+            score = resize_scores_host(score, size).astype(np.float64)
         total = score if total is None else total + score
+    if not on_device:
+        total = torch.from_numpy(np.ascontiguousarray(total.transpose(2, 0, 1)))
     if not bool(torch.isfinite(total).all()):
         # exp of a (flip-summed) logit above ~88 overflows float32, in the authors' evaluator too.
         warnings.warn('non-finite evaluation scores: logits too large for the exp of the authors\' '
@@ -298,7 +361,8 @@ def predict_scores(model: Model, rgb: np.ndarray, x: np.ndarray, config, device,
 
 
 def predict(model: Model, rgb: np.ndarray, x: np.ndarray, config, device) -> torch.Tensor:
-    """H-W int64 prediction (argmax of :func:`predict_scores`) on ``device``."""
+    """H-W int64 prediction, the argmax of :func:`predict_scores` (the first maximum on ties, as
+    ``numpy.argmax``), on the scores' device."""
     return predict_scores(model, rgb, x, config, device).argmax(0)
 
 
@@ -307,13 +371,14 @@ def predict(model: Model, rgb: np.ndarray, x: np.ndarray, config, device) -> tor
 # ---------------------------------------------------------------------------------------------------
 
 
-def class_palette(n: int = 256) -> np.ndarray:
-    """n-3 uint8 colours, the PASCAL VOC colour map (CMX ``get_class_colors``): bits of the class index
-    spread over the high bits of R, G and B."""
-    palette = np.zeros((n, 3), dtype=np.uint8)
-    for i in range(n):
+def cmx_palette() -> np.ndarray:
+    """41-3 uint8 colours of CMX's ``RGBXDataset.get_class_colors`` (the PASCAL VOC map: bits of the
+    class index spread over the high bits of R, G and B), kept for MFNet and NYU, whose palettes the
+    authors did not release."""
+    palette = np.zeros((41, 3), dtype=np.uint8)
+    for i in range(41):
         c, r, g, b = i, 0, 0, 0
-        for j in range(8):
+        for j in range(7):
             r |= ((c >> 0) & 1) << (7 - j)
             g |= ((c >> 1) & 1) << (7 - j)
             b |= ((c >> 2) & 1) << (7 - j)
@@ -322,12 +387,39 @@ def class_palette(n: int = 256) -> np.ndarray:
     return palette
 
 
-def save_prediction(pred: np.ndarray, path: str) -> None:
+def prediction_palette(class_colors=None) -> List[int]:
+    """The 768 values (256 RGB triples) the prediction PNGs' palette holds, as the authors'
+    ``SegEvaluator.func_per_iteration``: the dataset's colours, then zeros.
+
+    Args:
+        class_colors: ``config.class_colors``, K-3 floats in 0-1 (LLRGBD: the authors'
+            ``get_class_colors``), turned into bytes as theirs, ``uint8(c * 255)`` (truncated); None:
+            :func:`cmx_palette`.
+
+    Raises:
+        ValueError: ``class_colors`` is not a list of RGB triples in 0-1 (at most 256).
+    """
+    if class_colors is None:
+        colours = cmx_palette()
+    else:
+        values = np.asarray(class_colors, dtype=np.float64)
+        if values.ndim != 2 or values.shape[1] != 3 or len(values) > 256 or not (
+                (values >= 0) & (values <= 1)).all():
+            raise ValueError(f'class_colors must be one [r, g, b] of floats in 0-1 per class (the authors\' '
+                             f'get_class_colors), got an array of shape {values.shape} with values in '
+                             f'[{values.min() if values.size else 0}, {values.max() if values.size else 0}]; '
+                             f'fix the experiment\'s config.py or set class_colors=None')
+        colours = (values * 255).astype(np.uint8)
+    flat = colours.reshape(-1).tolist()
+    return flat + [0] * (768 - len(flat))
+
+
+def save_prediction(pred: np.ndarray, path: str, palette: Optional[List[int]] = None) -> None:
     """Write an H-W class-index map as a palette ('P' mode) PNG: the pixel values are the class indices,
-    the palette colours them."""
+    ``palette`` (:func:`prediction_palette`, default CMX's) colours them."""
     pred = np.ascontiguousarray(pred, dtype=np.uint8)
     img = Image.frombytes('P', (pred.shape[1], pred.shape[0]), pred.tobytes())
-    img.putpalette(class_palette().reshape(-1).tolist())
+    img.putpalette(palette if palette is not None else prediction_palette())
     os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
     img.save(path)
 
@@ -357,10 +449,11 @@ def evaluate_per_image(model: torch.nn.Module, dataset, config, device, rank: in
     Args:
         model: the segmentor on ``device`` (put in eval mode here, its mode restored after).
         dataset: items ``dict(data=rgb H-W-3 uint8, modal_x=H-W-3 uint8, label=H-W uint8, fn=name)``.
-        config: the evaluation settings (see :func:`predict_scores`), ``num_classes``, ``background``.
+        config: the evaluation settings (see :func:`predict_scores`), ``num_classes``, ``background``,
+            ``class_colors``.
         device: where the model runs.
         rank, world_size: this process among the evaluating processes.
-        save_dir: write each prediction as ``<save_dir>/<fn>.png`` (palette PNG).
+        save_dir: write each prediction as ``<save_dir>/<fn>.png`` (palette PNG, ``config.class_colors``).
         num_workers: DataLoader processes reading the images.
 
     Returns:
@@ -372,6 +465,7 @@ def evaluate_per_image(model: torch.nn.Module, dataset, config, device, rank: in
     """
     k = int(config.num_classes)
     ignore = int(config.get('background', 255))
+    palette = prediction_palette(config.class_colors) if save_dir is not None else None
     hists = torch.zeros((len(dataset), k, k), dtype=torch.int64, device=device)
     indices = list(range(rank, len(dataset), world_size))
     loader = DataLoader(Subset(dataset, indices), batch_size=None, num_workers=num_workers,
@@ -394,7 +488,7 @@ def evaluate_per_image(model: torch.nn.Module, dataset, config, device, rank: in
                 except ValueError as exc:  # a label value outside the classes, or a label of another size
                     raise ValueError(f"item {item['fn']}: {exc}") from exc
                 if save_dir is not None:
-                    save_prediction(pred.cpu().numpy(), osp.join(save_dir, f"{item['fn']}.png"))
+                    save_prediction(pred.cpu().numpy(), osp.join(save_dir, f"{item['fn']}.png"), palette)
                 logger.debug('rank %d: %s done (%d/%d)', rank, item['fn'], index + 1, len(dataset))
     finally:
         model.train(was_training)

@@ -37,3 +37,22 @@ def setup_logging(log_file: Optional[str] = None, rank: int = 0, name: str = 'sm
         setattr(handler, _MARK, True)
         logger.addHandler(handler)
     return logger
+
+
+def link_last(path: str, link: str) -> None:
+    """Point the symlink ``link`` at ``path`` (the authors' ``link_file``: ``val_last.log`` -> the newest
+    ``val_<time>.log``), replacing an earlier link or file of that name.
+
+    The link is relative when both live in one folder, so it survives moving the folder. Where the file
+    system refuses symlinks, or ``link`` is a folder, a warning says so and nothing changes.
+    """
+    target = osp.abspath(path)
+    link = osp.abspath(link)
+    if osp.dirname(target) == osp.dirname(link):
+        target = osp.basename(target)
+    try:
+        if osp.islink(link) or osp.isfile(link):
+            os.remove(link)
+        os.symlink(target, link)
+    except OSError as exc:
+        logging.getLogger(__name__).warning('could not link %s to %s: %s', link, path, exc)

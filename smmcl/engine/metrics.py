@@ -1,6 +1,7 @@
 """Segmentation metrics of SMMCL (Dong & Yokoya, WACV 2024): the authors' (CMX) arithmetic, as pure functions.
 
-CMX ``utils/metric.py`` (``hist_info``, ``compute_score``) and ``utils/pyt_utils.py`` (``print_iou``).
+The authors' ``utils/metric.py`` (``hist_info``, ``compute_score``) and ``utils/visualize.py``
+(``print_iou``), both from CMX.
 Evaluation accumulates one K-K confusion matrix (rows = ground truth, columns = prediction) over the
 images; across processes the matrices are summed (never the mIoU), then :func:`compute_scores` turns the
 total into IoUs.
@@ -81,7 +82,7 @@ def compute_scores(hist: Array) -> Dict[str, Union[float, np.ndarray]]:
         ``iou`` (K float64): ``diag / (gt total + pred total - diag)``; nan for a class absent from
         both ground truth and prediction, 0 for a class only predicted;
         ``mean_iou``: nanmean of ``iou`` (absent classes left out);
-        ``mean_iou_no_back``: nanmean of ``iou[1:]`` (without the first class);
+        ``mean_iou_wo_background``: nanmean of ``iou[1:]`` (without the first class);
         ``freq_iou``: sum of ``iou * gt frequency`` over classes present in the ground truth;
         ``class_acc`` (K): ``diag / gt total`` (nan for classes absent from the ground truth);
         ``mean_pixel_acc``: nanmean of ``class_acc``;
@@ -98,23 +99,25 @@ def compute_scores(hist: Array) -> Dict[str, Union[float, np.ndarray]]:
         class_acc = diag / gt_total
         pixel_acc = diag.sum() / hist.sum()
     present = freq > 0
-    return dict(iou=iou, mean_iou=_nanmean(iou), mean_iou_no_back=_nanmean(iou[1:]),
+    return dict(iou=iou, mean_iou=_nanmean(iou), mean_iou_wo_background=_nanmean(iou[1:]),
                 freq_iou=float((iou[present] * freq[present]).sum()), class_acc=class_acc,
                 mean_pixel_acc=_nanmean(class_acc), pixel_acc=float(pixel_acc))
 
 
 def format_results(scores: Dict, class_names: Optional[Sequence[str]] = None,
-                   show_no_back: bool = False) -> str:
-    """The authors' result text (CMX ``print_iou``): one ``'<i> <name>\\t<IoU>%'`` line per class and a
-    ``----------`` summary line (with ``mean_IU_no_back`` when ``show_no_back``), values in percent."""
+                   show_wo_background: bool = False) -> str:
+    """The authors' result text (their ``utils/visualize.py`` ``print_iou``): one ``'<i> <name>\\t<IoU>%'``
+    line per class and a ``----------`` summary line, values in percent, with ``mean_IU_wo_background``
+    after ``mean_IoU`` when ``show_wo_background`` (their LLRGBD setting; CMX's older ``print_iou`` named
+    it ``mean_IU_no_back``)."""
     iou = np.asarray(scores['iou'])
     lines = []
     for i in range(iou.size):
         name = 'Class %d:' % (i + 1) if not class_names else '%d %s' % (i + 1, class_names[i])
         lines.append('%-8s\t%.3f%%' % (name, iou[i] * 100))
     fields = [('mean_IoU', scores['mean_iou'])]
-    if show_no_back:
-        fields.append(('mean_IU_no_back', scores['mean_iou_no_back']))
+    if show_wo_background:
+        fields.append(('mean_IU_wo_background', scores['mean_iou_wo_background']))
     fields += [('freq_IoU', scores['freq_iou']), ('mean_pixel_acc', scores['mean_pixel_acc']),
                ('pixel_acc', scores['pixel_acc'])]
     summary = '\t'.join('%-8s\t%.3f%%' % (name, value * 100) for name, value in fields)

@@ -5,7 +5,7 @@ import logging
 from typing import Dict, List, Tuple
 
 from torch import nn
-from torch.optim import AdamW
+from torch.optim import AdamW, Optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +45,26 @@ def group_weight(model: nn.Module, train_layer_scale: bool = False
     return decay, no_decay, left_out
 
 
+def optimizer_param_names(model: nn.Module, optimizer: Optimizer) -> List[List[str]]:
+    """The names (in ``model``) of each optimizer group's parameters, in the optimizer's order.
+
+    Raises:
+        ValueError: the optimizer holds a parameter that ``model`` does not have.
+    """
+    names = {id(p): name for name, p in model.named_parameters()}
+    try:
+        return [[names[id(p)] for p in group['params']] for group in optimizer.param_groups]
+    except KeyError:
+        raise ValueError('the optimizer holds a parameter that is not in the model; build the optimizer '
+                         'from the unwrapped model it trains') from None
+
+
 def build_optimizer(model: nn.Module, config) -> AdamW:
     """CMX's AdamW: ``[decay group, no-decay group (weight_decay 0)]``, betas (0.9, 0.999).
+
+    The groups hold the parameters in our module order, which differs from the authors'; the order
+    only matters for the optimizer state in a checkpoint, which :mod:`smmcl.engine.checkpoint` stores
+    in the authors' order and loads by parameter name.
 
     Config fields: ``optimizer`` (only 'AdamW', SMMCL's choice), ``lr``, ``weight_decay``,
     ``train_layer_scale``.

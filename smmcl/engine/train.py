@@ -7,7 +7,8 @@ Read top to bottom: arguments and config -> processes (one per GPU, ``torchrun``
 epoch loop of the authors (forward, finite-loss check, backward, step, lr update after the step) ->
 checkpoints on the authors' schedule. What differs from their script is robustness and exact resume:
 atomic checkpoints that carry RNG states, a collective non-finite-loss check, clean error messages, and
-augmentation seeded per sample (see :class:`SeededSamples`).
+augmentation seeded per sample (see :class:`SeededSamples`); and one process per GPU where their
+``-d 0-3`` runs ``nn.DataParallel``, computing the same (see :func:`norm_layer_for`).
 """
 from __future__ import annotations
 
@@ -133,8 +134,9 @@ def train(ctx: dist.DistContext, config, resume: Optional[str] = None) -> nn.Mod
             logger.info('removed %d temporary files of an interrupted save: %s', len(stale), stale)
     if ctx.device.type == 'cpu' and ctx.distributed:  # several CPU ranks share the cores
         torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // ctx.world_size)))
-    # CMX seeds torch with config.seed, but with the local rank under DDP (ignoring config.seed); we
-    # use config.seed + rank so that the seed matters and ranks still draw different numbers.
+    # The authors seed torch with config.seed in their one-process DataParallel run (-d 0-3) and with
+    # the local rank under DDP (ignoring config.seed); we use config.seed + rank: rank 0 (whose initial
+    # weights DDP broadcasts) gets config.seed, and the ranks still draw different numbers.
     seed_everything(config.seed + ctx.rank, config.deterministic)
 
     quick_check(config, splits=('train',))  # cheap: folders, list file, files exist
@@ -163,16 +165,8 @@ def train(ctx: dist.DistContext, config, resume: Optional[str] = None) -> nn.Mod
                 logger.warning('the checkpoint was trained with another niters_per_epoch; the lr schedule '
                                'continues from epoch %d of this one', start_epoch)
 
-    # DDP broadcasts rank 0's weights at construction; ``model`` stays the unwrapped module we save.
-    ddp_model = model
-    if ctx.distributed:
-        # Depthwise conv weights (C-1-3-3) get gradients whose stride differs from DDP's bucket only in
-        # the size-1 dimension; DDP copies them and warns once per process. Nothing to fix.
-        warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
-        ddp_model = DistributedDataParallel(
-            model, device_ids=[ctx.device.index] if ctx.device.type == 'cuda' else None,
-            find_unused_parameters=False)
-    ddp_model = maybe_compile(ddp_model, config)
+    # ``model`` stays the unwrapped module we save (rank 0's weights and BatchNorm statistics).
+    ddp_model = maybe_compile(wrap_ddp(model, ctx), config)
     tb = SummaryWriter(config.tb_dir) if ctx.is_main else None
     if ctx.is_main:
         logger.info('begin training: epochs %d..%d, %d iterations each, %d process(es) on %s, batch %d per '
@@ -381,11 +375,50 @@ def to_device(batch, config, device: torch.device):
 
 
 def build_model(config, ctx: dist.DistContext) -> EncoderDecoder:
-    """EncoderDecoder with CE (ignore 255) and SyncBatchNorm across GPUs (plain BatchNorm otherwise:
-    SyncBatchNorm has no CPU kernel; on CPU ranks DDP broadcasts rank 0's BN statistics instead)."""
-    norm_layer = nn.SyncBatchNorm if ctx.distributed and ctx.device.type == 'cuda' else nn.BatchNorm2d
+    """EncoderDecoder with CE (ignore 255) and the BatchNorm of :func:`norm_layer_for`."""
     criterion = nn.CrossEntropyLoss(reduction='mean', ignore_index=config.background)
-    return EncoderDecoder(config, criterion=criterion, norm_layer=norm_layer).to(ctx.device)
+    return EncoderDecoder(config, criterion=criterion, norm_layer=norm_layer_for(config, ctx)).to(ctx.device)
+
+
+def norm_layer_for(config, ctx: dist.DistContext) -> type:
+    """The BatchNorm class of the backbone and projectors: plain unless ``sync_bn`` and several processes.
+
+    The authors' ``train.py -d 0-3`` wraps the model in ``nn.DataParallel`` (no ``WORLD_SIZE``), and the
+    encoder's and projectors' BatchNorms are built as plain ``nn.BatchNorm2d`` whatever ``norm_layer`` says
+    (``models/encoders/dual_segnext.py``, ``models/projector.py``; the SyncBatchNorm their ``train.py``
+    picks under DDP only reaches isinstance checks in ``init_weight`` and ``group_weight``). So each GPU
+    normalises its share of the batch with that share's statistics and the running statistics kept are
+    GPU 0's. Plain BatchNorm under DDP does the same: each rank its own share, and rank 0's running
+    statistics broadcast before every forward (see :func:`wrap_ddp`).
+
+    Raises:
+        ValueError: ``sync_bn=True`` on several CPU processes (SyncBatchNorm has no CPU kernel).
+    """
+    if not config.sync_bn or not ctx.distributed:
+        return nn.BatchNorm2d  # in one process the batch statistics are the whole batch's anyway
+    if ctx.device.type == 'cpu':
+        raise ValueError(f'sync_bn=True: SyncBatchNorm has no CPU kernel, and these {ctx.world_size} '
+                         'processes run on the CPU; use --set sync_bn=False (per-process BatchNorm, the '
+                         "authors' behaviour) or run on GPUs")
+    return nn.SyncBatchNorm
+
+
+def wrap_ddp(model: nn.Module, ctx: dist.DistContext) -> nn.Module:
+    """``model`` in DistributedDataParallel when there are several processes (else ``model`` itself).
+
+    ``broadcast_buffers=True`` copies rank 0's BatchNorm running statistics to every rank before each
+    forward, so rank 0's are the ones that accumulate and get saved: as ``nn.DataParallel``, whose
+    replica on the first GPU updates the module's own buffers. DDP also broadcasts rank 0's initial
+    weights here.
+    """
+    if not ctx.distributed:
+        return model
+    # Depthwise conv weights (C-1-3-3) get gradients whose stride differs from DDP's bucket only in
+    # the size-1 dimension; DDP copies them and warns once per process. Nothing to fix.
+    warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
+    device_ids = [ctx.device.index] if ctx.device.type == 'cuda' else None
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=True,
+                                   find_unused_parameters=False)
 
 
 def restore_rng(state, ctx: dist.DistContext, seed: int) -> None:

@@ -4,11 +4,29 @@ written without mmcv. Names (``squeeze.conv/gn``, ``hamburger.ham_in/ham_out``, 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def init_like_conv_module(conv: nn.Conv2d, norm: Optional[nn.Module] = None) -> None:
+    """The state mmcv's ``ConvModule`` leaves its layers in at construction.
+
+    mmcv 1.x ``ConvModule.init_weights`` (``mmcv/cnn/bricks/conv_module.py``, called from its
+    ``__init__``) applies ``kaiming_init`` (``mmcv/cnn/utils/weight_init.py``: normal, ``mode='fan_out'``,
+    ``nonlinearity='relu'``, ``a=0``, bias constant 0) to a plain conv and ``constant_init(norm, 1,
+    bias=0)`` to its norm. The authors' ``init_weight`` later re-draws the conv weight
+    (:func:`smmcl.models.weights.init_decoder_weights`) but never touches the bias, so the zero bias of
+    ``ham_in`` / ``ham_out`` is what their training starts from (PyTorch's default would be uniform).
+    """
+    nn.init.kaiming_normal_(conv.weight, a=0, mode='fan_out', nonlinearity='relu')
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+    if norm is not None:
+        nn.init.ones_(norm.weight)
+        nn.init.zeros_(norm.bias)
 
 
 class ConvGNReLU(nn.Module):
@@ -18,17 +36,20 @@ class ConvGNReLU(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, 1, bias=False)
         self.gn = nn.GroupNorm(groups, out_channels)
+        init_like_conv_module(self.conv, self.gn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.gn(self.conv(x)))
 
 
 class Conv1x1(nn.Module):
-    """1x1 conv with bias, wrapped so that its parameters are named ``<name>.conv.*``."""
+    """1x1 conv with bias (mmcv's ConvModule without norm and activation), its parameters named
+    ``<name>.conv.*``."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 1)
+        init_like_conv_module(self.conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
@@ -112,6 +133,9 @@ class LightHamHead(nn.Module):
         self.hamburger = Hamburger(ham_channels)
         self.align = ConvGNReLU(ham_channels, channels)
         self.dropout = nn.Dropout2d(dropout)
+        # A plain conv, as mmseg's BaseDecodeHead builds it: PyTorch's default init. Its init_cfg
+        # (normal, std 0.01) would only apply through mmcv's BaseModule.init_weights, which the authors
+        # never call (their builder.py calls CMX's init_weight instead), so the bias stays uniform.
         self.conv_seg = nn.Conv2d(channels, num_classes, 1)
 
     def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:

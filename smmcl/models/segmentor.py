@@ -24,7 +24,7 @@ class EncoderDecoder(nn.Module):
             ``decoder_embed_dim``, ``pretrained_model`` (None: no ImageNet weights), the contrastive
             loss fields and ``weight_cm``, ``weight_vis``, ``weight_aux``.
         criterion: pixel loss on N-K-H-W logits and N-H-W labels (CE with ignore 255 in SMMCL).
-        norm_layer: batch-norm factory (``nn.SyncBatchNorm`` for multi-GPU training).
+        norm_layer: batch-norm factory (``nn.SyncBatchNorm`` with ``sync_bn=True`` on several GPUs).
     """
 
     def __init__(self, cfg, criterion: Optional[nn.Module] = None,

@@ -36,7 +36,19 @@ def init_backbone_weights(module: nn.Module) -> None:
 
 
 def init_decoder_weights(module: nn.Module) -> None:
-    """CMX's ``init_weight`` on the decode head: Kaiming-normal (fan_in, relu) conv weights."""
+    """CMX's ``init_weight`` on the decode head: Kaiming-normal (fan_in, relu) conv weights.
+
+    The authors' ``EncoderDecoder.init_weights`` (``models/builder.py``) calls ``utils/init_func.py``
+    ``init_weight(decode_head, kaiming_normal_, norm_layer, ..., mode='fan_in', nonlinearity='relu')``:
+    it re-draws the weight of every conv and leaves biases alone; its norm branch matches only
+    ``norm_layer`` (BatchNorm), so the head's GroupNorms keep mmcv's 1 / 0. The resulting initial
+    state, which a test checks layer by layer:
+
+    - ``squeeze.conv``, ``align.conv``: N(0, 2 / fan_in), no bias; ``squeeze.gn``, ``align.gn``: 1 / 0;
+    - ``hamburger.ham_in.conv``, ``hamburger.ham_out.conv``: N(0, 2 / fan_in), bias 0 (mmcv's
+      ``ConvModule`` zeroed it at construction, see :func:`smmcl.models.ham_head.init_like_conv_module`);
+    - ``conv_seg``: N(0, 2 / fan_in), bias PyTorch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    """
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode='fan_in', nonlinearity='relu')
