@@ -5,12 +5,15 @@ every item of the experiment's splits and lists every problem (the file, what is
 exits with 1 if there is any, else prints a summary (items per split, image sizes, label histogram) and
 exits with 0. The full scan also refuses a 3-channel X read as one channel (:func:`x_channel_problems`). :func:`quick_check` is the cheap part run at training start: folders and list files exist
 and are non-empty, and every listed file exists (no decoding). Both use the per-item checks of
-``smmcl.data.dataset``, so they find exactly what the dataset would raise.
+``smmcl.data.dataset``, so they find exactly what the dataset would raise. A folder without a label folder
+(:func:`is_unlabelled`) gets what prediction needs checked (the test list, RGB and X) and is reported as
+one that cannot be trained on or scored.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import os
 import os.path as osp
 import sys
@@ -21,8 +24,8 @@ import cv2
 import numpy as np
 
 from smmcl.config import load_config
-from smmcl.data.dataset import (DatasetError, SplitLayout, load_item, missing_files, read_list, split_layout,
-                                split_names)
+from smmcl.data.dataset import (DatasetError, SplitLayout, _missing_message, decode_image, load_item,
+                                missing_files, read_file, read_list, split_layout, split_names)
 
 
 def split_layouts(config, split: str) -> List[SplitLayout]:
@@ -120,6 +123,53 @@ def scan(config, splits: Sequence[str] = ('train', 'val'), workers: int = 4):
     return list(dict.fromkeys(problems)), summaries  # splits sharing a folder report it once
 
 
+def is_unlabelled(config) -> bool:
+    """True for a folder without labels (e.g. ``smmcl.data.convert rgbd`` of unlabelled RGB-D): the test
+    split's RGB and X folders exist and its label folder does not."""
+    layout = split_layout(config, 'val')
+    return osp.isdir(layout.rgb_dir) and osp.isdir(layout.x_dir) and not osp.exists(layout.gt_dir)
+
+
+def _inspect_unlabelled(layout: SplitLayout, name: str, config):
+    """(problems, image size) of one item's RGB and X: what prediction needs."""
+    problems, sizes = [], []
+    rgb_path, x_path, _ = layout.paths(name)
+    x_flag = cv2.IMREAD_GRAYSCALE if config.x_is_single_channel else cv2.IMREAD_COLOR
+    for what, path, flag in (('RGB', rgb_path, cv2.IMREAD_COLOR), ('X', x_path, x_flag)):
+        image = decode_image(read_file(path), flag)
+        if image is None:
+            problems.append(_missing_message(layout, name, what, path) if not osp.exists(path) else
+                            f"{what} file {path} of item '{name}' cannot be decoded. Fix: copy it again, "
+                            f"or remove '{name}' from {layout.source or 'the RGB folder'}.")
+        else:
+            sizes.append(image.shape[:2])
+    if problems:
+        return problems, None
+    if sizes[0] != sizes[1]:
+        return [f"item '{name}' has RGB {rgb_path} of {sizes[0][0]}x{sizes[0][1]} but X {x_path} of "
+                f'{sizes[1][0]}x{sizes[1][1]} (HxW). Fix: the two must be aligned and of one size.'], None
+    return x_channel_problems(x_path, config), sizes[0]
+
+
+def scan_unlabelled(config, workers: int = 4):
+    """Check the test split of an unlabelled folder (:func:`is_unlabelled`) for prediction: list file,
+    RGB and X of every item (decoded, one size, X channels). Returns (problems, {'val': summary})."""
+    layout = split_layout(config, 'val')
+    layout = dataclasses.replace(layout, gt_dir=layout.rgb_dir)  # split_names then skips the label folder
+    try:
+        names = split_names(config, layout)
+    except DatasetError as e:
+        return e.problems, {}
+    summary = dict(items=len(names), sizes=collections.Counter(), source=layout.source)
+    problems = []
+    with ThreadPoolExecutor(max(workers, 1)) as pool:
+        for item_problems, size in pool.map(lambda n: _inspect_unlabelled(layout, n, config), names):
+            problems += item_problems
+            if size is not None:
+                summary['sizes'][size] += 1
+    return problems, {'val': summary}
+
+
 def format_summary(config, summaries: Dict[str, dict]) -> str:
     names = list(config.get('class_names') or [])
     lines = []
@@ -151,13 +201,27 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     config = load_config(args.config, args.overrides)
     splits = ('train', 'val') if args.split == 'all' else (args.split,)
-    problems, summaries = scan(config, splits, args.workers)
+    unlabelled = is_unlabelled(config)
+    if unlabelled:
+        problems, summaries = scan_unlabelled(config, args.workers)
+    else:
+        problems, summaries = scan(config, splits, args.workers)
     if problems:
+        if unlabelled:
+            print('No label folder: checked what prediction needs (the test list, RGB and X).')
         print(f'{len(problems)} problem(s) in {config.dataset_name} at {config.dataset_path}:')
         for p in problems:
             print(f'ERROR {p}')
         return 1
     print(f'{config.dataset_name} at {config.dataset_path}: no problems.')
+    if unlabelled:
+        s = summaries['val']
+        sizes = ', '.join(f'{h}x{w} ({n})' for (h, w), n in s['sizes'].most_common())
+        print(f"test: {s['items']} items from {s['source'] or 'the RGB folder'}; sizes (HxW): {sizes}")
+        print(f'No label folder ({split_layout(config, "val").gt_dir}): RGB and X are ready for prediction, '
+              f'but this folder cannot be trained on or scored. If it has labels under another name, '
+              f'--set gt_folder=<name>.')
+        return 0
     print(format_summary(config, summaries))
     return 0
 
