@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from smmcl.config import base_config  # noqa: E402
-from smmcl.models import EncoderDecoder  # noqa: E402
+from smmcl.models import build_segmentor  # noqa: E402
 from smmcl.engine.precision import (for_inference, for_training, maybe_compile, memory_format,  # noqa: E402
                                     mixed_precision)
 
@@ -52,7 +52,7 @@ def peak_gib(device):
 def make_cfg(args, fast):
     """The plain path (the authors' way) or the fast path, as training and evaluation configure them."""
     cfg = base_config()
-    cfg.update(backbone=args.backbone, num_classes=args.classes, pretrained_model=None,
+    cfg.update(backbone=args.backbone, num_classes=args.classes,
                anchor_sampler='vectorized' if fast else 'loop', fast_path=fast, amp=fast,
                compile=fast and args.compile)
     return cfg
@@ -78,7 +78,7 @@ def synthetic_batch(args, device, cfg):
 def bench_train(args, device, fast):
     cfg = make_cfg(args, fast)
     torch.manual_seed(0)
-    model = EncoderDecoder(cfg, criterion=torch.nn.CrossEntropyLoss(ignore_index=255))
+    model = build_segmentor(cfg, with_loss=True)
     model = for_training(model.to(device).train(), cfg)
     step_model = maybe_compile(model, cfg)
     amp, scaler = mixed_precision(cfg, device)
@@ -113,7 +113,7 @@ def bench_train(args, device, fast):
 def bench_infer(args, device, fast):
     cfg = make_cfg(args, fast)
     torch.manual_seed(0)
-    model = for_inference(EncoderDecoder(cfg).to(device), cfg)
+    model = for_inference(build_segmentor(cfg).to(device), cfg)
     amp, _ = mixed_precision(cfg, device)
     rgb, x, _ = synthetic_batch(args, device, cfg)
     with torch.no_grad(), amp:
@@ -144,7 +144,7 @@ def bench_eval(args, device, fast, data_dir):
                exp_dir=data_dir)
     cfg = finalize(cfg)
     torch.manual_seed(0)
-    model = for_inference(EncoderDecoder(cfg).to(device), cfg)
+    model = for_inference(build_segmentor(cfg).to(device), cfg)
     amp, _ = mixed_precision(cfg, device)
     dataset = RGBXDataset(cfg, 'val')
     sync(device)

@@ -4,6 +4,8 @@ Each experiment folder's ``config.py`` builds on :func:`base_config` and sets on
 dataset). Paths that derive from other values (``rgb_root_folder``, ``log_dir``, ...) are computed by
 :func:`finalize` *after* command-line overrides, so ``--set dataset_path=/data/x backbone=mscan_t`` moves
 the data folders and the log folder with it. Field names follow the authors' (CMX-style) config.
+:func:`validate` checks every setting that has a fixed set of choices once, when the config is loaded,
+before any process starts; everything else reads its key directly (every default is here).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import importlib.util
 import os
 import os.path as osp
 import time
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 from easydict import EasyDict
@@ -26,6 +28,18 @@ DERIVED_KEYS = (
     'eval_subset_sources', 'log_dir', 'tb_dir', 'checkpoint_dir', 'log_file', 'val_log_file',
     'niters_per_epoch',
 )
+NONFINITE_LOSS_CHOICES = ('stop', 'skip')  # config.nonfinite_loss (smmcl.engine.train)
+
+
+class ConfigError(ValueError):
+    """A setting the user can fix (in the experiment's ``config.py`` or with ``--set``)."""
+
+
+class UnknownKeyError(ConfigError, KeyError):
+    """An override names a key the config does not have (a KeyError too, for ``dict``-style callers)."""
+
+    def __str__(self) -> str:  # KeyError's own str() would quote the message
+        return str(self.args[0])
 
 
 def base_config() -> EasyDict:
@@ -137,7 +151,6 @@ def base_config() -> EasyDict:
     C.triton_kernels = False
 
     # ---- evaluation ----
-    C.eval_iter = 25
     C.eval_stride_rate = 2 / 3
     C.eval_scale_array = [1]
     C.eval_flip = False
@@ -161,7 +174,8 @@ def load_config(path: str, overrides: Optional[Iterable[str]] = None) -> EasyDic
 
     Raises:
         FileNotFoundError: the config file does not exist.
-        KeyError: an override names an unknown key (the message suggests the nearest one).
+        UnknownKeyError: an override names an unknown key (the message suggests the nearest one).
+        ConfigError: a malformed override, or a setting outside its choices (:func:`validate`).
     """
     path = osp.abspath(path)
     if not osp.isfile(path):
@@ -172,7 +186,7 @@ def load_config(path: str, overrides: Optional[Iterable[str]] = None) -> EasyDic
     config = EasyDict(module.config)
     config.config_file = path
     apply_overrides(config, overrides or [])
-    return finalize(config)
+    return validate(finalize(config))
 
 
 def parse_value(text: str):
@@ -188,20 +202,21 @@ def apply_overrides(config: EasyDict, overrides: Iterable[str]) -> EasyDict:
     config.setdefault('_overridden', [])
     for item in overrides:
         if '=' not in item:
-            raise ValueError(f'override {item!r} is not of the form key=value')
+            raise ConfigError(f'override {item!r} is not of the form key=value')
         key, text = item.split('=', 1)
         key = key.strip()
         node, parts = config, key.split('.')
         for depth, part in enumerate(parts):
             if not isinstance(node, dict):  # 'lr.x=1': lr holds no keys
-                raise KeyError(f"unknown config key '{key}': '{'.'.join(parts[:depth])}' is not a dict")
+                parent = '.'.join(parts[:depth])
+                raise UnknownKeyError(f"unknown config key '{key}': '{parent}' is not a dict")
             if part not in node and not (depth == 0 and part in DERIVED_KEYS):
                 known = [k for k in node.keys() if not k.startswith('_')]
                 if depth == 0:
                     known += list(DERIVED_KEYS)
-                near = difflib.get_close_matches(part, known, n=1)
-                hint = f"; did you mean '{'.'.join(parts[:depth] + [near[0]])}'?" if near else ''
-                raise KeyError(f"unknown config key '{key}'{hint}")
+                near = nearest(part, known)
+                hint = f"; did you mean '{'.'.join(parts[:depth] + [near])}'?" if near else ''
+                raise UnknownKeyError(f"unknown config key '{key}'{hint}")
             if depth < len(parts) - 1:
                 node = node[part]
         value = parse_value(text)
@@ -209,6 +224,44 @@ def apply_overrides(config: EasyDict, overrides: Iterable[str]) -> EasyDict:
             value = np.asarray(value, dtype=node[parts[-1]].dtype)
         node[parts[-1]] = value
         config._overridden.append(key)
+    return config
+
+
+def nearest(word: str, candidates: Iterable[str]) -> Optional[str]:
+    """The candidate closest to a mistyped ``word`` (difflib), or None when none is close."""
+    near = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1)
+    return near[0] if near else None
+
+
+def check_choice(key: str, value, choices: Sequence) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is one of ``choices`` (the message names the nearest)."""
+    if value in choices:
+        return
+    near = nearest(value, choices)
+    hint = f'; did you mean {near!r}?' if near else ''
+    raise ConfigError(f"{key}={value!r}: expected one of {tuple(choices)}{hint} (set it in the experiment's "
+                      f"config.py or with --set {key}={near or choices[0]})")
+
+
+def validate(config: EasyDict) -> EasyDict:
+    """Check every setting that has a fixed set of choices, once.
+
+    Settings that depend on the processes (``sync_bn`` on CPU ranks, ``batch_size`` against the number
+    of processes) are checked when the processes exist (:mod:`smmcl.engine.train`).
+
+    Raises:
+        ConfigError: the first setting outside its choices, naming the nearest valid value.
+    """
+    # The choices live beside the code that implements them (imported here: they pull in torch).
+    from .engine.evaluate import EVAL_PROTOCOLS
+    from .engine.optim import OPTIMIZERS
+    from .losses.contrastive import ANCHOR_SAMPLERS
+    from .models.builder import DECODERS
+    from .models.mscan import MSCAN_VARIANTS
+    for key, choices in (('nonfinite_loss', NONFINITE_LOSS_CHOICES), ('eval_protocol', EVAL_PROTOCOLS),
+                         ('anchor_sampler', tuple(ANCHOR_SAMPLERS)), ('backbone', tuple(MSCAN_VARIANTS)),
+                         ('decoder', DECODERS), ('optimizer', OPTIMIZERS)):
+        check_choice(key, config[key], choices)
     return config
 
 

@@ -268,11 +268,11 @@ def _as_input(img):
 
 def test_smmcl_model_equals_the_transcription():
     """With SMMCL's own (tiny) model: the same NMF draws when both run the same forwards from one seed."""
-    from smmcl.models import EncoderDecoder
+    from smmcl.models import build_segmentor
     cfg = _config((32, 48), [0.75, 1.25], True)
     cfg.update(backbone='mscan_t', pretrained_model=None, decoder_embed_dim=64, num_classes=K)
     torch.manual_seed(0)
-    model = EncoderDecoder(cfg).eval()
+    model = build_segmentor(cfg).eval()
     rgb, x = _images(36, 52)
     torch.manual_seed(5)
     theirs = authors_scores(model, rgb, x, cfg)

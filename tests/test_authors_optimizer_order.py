@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from smmcl.config import base_config
-from smmcl.engine.checkpoint import (CheckpointError, authors_checkpoint, load_checkpoint,
+from smmcl.engine.checkpoint import (CheckpointError, authors_checkpoint, read_checkpoint,
                                      restore_training_state, rng_state, save_checkpoint, training_state)
 from smmcl.engine.optim import build_optimizer, optimizer_param_names
-from smmcl.models import EncoderDecoder
+from smmcl.models import EncoderDecoder, build_segmentor
 from smmcl.models.authors_order import authors_param_groups, layer_scale_names
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +35,7 @@ def tiny_config(**changes):
 
 def tiny_model(seed=0):
     torch.manual_seed(seed)
-    return EncoderDecoder(tiny_config(), criterion=nn.CrossEntropyLoss(ignore_index=255))
+    return build_segmentor(tiny_config(), with_loss=True)
 
 
 def as_authors_registration(model: EncoderDecoder) -> EncoderDecoder:
@@ -157,7 +157,7 @@ def test_authors_checkpoint_resumes_by_name_and_steps(tmp_path):
 
     model = tiny_model(seed=2)
     optimizer = build_optimizer(model, cfg)
-    restore_training_state(load_checkpoint(path), model, optimizer, cfg, path)
+    restore_training_state(read_checkpoint(path), model, optimizer, cfg, path)
 
     stored = dict(zip([n for g in authors_param_groups('mscan_t') for n in g],
                       range(sum(map(len, authors_param_groups('mscan_t'))))))
@@ -210,7 +210,7 @@ def trained():
 
 def test_our_checkpoint_stores_the_authors_order(trained, tmp_path):
     cfg, model, optimizer = trained
-    state = load_checkpoint(save_checkpoint(training_state(model, optimizer, 2, 0, 2, [rng_state()], cfg),
+    state = read_checkpoint(save_checkpoint(training_state(model, optimizer, 2, 0, 2, [rng_state()], cfg),
                                             str(tmp_path)))
     theirs = list(authors_param_groups('mscan_t'))
     assert state['optimizer_param_names'] == theirs
@@ -240,7 +240,7 @@ def test_our_checkpoint_round_trips_by_name(trained, tmp_path):
     path = save_checkpoint(training_state(model, optimizer, 2, 0, 2, [rng_state()], cfg), str(tmp_path))
     fresh = tiny_model(seed=4)
     fresh_optimizer = build_optimizer(fresh, cfg)
-    restore_training_state(load_checkpoint(path), fresh, fresh_optimizer, cfg, path)
+    restore_training_state(read_checkpoint(path), fresh, fresh_optimizer, cfg, path)
     live, restored = state_by_name(model, optimizer), state_by_name(fresh, fresh_optimizer)
     assert set(live) == set(restored)
     assert all(torch.equal(live[n]['exp_avg'], restored[n]['exp_avg']) for n in live)

@@ -12,11 +12,11 @@ import torch.distributed as dist
 from torch import nn
 
 from smmcl.config import base_config
-from smmcl.engine.checkpoint import (LAST, CheckpointError, atomic_save, is_temp_file, load_checkpoint,
-                                     remove_stale_temp_files, restore_training_state, rng_state,
+from smmcl.engine.checkpoint import (LAST, CheckpointError, atomic_save, is_temp_file, model_state,
+                                     read_checkpoint, remove_stale_temp_files, restore_training_state, rng_state,
                                      save_checkpoint, set_rng_state, should_save, training_state)
 from smmcl.engine.optim import build_optimizer, group_weight
-from smmcl.models import EncoderDecoder
+from smmcl.models import build_segmentor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +32,7 @@ def tiny_config(**changes):
 def model_and_optimizer():
     torch.manual_seed(0)
     cfg = tiny_config()
-    model = EncoderDecoder(cfg, criterion=nn.CrossEntropyLoss(ignore_index=255))
+    model = build_segmentor(cfg, with_loss=True)
     return cfg, model, build_optimizer(model, cfg)
 
 
@@ -44,7 +44,7 @@ def test_authors_keys_and_our_extras(model_and_optimizer, tmp_path):
     cfg, model, optimizer = model_and_optimizer
     path = save_checkpoint(state_of(cfg, model, optimizer, 3), str(tmp_path))
     assert os.path.basename(path) == 'epoch-3.pth'
-    state = load_checkpoint(path)
+    state = read_checkpoint(path)
     assert {'model', 'optimizer', 'epoch', 'iteration'} <= set(state)  # CMX's Engine.save_checkpoint
     assert {'rng', 'lr_step', 'sampler_epoch', 'config'} <= set(state)
     assert state['epoch'] == 3 and state['config'] == {'backbone': 'mscan_t', 'num_classes': 5}
@@ -70,7 +70,7 @@ def test_epoch_last_always_names_the_newest_complete_file(model_and_optimizer, t
     cfg, model, optimizer = model_and_optimizer
     for epoch in (1, 2, 3):
         save_checkpoint(state_of(cfg, model, optimizer, epoch), str(tmp_path))
-        assert load_checkpoint(str(tmp_path / LAST))['epoch'] == epoch
+        assert read_checkpoint(str(tmp_path / LAST))['epoch'] == epoch
     assert sorted(os.listdir(tmp_path)) == ['epoch-1.pth', 'epoch-2.pth', 'epoch-3.pth', LAST]
 
 
@@ -84,7 +84,7 @@ def test_failed_rename_keeps_the_old_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match='disk gone'):
         atomic_save({'model': {'w': torch.ones(3)}, 'epoch': 2}, path)
     monkeypatch.undo()
-    assert load_checkpoint(path)['epoch'] == 1
+    assert read_checkpoint(path)['epoch'] == 1
     assert os.listdir(tmp_path) == ['epoch-1.pth']  # the temporary file was cleaned up
 
 
@@ -103,7 +103,7 @@ def test_fp16_loss_scale_is_saved_and_restored(model_and_optimizer, tmp_path):
     scaler = torch.amp.GradScaler('cpu', init_scale=1024.0)
     state = training_state(model, optimizer, 1, 0, 1, [], cfg, scaler)
     fresh = torch.amp.GradScaler('cpu')
-    restore_training_state(load_checkpoint(save_checkpoint(state, str(tmp_path))), model, optimizer, cfg,
+    restore_training_state(read_checkpoint(save_checkpoint(state, str(tmp_path))), model, optimizer, cfg,
                            'ckpt', fresh)
     assert fresh.get_scale() == 1024.0
     assert 'scaler' not in training_state(model, optimizer, 1, 0, 1, [], cfg,
@@ -128,7 +128,7 @@ def test_process_killed_between_write_and_rename(tmp_path):
     temps = [n for n in names if is_temp_file(n)]
     assert [n for n in names if not is_temp_file(n)] == ['epoch-1.pth', LAST]
     assert len(temps) == 1 and os.path.getsize(os.path.join(folder, temps[0])) > 4000
-    assert load_checkpoint(os.path.join(folder, LAST))['epoch'] == 1
+    assert read_checkpoint(os.path.join(folder, LAST))['epoch'] == 1
     assert remove_stale_temp_files(folder) == temps
     assert sorted(os.listdir(folder)) == ['epoch-1.pth', LAST]
 
@@ -137,9 +137,27 @@ def test_unreadable_and_missing_checkpoints_are_clear_errors(tmp_path):
     bad = tmp_path / 'epoch-1.pth'
     bad.write_bytes(b'not a checkpoint')
     with pytest.raises(CheckpointError, match='cannot be read'):
-        load_checkpoint(str(bad))
-    with pytest.raises(FileNotFoundError, match='epoch-9.pth'):
-        load_checkpoint(str(tmp_path / 'epoch-9.pth'))
+        read_checkpoint(str(bad))
+    with pytest.raises(FileNotFoundError, match='epoch-9.pth'):  # a CheckpointError too
+        read_checkpoint(str(tmp_path / 'epoch-9.pth'))
+
+
+def test_model_state_reads_ours_the_authors_imagenet_and_bare_files(tmp_path):
+    weights = {'a.weight': torch.arange(6.).reshape(2, 3), 'a.bias': torch.ones(2)}
+    for name, content in (('ours', {'model': weights, 'rng': []}), ('authors', {'model': weights, 'epoch': 1}),
+                          ('imagenet', {'state_dict': weights, 'meta': {}}), ('bare', weights)):
+        torch.save(content, tmp_path / f'{name}.pth')
+        for mmap in (False, True):  # mapped tensors hold the same values
+            got = model_state(read_checkpoint(str(tmp_path / f'{name}.pth'), mmap=mmap))
+            assert list(got) == list(weights) and all(torch.equal(got[k], weights[k]) for k in weights)
+    torch.save({'epoch': 3, 'note': 'x'}, tmp_path / 'no_weights.pth')
+    with pytest.raises(CheckpointError, match="no_weights.pth holds no model weights"):
+        model_state(read_checkpoint(str(tmp_path / 'no_weights.pth')), str(tmp_path / 'no_weights.pth'))
+    torch.save(torch.zeros(3), tmp_path / 'tensor.pth')
+    with pytest.raises(CheckpointError, match='holds a Tensor, not a state dict'):
+        read_checkpoint(str(tmp_path / 'tensor.pth'))
+    with pytest.raises(CheckpointError, match="not a training checkpoint \\(no 'model' entry\\)"):
+        restore_training_state({'state_dict': weights}, None, None, tiny_config(), 'imagenet.pth')
 
 
 def test_other_class_count_or_backbone_is_refused_naming_both(model_and_optimizer):
@@ -155,18 +173,18 @@ def test_other_class_count_or_backbone_is_refused_naming_both(model_and_optimize
 def test_restore_is_strict_and_restores_the_optimizer(model_and_optimizer, tmp_path):
     cfg, model, optimizer = model_and_optimizer
     torch.manual_seed(1)
-    fresh = EncoderDecoder(cfg, criterion=nn.CrossEntropyLoss(ignore_index=255))
+    fresh = build_segmentor(cfg, with_loss=True)
     fresh_opt = build_optimizer(fresh, cfg)
     for group in optimizer.param_groups:
         group['lr'] = 1.25e-5
     path = save_checkpoint(state_of(cfg, model, optimizer, 1), str(tmp_path))
-    restore_training_state(load_checkpoint(path), fresh, fresh_opt, cfg, path)
+    restore_training_state(read_checkpoint(path), fresh, fresh_opt, cfg, path)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
     assert [g['lr'] for g in fresh_opt.param_groups] == [1.25e-5, 1.25e-5]
     with pytest.raises(CheckpointError, match='train_layer_scale'):
-        restore_training_state(load_checkpoint(path), fresh, build_optimizer(fresh, tiny_config(
+        restore_training_state(read_checkpoint(path), fresh, build_optimizer(fresh, tiny_config(
             train_layer_scale=True)), cfg, path)
-    state = load_checkpoint(path)
+    state = read_checkpoint(path)
     del state['model']['decode_head.conv_seg.bias']
     with pytest.raises(CheckpointError, match='conv_seg.bias'):
         restore_training_state(state, fresh, fresh_opt, cfg, path)

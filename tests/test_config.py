@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from smmcl.config import REPO_ROOT, load_config, parse_value
+from smmcl.config import REPO_ROOT, ConfigError, base_config, load_config, parse_value, validate
 
 EXPERIMENTS = {name: os.path.join(REPO_ROOT, name, 'config.py')
                for name in ('SMMCL_LLRGBD', 'SMMCL_MFNet', 'SMMCL_NYU')}
@@ -103,3 +103,22 @@ def test_values_are_python_literals_else_strings():
     assert parse_value('3') == 3 and parse_value('1e-3') == 1e-3 and parse_value('None') is None
     assert parse_value('[1, 2]') == [1, 2] and parse_value('True') is True
     assert parse_value('/data/x') == '/data/x' and parse_value('mscan_t') == 'mscan_t'
+
+
+@pytest.mark.parametrize('key, typo, nearest', [
+    ('nonfinite_loss', 'skp', 'skip'), ('eval_protocol', 'corected', 'corrected'),
+    ('anchor_sampler', 'vectorised', 'vectorized'), ('backbone', 'mscan-b', 'mscan_b'),
+    ('decoder', 'LightHamHeed', 'LightHamHead'), ('optimizer', 'AdamV', 'AdamW')])
+def test_every_choice_is_checked_at_load_with_the_nearest_valid_value(key, typo, nearest):
+    with pytest.raises(ConfigError, match=rf"{key}='{typo}': expected one of .*did you mean '{nearest}'\?"):
+        load_config(EXPERIMENTS['SMMCL_LLRGBD'], [f'{key}={typo}'])
+
+
+def test_base_config_passes_validation_and_an_unknown_key_is_a_config_error():
+    config = base_config()
+    assert validate(config) is config
+    with pytest.raises(ConfigError, match="did you mean 'nepochs'") as error:
+        load_config(EXPERIMENTS['SMMCL_NYU'], ['nepoch=3'])
+    assert str(error.value) == "unknown config key 'nepoch'; did you mean 'nepochs'?"  # no KeyError quotes
+    with pytest.raises(ConfigError, match='key=value'):
+        load_config(EXPERIMENTS['SMMCL_NYU'], ['nepochs'])

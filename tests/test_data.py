@@ -349,3 +349,32 @@ def test_error_label_palette_png(copy_of):
     palette.save(label_path)
     message = error_of(lambda: RGBXDataset(config_for('LLRGBD', path), 'train')[2])
     assert label_path in message and 'palette PNG' in message and 'not class indices' in message
+
+
+# ---- the training loader (smmcl.data.loader) ----
+
+def test_training_loader_uses_the_real_image_count_once(generated, caplog):
+    """The config says 1418 images, the folder holds 4: 4 // 2 + 1 = 3 iterations of 2, the config
+    itself untouched; a pinned niters_per_epoch wins."""
+    from smmcl.data.loader import build_train_data
+    from smmcl.engine.dist import DistContext
+    config = config_for('LLRGBD', generated['LLRGBD'], 'batch_size=2', 'num_workers=0')
+    data = build_train_data(config, DistContext())
+    assert data.niters == 3 and len(data.loader.dataset) == 6 and data.loader.batch_size == 2
+    assert (config.num_train_imgs, config.niters_per_epoch) == (1418, 1418 // 2 + 1)
+    assert 'the training set has 4 images' in caplog.text
+    pinned = config_for('LLRGBD', generated['LLRGBD'], 'batch_size=2', 'num_workers=0', 'niters_per_epoch=5')
+    assert build_train_data(pinned, DistContext()).niters == 5
+    data.sampler.set_epoch(1)
+    assert next(iter(data.sampler))[0] == 1  # (epoch, index) keys for the per-sample seeding
+
+
+def test_to_device_normalises_every_training_batch(generated):
+    """The batch that reaches the model: normalize_batch's values, float32, labels int64."""
+    from smmcl.data.loader import to_device
+    config = config_for('LLRGBD', generated['LLRGBD'])
+    batch = default_collate([RGBXDataset(config, 'train')[i] for i in range(2)])
+    rgb, x, label = to_device(batch, config, torch.device('cpu'))
+    expected = normalize_batch(batch['data'], config.norm_mean, config.norm_std, batch['valid_box'])
+    assert rgb.dtype == x.dtype == torch.float32 and label.dtype == torch.int64
+    assert torch.equal(rgb, expected) and rgb.shape == (2, 3, 16, 20)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from smmcl.config import base_config
-from smmcl.models import EncoderDecoder
+from smmcl.models import build_segmentor
 from smmcl.models.ham_head import LightHamHead
 
 
@@ -32,7 +32,7 @@ def head():
     torch.manual_seed(0)
     cfg = base_config()
     cfg.update(backbone='mscan_t', num_classes=14, pretrained_model=None, decoder_embed_dim=256)
-    return EncoderDecoder(cfg, criterion=nn.CrossEntropyLoss(ignore_index=255)).decode_head
+    return build_segmentor(cfg, with_loss=True).decode_head
 
 
 def test_conv_weights_are_kaiming_normal_fan_in(head):

@@ -14,7 +14,7 @@ from smmcl.config import REPO_ROOT, load_config
 from smmcl.data.synthetic import generate
 from smmcl.engine.dist import DistContext, launch
 from smmcl.engine.eval_cli import _evaluate_checkpoints, main, parse_epochs
-from smmcl.models import EncoderDecoder
+from smmcl.models import build_segmentor
 
 TINY = ['backbone=mscan_t', 'decoder_embed_dim=64', 'eval_crop_size=[32,48]', 'num_workers=0']
 
@@ -60,7 +60,7 @@ def _write_checkpoint(config_path, overrides, path, **changes):
     cfg = load_config(config_path, overrides)
     cfg.update(pretrained_model=None, **changes)
     torch.manual_seed(0)
-    state = EncoderDecoder(cfg).state_dict()
+    state = build_segmentor(cfg).state_dict()
     torch.save({'model': state, 'optimizer': {}, 'epoch': 3, 'iteration': 30}, path)  # the authors' format
 
 

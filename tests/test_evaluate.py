@@ -15,7 +15,7 @@ from smmcl.config import REPO_ROOT, base_config, load_config
 from smmcl.engine.evaluate import (authors_windows, cmx_palette, corrected_windows, evaluate, evaluate_per_image,
                                    pad_margins, predict, predict_scores, prediction_palette, resize_scores,
                                    to_input, window_function, window_scores)
-from smmcl.models import EncoderDecoder
+from smmcl.models import build_segmentor
 
 K = 5
 
@@ -183,7 +183,7 @@ def test_one_window_equals_a_forward_of_the_real_model():
     # An image no larger than the crop: one forward on it (padded to the crop) -- with SMMCL's own model.
     cfg = eval_config(eval_crop_size=[32, 48])
     cfg.update(backbone='mscan_t', pretrained_model=None, decoder_embed_dim=64)
-    model = EncoderDecoder(cfg).eval()
+    model = build_segmentor(cfg).eval()
     rgb, x = images(32, 48)
     torch.manual_seed(3)  # the NMF decoder draws random bases every forward
     scores = predict_scores(model, rgb, x, cfg, 'cpu')

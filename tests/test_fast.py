@@ -6,7 +6,7 @@ import torch
 from easydict import EasyDict
 
 from smmcl.config import base_config
-from smmcl.models import EncoderDecoder
+from smmcl.models import build_segmentor
 from smmcl.models.fast import fold_for_inference
 
 
@@ -15,7 +15,7 @@ def trained_like_model(backbone='mscan_t', seed=0):
     torch.manual_seed(seed)
     cfg = base_config()
     cfg.update(backbone=backbone, num_classes=7, pretrained_model=None, decoder_embed_dim=64)
-    model = EncoderDecoder(cfg)
+    model = build_segmentor(cfg)
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
             if name.endswith('running_var'):
@@ -65,7 +65,7 @@ def test_bf16_autocast_logits_within_1e2():
     torch.manual_seed(0)
     cfg = base_config()
     cfg.update(backbone='mscan_t', num_classes=7, pretrained_model=None, decoder_embed_dim=64)
-    model = EncoderDecoder(cfg).eval()
+    model = build_segmentor(cfg).eval()
     rgb, x = torch.randn(2, 3, 64, 96), torch.randn(2, 3, 64, 96)
     plain = _outputs(model, rgb, x)[0]
     torch.manual_seed(3)
@@ -112,7 +112,7 @@ def _one_training_step(config, fast):
     rounding-level differences in near-zero gradients say nothing about the two paths.)"""
     from smmcl.engine.precision import for_training
     torch.manual_seed(0)
-    model = EncoderDecoder(config, criterion=torch.nn.CrossEntropyLoss(ignore_index=255)).train()
+    model = build_segmentor(config, with_loss=True).train()
     config.fast_path = fast
     model = for_training(model, config)
     g = torch.Generator().manual_seed(1)

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from smmcl.config import base_config
-from smmcl.losses import SupervisedMultiModalContrastiveLoss
-from smmcl.models import EncoderDecoder
+from smmcl.models import build_contrastive_loss, build_segmentor
 
 REFERENCE = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'reference')
 pytestmark = pytest.mark.skipif(not os.path.isdir(REFERENCE), reason='../shared/reference not present')
@@ -48,13 +47,13 @@ def _cfg(**changes):
 
 
 def test_state_dict_layout_matches_authors(layout):
-    model = EncoderDecoder(_cfg())
+    model = build_segmentor(_cfg())
     assert {k: list(v.shape) for k, v in model.state_dict().items()} == layout
 
 
 def test_model_and_loss_match_golden(golden, layout):
     cfg = _cfg(anchor_sampler='loop')  # the authors' sampler reproduces their random stream
-    model = EncoderDecoder(cfg, criterion=torch.nn.CrossEntropyLoss(ignore_index=255))
+    model = build_segmentor(cfg, with_loss=True)
     model.load_state_dict(_reference_state_dict(layout, int(golden['seed'])), strict=True)
     model.eval()
     torch.manual_seed(int(golden['nmf_seed']))
@@ -74,7 +73,7 @@ def test_model_and_loss_match_golden(golden, layout):
 
 
 def test_infonce_matches_golden(golden):
-    loss = SupervisedMultiModalContrastiveLoss(_cfg())
+    loss = build_contrastive_loss(_cfg())
     feats_c, feats_o = torch.from_numpy(golden['feats_c']), torch.from_numpy(golden['feats_o'])
     labels = torch.from_numpy(golden['anchor_labels']).long()
     assert _rel(loss.intra_modal_loss(feats_c, labels), golden['infonce_intra_c']) < 1e-4
@@ -84,7 +83,7 @@ def test_infonce_matches_golden(golden):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')
 def test_model_matches_golden_on_gpu(golden, layout):
-    model = EncoderDecoder(_cfg())
+    model = build_segmentor(_cfg())
     model.load_state_dict(_reference_state_dict(layout, int(golden['seed'])), strict=True)
     model.eval().cuda()
     torch.manual_seed(int(golden['nmf_seed']))

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from smmcl.config import base_config
-from smmcl.losses import SupervisedMultiModalContrastiveLoss
 from smmcl.losses.contrastive import (anchor_plan, downsample_labels, sample_anchors,
                                       sample_anchors_loop)
+from smmcl.models import build_contrastive_loss
 
 
 def loss_cfg(**changes):
@@ -84,7 +84,7 @@ def test_vectorised_equals_loop_when_every_cell_is_kept(seed):
     full = torch.nn.functional.interpolate(labels[:, None].float(), scale_factor=32.0)[:, 0].long()
     results = {}
     for sampler in ('vectorized', 'loop'):
-        loss = SupervisedMultiModalContrastiveLoss(loss_cfg(anchor_sampler=sampler, share_anchor_draw=True))
+        loss = build_contrastive_loss(loss_cfg(anchor_sampler=sampler, share_anchor_draw=True))
         torch.manual_seed(seed)
         results[sampler] = torch.stack(loss(full, feats_c, feats_o))
     assert torch.allclose(results['vectorized'], results['loop'], rtol=1e-5)
@@ -100,7 +100,7 @@ def test_loop_sampler_matches_vectorised_shapes_on_random_labels():
 
 
 def test_no_anchor_set_gives_zero_losses_that_backpropagate():
-    loss = SupervisedMultiModalContrastiveLoss(loss_cfg())
+    loss = build_contrastive_loss(loss_cfg())
     label = torch.full((2, 64, 64), 255)
     label[:, :8, :8] = 1  # far fewer than 5 stage-4 cells
     feats_c = torch.randn(2, 8, 2, 2, requires_grad=True)
@@ -118,7 +118,7 @@ def test_labels_are_downsampled_by_nearest_top_left_sampling():
 
 
 def test_loss_stays_float32_under_autocast():
-    loss = SupervisedMultiModalContrastiveLoss(loss_cfg())
+    loss = build_contrastive_loss(loss_cfg())
     label = torch.zeros(1, 256, 256, dtype=torch.long)
     label[:, 128:] = 1
     feats = torch.randn(1, 8, 8, 8).bfloat16()

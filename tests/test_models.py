@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from smmcl.config import base_config
-from smmcl.models import EncoderDecoder
+from smmcl.models import build_segmentor
 from smmcl.models.ham_head import NMF2D
 from smmcl.models.mscan import MSCAN_VARIANTS, mscan_spec
 
@@ -29,7 +29,7 @@ def test_variants_have_the_papers_sizes():
 @pytest.mark.parametrize('size', [(64, 96), (50, 70)])  # an odd size too
 def test_forward_shapes_and_finite(size):
     torch.manual_seed(0)
-    model = EncoderDecoder(tiny_cfg()).eval()
+    model = build_segmentor(tiny_cfg()).eval()
     rgb, x = torch.randn(2, 3, *size), torch.randn(2, 3, *size)
     with torch.no_grad():
         logits, color, other = model.encode_decode(rgb, x)
@@ -51,7 +51,7 @@ def test_forward_shapes_and_finite(size):
 
 def test_training_loss_reaches_every_trainable_parameter():
     torch.manual_seed(0)
-    model = EncoderDecoder(tiny_cfg(), criterion=torch.nn.CrossEntropyLoss(ignore_index=255)).train()
+    model = build_segmentor(tiny_cfg(), with_loss=True).train()
     rgb, x = torch.randn(2, 3, 128, 192), torch.randn(2, 3, 128, 192)
     label = torch.zeros(2, 128, 192, dtype=torch.long)  # stage 4: 4x6 cells, 3 classes of >= 6 cells
     label[:, :, 96:] = 1
@@ -109,7 +109,7 @@ def test_nmf_reconstructs_a_low_rank_nonnegative_map():
 
 
 def test_other_class_counts_change_only_the_classifier():
-    a = EncoderDecoder(tiny_cfg(num_classes=5)).state_dict()
-    b = EncoderDecoder(tiny_cfg(num_classes=9)).state_dict()
+    a = build_segmentor(tiny_cfg(num_classes=5)).state_dict()
+    b = build_segmentor(tiny_cfg(num_classes=9)).state_dict()
     diff = [k for k in a if a[k].shape != b[k].shape]
     assert sorted(diff) == ['decode_head.conv_seg.bias', 'decode_head.conv_seg.weight']

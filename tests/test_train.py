@@ -149,7 +149,8 @@ def test_data_and_pretrained_problems_are_one_message(tiny_training, tmp_path, c
     assert "did you mean 'nepochs'" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # refused at the start, not at the first non-finite loss
         train_module.main(CONFIG, ['--set', *tiny_training(nonfinite_loss='skp')])
-    assert "nonfinite_loss='skp': choose one of ('stop', 'skip')" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "nonfinite_loss='skp': expected one of ('stop', 'skip'); did you mean 'skip'?" in err
 
 
 def test_unreadable_image_in_a_loader_worker_is_one_message(tiny_llrgbd, tiny_training, tmp_path, capsys):
@@ -169,3 +170,15 @@ def test_resume_refuses_another_model(tiny_training, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_module.main(CONFIG, ['-c', last, '--set', *tiny_training(num_classes=9, nepochs=3)])
     assert '14 classes (config: 9)' in capsys.readouterr().err
+
+
+def test_buffer_rollback_restores_batchnorm_statistics_only_when_undone():
+    bn = torch.nn.BatchNorm2d(2)
+    x = torch.randn(4, 2, 3, 3, generator=torch.Generator().manual_seed(0)) + 5
+    with train_module.BufferRollback(bn, enabled=True) as rollback:
+        bn(x)
+        rollback.undo = True
+    assert torch.equal(bn.running_mean, torch.zeros(2)) and bn.num_batches_tracked.item() == 0
+    with train_module.BufferRollback(bn, enabled=True):
+        bn(x)
+    assert bn.num_batches_tracked.item() == 1 and (bn.running_mean > 0.4).all()

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from smmcl.config import base_config
-from smmcl.models import EncoderDecoder, check_compatible, describe_state_dict
+from smmcl.engine.checkpoint import load_backbone_pretrained
+from smmcl.models import build_segmentor, check_compatible, describe_state_dict
 
 LAYOUT = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'reference',
                       'state_dict_layout_mscan_b_14cls.json')
@@ -20,14 +21,14 @@ def cfg_for(backbone='mscan_b', num_classes=14, pretrained=None):
 
 
 def test_authors_checkpoint_loads_strictly(tmp_path):
-    source = EncoderDecoder(cfg_for())
+    source = build_segmentor(cfg_for())
     if os.path.isfile(LAYOUT):
         with open(LAYOUT) as f:
             layout = json.load(f)
         assert {k: list(v.shape) for k, v in source.state_dict().items()} == layout
     path = tmp_path / 'epoch-500.pth'
     torch.save({'model': source.state_dict(), 'optimizer': {}, 'epoch': 500, 'iteration': 44500}, path)
-    target = EncoderDecoder(cfg_for())
+    target = build_segmentor(cfg_for())
     state = torch.load(path, map_location='cpu')['model']
     check_compatible(state, 'mscan_b', 14, str(path))
     target.load_state_dict(state, strict=True)
@@ -37,7 +38,7 @@ def test_authors_checkpoint_loads_strictly(tmp_path):
 
 def imagenet_mscan_file(path, backbone):
     """A SegNeXt-format ImageNet MSCAN file: single-branch names plus a classifier head."""
-    dual = EncoderDecoder(cfg_for(backbone)).backbone.state_dict()
+    dual = build_segmentor(cfg_for(backbone)).backbone.state_dict()
     single = {k: torch.randn_like(v.float()).to(v.dtype) for k, v in dual.items()
               if re.match(r'(patch_embed|block|norm)\d', k)}
     single['head.weight'] = torch.randn(1000, dual['norm4.weight'].shape[0])
@@ -49,8 +50,9 @@ def imagenet_mscan_file(path, backbone):
 def test_imagenet_weights_load_into_both_branches(tmp_path):
     path = tmp_path / 'mscan_t.pth'
     single = imagenet_mscan_file(path, 'mscan_t')
-    model = EncoderDecoder(cfg_for('mscan_t', pretrained=str(path)))
-    report = model.pretrained_report
+    cfg = cfg_for('mscan_t', pretrained=str(path))
+    model = build_segmentor(cfg)
+    report = load_backbone_pretrained(model, cfg)
     backbone_keys = [k for k in model.backbone.state_dict()
                      if re.match(r'(patch_embed|block|norm)(_other)?\d', k)]
     assert report.loaded == len(backbone_keys) == 2 * (len(single) - 2)
@@ -70,17 +72,19 @@ def test_unrelated_file_is_refused(tmp_path):
     path = tmp_path / 'resnet.pth'
     torch.save({'state_dict': {'conv1.weight': torch.zeros(64, 3, 7, 7)}}, path)
     with pytest.raises(ValueError, match='matches none'):
-        EncoderDecoder(cfg_for('mscan_t', pretrained=str(path)))
+        cfg = cfg_for('mscan_t', pretrained=str(path))
+        load_backbone_pretrained(build_segmentor(cfg), cfg)
 
 
 def test_missing_pretrained_file_says_where_to_get_it(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
-        EncoderDecoder(cfg_for('mscan_t', pretrained=str(tmp_path / 'mscan_t.pth')))
+        cfg = cfg_for('mscan_t', pretrained=str(tmp_path / 'mscan_t.pth'))
+        load_backbone_pretrained(build_segmentor(cfg), cfg)
     assert 'pretrained_model=None' in str(err.value) and 'SegNeXt' in str(err.value)
 
 
 def test_checkpoint_for_another_config_is_refused():
-    state = EncoderDecoder(cfg_for('mscan_t', 9)).state_dict()
+    state = build_segmentor(cfg_for('mscan_t', 9)).state_dict()
     assert describe_state_dict(state) == ('mscan_t', 9)
     with pytest.raises(ValueError) as err:
         check_compatible(state, 'mscan_b', 14, 'epoch-1.pth')

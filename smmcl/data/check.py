@@ -35,7 +35,7 @@ def split_layouts(config, split: str) -> List[SplitLayout]:
     layouts = [split_layout(config, split)]
     if split == 'val':
         layouts += [split_layout(config, 'val', source)
-                    for source in (config.get('eval_subset_sources') or {}).values() if _names_images(source)]
+                    for source in config.eval_subset_sources.values() if _names_images(source)]
     return layouts
 
 
@@ -171,7 +171,7 @@ def scan_unlabelled(config, workers: int = 4):
 
 
 def format_summary(config, summaries: Dict[str, dict]) -> str:
-    names = list(config.get('class_names') or [])
+    names = list(config.class_names or [])
     lines = []
     for split, s in summaries.items():
         sizes = ', '.join(f'{h}x{w} ({n})' for (h, w), n in s['sizes'].most_common())

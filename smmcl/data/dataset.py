@@ -303,7 +303,7 @@ def load_item(layout: SplitLayout, name: str, config):
     rgb, x, gt = images
     if config.x_is_single_channel:
         x = cv2.merge([x, x, x])
-    if config.get('true_rgb_order', False):
+    if config.true_rgb_order:
         rgb = cv2.cvtColor(rgb, cv2.COLOR_BGR2RGB)
         x = cv2.cvtColor(x, cv2.COLOR_BGR2RGB)
     if config.gt_transform:

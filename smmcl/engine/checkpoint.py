@@ -40,6 +40,7 @@ import os.path as osp
 import random
 import re
 import uuid
+import zipfile
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -49,17 +50,14 @@ from torch.amp import GradScaler
 from torch.optim import Optimizer
 
 from ..models.authors_order import authors_param_groups
-from ..models.weights import check_compatible
+from ..models.weights import (PRETRAINED_HELP, CheckpointError, CheckpointNotFoundError, PretrainedReport,
+                              check_compatible, load_pretrained_backbone)
 from .optim import optimizer_param_names
 
 logger = logging.getLogger(__name__)
 
 LAST = 'epoch-last.pth'
 _TEMP = re.compile(r'^\..+\.tmp$')
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be resumed from (unreadable, or built for another model)."""
 
 
 def checkpoint_name(epoch: int) -> str:
@@ -198,24 +196,75 @@ def save_checkpoint(state: Dict[str, Any], checkpoint_dir: str) -> str:
     return path
 
 
-def load_checkpoint(path: str) -> Dict[str, Any]:
-    """Read a checkpoint onto the CPU (ours or the authors'; ``epoch-last.pth`` follows its link).
+def read_checkpoint(path: str, *, mmap: bool = False) -> Dict[str, Any]:
+    """Read a checkpoint or weights file onto the CPU: ours, the authors' (``{'model': ...}``), an
+    ImageNet MSCAN file (``{'state_dict': ...}``) or a bare state dict; ``epoch-last.pth`` follows its link.
+
+    Loaded with ``weights_only=True``: these files hold only tensors, numbers and containers, and a file
+    that needs arbitrary unpickling is refused rather than executed. ``mmap=True`` maps the tensors
+    instead of reading them, for checks that look only at shapes (files in torch's pre-1.6 format,
+    which cannot be mapped, are read in full).
 
     Raises:
-        FileNotFoundError: no such file (or a link to a missing file).
-        CheckpointError: the file is not a readable checkpoint.
+        CheckpointNotFoundError: no such file (or a link to a missing file).
+        CheckpointError: the file cannot be read, or holds no dict.
     """
     if not osp.isfile(path):
-        raise FileNotFoundError(f'checkpoint {path} does not exist'
-                                + (' (it is a link to a missing file)' if osp.islink(path) else ''))
+        raise CheckpointNotFoundError(f'checkpoint {path} does not exist'
+                                      + (' (it is a link to a missing file)' if osp.islink(path) else ''))
     try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
+        ckpt = torch.load(path, map_location='cpu', weights_only=True,
+                          mmap=mmap and zipfile.is_zipfile(path))
     except Exception as error:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f'checkpoint {path} cannot be read ({type(error).__name__}: {error}); '
-                              f'resume from another epoch-N.pth') from None
-    if not isinstance(state, dict) or 'model' not in state:
-        raise CheckpointError(f"{path} is not a training checkpoint (no 'model' entry)")
-    return state
+        reason = str(error).splitlines()[0] if str(error) else ''
+        raise CheckpointError(f'checkpoint {path} cannot be read with weights_only=True '
+                              f'({type(error).__name__}: {reason}); is it complete? use another '
+                              f'epoch-N.pth') from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f'checkpoint {path} holds a {type(ckpt).__name__}, not a state dict')
+    return ckpt
+
+
+def load_checkpoint(path: str) -> Dict[str, Any]:
+    """The former name of :func:`read_checkpoint`, kept while tests still import it."""
+    return read_checkpoint(path)
+
+
+def model_state(ckpt: Dict[str, Any], source: str = 'the checkpoint') -> Dict[str, torch.Tensor]:
+    """The model weights of what :func:`read_checkpoint` returned: its ``'model'`` entry (ours, the
+    authors'), its ``'state_dict'`` entry (SegNeXt's ImageNet files), or the dict itself when it is a
+    state dict.
+
+    Raises:
+        CheckpointError: none of these (``source`` names the file in the message).
+    """
+    for key in ('model', 'state_dict'):
+        if isinstance(ckpt.get(key), dict):
+            return ckpt[key]
+    if ckpt and all(torch.is_tensor(value) for value in ckpt.values()):
+        return ckpt
+    raise CheckpointError(f"{source} holds no model weights (no 'model' or 'state_dict' entry, and it is "
+                          f"not a state dict: keys {sorted(map(str, ckpt))[:5]})")
+
+
+def load_backbone_pretrained(model: nn.Module, config) -> Optional[PretrainedReport]:
+    """Load ``config.pretrained_model`` (SegNeXt's ImageNet MSCAN weights) into both branches of
+    ``model.backbone``, after :func:`smmcl.models.builder.build_segmentor`; None when it is None.
+
+    Raises:
+        CheckpointNotFoundError: no such file (the message says where to get it).
+        CheckpointError: the file is unreadable or matches none of the backbone's tensors.
+    """
+    path = config.pretrained_model
+    if not path:
+        return None
+    if not osp.isfile(path):
+        raise CheckpointNotFoundError(f'pretrained backbone {path} not found. '
+                                      + PRETRAINED_HELP.format(name=config.backbone, path=path))
+    report = load_pretrained_backbone(model.backbone, model_state(read_checkpoint(path), path), path,
+                                      config.backbone)
+    logger.info(report.summary())
+    return report
 
 
 def restore_training_state(state: Dict[str, Any], model: nn.Module, optimizer: Optional[Optimizer],
@@ -225,9 +274,11 @@ def restore_training_state(state: Dict[str, Any], model: nn.Module, optimizer: O
     optimizer state is matched to ``optimizer``'s parameters by name (module docstring).
 
     Raises:
-        CheckpointError: built for another backbone or number of classes (naming both values), or
-            the state dicts do not match.
+        CheckpointError: not a training checkpoint, built for another backbone or number of classes
+            (naming both values), or the state dicts do not match.
     """
+    if 'model' not in state:
+        raise CheckpointError(f"{source} is not a training checkpoint (no 'model' entry)")
     try:
         check_compatible(state['model'], config.backbone, int(config.num_classes), source)
         model.load_state_dict(state['model'], strict=True)

@@ -9,8 +9,8 @@ Three ways in, one ``DistContext`` out:
 
 NCCL on GPUs, gloo on the CPU. The authors' ``--local_rank`` flag is accepted and ignored in favour
 of the environment. Their ``train.py -d 0-3`` runs one process with ``nn.DataParallel`` instead; with
-per-process BatchNorm and rank 0's statistics broadcast (``smmcl.engine.train.norm_layer_for`` and
-``wrap_ddp``) the processes compute the same.
+per-process BatchNorm and rank 0's statistics broadcast (:func:`norm_layer_for` and :func:`wrap_ddp`)
+the processes compute the same.
 """
 from __future__ import annotations
 
@@ -24,6 +24,10 @@ from typing import Callable, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..config import ConfigError
 
 
 @dataclass
@@ -133,11 +137,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def all_gather(tensor: torch.Tensor) -> torch.Tensor:
     """Stack ``tensor`` from every rank: WORLD-... (1-... in a single process)."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -154,3 +153,44 @@ def all_gather_object(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def norm_layer_for(config, ctx: DistContext) -> type:
+    """The BatchNorm class of the backbone and projectors: plain unless ``sync_bn`` and several processes.
+
+    The authors' ``train.py -d 0-3`` wraps the model in ``nn.DataParallel`` (no ``WORLD_SIZE``), and the
+    encoder's and projectors' BatchNorms are built as plain ``nn.BatchNorm2d`` whatever ``norm_layer`` says
+    (``models/encoders/dual_segnext.py``, ``models/projector.py``; the SyncBatchNorm their ``train.py``
+    picks under DDP only reaches isinstance checks in ``init_weight`` and ``group_weight``). So each GPU
+    normalises its share of the batch with that share's statistics and the running statistics kept are
+    GPU 0's. Plain BatchNorm under DDP does the same: each rank its own share, and rank 0's running
+    statistics broadcast before every forward (see :func:`wrap_ddp`).
+
+    Raises:
+        ConfigError: ``sync_bn=True`` on several CPU processes (SyncBatchNorm has no CPU kernel).
+    """
+    if not config.sync_bn or not ctx.distributed:
+        return nn.BatchNorm2d  # in one process the batch statistics are the whole batch's anyway
+    if ctx.device.type == 'cpu':
+        raise ConfigError(f'sync_bn=True: SyncBatchNorm has no CPU kernel, and these {ctx.world_size} '
+                          'processes run on the CPU; use --set sync_bn=False (per-process BatchNorm, the '
+                          "authors' behaviour) or run on GPUs")
+    return nn.SyncBatchNorm
+
+
+def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
+    """``model`` in DistributedDataParallel when there are several processes (else ``model`` itself).
+
+    ``broadcast_buffers=True`` copies rank 0's BatchNorm running statistics to every rank before each
+    forward, so rank 0's are the ones that accumulate and get saved: as ``nn.DataParallel``, whose
+    replica on the first GPU updates the module's own buffers. DDP also broadcasts rank 0's initial
+    weights here.
+    """
+    if not ctx.distributed:
+        return model
+    # Depthwise conv weights (C-1-3-3) get gradients whose stride differs from DDP's bucket only in
+    # the size-1 dimension; DDP copies them and warns once per process. Nothing to fix.
+    warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
+    device_ids = [ctx.device.index] if ctx.device.type == 'cuda' else None
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=True,
+                                   find_unused_parameters=False)

@@ -21,7 +21,8 @@ exists (MFNet day / night). The per-class IoU tables are printed and appended to
 (``<log_dir>/val_<%Y_%m_%d_%H_%M_%S>.log``; ``Model: <checkpoint>`` then the table, as the authors'
 ``Evaluator.run``), and ``<log_dir>/val_last.log`` links to it; the last line printed is
 ``mIoU: <percent>`` of the last checkpoint's test set, for scripts. The model is built without ImageNet
-weights (``pretrained_model=None``); each checkpoint must match the config's backbone and class count.
+weights (``pretrained_model`` is not read: the checkpoint sets every tensor); each checkpoint must match
+the config's backbone and class count.
 """
 from __future__ import annotations
 
@@ -29,23 +30,21 @@ import argparse
 import logging
 import os
 import os.path as osp
-import pickle
 import re
 import sys
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
-import torch
-from easydict import EasyDict
 
-from smmcl.config import load_config
+from smmcl.config import ConfigError, load_config
 from smmcl.data.dataset import DatasetError, RGBXDataset, read_list
+from smmcl.engine.checkpoint import CheckpointError, model_state, read_checkpoint
 from smmcl.engine.dist import DistContext, launch, parse_devices
-from smmcl.engine.evaluate import evaluate_per_image, prediction_palette, window_function
+from smmcl.engine.evaluate import evaluate_per_image, prediction_palette
 from smmcl.engine.logging_utils import link_last
 from smmcl.engine.metrics import compute_scores, format_results
 from smmcl.engine.precision import for_inference, mixed_precision
-from smmcl.models import EncoderDecoder, check_compatible
+from smmcl.models import build_segmentor, check_compatible
 
 logger = logging.getLogger('smmcl.eval')
 
@@ -77,7 +76,7 @@ def parse_epochs(text: str, checkpoint_dir: str) -> List[str]:
     ``.pth`` -> that file.
 
     Raises:
-        ValueError: ``text`` is none of these, or a range runs backwards.
+        ConfigError: ``text`` is none of these, or a range runs backwards.
         FileNotFoundError: a named checkpoint is missing, or a range matches none; the message names
             the path and the checkpoints that exist.
     """
@@ -93,12 +92,12 @@ def parse_epochs(text: str, checkpoint_dir: str) -> List[str]:
         return [path]
     match = re.fullmatch(r'(\d+)-(\d*)', text)
     if match is None:
-        raise ValueError(f"-e {text!r}: expected an epoch (500), a range (400-500), an open range (450-), "
-                         f"'last' or a .pth file")
+        raise ConfigError(f"-e {text!r}: expected an epoch (500), a range (400-500), an open range (450-), "
+                          f"'last' or a .pth file")
     start = int(match.group(1))
     end = int(match.group(2)) if match.group(2) else None
     if end is not None and end < start:
-        raise ValueError(f'-e {text}: the range runs backwards ({start} > {end})')
+        raise ConfigError(f'-e {text}: the range runs backwards ({start} > {end})')
     saved = _saved_epochs(checkpoint_dir)
     chosen = [saved[e] for e in sorted(saved) if e >= start and (end is None or e <= end)]
     if not chosen:
@@ -106,44 +105,6 @@ def parse_epochs(text: str, checkpoint_dir: str) -> List[str]:
                                 + (f' <= {end}' if end is not None else '')
                                 + f'; {_holds(checkpoint_dir)}')
     return chosen
-
-
-def checkpoint_weights(path: str) -> Dict[str, torch.Tensor]:
-    """The model weights of a checkpoint: the authors' ``{'model': state_dict, 'optimizer': ..., 'epoch':
-    ..., 'iteration': ...}``, a ``{'state_dict': ...}`` file or a bare state dict (loaded on the CPU).
-
-    Loaded with ``weights_only=True``: the authors' checkpoints and ours hold only tensors, numbers and
-    containers, and a file that needs arbitrary unpickling is refused rather than executed.
-
-    Raises:
-        ValueError: the file cannot be read as a PyTorch checkpoint (or holds other objects), or holds
-            no dict.
-    """
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:
-        raise ValueError(f'cannot read checkpoint {path} (with weights_only=True): '
-                         f'{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}') from exc
-    if not isinstance(ckpt, dict):
-        raise ValueError(f'checkpoint {path} holds a {type(ckpt).__name__}, not a state dict')
-    for key in ('model', 'state_dict'):
-        if isinstance(ckpt.get(key), dict):
-            return ckpt[key]
-    return ckpt
-
-
-def build_model(config, state_dict: Dict[str, torch.Tensor], source: str) -> EncoderDecoder:
-    """The eval-mode segmentor with ``state_dict`` loaded strictly (no ImageNet file needed).
-
-    Raises:
-        ValueError: the checkpoint's backbone or class count differs from the config's.
-    """
-    check_compatible(state_dict, config.backbone, int(config.num_classes), source)
-    cfg = EasyDict(dict(config))
-    cfg.pretrained_model = None
-    model = EncoderDecoder(cfg)
-    model.load_state_dict(state_dict, strict=True)
-    return model.eval()
 
 
 def _result_block(title: str, hist: np.ndarray, config) -> str:
@@ -163,7 +124,7 @@ def subset_indices(config, test_names: Sequence[str]) -> Dict[str, List[int]]:
     """
     position = {name: i for i, name in enumerate(test_names)}
     subsets = {}
-    for name, source in (config.get('eval_subset_sources') or {}).items():
+    for name, source in config.eval_subset_sources.items():
         if not osp.isfile(source):
             continue
         names = read_list(source)
@@ -184,7 +145,7 @@ def _evaluate_checkpoints(ctx: DistContext, config, checkpoints: Sequence[str], 
         logging.getLogger('smmcl.engine.evaluate').setLevel(logging.DEBUG)
     dataset = RGBXDataset(config, 'val')
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
-    workers = min(int(config.get('num_workers', 0)), 4, cpus)  # image reading only; 4 keep a GPU busy
+    workers = min(int(config.num_workers), 4, cpus)  # image reading only; 4 keep a GPU busy
     final, model = [], None
     if ctx.is_main:  # the authors open the log and link val_last.log before evaluating
         os.makedirs(osp.dirname(osp.abspath(config.val_log_file)), exist_ok=True)
@@ -193,12 +154,11 @@ def _evaluate_checkpoints(ctx: DistContext, config, checkpoints: Sequence[str], 
         if save_path is not None:
             os.makedirs(save_path, exist_ok=True)
     for path in checkpoints:
-        state = checkpoint_weights(path)
-        if model is None:
-            model = build_model(config, state, path).to(ctx.device)
-        else:
-            check_compatible(state, config.backbone, int(config.num_classes), path)
-            model.load_state_dict(state, strict=True)
+        weights = model_state(read_checkpoint(path), path)
+        check_compatible(weights, config.backbone, int(config.num_classes), path)
+        if model is None:  # without ImageNet weights: the checkpoint sets every tensor
+            model = build_segmentor(config).eval().to(ctx.device)
+        model.load_state_dict(weights, strict=True)
         save_dir = None
         if save_path is not None:
             save_dir = save_path + '_color'
@@ -256,18 +216,18 @@ def main(config_path: str, argv: Optional[Sequence[str]] = None) -> None:
         config = load_config(config_path, args.set)
         names = config.class_names or []
         if names and len(names) != int(config.num_classes):  # the tables name class i by names[i]
-            raise ValueError(f'class_names holds {len(names)} names for num_classes={config.num_classes}; '
-                             f'give one name per class (or --set class_names=[] for "Class i:")')
-        window_function(config.eval_protocol)
+            raise ConfigError(f'class_names holds {len(names)} names for num_classes={config.num_classes}; '
+                              f'give one name per class (or --set class_names=[] for "Class i:")')
         prediction_palette(config.class_colors)
         checkpoints = parse_epochs(args.epochs, config.checkpoint_dir)
-        for path in checkpoints:  # refuse a wrong checkpoint before starting any process
-            check_compatible(checkpoint_weights(path), config.backbone, int(config.num_classes), path)
+        for path in checkpoints:  # refuse a wrong checkpoint before starting any process (shapes only)
+            check_compatible(model_state(read_checkpoint(path, mmap=True), path), config.backbone,
+                             int(config.num_classes), path)
         # Missing folders / list files, before starting any process.
         subsets = subset_indices(config, RGBXDataset(config, 'val').names)
-    except (KeyError, ValueError, FileNotFoundError) as exc:  # DatasetError is a ValueError
-        print(f'error: {exc.args[0] if isinstance(exc, KeyError) else exc}', file=sys.stderr)
+    except (ConfigError, DatasetError, CheckpointError, FileNotFoundError) as exc:  # the user's to fix
+        print(f'error: {exc}', file=sys.stderr)
         raise SystemExit(1)
     launch(_evaluate_checkpoints, parse_devices(args.devices),
            args=(config, checkpoints, subsets, args.save_path, args.verbose), port=args.port,
-           timeout_s=config.get('dist_timeout_s', 1800))
+           timeout_s=config.dist_timeout_s)

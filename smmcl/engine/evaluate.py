@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
+from smmcl.config import ConfigError, check_choice
 from smmcl.engine.dist import all_reduce_sum
 from smmcl.engine.metrics import confusion_matrix
 
@@ -158,14 +159,10 @@ def window_function(protocol: str) -> Callable[..., List[Window]]:
     """The window geometry of ``config.eval_protocol``.
 
     Raises:
-        ValueError: ``protocol`` is not one of ``'authors'``, ``'corrected'``.
+        ConfigError: ``protocol`` is not one of :data:`EVAL_PROTOCOLS`.
     """
-    if protocol == 'authors':
-        return authors_windows
-    if protocol == 'corrected':
-        return corrected_windows
-    raise ValueError(f"eval_protocol={protocol!r}: expected one of {EVAL_PROTOCOLS} (set it in the "
-                     f"experiment's config.py or with --set eval_protocol=authors)")
+    check_choice('eval_protocol', protocol, EVAL_PROTOCOLS)
+    return authors_windows if protocol == 'authors' else corrected_windows
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -328,11 +325,11 @@ def predict_scores(model: Model, rgb: np.ndarray, x: np.ndarray, config, device)
         with ``config.fast_path`` on ``device``, resized there (equal to float32 rounding).
 
     Raises:
-        ValueError: an unknown ``config.eval_protocol``.
+        ConfigError: an unknown ``config.eval_protocol``.
     """
     windows_of = window_function(config.eval_protocol)
     average = config.eval_protocol == 'corrected'
-    on_device = bool(config.get('fast_path', False))
+    on_device = bool(config.fast_path)
     rgb = rgb.numpy() if isinstance(rgb, torch.Tensor) else np.asarray(rgb)
     x = x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     size = rgb.shape[:2]
@@ -345,7 +342,7 @@ def predict_scores(model: Model, rgb: np.ndarray, x: np.ndarray, config, device)
         x_t = to_input(x_s, config.norm_mean, config.norm_std, device)
         windows = windows_of(rgb_t.shape[1], rgb_t.shape[2], crop, config.eval_stride_rate)
         score = window_scores(model, rgb_t, x_t, windows, crop, config.eval_flip,
-                              config.get('eval_batch_size', 1), average)
+                              config.eval_batch_size, average)
         if on_device:
             score = resize_scores(score, size).double()
         else:  # H-W-K float32 from OpenCV, added into float64 as theirs
@@ -397,7 +394,7 @@ def prediction_palette(class_colors=None) -> List[int]:
             :func:`cmx_palette`.
 
     Raises:
-        ValueError: ``class_colors`` is not a list of RGB triples in 0-1 (at most 256).
+        ConfigError: ``class_colors`` is not a list of RGB triples in 0-1 (at most 256).
     """
     if class_colors is None:
         colours = cmx_palette()
@@ -405,7 +402,7 @@ def prediction_palette(class_colors=None) -> List[int]:
         values = np.asarray(class_colors, dtype=np.float64)
         if values.ndim != 2 or values.shape[1] != 3 or len(values) > 256 or not (
                 (values >= 0) & (values <= 1)).all():
-            raise ValueError(f'class_colors must be one [r, g, b] of floats in 0-1 per class (the authors\' '
+            raise ConfigError(f'class_colors must be one [r, g, b] of floats in 0-1 per class (the authors\' '
                              f'get_class_colors), got an array of shape {values.shape} with values in '
                              f'[{values.min() if values.size else 0}, {values.max() if values.size else 0}]; '
                              f'fix the experiment\'s config.py or set class_colors=None')
@@ -464,13 +461,13 @@ def evaluate_per_image(model: torch.nn.Module, dataset, config, device, rank: in
             in size from its image (the message names the item).
     """
     k = int(config.num_classes)
-    ignore = int(config.get('background', 255))
+    ignore = int(config.background)
     palette = prediction_palette(config.class_colors) if save_dir is not None else None
     hists = torch.zeros((len(dataset), k, k), dtype=torch.int64, device=device)
     indices = list(range(rank, len(dataset), world_size))
     loader = DataLoader(Subset(dataset, indices), batch_size=None, num_workers=num_workers,
                         collate_fn=_as_item)
-    seed = int(config.get('seed', 0))
+    seed = int(config.seed)
     device = torch.device(device)
     rng_devices = []
     if device.type == 'cuda':

@@ -1,14 +1,21 @@
-"""Logging for training: messages to stderr and (rank 0) a log file, like CMX's ``get_logger``."""
+"""Logging for training: messages to stderr and (rank 0) a log file, like CMX's ``get_logger``; one
+epoch's progress bar, TensorBoard scalars and summary line."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import os.path as osp
 import sys
 from typing import Optional
 
+import torch
+from tqdm import tqdm
+
 _FORMAT = '[%(asctime)s %(levelname)s] %(message)s'
 _MARK = '_smmcl_handler'
+TERMS = ('loss', 'ce', 'cm', 'vis', 'aux')  # the total, then the unweighted terms of EncoderDecoder
+logger = logging.getLogger(__name__)
 
 
 def setup_logging(log_file: Optional[str] = None, rank: int = 0, name: str = 'smmcl') -> logging.Logger:
@@ -56,3 +63,60 @@ def link_last(path: str, link: str) -> None:
         os.symlink(target, link)
     except OSError as exc:
         logging.getLogger(__name__).warning('could not link %s to %s: %s', link, path, exc)
+
+
+def nonfinite_message(values: torch.Tensor, epoch: int, idx: int, niters: int) -> str:
+    """'non-finite loss at epoch 3 iteration 17/50: cm=nan' from the WORLD-5 gathered terms."""
+    parts = []
+    for rank, row in enumerate(values.tolist()):
+        bad = [f'{k}={v}' for k, v in zip(TERMS[1:], row[1:]) if not math.isfinite(v)]
+        if not bad and not math.isfinite(row[0]):
+            bad = [f'loss={row[0]}']
+        if bad:
+            parts.append(' '.join(bad) + (f' on rank {rank}' if len(values) > 1 else ''))
+    return f'non-finite loss at epoch {epoch} iteration {idx + 1}/{niters}: ' + '; '.join(parts)
+
+
+class EpochLog:
+    """One epoch of training as the authors show it: a tqdm line per iteration, TensorBoard scalars
+    (``train/<term>`` per iteration, ``train_loss`` per epoch) and our epoch line. ``tb`` None: a rank
+    other than 0, which only counts."""
+
+    def __init__(self, epoch: int, nepochs: int, niters: int, tb=None):
+        self.epoch, self.nepochs, self.niters, self.tb = epoch, nepochs, niters, tb
+        self.sums, self.steps, self.skipped = torch.zeros(len(TERMS), dtype=torch.float64), 0, 0
+        self.progress = tqdm(range(niters), file=sys.stdout, disable=tb is None,
+                             bar_format='{desc}[{elapsed}<{remaining},{rate_fmt}]')
+
+    def skip(self, message: str) -> None:
+        """Count a batch skipped for a non-finite loss (``message`` names it)."""
+        self.skipped += 1
+        if self.tb is not None:
+            logger.warning('%s; batch skipped (%d this epoch)', message, self.skipped)
+
+    def record(self, values: torch.Tensor, idx: int, step: int, lr: float) -> None:
+        """Iteration ``idx`` (global ``step``, run with ``lr``): WORLD-5 float64 host ``values``; only
+        finite ones count towards the epoch's mean."""
+        if torch.isfinite(values).all():
+            self.sums += values.mean(0)
+            self.steps += 1
+        if self.tb is None:
+            return
+        mean = values.mean(0).tolist()
+        self.progress.set_description(
+            f'Epoch {self.epoch}/{self.nepochs} Iter {idx + 1}/{self.niters}: lr={lr:.4e} '
+            f'loss={mean[0]:.4f} total_loss={self.sums[0] / max(self.steps, 1):.4f} ', refresh=False)
+        for name, value in zip(TERMS, mean):
+            self.tb.add_scalar(f'train/{name}', value, step)
+        self.tb.add_scalar('train/lr', lr, step)
+
+    def end(self, lr: float) -> None:
+        """The authors' per-epoch scalar and our epoch line (``lr``: the one the next step runs with)."""
+        if self.tb is None:
+            return
+        means, skipped = (self.sums / max(self.steps, 1)).tolist(), self.skipped
+        self.tb.add_scalar('train_loss', means[0], self.epoch)
+        self.tb.add_scalar('train/skipped_batches', skipped, self.epoch)
+        logger.info('epoch %d/%d: loss %.4f (%s), lr %.4e%s', self.epoch, self.nepochs, means[0],
+                    ' '.join(f'{k}={v:.4f}' for k, v in zip(TERMS[1:], means[1:])), lr,
+                    f', {skipped} batches skipped (non-finite loss)' if skipped else '')

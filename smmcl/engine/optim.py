@@ -9,6 +9,8 @@ from torch.optim import AdamW, Optimizer
 
 logger = logging.getLogger(__name__)
 
+OPTIMIZERS = ('AdamW',)  # config.optimizer: SMMCL's choice (checked by smmcl.config.validate)
+
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm)
 
@@ -66,12 +68,10 @@ def build_optimizer(model: nn.Module, config) -> AdamW:
     only matters for the optimizer state in a checkpoint, which :mod:`smmcl.engine.checkpoint` stores
     in the authors' order and loads by parameter name.
 
-    Config fields: ``optimizer`` (only 'AdamW', SMMCL's choice), ``lr``, ``weight_decay``,
+    Config fields: ``lr``, ``weight_decay``,
     ``train_layer_scale``.
     """
-    if config.get('optimizer', 'AdamW') != 'AdamW':
-        raise ValueError(f"optimizer {config.optimizer!r} is not available; SMMCL trains with 'AdamW'")
-    decay, no_decay, left_out = group_weight(model, config.get('train_layer_scale', False))
+    decay, no_decay, left_out = group_weight(model, config.train_layer_scale)
     if left_out:
         logger.info('%d parameter tensors are in no optimizer group and stay fixed, as in the authors\' '
                     'runs (e.g. %s); --set train_layer_scale=True trains them', len(left_out), left_out[0])

@@ -164,23 +164,32 @@ def info_nce(anchors: torch.Tensor, contrast: torch.Tensor, labels: torch.Tensor
 class SupervisedMultiModalContrastiveLoss(nn.Module):
     """Cross-modal and two intra-modal InfoNCE terms on sampled stage-4 anchors.
 
-    Config fields: ``num_classes``, ``min_views_per_class``, ``max_views_per_class``,
-    ``max_features_total``, ``cm_temperature``, ``temperature``; optional ``share_anchor_draw`` and
-    ``anchor_sampler`` ('vectorized', or 'loop': the authors' per-class loop, the reference path).
+    Args:
+        num_classes: label values ``0..num_classes-1`` are sampled (255 and larger values never).
+        min_views: a (image, class) set becomes anchors only with at least this many stage-4 cells.
+        max_views: at most this many cells per set.
+        max_total: at most this many anchors per batch (views per set shrink to fit).
+        temperature: of the two intra-modal terms.
+        cm_temperature: of the cross-modal term.
+        share_draw: draw the same cells for both modalities (the authors draw each independently).
+        sampler: 'vectorized', or 'loop' (the authors' per-class loop, the reference path).
+
+    :func:`smmcl.models.builder.build_contrastive_loss` maps a config onto these.
     """
 
-    def __init__(self, cfg):
+    def __init__(self, num_classes: int, min_views: int = 5, max_views: int = 300, max_total: int = 4800,
+                 temperature: float = 0.1, cm_temperature: float = 0.1, share_draw: bool = False,
+                 sampler: str = 'vectorized'):
         super().__init__()
-        self.num_classes = cfg.num_classes
-        self.min_views = cfg.min_views_per_class
-        self.max_views = cfg.max_views_per_class
-        self.max_total = cfg.max_features_total
-        self.cm_temperature = cfg.cm_temperature
-        self.temperature = cfg.temperature
-        self.share_draw = bool(cfg.get('share_anchor_draw', False))
-        sampler = cfg.get('anchor_sampler', 'vectorized')
         if sampler not in ANCHOR_SAMPLERS:
             raise ValueError(f"anchor_sampler {sampler!r}: choose one of {sorted(ANCHOR_SAMPLERS)}")
+        self.num_classes = num_classes
+        self.min_views = min_views
+        self.max_views = max_views
+        self.max_total = max_total
+        self.cm_temperature = cm_temperature
+        self.temperature = temperature
+        self.share_draw = bool(share_draw)
         self.sampler = ANCHOR_SAMPLERS[sampler]
 
     def intra_modal_loss(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

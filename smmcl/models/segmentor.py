@@ -1,50 +1,50 @@
 """SMMCL's segmentor: dual MSCAN encoder + LightHamHead decoder, trained with CE + contrastive terms."""
 from __future__ import annotations
 
-import logging
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses.contrastive import SupervisedMultiModalContrastiveLoss
 from .encoder import DualMSCAN
 from .ham_head import LightHamHead
-from .weights import init_backbone_weights, init_decoder_weights, load_pretrained_backbone
-
-logger = logging.getLogger(__name__)
+from .weights import init_backbone_weights, init_decoder_weights
 
 
 class EncoderDecoder(nn.Module):
     """The authors' ``EncoderDecoder`` (``backbone.*``, ``decode_head.*`` state-dict names).
 
+    Build it from a config with :func:`smmcl.models.builder.build_segmentor`; ImageNet weights are
+    loaded afterwards by the training code (:func:`smmcl.models.builder.load_backbone_pretrained`).
+
     Args:
-        cfg: EasyDict with ``num_classes``, ``backbone``, ``decoder`` (LightHamHead),
-            ``decoder_embed_dim``, ``pretrained_model`` (None: no ImageNet weights), the contrastive
-            loss fields and ``weight_cm``, ``weight_vis``, ``weight_aux``.
-        criterion: pixel loss on N-K-H-W logits and N-H-W labels (CE with ignore 255 in SMMCL).
+        num_classes: output channels of the decoder (K).
+        backbone: MSCAN variant (``mscan_t/s/b/l``).
+        decoder_channels: LightHamHead's ``channels`` and ``ham_channels``.
+        drop_path_rate: stochastic depth; None keeps the variant's own.
         norm_layer: batch-norm factory (``nn.SyncBatchNorm`` with ``sync_bn=True`` on several GPUs).
+        criterion: pixel loss on N-K-H-W logits and N-H-W labels (CE with ignore 255 in SMMCL);
+            None for inference.
+        contrastive: the contrastive loss on the two stage-4 embeddings (returns cm, vis, aux);
+            None for inference.
+        loss_weights: (w_cm, w_vis, w_aux) of the contrastive terms in the total loss.
     """
 
-    def __init__(self, cfg, criterion: Optional[nn.Module] = None,
-                 norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d):
+    def __init__(self, num_classes: int, backbone: str = 'mscan_b', decoder_channels: int = 512,
+                 drop_path_rate: Optional[float] = None,
+                 norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+                 criterion: Optional[nn.Module] = None, contrastive: Optional[nn.Module] = None,
+                 loss_weights: Sequence[float] = (0.2, 0.2, 0.2)):
         super().__init__()
-        if cfg.get('decoder', 'LightHamHead') != 'LightHamHead':
-            raise ValueError(f"decoder {cfg.decoder!r} is not available; SMMCL uses 'LightHamHead'")
-        self.backbone = DualMSCAN(cfg.backbone, norm_layer, drop_path_rate=cfg.get('drop_path_rate'))
-        self.decode_head = LightHamHead(self.backbone.embed_dims[1:], cfg.num_classes,
-                                        channels=cfg.decoder_embed_dim, ham_channels=cfg.decoder_embed_dim)
+        self.backbone = DualMSCAN(backbone, norm_layer, drop_path_rate=drop_path_rate)
+        self.decode_head = LightHamHead(self.backbone.embed_dims[1:], num_classes,
+                                        channels=decoder_channels, ham_channels=decoder_channels)
         self.criterion = criterion
-        self.contrastive = SupervisedMultiModalContrastiveLoss(cfg) if criterion is not None else None
-        self.loss_weights = (cfg.weight_cm, cfg.weight_vis, cfg.weight_aux)
+        self.contrastive = contrastive
+        self.loss_weights = tuple(loss_weights)
         init_backbone_weights(self.backbone)
         init_decoder_weights(self.decode_head)
-        self.pretrained_report = None
-        if cfg.get('pretrained_model'):
-            self.pretrained_report = load_pretrained_backbone(self.backbone, cfg.pretrained_model,
-                                                              cfg.backbone)
-            logger.info(self.pretrained_report.summary())
 
     def _decode(self, fused, size) -> torch.Tensor:
         logits = self.decode_head(fused)
@@ -64,8 +64,9 @@ class EncoderDecoder(nn.Module):
         if label is None:
             fused, _, _ = self.backbone(rgb, modal_x, with_embeddings=False)
             return self._decode(fused, rgb.shape[2:])
-        if self.criterion is None:
-            raise ValueError('EncoderDecoder was built without a criterion; pass one to train')
+        if self.criterion is None or self.contrastive is None:
+            raise ValueError('EncoderDecoder was built without its losses; build it with '
+                             'build_segmentor(config, with_loss=True) to train')
         logits, color_emb, other_emb = self.encode_decode(rgb, modal_x)
         ce = self.criterion(logits.float(), label.long())
         cm, vis, aux = self.contrastive(label, color_emb, other_emb)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Tuple
@@ -16,6 +15,16 @@ PRETRAINED_HELP = (
     "SegNeXt's ImageNet-1K MSCAN weights ({name}.pth) come with SegNeXt's released models "
     "(github: Visual-Attention-Network/SegNeXt, 'ImageNet pretrained models'); put the file at {path}, "
     "or train from scratch with --set pretrained_model=None.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or weights file that cannot be used: missing, unreadable, without model weights,
+    or built for another model. The message names the file and what to do. (Defined here, below
+    :mod:`smmcl.engine.checkpoint` which reads the files, so that the checks here raise it too.)"""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No file at the checkpoint's path (also a ``FileNotFoundError``)."""
 
 
 def init_backbone_weights(module: nn.Module) -> None:
@@ -92,25 +101,16 @@ def mscan_to_dual(state_dict: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, tor
     return mapped, unused
 
 
-def _unwrap(obj, keys=('state_dict', 'model')):
-    for key in keys:
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            return obj[key]
-    return obj
+def load_pretrained_backbone(backbone: nn.Module, state_dict: Mapping[str, torch.Tensor], path: str,
+                             backbone_name: str = 'mscan_b') -> PretrainedReport:
+    """Load SegNeXt ImageNet MSCAN weights (single-branch names) into both branches of ``backbone``.
 
-
-def load_pretrained_backbone(backbone: nn.Module, path: str, backbone_name: str = 'mscan_b'
-                             ) -> PretrainedReport:
-    """Load SegNeXt ImageNet MSCAN weights (``{'state_dict': ...}``) into both branches.
+    The file at ``path`` is read by :func:`smmcl.engine.checkpoint.load_backbone_pretrained`.
 
     Raises:
-        FileNotFoundError: no file at ``path`` (the message says where to get it).
-        ValueError: the file matches none of the backbone's tensors.
+        CheckpointError: ``state_dict`` matches none of the backbone's tensors.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'pretrained backbone {path} not found. '
-                                + PRETRAINED_HELP.format(name=backbone_name, path=path))
-    mapped, unused = mscan_to_dual(_unwrap(torch.load(path, map_location='cpu', weights_only=True)))
+    mapped, unused = mscan_to_dual(state_dict)
     own = backbone.state_dict()
     report = PretrainedReport(path=path, unused=unused)
     usable = {}
@@ -122,7 +122,7 @@ def load_pretrained_backbone(backbone: nn.Module, path: str, backbone_name: str 
         else:
             usable[key] = value
     if not usable:
-        raise ValueError(f'{path} matches none of the {backbone_name} backbone tensors (is it an MSCAN '
+        raise CheckpointError(f'{path} matches none of the {backbone_name} backbone tensors (is it an MSCAN '
                          f'ImageNet checkpoint of the same variant?). '
                          + PRETRAINED_HELP.format(name=backbone_name, path=path))
     backbone.load_state_dict(usable, strict=False)
@@ -152,7 +152,11 @@ def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Tuple[Optiona
 
 def check_compatible(state_dict: Mapping[str, torch.Tensor], backbone: str, num_classes: int,
                      source: str) -> None:
-    """Refuse a checkpoint built for another backbone or class count, naming both values."""
+    """Refuse a checkpoint built for another backbone or class count, naming both values.
+
+    Raises:
+        CheckpointError: it was built for another backbone or number of classes.
+    """
     ckpt_backbone, ckpt_classes = describe_state_dict(state_dict)
     problems = []
     if ckpt_backbone != backbone:
@@ -160,5 +164,5 @@ def check_compatible(state_dict: Mapping[str, torch.Tensor], backbone: str, num_
     if ckpt_classes != num_classes:
         problems.append(f'{ckpt_classes} classes (config: {num_classes})')
     if problems:
-        raise ValueError(f'checkpoint {source} was trained with ' + ' and '.join(problems)
+        raise CheckpointError(f'checkpoint {source} was trained with ' + ' and '.join(problems)
                          + '; evaluate it with the matching config, e.g. --set backbone=... num_classes=...')

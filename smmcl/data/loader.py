@@ -1,0 +1,133 @@
+"""Training data loading: the training set (built once), its epoch length, the loader, and the batch on
+the device (the one place where training images are normalised).
+
+Follows the authors' CMX ``dataloader.py`` (``get_train_loader``: ``file_length = batch_size *
+niters_per_epoch``, batch ``batch_size // world_size`` per process, shuffled, ``drop_last``, pinned
+memory), with augmentation seeded per sample (:class:`SeededSamples`) so that a resumed run draws the
+same crops as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from ..config import ConfigError
+from ..engine import dist
+from ..engine.precision import memory_format
+from .dataset import RGBXDataset, split_layout, split_names
+from .transforms import normalize_batch
+
+logger = logging.getLogger(__name__)
+
+
+class SeededSamples(Dataset):
+    """The dataset with Python's ``random`` and NumPy seeded per sample from (seed, epoch, index).
+
+    The augmentation draws from Python's ``random``. The authors rely on PyTorch seeding each loader
+    worker once; a worker's stream then depends on everything it loaded before, so an interrupted run
+    cannot be resumed exactly and results depend on ``num_workers``. Seeding every sample gives the
+    same distribution (each sample its own, independent stream, different across workers and epochs)
+    and makes the crops a function of (seed, epoch, index) only: reproducible for any number of workers,
+    processes, and across a resume. Keys come from :class:`EpochSampler` as ``(epoch, index)``, which
+    also tells persistent workers the epoch for the dataset's own per-epoch draw.
+    """
+
+    def __init__(self, dataset: RGBXDataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, int(seed), None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        if epoch != self.epoch:
+            self.dataset.set_epoch(epoch)
+            self.epoch = epoch
+        sample_seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
+        random.seed(sample_seed)
+        np.random.seed(sample_seed)
+        return self.dataset[index]
+
+
+class EpochSampler(DistributedSampler):
+    """``DistributedSampler`` yielding ``(epoch, index)`` keys for :class:`SeededSamples`."""
+
+    def __iter__(self):
+        epoch = self.epoch
+        return ((epoch, index) for index in super().__iter__())
+
+
+@dataclass
+class TrainData:
+    """The training loader, its sampler (``set_epoch`` before each epoch) and batches per epoch."""
+    loader: DataLoader
+    sampler: EpochSampler
+    niters: int
+
+
+def iterations_per_epoch(config, num_images: int, verbose: bool = True) -> int:
+    """The authors' ``niters_per_epoch``, from the real image count when it differs from the config's.
+
+    CMX derives ``niters_per_epoch = num_train_imgs // batch_size + 1`` from the config's image count;
+    when the folder holds another number of images we use the real count (unless niters_per_epoch was
+    set on the command line) and say so.
+    """
+    if num_images == config.num_train_imgs:
+        return config.niters_per_epoch
+    pinned = 'niters_per_epoch' in config._overridden
+    niters = config.niters_per_epoch if pinned else num_images // config.batch_size + 1
+    if verbose:
+        logger.warning('the training set has %d images, the config says num_train_imgs=%d; using %d%s',
+                       num_images, config.num_train_imgs, num_images,
+                       '' if pinned else f' (niters_per_epoch {niters})')
+    return niters
+
+
+def build_train_data(config, ctx: dist.DistContext) -> TrainData:
+    """The authors' training set and loader for this rank of ``ctx``, always through a sampler
+    (seeded with ``config.seed``, reshuffled by ``set_epoch``), with persistent workers.
+
+    Raises:
+        ConfigError: ``batch_size`` is smaller than the number of processes.
+        DatasetError: folder or list-file problems.
+    """
+    batch = config.batch_size // ctx.world_size
+    if batch < 1:
+        raise ConfigError(f'batch_size={config.batch_size} is smaller than the number of processes '
+                          f'({ctx.world_size}); the authors split the batch over the GPUs')
+    if config.batch_size % ctx.world_size and ctx.is_main:
+        logger.warning('batch_size %d does not divide over %d processes: %d per process',
+                       config.batch_size, ctx.world_size, batch)
+    names = split_names(config, split_layout(config, 'train'))
+    niters = iterations_per_epoch(config, len(names), verbose=ctx.is_main)
+    dataset = RGBXDataset(config, 'train', file_length=config.batch_size * niters)
+    sampler = EpochSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                           seed=config.seed, drop_last=True)
+    loader = DataLoader(SeededSamples(dataset, config.seed), batch_size=batch, sampler=sampler,
+                        num_workers=config.num_workers, drop_last=True,
+                        pin_memory=ctx.device.type == 'cuda', persistent_workers=config.num_workers > 0,
+                        # the loader's own generator: creating iterators must not draw from the global
+                        # torch generator, whose state the checkpoints carry
+                        generator=torch.Generator().manual_seed(config.seed))
+    return TrainData(loader, sampler, niters)
+
+
+def to_device(batch, config, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rgb N-3-H-W float32, modal_x N-3-H-W float32, label N-H-W int64) on ``device``.
+
+    The training set hands uint8 crops (:func:`~smmcl.data.transforms.train_transform`) and each crop's
+    valid box; they are normalised here, on the device, to the authors' ``(img / 255 - mean) / std``
+    with the padding 0, in the configured memory format.
+    """
+    def image(key):
+        imgs = batch[key].to(device, non_blocking=True)
+        imgs = normalize_batch(imgs, config.norm_mean, config.norm_std, batch['valid_box'])
+        return imgs.contiguous(memory_format=memory_format(config))
+
+    return image('data'), image('modal_x'), batch['label'].to(device, non_blocking=True)
