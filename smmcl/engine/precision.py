@@ -6,6 +6,8 @@
 - ``config.fast_path``: channels_last tensors and, for inference, BN and layer scales folded into the
   convolutions (``smmcl.models.fast.fold_for_inference``). The plain path (both off) is the reference
   the tests compare against.
+- ``config.triton_kernels`` (with ``fast_path``): MSCAN's depthwise convs in the Triton kernels of
+  ``smmcl.kernels`` (off by default until GPU timings show them faster).
 - ``config.compile``: ``torch.compile`` the model (optional: compiling MSCAN-B takes minutes; inductor
   caches its artifacts, so later runs start faster).
 """
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 from ..models.fast import fold_for_inference
+from ..models.mscan import use_fused_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +47,7 @@ def mixed_precision(config, device: torch.device):
     are no-ops.
     """
     off = contextlib.nullcontext(), torch.amp.GradScaler(device.type, enabled=False)
-    if not config.get('amp', False):
+    if not config.amp:
         return off
     if device.type == 'cuda':
         bf16 = native_bf16(device)
@@ -58,21 +61,31 @@ def mixed_precision(config, device: torch.device):
 
 
 def memory_format(config) -> torch.memory_format:
-    return torch.channels_last if config.get('fast_path', False) else torch.contiguous_format
+    return torch.channels_last if config.fast_path else torch.contiguous_format
+
+
+def fused_kernels(config) -> bool:
+    """Whether the Triton kernels are asked for (they are part of the fast path)."""
+    if config.triton_kernels and not config.fast_path:
+        logger.warning('triton_kernels=True ignored: the kernels belong to the fast path (fast_path=True)')
+        return False
+    return bool(config.triton_kernels)
 
 
 def for_training(model: nn.Module, config) -> nn.Module:
-    """The model in the configured memory format (in place; parameters stay the same objects)."""
-    return model.to(memory_format=memory_format(config))
+    """The model in the configured memory format, with or without the Triton kernels (in place;
+    parameters stay the same objects)."""
+    return use_fused_kernels(model.to(memory_format=memory_format(config)), fused_kernels(config))
 
 
 def for_inference(model: nn.Module, config) -> nn.Module:
     """An eval-mode model for inference: folded and channels_last on the fast path, else ``model``."""
-    if not config.get('fast_path', False):
+    if not config.fast_path:
         return model.eval()
     folded = fold_for_inference(model).to(memory_format=torch.channels_last)
-    return torch.compile(folded) if config.get('compile', False) else folded
+    use_fused_kernels(folded, fused_kernels(config))
+    return torch.compile(folded) if config.compile else folded
 
 
 def maybe_compile(model: nn.Module, config) -> nn.Module:
-    return torch.compile(model) if config.get('compile', False) else model
+    return torch.compile(model) if config.compile else model

@@ -4,6 +4,10 @@ Layer names follow SegNeXt's ``mscan.py`` (and hence the authors' SMMCL checkpoi
 for the stem, ``attn.spatial_gating_unit.conv0_1`` ..., ``mlp.dwconv.dwconv``, ``layer_scale_1/2``.
 Blocks here work on N-C-H-W maps directly; SegNeXt flattens to tokens between blocks, which is the same
 function with extra reshapes.
+
+:func:`use_fused_kernels` switches the attention's depthwise convs and the MLP's depthwise conv + GELU to
+the Triton kernels of :mod:`smmcl.kernels` (the fast path's ``triton_kernels``); the parameters and the
+state dict stay the same.
 """
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ from typing import Callable, Dict, Sequence
 
 import torch
 from torch import nn
+
+from .. import kernels
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -66,6 +72,8 @@ class OverlapPatchEmbed(nn.Module):
 class AttentionModule(nn.Module):
     """Multi-scale convolutional attention: 5x5 depthwise, three depthwise strip branches, 1x1, gating."""
 
+    fused_kernels = False  # set per module by use_fused_kernels
+
     def __init__(self, dim: int):
         super().__init__()
         self.conv0 = nn.Conv2d(dim, dim, 5, padding=2, groups=dim)
@@ -79,9 +87,17 @@ class AttentionModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # SegNeXt clones x first; nothing writes to it in place, so the clone is not needed.
-        attn = self.conv0(x)
-        attn = (attn + self.conv0_2(self.conv0_1(attn)) + self.conv1_2(self.conv1_1(attn))
-                + self.conv2_2(self.conv2_1(attn)))
+        if self.fused_kernels and kernels.runs_on(x):
+            ops = torch.ops.smmcl  # registered by use_fused_kernels
+            attn = ops.dwconv2d(x, self.conv0.weight, self.conv0.bias)
+            strips = [p for pair in ((self.conv0_1, self.conv0_2), (self.conv1_1, self.conv1_2),
+                                     (self.conv2_1, self.conv2_2))
+                      for conv in pair for p in (conv.weight, conv.bias)]
+            attn = ops.mscan_strip_sum(attn, *strips)
+        else:
+            attn = self.conv0(x)
+            attn = (attn + self.conv0_2(self.conv0_1(attn)) + self.conv1_2(self.conv1_1(attn))
+                    + self.conv2_2(self.conv2_1(attn)))
         return self.conv3(attn) * x
 
 
@@ -107,6 +123,8 @@ class DWConv(nn.Module):
 
 
 class Mlp(nn.Module):
+    fused_kernels = False  # set per module by use_fused_kernels
+
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
         self.fc1 = nn.Conv2d(dim, hidden_dim, 1)
@@ -115,7 +133,30 @@ class Mlp(nn.Module):
         self.fc2 = nn.Conv2d(hidden_dim, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.dwconv(self.fc1(x))))
+        h = self.fc1(x)
+        if self.fused_kernels and kernels.runs_on(h):
+            conv = self.dwconv.dwconv
+            h = torch.ops.smmcl.dwconv2d_gelu(h, conv.weight, conv.bias)
+        else:
+            h = self.act(self.dwconv(h))
+        return self.fc2(h)
+
+
+def use_fused_kernels(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Switch every MSCAN attention and MLP in ``model`` to the Triton kernels, or back (in place).
+
+    The kernels take over on CUDA tensors (and on the CPU under ``TRITON_INTERPRET=1``); elsewhere the
+    modules keep their ``nn.Conv2d`` path. Stops with one message when Triton is missing.
+    """
+    if enabled:
+        kernels.load_ops()  # registers torch.ops.smmcl.*; a clear error when Triton is missing
+    for module in model.modules():
+        if isinstance(module, Mlp) and enabled and not (isinstance(module.act, nn.GELU)
+                                                        and module.act.approximate == 'none'):
+            raise ValueError(f'the fused MLP kernel computes the exact GELU, this MLP has {module.act}')
+        if isinstance(module, (AttentionModule, Mlp)):
+            module.fused_kernels = enabled
+    return model
 
 
 class Block(nn.Module):

@@ -1,0 +1,57 @@
+"""Fused Triton kernels for MSCAN's depthwise convolutions (issue 10: fast on the GPU, same function).
+
+Off by default: ``fast_path=True`` and ``triton_kernels=True`` together switch them on
+(``smmcl.models.mscan.use_fused_kernels``). First GPU run (H200, MSCAN-B, batch 8, 480x640,
+``bench/gpu_check.py``): the forward kernels beat PyTorch's (inference 147 vs 83 img/s on the fast
+path), the backward ones lose (weight gradients; training 17.9 vs 22.8 img/s), so the switch stays
+off. Three custom ops, each with its backward (:mod:`smmcl.kernels.ops`), computing the same function
+as the ``nn.Conv2d`` layers they replace:
+
+- ``smmcl::dwconv2d``: depthwise KxK / 1xK / Kx1 conv with bias (MSCAN's 5x5 attention conv);
+- ``smmcl::mscan_strip_sum``: ``a + sum_k convKx1(conv1xK(a))`` for the attention's three strip pairs;
+- ``smmcl::dwconv2d_gelu``: the MLP's 3x3 depthwise conv followed by the exact (erf) GELU.
+
+Triton is a development dependency only: this package imports it lazily, training never needs it,
+and asking for the kernels without it stops with one message. The kernels run on CUDA tensors; on
+the CPU only under Triton's interpreter (``TRITON_INTERPRET=1``, set before Triton is first imported;
+the tests do this), elsewhere the modules keep their ``nn.Conv2d`` path.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+
+def available() -> bool:
+    """Whether Triton is installed."""
+    return importlib.util.find_spec('triton') is not None
+
+
+def interpreted() -> bool:
+    """Whether Triton's CPU interpreter is requested (it must be, before the kernels are imported)."""
+    return os.environ.get('TRITON_INTERPRET') == '1'
+
+
+def runs_on(x: torch.Tensor) -> bool:
+    """Whether the kernels can take ``x``: a CUDA tensor, or a CPU tensor under the interpreter."""
+    return x.is_cuda or (x.device.type == 'cpu' and interpreted())
+
+
+def require() -> None:
+    """Stop with one clear message when the kernels are asked for and cannot run."""
+    if not available():
+        raise RuntimeError(
+            'triton_kernels=True needs Triton, which is not installed: `pip install triton` (it is in '
+            'requirements-dev.txt; PyTorch\'s CUDA wheels bring it), or set triton_kernels=False')
+    if not hasattr(torch.library, 'custom_op'):
+        raise RuntimeError(f'triton_kernels=True needs PyTorch >= 2.4 (torch.library.custom_op); this is '
+                           f'{torch.__version__}: upgrade it, or set triton_kernels=False')
+
+
+def load_ops():
+    """The custom-op module (imports Triton on first call)."""
+    require()
+    from . import ops as _ops
+    return _ops

@@ -1,0 +1,164 @@
+"""The Triton kernels as PyTorch custom ops with their backward.
+
+Registered with ``torch.library.custom_op`` (fake implementations for shape propagation, autograd
+through ``register_autograd``), so autograd sees one node per op and ``torch.compile`` traces through
+them without a graph break. Backward passes are custom ops too.
+
+Memory: like PyTorch, each op keeps its input for the backward; unlike the unfused layers it keeps
+nothing else. ``mscan_strip_sum`` recomputes the three horizontal strip outputs in its backward
+(the plain path stores them), and ``dwconv2d_gelu`` recomputes the pre-GELU map (the plain path
+stores it: one hidden-width map per MLP).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import triton_dwconv as K
+
+
+def _like(x: Tensor) -> Tensor:
+    """An empty tensor shaped, typed and laid out as the kernels' output for input ``x``."""
+    return torch.empty_like(x, memory_format=K._layout(x))
+
+
+def _grad_like(weight: Tensor) -> Tensor:
+    """Weight and bias gradients come back contiguous whatever the parameter's strides (a C-1-K-K
+    weight in channels_last has other strides for its size-1 dim)."""
+    return weight.new_empty(weight.shape)
+
+
+# ---- depthwise conv -------------------------------------------------------------------------------
+
+@torch.library.custom_op('smmcl::dwconv2d', mutates_args=())
+def dwconv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """Depthwise conv, stride 1, "same" padding: x N-C-H-W, weight C-1-KH-KW (odd), bias C or None."""
+    return K.dwconv(x, weight, bias)
+
+
+@dwconv2d.register_fake
+def _(x, weight, bias):
+    return _like(x)
+
+
+@torch.library.custom_op('smmcl::dwconv2d_backward', mutates_args=())
+def dwconv2d_backward(grad: Tensor, x: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """(grad x, grad weight, grad bias) of :func:`dwconv2d`."""
+    dw, db = K.dwconv_wgrad(grad, x, weight)
+    return K.dwconv(grad, weight, None, transpose=True), dw, db
+
+
+@dwconv2d_backward.register_fake
+def _(grad, x, weight):
+    return _like(grad), _grad_like(weight), weight.new_empty(weight.shape[0])
+
+
+def _save_input_and_weight(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.has_bias = bias is not None
+
+
+def _dwconv2d_grad(ctx, grad):
+    x, weight, _ = ctx.saved_tensors
+    dx, dw, db = dwconv2d_backward(grad, x, weight)
+    return dx, dw, db if ctx.has_bias else None
+
+
+dwconv2d.register_autograd(_dwconv2d_grad, setup_context=_save_input_and_weight)
+
+
+# ---- depthwise conv + exact GELU (the MLP) --------------------------------------------------------
+
+@torch.library.custom_op('smmcl::dwconv2d_gelu', mutates_args=())
+def dwconv2d_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``GELU(dwconv2d(x, weight, bias))`` with the exact (erf) GELU of ``nn.GELU()``."""
+    return K.dwconv(x, weight, bias, epilogue=1)
+
+
+@dwconv2d_gelu.register_fake
+def _(x, weight, bias):
+    return _like(x)
+
+
+@torch.library.custom_op('smmcl::dwconv2d_gelu_backward', mutates_args=())
+def dwconv2d_gelu_backward(grad: Tensor, x: Tensor, weight: Tensor,
+                           bias: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """(grad x, grad weight, grad bias) of :func:`dwconv2d_gelu`; the pre-GELU map is recomputed."""
+    grad_z = K.dwconv(x, weight, bias, epilogue=2, grad=grad)
+    dw, db = K.dwconv_wgrad(grad_z, x, weight)
+    return K.dwconv(grad_z, weight, None, transpose=True), dw, db
+
+
+@dwconv2d_gelu_backward.register_fake
+def _(grad, x, weight, bias):
+    return _like(x), _grad_like(weight), weight.new_empty(weight.shape[0])
+
+
+def _dwconv2d_gelu_grad(ctx, grad):
+    x, weight, bias = ctx.saved_tensors
+    dx, dw, db = dwconv2d_gelu_backward(grad, x, weight, bias)
+    return dx, dw, db if ctx.has_bias else None
+
+
+dwconv2d_gelu.register_autograd(_dwconv2d_gelu_grad, setup_context=_save_input_and_weight)
+
+
+# ---- MSCAN attention: a + three strip pairs -------------------------------------------------------
+
+@torch.library.custom_op('smmcl::mscan_strip_sum', mutates_args=())
+def mscan_strip_sum(a: Tensor, wh0: Tensor, bh0: Tensor, wv0: Tensor, bv0: Tensor,
+                    wh1: Tensor, bh1: Tensor, wv1: Tensor, bv1: Tensor,
+                    wh2: Tensor, bh2: Tensor, wv2: Tensor, bv2: Tensor) -> Tensor:
+    """``a + sum_i conv(conv(a, wh_i) + bh_i, wv_i) + bv_i``: the sum in SegNeXt's attention.
+
+    a: N-C-H-W (the 5x5 conv's output); wh_i: C-1-1-K_i (horizontal), wv_i: C-1-K_i-1 (vertical),
+    K_0 <= K_1 <= K_2 odd (7, 11, 21 in MSCAN); biases C. Two kernels: the three horizontal convs in
+    one pass over ``a``, then ``a`` plus the three vertical convs in one pass.
+    """
+    t = K.strip3(a, (wh0, wh1, wh2), (bh0, bh1, bh2), along_w=True)
+    return K.strip3_sum(a, t, (wv0, wv1, wv2), (bv0, bv1, bv2), along_w=False)
+
+
+@mscan_strip_sum.register_fake
+def _(a, wh0, bh0, wv0, bv0, wh1, bh1, wv1, bv1, wh2, bh2, wv2, bv2):
+    return _like(a)
+
+
+@torch.library.custom_op('smmcl::mscan_strip_sum_backward', mutates_args=())
+def mscan_strip_sum_backward(grad: Tensor, a: Tensor, wh0: Tensor, bh0: Tensor, wv0: Tensor,
+                             wh1: Tensor, bh1: Tensor, wv1: Tensor,
+                             wh2: Tensor, bh2: Tensor, wv2: Tensor) -> List[Tensor]:
+    """[grad a, then grad wh_i, bh_i, wv_i, bv_i for i = 0, 1, 2] of :func:`mscan_strip_sum`."""
+    horizontal, vertical = (wh0, wh1, wh2), (wv0, wv1, wv2)
+    grad_t = K.strip3(grad, vertical, None, along_w=False, transpose=True)
+    grad_a = K.strip3_sum(grad, grad_t, horizontal, None, along_w=True, transpose=True)
+    t = K.strip3(a, horizontal, (bh0, bh1, bh2), along_w=True)  # recomputed, not stored
+    out = [grad_a]
+    for wh, wv, t_i, grad_t_i in zip(horizontal, vertical, t, grad_t):
+        dwh, dbh = K.dwconv_wgrad(grad_t_i, a, wh)
+        dwv, dbv = K.dwconv_wgrad(grad, t_i, wv)
+        out += [dwh, dbh, dwv, dbv]
+    return out
+
+
+@mscan_strip_sum_backward.register_fake
+def _(grad, a, wh0, bh0, wv0, wh1, bh1, wv1, wh2, bh2, wv2):
+    out = [_like(grad)]
+    for wh, bh, wv in ((wh0, bh0, wv0), (wh1, bh1, wv1), (wh2, bh2, wv2)):
+        out += [_grad_like(wh), _grad_like(bh), _grad_like(wv), _grad_like(bh)]
+    return out
+
+
+def _strip_setup(ctx, inputs, output):
+    a, wh0, bh0, wv0, _, wh1, bh1, wv1, _, wh2, bh2, wv2, _ = inputs
+    ctx.save_for_backward(a, wh0, bh0, wv0, wh1, bh1, wv1, wh2, bh2, wv2)
+
+
+def _strip_grad(ctx, grad):
+    return tuple(mscan_strip_sum_backward(grad, *ctx.saved_tensors))
+
+
+mscan_strip_sum.register_autograd(_strip_grad, setup_context=_strip_setup)

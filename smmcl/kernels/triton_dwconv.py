@@ -1,0 +1,412 @@
+"""Triton kernels for MSCAN's depthwise convolutions (stride 1, odd kernels, "same" padding).
+
+Importing this module needs Triton. The kernels run on CUDA tensors, or on CPU tensors when
+``TRITON_INTERPRET=1`` was set before Triton was first imported (Triton decides at decoration time,
+its own ``tl.cdiv`` & co. included, whether a kernel is compiled or interpreted).
+:mod:`smmcl.kernels.ops` wraps them as PyTorch custom ops.
+
+Every activation tensor is N-C-H-W with arbitrary strides, so one kernel serves both NCHW and
+channels_last (NHWC) memory; the tensors of one launch share their strides (the launchers make them
+so). Weights are read as C-KH*KW rows and every sum is accumulated in float32, whatever the activation
+dtype (float32, bfloat16, float16); results are stored in the output's dtype.
+
+A tile is BLOCK_C channels x BLOCK_H*BLOCK_W pixels of one image. Convolution taps are unrolled at
+compile time; neighbouring taps re-read the same input lines from the cache, not from DRAM.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+try:  # whether the kernels below are interpreted: fixed when they are decorated, i.e. now
+    INTERPRETED = bool(triton.knobs.runtime.interpret)
+except AttributeError:  # Triton before 3.4 has no knobs
+    INTERPRETED = os.environ.get('TRITON_INTERPRET', '0').lower() in ('1', 'true', 'on')
+
+
+def _bench(kernel_call, quantiles):
+    # Short timing runs: MSCAN-B needs a few dozen (kernel, shape) tunings at start-up.
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+def _config(block_c, block_h, block_w, num_warps=4):
+    return triton.Config({'BLOCK_C': block_c, 'BLOCK_H': block_h, 'BLOCK_W': block_w}, num_warps=num_warps)
+
+
+# Tile shapes (BLOCK_C, BLOCK_H, BLOCK_W, warps) to try on a GPU. In NCHW a pixel row is contiguous,
+# so tiles are wide rows of few channels; in channels_last (sc == 1) the channels are, so tiles are
+# many channels of few pixels. Only the candidates for the tensor's layout are compiled and timed
+# (autotuning compiles each kernel variant once per candidate). Sizes chosen so that no variant spills
+# registers for sm_90 (ptxas, checked ahead of time: the strip kernels need up to ~180 registers).
+_NCHW_TILES = [(1, 8, 32, 4), (1, 4, 32, 4), (2, 8, 32, 8)]
+_NHWC_TILES = [(32, 2, 8, 8), (32, 1, 8, 4), (16, 2, 8, 4)]
+# Weight gradients hold BLOCK_C x TAPS x BLOCK_H*BLOCK_W products at once: smaller tiles.
+_NCHW_WGRAD_TILES = [(1, 4, 64, 8), (1, 2, 64, 4), (2, 2, 32, 4)]
+_NHWC_WGRAD_TILES = [(32, 1, 8, 8), (16, 1, 8, 4), (32, 1, 4, 4)]
+
+
+def _configs(nchw_tiles, nhwc_tiles, interpreted_tile):
+    if INTERPRETED:  # the interpreter's cost is per program and op: one tile covers a test shape
+        return [_config(*interpreted_tile)]
+    return [_config(*tile) for tile in nchw_tiles + nhwc_tiles]
+
+
+def _for_layout(configs, named_args, **kwargs):
+    """The candidates for the tensors' layout; only the first with SMMCL_TRITON_AUTOTUNE=0 (tests of
+    many tiny shapes on a GPU, where tuning each would compile every candidate)."""
+    channels_last = named_args['sc'] == 1 and named_args['C'] > 1
+    nhwc = [c for c in configs if c.kwargs['BLOCK_C'] >= 16]
+    nchw = [c for c in configs if c.kwargs['BLOCK_C'] < 16]
+    chosen = (nhwc if channels_last else nchw) or configs
+    return chosen[:1] if os.environ.get('SMMCL_TRITON_AUTOTUNE') == '0' else chosen
+
+
+_PRUNE = {'early_config_prune': _for_layout}
+_CONFIGS = _configs(_NCHW_TILES, _NHWC_TILES, (32, 8, 16, 4))
+_WGRAD_CONFIGS = _configs(_NCHW_WGRAD_TILES, _NHWC_WGRAD_TILES, (32, 4, 16, 4))
+
+
+_KEY = ['C', 'H', 'W', 'sc']  # sc == 1 means channels_last
+
+
+@triton.jit
+def _tile(pid_nc, pid_hw, C, H, W, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Image index, channels (BLOCK_C), rows and columns (BLOCK_H*BLOCK_W each) of a tile, and masks."""
+    num_cb = tl.cdiv(C, BLOCK_C)
+    num_wb = tl.cdiv(W, BLOCK_W)
+    n = pid_nc // num_cb
+    c = (pid_nc % num_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p = tl.arange(0, BLOCK_H * BLOCK_W)
+    h = (pid_hw // num_wb) * BLOCK_H + p // BLOCK_W
+    w = (pid_hw % num_wb) * BLOCK_W + p % BLOCK_W
+    return n, c, h, w, c < C, (h < H) & (w < W)
+
+
+@triton.jit
+def _gelu(z):
+    return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+
+
+@triton.jit
+def _gelu_grad(z):
+    cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    return cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
+
+
+@triton.autotune(configs=_CONFIGS, key=_KEY, prune_configs_by=_PRUNE, do_bench=_bench)
+@triton.jit
+def _dwconv_kernel(x_ptr, w_ptr, b_ptr, g_ptr, out_ptr, C, H, W, sn, sc, sh, sw,
+                   KH: tl.constexpr, KW: tl.constexpr, TRANSPOSE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   EPILOGUE: tl.constexpr,
+                   BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """out = epilogue(conv(x, w) + b), depthwise, "same" padding.
+
+    TRANSPOSE: the adjoint convolution (grad input from grad output): taps at mirrored offsets.
+    EPILOGUE: 0 none; 1 exact GELU; 2 ``g * GELU'(conv + b)`` (the GELU's backward, g = grad output).
+    """
+    n, c, h, w, cmask, pmask = _tile(tl.program_id(0), tl.program_id(1), C, H, W, BLOCK_C, BLOCK_H, BLOCK_W)
+    base = n * sn + c[:, None] * sc
+    acc = tl.zeros((BLOCK_C, BLOCK_H * BLOCK_W), dtype=tl.float32)
+    for i in tl.static_range(KH):
+        for j in tl.static_range(KW):
+            if TRANSPOSE:
+                hh = h - (i - (KH - 1) // 2)
+                ww = w - (j - (KW - 1) // 2)
+            else:
+                hh = h + (i - (KH - 1) // 2)
+                ww = w + (j - (KW - 1) // 2)
+            inside = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+            xv = tl.load(x_ptr + base + (hh * sh + ww * sw)[None, :], mask=cmask[:, None] & inside[None, :],
+                         other=0.0).to(tl.float32)
+            wv = tl.load(w_ptr + c * (KH * KW) + (i * KW + j), mask=cmask, other=0.0).to(tl.float32)
+            acc += wv[:, None] * xv
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[:, None]
+    offs = base + (h * sh + w * sw)[None, :]
+    mask = cmask[:, None] & pmask[None, :]
+    if EPILOGUE == 1:
+        acc = _gelu(acc)
+    elif EPILOGUE == 2:
+        acc = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * _gelu_grad(acc)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=_WGRAD_CONFIGS, key=_KEY + ['N', 'KH', 'KW'], prune_configs_by=_PRUNE,
+                 do_bench=_bench)
+@triton.jit(do_not_specialize=['KH', 'KW'])  # one compiled kernel per TAPS, not per kernel shape
+def _dwconv_wgrad_kernel(g_ptr, x_ptr, dw_ptr, db_ptr, N, C, H, W, sn, sc, sh, sw, num_chunks, KH, KW,
+                         TAPS: tl.constexpr,
+                         BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Partial weight and bias gradients of a depthwise conv: ``dw[chunk, c, k]``, ``db[chunk, c]``.
+
+    dw[c, i, j] = sum over n, h, w of g[n, c, h, w] * x[n, c, h + i - PH, w + j - PW]; program
+    (cb, chunk) sums tiles chunk, chunk + num_chunks, ... so that the partials have a fixed size
+    (num_chunks x C x KH*KW, summed by the caller) whatever tile the autotuner picks, and the result
+    does not depend on the order in which programs finish. All taps at once: TAPS is KH*KW rounded up
+    to a power of two.
+    """
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    k = tl.arange(0, TAPS)
+    kmask = k < KH * KW
+    dh = k // KW - (KH - 1) // 2
+    dw = k % KW - (KW - 1) // 2
+    p = tl.arange(0, BLOCK_H * BLOCK_W)
+    num_hb = tl.cdiv(H, BLOCK_H)
+    num_wb = tl.cdiv(W, BLOCK_W)
+    acc = tl.zeros((BLOCK_C, TAPS), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for t in range(tl.program_id(1), N * num_hb * num_wb, num_chunks):
+        n = t // (num_hb * num_wb)
+        h = (t % (num_hb * num_wb)) // num_wb * BLOCK_H + p // BLOCK_W
+        w = (t % num_wb) * BLOCK_W + p % BLOCK_W
+        pmask = (h < H) & (w < W)
+        base = n * sn + c * sc
+        gv = tl.load(g_ptr + base[:, None] + (h * sh + w * sw)[None, :],
+                     mask=cmask[:, None] & pmask[None, :], other=0.0).to(tl.float32)
+        hh = h[None, :] + dh[:, None]  # TAPS x pixels
+        ww = w[None, :] + dw[:, None]
+        inside = kmask[:, None] & pmask[None, :] & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+        xv = tl.load(x_ptr + base[:, None, None] + (hh * sh + ww * sw)[None, :, :],
+                     mask=cmask[:, None, None] & inside[None, :, :], other=0.0).to(tl.float32)
+        acc += tl.sum(xv * gv[:, None, :], axis=2)
+        acc_b += tl.sum(gv, axis=1)
+    chunk = tl.program_id(1)
+    tl.store(dw_ptr + (chunk * C + c[:, None]) * (KH * KW) + k[None, :], acc,
+             mask=cmask[:, None] & kmask[None, :])
+    tl.store(db_ptr + chunk * C + c, acc_b, mask=cmask)
+
+
+@triton.autotune(configs=_CONFIGS, key=_KEY, prune_configs_by=_PRUNE, do_bench=_bench)
+@triton.jit
+def _strip3_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, o0_ptr, o1_ptr, o2_ptr,
+                   C, H, W, sn, sc, sh, sw,
+                   K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, ALONG_W: tl.constexpr,
+                   TRANSPOSE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Three 1-D depthwise convs of one input (K0 <= K1 <= K2, along W or H): o_i = conv(x, w_i) + b_i.
+
+    One pass over the K2 taps reads each shifted input once for all three branches (the narrower
+    kernels' taps are the centre of the widest).
+    """
+    n, c, h, w, cmask, pmask = _tile(tl.program_id(0), tl.program_id(1), C, H, W, BLOCK_C, BLOCK_H, BLOCK_W)
+    base = n * sn + c[:, None] * sc
+    acc0 = tl.zeros((BLOCK_C, BLOCK_H * BLOCK_W), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_C, BLOCK_H * BLOCK_W), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_C, BLOCK_H * BLOCK_W), dtype=tl.float32)
+    for j in tl.static_range(K2):
+        shift = j - (K2 - 1) // 2
+        if TRANSPOSE:
+            shift = -shift
+        if ALONG_W:
+            hh = h
+            ww = w + shift
+        else:
+            hh = h + shift
+            ww = w
+        inside = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+        xv = tl.load(x_ptr + base + (hh * sh + ww * sw)[None, :], mask=cmask[:, None] & inside[None, :],
+                     other=0.0).to(tl.float32)
+        acc2 += tl.load(w2_ptr + c * K2 + j, mask=cmask, other=0.0).to(tl.float32)[:, None] * xv
+        j1 = j - (K2 - K1) // 2
+        if j1 >= 0 and j1 < K1:
+            acc1 += tl.load(w1_ptr + c * K1 + j1, mask=cmask, other=0.0).to(tl.float32)[:, None] * xv
+        j0 = j - (K2 - K0) // 2
+        if j0 >= 0 and j0 < K0:
+            acc0 += tl.load(w0_ptr + c * K0 + j0, mask=cmask, other=0.0).to(tl.float32)[:, None] * xv
+    if HAS_BIAS:
+        acc0 += tl.load(b0_ptr + c, mask=cmask, other=0.0).to(tl.float32)[:, None]
+        acc1 += tl.load(b1_ptr + c, mask=cmask, other=0.0).to(tl.float32)[:, None]
+        acc2 += tl.load(b2_ptr + c, mask=cmask, other=0.0).to(tl.float32)[:, None]
+    offs = base + (h * sh + w * sw)[None, :]
+    mask = cmask[:, None] & pmask[None, :]
+    tl.store(o0_ptr + offs, acc0.to(o0_ptr.dtype.element_ty), mask=mask)
+    tl.store(o1_ptr + offs, acc1.to(o1_ptr.dtype.element_ty), mask=mask)
+    tl.store(o2_ptr + offs, acc2.to(o2_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _strip_accumulate(acc, t_ptr, w_ptr, offs_c, c, cmask, h, w, H, W, sh, sw,
+                      K: tl.constexpr, ALONG_W: tl.constexpr, TRANSPOSE: tl.constexpr):
+    for j in tl.static_range(K):
+        shift = j - (K - 1) // 2
+        if TRANSPOSE:
+            shift = -shift
+        if ALONG_W:
+            hh = h
+            ww = w + shift
+        else:
+            hh = h + shift
+            ww = w
+        inside = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+        tv = tl.load(t_ptr + offs_c + (hh * sh + ww * sw)[None, :], mask=cmask[:, None] & inside[None, :],
+                     other=0.0).to(tl.float32)
+        acc += tl.load(w_ptr + c * K + j, mask=cmask, other=0.0).to(tl.float32)[:, None] * tv
+    return acc
+
+
+@triton.autotune(configs=_CONFIGS, key=_KEY, prune_configs_by=_PRUNE, do_bench=_bench)
+@triton.jit
+def _strip3_sum_kernel(r_ptr, t0_ptr, t1_ptr, t2_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr,
+                       out_ptr, C, H, W, sn, sc, sh, sw,
+                       K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, ALONG_W: tl.constexpr,
+                       TRANSPOSE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """out = r + sum_i (conv(t_i, w_i) + b_i), three 1-D depthwise convs along W or H."""
+    n, c, h, w, cmask, pmask = _tile(tl.program_id(0), tl.program_id(1), C, H, W, BLOCK_C, BLOCK_H, BLOCK_W)
+    base = n * sn + c[:, None] * sc
+    offs = base + (h * sh + w * sw)[None, :]
+    mask = cmask[:, None] & pmask[None, :]
+    acc = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    acc = _strip_accumulate(acc, t0_ptr, w0_ptr, base, c, cmask, h, w, H, W, sh, sw, K0, ALONG_W, TRANSPOSE)
+    acc = _strip_accumulate(acc, t1_ptr, w1_ptr, base, c, cmask, h, w, H, W, sh, sw, K1, ALONG_W, TRANSPOSE)
+    acc = _strip_accumulate(acc, t2_ptr, w2_ptr, base, c, cmask, h, w, H, W, sh, sw, K2, ALONG_W, TRANSPOSE)
+    if HAS_BIAS:
+        bias = (tl.load(b0_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+                + tl.load(b1_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+                + tl.load(b2_ptr + c, mask=cmask, other=0.0).to(tl.float32))
+        acc += bias[:, None]
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers (plain functions of tensors; no autograd here)
+# ------------------------------------------------------------------------------------------------
+
+def _check_device(x: torch.Tensor) -> None:
+    if x.device.type != 'cuda' and not INTERPRETED:
+        raise RuntimeError(
+            f'smmcl.kernels: the Triton kernels got a {x.device.type} tensor but run only on CUDA, or on '
+            'the CPU under Triton\'s interpreter; set TRITON_INTERPRET=1 before Triton is first imported '
+            '(or leave triton_kernels off)')
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    """channels_last when x is stored that way (and not also plain contiguous), else NCHW."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _same_layout(fmt: torch.memory_format, *tensors: torch.Tensor):
+    return [t.contiguous(memory_format=fmt) for t in tensors]
+
+
+def _rows(weight: torch.Tensor) -> torch.Tensor:
+    """Depthwise weight C-1-KH-KW (any memory format) as contiguous C x KH*KW rows."""
+    return weight.reshape(weight.shape[0], -1).contiguous()
+
+
+def _grid(n: int, c: int, h: int, w: int):
+    return lambda meta: (n * triton.cdiv(c, meta['BLOCK_C']),
+                         triton.cdiv(h, meta['BLOCK_H']) * triton.cdiv(w, meta['BLOCK_W']))
+
+
+def kernel_size(weight: torch.Tensor) -> Tuple[int, int]:
+    kh, kw = weight.shape[-2:]
+    if weight.ndim != 4 or weight.shape[1] != 1 or kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f'smmcl.kernels: expected a depthwise weight C-1-KH-KW with odd KH, KW, got '
+                         f'{tuple(weight.shape)}')
+    return kh, kw
+
+
+def dwconv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], *, transpose: bool = False,
+           epilogue: int = 0, grad: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Depthwise conv, stride 1, "same" padding: N-C-H-W -> N-C-H-W in x's dtype and memory format.
+
+    ``transpose``: the adjoint (grad input from grad output, bias must be None). ``epilogue`` 1: exact
+    GELU; 2: ``grad * GELU'(conv + bias)``.
+    """
+    _check_device(x)
+    kh, kw = kernel_size(weight)
+    n, c, h, w = x.shape
+    fmt = _layout(x)
+    x, = _same_layout(fmt, x)
+    if grad is not None:
+        grad, = _same_layout(fmt, grad)
+    out = torch.empty_like(x, memory_format=fmt)
+    if out.numel() == 0:
+        return out
+    w_rows = _rows(weight)
+    _dwconv_kernel[_grid(n, c, h, w)](
+        x, w_rows, bias if bias is not None else w_rows, grad if grad is not None else x, out,
+        c, h, w, *x.stride(), KH=kh, KW=kw, TRANSPOSE=transpose, HAS_BIAS=bias is not None,
+        EPILOGUE=epilogue)
+    return out
+
+
+def _num_chunks(x: torch.Tensor) -> int:
+    """Programs along the reduction of a weight gradient: about 8 per SM for 32 channels (fewer for
+    more channels, which bring programs of their own), and at most one per 256 pixels."""
+    if x.device.type != 'cuda':
+        return 2  # the interpreter: still exercises the split and the sum of partials
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    n, c, h, w = x.shape
+    return max(1, min(triton.cdiv(8 * sms * 32, c), n * h * w // 256))
+
+
+def dwconv_wgrad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(grad weight C-1-KH-KW in weight's dtype, grad bias C in weight's dtype) of a depthwise conv."""
+    _check_device(x)
+    kh, kw = kernel_size(weight)
+    n, c, h, w = x.shape
+    fmt = _layout(x)
+    x, grad = _same_layout(fmt, x, grad)
+    chunks = _num_chunks(x)
+    dw = torch.zeros(chunks, c, kh * kw, device=x.device, dtype=torch.float32)
+    db = torch.zeros(chunks, c, device=x.device, dtype=torch.float32)
+    if x.numel() > 0:
+        _dwconv_wgrad_kernel[lambda meta: (triton.cdiv(c, meta['BLOCK_C']), chunks)](
+            grad, x, dw, db, n, c, h, w, *x.stride(), chunks, kh, kw, TAPS=triton.next_power_of_2(kh * kw))
+    return dw.sum(0).reshape(weight.shape).to(weight.dtype), db.sum(0).to(weight.dtype)
+
+
+def _strip_lengths(weights: Sequence[torch.Tensor], along_w: bool) -> Tuple[int, int, int]:
+    lengths = tuple(kernel_size(wt)[1 if along_w else 0] for wt in weights)
+    for wt in weights:
+        if wt.shape[-2 if along_w else -1] != 1:
+            raise ValueError(f'smmcl.kernels: expected {"1xK" if along_w else "Kx1"} strip weights, got '
+                             f'{tuple(wt.shape)}')
+    if not lengths[0] <= lengths[1] <= lengths[2]:
+        raise ValueError(f'smmcl.kernels: strip lengths must grow, got {lengths}')
+    return lengths
+
+
+def strip3(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Optional[Sequence[torch.Tensor]],
+           along_w: bool, transpose: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Three 1-D depthwise convs (1xK if ``along_w`` else Kx1) of one N-C-H-W input, in one pass."""
+    _check_device(x)
+    k0, k1, k2 = _strip_lengths(weights, along_w)
+    n, c, h, w = x.shape
+    fmt = _layout(x)
+    x, = _same_layout(fmt, x)
+    outs = [torch.empty_like(x, memory_format=fmt) for _ in range(3)]
+    if x.numel() > 0:
+        rows = [_rows(wt) for wt in weights]
+        b = list(biases) if biases is not None else rows
+        _strip3_kernel[_grid(n, c, h, w)](
+            x, *rows, *b, *outs, c, h, w, *x.stride(), K0=k0, K1=k1, K2=k2, ALONG_W=along_w,
+            TRANSPOSE=transpose, HAS_BIAS=biases is not None)
+    return tuple(outs)
+
+
+def strip3_sum(r: torch.Tensor, ts: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
+               biases: Optional[Sequence[torch.Tensor]], along_w: bool, transpose: bool = False) -> torch.Tensor:
+    """``r + sum_i conv(ts[i], weights[i]) + biases[i]``, 1-D depthwise convs along W or H, in one pass."""
+    _check_device(r)
+    k0, k1, k2 = _strip_lengths(weights, along_w)
+    n, c, h, w = r.shape
+    fmt = _layout(r)
+    r, *ts = _same_layout(fmt, r, *ts)
+    out = torch.empty_like(r, memory_format=fmt)
+    if r.numel() > 0:
+        rows = [_rows(wt) for wt in weights]
+        b = list(biases) if biases is not None else rows
+        _strip3_sum_kernel[_grid(n, c, h, w)](
+            r, *ts, *rows, *b, out, c, h, w, *r.stride(), K0=k0, K1=k1, K2=k2, ALONG_W=along_w,
+            TRANSPOSE=transpose, HAS_BIAS=biases is not None)
+    return out

@@ -1,0 +1,291 @@
+"""The Triton kernels of smmcl.kernels compute what PyTorch's layers compute, forward and backward.
+
+Without a GPU the kernels run under Triton's CPU interpreter (``TRITON_INTERPRET=1``, set when this
+module is collected, before Triton is first imported, and restored after its tests); with one they run
+compiled on CUDA (``bench/gpu_check.py`` runs this file there). References
+are ``F.conv2d`` / ``F.gelu`` and autograd in float32 on the same (bf16-rounded, where bf16 is tested)
+values. Shapes are tiny because the interpreter runs every program in turn in NumPy: they cover odd
+sizes, sizes below the kernel, batch 1, channel counts that are not a multiple of the channel block
+(32 under the interpreter) and maps wider and taller than one tile (16 wide, 8 tall), in NCHW and
+channels_last.
+"""
+import copy
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
+# Triton reads TRITON_INTERPRET when a kernel is decorated, its own library (tl.cdiv, ...) included,
+# i.e. when triton is first imported: set it now, at collection, and restore it after this module.
+_SAVED_INTERPRET = os.environ.get('TRITON_INTERPRET')
+_TRITON_IMPORTED_BEFORE = 'triton' in sys.modules
+if DEVICE == 'cpu' and not _TRITON_IMPORTED_BEFORE:
+    os.environ['TRITON_INTERPRET'] = '1'
+
+pytest.importorskip('triton')
+if not hasattr(torch.library, 'custom_op'):
+    pytest.skip('the kernels need PyTorch >= 2.4 (torch.library.custom_op)', allow_module_level=True)
+
+from smmcl import kernels  # noqa: E402  (the Triton-free part; the kernels load on first use)
+from smmcl.models.mscan import AttentionModule, Block, Mlp, mscan_t, use_fused_kernels  # noqa: E402
+
+CL = torch.channels_last
+NCHW = torch.contiguous_format
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _interpreter_on_cpu():
+    """The CPU runs the kernels under Triton's interpreter; other test modules see the old setting."""
+    if DEVICE == 'cpu' and _TRITON_IMPORTED_BEFORE and os.environ.get('TRITON_INTERPRET') != '1':
+        pytest.skip('triton was imported before TRITON_INTERPRET=1 could be set; run tests/test_kernels.py '
+                    'alone, or with TRITON_INTERPRET=1 in the environment')
+    if DEVICE == 'cpu':
+        os.environ['TRITON_INTERPRET'] = '1'  # runs_on() asks at every call
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    # float32 references on a GPU: TF32 would round the references' convs to 10 bits
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    if _SAVED_INTERPRET is None:
+        os.environ.pop('TRITON_INTERPRET', None)
+    else:
+        os.environ['TRITON_INTERPRET'] = _SAVED_INTERPRET
+
+
+def ops():
+    return kernels.load_ops()
+
+
+def rel(actual, expected):
+    return (torch.linalg.norm(actual.float() - expected.float()) / torch.linalg.norm(expected.float())).item()
+
+
+def _tensor(*shape, fmt=NCHW, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(*shape, generator=g).to(dtype)
+    return t.to(DEVICE).contiguous(memory_format=fmt).requires_grad_()
+
+
+def _check_grads(out, ref_out, inputs, ref_inputs, tol, grad_tol=None):
+    """Forward within ``tol``; grads of ``inputs`` (kernel) vs ``ref_inputs`` (reference) within ``grad_tol``."""
+    assert rel(out, ref_out) <= tol, f'forward rel err {rel(out, ref_out):.2e}'
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    got = torch.autograd.grad(out, inputs, grad.to(out.dtype))
+    want = torch.autograd.grad(ref_out, ref_inputs, grad)
+    for name, g, w in zip(range(len(got)), got, want):
+        assert g.shape == w.shape and g.dtype == inputs[name].dtype
+        err = rel(g, w)
+        assert err <= (grad_tol or tol), f'grad {name}: rel err {err:.2e}'
+
+
+def _fp32_copies(*tensors):
+    """Float32 leaves holding the same (possibly bf16-rounded) values: the reference's inputs."""
+    return [t.detach().float().requires_grad_() for t in tensors]
+
+
+# ---- depthwise conv (KxK, 1xK, Kx1) and depthwise conv + GELU --------------------------------------
+
+DW_CASES = [  # N, C, H, W, KH, KW, memory format
+    (2, 37, 10, 19, 5, 5, NCHW),   # two channel blocks (37 = 32 + 5), two tiles each way, odd sizes
+    (1, 3, 2, 3, 5, 5, NCHW),      # map smaller than the kernel, batch 1
+    (2, 37, 9, 18, 5, 5, CL),      # channels_last
+    (1, 5, 4, 5, 1, 7, NCHW),      # 1xK wider than the map
+    (2, 6, 6, 3, 7, 1, CL),        # Kx1 taller than the map
+    (1, 9, 3, 4, 21, 1, NCHW),     # MSCAN's longest strip
+    (2, 7, 7, 17, 3, 3, CL),       # the MLP's 3x3
+]
+
+
+@pytest.mark.parametrize('n, c, h, w, kh, kw, fmt', DW_CASES)
+def test_dwconv_matches_conv2d(n, c, h, w, kh, kw, fmt):
+    x, weight, bias = _tensor(n, c, h, w, fmt=fmt), _tensor(c, 1, kh, kw, seed=1), _tensor(c, seed=2)
+    rx, rw, rb = _fp32_copies(x, weight, bias)
+    out = ops().dwconv2d(x, weight, bias)
+    assert out.shape == x.shape and out.stride() == x.stride()  # the input's memory format is kept
+    ref = F.conv2d(rx, rw, rb, padding=(kh // 2, kw // 2), groups=c)
+    _check_grads(out, ref, (x, weight, bias), (rx, rw, rb), 1e-5)
+
+
+@pytest.mark.parametrize('n, c, h, w, fmt', [(2, 37, 10, 19, NCHW), (1, 5, 2, 1, CL), (2, 6, 9, 17, CL)])
+def test_dwconv_gelu_matches_conv2d_then_gelu(n, c, h, w, fmt):
+    x, weight, bias = _tensor(n, c, h, w, fmt=fmt), _tensor(c, 1, 3, 3, seed=1), _tensor(c, seed=2)
+    rx, rw, rb = _fp32_copies(x, weight, bias)
+    out = ops().dwconv2d_gelu(x, weight, bias)
+    ref = nn.GELU()(F.conv2d(rx, rw, rb, padding=1, groups=c))
+    _check_grads(out, ref, (x, weight, bias), (rx, rw, rb), 1e-5)
+
+
+def test_dwconv_without_bias():
+    x, weight = _tensor(1, 4, 5, 6), _tensor(4, 1, 3, 3, seed=1)
+    rx, rw = _fp32_copies(x, weight)
+    out = ops().dwconv2d(x, weight, None)
+    _check_grads(out, F.conv2d(rx, rw, padding=1, groups=4), (x, weight), (rx, rw), 1e-5)
+
+
+# ---- the attention's sum of strip pairs -------------------------------------------------------------
+
+def _strip_params(c, dtype=torch.float32):
+    params = []
+    for i, k in enumerate((7, 11, 21)):
+        params += [_tensor(c, 1, 1, k, dtype=dtype, seed=10 + i), _tensor(c, dtype=dtype, seed=20 + i),
+                   _tensor(c, 1, k, 1, dtype=dtype, seed=30 + i), _tensor(c, dtype=dtype, seed=40 + i)]
+    return params
+
+
+def _strip_sum_reference(a, params):
+    """What AttentionModule computes after conv0: a + sum of the three (1xK then Kx1) branches."""
+    out, c = a, a.shape[1]
+    for i in range(3):
+        wh, bh, wv, bv = params[4 * i:4 * i + 4]
+        k = wh.shape[-1]
+        out = out + F.conv2d(F.conv2d(a, wh, bh, padding=(0, k // 2), groups=c), wv, bv,
+                             padding=(k // 2, 0), groups=c)
+    return out
+
+
+@pytest.mark.parametrize('n, c, h, w, fmt', [(2, 5, 9, 23, NCHW), (1, 3, 2, 3, NCHW), (1, 37, 5, 6, CL)])
+def test_strip_sum_matches_the_three_branches(n, c, h, w, fmt):
+    a, params = _tensor(n, c, h, w, fmt=fmt), _strip_params(c)
+    ref_a, *ref_params = _fp32_copies(a, *params)
+    out = ops().mscan_strip_sum(a, *params)
+    assert out.stride() == a.stride()
+    ref = _strip_sum_reference(ref_a, ref_params)
+    _check_grads(out, ref, [a] + params, [ref_a] + ref_params, 1e-5)
+
+
+# ---- bfloat16: fp32 accumulation, results rounded once ------------------------------------------------
+
+# bf16 keeps 8 significant bits (relative rounding up to 2^-9 per value): outputs and input grads,
+# rounded once, are within ~0.3 % of the float32 result of the same values; weight grads are summed in
+# float32 from bf16 values.
+BF16_TOL = 1e-2
+
+
+@pytest.mark.parametrize('weight_dtype', [torch.float32, torch.bfloat16], ids=['autocast-like', 'bf16-model'])
+def test_bf16_dwconv_and_gelu(weight_dtype):
+    x = _tensor(2, 37, 5, 17, fmt=CL, dtype=torch.bfloat16)
+    weight, bias = _tensor(37, 1, 5, 5, dtype=weight_dtype, seed=1), _tensor(37, dtype=weight_dtype, seed=2)
+    rx, rw, rb = _fp32_copies(x, weight, bias)
+    out = ops().dwconv2d(x, weight, bias)
+    assert out.dtype == torch.bfloat16
+    _check_grads(out, F.conv2d(rx, rw, rb, padding=2, groups=37), (x, weight, bias), (rx, rw, rb), BF16_TOL)
+    w3 = _tensor(37, 1, 3, 3, dtype=weight_dtype, seed=3)
+    rw3, = _fp32_copies(w3)
+    out = ops().dwconv2d_gelu(x, w3, bias)
+    ref = F.gelu(F.conv2d(rx, rw3, rb, padding=1, groups=37))
+    _check_grads(out, ref, (x, w3, bias), (rx, rw3, rb), BF16_TOL)
+
+
+def test_bf16_strip_sum():
+    a, params = _tensor(1, 5, 9, 23, dtype=torch.bfloat16), _strip_params(5)
+    ref_a, *ref_params = _fp32_copies(a, *params)
+    out = ops().mscan_strip_sum(a, *params)
+    assert out.dtype == torch.bfloat16
+    _check_grads(out, _strip_sum_reference(ref_a, ref_params), [a] + params, [ref_a] + ref_params, BF16_TOL)
+
+
+# ---- the custom ops' registrations: fake tensors, autograd, torch.compile's tracing ------------------
+
+def test_custom_op_registrations():
+    """Schema, fake (meta) implementation against the real one, autograd registration, and (full
+    check) tracing by AOTAutograd with dynamic shapes, as torch.compile does."""
+    x, w, b = _tensor(1, 3, 4, 5), _tensor(3, 1, 3, 3, seed=1), _tensor(3, seed=2)
+    quick = ('test_schema', 'test_autograd_registration', 'test_faketensor')
+    torch.library.opcheck(ops().dwconv2d, (x, w, b))
+    # the fast path's model is channels_last, weights included (other strides for their size-1 dim)
+    w_cl = _tensor(3, 1, 3, 3, fmt=CL, seed=1)
+    torch.library.opcheck(ops().dwconv2d_gelu, (x.detach().contiguous(memory_format=CL).requires_grad_(), w_cl, b),
+                          test_utils=quick)
+    a, params = _tensor(1, 3, 4, 5, fmt=CL), _strip_params(3)
+    torch.library.opcheck(ops().mscan_strip_sum, (a, *params))
+
+
+def test_torch_compile_traces_the_ops_without_graph_breaks():
+    x, w, b = _tensor(1, 3, 4, 5), _tensor(3, 1, 3, 3, seed=1), _tensor(3, seed=2)
+    o = ops()  # loading the ops is not traced (importlib.util.find_spec breaks graphs in torch 2.11)
+
+    def f(x, w, b):
+        return o.dwconv2d_gelu(o.dwconv2d(x, w, b), w, b)
+
+    compiled = torch.compile(f, fullgraph=True, backend='aot_eager')  # fullgraph: a break is an error
+    got, want = compiled(x, w, b), f(x, w, b)
+    assert rel(got, want) <= 1e-6
+    g = torch.ones_like(want)
+    for a, b_ in zip(torch.autograd.grad(got, (x, w, b), g), torch.autograd.grad(want, (x, w, b), g)):
+        assert rel(a, b_) <= 1e-6
+
+
+def test_torch_compile_traces_a_block_with_kernels_in_one_graph():
+    block = use_fused_kernels(_tiny_block())
+    x = _tensor(1, 32, 4, 5)
+    compiled = torch.compile(block, fullgraph=True, backend='aot_eager')
+    got, want = compiled(x), block(x)
+    assert rel(got, want) <= 1e-6
+
+
+# ---- the modules: kernels on and off compute the same function --------------------------------------
+
+def _tiny_block():
+    """A stage-1 block of MSCAN-T (32 channels, MLP 256) with layer scales that let both halves show."""
+    torch.manual_seed(0)
+    spec = mscan_t()
+    block = Block(spec.embed_dims[0], spec.mlp_ratios[0], 0.0, nn.BatchNorm2d)
+    with torch.no_grad():
+        block.layer_scale_1.fill_(0.5)
+        block.layer_scale_2.fill_(0.5)
+    return block.to(DEVICE)
+
+
+@pytest.mark.parametrize('fmt', [NCHW, CL])
+def test_block_with_kernels_is_the_same_function(fmt):
+    plain = _tiny_block().to(memory_format=fmt)
+    fused = use_fused_kernels(copy.deepcopy(plain))
+    assert all(m.fused_kernels for m in fused.modules() if isinstance(m, (AttentionModule, Mlp)))
+    assert list(fused.state_dict()) == list(plain.state_dict())  # same checkpoint layout
+    x = _tensor(2, 32, 7, 9, fmt=fmt)
+    outs = []
+    for model in (plain, fused):
+        out = model(x)
+        grads = torch.autograd.grad(out, [x] + list(model.parameters()),
+                                    torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE))
+        outs.append((out, grads))
+    (ref, ref_grads), (out, grads) = outs
+    assert rel(out, ref) <= 1e-4
+    names = ['input'] + [name for name, _ in plain.named_parameters()]
+    for name, g, r in zip(names, grads, ref_grads):
+        assert rel(g, r) <= 1e-4, name
+
+
+def test_block_without_interpreter_on_cpu_keeps_conv2d(monkeypatch):
+    """On a CPU tensor without TRITON_INTERPRET the switched module takes its nn.Conv2d path."""
+    if DEVICE == 'cuda':
+        pytest.skip('CPU behaviour')
+    monkeypatch.delenv('TRITON_INTERPRET', raising=False)
+    x = torch.randn(1, 32, 5, 6)
+    assert not kernels.runs_on(x)
+    plain = _tiny_block().eval()
+    fused = use_fused_kernels(copy.deepcopy(plain))
+    with torch.no_grad():
+        assert torch.equal(fused(x), plain(x))
+
+
+def test_switch_errors_clearly_without_triton(monkeypatch):
+    monkeypatch.setattr(kernels, 'available', lambda: False)
+    with pytest.raises(RuntimeError, match='pip install triton'):
+        use_fused_kernels(_tiny_block())
+    use_fused_kernels(_tiny_block(), enabled=False)  # switching off needs nothing
+
+
+def test_config_switch_reaches_the_modules():
+    from smmcl.config import base_config
+    from smmcl.engine.precision import for_training
+    cfg = base_config()
+    assert cfg.triton_kernels is False  # off by default
+    for fast_path, triton_kernels, expected in ((True, True, True), (False, True, False), (True, False, False)):
+        cfg.update(fast_path=fast_path, triton_kernels=triton_kernels)
+        block = for_training(_tiny_block(), cfg)
+        assert {m.fused_kernels for m in block.modules() if isinstance(m, (AttentionModule, Mlp))} == {expected}
