@@ -20,7 +20,9 @@ TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt
+# requirements.txt ends with `-e .`: the same pip call installs the package editable (pyproject.toml),
+# so `import smmcl` works from any directory. torch comes first, so pip never resolves another one.
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@if [ -z "$$VIRTUAL_ENV" ] && [ ! -x $(VENV)/bin/python ]; then python3 -m venv $(VENV); fi
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -r requirements-dev.txt
@@ -29,8 +31,9 @@ $(STAMP): requirements.txt requirements-dev.txt
 test: install
 	$(TEST_ENV) $(PY) -m pytest -q
 
+# Skips the slow tests and those that start processes (subprocess, spawn, gloo): under 90 s on 2 cores.
 test-quick: install
-	$(TEST_ENV) $(PY) -m pytest -q -m "not slow"
+	$(TEST_ENV) $(PY) -m pytest -q -m "not slow and not integration"
 
 demo: install
 	$(PY) -m smmcl.demo
@@ -39,4 +42,4 @@ bench: install
 	$(PY) bench/bench.py
 
 clean:
-	rm -rf demo_out .pytest_cache .hypothesis
+	rm -rf demo_out .pytest_cache .hypothesis smmcl.egg-info

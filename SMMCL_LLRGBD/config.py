@@ -6,10 +6,8 @@ the authors' ``SMMCL_LLRGBD/config.py``: 1000 epochs of batch 16, checkpoints fr
 command line: ``python train.py --set backbone=mscan_t dataset_path=/data/LLRGBD``.
 """
 import os.path as osp
-import sys
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from smmcl.config import REPO_ROOT, base_config  # noqa: E402
+from smmcl.config import REPO_ROOT, base_config
 
 config = C = base_config()
 C.exp_dir = osp.dirname(osp.abspath(__file__))

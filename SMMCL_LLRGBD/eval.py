@@ -2,7 +2,10 @@
 import os.path as osp
 import sys
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+try:
+    import smmcl  # noqa: F401  (an installed package: `make install`; no sys.path edits)
+except ModuleNotFoundError:
+    sys.exit('smmcl is not installed: run `make install` or `pip install -e .` in the repo root')
 from smmcl.engine.eval_cli import main  # noqa: E402
 
 if __name__ == '__main__':

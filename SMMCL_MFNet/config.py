@@ -4,10 +4,8 @@ Folder names are values: forks that use ``Modal/`` or ``rgb/ ther/ labels/`` onl
 with ``--set x_folder=Modal``.
 """
 import os.path as osp
-import sys
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from smmcl.config import REPO_ROOT, base_config  # noqa: E402
+from smmcl.config import REPO_ROOT, base_config
 
 config = C = base_config()
 C.exp_dir = osp.dirname(osp.abspath(__file__))

@@ -1,9 +1,7 @@
 """SMMCL on NYU Depth V2 (40 classes) in CMX's layout: RGB/ (.jpg), HHA/ (.jpg, 3 channels), Label/."""
 import os.path as osp
-import sys
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from smmcl.config import REPO_ROOT, base_config  # noqa: E402
+from smmcl.config import REPO_ROOT, base_config
 
 config = C = base_config()
 C.exp_dir = osp.dirname(osp.abspath(__file__))

@@ -2,9 +2,13 @@
 import os.path as osp
 import sys
 
-HERE = osp.dirname(osp.abspath(__file__))
-sys.path.insert(0, osp.dirname(HERE))
+try:
+    import smmcl  # noqa: F401  (an installed package: `make install`; no sys.path edits)
+except ModuleNotFoundError:
+    sys.exit('smmcl is not installed: run `make install` or `pip install -e .` in the repo root')
 from smmcl.engine.train import main  # noqa: E402
+
+HERE = osp.dirname(osp.abspath(__file__))
 
 if __name__ == '__main__':  # the guard keeps spawned GPU processes from starting a training themselves
     main(osp.join(HERE, 'config.py'))

@@ -16,7 +16,6 @@ are configured by the same helpers as train.py and eval.py (``smmcl.engine.preci
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import sys
 import tempfile
@@ -24,7 +23,10 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+try:
+    import smmcl  # noqa: F401  (an installed package: `make install`; no sys.path edits)
+except ModuleNotFoundError:
+    sys.exit('smmcl is not installed: run `make install` or `pip install -e .` in the repo root')
 
 from smmcl.config import base_config  # noqa: E402
 from smmcl.models import build_segmentor  # noqa: E402

@@ -1,15 +1,49 @@
-"""Shared fixtures: a tiny synthetic LLRGBD on disk and the settings of a tiny CPU training run."""
+"""Shared fixtures: a tiny MSCAN width, a tiny model config, a tiny synthetic LLRGBD on disk and the
+settings of a tiny CPU training run."""
 import os
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A training run of about a second per epoch on the CPU: the smallest backbone, a 32-channel decoder,
-# 64x96 crops, batch 2, one iteration per epoch, no ImageNet weights. min_views_per_class=1 lets the
-# contrastive terms find anchors in the 2x3 cells of stage 4.
+# A test-only MSCAN width, far below mscan_t (0.5M instead of 12.7M parameters with the tiny decoder: a
+# checkpoint with AdamW state of ~6 MB instead of ~150 MB). Its dims and depths match no real variant,
+# so describe_state_dict still tells it apart. Registered only while a test asks for it (fixture
+# tiny_mscan), so the real variant list stays as it is for every other test.
+TINY_MSCAN = 'mscan_test'
+TINY_MSCAN_SPEC = dict(embed_dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), drop_path_rate=0.1)
+# The same registration as Python source, for the scripts that tests run in child processes (put it at
+# the top of the script, so processes spawned from it run it too).
+REGISTER_TINY_MSCAN = ('from smmcl.models.mscan import MSCAN_VARIANTS, MSCANSpec\n'
+                       f'MSCAN_VARIANTS[{TINY_MSCAN!r}] = lambda: MSCANSpec(**{TINY_MSCAN_SPEC!r})\n')
+
+
+@pytest.fixture
+def tiny_mscan() -> str:
+    """Registers the backbone ``mscan_test`` for this test; returns its name. (A patch of its own, so a
+    test's ``monkeypatch.undo()`` keeps it.)"""
+    from smmcl.models.mscan import MSCAN_VARIANTS, MSCANSpec
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(MSCAN_VARIANTS, TINY_MSCAN, lambda: MSCANSpec(**TINY_MSCAN_SPEC))
+        yield TINY_MSCAN
+
+
+def tiny_config(**changes):
+    """``base_config()`` for a small CPU model: mscan_t, 5 classes, a 32-channel decoder, no ImageNet
+    weights; ``changes`` override any key."""
+    from smmcl.config import base_config
+    cfg = base_config()
+    cfg.update(backbone='mscan_t', num_classes=5, pretrained_model=None, decoder_embed_dim=32)
+    cfg.update(changes)
+    return cfg
+
+
+# A training run of well under a second per epoch on the CPU: the tiny MSCAN width, a 32-channel
+# decoder, 64x96 crops, batch 2, one iteration per epoch, no ImageNet weights. min_views_per_class=1
+# lets the contrastive terms find anchors in the 2x3 cells of stage 4. Child processes need
+# REGISTER_TINY_MSCAN (or backbone=mscan_t).
 TINY_TRAINING = dict(
-    backbone='mscan_t', pretrained_model=None, decoder_embed_dim=32, image_height=64, image_width=96,
+    backbone=TINY_MSCAN, pretrained_model=None, decoder_embed_dim=32, image_height=64, image_width=96,
     batch_size=2, num_train_imgs=4, niters_per_epoch=1, nepochs=2, warm_up_epoch=1, lr=1e-3,
     checkpoint_start_epoch=1, checkpoint_step=1, num_workers=0, deterministic=True,
     min_views_per_class=1, dist_timeout_s=60)
@@ -24,7 +58,7 @@ def tiny_llrgbd(tmp_path_factory) -> str:
 
 
 @pytest.fixture
-def tiny_training(tiny_llrgbd, tmp_path):
+def tiny_training(tiny_llrgbd, tmp_path, tiny_mscan):
     """``tiny_training(**changes)`` -> ``--set`` values for a tiny run on ``tiny_llrgbd`` logging to
     ``tmp_path/log`` (checkpoints in ``tmp_path/log/checkpoint``)."""
     def overrides(**changes):

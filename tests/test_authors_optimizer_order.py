@@ -14,23 +14,17 @@ import pytest
 import torch
 from torch import nn
 
-from smmcl.config import base_config
 from smmcl.engine.checkpoint import (CheckpointError, authors_checkpoint, read_checkpoint,
                                      restore_training_state, rng_state, save_checkpoint, training_state)
 from smmcl.engine.optim import build_optimizer, optimizer_param_names
 from smmcl.models import EncoderDecoder, build_segmentor
 from smmcl.models.authors_order import authors_param_groups, layer_scale_names
 
+from conftest import tiny_config
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYOUT = os.path.join(REPO, '..', 'shared', 'reference', 'state_dict_layout_mscan_b_14cls.json')
 BUFFERS = ('running_mean', 'running_var', 'num_batches_tracked')
-
-
-def tiny_config(**changes):
-    cfg = base_config()
-    cfg.update(backbone='mscan_t', num_classes=5, pretrained_model=None, decoder_embed_dim=32)
-    cfg.update(changes)
-    return cfg
 
 
 def tiny_model(seed=0):

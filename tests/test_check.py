@@ -48,6 +48,7 @@ def run_check(*args):
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.integration
 def test_cli_lists_every_problem(broken):
     path, files = broken
     result = run_check(LLRGBD_CONFIG, '--set', f'dataset_path={path}')
@@ -60,6 +61,7 @@ def test_cli_lists_every_problem(broken):
     assert '[200]' in result.stdout and '10x12' in result.stdout
 
 
+@pytest.mark.integration
 def test_cli_clean_dataset_summary(clean):
     result = run_check(LLRGBD_CONFIG, '--set', f'dataset_path={clean}', 'batch_size=2', '--split', 'all')
     assert result.returncode == 0, result.stdout + result.stderr

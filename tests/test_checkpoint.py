@@ -18,14 +18,7 @@ from smmcl.engine.checkpoint import (LAST, CheckpointError, atomic_save, is_temp
 from smmcl.engine.optim import build_optimizer, group_weight
 from smmcl.models import build_segmentor
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config(**changes):
-    cfg = base_config()
-    cfg.update(backbone='mscan_t', num_classes=5, pretrained_model=None, decoder_embed_dim=32)
-    cfg.update(changes)
-    return cfg
+from conftest import tiny_config
 
 
 @pytest.fixture(scope='module')
@@ -53,6 +46,7 @@ def test_authors_keys_and_our_extras(model_and_optimizer, tmp_path):
     assert os.readlink(tmp_path / LAST) == 'epoch-3.pth'  # relative: the folder can be moved
 
 
+@pytest.mark.integration
 def test_ddp_wrapper_is_refused_and_its_module_saves_without_prefix(model_and_optimizer, tmp_path):
     cfg, model, optimizer = model_and_optimizer
     dist.init_process_group('gloo', init_method=f'file://{tmp_path}/store', rank=0, world_size=1)
@@ -110,6 +104,7 @@ def test_fp16_loss_scale_is_saved_and_restored(model_and_optimizer, tmp_path):
                                           torch.amp.GradScaler('cpu', enabled=False))
 
 
+@pytest.mark.integration
 def test_process_killed_between_write_and_rename(tmp_path):
     """SIGKILL after the temporary file is complete but before os.replace: the old file and link stay;
     the leftover temporary file is recognisable and removed at the next start."""
@@ -117,7 +112,6 @@ def test_process_killed_between_write_and_rename(tmp_path):
     save_checkpoint({'model': {'w': torch.zeros(3)}, 'epoch': 1}, folder)
     script = textwrap.dedent(f'''
         import os, signal, sys, torch
-        sys.path.insert(0, {REPO!r})
         from smmcl.engine import checkpoint
         os.replace = lambda src, dst: os.kill(os.getpid(), signal.SIGKILL)
         checkpoint.save_checkpoint({{'model': {{'w': torch.ones(1000)}}, 'epoch': 2}}, {folder!r})

@@ -75,6 +75,7 @@ def _run_eval(folder, args):
                           capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
 
 
+@pytest.mark.integration
 def test_eval_script_scores_an_authors_checkpoint(llrgbd, tmp_path):
     config_path = osp.join(REPO_ROOT, 'SMMCL_LLRGBD', 'config.py')
     overrides = TINY + [f'dataset_path={llrgbd}', f'log_dir={tmp_path / "log"}']
@@ -105,6 +106,7 @@ def test_eval_script_scores_an_authors_checkpoint(llrgbd, tmp_path):
     assert img.getpalette()[:9] == [0, 0, 0, 0, 0, 255, 232, 88, 47]  # void, bed, books
 
 
+@pytest.mark.integration
 def test_eval_script_refuses_a_checkpoint_with_another_class_count(llrgbd, tmp_path):
     config_path = osp.join(REPO_ROOT, 'SMMCL_LLRGBD', 'config.py')
     overrides = TINY + [f'dataset_path={llrgbd}', f'log_dir={tmp_path / "log"}']
@@ -116,6 +118,7 @@ def test_eval_script_refuses_a_checkpoint_with_another_class_count(llrgbd, tmp_p
     assert not (tmp_path / 'log').exists() or not os.listdir(tmp_path / 'log')
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(torch.cuda.is_available(), reason='launch() runs one process per GPU where CUDA is '
                     'available, so there it would compare a CUDA run with a CPU one (other NMF draws)')
 def test_two_processes_give_the_single_process_result(llrgbd, tmp_path):

