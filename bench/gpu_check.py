@@ -28,9 +28,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib.util
 import io
 import json
 import os
+import site
 import subprocess
 import sys
 import tempfile
@@ -41,15 +43,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def install_wheels(folder: str) -> None:
-    """Our few small dependencies from a local wheel folder, into a private site dir (no network)."""
+    """Our small dependencies from a local wheel folder, and this repository's package when it is not
+    installed, into a private site dir (no network: ``--no-deps``, no build isolation)."""
     target = os.path.join(tempfile.gettempdir(), 'smmcl_site')
     wheels = [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith('.whl')]
+    if importlib.util.find_spec('smmcl') is None:
+        wheels.append(REPO)
     if wheels:
         subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-index', '--no-deps', '--no-compile',
-                        '--upgrade', '--target', target] + wheels, check=True)
-        sys.path.insert(0, target)
+                        '--no-build-isolation', '--upgrade', '--target', target] + wheels, check=True)
+        site.addsitedir(target)
         os.environ['PYTHONPATH'] = target + os.pathsep + os.environ.get('PYTHONPATH', '')
-    print(f'installed {len(wheels)} wheel(s) from {folder}')
+    print(f'installed {len(wheels)} package(s) from {folder}')
 
 
 class Tee(io.TextIOBase):
@@ -77,7 +82,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.wheels:
         install_wheels(args.wheels)
-    sys.path.insert(0, REPO)
+    if importlib.util.find_spec('smmcl') is None:
+        sys.exit('gpu_check: the smmcl package is not importable: `pip install -e .` in the repository, '
+                 'or pass --wheels DIR (it installs the package from this checkout too)')
     log_file = None
     if args.out:
         os.makedirs(args.out, exist_ok=True)
@@ -367,8 +374,7 @@ def step_model(args, device):
 
 def step_bench(args, device):
     import torch
-    sys.path.insert(0, os.path.join(REPO, 'bench'))
-    import bench
+    import bench  # bench/bench.py: this script's own folder is first on the module path
     bench_args = argparse.Namespace(
         backbone='mscan_t' if args.smoke else 'mscan_b', batch=1 if args.smoke else args.batch,
         height=32 if args.smoke else 480, width=32 if args.smoke else 640, classes=14,

@@ -1,7 +1,7 @@
 """The model and loss against golden outputs of the authors' model (../shared/reference)."""
+import importlib.util
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -15,12 +15,11 @@ pytestmark = pytest.mark.skipif(not os.path.isdir(REFERENCE), reason='../shared/
 
 
 def _reference_state_dict(layout, seed):
-    sys.path.insert(0, REFERENCE)
-    try:
-        from weights import reference_state_dict
-    finally:
-        sys.path.remove(REFERENCE)
-    return reference_state_dict(layout, seed)
+    # The reference folder is not a package: load its weights.py by path.
+    spec = importlib.util.spec_from_file_location('smmcl_reference_weights', os.path.join(REFERENCE, 'weights.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.reference_state_dict(layout, seed)
 
 
 def _rel(actual, expected):

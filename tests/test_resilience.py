@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from smmcl.engine import train as train_module
-from smmcl.engine.checkpoint import LAST, is_temp_file, load_checkpoint
+from smmcl.engine.checkpoint import LAST, is_temp_file, read_checkpoint
 
 from conftest import REGISTER_TINY_MSCAN, REPO
 
@@ -53,13 +53,13 @@ def check_folder(folder):
     for name in os.listdir(folder):
         if is_temp_file(name) or name == LAST:
             continue
-        state = load_checkpoint(os.path.join(folder, name))
+        state = read_checkpoint(os.path.join(folder, name))
         assert name == f"epoch-{state['epoch']}.pth"
         epochs.append(state['epoch'])
     if not os.path.lexists(os.path.join(folder, LAST)):
         assert epochs in ([], [1])
         return 0
-    last = load_checkpoint(os.path.join(folder, LAST))['epoch']
+    last = read_checkpoint(os.path.join(folder, LAST))['epoch']
     assert max(epochs) - last in (0, 1)
     return last
 
@@ -125,6 +125,6 @@ def test_sigkill_at_any_moment_leaves_a_resumable_folder(tiny_training, tmp_path
     # the same weights as a run that was never interrupted
     train_module.main(CONFIG, ['--set', *tiny_training(nepochs=NEPOCHS, log_dir=str(tmp_path / 'straight'),
                                                        checkpoint_start_epoch=NEPOCHS)])
-    a = load_checkpoint(str(folder / LAST))['model']
-    b = load_checkpoint(str(tmp_path / 'straight' / 'checkpoint' / LAST))['model']
+    a = read_checkpoint(str(folder / LAST))['model']
+    b = read_checkpoint(str(tmp_path / 'straight' / 'checkpoint' / LAST))['model']
     assert all(torch.equal(a[k], b[k]) for k in a)

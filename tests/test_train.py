@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from smmcl.engine import train as train_module
-from smmcl.engine.checkpoint import LAST, load_checkpoint
+from smmcl.engine.checkpoint import LAST, read_checkpoint
 from smmcl.engine.lr import WarmUpPolyLR
 from smmcl.models.segmentor import EncoderDecoder
 
@@ -45,7 +45,7 @@ def test_script_trains_on_the_authors_schedule(tiny_training, tmp_path):
     assert 'effective config:' in text and 'backbone: ' + repr('mscan_t') in text
     losses = [float(line.split(' loss ')[1].split()[0]) for line in text.splitlines() if '/3: loss' in line]
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
-    state = load_checkpoint(os.path.join(log_dir, 'checkpoint', LAST))
+    state = read_checkpoint(os.path.join(log_dir, 'checkpoint', LAST))
     assert (state['epoch'], state['iteration'], state['lr_step'], state['sampler_epoch']) == (3, 0, 3, 3)
     assert all(torch.isfinite(t).all() for t in state['model'].values() if t.is_floating_point())
     # the lr stored is the one set after the last step: lr(lr_step - 1), warm-up 1 epoch of 1 iteration
@@ -78,11 +78,11 @@ def test_resume_is_bit_identical(tiny_training, tmp_path, monkeypatch):
     train_module.main(CONFIG, ['-c', str(tmp_path / 'resumed' / 'checkpoint' / LAST), '--set', *resumed])
     assert 'continuing at epoch 2' in log_text(str(tmp_path / 'resumed'))
 
-    a = load_checkpoint(str(tmp_path / 'straight' / 'checkpoint' / 'epoch-2.pth'))
-    b = load_checkpoint(str(tmp_path / 'resumed' / 'checkpoint' / 'epoch-2.pth'))
+    a = read_checkpoint(str(tmp_path / 'straight' / 'checkpoint' / 'epoch-2.pth'))
+    b = read_checkpoint(str(tmp_path / 'resumed' / 'checkpoint' / 'epoch-2.pth'))
     assert list(a['model']) == list(b['model'])
     assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
-    first = load_checkpoint(str(tmp_path / 'straight' / 'checkpoint' / 'epoch-1.pth'))
+    first = read_checkpoint(str(tmp_path / 'straight' / 'checkpoint' / 'epoch-1.pth'))
     assert not all(torch.equal(a['model'][k], first['model'][k]) for k in a['model'])  # it did train
     opt_a, opt_b = a['optimizer']['state'], b['optimizer']['state']
     assert all(torch.equal(opt_a[i][s], opt_b[i][s]) for i in opt_a for s in opt_a[i])
@@ -118,7 +118,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_training, 
     assert message in capsys.readouterr().err
     assert message in log_text(str(tmp_path / 'log'))
     assert checkpoints(tmp_path / 'log') == ['epoch-1.pth', LAST]
-    assert load_checkpoint(str(tmp_path / 'log' / 'checkpoint' / LAST))['epoch'] == 1
+    assert read_checkpoint(str(tmp_path / 'log' / 'checkpoint' / LAST))['epoch'] == 1
 
 
 @pytest.mark.parametrize('term', ['vis', 'input'])
@@ -132,7 +132,7 @@ def test_nonfinite_loss_skip_mode_skips_and_counts(tiny_training, tmp_path, monk
     assert f'non-finite loss at epoch 2 iteration 1/2: {bad}' in text
     assert text.count('batch skipped (1 this epoch)') == 2
     assert text.count('1 batches skipped (non-finite loss)') == 2
-    state = load_checkpoint(str(tmp_path / 'log' / 'checkpoint' / 'epoch-2.pth'))
+    state = read_checkpoint(str(tmp_path / 'log' / 'checkpoint' / 'epoch-2.pth'))
     assert all(s['step'].item() == 2 for s in state['optimizer']['state'].values())  # 4 batches, 2 skipped
     # weights and BatchNorm statistics stay finite
     assert all(torch.isfinite(t).all() for t in state['model'].values() if t.is_floating_point())

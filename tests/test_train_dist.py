@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from smmcl.engine.checkpoint import LAST, load_checkpoint
+from smmcl.engine.checkpoint import LAST, read_checkpoint
 
 from conftest import REGISTER_TINY_MSCAN, REPO
 
@@ -63,7 +63,7 @@ def test_two_ranks_end_with_identical_weights(tiny_training, tmp_path):
     assert '2 process(es) on cpu, batch 1 per process' in result.stderr
     assert 'non-finite loss at epoch 1 iteration 2/3: cm=nan on rank 1; batch skipped' in result.stderr
     rank0, rank1 = (torch.load(tmp_path / f'rank{r}.pth', weights_only=True) for r in (0, 1))
-    state = load_checkpoint(str(tmp_path / 'log' / 'checkpoint' / LAST))
+    state = read_checkpoint(str(tmp_path / 'log' / 'checkpoint' / LAST))
     assert state['epoch'] == 1 and len(state['rng']) == 2  # every rank's generators, for resuming
     assert all(s['step'].item() == 2 for s in state['optimizer']['state'].values())
     params = [k for k in rank0 if not k.endswith(('running_mean', 'running_var', 'num_batches_tracked'))]
@@ -158,7 +158,7 @@ def test_each_rank_normalises_its_own_images_and_rank_0_keeps_the_statistics(tin
         expected_start = ranks[0][step - 1]['mean_after'] if step else ranks[0][0]['mean_before']
         assert all(torch.equal(rec['mean_before'], expected_start) for rec in own)
     assert not torch.allclose(ranks[0][-1]['mean_after'], ranks[1][-1]['mean_after'])
-    saved = load_checkpoint(str(tmp_path / 'log' / 'checkpoint' / LAST))['model']
+    saved = read_checkpoint(str(tmp_path / 'log' / 'checkpoint' / LAST))['model']
     name = ranks[0][0]['name']
     assert torch.equal(saved[f'{name}.running_mean'], ranks[0][-1]['mean_after'])
     assert torch.equal(saved[f'{name}.running_var'], ranks[0][-1]['var_after'])

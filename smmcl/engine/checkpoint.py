@@ -225,11 +225,6 @@ def read_checkpoint(path: str, *, mmap: bool = False) -> Dict[str, Any]:
     return ckpt
 
 
-def load_checkpoint(path: str) -> Dict[str, Any]:
-    """The former name of :func:`read_checkpoint`, kept while tests still import it."""
-    return read_checkpoint(path)
-
-
 def model_state(ckpt: Dict[str, Any], source: str = 'the checkpoint') -> Dict[str, torch.Tensor]:
     """The model weights of what :func:`read_checkpoint` returned: its ``'model'`` entry (ours, the
     authors'), its ``'state_dict'`` entry (SegNeXt's ImageNet files), or the dict itself when it is a

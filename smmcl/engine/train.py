@@ -33,7 +33,7 @@ from ..data.loader import TrainData, build_train_data, to_device
 from ..models.builder import build_segmentor
 from ..models.segmentor import EncoderDecoder
 from . import dist
-from .checkpoint import (CheckpointError, load_backbone_pretrained, load_checkpoint, remove_stale_temp_files,
+from .checkpoint import (CheckpointError, load_backbone_pretrained, read_checkpoint, remove_stale_temp_files,
                          restore_training_state, rng_state, save_checkpoint, should_save, training_state)
 from .dist import norm_layer_for, wrap_ddp
 from .logging_utils import TERMS, EpochLog, nonfinite_message, setup_logging
@@ -266,7 +266,7 @@ def resume_from(path: str, model: nn.Module, optimizer, scaler, config, ctx: dis
                 niters: int) -> int:
     """Load checkpoint ``path`` into the model, optimizer, scaler and this rank's random streams;
     returns the first epoch to run (CMX's restore_checkpoint: the checkpoint's epoch + 1)."""
-    state = load_checkpoint(path)
+    state = read_checkpoint(path)
     restore_training_state(state, model, optimizer, config, path, scaler)
     start_epoch = state['epoch'] + 1
     restore_rng(state, ctx, config.seed)

@@ -19,6 +19,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from ..config import check_choice
 
 IGNORE_LABEL = 255
 
@@ -181,8 +182,7 @@ class SupervisedMultiModalContrastiveLoss(nn.Module):
                  temperature: float = 0.1, cm_temperature: float = 0.1, share_draw: bool = False,
                  sampler: str = 'vectorized'):
         super().__init__()
-        if sampler not in ANCHOR_SAMPLERS:
-            raise ValueError(f"anchor_sampler {sampler!r}: choose one of {sorted(ANCHOR_SAMPLERS)}")
+        check_choice('anchor_sampler', sampler, tuple(ANCHOR_SAMPLERS))
         self.num_classes = num_classes
         self.min_views = min_views
         self.max_views = max_views

@@ -10,6 +10,7 @@ from typing import Callable
 
 from torch import nn
 
+from ..config import check_choice
 from ..losses.contrastive import SupervisedMultiModalContrastiveLoss
 from .segmentor import EncoderDecoder
 
@@ -37,10 +38,9 @@ def build_segmentor(config, *, norm_layer: Callable[[int], nn.Module] = nn.Batch
         with_loss: attach CE and the contrastive loss, so that ``model(rgb, x, label)`` returns the loss.
 
     Raises:
-        ValueError: ``config.decoder`` is not one of :data:`DECODERS`.
+        ConfigError: ``config.decoder`` is not one of :data:`DECODERS`.
     """
-    if config.decoder not in DECODERS:
-        raise ValueError(f"decoder {config.decoder!r} is not available; SMMCL uses 'LightHamHead'")
+    check_choice('decoder', config.decoder, DECODERS)
     criterion = contrastive = None
     if with_loss:
         criterion = nn.CrossEntropyLoss(reduction='mean', ignore_index=config.background)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .. import kernels
+from ..config import check_choice
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -216,8 +217,7 @@ MSCAN_VARIANTS: Dict[str, Callable[[], MSCANSpec]] = {
 
 
 def mscan_spec(name: str) -> MSCANSpec:
-    if name not in MSCAN_VARIANTS:
-        raise ValueError(f"unknown backbone '{name}'; choose one of {sorted(MSCAN_VARIANTS)}")
+    check_choice('backbone', name, tuple(MSCAN_VARIANTS))
     return MSCAN_VARIANTS[name]()
 
 
