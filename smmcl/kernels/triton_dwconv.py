@@ -181,6 +181,25 @@ def _dwconv_wgrad_kernel(g_ptr, x_ptr, dw_ptr, db_ptr, N, C, H, W, sn, sc, sh, s
     tl.store(db_ptr + chunk * C + c, acc_b, mask=cmask)
 
 
+@triton.jit
+def _strip_tap(x_ptr, offs_c, cmask, h, w, H, W, sh, sw, j: tl.constexpr, K: tl.constexpr,
+               ALONG_W: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """The input of tap ``j`` of a K-tap 1-D depthwise conv along W or H (mirrored for the transposed
+    conv of the backward pass), float32, zero outside the image."""
+    shift = j - (K - 1) // 2
+    if TRANSPOSE:
+        shift = -shift
+    if ALONG_W:
+        hh = h
+        ww = w + shift
+    else:
+        hh = h + shift
+        ww = w
+    inside = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+    return tl.load(x_ptr + offs_c + (hh * sh + ww * sw)[None, :], mask=cmask[:, None] & inside[None, :],
+                   other=0.0).to(tl.float32)
+
+
 @triton.autotune(configs=_CONFIGS, key=_KEY, prune_configs_by=_PRUNE, do_bench=_bench)
 @triton.jit
 def _strip3_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, o0_ptr, o1_ptr, o2_ptr,
@@ -199,18 +218,7 @@ def _strip3_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, o0_ptr
     acc1 = tl.zeros((BLOCK_C, BLOCK_H * BLOCK_W), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_C, BLOCK_H * BLOCK_W), dtype=tl.float32)
     for j in tl.static_range(K2):
-        shift = j - (K2 - 1) // 2
-        if TRANSPOSE:
-            shift = -shift
-        if ALONG_W:
-            hh = h
-            ww = w + shift
-        else:
-            hh = h + shift
-            ww = w
-        inside = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-        xv = tl.load(x_ptr + base + (hh * sh + ww * sw)[None, :], mask=cmask[:, None] & inside[None, :],
-                     other=0.0).to(tl.float32)
+        xv = _strip_tap(x_ptr, base, cmask, h, w, H, W, sh, sw, j, K2, ALONG_W, TRANSPOSE)
         acc2 += tl.load(w2_ptr + c * K2 + j, mask=cmask, other=0.0).to(tl.float32)[:, None] * xv
         j1 = j - (K2 - K1) // 2
         if j1 >= 0 and j1 < K1:
@@ -233,18 +241,7 @@ def _strip3_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, o0_ptr
 def _strip_accumulate(acc, t_ptr, w_ptr, offs_c, c, cmask, h, w, H, W, sh, sw,
                       K: tl.constexpr, ALONG_W: tl.constexpr, TRANSPOSE: tl.constexpr):
     for j in tl.static_range(K):
-        shift = j - (K - 1) // 2
-        if TRANSPOSE:
-            shift = -shift
-        if ALONG_W:
-            hh = h
-            ww = w + shift
-        else:
-            hh = h + shift
-            ww = w
-        inside = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-        tv = tl.load(t_ptr + offs_c + (hh * sh + ww * sw)[None, :], mask=cmask[:, None] & inside[None, :],
-                     other=0.0).to(tl.float32)
+        tv = _strip_tap(t_ptr, offs_c, cmask, h, w, H, W, sh, sw, j, K, ALONG_W, TRANSPOSE)
         acc += tl.load(w_ptr + c * K + j, mask=cmask, other=0.0).to(tl.float32)[:, None] * tv
     return acc
 
