@@ -267,6 +267,33 @@ def label_problems(gt: np.ndarray, path: str, config, header: Optional[Tuple[int
             f'the labels.']
 
 
+def read_flags(config) -> Tuple[int, int]:
+    """The ``cv2.imdecode`` flags of the RGB and the X image (see :func:`load_item`): colour, and greyscale
+    for a single-channel X (``config.x_is_single_channel``)."""
+    return cv2.IMREAD_COLOR, cv2.IMREAD_GRAYSCALE if config.x_is_single_channel else cv2.IMREAD_COLOR
+
+
+def network_order(rgb: np.ndarray, x: np.ndarray, config) -> Tuple[np.ndarray, np.ndarray]:
+    """Images as decoded with :func:`read_flags` -> the network's inputs, as the authors feed them.
+
+    A 2-D X (greyscale) is replicated to 3 channels. Colour images stay in OpenCV's BGR order (the
+    authors' quirk, see :func:`load_item`) unless ``config.true_rgb_order``, which converts RGB and X.
+
+    Args:
+        rgb: H-W-3 uint8, BGR order.
+        x: H-W uint8, or H-W-3 uint8 in BGR order.
+
+    Returns:
+        rgb, x: H-W-3 uint8 each.
+    """
+    if x.ndim == 2:
+        x = cv2.merge([x, x, x])
+    if config.true_rgb_order:
+        rgb = cv2.cvtColor(rgb, cv2.COLOR_BGR2RGB)
+        x = cv2.cvtColor(x, cv2.COLOR_BGR2RGB)
+    return rgb, x
+
+
 def load_item(layout: SplitLayout, name: str, config):
     """Read item ``name``: RGB, label, X as the authors do, checked.
 
@@ -286,8 +313,7 @@ def load_item(layout: SplitLayout, name: str, config):
             another bit depth than 8, label values).
     """
     paths = layout.paths(name)
-    flags = (cv2.IMREAD_COLOR, cv2.IMREAD_GRAYSCALE if config.x_is_single_channel else cv2.IMREAD_COLOR,
-             cv2.IMREAD_GRAYSCALE)
+    flags = read_flags(config) + (cv2.IMREAD_GRAYSCALE,)
     files, images, problems = [], [], []
     for what, path, flag in zip(('RGB', 'X', 'label'), paths, flags):
         files.append(read_file(path))
@@ -301,11 +327,7 @@ def load_item(layout: SplitLayout, name: str, config):
     if problems:
         raise DatasetError(problems)
     rgb, x, gt = images
-    if config.x_is_single_channel:
-        x = cv2.merge([x, x, x])
-    if config.true_rgb_order:
-        rgb = cv2.cvtColor(rgb, cv2.COLOR_BGR2RGB)
-        x = cv2.cvtColor(x, cv2.COLOR_BGR2RGB)
+    rgb, x = network_order(rgb, x, config)
     if config.gt_transform:
         gt = gt - np.uint8(1)  # uint8 wrap-around: 0 (unlabelled) -> 255
     header = png_header(files[2])

@@ -30,7 +30,6 @@ import argparse
 import logging
 import os
 import os.path as osp
-import re
 import sys
 from typing import Dict, List, Optional, Sequence
 
@@ -38,73 +37,15 @@ import numpy as np
 
 from smmcl.config import ConfigError, load_config
 from smmcl.data.dataset import DatasetError, RGBXDataset, read_list
-from smmcl.engine.checkpoint import CheckpointError, model_state, read_checkpoint
+from smmcl.engine.checkpoint import CheckpointError
 from smmcl.engine.dist import DistContext, launch, parse_devices
 from smmcl.engine.evaluate import evaluate_per_image, prediction_palette
 from smmcl.engine.logging_utils import link_last
 from smmcl.engine.metrics import compute_scores, format_results
 from smmcl.engine.precision import for_inference, mixed_precision
-from smmcl.models import build_segmentor, check_compatible
+from smmcl.inference import checked_weights, load_model, parse_epochs
 
 logger = logging.getLogger('smmcl.eval')
-
-_EPOCH_FILE = re.compile(r'^epoch-(\d+)\.pth$')
-
-
-def _saved_epochs(checkpoint_dir: str) -> Dict[int, str]:
-    """{epoch: path} of the ``epoch-N.pth`` files in ``checkpoint_dir`` (empty when it does not exist)."""
-    if not osp.isdir(checkpoint_dir):
-        return {}
-    return {int(m.group(1)): osp.join(checkpoint_dir, f) for f in os.listdir(checkpoint_dir)
-            for m in [_EPOCH_FILE.match(f)] if m}
-
-
-def _holds(checkpoint_dir: str) -> str:
-    if not osp.isdir(checkpoint_dir):
-        return f'{checkpoint_dir} does not exist'
-    epochs = sorted(_saved_epochs(checkpoint_dir))
-    others = sorted(f for f in os.listdir(checkpoint_dir) if f.endswith('.pth') and not _EPOCH_FILE.match(f))
-    return (f'{checkpoint_dir} holds epochs {epochs or "none"}'
-            + (f' and {others}' if others else ''))
-
-
-def parse_epochs(text: str, checkpoint_dir: str) -> List[str]:
-    """Checkpoint paths for ``-e`` (CMX ``Evaluator.run``), sorted by epoch.
-
-    ``'500'`` -> ``[<dir>/epoch-500.pth]``; ``'400-500'`` -> every existing ``epoch-N.pth`` with
-    400 <= N <= 500; ``'450-'`` -> every one from 450; ``'last'`` -> ``epoch-last.pth``; a path ending in
-    ``.pth`` -> that file.
-
-    Raises:
-        ConfigError: ``text`` is none of these, or a range runs backwards.
-        FileNotFoundError: a named checkpoint is missing, or a range matches none; the message names
-            the path and the checkpoints that exist.
-    """
-    text = str(text).strip()
-    if text.endswith('.pth'):
-        if not osp.isfile(text):
-            raise FileNotFoundError(f'checkpoint {text} does not exist')
-        return [text]
-    if text.isdigit() or text == 'last':
-        path = osp.join(checkpoint_dir, f'epoch-{text}.pth')
-        if not osp.isfile(path):
-            raise FileNotFoundError(f'checkpoint {path} does not exist; {_holds(checkpoint_dir)}')
-        return [path]
-    match = re.fullmatch(r'(\d+)-(\d*)', text)
-    if match is None:
-        raise ConfigError(f"-e {text!r}: expected an epoch (500), a range (400-500), an open range (450-), "
-                          f"'last' or a .pth file")
-    start = int(match.group(1))
-    end = int(match.group(2)) if match.group(2) else None
-    if end is not None and end < start:
-        raise ConfigError(f'-e {text}: the range runs backwards ({start} > {end})')
-    saved = _saved_epochs(checkpoint_dir)
-    chosen = [saved[e] for e in sorted(saved) if e >= start and (end is None or e <= end)]
-    if not chosen:
-        raise FileNotFoundError(f'no checkpoint epoch-N.pth with {start} <= N'
-                                + (f' <= {end}' if end is not None else '')
-                                + f'; {_holds(checkpoint_dir)}')
-    return chosen
 
 
 def _result_block(title: str, hist: np.ndarray, config) -> str:
@@ -137,6 +78,19 @@ def subset_indices(config, test_names: Sequence[str]) -> Dict[str, List[int]]:
     return subsets
 
 
+def _report(path: str, hists: np.ndarray, subsets: Dict[str, List[int]], config) -> float:
+    """Print and append to ``config.val_log_file`` the tables of checkpoint ``path`` (test set, then each
+    subset) from its per-image confusion matrices; returns the test set's mIoU in percent."""
+    hist = hists.sum(0)
+    text = _result_block(f'Model: {path}', hist, config)
+    for name, indices in subsets.items():
+        text += _result_block(f'Model: {path} [{name}: {len(indices)} images]', hists[indices].sum(0), config)
+    with open(config.val_log_file, 'a') as f:
+        f.write(text)
+    print(text, flush=True)
+    return compute_scores(hist)['mean_iou'] * 100
+
+
 def _evaluate_checkpoints(ctx: DistContext, config, checkpoints: Sequence[str], subsets: Dict[str, List[int]],
                           save_path: Optional[str], verbose: bool) -> None:
     """Every process: score each checkpoint on the test set and its subsets; rank 0 reports."""
@@ -146,7 +100,7 @@ def _evaluate_checkpoints(ctx: DistContext, config, checkpoints: Sequence[str], 
     dataset = RGBXDataset(config, 'val')
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
     workers = min(int(config.num_workers), 4, cpus)  # image reading only; 4 keep a GPU busy
-    final, model = [], None
+    final = []
     if ctx.is_main:  # the authors open the log and link val_last.log before evaluating
         os.makedirs(osp.dirname(osp.abspath(config.val_log_file)), exist_ok=True)
         open(config.val_log_file, 'a').close()
@@ -154,11 +108,7 @@ def _evaluate_checkpoints(ctx: DistContext, config, checkpoints: Sequence[str], 
         if save_path is not None:
             os.makedirs(save_path, exist_ok=True)
     for path in checkpoints:
-        weights = model_state(read_checkpoint(path), path)
-        check_compatible(weights, config.backbone, int(config.num_classes), path)
-        if model is None:  # without ImageNet weights: the checkpoint sets every tensor
-            model = build_segmentor(config).eval().to(ctx.device)
-        model.load_state_dict(weights, strict=True)
+        model = load_model(config, path, ctx.device)
         save_dir = None
         if save_path is not None:
             save_dir = save_path + '_color'
@@ -170,17 +120,8 @@ def _evaluate_checkpoints(ctx: DistContext, config, checkpoints: Sequence[str], 
         with amp:
             hists = evaluate_per_image(for_inference(model, config), dataset, config, ctx.device, ctx.rank,
                                        ctx.world_size, save_dir, num_workers=workers)
-        if not ctx.is_main:
-            continue
-        hist = hists.sum(0)
-        text = _result_block(f'Model: {path}', hist, config)
-        for name, indices in subsets.items():
-            text += _result_block(f'Model: {path} [{name}: {len(indices)} images]',
-                                  hists[indices].sum(0), config)
-        with open(config.val_log_file, 'a') as f:
-            f.write(text)
-        print(text, flush=True)
-        final.append((path, compute_scores(hist)['mean_iou'] * 100))
+        if ctx.is_main:
+            final.append((path, _report(path, hists, subsets, config)))
     if ctx.is_main:
         if len(final) > 1:
             best = max(final, key=lambda r: r[1])
@@ -221,8 +162,7 @@ def main(config_path: str, argv: Optional[Sequence[str]] = None) -> None:
         prediction_palette(config.class_colors)
         checkpoints = parse_epochs(args.epochs, config.checkpoint_dir)
         for path in checkpoints:  # refuse a wrong checkpoint before starting any process (shapes only)
-            check_compatible(model_state(read_checkpoint(path, mmap=True), path), config.backbone,
-                             int(config.num_classes), path)
+            checked_weights(config, path, mmap=True)
         # Missing folders / list files, before starting any process.
         subsets = subset_indices(config, RGBXDataset(config, 'val').names)
     except (ConfigError, DatasetError, CheckpointError, FileNotFoundError) as exc:  # the user's to fix

@@ -430,6 +430,26 @@ def _as_item(item):
     return item
 
 
+def seed_item(config, index: int) -> None:
+    """Seed the random generators for item ``index`` of a sequence: ``config.seed + index``.
+
+    SMMCL's decoder draws random NMF bases in every forward (unseeded in the authors' evaluation); seeding
+    per item makes a prediction independent of the number of processes and of earlier calls, and
+    ``predict.py`` gives the image at position ``index`` what ``eval.py`` gives it.
+    """
+    torch.manual_seed(int(config.seed) + int(index))
+
+
+def kept_rng(device):
+    """A context restoring the CPU's and ``device``'s random generators on exit, so that
+    :func:`seed_item` leaves the caller's random stream (training's) as it was."""
+    device = torch.device(device)
+    devices = []
+    if device.type == 'cuda':
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.random.fork_rng(devices=devices)
+
+
 def evaluate_per_image(model: torch.nn.Module, dataset, config, device, rank: int = 0, world_size: int = 1,
                        save_dir: Optional[str] = None, num_workers: int = 0) -> np.ndarray:
     """One confusion matrix per item of ``dataset``, computed by the ranks together.
@@ -438,10 +458,9 @@ def evaluate_per_image(model: torch.nn.Module, dataset, config, device, rank: in
     other ranks' items) is summed over ranks, so every rank returns all of it. A collective: with a
     process group initialised, every rank must call it.
 
-    SMMCL's decoder draws random NMF bases in every forward (unseeded in the authors' evaluation). Here
-    the random generators are seeded with ``config.seed + i`` before item ``i``, so the result does not
-    depend on the number of processes or on earlier calls; the caller's generator states are restored
-    afterwards (training continues with its own random stream).
+    Item ``i`` is predicted after :func:`seed_item` (``config.seed + i``: the NMF's random bases), so the
+    result does not depend on the number of processes or on earlier calls; the caller's generator states
+    are restored afterwards (:func:`kept_rng`: training continues with its own random stream).
 
     Args:
         model: the segmentor on ``device`` (put in eval mode here, its mode restored after).
@@ -467,17 +486,13 @@ def evaluate_per_image(model: torch.nn.Module, dataset, config, device, rank: in
     indices = list(range(rank, len(dataset), world_size))
     loader = DataLoader(Subset(dataset, indices), batch_size=None, num_workers=num_workers,
                         collate_fn=_as_item)
-    seed = int(config.seed)
     device = torch.device(device)
-    rng_devices = []
-    if device.type == 'cuda':
-        rng_devices = [device.index if device.index is not None else torch.cuda.current_device()]
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=rng_devices):
+        with torch.no_grad(), kept_rng(device):
             for index, item in zip(indices, loader):
-                torch.manual_seed(seed + index)
+                seed_item(config, index)
                 pred = predict(model, item['data'], item['modal_x'], config, device)
                 label = torch.as_tensor(np.asarray(item['label'])).to(device)
                 try:

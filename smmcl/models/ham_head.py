@@ -62,6 +62,10 @@ class NMF2D(nn.Module):
     L2-normalised over D, as the authors' ``_build_bases`` (RAND_INIT=True). Gradients flow through
     all update steps: mmseg's port runs them without ``torch.no_grad`` and so do the authors.
     The decomposition always runs in float32, also under autocast.
+
+    ``fixed_bases`` (None by default; a non-persistent buffer, so checkpoints do not change) replaces
+    the draw with given (B*S)-D-R bases, for a graph export that cannot hold a random draw
+    (:mod:`smmcl.tools.export`); they fit one batch size only.
     """
 
     def __init__(self, rank: int = 64, spatial: int = 1, train_steps: int = 6, eval_steps: int = 7,
@@ -71,6 +75,13 @@ class NMF2D(nn.Module):
         self.train_steps, self.eval_steps = train_steps, eval_steps
         self.eps = eps
         self.inv_t = 1  # NMF2D overrides the base class' INV_T=100 with 1
+        self.register_buffer('fixed_bases', None, persistent=False)
+
+    def draw_bases(self, batch: int, channels: int, device=None,
+                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """(batch*S)-D-R uniform random bases, L2-normalised over D (the authors' ``_build_bases``)."""
+        shape = (batch * self.spatial, channels // self.spatial, self.rank)
+        return F.normalize(torch.rand(shape, device=device, generator=generator), dim=1)
 
     def _update_coef(self, x, bases, coef):
         # (B*S, D, N)^T @ (B*S, D, R) -> (B*S, N, R)
@@ -92,7 +103,13 @@ class NMF2D(nn.Module):
         D, N = C // self.spatial, H * W
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float().reshape(B * self.spatial, D, N)
-            bases = F.normalize(torch.rand(B * self.spatial, D, self.rank, device=x.device), dim=1)
+            if self.fixed_bases is None:
+                bases = self.draw_bases(B, C, x.device)
+            elif self.fixed_bases.shape != (B * self.spatial, D, self.rank):
+                raise ValueError(f'fixed NMF bases of shape {tuple(self.fixed_bases.shape)} do not fit a '
+                                 f'batch of {B}: expected {(B * self.spatial, D, self.rank)}')
+            else:
+                bases = self.fixed_bases.float()
             # (B*S, D, N)^T @ (B*S, D, R) -> (B*S, N, R)
             coef = F.softmax(self.inv_t * torch.bmm(x.transpose(1, 2), bases), dim=-1)
             for _ in range(self.train_steps if self.training else self.eval_steps):
