@@ -16,7 +16,7 @@ endif
 # oversubscribed OpenMP threads spin-wait (a forward pass went from 0.06 s to 8 s on 2 busy cores).
 TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
-.PHONY: install test test-quick demo bench clean
+.PHONY: install test test-quick demo ablation bench clean
 
 install: $(STAMP)
 
@@ -37,6 +37,11 @@ test-quick: install
 
 demo: install
 	$(PY) -m smmcl.demo
+
+# The demo's model trained again without the contrastive terms (weights 0), numbers side by side; reuses
+# a finished `make demo` run, so it adds one training (both runs do not fit the demo's 10 minutes).
+ablation: install
+	$(PY) -m smmcl.demo --ablation
 
 bench: install
 	$(PY) bench/bench.py

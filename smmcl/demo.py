@@ -1,11 +1,19 @@
-"""End-to-end demo on the CPU: synthetic dark LLRGBD -> train MSCAN-T -> evaluate -> figure.
+"""End-to-end demo on the CPU: synthetic dark LLRGBD -> train MSCAN-T -> evaluate -> pictures.
 
-    python -m smmcl.demo [--out demo_out] [--epochs 20]
+    python -m smmcl.demo [--out demo_out] [--epochs 20]              # make demo
+    python -m smmcl.demo --ablation                                  # make ablation
 
 Runs the experiment's own ``train.py`` and ``eval.py`` exactly as a user would (with ``--set``
 overrides instead of edits), then draws RGB | X | ground truth | prediction for a few test images
-into ``figs/demo.png``. The settings differ from the paper's only where a from-scratch CPU run needs
-it: the small variant, no ImageNet weights, small crops, a higher learning rate and a short schedule.
+(:mod:`smmcl.tools.figure`) into ``figs/demo.png`` and the t-SNE map of the contrastive embeddings
+(:mod:`smmcl.tools.embeddings`) into ``figs/embeddings.png``, and prints the mIoU and the cross-modal
+similarity numbers. The settings differ from the paper's only where a from-scratch CPU run needs it: the
+small variant, no ImageNet weights, small crops, a higher learning rate and a short schedule.
+
+``--ablation`` also trains the same model on the same data, from the same seed, without the contrastive
+terms (``weight_cm = weight_vis = weight_aux = 0``: cross-entropy only), and prints both runs' numbers
+side by side, with ``figs/ablation.png`` (both predictions) and ``figs/embeddings_ce_only.png``. A
+finished ``make demo`` run of the same settings is reused, not trained again.
 """
 from __future__ import annotations
 
@@ -16,15 +24,15 @@ import re
 import subprocess
 import sys
 import time
+from typing import List
 
-import cv2
-import numpy as np
-from PIL import Image
-
-from .config import REPO_ROOT
+from .config import REPO_ROOT, load_config
 from .data.synthetic import generate
 
 EXPERIMENT = osp.join(REPO_ROOT, 'SMMCL_LLRGBD')
+CONFIG = osp.join(EXPERIMENT, 'config.py')
+CE_ONLY = ['weight_cm=0', 'weight_vis=0', 'weight_aux=0']  # smmcl.config.base_config's loss weights
+SETTINGS_FILE = 'demo_settings.txt'  # in a run's log folder once it has trained: what it was trained with
 
 
 def run(script: str, args) -> str:
@@ -41,32 +49,23 @@ def run(script: str, args) -> str:
     return ''.join(lines)
 
 
-def figure(data_dir: str, pred_dir: str, out_path: str, count: int = 4) -> None:
-    """Rows of RGB | X | ground truth | prediction; label maps use the prediction files' palette."""
-    names = sorted(f[:-4] for f in os.listdir(pred_dir) if f.endswith('.png'))[:count]
-    rows = []
-    for name in names:
-        rgb = cv2.imread(osp.join(data_dir, 'test', 'rgb', name + '.png'), cv2.IMREAD_COLOR)
-        depth = cv2.imread(osp.join(data_dir, 'test', 'depth', name + '.png'), cv2.IMREAD_GRAYSCALE)
-        gt = cv2.imread(osp.join(data_dir, 'test', 'label', name + '.png'), cv2.IMREAD_GRAYSCALE)
-        pred = Image.open(osp.join(pred_dir, name + '.png'))
-        palette = pred.getpalette()
-        gt_img = Image.fromarray(gt, mode='P')
-        gt_img.putpalette(palette)
-        to_bgr = lambda im: cv2.cvtColor(np.asarray(im.convert('RGB')), cv2.COLOR_RGB2BGR)
-        depth_vis = cv2.applyColorMap(cv2.normalize(depth, None, 0, 255, cv2.NORM_MINMAX), cv2.COLORMAP_VIRIDIS)
-        panels = [rgb, depth_vis, to_bgr(gt_img), to_bgr(pred)]
-        rows.append(np.concatenate([np.pad(p, ((2, 2), (2, 2), (0, 0)), constant_values=255) for p in panels], 1))
-    grid = np.concatenate(rows, 0)
-    header = np.full((24, grid.shape[1], 3), 255, np.uint8)
-    width = grid.shape[1] // 4
-    for i, title in enumerate(['RGB (dark)', 'X (depth)', 'ground truth', 'prediction']):
-        cv2.putText(header, title, (i * width + 6, 17), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
-    os.makedirs(osp.dirname(out_path), exist_ok=True)
-    cv2.imwrite(out_path, np.concatenate([header, grid], 0))
+def train_and_evaluate(overrides: List[str], epochs: int, log_dir: str) -> float:
+    """Train (unless ``log_dir`` already holds a finished run of these settings), evaluate; the mIoU (%)."""
+    settings = '\n'.join(overrides) + '\n'
+    stamp = osp.join(log_dir, SETTINGS_FILE)
+    checkpoint = osp.join(log_dir, 'checkpoint', f'epoch-{epochs}.pth')
+    if osp.isfile(checkpoint) and osp.isfile(stamp) and open(stamp).read() == settings:
+        print(f'reusing the finished run in {log_dir} (same settings)', flush=True)
+    else:
+        run('train.py', ['--set'] + overrides)
+        with open(stamp, 'w') as f:
+            f.write(settings)
+    output = run('eval.py', ['-e', str(epochs), '-p', osp.join(log_dir, 'pred'), '--set'] + overrides)
+    match = re.findall(r'mIoU:\s*([0-9.]+)', output)
+    return float(match[-1]) if match else float('nan')
 
 
-def main(argv=None) -> float:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument('--out', default=osp.join(REPO_ROOT, 'demo_out'))
     parser.add_argument('--epochs', type=int, default=20)
@@ -74,32 +73,66 @@ def main(argv=None) -> float:
     parser.add_argument('--test', type=int, default=16)
     parser.add_argument('--height', type=int, default=120)
     parser.add_argument('--width', type=int, default=160)
-    parser.add_argument('--figure', default=osp.join(REPO_ROOT, 'figs', 'demo.png'))
+    parser.add_argument('--ablation', action='store_true',
+                        help='also train without the contrastive terms and compare (make ablation)')
+    parser.add_argument('--figs', default=osp.join(REPO_ROOT, 'figs'), help='where the pictures go')
     args = parser.parse_args(argv)
+    args.out, args.figs = osp.abspath(args.out), osp.abspath(args.figs)  # the scripts run in the experiment
+    # The tools import scikit-learn etc. and the model; only here, so `--help` stays instant.
+    from .tools import embeddings, figure
+
     start = time.time()
     data_dir = osp.join(args.out, 'LLRGBD')
     generate('LLRGBD', data_dir, n_train=args.train, n_test=args.test, height=args.height,
              width=args.width, seed=0)
     print(f'synthetic LLRGBD: {args.train} train / {args.test} test images of {args.height}x{args.width} '
           f'in {data_dir}')
-    overrides = [
+    common = [
         'backbone=mscan_t', 'pretrained_model=None', f'dataset_path={data_dir}',
-        f'log_dir={osp.join(args.out, "log")}', f'num_train_imgs={args.train}',
-        f'num_eval_imgs={args.test}', 'batch_size=8', f'nepochs={args.epochs}', 'lr=2e-3',
-        'warm_up_epoch=1', f'image_height={args.height}', f'image_width={args.width}',
-        f'eval_crop_size=[{args.height},{args.width}]', f'checkpoint_start_epoch={args.epochs}',
-        'num_workers=2',
+        f'num_train_imgs={args.train}', f'num_eval_imgs={args.test}', 'batch_size=8',
+        f'nepochs={args.epochs}', 'lr=2e-3', 'warm_up_epoch=1', f'image_height={args.height}',
+        f'image_width={args.width}', f'eval_crop_size=[{args.height},{args.width}]',
+        f'checkpoint_start_epoch={args.epochs}', 'num_workers=2',
     ]
-    run('train.py', ['--set'] + overrides)
-    pred_dir = osp.join(args.out, 'pred')
-    output = run('eval.py', ['-e', str(args.epochs), '-p', pred_dir, '--set'] + overrides)
-    match = re.findall(r'mIoU:\s*([0-9.]+)', output)
-    miou = float(match[-1]) if match else float('nan')
-    figure(data_dir, pred_dir + '_color', args.figure)  # eval.py -p DIR writes DIR_color/, as the authors'
+    runs = {'SMMCL': common + [f'log_dir={osp.join(args.out, "log")}']}
+    if args.ablation:
+        runs['CE only'] = common + CE_ONLY + [f'log_dir={osp.join(args.out, "log_ce_only")}']
+    results = {}
+    for name, overrides in runs.items():
+        config = load_config(CONFIG, overrides)
+        miou = train_and_evaluate(overrides, args.epochs, config.log_dir)
+        suffix = '' if name == 'SMMCL' else '_ce_only'
+        numbers = embeddings.run(config, str(args.epochs), images=args.test, per_class=100,
+                                 out=osp.join(args.figs, f'embeddings{suffix}.png'), title=name)
+        print(f'\n{name}: cross-modal cosine similarity of the stage-4 embeddings')
+        print(embeddings.format_similarity(numbers, config.class_names, numbers['counts']))
+        checkpoint = osp.join(config.checkpoint_dir, f'epoch-{args.epochs}.pth')
+        results[name] = dict(miou=miou, same=numbers['same'], different=numbers['different'],
+                             config=config, checkpoint=checkpoint)
+
+    smmcl_config = results['SMMCL']['config']
+    pictures = [osp.join(args.figs, 'demo.png'), osp.join(args.figs, 'embeddings.png')]
+    figure.draw_figure(smmcl_config, [results['SMMCL']['checkpoint']], titles=['prediction'], out=pictures[0])
+    if args.ablation:
+        pictures[1:] = [pictures[1], osp.join(args.figs, 'embeddings_ce_only.png'),
+                        osp.join(args.figs, 'ablation.png')]
+        figure.draw_figure(smmcl_config, [r['checkpoint'] for r in results.values()],
+                           titles=[f'{name} prediction' for name in results], out=pictures[-1])
     chance = 100.0 / 14
-    print(f'\ndemo done in {time.time() - start:.0f} s: mIoU {miou:.2f}% on the synthetic test set '
-          f'(chance is about {chance:.1f}%); figure: {args.figure}')
-    return miou
+    print(f'\ndemo done in {time.time() - start:.0f} s ({args.epochs} epochs of {args.train} images, '
+          f'{args.test} test images; chance mIoU is about {chance:.1f}%)')
+    width = 28
+    print(f'{"":<{width}}' + ''.join(f'{name:>12}' for name in results))
+    for key, label, fmt in (('miou', 'mIoU (%)', '{:12.2f}'),
+                            ('same', 'cross-modal cos, same class', '{:12.3f}'),
+                            ('different', 'cross-modal cos, other class', '{:12.3f}')):
+        print(f'{label:<{width}}' + ''.join(fmt.format(r[key]) for r in results.values()))
+    print('pictures: ' + ', '.join(pictures))
+    if not args.ablation:
+        print('the same model without the contrastive terms, side by side: make ablation '
+              '(python -m smmcl.demo --ablation; reuses this run)')
+    return {name: {k: v for k, v in r.items() if k in ('miou', 'same', 'different')}
+            for name, r in results.items()}
 
 
 if __name__ == '__main__':
