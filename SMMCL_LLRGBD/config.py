@@ -2,8 +2,10 @@
 
 Everything not set here is SMMCL's default from ``smmcl.config.base_config``, whose training recipe is
 the authors' ``SMMCL_LLRGBD/config.py``: 1000 epochs of batch 16, checkpoints from epoch 300 every 100
-(their released ``epoch-500.pth`` is a mid-schedule checkpoint of such a run). Override any value on the
-command line: ``python train.py --set backbone=mscan_t dataset_path=/data/LLRGBD``.
+(their released ``epoch-500.pth`` is a mid-schedule checkpoint of such a run), each batch as their
+``-d 0-3`` run on 4 GPUs splits it (``replicas=4``: 4 chunks of 4, on any number of GPUs that divides
+4). Override any value on the command line: ``python train.py --set backbone=mscan_t
+dataset_path=/data/LLRGBD``.
 """
 import os.path as osp
 

@@ -25,8 +25,8 @@ C.class_names = ['unlabeled', 'car', 'person', 'bike', 'curve', 'car_stop', 'gua
                  'color_cone', 'bump']
 C.image_height, C.image_width = 480, 640
 # Training recipe: the authors released none for MFNet; we keep base_config's, which is their LLRGBD one
-# (1000 epochs of batch 16, checkpoints from 300 every 100). Their released epoch-300 sits on that
-# checkpoint grid, and their one code base and one README command train all three datasets. CMX's
-# MFNet config (batch 8, 500 epochs, checkpoints from 150 every 25) is --set batch_size=8 nepochs=500
-# checkpoint_start_epoch=150 checkpoint_step=25.
+# (1000 epochs of batch 16 in 4 chunks, replicas=4, checkpoints from 300 every 100). Their released
+# epoch-300 sits on that checkpoint grid, and their one code base and one README command train all
+# three datasets. CMX's MFNet config (batch 8, 500 epochs, checkpoints from 150 every 25) is --set
+# batch_size=8 nepochs=500 checkpoint_start_epoch=150 checkpoint_step=25.
 C.eval_crop_size = [480, 640]

@@ -23,8 +23,8 @@ C.class_names = ['wall', 'floor', 'cabinet', 'bed', 'chair', 'sofa', 'table', 'd
                  'otherfurniture', 'otherprop']
 C.image_height, C.image_width = 480, 640
 # Training recipe: the authors released none for NYU; we keep base_config's, which is their LLRGBD one
-# (1000 epochs of batch 16, checkpoints from 300 every 100). Their released epoch-600 sits on that
-# checkpoint grid and lies beyond CMX's 500-epoch NYU schedule. CMX's config (batch 8, 500 epochs,
-# checkpoints from 250 every 25) is --set batch_size=8 nepochs=500 checkpoint_start_epoch=250
-# checkpoint_step=25.
+# (1000 epochs of batch 16 in 4 chunks, replicas=4, checkpoints from 300 every 100). Their released
+# epoch-600 sits on that checkpoint grid and lies beyond CMX's 500-epoch NYU schedule. CMX's config
+# (batch 8, 500 epochs, checkpoints from 250 every 25) is --set batch_size=8 nepochs=500
+# checkpoint_start_epoch=250 checkpoint_step=25.
 C.eval_crop_size = [480, 640]

@@ -54,8 +54,9 @@ def base_config() -> EasyDict:
     """
     C = EasyDict()
     # The authors' seed. Their -d 0-3 runs one process (DataParallel) seeded with it; under their DDP
-    # launcher each process is seeded with its local rank instead. Ours: seed + rank (rank 0 draws
-    # the initial weights that DDP broadcasts, so they come from this seed as in their -d 0-3 run).
+    # launcher each process is seeded with its local rank instead. Ours: the initial weights come from
+    # this seed (rank 0's, which DDP broadcasts) as in their -d 0-3 run, and each chunk of each step
+    # draws from (seed, step, chunk) whichever process runs it (smmcl/engine/chunks.py).
     C.seed = 12345
     C.exp_dir = os.getcwd()  # the experiment folder; set by each config.py to its own folder
 
@@ -123,7 +124,13 @@ def base_config() -> EasyDict:
     C.lr = 6e-5
     C.lr_power = 0.9
     C.weight_decay = 0.01
-    C.batch_size = 16  # the whole batch; each of N processes takes batch_size // N
+    C.batch_size = 16  # the global batch, whatever the number of processes
+    # The authors' -d 0-3 (nn.DataParallel on 4 GPUs): each global batch is cut into `replicas` contiguous
+    # chunks of batch_size / replicas, each with its own BatchNorm batch statistics, contrastive anchor
+    # sampling (with its max_features_total cap) and loss, the gradients averaged over the chunks and
+    # the running statistics kept from chunk 0. The run is the same on any number of processes that
+    # divides replicas (one GPU runs the 4 chunks one after another); see smmcl/engine/chunks.py.
+    C.replicas = 4
     C.nepochs = 1000
     C.num_workers = 8  # loader processes per training process (the authors': 16; machine-dependent)
     C.train_scale_array = [0.5, 0.75, 1, 1.25, 1.5, 1.75]
@@ -132,10 +139,10 @@ def base_config() -> EasyDict:
     # layer scales are never trained. True: train them too (no weight decay).
     C.train_layer_scale = False
     C.deterministic = False
-    # BatchNorm over several processes. False (the authors'): each process normalises with the
-    # statistics of its own share of the batch, and the running statistics are rank 0's (DDP
-    # broadcasts them before every forward), which is what their nn.DataParallel run does. True:
-    # SyncBatchNorm, statistics over the whole batch (multi-GPU only; it has no CPU kernel).
+    # BatchNorm over several processes. False (the authors'): each chunk (see replicas) normalises with
+    # its own statistics and the running statistics are chunk 0's, which is what their nn.DataParallel
+    # run does. True: SyncBatchNorm, statistics over the whole batch (multi-GPU only, it has no CPU
+    # kernel; and only with one chunk per process, replicas = the number of processes).
     C.sync_bn = False
     # What to do with a non-finite loss: 'stop' (default) or 'skip' the batch (counted and logged).
     C.nonfinite_loss = 'stop'
@@ -166,6 +173,10 @@ def base_config() -> EasyDict:
     # ---- checkpoints: from checkpoint_start_epoch every checkpoint_step epochs, and the last ----
     C.checkpoint_start_epoch = 300
     C.checkpoint_step = 100
+    # Also every K global iterations (None or 0: off, the authors save per epoch only): bounds the work a
+    # preemption loses. Only the newest such iter-<N>.pth is kept; `-c auto` resumes from the newest of
+    # these and the epoch checkpoints, continuing the epoch's order exactly.
+    C.checkpoint_every_iters = None
     return C
 
 
@@ -246,8 +257,8 @@ def check_choice(key: str, value, choices: Sequence) -> None:
 def validate(config: EasyDict) -> EasyDict:
     """Check every setting that has a fixed set of choices, once.
 
-    Settings that depend on the processes (``sync_bn`` on CPU ranks, ``batch_size`` against the number
-    of processes) are checked when the processes exist (:mod:`smmcl.engine.train`).
+    Settings that depend on the processes (``sync_bn`` on CPU ranks, ``replicas`` against the number of
+    processes) are checked when the processes exist (:func:`smmcl.engine.chunks.plan_chunks`).
 
     Raises:
         ConfigError: the first setting outside its choices, naming the nearest valid value.
@@ -262,7 +273,22 @@ def validate(config: EasyDict) -> EasyDict:
                          ('anchor_sampler', tuple(ANCHOR_SAMPLERS)), ('backbone', tuple(MSCAN_VARIANTS)),
                          ('decoder', DECODERS), ('optimizer', OPTIMIZERS)):
         check_choice(key, config[key], choices)
+    check_training_counts(config)
     return config
+
+
+def check_training_counts(config: EasyDict) -> None:
+    """``replicas`` a positive integer, ``checkpoint_every_iters`` None or >= 0. Whether ``replicas``
+    divides ``batch_size`` is checked when training starts (:func:`smmcl.engine.chunks.plan_chunks`),
+    so that tools which read the config without training (the data check) take any batch size."""
+    replicas = config.replicas
+    if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
+        raise ConfigError(f'replicas={replicas!r}: expected a positive number of chunks per global batch '
+                          f"(the authors' GPUs), e.g. --set replicas=4")
+    every = config.checkpoint_every_iters
+    if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 0):
+        raise ConfigError(f'checkpoint_every_iters={every!r}: expected None, 0 (off) or a positive number of '
+                          f'iterations, e.g. --set checkpoint_every_iters=500')
 
 
 def finalize(config: EasyDict) -> EasyDict:

@@ -39,12 +39,12 @@ def tiny_config(**changes):
 
 
 # A training run of well under a second per epoch on the CPU: the tiny MSCAN width, a 32-channel
-# decoder, 64x96 crops, batch 2, one iteration per epoch, no ImageNet weights. min_views_per_class=1
-# lets the contrastive terms find anchors in the 2x3 cells of stage 4. Child processes need
-# REGISTER_TINY_MSCAN (or backbone=mscan_t).
+# decoder, 64x96 crops, batch 2 in one chunk (replicas=1; several processes need replicas=2), one
+# iteration per epoch, no ImageNet weights. min_views_per_class=1 lets the contrastive terms find anchors
+# in the 2x3 cells of stage 4. Child processes need REGISTER_TINY_MSCAN (or backbone=mscan_t).
 TINY_TRAINING = dict(
     backbone=TINY_MSCAN, pretrained_model=None, decoder_embed_dim=32, image_height=64, image_width=96,
-    batch_size=2, num_train_imgs=4, niters_per_epoch=1, nepochs=2, warm_up_epoch=1, lr=1e-3,
+    batch_size=2, replicas=1, num_train_imgs=4, niters_per_epoch=1, nepochs=2, warm_up_epoch=1, lr=1e-3,
     checkpoint_start_epoch=1, checkpoint_step=1, num_workers=0, deterministic=True,
     min_views_per_class=1, dist_timeout_s=60)
 

@@ -122,3 +122,12 @@ def test_base_config_passes_validation_and_an_unknown_key_is_a_config_error():
     assert str(error.value) == "unknown config key 'nepoch'; did you mean 'nepochs'?"  # no KeyError quotes
     with pytest.raises(ConfigError, match='key=value'):
         load_config(EXPERIMENTS['SMMCL_NYU'], ['nepochs'])
+
+
+@pytest.mark.parametrize('name', sorted(EXPERIMENTS))
+def test_experiments_split_each_batch_as_the_authors_four_gpus(name):
+    """Their `python train.py -d 0-3`: nn.DataParallel cuts the batch of 16 into 4 chunks of 4; iteration
+    checkpoints are off (they save per epoch)."""
+    c = load_config(EXPERIMENTS[name])
+    assert (c.replicas, c.batch_size // c.replicas) == (4, 4)
+    assert c.checkpoint_every_iters is None

@@ -57,7 +57,7 @@ def test_two_ranks_end_with_identical_weights(tiny_training, tmp_path):
             return out
         train_module.train, EncoderDecoder.forward = train_and_dump, forward
     '''
-    overrides = tiny_training(niters_per_epoch=3, nepochs=1, nonfinite_loss='skip')
+    overrides = tiny_training(niters_per_epoch=3, nepochs=1, nonfinite_loss='skip', replicas=2)
     result, _ = run_script(tmp_path, body, ['--cpu-procs', '2', '--set', *overrides])
     assert result.returncode == 0, result.stderr
     assert '2 process(es) on cpu, batch 1 per process' in result.stderr
@@ -91,7 +91,7 @@ def test_a_failing_rank_stops_the_other_promptly(tiny_training, tmp_path, fault)
         EncoderDecoder.forward = forward
     '''
     # A long collective timeout: ending before the 120-s hang guard is the launcher's doing, not a timeout.
-    overrides = tiny_training(niters_per_epoch=2, nepochs=3, dist_timeout_s=600)
+    overrides = tiny_training(niters_per_epoch=2, nepochs=3, dist_timeout_s=600, replicas=2)
     result, _ = run_script(tmp_path, body, ['--cpu-procs', '2', '--set', *overrides], timeout=120)
     assert result.returncode == 1
     expected = 'terminated with signal SIGKILL' if fault == 'kill' else 'injected failure on rank 1'
@@ -137,7 +137,7 @@ def test_each_rank_normalises_its_own_images_and_rank_0_keeps_the_statistics(tin
         _train = train_module.train
         train_module.build_model, train_module.train = build_and_watch, save_records
     '''
-    overrides = tiny_training(niters_per_epoch=2, nepochs=1)
+    overrides = tiny_training(niters_per_epoch=2, nepochs=1, replicas=2)
     result, _ = run_script(tmp_path, body, ['--cpu-procs', '2', '--set', *overrides])
     assert result.returncode == 0, result.stderr
     ranks = [torch.load(tmp_path / f'bn{r}.pth', weights_only=False) for r in (0, 1)]

@@ -1,23 +1,25 @@
 """Training data loading: the training set (built once), its epoch length, the loader, and the batch on
 the device (the one place where training images are normalised).
 
-Follows the authors' CMX ``dataloader.py`` (``get_train_loader``: ``file_length = batch_size *
-niters_per_epoch``, batch ``batch_size // world_size`` per process, shuffled, ``drop_last``, pinned
-memory), with augmentation seeded per sample (:class:`SeededSamples`) so that a resumed run draws the
-same crops as an uninterrupted one.
+Follows the authors' ``dataloader/dataloader.py`` (``get_train_loader``: ``file_length = batch_size *
+niters_per_epoch``, shuffled, ``drop_last``, pinned memory). Their ``-d 0-3`` run draws one shuffled
+batch of ``batch_size`` in one process and ``nn.DataParallel`` cuts it into contiguous chunks; here one
+seeded order per epoch, the same for any number of processes, gives each process its contiguous share
+of every global batch (:class:`GlobalOrderSampler`; :mod:`smmcl.engine.chunks` cuts the share into
+chunks). Augmentation is seeded per sample (:class:`SeededSamples`), so a resumed run, on any number of
+processes, draws the same crops as an uninterrupted one.
 """
 from __future__ import annotations
 
 import logging
 import random
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Iterator, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..config import ConfigError
 from ..engine import dist
 from ..engine.precision import memory_format
 from .dataset import RGBXDataset, split_layout, split_names
@@ -34,7 +36,7 @@ class SeededSamples(Dataset):
     cannot be resumed exactly and results depend on ``num_workers``. Seeding every sample gives the
     same distribution (each sample its own, independent stream, different across workers and epochs)
     and makes the crops a function of (seed, epoch, index) only: reproducible for any number of workers,
-    processes, and across a resume. Keys come from :class:`EpochSampler` as ``(epoch, index)``, which
+    processes, and across a resume. Keys come from :class:`GlobalOrderSampler` as ``(epoch, index)``, which
     also tells persistent workers the epoch for the dataset's own per-epoch draw.
     """
 
@@ -55,19 +57,43 @@ class SeededSamples(Dataset):
         return self.dataset[index]
 
 
-class EpochSampler(DistributedSampler):
-    """``DistributedSampler`` yielding ``(epoch, index)`` keys for :class:`SeededSamples`."""
+class GlobalOrderSampler(Sampler):
+    """``(epoch, index)`` keys of this process' share of every global batch.
 
-    def __iter__(self):
+    One shuffled order per epoch for the whole run (``torch.randperm`` seeded with ``seed + epoch``, as
+    ``DistributedSampler``'s, so a one-process run keeps the order it had before): global batch k is
+    positions ``k * batch_size .. (k + 1) * batch_size - 1`` of it, and process p of W takes the p-th
+    contiguous ``batch_size / W`` of them, i.e. chunks ``p*R/W .. (p+1)*R/W - 1`` of ``nn.DataParallel``'s
+    contiguous scatter. ``set_epoch(epoch, start)`` skips the first ``start`` global batches (a resume
+    in the middle of an epoch) without loading them.
+    """
+
+    def __init__(self, length: int, batch_size: int, world_size: int, rank: int, seed: int):
+        self.length, self.batch_size, self.seed = length, batch_size, int(seed)
+        self.share = batch_size // world_size
+        self.offset = rank * self.share
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = int(epoch), int(start)
+
+    def __len__(self) -> int:
+        return (self.length // self.batch_size - self.start) * self.share
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
         epoch = self.epoch
-        return ((epoch, index) for index in super().__iter__())
+        order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + epoch))
+        for batch in range(self.start, self.length // self.batch_size):
+            first = batch * self.batch_size + self.offset
+            for index in order[first:first + self.share].tolist():
+                yield epoch, index
 
 
 @dataclass
 class TrainData:
-    """The training loader, its sampler (``set_epoch`` before each epoch) and batches per epoch."""
+    """The training loader, its sampler (``set_epoch`` before each epoch) and global batches per epoch."""
     loader: DataLoader
-    sampler: EpochSampler
+    sampler: GlobalOrderSampler
     niters: int
 
 
@@ -90,27 +116,22 @@ def iterations_per_epoch(config, num_images: int, verbose: bool = True) -> int:
 
 
 def build_train_data(config, ctx: dist.DistContext) -> TrainData:
-    """The authors' training set and loader for this rank of ``ctx``, always through a sampler
-    (seeded with ``config.seed``, reshuffled by ``set_epoch``), with persistent workers.
+    """The authors' training set and this rank's loader: its share of every global batch
+    (:class:`GlobalOrderSampler`, seeded with ``config.seed``, reshuffled by ``set_epoch``), with
+    persistent workers.
+
+    The training checks first that ``batch_size``, ``replicas`` and the number of processes divide
+    (:func:`smmcl.engine.chunks.plan_chunks`); the loader needs only each process' share.
 
     Raises:
-        ConfigError: ``batch_size`` is smaller than the number of processes.
         DatasetError: folder or list-file problems.
     """
-    batch = config.batch_size // ctx.world_size
-    if batch < 1:
-        raise ConfigError(f'batch_size={config.batch_size} is smaller than the number of processes '
-                          f'({ctx.world_size}); the authors split the batch over the GPUs')
-    if config.batch_size % ctx.world_size and ctx.is_main:
-        logger.warning('batch_size %d does not divide over %d processes: %d per process',
-                       config.batch_size, ctx.world_size, batch)
     names = split_names(config, split_layout(config, 'train'))
     niters = iterations_per_epoch(config, len(names), verbose=ctx.is_main)
     dataset = RGBXDataset(config, 'train', file_length=config.batch_size * niters)
-    sampler = EpochSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
-                           seed=config.seed, drop_last=True)
-    loader = DataLoader(SeededSamples(dataset, config.seed), batch_size=batch, sampler=sampler,
-                        num_workers=config.num_workers, drop_last=True,
+    sampler = GlobalOrderSampler(len(dataset), config.batch_size, ctx.world_size, ctx.rank, config.seed)
+    loader = DataLoader(SeededSamples(dataset, config.seed), batch_size=sampler.share,
+                        sampler=sampler, num_workers=config.num_workers, drop_last=True,
                         pin_memory=ctx.device.type == 'cuda', persistent_workers=config.num_workers > 0,
                         # the loader's own generator: creating iterators must not draw from the global
                         # torch generator, whose state the checkpoints carry

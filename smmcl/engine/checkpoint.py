@@ -5,9 +5,11 @@ The authors' CMX ``Engine.save_checkpoint`` writes ``checkpoint_dir/epoch-N.pth`
 ``save_and_link_checkpoint`` points the symlink ``epoch-last.pth`` at it. We keep that layout, so the
 released ``epoch-500.pth`` files and ours load the same way, and add:
 
-- ``rng``: one entry per rank with the Python, NumPy, torch CPU (and CUDA) generator states,
-- ``lr_step``: the position in the lr schedule (``epoch * niters_per_epoch`` iterations),
-- ``sampler_epoch``: the epoch the ``DistributedSampler`` last ran,
+- ``rng``: one entry per rank with the Python, NumPy, torch CPU (and CUDA) generator states (not
+  needed to resume exactly: training draws are seeded per step and chunk, see :mod:`.chunks`),
+- ``lr_step``: the position in the lr schedule (global iterations done),
+- ``next_iteration``: iterations of epoch ``epoch + 1`` already done (0 but in an iteration checkpoint),
+- ``sampler_epoch``: the epoch the sampler last ran,
 - ``config``: ``backbone`` and ``num_classes`` the model was built with,
 - ``scaler``: the fp16 loss scale (``--set amp=True`` on GPUs without bf16 only),
 - ``optimizer_param_names``: the parameter name of every position in ``optimizer``'s groups.
@@ -31,6 +33,12 @@ two renames leaves a complete ``epoch-N.pth`` while the link still names N - 1; 
 repeats epoch N, bit-identically (resume is exact), and rewrites the same file. Temporary files left by a
 killed run match :func:`is_temp_file`; they are never read and :func:`remove_stale_temp_files` deletes
 them when training starts.
+
+Iteration checkpoints (``config.checkpoint_every_iters``): ``iter-<N>.pth`` after N global iterations,
+written the same atomic way, with ``epoch`` the epochs completed and ``next_iteration`` the iterations of
+the next one done (the authors' ``train.py -c`` would restart that epoch). Only the newest is kept: a
+new one, or an epoch checkpoint, removes the others once it is complete. :func:`latest_checkpoint` picks
+what ``-c auto`` resumes.
 """
 from __future__ import annotations
 
@@ -58,10 +66,17 @@ logger = logging.getLogger(__name__)
 
 LAST = 'epoch-last.pth'
 _TEMP = re.compile(r'^\..+\.tmp$')
+_EPOCH = re.compile(r'^epoch-(\d+)\.pth$')
+_ITER = re.compile(r'^iter-(\d+)\.pth$')
 
 
 def checkpoint_name(epoch: int) -> str:
     return f'epoch-{epoch}.pth'
+
+
+def iteration_checkpoint_name(done: int) -> str:
+    """The name of the checkpoint written after ``done`` global iterations."""
+    return f'iter-{done}.pth'
 
 
 def should_save(epoch: int, config) -> bool:
@@ -168,18 +183,21 @@ def _to_tuple(value):
 # ---- saving and loading -------------------------------------------------------------------------
 
 def training_state(model: nn.Module, optimizer: Optimizer, epoch: int, iteration: int, lr_step: int,
-                   rng: List[Dict[str, Any]], config, scaler: Optional[GradScaler] = None) -> Dict[str, Any]:
+                   rng: List[Dict[str, Any]], config, scaler: Optional[GradScaler] = None,
+                   next_iteration: int = 0) -> Dict[str, Any]:
     """The checkpoint dict. ``model`` must be the unwrapped module (not the DDP wrapper), so its
-    names carry no ``module.`` prefix; ``iteration`` is the authors' (index of the epoch's last
-    iteration); ``scaler``'s loss scale is kept when it is enabled (fp16); the optimizer state is
-    stored in the authors' parameter order (module docstring)."""
+    names carry no ``module.`` prefix; ``epoch`` the epochs completed; ``iteration`` is the authors'
+    (index of the last iteration run); ``next_iteration`` the iterations of epoch ``epoch + 1`` done
+    (an iteration checkpoint); ``scaler``'s loss scale is kept when it is enabled (fp16); the optimizer
+    state is stored in the authors' parameter order (module docstring)."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
         raise TypeError('save the unwrapped model (ddp_model.module), not the DDP wrapper')
     names = optimizer_param_names(model, optimizer)
     stored_names = in_authors_order(names, config.backbone)
     optimizer_state = reorder_optimizer_state(optimizer.state_dict(), names, stored_names, 'the optimizer')
     state = {'model': model.state_dict(), 'optimizer': optimizer_state, 'optimizer_param_names': stored_names,
-             'epoch': epoch, 'iteration': iteration, 'rng': rng, 'lr_step': lr_step, 'sampler_epoch': epoch,
+             'epoch': epoch, 'iteration': iteration, 'rng': rng, 'lr_step': lr_step,
+             'next_iteration': next_iteration, 'sampler_epoch': epoch + 1 if next_iteration else epoch,
              'config': {'backbone': config.backbone, 'num_classes': int(config.num_classes)}}
     if scaler is not None and scaler.is_enabled():
         state['scaler'] = scaler.state_dict()
@@ -187,13 +205,54 @@ def training_state(model: nn.Module, optimizer: Optimizer, epoch: int, iteration
 
 
 def save_checkpoint(state: Dict[str, Any], checkpoint_dir: str) -> str:
-    """Write ``epoch-<state['epoch']>.pth`` atomically, then point ``epoch-last.pth`` at it."""
+    """Write ``epoch-<state['epoch']>.pth`` atomically, then point ``epoch-last.pth`` at it; the
+    iteration checkpoints, older now, are removed."""
     os.makedirs(checkpoint_dir, exist_ok=True)
     name = checkpoint_name(state['epoch'])
     path = osp.join(checkpoint_dir, name)
     atomic_save(state, path)
     atomic_symlink(name, osp.join(checkpoint_dir, LAST))
+    _remove_iteration_checkpoints(checkpoint_dir, keep=None)
     return path
+
+
+def save_iteration_checkpoint(state: Dict[str, Any], checkpoint_dir: str) -> str:
+    """Write ``iter-<state['lr_step']>.pth`` atomically, then remove the older iteration checkpoints."""
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    name = iteration_checkpoint_name(state['lr_step'])
+    atomic_save(state, osp.join(checkpoint_dir, name))
+    _remove_iteration_checkpoints(checkpoint_dir, keep=name)
+    return osp.join(checkpoint_dir, name)
+
+
+def _remove_iteration_checkpoints(folder: str, keep: Optional[str]) -> None:
+    # Any other iter-N.pth is older than the checkpoint just written, or left by a run that was resumed
+    # from an earlier checkpoint (another timeline): either way -c auto must not pick it.
+    for name in os.listdir(folder):
+        if _ITER.match(name) and name != keep:
+            try:
+                os.remove(osp.join(folder, name))
+            except FileNotFoundError:
+                pass
+
+
+def latest_checkpoint(checkpoint_dir: str, niters: int) -> Optional[str]:
+    """The newest complete checkpoint of ``checkpoint_dir`` (what ``-c auto`` resumes), or None.
+
+    Positions come from the names: ``epoch-N.pth`` is ``N * niters`` global iterations, ``iter-N.pth``
+    N; the epoch checkpoint wins a tie. Temporary files of an interrupted save and the ``epoch-last.pth``
+    link are not candidates (every ``epoch-N.pth`` is complete: it is renamed into place only then).
+    """
+    if not osp.isdir(checkpoint_dir):
+        return None
+    best = None
+    for name in os.listdir(checkpoint_dir):
+        epoch, done = _EPOCH.match(name), _ITER.match(name)
+        if epoch or done:
+            key = (int(epoch.group(1)) * niters, 1) if epoch else (int(done.group(1)), 0)
+            if best is None or key > best[0]:
+                best = (key, name)
+    return osp.join(checkpoint_dir, best[1]) if best else None
 
 
 def read_checkpoint(path: str, *, mmap: bool = False) -> Dict[str, Any]:

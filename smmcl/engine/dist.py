@@ -8,9 +8,9 @@ Three ways in, one ``DistContext`` out:
 - no GPU: one CPU process (``cpu_procs`` > 1 starts that many gloo processes, used by tests).
 
 NCCL on GPUs, gloo on the CPU. The authors' ``--local_rank`` flag is accepted and ignored in favour
-of the environment. Their ``train.py -d 0-3`` runs one process with ``nn.DataParallel`` instead; with
-per-process BatchNorm and rank 0's statistics broadcast (:func:`norm_layer_for` and :func:`wrap_ddp`)
-the processes compute the same.
+of the environment. Their ``train.py -d 0-3`` runs one process with ``nn.DataParallel`` instead; the
+processes here run its chunks (:mod:`smmcl.engine.chunks`) with per-chunk BatchNorm and rank 0's
+statistics broadcast (:func:`norm_layer_for` and :func:`wrap_ddp`), computing the same.
 """
 from __future__ import annotations
 
@@ -96,9 +96,24 @@ def init_from_env(devices: Sequence[int] = (), timeout_s: float = 1800) -> DistC
     else:
         device = torch.device('cpu')
     if world_size > 1 and not dist.is_initialized():
+        warn_shared_elastic_store(rank)
         dist.init_process_group('nccl' if use_cuda else 'gloo', rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
     return DistContext(rank, world_size, local_rank, device)
+
+
+def warn_shared_elastic_store(rank: int) -> None:
+    """Warn (rank 0) when torchrun may restart the workers while they share its agent's TCPStore.
+
+    torch's elastic agent keeps one store for every restart, and ``init_process_group`` writes the
+    ranks' addresses under the same keys each time, so a restarted rank can read a killed one's address
+    and fail to connect (pytorch/pytorch#135712; seen here with gloo), using up the restarts. Launching
+    torchrun with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` gives every attempt a fresh store.
+    """
+    restarts = int(os.environ.get('TORCHELASTIC_MAX_RESTARTS', 0) or 0)
+    if rank == 0 and restarts > 0 and os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True':
+        warnings.warn('torchrun --max-restarts with its shared TCPStore: a restarted group can fail to '
+                      'connect (pytorch/pytorch#135712); launch it with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1')
 
 
 def cleanup() -> None:
@@ -163,8 +178,9 @@ def norm_layer_for(config, ctx: DistContext) -> type:
     (``models/encoders/dual_segnext.py``, ``models/projector.py``; the SyncBatchNorm their ``train.py``
     picks under DDP only reaches isinstance checks in ``init_weight`` and ``group_weight``). So each GPU
     normalises its share of the batch with that share's statistics and the running statistics kept are
-    GPU 0's. Plain BatchNorm under DDP does the same: each rank its own share, and rank 0's running
-    statistics broadcast before every forward (see :func:`wrap_ddp`).
+    GPU 0's. Plain BatchNorm run chunk by chunk does the same: each chunk its own statistics, and chunk
+    0's running statistics kept (:func:`smmcl.engine.chunks.follow_chunk_zero`) and broadcast from rank
+    0 by DDP (see :func:`wrap_ddp`).
 
     Raises:
         ConfigError: ``sync_bn=True`` on several CPU processes (SyncBatchNorm has no CPU kernel).
@@ -182,9 +198,10 @@ def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
     """``model`` in DistributedDataParallel when there are several processes (else ``model`` itself).
 
     ``broadcast_buffers=True`` copies rank 0's BatchNorm running statistics to every rank before each
-    forward, so rank 0's are the ones that accumulate and get saved: as ``nn.DataParallel``, whose
-    replica on the first GPU updates the module's own buffers. DDP also broadcasts rank 0's initial
-    weights here.
+    step's first forward (the forwards under ``no_sync()`` that follow do not broadcast), so rank 0's,
+    which hold chunk 0's update, are the ones that accumulate and get saved: as ``nn.DataParallel``,
+    whose replica on the first GPU updates the module's own buffers. DDP also broadcasts rank 0's
+    initial weights here.
     """
     if not ctx.distributed:
         return model

@@ -65,27 +65,33 @@ def link_last(path: str, link: str) -> None:
         logging.getLogger(__name__).warning('could not link %s to %s: %s', link, path, exc)
 
 
-def nonfinite_message(values: torch.Tensor, epoch: int, idx: int, niters: int) -> str:
-    """'non-finite loss at epoch 3 iteration 17/50: cm=nan' from the WORLD-5 gathered terms."""
+def nonfinite_message(values: torch.Tensor, epoch: int, idx: int, niters: int, per_process: int = 1) -> str:
+    """'non-finite loss at epoch 3 iteration 17/50: cm=nan' from the CHUNKS-5 gathered terms (chunks in
+    global order, ``per_process`` of them on each rank): '... in chunk 2' when a rank runs several,
+    '... on rank 1' when there are several ranks."""
     parts = []
-    for rank, row in enumerate(values.tolist()):
+    ranks = len(values) // per_process
+    for chunk, row in enumerate(values.tolist()):
         bad = [f'{k}={v}' for k, v in zip(TERMS[1:], row[1:]) if not math.isfinite(v)]
         if not bad and not math.isfinite(row[0]):
             bad = [f'loss={row[0]}']
         if bad:
-            parts.append(' '.join(bad) + (f' on rank {rank}' if len(values) > 1 else ''))
+            where = (f' in chunk {chunk}' if per_process > 1 else '') + \
+                (f' on rank {chunk // per_process}' if ranks > 1 else '')
+            parts.append(' '.join(bad) + where)
     return f'non-finite loss at epoch {epoch} iteration {idx + 1}/{niters}: ' + '; '.join(parts)
 
 
 class EpochLog:
     """One epoch of training as the authors show it: a tqdm line per iteration, TensorBoard scalars
     (``train/<term>`` per iteration, ``train_loss`` per epoch) and our epoch line. ``tb`` None: a rank
-    other than 0, which only counts."""
+    other than 0, which only counts. ``first``: the iteration a resumed epoch starts at (its means
+    cover the iterations run since)."""
 
-    def __init__(self, epoch: int, nepochs: int, niters: int, tb=None):
+    def __init__(self, epoch: int, nepochs: int, niters: int, tb=None, first: int = 0):
         self.epoch, self.nepochs, self.niters, self.tb = epoch, nepochs, niters, tb
         self.sums, self.steps, self.skipped = torch.zeros(len(TERMS), dtype=torch.float64), 0, 0
-        self.progress = tqdm(range(niters), file=sys.stdout, disable=tb is None,
+        self.progress = tqdm(range(first, niters), file=sys.stdout, disable=tb is None,
                              bar_format='{desc}[{elapsed}<{remaining},{rate_fmt}]')
 
     def skip(self, message: str) -> None:
@@ -95,8 +101,9 @@ class EpochLog:
             logger.warning('%s; batch skipped (%d this epoch)', message, self.skipped)
 
     def record(self, values: torch.Tensor, idx: int, step: int, lr: float) -> None:
-        """Iteration ``idx`` (global ``step``, run with ``lr``): WORLD-5 float64 host ``values``; only
-        finite ones count towards the epoch's mean."""
+        """Iteration ``idx`` (global ``step``, run with ``lr``): CHUNKS-5 float64 host ``values`` (their
+        mean is the authors' ``loss.mean()`` over the replicas); only finite ones count towards the
+        epoch's mean."""
         if torch.isfinite(values).all():
             self.sums += values.mean(0)
             self.steps += 1

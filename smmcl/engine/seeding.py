@@ -1,4 +1,4 @@
-"""Each training process' random streams: seeding at the start, continuing them on resume."""
+"""Each training process' random streams: seeding at the start, per chunk, and on resume."""
 from __future__ import annotations
 
 import logging
@@ -14,12 +14,17 @@ from .dist import DistContext
 logger = logging.getLogger(__name__)
 
 
-def seed_everything(seed: int, deterministic: bool) -> None:
-    """Seed Python, NumPy and torch (every device) with ``seed``; ``deterministic`` kernels or cuDNN's
-    autotuned ones."""
+def seed_generators(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's and torch's generators (the CPU's and every device's)."""
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)  # CPU and every CUDA device
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed Python, NumPy and torch (every device) with ``seed``; ``deterministic`` kernels or cuDNN's
+    autotuned ones."""
+    seed_generators(seed)
     # The authors set cudnn.benchmark = True; it picks kernels by timing, which is not reproducible.
     torch.backends.cudnn.benchmark = not deterministic
     if deterministic:
@@ -30,14 +35,19 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def restore_rng(state, ctx: DistContext, seed: int) -> None:
-    """Continue every rank's random streams from the checkpoint (exact resume)."""
+    """Continue every rank's random streams from the checkpoint when it holds one per rank.
+
+    Training itself does not need them: every draw of a training step is seeded from (seed, step,
+    chunk) (:func:`smmcl.engine.chunks.chunk_seed`) and every augmentation from (seed, epoch, index)
+    (:class:`smmcl.data.loader.SeededSamples`), so a checkpoint of any number of processes, or the
+    authors' (no generator states), resumes exactly. The states are restored where they fit only so
+    that anything else drawing from the global streams continues as it would have.
+    """
     rng = state.get('rng')
     if rng and len(rng) == ctx.world_size:
         set_rng_state(rng[ctx.rank], ctx.device)
         return
-    # The authors' checkpoints carry no generator states, and a run on another number of processes
-    # has no state for every rank: fresh seeds that differ from the first epochs'.
     seed_everything(seed + ctx.rank + 1000 * state['epoch'], torch.are_deterministic_algorithms_enabled())
     if ctx.is_main:
-        logger.warning('the checkpoint holds no random states for %d process(es); resuming with fresh seeds '
-                       '(not bit-identical to an uninterrupted run)', ctx.world_size)
+        logger.debug('the checkpoint holds no random states for %d process(es); fresh global seeds (the '
+                     'training draws are seeded per step and chunk, so this changes nothing)', ctx.world_size)

@@ -4,12 +4,16 @@
 
 Read top to bottom: arguments and config -> processes (one per GPU, ``torchrun``, or one CPU process)
 -> logging and seeds -> data check and loader (:mod:`smmcl.data.loader`) -> model, optimizer, lr
-schedule -> resume -> the epoch loop of the authors (:func:`train_step`: forward, finite-loss check,
-backward, step; the lr update after the step; :class:`EpochLog`) -> checkpoints on the authors'
-schedule. What differs from their script is robustness and exact resume: atomic checkpoints that carry
-RNG states, a collective non-finite-loss check, clean error messages, and augmentation seeded per sample
-(see :class:`smmcl.data.loader.SeededSamples`); and one process per GPU where their ``-d 0-3`` runs
-``nn.DataParallel``, computing the same (see :func:`norm_layer_for`).
+schedule -> resume (``-c FILE`` or ``-c auto``) -> the epoch loop of the authors (:func:`train_step`:
+forward and backward of each chunk, finite-loss check, step; the lr update after the step;
+:class:`EpochLog`) -> checkpoints on the authors' schedule (and every ``checkpoint_every_iters``).
+
+Their ``-d 0-3`` runs ``nn.DataParallel`` on 4 GPUs; we run ``config.replicas`` chunks of every global
+batch as their 4 GPUs would, on however many processes (:mod:`smmcl.engine.chunks`), so one GPU, four,
+or torchrun across nodes train the same run. What differs from their script is robustness and exact
+resume: atomic checkpoints, a collective non-finite-loss check, clean error messages, draws seeded per
+sample (:class:`smmcl.data.loader.SeededSamples`) and per chunk, so that a checkpoint resumes exactly on
+any number of processes, also in the middle of an epoch.
 """
 from __future__ import annotations
 
@@ -33,14 +37,16 @@ from ..data.loader import TrainData, build_train_data, to_device
 from ..models.builder import build_segmentor
 from ..models.segmentor import EncoderDecoder
 from . import dist
-from .checkpoint import (CheckpointError, load_backbone_pretrained, read_checkpoint, remove_stale_temp_files,
-                         restore_training_state, rng_state, save_checkpoint, should_save, training_state)
+from .checkpoint import (CheckpointError, load_backbone_pretrained, remove_stale_temp_files, rng_state,
+                         save_checkpoint, save_iteration_checkpoint, should_save, training_state)
+from .chunks import BufferRollback, ChunkPlan, plan_chunks, run_chunks
 from .dist import norm_layer_for, wrap_ddp
-from .logging_utils import TERMS, EpochLog, nonfinite_message, setup_logging
+from .logging_utils import EpochLog, nonfinite_message, setup_logging
 from .lr import WarmUpPolyLR, set_lr
 from .optim import build_optimizer
 from .precision import for_training, maybe_compile, mixed_precision
-from .seeding import restore_rng, seed_everything
+from .resume import resolve_resume, resume_from
+from .seeding import seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +65,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('-d', '--devices', default='',
                         help="GPUs, e.g. '0-3' or '0,2': one process per GPU (default: GPU 0, else the CPU)")
     parser.add_argument('-c', '--continue', dest='resume', metavar='FILE',
-                        help='resume from a checkpoint, e.g. log_.../checkpoint/epoch-last.pth')
+                        help="resume from a checkpoint, e.g. log_.../checkpoint/epoch-last.pth; 'auto': from "
+                             "the newest in the run's checkpoint folder, or start fresh when there is none")
     parser.add_argument('-p', '--port', type=int, default=None,
                         help='rendezvous port for several GPUs (default: a free one)')
     # Passed by torch.distributed.launch (the authors' launcher); the environment's LOCAL_RANK wins.
@@ -119,19 +126,24 @@ def error_message(error: Exception) -> str:
 class Loop:
     """What every iteration of the training loop uses (built once by :func:`train`)."""
     model: nn.Module  # the model that steps: DDP-wrapped with several processes, maybe compiled
+    module: nn.Module  # the unwrapped model we save (rank 0's weights and BatchNorm statistics)
+    ddp: Optional[nn.Module]  # the DDP wrapper inside ``model`` (None in one process), for no_sync()
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     amp: object  # autocast context (or nullcontext) of smmcl.engine.precision
     policy: WarmUpPolyLR
     data: TrainData
+    plan: ChunkPlan
     config: object
     ctx: dist.DistContext
     tb: Optional[SummaryWriter]  # rank 0 only
 
 
 def train(ctx: dist.DistContext, config, resume: Optional[str] = None) -> nn.Module:
-    """Train ``config``'s model in this process (one rank of ``ctx``); returns the unwrapped model."""
+    """Train ``config``'s model in this process (one rank of ``ctx``); returns the unwrapped model.
+    ``resume``: a checkpoint, ``'auto'`` (:func:`resolve_resume`) or None."""
     prepare_process(ctx, config)
+    plan = plan_chunks(config, ctx)  # refuses an impossible split before anything is loaded
     quick_check(config, splits=('train',))  # cheap: folders, list file, files exist
     data = build_train_data(config, ctx)
     if ctx.is_main:
@@ -142,62 +154,71 @@ def train(ctx: dist.DistContext, config, resume: Optional[str] = None) -> nn.Mod
     amp, scaler = mixed_precision(config, ctx.device)
     niters = data.niters
     policy = WarmUpPolyLR(config.lr, config.lr_power, config.nepochs * niters, niters * config.warm_up_epoch)
-    start_epoch = resume_from(resume, model, optimizer, scaler, config, ctx, niters) if resume else 1
-    # ``model`` stays the unwrapped module we save (rank 0's weights and BatchNorm statistics).
-    tb = SummaryWriter(config.tb_dir) if ctx.is_main else None
-    stepping = maybe_compile(wrap_ddp(model, ctx), config)
-    loop = Loop(stepping, optimizer, scaler, amp, policy, data, config, ctx, tb)
+    resume = resolve_resume(resume, config, ctx, niters)
+    start_epoch, first = (resume_from(resume, model, optimizer, scaler, config, ctx, niters) if resume
+                          else (1, 0))
+    ddp = wrap_ddp(model, ctx)
+    loop = Loop(maybe_compile(ddp, config), model, ddp if ddp is not model else None, optimizer, scaler, amp,
+                policy, data, plan, config, ctx, SummaryWriter(config.tb_dir) if ctx.is_main else None)
     if ctx.is_main:
         logger.info('begin training: epochs %d..%d, %d iterations each, %d process(es) on %s, batch %d per '
-                    'process', start_epoch, config.nepochs, niters, ctx.world_size, ctx.device.type,
-                    data.loader.batch_size)
+                    'process; %s', start_epoch, config.nepochs, niters, ctx.world_size, ctx.device.type,
+                    data.loader.batch_size, plan.describe())
     try:
         for epoch in range(start_epoch, config.nepochs + 1):
-            data.sampler.set_epoch(epoch)
-            train_one_epoch(loop, epoch)
+            data.sampler.set_epoch(epoch, first)
+            train_one_epoch(loop, epoch, first)
+            first = 0  # only a resumed epoch starts in the middle
             if should_save(epoch, config):
-                save(model, loop, epoch)
+                save(loop, epoch * niters)
     finally:
-        if tb is not None:
-            tb.close()
+        if loop.tb is not None:
+            loop.tb.close()
     return model
 
 
-def train_one_epoch(loop: Loop, epoch: int) -> None:
-    """The authors' iteration loop for one epoch (``loop.data.niters`` batches)."""
+def train_one_epoch(loop: Loop, epoch: int, first: int = 0) -> None:
+    """The authors' iteration loop for one epoch (``loop.data.niters`` global batches, from ``first``)."""
     loop.model.train()
-    log = EpochLog(epoch, loop.config.nepochs, loop.data.niters, loop.tb)
+    niters, every = loop.data.niters, loop.config.checkpoint_every_iters
+    log = EpochLog(epoch, loop.config.nepochs, niters, loop.tb, first)
     batches = iter(loop.data.loader)
     for idx in log.progress:
         lr = loop.optimizer.param_groups[0]['lr']
-        values = train_step(loop, next(batches))
+        step = (epoch - 1) * niters + idx
+        values = train_step(loop, next(batches), step)
         # CMX sets the lr *after* optimizer.step() from the index of the iteration just run, so global
         # step k runs with lr(k - 1) and step 0 with the optimizer's initial lr (see smmcl.engine.lr).
-        step = (epoch - 1) * loop.data.niters + idx
         set_lr(loop.optimizer, loop.policy.get_lr(step))
         log_step(loop, log, values, idx, step, lr)
+        # An iteration checkpoint, unless the epoch's own checkpoint is about to be written.
+        if every and (step + 1) % every == 0 and not (idx == niters - 1 and should_save(epoch, loop.config)):
+            save(loop, step + 1)
     log.end(loop.optimizer.param_groups[0]['lr'])
 
 
-def train_step(loop: Loop, batch) -> torch.Tensor:
-    """Forward, backward and optimizer step on one batch; a batch whose loss terms are not all finite on
-    some rank is skipped by every rank (no update; with ``nonfinite_loss='skip'`` the BatchNorm
-    statistics it touched are rolled back).
+def train_step(loop: Loop, batch, step: int) -> torch.Tensor:
+    """Global step ``step`` (0-based) on this process' share ``batch`` of the global batch: forward and
+    backward of each of its chunks (:func:`smmcl.engine.chunks.run_chunks`), then the optimizer step. A
+    batch whose loss terms are not all finite in some chunk is skipped by every rank (no update; with
+    ``nonfinite_loss='skip'`` the BatchNorm statistics it touched are rolled back).
 
     Returns:
-        WORLD-5 float32 loss terms (:data:`TERMS`) of every rank, left on the device.
+        CHUNKS-5 float32 loss terms (:data:`~smmcl.engine.logging_utils.TERMS`) of every chunk of the
+        global batch, in chunk order, left on the device.
     """
-    rgb, modal_x, label = to_device(batch, loop.config, loop.ctx.device)
+    inputs = to_device(batch, loop.config, loop.ctx.device)
     with BufferRollback(loop.model, loop.config.nonfinite_loss == 'skip') as rollback:
-        with loop.amp:
-            terms = loop.model(rgb, modal_x, label, return_terms=True)
-        # One small all-gather per iteration: every rank learns every rank's terms, so all decide alike
-        # whether to step, and the logged loss is the mean over ranks (CMX's all_reduce_tensor).
-        values = dist.all_gather(torch.stack([terms[k].detach().float() for k in TERMS]))
         loop.optimizer.zero_grad(set_to_none=True)
+        # Every chunk's backward runs before the finiteness check (a rank cannot skip its backward alone:
+        # DDP all-reduces in it); a skipped batch only wastes that backward.
+        local = run_chunks(loop.model, inputs, loop.plan, step, loop.config.seed, loop.amp, loop.scaler,
+                           loop.ddp)
+        # One small all-gather per iteration: every rank learns every chunk's terms, so all decide alike
+        # whether to step, and the logged loss is the mean over chunks (the authors' loss.mean()).
+        values = dist.all_gather(local).flatten(0, 1)
         finite = bool(torch.isfinite(values).all())  # one flag read on the host: step or not
         if finite:
-            loop.scaler.scale(terms['loss']).backward()
             loop.scaler.step(loop.optimizer)
             loop.scaler.update()
         rollback.undo = not finite
@@ -205,7 +226,7 @@ def train_step(loop: Loop, batch) -> torch.Tensor:
 
 
 def log_step(loop: Loop, log: EpochLog, values: torch.Tensor, idx: int, step: int, lr: float) -> None:
-    """Read iteration ``idx``'s WORLD-5 terms on the host and record them (global ``step``, run with
+    """Read iteration ``idx``'s CHUNKS-5 terms on the host and record them (global ``step``, run with
     ``lr``). The host reads them every step: stopping at, or counting, a non-finite loss needs each one.
 
     Raises:
@@ -213,34 +234,12 @@ def log_step(loop: Loop, log: EpochLog, values: torch.Tensor, idx: int, step: in
     """
     values = values.double().cpu()
     if not torch.isfinite(values).all():
-        message = nonfinite_message(values, log.epoch, idx, log.niters)
+        message = nonfinite_message(values, log.epoch, idx, log.niters, loop.plan.per_process)
         if loop.config.nonfinite_loss == 'stop':
             raise NonFiniteLossError(message + '; stopping (the checkpoints written so far are intact; '
                                      "--set nonfinite_loss=skip skips such batches)")
         log.skip(message)
     log.record(values, idx, step, lr)
-
-
-class BufferRollback:
-    """Puts ``model``'s buffers back on exit when ``undo`` was set (only if ``enabled``: a few small copies).
-
-    A forward that produced NaNs may already have written them into the BatchNorm running statistics;
-    skipping the batch must undo that too.
-    """
-
-    def __init__(self, model: nn.Module, enabled: bool):
-        self.model, self.enabled, self.undo, self.saved = model, enabled, False, None
-
-    def __enter__(self) -> 'BufferRollback':
-        if self.enabled:
-            self.saved = [b.detach().clone() for b in self.model.buffers()]
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        if self.undo and self.saved is not None:
-            with torch.no_grad():
-                for buffer, saved in zip(self.model.buffers(), self.saved):
-                    buffer.copy_(saved)
 
 
 # ---- set-up, resume, checkpoints ----------------------------------------------------------------
@@ -256,36 +255,23 @@ def prepare_process(ctx: dist.DistContext, config) -> None:
             logger.info('removed %d temporary files of an interrupted save: %s', len(stale), stale)
     if ctx.device.type == 'cpu' and ctx.distributed:  # several CPU ranks share the cores
         torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // ctx.world_size)))
-    # The authors seed torch with config.seed in their one-process DataParallel run (-d 0-3) and with
-    # the local rank under DDP (ignoring config.seed); we use config.seed + rank: rank 0 (whose initial
-    # weights DDP broadcasts) gets config.seed, and the ranks still draw different numbers.
+    # The authors seed torch with config.seed in their one-process DataParallel run (-d 0-3). Rank 0
+    # (whose initial weights DDP broadcasts) gets config.seed; the training draws are reseeded per step
+    # and chunk (smmcl.engine.chunks), so the other ranks' seeds matter for nothing.
     seed_everything(config.seed + ctx.rank, config.deterministic)
 
 
-def resume_from(path: str, model: nn.Module, optimizer, scaler, config, ctx: dist.DistContext,
-                niters: int) -> int:
-    """Load checkpoint ``path`` into the model, optimizer, scaler and this rank's random streams;
-    returns the first epoch to run (CMX's restore_checkpoint: the checkpoint's epoch + 1)."""
-    state = read_checkpoint(path)
-    restore_training_state(state, model, optimizer, config, path, scaler)
-    start_epoch = state['epoch'] + 1
-    restore_rng(state, ctx, config.seed)
-    if ctx.is_main:
-        logger.info('resumed from %s (epoch %d); continuing at epoch %d', path, state['epoch'], start_epoch)
-        if state.get('lr_step', state['epoch'] * niters) != state['epoch'] * niters:
-            logger.warning('the checkpoint was trained with another niters_per_epoch; the lr schedule '
-                           'continues from epoch %d of this one', start_epoch)
-    return start_epoch
-
-
-def save(model: nn.Module, loop: Loop, epoch: int) -> None:
-    """Write the checkpoint of ``epoch`` (rank 0) with every rank's random streams, for an exact resume."""
+def save(loop: Loop, done: int) -> None:
+    """Rank 0 writes the checkpoint after ``done`` global iterations: the epoch's (``epoch-N.pth``) at
+    an epoch's end, else an iteration checkpoint (``iter-<done>.pth``)."""
     rng = dist.all_gather_object(rng_state(loop.ctx.device))
     if loop.ctx.is_main:
-        niters = loop.data.niters
-        state = training_state(model, loop.optimizer, epoch, niters - 1, epoch * niters, rng, loop.config,
-                               loop.scaler)
-        logger.info('saved %s', save_checkpoint(state, loop.config.checkpoint_dir))
+        epoch, next_iteration = divmod(done, loop.data.niters)
+        state = training_state(loop.module, loop.optimizer, epoch, (next_iteration or loop.data.niters) - 1,
+                               done, rng, loop.config, loop.scaler, next_iteration)
+        at_epoch_end = next_iteration == 0 and should_save(epoch, loop.config)
+        write = save_checkpoint if at_epoch_end else save_iteration_checkpoint
+        logger.info('saved %s', write(state, loop.config.checkpoint_dir))
 
 
 def build_model(config, ctx: dist.DistContext) -> EncoderDecoder:
