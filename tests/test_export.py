@@ -83,6 +83,7 @@ def _export_and_compare(model, tmp_path, batch, height, width):
     return path
 
 
+@pytest.mark.slow  # the ONNX export itself takes ~7 s
 def test_onnx_matches_pytorch_tiny_backbone(tiny_mscan, tmp_path):
     import onnx
     model = _tiny_model(tiny_mscan)
@@ -107,6 +108,7 @@ def _write_checkpoint(path, overrides, **changes):
     torch.save({'model': build_segmentor(config).state_dict(), 'optimizer': {}, 'epoch': 3}, path)
 
 
+@pytest.mark.slow  # the ONNX export itself takes ~7 s
 def test_export_cli_on_a_written_checkpoint(tiny_mscan, tmp_path, capsys):
     overrides = [f'backbone={tiny_mscan}', 'decoder_embed_dim=32', f'log_dir={tmp_path / "log"}']
     config = load_config(LLRGBD, overrides)

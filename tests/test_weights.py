@@ -20,6 +20,7 @@ def cfg_for(backbone='mscan_b', num_classes=14, pretrained=None):
     return cfg
 
 
+@pytest.mark.slow  # builds and loads the full MSCAN-B model twice (~12 s on 2 cores)
 def test_authors_checkpoint_loads_strictly(tmp_path):
     source = build_segmentor(cfg_for())
     if os.path.isfile(LAYOUT):
