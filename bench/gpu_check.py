@@ -173,18 +173,6 @@ def mscan_b_sizes(args):
     return out
 
 
-def _torch_attention(a, params):
-    """The strip pairs + sum as the plain path computes them."""
-    import torch.nn.functional as F
-    out, c = a, a.shape[1]
-    for i in range(3):
-        wh, bh, wv, bv = params[4 * i:4 * i + 4]
-        k = wh.shape[-1]
-        out = out + F.conv2d(F.conv2d(a, wh, bh, padding=(0, k // 2), groups=c), wv, bv, padding=(k // 2, 0),
-                             groups=c)
-    return out
-
-
 def _pieces(kind, c, device, dtype):
     """(name, kernel fn, torch fn, weights) for one work item; weights in float32 (the model's)."""
     import torch
@@ -208,7 +196,7 @@ def _pieces(kind, c, device, dtype):
             ('dw5x5', lambda x: ops.dwconv2d(x, w5, b5),
              lambda x: F.conv2d(x, torch_w(w5), torch_w(b5), padding=2, groups=c), [w5, b5]),
             ('strips+sum', lambda x: ops.mscan_strip_sum(x, *strips),
-             lambda x: _torch_attention(x, [torch_w(p) for p in strips]), strips),
+             lambda x: kernels.strip_sum_reference(x, [torch_w(p) for p in strips]), strips),
         ]
     w3, b3 = param(c, 1, 3, 3), param(c)
     return [('dw3x3+gelu', lambda x: ops.dwconv2d_gelu(x, w3, b3),

@@ -125,11 +125,13 @@ def base_config() -> EasyDict:
     C.lr_power = 0.9
     C.weight_decay = 0.01
     C.batch_size = 16  # the global batch, whatever the number of processes
-    # The authors' -d 0-3 (nn.DataParallel on 4 GPUs): each global batch is cut into `replicas` contiguous
-    # chunks of batch_size / replicas, each with its own BatchNorm batch statistics, contrastive anchor
-    # sampling (with its max_features_total cap) and loss, the gradients averaged over the chunks and
-    # the running statistics kept from chunk 0. The run is the same on any number of processes that
-    # divides replicas (one GPU runs the 4 chunks one after another); see smmcl/engine/chunks.py.
+    # The authors' -d 0-3 (their SMMCL_LLRGBD/train.py: nn.DataParallel on 4 GPUs, loss.mean() over the
+    # replicas' losses; DataParallel scatters contiguous chunks and keeps device 0's buffer updates):
+    # each global batch is cut into `replicas` contiguous chunks of batch_size / replicas, each with its
+    # own BatchNorm batch statistics, contrastive anchor sampling (with its max_features_total cap) and
+    # loss, the gradients averaged over the chunks and the running statistics kept from chunk 0. The run
+    # is the same on any number of processes that divides replicas (one GPU runs the 4 chunks one after
+    # another); see smmcl/engine/chunks.py. replicas=1: one BatchNorm/sampling/loss over the whole batch.
     C.replicas = 4
     C.nepochs = 1000
     C.num_workers = 8  # loader processes per training process (the authors': 16; machine-dependent)

@@ -136,24 +136,13 @@ def _strip_params(c, dtype=torch.float32):
     return params
 
 
-def _strip_sum_reference(a, params):
-    """What AttentionModule computes after conv0: a + sum of the three (1xK then Kx1) branches."""
-    out, c = a, a.shape[1]
-    for i in range(3):
-        wh, bh, wv, bv = params[4 * i:4 * i + 4]
-        k = wh.shape[-1]
-        out = out + F.conv2d(F.conv2d(a, wh, bh, padding=(0, k // 2), groups=c), wv, bv,
-                             padding=(k // 2, 0), groups=c)
-    return out
-
-
 @pytest.mark.parametrize('n, c, h, w, fmt', [(2, 5, 9, 23, NCHW), (1, 3, 2, 3, NCHW), (1, 37, 5, 6, CL)])
 def test_strip_sum_matches_the_three_branches(n, c, h, w, fmt):
     a, params = _tensor(n, c, h, w, fmt=fmt), _strip_params(c)
     ref_a, *ref_params = _fp32_copies(a, *params)
     out = ops().mscan_strip_sum(a, *params)
     assert out.stride() == a.stride()
-    ref = _strip_sum_reference(ref_a, ref_params)
+    ref = kernels.strip_sum_reference(ref_a, ref_params)
     _check_grads(out, ref, [a] + params, [ref_a] + ref_params, 1e-5)
 
 
@@ -185,7 +174,7 @@ def test_bf16_strip_sum():
     ref_a, *ref_params = _fp32_copies(a, *params)
     out = ops().mscan_strip_sum(a, *params)
     assert out.dtype == torch.bfloat16
-    _check_grads(out, _strip_sum_reference(ref_a, ref_params), [a] + params, [ref_a] + ref_params, BF16_TOL)
+    _check_grads(out, kernels.strip_sum_reference(ref_a, ref_params), [a] + params, [ref_a] + ref_params, BF16_TOL)
 
 
 # ---- the custom ops' registrations: fake tensors, autograd, torch.compile's tracing ------------------

@@ -55,3 +55,24 @@ def load_ops():
     require()
     from . import ops as _ops
     return _ops
+
+
+def strip_sum_reference(a: torch.Tensor, params) -> torch.Tensor:
+    """What ``smmcl::mscan_strip_sum`` computes, with PyTorch's convolutions (the plain path's function;
+    the reference of the kernel tests and of ``bench/gpu_check.py``).
+
+    Args:
+        a: N-C-H-W, the attention's 5x5 output.
+        params: ``[wh0, bh0, wv0, bv0, wh1, ...]``: per strip pair a C-1-1-K horizontal weight, its bias
+            C, a C-1-K-1 vertical weight and its bias C.
+    Returns:
+        N-C-H-W ``a + sum_i convKx1(conv1xK(a))``.
+    """
+    import torch.nn.functional as F
+    out, channels = a, a.shape[1]
+    for i in range(len(params) // 4):
+        wh, bh, wv, bv = params[4 * i:4 * i + 4]
+        k = wh.shape[-1]
+        out = out + F.conv2d(F.conv2d(a, wh, bh, padding=(0, k // 2), groups=channels), wv, bv,
+                             padding=(k // 2, 0), groups=channels)
+    return out
