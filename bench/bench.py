@@ -134,7 +134,7 @@ def bench_eval(args, device, fast, data_dir):
     """Whole sliding-window evaluation of a synthetic LLRGBD-layout test set, loading included."""
     try:
         from smmcl.data.dataset import RGBXDataset
-        from smmcl.engine.evaluate import evaluate
+        from smmcl.engine.evaluate import eval_workers, evaluate
     except ImportError as err:  # pragma: no cover - only while the evaluator is missing
         print(f'whole-evaluation benchmark skipped: {err}')
         return float('nan')
@@ -152,7 +152,7 @@ def bench_eval(args, device, fast, data_dir):
     sync(device)
     start = time.perf_counter()
     with amp:
-        evaluate(model, dataset, cfg, device)
+        evaluate(model, dataset, cfg, device, num_workers=eval_workers(cfg))  # as eval.py reads images
     sync(device)
     return len(dataset) / (time.perf_counter() - start)
 

@@ -5,20 +5,24 @@
     python bench/gpu_check.py --compile         # also torch.compile the fast paths (minutes cold)
     TRITON_INTERPRET=1 python bench/gpu_check.py --smoke   # the script itself, tiny, on the CPU
 
-Needs only PyTorch and Triton (plus numpy, easydict; opencv and pillow for the evaluation row); it
-reads nothing from the network. Steps, each reported even if a later one fails:
+Needs only PyTorch and Triton (plus numpy, easydict; opencv and pillow for the evaluation row; with
+``--wheels DIR`` the missing ones come from that folder); it reads nothing from the network. Steps, most
+wanted first, each reported even if another fails; once ``--budget-s`` is spent no new step starts:
 
-1. kernels at the sizes of MSCAN-B at 480x640 (batch 8; the four stages' widths, the MLPs' hidden
+1. ``bench``: ``bench/bench.py``'s measurements for plain, fast and fast + Triton kernels (training step,
+   inference, whole sliding-window evaluation, peak memory);
+2. ``model``: the whole model, fp32, TF32 off, same seeds (anchor sampler, NMF, drop path): the kernels
+   against the plain path on logits, each loss term and each gradient (issue target: 1e-4);
+3. ``kernels``: at the sizes of MSCAN-B at 480x640 (batch 8; the four stages' widths, the MLPs' hidden
    widths): each custom op against PyTorch (relative error of the output and every gradient against
    float32 ``F.conv2d`` + autograd on the same values), and its time against PyTorch's for the same
    work in fp32 NCHW (the plain path), bf16 NHWC (the fast path) and bf16 NCHW, with the time the
-   bytes it must move would take at the measured copy bandwidth (the floor);
-2. ``bench/bench.py``'s measurements for plain, fast and fast + Triton kernels (training step,
-   inference, whole sliding-window evaluation, peak memory);
-3. the whole model, fp32, TF32 off, same seeds (anchor sampler, NMF, drop path): the kernels against
-   the plain path on logits, each loss term and each gradient (issue target: 1e-4);
-4. the top GPU kernels of a training step on each path (torch.profiler);
-5. ``tests/test_kernels.py`` on CUDA (tiny edge-case shapes, one tile config each).
+   bytes it must move would take at the measured copy bandwidth (the floor); then each weight-gradient
+   implementation (gather, taps, PyTorch's) per stage and kernel shape, and the one ``auto`` picks;
+4. ``brief``: 200 training steps (MSCAN-B, 240x320, batch 4, synthetic data) plain fp32 against fast
+   bf16 + kernels, the loss curves compared; the argmax of the plain-trained model, fp32 against bf16;
+5. ``profile``: the top GPU kernels of a training step on each path and of an inference forward;
+6. ``tests``: ``tests/test_kernels.py`` on CUDA (tiny edge-case shapes, one tile config each).
 
 Everything is printed as it comes, then one summary for the README's speed section; with ``--out``
 (default ``$OUT`` when set) the log and a JSON of the numbers are written there too.
@@ -42,19 +46,35 @@ import traceback
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# wheel project name -> the module it provides: a project the machine already has is left alone
+_WHEEL_MODULES = {'easydict': 'easydict', 'opencv_python_headless': 'cv2', 'opencv_python': 'cv2',
+                  'pillow': 'PIL', 'numpy': 'numpy', 'tqdm': 'tqdm', 'tensorboardx': 'tensorboardX',
+                  'protobuf': 'google.protobuf'}
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a dotted name whose parent is missing
+        return False
+
+
 def install_wheels(folder: str) -> None:
-    """Our small dependencies from a local wheel folder, and this repository's package when it is not
-    installed, into a private site dir (no network: ``--no-deps``, no build isolation)."""
+    """Our small dependencies that are missing, from a local wheel folder (pip picks the wheel that fits
+    this Python among several), and this repository's package when it is not installed, into a private
+    site dir (no network: ``--no-index``, ``--no-deps``, no build isolation)."""
     target = os.path.join(tempfile.gettempdir(), 'smmcl_site')
-    wheels = [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith('.whl')]
-    if importlib.util.find_spec('smmcl') is None:
-        wheels.append(REPO)
-    if wheels:
+    projects = sorted({f.split('-')[0].lower() for f in os.listdir(folder) if f.endswith('.whl')})
+    missing = [p for p in projects if not _importable(_WHEEL_MODULES.get(p, p))]
+    local = [REPO] if importlib.util.find_spec('smmcl') is None else []
+    for args in ([['--find-links', folder] + missing] if missing else []) + ([local] if local else []):
         subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-index', '--no-deps', '--no-compile',
-                        '--no-build-isolation', '--upgrade', '--target', target] + wheels, check=True)
+                        '--no-build-isolation', '--upgrade', '--target', target] + args, check=True)
+    if missing or local:
         site.addsitedir(target)
         os.environ['PYTHONPATH'] = target + os.pathsep + os.environ.get('PYTHONPATH', '')
-    print(f'installed {len(wheels)} package(s) from {folder}')
+    print(f'installed from {folder}: {missing or "nothing missing"}; smmcl package: '
+          f'{"from this checkout" if local else "already importable"}')
 
 
 class Tee(io.TextIOBase):
@@ -75,7 +95,11 @@ def main(argv=None):
     parser.add_argument('--smoke', action='store_true', help='tiny sizes: check this script on the CPU')
     parser.add_argument('--batch', type=int, default=8)
     parser.add_argument('--eval-images', type=int, default=120)
-    parser.add_argument('--skip', default='', help='comma-separated steps to skip: kernels,model,bench,profile,tests')
+    parser.add_argument('--iters', type=int, default=20, help='timed training steps / forwards per bench path')
+    parser.add_argument('--warmup', type=int, default=5, help='untimed steps before them')
+    parser.add_argument('--brief-steps', type=int, default=200, help='training steps of the brief-training check')
+    parser.add_argument('--skip', default='',
+                        help='comma-separated steps to skip: kernels,bench,model,brief,profile,tests')
     parser.add_argument('--budget-s', type=float, default=300, help='start no new step after this many seconds')
     parser.add_argument('--deadline-s', type=float, default=520, help='the unit tests stop by then')
     parser.add_argument('--out', default=os.environ.get('OUT'))
@@ -103,7 +127,8 @@ def main(argv=None):
     if not on_gpu and not args.smoke:
         sys.exit('no CUDA device: run with --smoke under TRITON_INTERPRET=1 to check the script on the CPU')
     args.started = started
-    steps = [('kernels', step_kernels), ('bench', step_bench), ('model', step_model),
+    # most wanted first: a later step is skipped once --budget-s is spent
+    steps = [('bench', step_bench), ('model', step_model), ('kernels', step_kernels), ('brief', step_brief),
              ('profile', step_profile), ('tests', step_tests)]
     for step, fn in steps:
         if step in skip:
@@ -251,7 +276,32 @@ def step_kernels(args, device):
     for label, piece, fmt_name, err in errors:
         print(f'  {label:<8} {piece:<11} {fmt_name:<9} {err:.1e}')
     print_kernel_table(rows)
-    return dict(copy_TBps=bandwidth / 1e12, rows=rows, errors=errors)
+    return dict(copy_TBps=bandwidth / 1e12, rows=rows, errors=errors, wgrad=wgrad_table(args, device, bandwidth))
+
+
+def wgrad_table(args, device, bandwidth):
+    """ms of each weight-gradient implementation (bf16 channels_last, the fast path's) per stage and
+    kernel shape, the one ``'auto'`` picks, and the floor (read the gradient and the input once)."""
+    import torch
+    from smmcl.kernels import triton_dwconv as K
+    n = 1 if args.smoke else args.batch
+    rows = []
+    print(f"\nweight gradients, ms (bf16 NHWC): {' '.join(f'{i:>7}' for i in K.WGRAD_IMPLS)}   floor  auto")
+    for label, kind, c, h, w in mscan_b_sizes(args):
+        for kh, kw in (((5, 5), (1, 21), (21, 1)) if kind == 'attn' else ((3, 3),)):
+            g = torch.Generator(device='cpu').manual_seed(0)
+            x, grad = (torch.randn(n, c, h, w, generator=g).to(device, torch.bfloat16)
+                       .contiguous(memory_format=torch.channels_last) for _ in range(2))
+            weight = torch.randn(c, 1, kh, kw, generator=g).to(device)
+            times = {impl: time_ms(lambda impl=impl: K.dwconv_wgrad(grad, x, weight, impl=impl), device, args.smoke)
+                     for impl in K.WGRAD_IMPLS}
+            chosen = K._fastest_wgrad(grad, x, weight)
+            floor = 2 * x.numel() * x.element_size() / bandwidth * 1e3
+            rows.append(dict(item=label, kernel=f'{kh}x{kw}', floor_ms=floor, auto=chosen, **times))
+            print(f"  {label:<8} {kh:>2}x{kw:<2} {' '.join(f'{times[i]:7.3f}' for i in K.WGRAD_IMPLS)} "
+                  f"{floor:7.3f}  {chosen}")
+            del x, grad
+    return rows
 
 
 def print_kernel_table(rows, compact=False):
@@ -318,7 +368,7 @@ def step_model(args, device):
     try:
         cfg, model, rgb, x, label = _model_and_batch(args, device, 1 if args.smoke else 2)
         paths = {}
-        for name, fast, kernels in (('plain', False, False), ('fast+triton', True, True)):
+        for name, fast, kernels in (('plain', False, False), ('fast', True, False), ('fast+triton', True, True)):
             c = copy.deepcopy(cfg)
             c.update(fast_path=fast, triton_kernels=kernels)
             m = for_training(copy.deepcopy(model).train(), c)
@@ -334,28 +384,37 @@ def step_model(args, device):
                 logits = inf.encode_decode(r, xx)[0]
             paths[name] = dict(terms={k: v.detach() for k, v in terms.items()}, grads=grads, logits=logits)
             del m, inf
-        p, f = paths['plain'], paths['fast+triton']
-        out = {'logits (eval, folded on fast)': rel(f['logits'], p['logits'])}
-        for k in p['terms']:
-            out[f'loss term {k}'] = rel(f['terms'][k], p['terms'][k])
-        # A conv bias followed by BatchNorm has a zero gradient in exact arithmetic: its computed
-        # gradient is rounding noise, whose relative error means nothing. Those are counted apart.
-        norms = {n: torch.linalg.norm(g.float()).item() for n, g in p['grads'].items()}
-        scale = max(norms.values())
-        checked = [n for n in p['grads'] if norms[n] > 1e-6 * scale]
-        worst = max(checked, key=lambda n: rel(f['grads'][n], p['grads'][n]))
-        out[f'worst gradient ({worst})'] = rel(f['grads'][worst], p['grads'][worst])
-        flat_p = torch.cat([p['grads'][n].flatten().float() for n in p['grads']])
-        flat_f = torch.cat([f['grads'][n].flatten().float() for n in p['grads']])
-        out['all gradients as one vector'] = rel(flat_f, flat_p)
-        out['gradients checked one by one'] = len(checked)
-        out['gradients ~0 in exact arithmetic (norm < 1e-6 x largest), skipped'] = len(p['grads']) - len(checked)
-        print('fp32, TF32 off: fast path + Triton kernels vs plain, relative error (target <= 1e-4)')
+        out = {}
+        for other in ('fast', 'fast+triton'):  # fast alone: the error of channels_last + folding, no kernels
+            out.update({f'{other}: {k}': v for k, v in _path_errors(paths['plain'], paths[other]).items()})
+        print('fp32, TF32 off: fast path (with and without the Triton kernels) vs plain, relative error '
+              '(target <= 1e-4)')
         for k, v in out.items():
-            print(f'  {k:<60} {v:.2e}' if isinstance(v, float) else f'  {k:<60} {v}')
+            print(f'  {k:<70} {v:.2e}' if isinstance(v, float) else f'  {k:<70} {v}')
         return out
     finally:
         os.environ.pop('SMMCL_TRITON_AUTOTUNE', None)
+
+
+def _path_errors(p, f):
+    """Relative errors of path ``f`` against the plain path ``p``: logits, loss terms, gradients."""
+    import torch
+    out = {'logits (eval, folded on fast)': rel(f['logits'], p['logits'])}
+    for k in p['terms']:
+        out[f'loss term {k}'] = rel(f['terms'][k], p['terms'][k])
+    # A conv bias followed by BatchNorm has a zero gradient in exact arithmetic: its computed
+    # gradient is rounding noise, whose relative error means nothing. Those are counted apart.
+    norms = {n: torch.linalg.norm(g.float()).item() for n, g in p['grads'].items()}
+    scale = max(norms.values())
+    checked = [n for n in p['grads'] if norms[n] > 1e-6 * scale]
+    worst = max(checked, key=lambda n: rel(f['grads'][n], p['grads'][n]))
+    out[f'worst gradient ({worst})'] = rel(f['grads'][worst], p['grads'][worst])
+    flat_p = torch.cat([p['grads'][n].flatten().float() for n in p['grads']])
+    flat_f = torch.cat([f['grads'][n].flatten().float() for n in p['grads']])
+    out['all gradients as one vector'] = rel(flat_f, flat_p)
+    out['gradients checked one by one'] = len(checked)
+    out['gradients ~0 in exact arithmetic (norm < 1e-6 x largest), skipped'] = len(p['grads']) - len(checked)
+    return out
 
 
 # ---- step 3: bench.py's numbers on three paths ---------------------------------------------------------
@@ -364,14 +423,16 @@ def step_bench(args, device):
     import torch
     import bench  # bench/bench.py: this script's own folder is first on the module path
     bench_args = argparse.Namespace(
-        backbone='mscan_t' if args.smoke else 'mscan_b', batch=1 if args.smoke else args.batch,
-        height=32 if args.smoke else 480, width=32 if args.smoke else 640, classes=14,
-        iters=1 if args.smoke else 20, warmup=0 if args.smoke else 5, compile=False)
+        backbone='mscan_t' if args.smoke else 'mscan_b', batch=2 if args.smoke else args.batch,
+        height=64 if args.smoke else 480, width=64 if args.smoke else 640, classes=14,
+        iters=1 if args.smoke else args.iters, warmup=0 if args.smoke else args.warmup, compile=False)
     original = bench.make_cfg
     rows = {}
-    paths = [('plain', False, False, False), ('fast', True, False, False), ('fast+triton', True, True, False)]
+    # (label, fast path, Triton kernels, torch.compile, channels_last)
+    paths = [('plain', False, False, False, None), ('fast', True, False, False, None),
+             ('fast NCHW', True, False, False, False), ('fast+triton', True, True, False, None)]
     if args.compile:
-        paths += [('fast+compile', True, False, True), ('fast+triton+compile', True, True, True)]
+        paths += [('fast+compile', True, False, True, None), ('fast+triton+compile', True, True, True, None)]
     try:
         with tempfile.TemporaryDirectory() as data_dir:
             have_eval = True
@@ -382,10 +443,10 @@ def step_bench(args, device):
             except ImportError as err:
                 print(f'evaluation row skipped: {err}')
                 have_eval = False
-            for label, fast, kernels, compiled in paths:
-                def make_cfg(a, f, kernels=kernels, compiled=compiled):
+            for label, fast, kernels, compiled, layout in paths:
+                def make_cfg(a, f, kernels=kernels, compiled=compiled, layout=layout):
                     cfg = original(a, f)
-                    cfg.update(triton_kernels=kernels and f, compile=compiled and f)
+                    cfg.update(triton_kernels=kernels and f, compile=compiled and f, channels_last=layout)
                     return cfg
                 bench.make_cfg = make_cfg
                 t0 = time.time()
@@ -401,56 +462,164 @@ def step_bench(args, device):
     return rows
 
 
+# ---- step: a briefly trained model, bf16 + kernels against plain fp32 -------------------------------
+
+def _synthetic_tensors(args, split_dir, data_dir, device):
+    """All items of one split of a synthetic LLRGBD folder as normalised N-3-H-W tensors and N-H-W labels
+    (no augmentation: the same batches on both paths)."""
+    import torch
+    from smmcl.config import base_config, finalize
+    from smmcl.data.dataset import RGBXDataset
+    from smmcl.engine.evaluate import to_input
+    cfg = base_config()
+    cfg.update(dataset_name='LLRGBD', dataset_path=data_dir, train_split_dir='train', eval_split_dir=split_dir,
+               rgb_folder='rgb', x_folder='depth', gt_folder='label', exp_dir=data_dir)
+    cfg = finalize(cfg)
+    items = [RGBXDataset(cfg, 'val')[i] for i in range(len(RGBXDataset(cfg, 'val')))]
+    rgb = torch.stack([to_input(it['data'], cfg.norm_mean, cfg.norm_std, device) for it in items])
+    x = torch.stack([to_input(it['modal_x'], cfg.norm_mean, cfg.norm_std, device) for it in items])
+    label = torch.stack([torch.as_tensor(it['label']).long() for it in items]).to(device)
+    return rgb, x, label
+
+
+def step_brief(args, device):
+    """200 training steps of MSCAN-B (240x320, batch 4) on synthetic data on the plain fp32 path and on
+    the fast bf16 path with the kernels, same initial weights, batches and seeds; then the argmax of
+    the plain-trained model's logits, plain fp32 against fast bf16 + kernels (issue: >= 99 % of pixels)."""
+    import torch
+    from smmcl.data.synthetic import generate
+    from smmcl.engine.optim import build_optimizer
+    from smmcl.engine.precision import for_inference, for_training, mixed_precision
+    steps, batch = (3, 1) if args.smoke else (args.brief_steps, 4)
+    h, w = (32, 48) if args.smoke else (240, 320)
+    with tempfile.TemporaryDirectory() as data_dir:
+        generate('LLRGBD', data_dir, n_train=8 if args.smoke else 64, n_test=2 if args.smoke else 8,
+                 height=h, width=w, seed=0)
+        train = _synthetic_tensors(args, 'train', data_dir, device)
+        test = _synthetic_tensors(args, 'test', data_dir, device)
+    cfg, model, *_ = _model_and_batch(args, device, 1)
+    cfg.update(lr=1e-4)
+    curves, trained = {}, {}
+    for name, fast in (('plain fp32', False), ('fast bf16+triton', True)):
+        c = copy.deepcopy(cfg)
+        c.update(fast_path=fast, triton_kernels=fast, amp=fast)
+        m = for_training(copy.deepcopy(model).train(), c)
+        opt = build_optimizer(m, c)
+        amp, scaler = mixed_precision(c, device)
+        fmt = torch.channels_last if fast else torch.contiguous_format
+        losses = []
+        t0 = time.time()
+        for step in range(steps):
+            idx = torch.arange(step * batch, (step + 1) * batch) % train[0].shape[0]
+            torch.manual_seed(100 + step)  # same anchors, NMF bases and drop path on both paths
+            with amp:
+                loss = m(train[0][idx].contiguous(memory_format=fmt), train[1][idx].contiguous(memory_format=fmt),
+                         train[2][idx])
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            losses.append(loss.detach())
+        curves[name] = torch.stack(losses).float().cpu()
+        trained[name] = m
+        print(f'  {name}: {steps} steps in {time.time() - t0:.1f} s; loss first {curves[name][0]:.3f}, '
+              f'mean of the last 20 {curves[name][-20:].mean():.3f}')
+    plain, fast = curves['plain fp32'], curves['fast bf16+triton']
+    tail = slice(-20, None)
+    noise = plain[tail].std().item() if len(plain) > 1 else float('nan')
+    gap = abs(fast[tail].mean() - plain[tail].mean()).item()
+    # the argmax of one trained model (plain), inferred both ways with the same NMF seed
+    reference = trained['plain fp32']
+    c = copy.deepcopy(cfg)
+    c.update(fast_path=True, triton_kernels=True, amp=True)
+    fast_model = for_inference(copy.deepcopy(reference), c)
+    amp, _ = mixed_precision(c, device)
+    plain_model = reference.eval()
+    with torch.no_grad():
+        torch.manual_seed(5)
+        want = plain_model.encode_decode(test[0], test[1])[0].argmax(1)
+        torch.manual_seed(5)
+        with amp:
+            got = fast_model.encode_decode(test[0].contiguous(memory_format=torch.channels_last),
+                                           test[1].contiguous(memory_format=torch.channels_last))[0].argmax(1)
+    agree = (got == want).float().mean().item()
+    out = dict(steps=steps, plain_last20=plain[tail].mean().item(), fast_last20=fast[tail].mean().item(),
+               plain_last20_std=noise, gap=gap, argmax_agreement=agree,
+               plain_curve=plain.tolist()[::10], fast_curve=fast.tolist()[::10])
+    print(f'  loss, mean of the last 20 steps: plain {out["plain_last20"]:.4f} +- {noise:.4f} (std), fast '
+          f'{out["fast_last20"]:.4f}: gap {gap:.4f} = {gap / noise if noise else float("nan"):.2f} std')
+    print(f'  argmax agreement, plain-trained model, fp32 plain vs bf16 fast+triton: {100 * agree:.2f} % '
+          f'(target >= 99 %)')
+    return out
+
+
 # ---- step 4: top kernels per path ------------------------------------------------------------------
 
-def step_profile(args, device):
-    import torch
+def _top_kernels(title, fn, device, steps):
+    """Profile ``steps`` calls of ``fn``; print and return the 12 kernels with most device time per call."""
     from torch.profiler import ProfilerActivity, profile
-    from smmcl.engine.precision import for_training, mixed_precision
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        sync(device)
+    events = prof.key_averages()
+
+    def device_us(e):
+        for attr in ('self_device_time_total', 'self_cuda_time_total', 'self_cpu_time_total'):
+            if hasattr(e, attr):
+                return getattr(e, attr)
+        return 0.0
+
+    total = sum(device_us(e) for e in events) or 1.0
+    print(f'\n{title}: {total / 1e3 / steps:.1f} ms of device time per call; top kernels, ms per call and share')
+    out = []
+    for e in sorted(events, key=device_us, reverse=True)[:12]:
+        ms = device_us(e) / 1e3 / steps
+        print(f'  {ms:8.2f} ms {100 * device_us(e) / total:5.1f}%  {e.key[:90]}')
+        out.append((e.key, ms, device_us(e) / total))
+    return out
+
+
+def step_profile(args, device):
+    """Top kernels of a training step (plain, fast, fast + kernels) and of an inference forward (fast,
+    fast + kernels), batch 8 at 480x640."""
+    import torch
+    from smmcl.engine.precision import for_inference, for_training, mixed_precision
     out = {}
+    steps = 1 if args.smoke else 3
     for name, fast, kernels in (('plain', False, False), ('fast', True, False), ('fast+triton', True, True)):
         cfg, model, rgb, x, label = _model_and_batch(args, device, 1 if args.smoke else args.batch)
         cfg.update(fast_path=fast, triton_kernels=kernels, amp=fast)
-        model = for_training(model.train(), cfg)
         fmt = torch.channels_last if fast else torch.contiguous_format
         rgb, x = rgb.contiguous(memory_format=fmt), x.contiguous(memory_format=fmt)
         amp, scaler = mixed_precision(cfg, device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        train_model = for_training(copy.deepcopy(model).train(), cfg)
+        opt = torch.optim.AdamW(train_model.parameters(), lr=1e-5)
 
         def step():
             with amp:
-                loss = model(rgb, x, label)
+                loss = train_model(rgb, x, label)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
 
-        for _ in range(1 if args.smoke else 3):
+        for _ in range(steps):
             step()
-        sync(device)
-        steps = 1 if args.smoke else 3
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
-        with profile(activities=activities) as prof:
+        out[f'train {name}'] = _top_kernels(f'training step, {name}', step, device, steps)
+        del train_model, opt
+        if fast:
+            infer_model = for_inference(model, cfg)
+
+            def infer():
+                with torch.no_grad(), amp:
+                    infer_model(rgb, x)
+
             for _ in range(steps):
-                step()
-            sync(device)
-        events = prof.key_averages()
-
-        def device_us(e):
-            for attr in ('self_device_time_total', 'self_cuda_time_total', 'self_cpu_time_total'):
-                if hasattr(e, attr):
-                    return getattr(e, attr)
-            return 0.0
-
-        total = sum(device_us(e) for e in events) or 1.0
-        top = sorted(events, key=device_us, reverse=True)[:10]
-        print(f'\n{name}: top kernels, ms per step and share of device time')
-        out[name] = []
-        for e in top:
-            ms = device_us(e) / 1e3 / steps
-            print(f'  {ms:8.2f} ms {100 * device_us(e) / total:5.1f}%  {e.key[:90]}')
-            out[name].append((e.key, ms, device_us(e) / total))
-        del model, opt
+                infer()
+            out[f'infer {name}'] = _top_kernels(f'inference forward, {name}', infer, device, steps)
+            del infer_model
         if device.type == 'cuda':
             torch.cuda.empty_cache()
     return out
@@ -487,12 +656,15 @@ def summary(results):
     if isinstance(kern, dict):
         print(f"copy bandwidth {kern['copy_TBps']:.2f} TB/s")
         print_kernel_table(kern['rows'], compact=True)
+        for r in kern.get('wgrad', []):
+            print(f"wgrad {r['item']:<8} {r['kernel']:>5}: " + ' '.join(f"{i} {r[i]:.3f}" for i in ('gather', 'taps', 'torch'))
+                  + f" ms; floor {r['floor_ms']:.3f}; auto -> {r['auto']}")
         worst = max(kern['errors'], key=lambda e: e[3]) if kern['errors'] else None
         if worst:
             print(f'worst kernel error vs fp32 PyTorch: {worst[3]:.1e} ({worst[0]} {worst[1]} {worst[2]})')
     model = results.get('model')
     if isinstance(model, dict):
-        print('whole model, fp32 fast+triton vs plain: ' + ', '.join(
+        print("whole model, fp32, vs plain: " + ", ".join(
             f'{k.split(" (")[0]} {v:.1e}' for k, v in model.items() if isinstance(v, float)))
     rows = results.get('bench')
     if isinstance(rows, dict) and rows:
@@ -502,7 +674,12 @@ def summary(results):
         for label, r in rows.items():
             print(f"{label:<20} | {r['dtype']:<5} | {r['train']:>11.2f} | {r['infer']:>11.2f} | {r['eval']:>10.2f} | "
                   f"{r['train_peak']:>14.2f} | {r['compile_s']:.1f}")
-    for step in ('kernels', 'model', 'bench', 'profile', 'tests'):
+    brief = results.get('brief')
+    if isinstance(brief, dict):
+        print(f"brief training ({brief['steps']} steps, MSCAN-B 240x320, batch 4): loss of the last 20 steps plain "
+              f"fp32 {brief['plain_last20']:.4f} +- {brief['plain_last20_std']:.4f}, fast bf16+triton "
+              f"{brief['fast_last20']:.4f}; argmax agreement {100 * brief['argmax_agreement']:.2f} %")
+    for step in ('kernels', 'model', 'bench', 'brief', 'profile', 'tests'):
         if results.get(step) == 'failed':
             print(f'step {step}: FAILED (traceback above)')
     if 'tests' in results and results['tests'] != 'failed':

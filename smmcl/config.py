@@ -153,11 +153,19 @@ def base_config() -> EasyDict:
 
     # ---- speed (see smmcl/engine/precision.py); all off = the plain reference path ----
     C.fast_path = False  # channels_last; inference: BN and layer scales folded into the convs
+    # Memory layout on the fast path: None follows fast_path (channels_last); False keeps NCHW, where
+    # PyTorch's bf16 depthwise convs train 2x faster on an H100 (README speed table, issue 10).
+    C.channels_last = None
     C.amp = False  # bf16 autocast (NMF and InfoNCE stay fp32)
     C.compile = False  # torch.compile (minutes for MSCAN-B the first time; inductor caches it)
     # With fast_path: MSCAN's depthwise convs in our Triton kernels (smmcl/kernels; needs triton).
-    # Off until a GPU table shows them faster than PyTorch's.
+    # Off by default: on an H100 they make inference 2x faster but not training (README speed table).
     C.triton_kernels = False
+    # Host reads of the training step (smmcl/engine/train.py): 1 (the authors') reads the loss terms every
+    # iteration, for their tqdm line showing each iteration's loss and the step/skip decision. N > 1:
+    # the non-finite check and the skip stay on the device (fused AdamW) and the loss terms are read
+    # every N iterations (and at epoch ends and before checkpoints); 'stop' then stops at that read.
+    C.host_sync_every = 1
 
     # ---- evaluation ----
     C.eval_stride_rate = 2 / 3
@@ -275,14 +283,17 @@ def validate(config: EasyDict) -> EasyDict:
                          ('anchor_sampler', tuple(ANCHOR_SAMPLERS)), ('backbone', tuple(MSCAN_VARIANTS)),
                          ('decoder', DECODERS), ('optimizer', OPTIMIZERS)):
         check_choice(key, config[key], choices)
+    if config.channels_last not in (None, True, False):
+        raise ConfigError(f'channels_last={config.channels_last!r}: expected None (follow fast_path), True or False')
     check_training_counts(config)
     return config
 
 
 def check_training_counts(config: EasyDict) -> None:
-    """``replicas`` a positive integer, ``checkpoint_every_iters`` None or >= 0. Whether ``replicas``
-    divides ``batch_size`` is checked when training starts (:func:`smmcl.engine.chunks.plan_chunks`),
-    so that tools which read the config without training (the data check) take any batch size."""
+    """``replicas`` and ``host_sync_every`` positive integers, ``checkpoint_every_iters`` None or >= 0.
+    Whether ``replicas`` divides ``batch_size`` is checked when training starts
+    (:func:`smmcl.engine.chunks.plan_chunks`), so that tools which read the config without training
+    (the data check) take any batch size."""
     replicas = config.replicas
     if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
         raise ConfigError(f'replicas={replicas!r}: expected a positive number of chunks per global batch '
@@ -291,6 +302,11 @@ def check_training_counts(config: EasyDict) -> None:
     if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 0):
         raise ConfigError(f'checkpoint_every_iters={every!r}: expected None, 0 (off) or a positive number of '
                           f'iterations, e.g. --set checkpoint_every_iters=500')
+    sync = config.host_sync_every
+    if not isinstance(sync, int) or isinstance(sync, bool) or sync < 1:
+        raise ConfigError(f'host_sync_every={sync!r}: expected a positive number of iterations between '
+                          f"host reads of the loss, e.g. --set host_sync_every=50 (1: every iteration, the "
+                          f"authors')")
 
 
 def finalize(config: EasyDict) -> EasyDict:

@@ -192,3 +192,24 @@ def test_fast_and_plain_training_reach_the_same_miou(tmp_path):
         results[name] = float(re.findall(r'mIoU: ([0-9.]+)', out)[-1])
     assert results['plain'] > 15 and results['fast'] > 15, results  # chance is ~7%
     assert abs(results['plain'] - results['fast']) < 8, results
+
+
+def test_channels_last_switch_sets_the_layout_of_the_fast_path(tiny_mscan):
+    """``channels_last`` None follows fast_path; False keeps NCHW on the fast path (folded inference and
+    training alike); the plain path is NCHW whatever it says; other values stop at validation."""
+    from smmcl.config import ConfigError, validate
+    from smmcl.engine.precision import for_inference, memory_format
+    cfg = tiny_config(backbone=tiny_mscan)
+    cases = {(False, None): torch.contiguous_format, (False, True): torch.contiguous_format,
+             (True, None): torch.channels_last, (True, True): torch.channels_last,
+             (True, False): torch.contiguous_format}
+    for (fast, layout), want in cases.items():
+        cfg.update(fast_path=fast, channels_last=layout)
+        assert memory_format(cfg) == want
+    cfg.update(fast_path=True, channels_last=False)
+    model = for_inference(build_segmentor(cfg), cfg)
+    weight = next(p for p in model.parameters() if p.ndim == 4 and p.shape[-1] > 1 and p.shape[1] > 1)
+    assert weight.is_contiguous()  # not converted to channels_last
+    cfg.update(channels_last='yes')
+    with pytest.raises(ConfigError, match='channels_last'):
+        validate(cfg)

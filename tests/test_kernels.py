@@ -278,3 +278,36 @@ def test_config_switch_reaches_the_modules():
         cfg.update(fast_path=fast_path, triton_kernels=triton_kernels)
         block = for_training(_tiny_block(), cfg)
         assert {m.fused_kernels for m in block.modules() if isinstance(m, (AttentionModule, Mlp))} == {expected}
+
+
+# ---- the weight-gradient implementations ----------------------------------------------------------
+
+@pytest.mark.parametrize('impl', ['gather', 'taps', 'torch'])
+@pytest.mark.parametrize('n, c, h, w, kh, kw, fmt', [(2, 37, 9, 18, 5, 5, CL), (1, 9, 3, 4, 21, 1, NCHW),
+                                                     (2, 7, 7, 17, 3, 3, NCHW)])
+def test_each_weight_gradient_implementation(impl, n, c, h, w, kh, kw, fmt):
+    from smmcl.kernels import triton_dwconv
+    x, weight, bias = _tensor(n, c, h, w, fmt=fmt), _tensor(c, 1, kh, kw, seed=1), _tensor(c, seed=2)
+    out = F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=c)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    want_w, want_b = torch.autograd.grad(out, (weight, bias), grad)
+    got_w, got_b = triton_dwconv.dwconv_wgrad(grad, x.detach(), weight.detach(), impl=impl)
+    assert got_w.shape == weight.shape and got_b.shape == bias.shape
+    assert rel(got_w, want_w) <= 1e-5 and rel(got_b, want_b) <= 1e-5
+
+
+def test_weight_gradient_choice_through_the_ops(monkeypatch):
+    """SMMCL_TRITON_WGRAD picks the implementation inside the custom ops' backward; a bad name stops."""
+    x, weight, bias = _tensor(2, 7, 7, 17, fmt=CL), _tensor(7, 1, 3, 3, seed=1), _tensor(7, seed=2)
+    grads = {}
+    for impl in ('torch', 'taps', 'auto'):
+        monkeypatch.setenv('SMMCL_TRITON_WGRAD', impl)
+        out = ops().dwconv2d_gelu(x, weight, bias)
+        grads[impl] = torch.autograd.grad(out.sum(), (x, weight, bias))
+    for a, b in zip(grads['torch'], grads['taps']):
+        assert rel(a, b) <= 1e-5
+    for a, b in zip(grads['auto'], grads['taps']):
+        assert rel(a, b) <= 1e-5
+    monkeypatch.setenv('SMMCL_TRITON_WGRAD', 'fastest')
+    with pytest.raises(ValueError, match='SMMCL_TRITON_WGRAD'):
+        torch.autograd.grad(ops().dwconv2d_gelu(x, weight, bias).sum(), (weight,))

@@ -159,17 +159,22 @@ def copy_buffers(model: nn.Module) -> List[torch.Tensor]:
     return [buffer.detach().clone() for buffer in model.buffers()]
 
 
-def put_back_buffers(model: nn.Module, saved: List[torch.Tensor]) -> None:
+def put_back_buffers(model: nn.Module, saved: List[torch.Tensor], only_if: Optional[torch.Tensor] = None
+                     ) -> None:
+    """Copy ``saved`` into ``model``'s buffers; with ``only_if`` (a 0-dim bool tensor on their device)
+    only where it is True, chosen on the device (no host read)."""
     with torch.no_grad():
         for buffer, value in zip(model.buffers(), saved):
-            buffer.copy_(value)
+            buffer.copy_(value if only_if is None else torch.where(only_if, value, buffer))
 
 
 class BufferRollback:
     """Puts ``model``'s buffers back on exit when ``undo`` was set (only if ``enabled``: a few small copies).
 
     A forward that produced NaNs may already have written them into the BatchNorm running statistics;
-    skipping the batch must undo that too.
+    skipping the batch must undo that too. ``undo`` is a bool, or a 0-dim bool tensor on the buffers'
+    device when the skip is decided there (``host_sync_every > 1``): each buffer then becomes
+    ``where(undo, saved, current)`` without a host read.
     """
 
     def __init__(self, model: nn.Module, enabled: bool):
@@ -181,5 +186,9 @@ class BufferRollback:
         return self
 
     def __exit__(self, *exc_info) -> None:
-        if self.undo and self.saved is not None:
+        if self.saved is None:
+            return
+        if torch.is_tensor(self.undo):
+            put_back_buffers(self.model, self.saved, only_if=self.undo)
+        elif self.undo:
             put_back_buffers(self.model, self.saved)

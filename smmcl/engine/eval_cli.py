@@ -39,7 +39,7 @@ from smmcl.config import ConfigError, load_config
 from smmcl.data.dataset import DatasetError, RGBXDataset, read_list
 from smmcl.engine.checkpoint import CheckpointError
 from smmcl.engine.dist import DistContext, launch, parse_devices
-from smmcl.engine.evaluate import evaluate_per_image, prediction_palette
+from smmcl.engine.evaluate import eval_workers, evaluate_per_image, prediction_palette
 from smmcl.engine.logging_utils import link_last
 from smmcl.engine.metrics import compute_scores, format_results
 from smmcl.engine.precision import for_inference, mixed_precision
@@ -98,8 +98,7 @@ def _evaluate_checkpoints(ctx: DistContext, config, checkpoints: Sequence[str], 
     if verbose:  # per-image lines only from the evaluator (not PIL's or torch's debug output)
         logging.getLogger('smmcl.engine.evaluate').setLevel(logging.DEBUG)
     dataset = RGBXDataset(config, 'val')
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
-    workers = min(int(config.num_workers), 4, cpus)  # image reading only; 4 keep a GPU busy
+    workers = eval_workers(config)
     final = []
     if ctx.is_main:  # the authors open the log and link val_last.log before evaluating
         os.makedirs(osp.dirname(osp.abspath(config.val_log_file)), exist_ok=True)

@@ -41,12 +41,16 @@ dimensions; otherwise each dimension is tiled with its own stride and crop (ever
 overlapping scores are averaged (mmsegmentation's ``slide_inference``). At scale 1 with a crop of the
 image size (SMMCL's shipped settings) both protocols run the same single forward and agree exactly.
 
-Speed, never geometry: ``config.eval_batch_size > 1`` runs consecutive windows of one input shape (and
-their flipped copies) in one forward; ``config.fast_path`` resizes and sums the scale scores on the
-device (:func:`resize_scores`, OpenCV's arithmetic to float32 rounding). Both agree with the plain path
-up to float rounding (tests). SMMCL's NMF decoder draws random bases in every forward, one set per batch
-element: :func:`evaluate_per_image` seeds the generators per image so runs repeat whatever the number of
-processes, but another batch size gives other draws (differences at the level of the NMF noise).
+Speed, never geometry: ``config.eval_batch_size = B > 1`` runs consecutive windows of one input shape
+(and their flipped copies) in one forward; and where each scale of an image is one window without flip
+(LLRGBD, MFNet, NYU at their shipped settings), up to B consecutive images of one size (of a rank's
+share) go through each scale's forward together. ``config.fast_path`` resizes and sums the scale scores
+on the device (:func:`resize_scores`, OpenCV's arithmetic to float32 rounding). Both agree with the
+plain path up to float rounding (tests). SMMCL's NMF decoder draws random bases in every forward, one
+set per batch element: :func:`evaluate_per_image` seeds the generators per image so runs repeat whatever
+the number of processes; batched images get, through the NMF's ``fixed_bases``, exactly the bases each
+draws alone, but batched windows of one image draw in one go (another batch size gives other draws:
+differences at the level of the NMF noise).
 """
 from __future__ import annotations
 
@@ -54,7 +58,7 @@ import logging
 import os
 import os.path as osp
 import warnings
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -66,6 +70,7 @@ from torch.utils.data import DataLoader, Subset
 from smmcl.config import ConfigError, check_choice
 from smmcl.engine.dist import all_reduce_sum
 from smmcl.engine.metrics import confusion_matrix
+from smmcl.models.ham_head import given_bases, nmf_layers
 
 logger = logging.getLogger(__name__)
 
@@ -247,16 +252,17 @@ def _input_shape(window: Window, crop: Tuple[int, int]) -> Tuple[int, int]:
 @torch.no_grad()
 def window_scores(model: Model, rgb: torch.Tensor, x: torch.Tensor, windows: Sequence[Window],
                   crop: Sequence[int], flip: bool, batch: int = 1, average: bool = False) -> torch.Tensor:
-    """Class scores of one scale from its windows.
+    """Class scores of one scale from its windows, for one image or a stack of same-size images.
 
     Each window's region of ``rgb`` / ``x`` is zero-padded to at least the crop (:func:`pad_margins`),
     scored ``exp(logits [+ flip(logits(flip(input)))])``, cut back to the region and added to a K-h-w
-    canvas in window order. With ``batch > 1`` consecutive inputs of one shape (a window, then its
-    flipped copy) share a forward; ``batch=1`` is one window per forward, the authors' loop.
+    canvas in window order. Inputs are taken image by image, window by window (then its flipped copy);
+    with ``batch > 1`` consecutive inputs of one shape share a forward; ``batch=1`` is one input per
+    forward, the authors' loop.
 
     Args:
         model: eval-mode ``(rgb, x) -> logits``, N-3-h-w inputs to N-K-h-w outputs.
-        rgb, x: 3-h-w normalised float32 images on the model's device.
+        rgb, x: 3-h-w normalised float32 images on the model's device, or N-3-h-w stacks of them.
         windows: (top, bottom, left, right) regions (:func:`authors_windows`, :func:`corrected_windows`).
         crop: (crop_h, crop_w).
         flip: add the horizontally flipped input's flipped logits before the exp.
@@ -265,14 +271,18 @@ def window_scores(model: Model, rgb: torch.Tensor, x: torch.Tensor, windows: Seq
             pixels no window covers keep 0).
 
     Returns:
-        K-h-w float32 scores on the device of ``rgb``.
+        K-h-w (N-K-h-w for stacked inputs) float32 scores on the device of ``rgb``.
     """
+    stacked = rgb.dim() == 4
+    rgb, x = (rgb, x) if stacked else (rgb[None], x[None])
     crop = (int(crop[0]), int(crop[1]))
     batch = max(int(batch), 1)
-    height, width = rgb.shape[1:]
-    jobs = [(i, flipped) for i in range(len(windows)) for flipped in ((False, True) if flip else (False,))]
-    canvas = count = None
-    pending = {}  # window index -> logits summed so far (waiting for its flipped half)
+    height, width = rgb.shape[-2:]
+    jobs = [(n, i, flipped) for n in range(len(rgb)) for i in range(len(windows))
+            for flipped in ((False, True) if flip else (False,))]
+    canvas = None
+    count = rgb.new_zeros((1, height, width))
+    pending = {}  # (image, window) -> logits summed so far (waiting for its flipped half)
 
     def window_input(img, i, flipped):
         top, bottom, left, right = windows[i]
@@ -280,34 +290,89 @@ def window_scores(model: Model, rgb: torch.Tensor, x: torch.Tensor, windows: Seq
         out = F.pad(img[:, top:bottom, left:right], (pad_l, pad_r, pad_t, pad_b), value=0.0)
         return out.flip(-1) if flipped else out
 
-    shapes = [_input_shape(windows[i], crop) for i, _ in jobs]
+    shapes = [_input_shape(windows[i], crop) for _, i, _ in jobs]
     start = 0
     while start < len(jobs):  # a run of up to `batch` consecutive jobs with one input shape
         stop = start + 1
         while stop < len(jobs) and stop - start < batch and shapes[stop] == shapes[start]:
             stop += 1
         chunk = jobs[start:stop]
-        logits = _logits(model, torch.stack([window_input(rgb, i, f) for i, f in chunk]),
-                         torch.stack([window_input(x, i, f) for i, f in chunk]))  # B-K-h'-w'
-        for (i, flipped), out in zip(chunk, logits):
+        logits = _logits(model, torch.stack([window_input(rgb[n], i, f) for n, i, f in chunk]),
+                         torch.stack([window_input(x[n], i, f) for n, i, f in chunk]))  # B-K-h'-w'
+        for (n, i, flipped), out in zip(chunk, logits):
             out = out.flip(-1) if flipped else out
-            pending[i] = pending[i] + out if i in pending else out
+            pending[n, i] = pending[n, i] + out if (n, i) in pending else out
             if flipped or not flip:  # this window is complete
                 top, bottom, left, right = windows[i]
                 pad_t, _, pad_l, _ = pad_margins(bottom - top, right - left, crop)
-                score = torch.exp(pending.pop(i))[:, pad_t:pad_t + bottom - top, pad_l:pad_l + right - left]
+                score = torch.exp(pending.pop((n, i)))[:, pad_t:pad_t + bottom - top, pad_l:pad_l + right - left]
                 if canvas is None:
-                    canvas = score.new_zeros((score.shape[0], height, width))
-                    count = score.new_zeros((1, height, width))
-                canvas[:, top:bottom, left:right] += score
-                count[:, top:bottom, left:right] += 1
+                    canvas = score.new_zeros((len(rgb), score.shape[0], height, width))
+                canvas[n, :, top:bottom, left:right] += score
+                if n == 0:  # every image has the same windows
+                    count[:, top:bottom, left:right] += 1
         start = stop
-    return canvas / count if average else canvas
+    out = canvas / count if average else canvas
+    return out if stacked else out[0]
 
 
 # ---------------------------------------------------------------------------------------------------
 # One image: all scales
 # ---------------------------------------------------------------------------------------------------
+
+
+def scaled_inputs(rgb, x, config, device) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """Steps 1-2 of the protocol: per scale of ``config.eval_scale_array``, the (rgb, x) pair resized
+    from the H-W-3 uint8 images (numpy or tensors) and normalised to 3-h_s-w_s float32 on ``device``."""
+    rgb = rgb.numpy() if isinstance(rgb, torch.Tensor) else np.asarray(rgb)
+    x = x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    inputs = []
+    for s in config.eval_scale_array:
+        pair = (cv2.resize(img, None, fx=s, fy=s, interpolation=cv2.INTER_LINEAR) for img in (rgb, x))
+        inputs.append(tuple(to_input(img, config.norm_mean, config.norm_std, device) for img in pair))
+    return inputs
+
+
+def scale_windows(config, height: int, width: int) -> List[Window]:
+    """The windows ``config.eval_protocol`` cuts a scaled ``height`` x ``width`` image into.
+
+    Raises:
+        ConfigError: an unknown ``config.eval_protocol``.
+    """
+    crop = tuple(int(c) for c in config.eval_crop_size)
+    return window_function(config.eval_protocol)(height, width, crop, config.eval_stride_rate)
+
+
+def scale_scores(model: Model, rgb: torch.Tensor, x: torch.Tensor, config) -> torch.Tensor:
+    """:func:`window_scores` of one scale as ``config`` sets it (protocol, crop, flip, batch): 3-h-w
+    (N-3-h-w) inputs -> K-h-w (N-K-h-w) float32 scores."""
+    return window_scores(model, rgb, x, scale_windows(config, *rgb.shape[-2:]), config.eval_crop_size,
+                         config.eval_flip, config.eval_batch_size, config.eval_protocol == 'corrected')
+
+
+def sum_scales(scores: Sequence[torch.Tensor], size: Tuple[int, int], config) -> torch.Tensor:
+    """Step 5: one image's K-h_s-w_s scale scores resized to ``size`` (H, W) and summed in float64.
+
+    Returns:
+        K-H-W float64: on the CPU, resized and summed on the host with OpenCV as the authors; with
+        ``config.fast_path`` on the scores' device, resized there (equal to float32 rounding).
+    """
+    if config.fast_path:
+        total = sum(resize_scores(score, size).double() for score in scores)
+    else:  # H-W-K float32 from OpenCV, added into float64 as theirs
+        total = sum(resize_scores_host(score, size).astype(np.float64) for score in scores)
+        total = torch.from_numpy(np.ascontiguousarray(total.transpose(2, 0, 1)))
+    if not bool(torch.isfinite(total).all()):
+        # exp of a (flip-summed) logit above ~88 overflows float32, in the authors' evaluator too.
+        warnings.warn('non-finite evaluation scores: logits too large for the exp of the authors\' '
+                      'protocol; predictions at those pixels are unreliable')
+    return total
+
+
+def image_scores(model: Model, inputs: Sequence[Tuple[torch.Tensor, torch.Tensor]], size: Tuple[int, int],
+                 config) -> torch.Tensor:
+    """K-H-W float64 scores of one image from its :func:`scaled_inputs` (steps 3-5), H-W = ``size``."""
+    return sum_scales([scale_scores(model, rgb, x, config) for rgb, x in inputs], size, config)
 
 
 @torch.no_grad()
@@ -321,40 +386,13 @@ def predict_scores(model: Model, rgb: np.ndarray, x: np.ndarray, config, device)
             ``eval_protocol``, ``eval_batch_size``, ``fast_path``, ``norm_mean``, ``norm_std``.
 
     Returns:
-        K-H-W float64 scores: on the CPU, resized and summed on the host with OpenCV as the authors;
-        with ``config.fast_path`` on ``device``, resized there (equal to float32 rounding).
+        K-H-W float64 scores (:func:`sum_scales`: on the CPU, or with ``config.fast_path`` on ``device``).
 
     Raises:
         ConfigError: an unknown ``config.eval_protocol``.
     """
-    windows_of = window_function(config.eval_protocol)
-    average = config.eval_protocol == 'corrected'
-    on_device = bool(config.fast_path)
-    rgb = rgb.numpy() if isinstance(rgb, torch.Tensor) else np.asarray(rgb)
-    x = x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    size = rgb.shape[:2]
-    crop = tuple(int(c) for c in config.eval_crop_size)
-    total = None
-    for s in config.eval_scale_array:
-        rgb_s = cv2.resize(rgb, None, fx=s, fy=s, interpolation=cv2.INTER_LINEAR)
-        x_s = cv2.resize(x, None, fx=s, fy=s, interpolation=cv2.INTER_LINEAR)
-        rgb_t = to_input(rgb_s, config.norm_mean, config.norm_std, device)
-        x_t = to_input(x_s, config.norm_mean, config.norm_std, device)
-        windows = windows_of(rgb_t.shape[1], rgb_t.shape[2], crop, config.eval_stride_rate)
-        score = window_scores(model, rgb_t, x_t, windows, crop, config.eval_flip,
-                              config.eval_batch_size, average)
-        if on_device:
-            score = resize_scores(score, size).double()
-        else:  # H-W-K float32 from OpenCV, added into float64 as theirs
-            score = resize_scores_host(score, size).astype(np.float64)
-        total = score if total is None else total + score
-    if not on_device:
-        total = torch.from_numpy(np.ascontiguousarray(total.transpose(2, 0, 1)))
-    if not bool(torch.isfinite(total).all()):
-        # exp of a (flip-summed) logit above ~88 overflows float32, in the authors' evaluator too.
-        warnings.warn('non-finite evaluation scores: logits too large for the exp of the authors\' '
-                      'protocol; predictions at those pixels are unreliable')
-    return total
+    inputs = scaled_inputs(rgb, x, config, device)
+    return image_scores(model, inputs, tuple(rgb.shape[:2]), config)
 
 
 def predict(model: Model, rgb: np.ndarray, x: np.ndarray, config, device) -> torch.Tensor:
@@ -450,6 +488,73 @@ def kept_rng(device):
     return torch.random.fork_rng(devices=devices)
 
 
+def eval_workers(config) -> int:
+    """DataLoader processes for evaluation: ``config.num_workers``, at most 4 (image reading only; 4
+    keep a GPU busy) and at most the CPUs this process may use."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    return min(int(config.num_workers), 4, cpus)
+
+
+def _whole_images_batch(inputs: Sequence[Tuple[torch.Tensor, torch.Tensor]], config) -> bool:
+    """Whether an image with these :func:`scaled_inputs` may share forwards with other images: each
+    scale is one window without flip, so each forward scores one image and draws one image's bases."""
+    return (int(config.eval_batch_size) > 1 and not config.eval_flip
+            and all(len(scale_windows(config, *rgb.shape[-2:])) == 1 for rgb, _ in inputs))
+
+
+def _drawn_bases(layers, config, index: int, device) -> List[List[torch.Tensor]]:
+    """[scale][NMF] the S-D-R bases the one-image path draws for item ``index`` (``layers``:
+    :func:`~smmcl.models.ham_head.nmf_layers`): seeded by :func:`seed_item`, then per scale in order one
+    forward, which draws once per NMF (random numbers are the same whether drawn in or outside it)."""
+    seed_item(config, index)
+    return [[nmf.draw_bases(1, channels, device) for nmf, channels in layers]
+            for _ in config.eval_scale_array]
+
+
+def _group_scores(model: Model, group, config, device) -> List[Tuple[int, dict, torch.Tensor]]:
+    """``(index, item, K-H-W float64 scores)`` of each ``(index, item, size, inputs)`` of ``group``
+    (same-size images, each one window per scale, at most ``eval_batch_size``): one forward per scale on
+    the stacked inputs, every image with the NMF bases of its own one-image forward (:func:`_drawn_bases`).
+    """
+    layers = nmf_layers(model)
+    drawn = [_drawn_bases(layers, config, index, device) for index, *_ in group]  # [image][scale][NMF]
+    per_scale = []  # [scale] N-K-h_s-w_s
+    for s in range(len(config.eval_scale_array)):
+        rgb = torch.stack([inputs[s][0] for *_, inputs in group])
+        x = torch.stack([inputs[s][1] for *_, inputs in group])
+        bases = [torch.cat([image[s][j] for image in drawn]) for j in range(len(layers))]
+        with given_bases(model, bases):
+            per_scale.append(scale_scores(model, rgb, x, config))
+    return [(index, item, sum_scales([scores[n] for scores in per_scale], size, config))
+            for n, (index, item, size, _) in enumerate(group)]
+
+
+def _item_scores(model: Model, items, config, device) -> Iterator[Tuple[int, dict, torch.Tensor]]:
+    """``(index, item, K-H-W float64 scores)`` for each ``(index, item)`` of ``items``.
+
+    Item ``index`` is scored as :func:`seed_item` then :func:`predict_scores`; where that is the same
+    function (:func:`_whole_images_batch`), up to ``eval_batch_size`` consecutive items of one size share
+    each forward (:func:`_group_scores`), yielded when their group is complete.
+    """
+    group, key = [], None
+    for index, item in items:
+        size = tuple(item['data'].shape[:2])
+        inputs = scaled_inputs(item['data'], item['modal_x'], config, device)
+        batched = _whole_images_batch(inputs, config)
+        item_key = (size, [(rgb.shape, x.shape) for rgb, x in inputs])
+        if group and (not batched or item_key != key or len(group) == int(config.eval_batch_size)):
+            yield from _group_scores(model, group, config, device)
+            group = []
+        if batched:
+            group.append((index, item, size, inputs))
+            key = item_key
+        else:
+            seed_item(config, index)
+            yield index, item, image_scores(model, inputs, size, config)
+    if group:
+        yield from _group_scores(model, group, config, device)
+
+
 def evaluate_per_image(model: torch.nn.Module, dataset, config, device, rank: int = 0, world_size: int = 1,
                        save_dir: Optional[str] = None, num_workers: int = 0) -> np.ndarray:
     """One confusion matrix per item of ``dataset``, computed by the ranks together.
@@ -460,7 +565,9 @@ def evaluate_per_image(model: torch.nn.Module, dataset, config, device, rank: in
 
     Item ``i`` is predicted after :func:`seed_item` (``config.seed + i``: the NMF's random bases), so the
     result does not depend on the number of processes or on earlier calls; the caller's generator states
-    are restored afterwards (:func:`kept_rng`: training continues with its own random stream).
+    are restored afterwards (:func:`kept_rng`: training continues with its own random stream). With
+    ``config.eval_batch_size > 1`` whole images share forwards where each is one window per scale without
+    flip, each with the bases it draws alone (module docstring).
 
     Args:
         model: the segmentor on ``device`` (put in eval mode here, its mode restored after).
@@ -470,7 +577,7 @@ def evaluate_per_image(model: torch.nn.Module, dataset, config, device, rank: in
         device: where the model runs.
         rank, world_size: this process among the evaluating processes.
         save_dir: write each prediction as ``<save_dir>/<fn>.png`` (palette PNG, ``config.class_colors``).
-        num_workers: DataLoader processes reading the images.
+        num_workers: DataLoader processes reading the images (:func:`eval_workers`).
 
     Returns:
         N-K-K int64 numpy array, rows = ground truth.
@@ -491,9 +598,8 @@ def evaluate_per_image(model: torch.nn.Module, dataset, config, device, rank: in
     model.eval()
     try:
         with torch.no_grad(), kept_rng(device):
-            for index, item in zip(indices, loader):
-                seed_item(config, index)
-                pred = predict(model, item['data'], item['modal_x'], config, device)
+            for index, item, scores in _item_scores(model, zip(indices, loader), config, device):
+                pred = scores.argmax(0)
                 label = torch.as_tensor(np.asarray(item['label'])).to(device)
                 try:
                     hists[index] = confusion_matrix(pred, label, k, ignore)

@@ -86,7 +86,9 @@ class EpochLog:
     """One epoch of training as the authors show it: a tqdm line per iteration, TensorBoard scalars
     (``train/<term>`` per iteration, ``train_loss`` per epoch) and our epoch line. ``tb`` None: a rank
     other than 0, which only counts. ``first``: the iteration a resumed epoch starts at (its means
-    cover the iterations run since)."""
+    cover the iterations run since). With ``host_sync_every = N > 1`` the records arrive N at a time
+    (``smmcl.engine.train.flush_log``), each with its own iteration, step and lr: the same lines and
+    scalars, the bar's text updated every N iterations."""
 
     def __init__(self, epoch: int, nepochs: int, niters: int, tb=None, first: int = 0):
         self.epoch, self.nepochs, self.niters, self.tb = epoch, nepochs, niters, tb

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
+import torch
 from torch import nn
 from torch.optim import AdamW, Optimizer
 
@@ -68,8 +69,12 @@ def build_optimizer(model: nn.Module, config) -> AdamW:
     only matters for the optimizer state in a checkpoint, which :mod:`smmcl.engine.checkpoint` stores
     in the authors' order and loads by parameter name.
 
-    Config fields: ``lr``, ``weight_decay``,
-    ``train_layer_scale``.
+    Config fields: ``lr``, ``weight_decay``, ``train_layer_scale``, ``host_sync_every``: above 1 the
+    optimizer is PyTorch's fused AdamW, which can skip a step on the device
+    (:func:`step_unless_nonfinite`); 1 keeps the authors' default implementation. The two round
+    differently (about 1e-7 per step), so a run is reproduced bit for bit with the same setting. A
+    checkpoint written with either resumes with either: its saved ``fused`` flag is replaced by this
+    optimizer's on loading.
     """
     decay, no_decay, left_out = group_weight(model, config.train_layer_scale)
     if left_out:
@@ -77,4 +82,32 @@ def build_optimizer(model: nn.Module, config) -> AdamW:
                     'runs (e.g. %s); --set train_layer_scale=True trains them', len(left_out), left_out[0])
     groups: List[Dict] = [dict(params=decay, lr=config.lr),
                           dict(params=no_decay, weight_decay=0.0, lr=config.lr)]
-    return AdamW(groups, lr=config.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay)
+    fused = config.host_sync_every > 1
+    optimizer = AdamW(groups, lr=config.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay,
+                      fused=fused or None)
+    optimizer.register_load_state_dict_pre_hook(_keep_own_implementation)
+    return optimizer
+
+
+def _keep_own_implementation(optimizer: Optimizer, state_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """``load_state_dict`` takes the saved groups' settings, ``fused`` included: keep this optimizer's
+    (chosen by ``host_sync_every``), so that the device-side skip works after any resume. The step
+    counts then land where this implementation keeps them (the parameter's device when fused)."""
+    own = {key: optimizer.param_groups[0][key] for key in ('fused', 'foreach')}
+    groups = [dict(group, **own) for group in state_dict['param_groups']]
+    return dict(state_dict, param_groups=groups)
+
+
+def step_unless_nonfinite(optimizer: Optimizer, finite: torch.Tensor) -> None:
+    """``optimizer.step()``, skipped on the device when ``finite`` (a 0-dim bool tensor on the
+    parameters' device) is False: no host read.
+
+    Fused AdamW (``fused=True``, :func:`build_optimizer` with ``host_sync_every > 1``) reads
+    ``optimizer.found_inf`` (1.0 = skip) inside its kernel, the one GradScaler uses: a skipped step
+    leaves the weights and moments as they were and takes back its step count increment on the device.
+    """
+    optimizer.found_inf = (~finite).float()
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf

@@ -3,7 +3,7 @@
 - ``config.amp``: bf16 autocast (fp16 + GradScaler on GPUs without bf16; fp32 on CPUs without native
   bf16, where it is emulated and slow); the NMF and the InfoNCE always run in fp32 (see
   ``smmcl.models.ham_head`` and ``smmcl.losses.contrastive``).
-- ``config.fast_path``: channels_last tensors and, for inference, BN and layer scales folded into the
+- ``config.fast_path``: channels_last tensors (NCHW with ``config.channels_last=False``) and, for inference, BN and layer scales folded into the
   convolutions (``smmcl.models.fast.fold_for_inference``). The plain path (both off) is the reference
   the tests compare against.
 - ``config.triton_kernels`` (with ``fast_path``): MSCAN's depthwise convs in the Triton kernels of
@@ -61,7 +61,11 @@ def mixed_precision(config, device: torch.device):
 
 
 def memory_format(config) -> torch.memory_format:
-    return torch.channels_last if config.fast_path else torch.contiguous_format
+    """channels_last on the fast path unless ``config.channels_last`` says otherwise; NCHW on the plain."""
+    if not config.fast_path:
+        return torch.contiguous_format
+    wanted = config.fast_path if config.channels_last is None else config.channels_last
+    return torch.channels_last if wanted else torch.contiguous_format
 
 
 def fused_kernels(config) -> bool:
@@ -82,7 +86,7 @@ def for_inference(model: nn.Module, config) -> nn.Module:
     """An eval-mode model for inference: folded and channels_last on the fast path, else ``model``."""
     if not config.fast_path:
         return model.eval()
-    folded = fold_for_inference(model).to(memory_format=torch.channels_last)
+    folded = fold_for_inference(model).to(memory_format=memory_format(config))
     use_fused_kernels(folded, fused_kernels(config))
     return torch.compile(folded) if config.compile else folded
 

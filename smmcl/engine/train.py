@@ -6,7 +6,8 @@ Read top to bottom: arguments and config -> processes (one per GPU, ``torchrun``
 -> logging and seeds -> data check and loader (:mod:`smmcl.data.loader`) -> model, optimizer, lr
 schedule -> resume (``-c FILE`` or ``-c auto``) -> the epoch loop of the authors (:func:`train_step`:
 forward and backward of each chunk, finite-loss check, step; the lr update after the step;
-:class:`EpochLog`) -> checkpoints on the authors' schedule (and every ``checkpoint_every_iters``).
+:class:`EpochLog`, fed every ``host_sync_every`` iterations by :func:`flush_log`) -> checkpoints on the
+authors' schedule (and every ``checkpoint_every_iters``).
 
 Their ``-d 0-3`` runs ``nn.DataParallel`` on 4 GPUs; we run ``config.replicas`` chunks of every global
 batch as their 4 GPUs would, on however many processes (:mod:`smmcl.engine.chunks`), so one GPU, four,
@@ -22,7 +23,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed
@@ -43,7 +44,7 @@ from .chunks import BufferRollback, ChunkPlan, plan_chunks, run_chunks
 from .dist import norm_layer_for, wrap_ddp
 from .logging_utils import EpochLog, nonfinite_message, setup_logging
 from .lr import WarmUpPolyLR, set_lr
-from .optim import build_optimizer
+from .optim import build_optimizer, step_unless_nonfinite
 from .precision import for_training, maybe_compile, mixed_precision
 from .resume import resolve_resume, resume_from
 from .seeding import seed_everything
@@ -137,6 +138,7 @@ class Loop:
     config: object
     ctx: dist.DistContext
     tb: Optional[SummaryWriter]  # rank 0 only
+    skip_on_device: bool = False  # host_sync_every > 1 without a GradScaler: see :func:`train_step`
 
 
 def train(ctx: dist.DistContext, config, resume: Optional[str] = None) -> nn.Module:
@@ -159,7 +161,8 @@ def train(ctx: dist.DistContext, config, resume: Optional[str] = None) -> nn.Mod
                           else (1, 0))
     ddp = wrap_ddp(model, ctx)
     loop = Loop(maybe_compile(ddp, config), model, ddp if ddp is not model else None, optimizer, scaler, amp,
-                policy, data, plan, config, ctx, SummaryWriter(config.tb_dir) if ctx.is_main else None)
+                policy, data, plan, config, ctx, SummaryWriter(config.tb_dir) if ctx.is_main else None,
+                skips_on_device(config, scaler, ctx))
     if ctx.is_main:
         logger.info('begin training: epochs %d..%d, %d iterations each, %d process(es) on %s, batch %d per '
                     'process; %s', start_epoch, config.nepochs, niters, ctx.world_size, ctx.device.type,
@@ -178,21 +181,30 @@ def train(ctx: dist.DistContext, config, resume: Optional[str] = None) -> nn.Mod
 
 
 def train_one_epoch(loop: Loop, epoch: int, first: int = 0) -> None:
-    """The authors' iteration loop for one epoch (``loop.data.niters`` global batches, from ``first``)."""
+    """The authors' iteration loop for one epoch (``loop.data.niters`` global batches, from ``first``).
+
+    The loss terms of each iteration wait on the device and are read on the host every
+    ``host_sync_every`` iterations, at the epoch's end and before an iteration checkpoint
+    (:func:`flush_log`); with 1, the authors' behaviour, every iteration.
+    """
     loop.model.train()
     niters, every = loop.data.niters, loop.config.checkpoint_every_iters
     log = EpochLog(epoch, loop.config.nepochs, niters, loop.tb, first)
+    pending: List[PendingStep] = []
     batches = iter(loop.data.loader)
     for idx in log.progress:
         lr = loop.optimizer.param_groups[0]['lr']
         step = (epoch - 1) * niters + idx
-        values = train_step(loop, next(batches), step)
+        pending.append(PendingStep(train_step(loop, next(batches), step), idx, step, lr))
         # CMX sets the lr *after* optimizer.step() from the index of the iteration just run, so global
         # step k runs with lr(k - 1) and step 0 with the optimizer's initial lr (see smmcl.engine.lr).
         set_lr(loop.optimizer, loop.policy.get_lr(step))
-        log_step(loop, log, values, idx, step, lr)
         # An iteration checkpoint, unless the epoch's own checkpoint is about to be written.
-        if every and (step + 1) % every == 0 and not (idx == niters - 1 and should_save(epoch, loop.config)):
+        last = idx == niters - 1
+        checkpoint = every and (step + 1) % every == 0 and not (last and should_save(epoch, loop.config))
+        if checkpoint or last or len(pending) >= loop.config.host_sync_every:
+            flush_log(loop, log, pending)
+        if checkpoint:
             save(loop, step + 1)
     log.end(loop.optimizer.param_groups[0]['lr'])
 
@@ -202,6 +214,12 @@ def train_step(loop: Loop, batch, step: int) -> torch.Tensor:
     backward of each of its chunks (:func:`smmcl.engine.chunks.run_chunks`), then the optimizer step. A
     batch whose loss terms are not all finite in some chunk is skipped by every rank (no update; with
     ``nonfinite_loss='skip'`` the BatchNorm statistics it touched are rolled back).
+
+    With ``loop.skip_on_device`` (``host_sync_every > 1``) that decision never reaches the host: the
+    finiteness flag stays a device tensor, fused AdamW skips the update on the device
+    (:func:`smmcl.engine.optim.step_unless_nonfinite`) and the buffers are restored there too; the
+    skip (or the stop) is reported when the terms are next read (:func:`flush_log`). Otherwise the flag
+    is read on the host every step, as the authors' loop does.
 
     Returns:
         CHUNKS-5 float32 loss terms (:data:`~smmcl.engine.logging_utils.TERMS`) of every chunk of the
@@ -217,17 +235,67 @@ def train_step(loop: Loop, batch, step: int) -> torch.Tensor:
         # One small all-gather per iteration: every rank learns every chunk's terms, so all decide alike
         # whether to step, and the logged loss is the mean over chunks (the authors' loss.mean()).
         values = dist.all_gather(local).flatten(0, 1)
-        finite = bool(torch.isfinite(values).all())  # one flag read on the host: step or not
-        if finite:
-            loop.scaler.step(loop.optimizer)
-            loop.scaler.update()
-        rollback.undo = not finite
+        finite = torch.isfinite(values).all()  # a 0-dim flag on the device, the same on every rank
+        if loop.skip_on_device:
+            step_unless_nonfinite(loop.optimizer, finite)
+            rollback.undo = ~finite
+        else:
+            finite = bool(finite)  # one flag read on the host: step or not
+            if finite:
+                loop.scaler.step(loop.optimizer)
+                loop.scaler.update()
+            rollback.undo = not finite
     return values
+
+
+def skips_on_device(config, scaler: torch.amp.GradScaler, ctx: dist.DistContext) -> bool:
+    """Whether :func:`train_step` decides on the device to step or skip: with ``host_sync_every > 1``,
+    unless fp16 loss scaling is on (GPUs without bf16): the GradScaler makes its own skip decision
+    (overflowed gradients) through the same ``found_inf`` of the optimizer, and merging ours into it
+    is not done."""
+    if config.host_sync_every == 1:
+        return False
+    if scaler.is_enabled():
+        if ctx.is_main:
+            logger.info('host_sync_every=%d with fp16 loss scaling: whether a batch with a non-finite loss '
+                        'steps is still read on the host every iteration (the GradScaler owns the '
+                        "optimizer's device-side skip); the loss terms are read every %d iterations",
+                        config.host_sync_every, config.host_sync_every)
+        return False
+    return True
+
+
+class PendingStep(NamedTuple):
+    """An iteration whose loss terms have not been read on the host yet (see :func:`flush_log`)."""
+    values: torch.Tensor  # CHUNKS-5 loss terms on the device (:func:`train_step`)
+    idx: int  # iteration within the epoch
+    step: int  # global step
+    lr: float  # the lr it ran with
+
+
+def flush_log(loop: Loop, log: EpochLog, pending: List[PendingStep]) -> None:
+    """Read the terms of every ``pending`` iteration on the host in one transfer, record each in turn
+    (:func:`log_step`) and empty ``pending``. With ``host_sync_every = N > 1`` this is where a
+    non-finite batch of the last N is noticed: it was already skipped on the device (weights, AdamW
+    state and, with 'skip', BatchNorm statistics untouched); here it is counted, or, with 'stop', the
+    run stops naming that batch's iteration, the later ones having stepped (their weights finite).
+
+    Raises:
+        NonFiniteLossError: from :func:`log_step`, at the first non-finite iteration with 'stop'.
+    """
+    if not pending:
+        return
+    host = torch.stack([item.values for item in pending]).double().cpu()  # the one host read
+    steps = list(pending)
+    pending.clear()
+    for values, item in zip(host, steps):
+        log_step(loop, log, values, item.idx, item.step, item.lr)
 
 
 def log_step(loop: Loop, log: EpochLog, values: torch.Tensor, idx: int, step: int, lr: float) -> None:
     """Read iteration ``idx``'s CHUNKS-5 terms on the host and record them (global ``step``, run with
-    ``lr``). The host reads them every step: stopping at, or counting, a non-finite loss needs each one.
+    ``lr``). Every iteration is recorded: stopping at, or counting, a non-finite loss needs each one
+    (:func:`flush_log` hands them over already on the host, ``host_sync_every`` at a time).
 
     Raises:
         NonFiniteLossError: a term is not finite and ``nonfinite_loss='stop'``.

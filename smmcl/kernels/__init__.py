@@ -1,15 +1,20 @@
 """Fused Triton kernels for MSCAN's depthwise convolutions (issue 10: fast on the GPU, same function).
 
 Off by default: ``fast_path=True`` and ``triton_kernels=True`` together switch them on
-(``smmcl.models.mscan.use_fused_kernels``). First GPU run (H200, MSCAN-B, batch 8, 480x640,
-``bench/gpu_check.py``): the forward kernels beat PyTorch's (inference 147 vs 83 img/s on the fast
-path), the backward ones lose (weight gradients; training 17.9 vs 22.8 img/s), so the switch stays
-off. Three custom ops, each with its backward (:mod:`smmcl.kernels.ops`), computing the same function
-as the ``nn.Conv2d`` layers they replace:
+(``smmcl.models.mscan.use_fused_kernels``). H100 run (MSCAN-B, batch 8, 480x640,
+``bench/gpu_check.py``, README speed section): the forward kernels beat PyTorch's (inference 157 vs 80
+img/s on the fast path), the backward ones do not (training 20.0 vs 21.7 img/s), so the switch stays
+off by default and is recommended for inference and evaluation. Three custom ops, each with its
+backward (:mod:`smmcl.kernels.ops`), computing the same function as the ``nn.Conv2d`` layers they
+replace:
 
 - ``smmcl::dwconv2d``: depthwise KxK / 1xK / Kx1 conv with bias (MSCAN's 5x5 attention conv);
 - ``smmcl::mscan_strip_sum``: ``a + sum_k convKx1(conv1xK(a))`` for the attention's three strip pairs;
 - ``smmcl::dwconv2d_gelu``: the MLP's 3x3 depthwise conv followed by the exact (erf) GELU.
+
+Their backward computes input gradients with Triton; weight and bias gradients with one of three
+implementations (``SMMCL_TRITON_WGRAD``: ``gather``, ``taps``, ``torch`` = PyTorch's own, or ``auto``, the
+default: the fastest for each shape, timed once on the GPU).
 
 Triton is a development dependency only: this package imports it lazily, training never needs it,
 and asking for the kernels without it stops with one message. The kernels run on CUDA tensors; on

@@ -68,6 +68,10 @@ def _for_layout(configs, named_args, **kwargs):
 _PRUNE = {'early_config_prune': _for_layout}
 _CONFIGS = _configs(_NCHW_TILES, _NHWC_TILES, (32, 8, 16, 4))
 _WGRAD_CONFIGS = _configs(_NCHW_WGRAD_TILES, _NHWC_WGRAD_TILES, (32, 4, 16, 4))
+# The tap-by-tap weight gradient holds one BLOCK_C x BLOCK_H*BLOCK_W product at a time: wide tiles,
+# 128-byte channel rows in channels_last.
+_WGRAD_TAPS_CONFIGS = _configs([(1, 4, 64, 4), (2, 2, 64, 4), (1, 8, 32, 8)],
+                               [(64, 1, 8, 4), (32, 1, 16, 4), (64, 2, 8, 8)], (32, 4, 16, 4))
 
 
 _KEY = ['C', 'H', 'W', 'sc']  # sc == 1 means channels_last
@@ -179,6 +183,48 @@ def _dwconv_wgrad_kernel(g_ptr, x_ptr, dw_ptr, db_ptr, N, C, H, W, sn, sc, sh, s
     tl.store(dw_ptr + (chunk * C + c[:, None]) * (KH * KW) + k[None, :], acc,
              mask=cmask[:, None] & kmask[None, :])
     tl.store(db_ptr + chunk * C + c, acc_b, mask=cmask)
+
+
+@triton.autotune(configs=_WGRAD_TAPS_CONFIGS, key=_KEY + ['N'], prune_configs_by=_PRUNE, do_bench=_bench)
+@triton.jit
+def _dwconv_wgrad_taps_kernel(g_ptr, x_ptr, dw_ptr, db_ptr, N, C, H, W, sn, sc, sh, sw, num_chunks, KH, KW,
+                              BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """The partials of :func:`_dwconv_wgrad_kernel`, one tap at a time.
+
+    Program (cb, chunk) owns the tiles chunk, chunk + num_chunks, ...; for each tap it runs over them
+    with a BLOCK_C x pixels float32 accumulator and reduces it over the pixels once, at the end (no
+    reduction per tile, no TAPS x pixels gather). A chunk's tiles are few, so the taps after the first
+    re-read them from the cache. Taps are a runtime loop: one compiled kernel for every kernel shape.
+    """
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    chunk = tl.program_id(1)
+    p = tl.arange(0, BLOCK_H * BLOCK_W)
+    num_hb = tl.cdiv(H, BLOCK_H)
+    num_wb = tl.cdiv(W, BLOCK_W)
+    base = c[:, None] * sc
+    acc_b = tl.zeros((BLOCK_C, BLOCK_H * BLOCK_W), dtype=tl.float32)
+    for k in range(0, KH * KW):
+        dh = k // KW - (KH - 1) // 2
+        dw = k % KW - (KW - 1) // 2
+        acc = tl.zeros((BLOCK_C, BLOCK_H * BLOCK_W), dtype=tl.float32)
+        for t in range(chunk, N * num_hb * num_wb, num_chunks):
+            n = t // (num_hb * num_wb)
+            h = (t % (num_hb * num_wb)) // num_wb * BLOCK_H + p // BLOCK_W
+            w = (t % num_wb) * BLOCK_W + p % BLOCK_W
+            pmask = (h < H) & (w < W)
+            gv = tl.load(g_ptr + n * sn + base + (h * sh + w * sw)[None, :],
+                         mask=cmask[:, None] & pmask[None, :], other=0.0).to(tl.float32)
+            hh = h + dh
+            ww = w + dw
+            inside = pmask & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+            xv = tl.load(x_ptr + n * sn + base + (hh * sh + ww * sw)[None, :],
+                         mask=cmask[:, None] & inside[None, :], other=0.0).to(tl.float32)
+            acc += gv * xv
+            if k == 0:
+                acc_b += gv
+        tl.store(dw_ptr + (chunk * C + c) * (KH * KW) + k, tl.sum(acc, axis=1), mask=cmask)
+    tl.store(db_ptr + chunk * C + c, tl.sum(acc_b, axis=1), mask=cmask)
 
 
 @triton.jit
@@ -346,20 +392,80 @@ def _num_chunks(x: torch.Tensor) -> int:
     return max(1, min(triton.cdiv(8 * sms * 32, c), n * h * w // 256))
 
 
-def dwconv_wgrad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(grad weight C-1-KH-KW in weight's dtype, grad bias C in weight's dtype) of a depthwise conv."""
+WGRAD_IMPLS = ('gather', 'taps', 'torch')
+
+
+def dwconv_wgrad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                 impl: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(grad weight C-1-KH-KW in weight's dtype, grad bias C in weight's dtype) of a depthwise conv.
+
+    ``impl`` (default: the environment's ``SMMCL_TRITON_WGRAD``, else ``'auto'``): ``'gather'`` (all taps
+    at once), ``'taps'`` (tap by tap), ``'torch'`` (PyTorch's own convolution backward, weight and bias
+    only), or ``'auto'``: on a GPU the fastest of the three for this shape, layout and dtype, timed once
+    (the first GPU run showed the gather kernel losing to PyTorch's); under the interpreter ``'gather'``
+    (the cheapest to interpret; the tests name the others).
+    """
     _check_device(x)
-    kh, kw = kernel_size(weight)
-    n, c, h, w = x.shape
+    impl = impl or os.environ.get('SMMCL_TRITON_WGRAD', 'auto')
+    if impl == 'auto':
+        impl = _fastest_wgrad(grad, x, weight)
+    if impl not in _WGRAD:
+        raise ValueError(f"smmcl.kernels: SMMCL_TRITON_WGRAD must be 'auto' or one of {WGRAD_IMPLS}, got {impl!r}")
     fmt = _layout(x)
     x, grad = _same_layout(fmt, x, grad)
+    return _WGRAD[impl](grad, x, weight)
+
+
+_WGRAD_CHOICE = {}  # (shape, kernel, layout, dtype) -> the fastest implementation
+
+
+def _fastest_wgrad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> str:
+    if not x.is_cuda:
+        return 'gather'
+    key = (tuple(x.shape), tuple(weight.shape[-2:]), _layout(x), x.dtype, x.device)
+    if key not in _WGRAD_CHOICE:
+        fmt = _layout(x)
+        xs, gs = _same_layout(fmt, x, grad)
+        times = {name: triton.testing.do_bench(lambda fn=fn: fn(gs, xs, weight), warmup=5, rep=20,
+                                               return_mode='median')
+                 for name, fn in _WGRAD.items()}
+        _WGRAD_CHOICE[key] = min(times, key=times.get)
+    return _WGRAD_CHOICE[key]
+
+
+def _wgrad_partials(kernel, grad, x, weight, **meta):
+    kh, kw = kernel_size(weight)
+    n, c, h, w = x.shape
     chunks = _num_chunks(x)
     dw = torch.zeros(chunks, c, kh * kw, device=x.device, dtype=torch.float32)
     db = torch.zeros(chunks, c, device=x.device, dtype=torch.float32)
     if x.numel() > 0:
-        _dwconv_wgrad_kernel[lambda meta: (triton.cdiv(c, meta['BLOCK_C']), chunks)](
-            grad, x, dw, db, n, c, h, w, *x.stride(), chunks, kh, kw, TAPS=triton.next_power_of_2(kh * kw))
+        kernel[lambda m: (triton.cdiv(c, m['BLOCK_C']), chunks)](
+            grad, x, dw, db, n, c, h, w, *x.stride(), chunks, kh, kw, **meta)
     return dw.sum(0).reshape(weight.shape).to(weight.dtype), db.sum(0).to(weight.dtype)
+
+
+def _wgrad_gather(grad, x, weight):
+    kh, kw = kernel_size(weight)
+    return _wgrad_partials(_dwconv_wgrad_kernel, grad, x, weight, TAPS=triton.next_power_of_2(kh * kw))
+
+
+def _wgrad_taps(grad, x, weight):
+    return _wgrad_partials(_dwconv_wgrad_taps_kernel, grad, x, weight)
+
+
+def _wgrad_torch(grad, x, weight):
+    """PyTorch's depthwise weight and bias gradients (cuDNN or its native kernels), in x's dtype as an
+    autocast conv would compute them, returned in weight's dtype."""
+    kh, kw = kernel_size(weight)
+    c = weight.shape[0]
+    _, dw, db = torch.ops.aten.convolution_backward(
+        grad, x, weight.to(x.dtype), [c], [1, 1], [kh // 2, kw // 2], [1, 1], False, [0, 0], c,
+        [False, True, True])
+    return dw.reshape(weight.shape).to(weight.dtype), db.to(weight.dtype)
+
+
+_WGRAD = {'gather': _wgrad_gather, 'taps': _wgrad_taps, 'torch': _wgrad_torch}
 
 
 def _strip_lengths(weights: Sequence[torch.Tensor], along_w: bool) -> Tuple[int, int, int]:

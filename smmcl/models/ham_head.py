@@ -4,7 +4,8 @@ written without mmcv. Names (``squeeze.conv/gn``, ``hamburger.ham_in/ham_out``, 
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import contextlib
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -132,6 +133,28 @@ class Hamburger(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         enjoy = self.ham(F.relu(self.ham_in(x))).to(x.dtype)
         return F.relu(x + self.ham_out(enjoy))
+
+
+def nmf_layers(model: nn.Module) -> List[Tuple[NMF2D, int]]:
+    """Each NMF of ``model`` with the channel count C of its input, in module order (the order a forward
+    runs them), found by type: works on a plain, folded (``for_inference``) or compiled model."""
+    return [(m.ham, m.ham_in.conv.out_channels) for m in model.modules() if isinstance(m, Hamburger)]
+
+
+@contextlib.contextmanager
+def given_bases(model: nn.Module, bases: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Within the context, the NMFs of :func:`nmf_layers` use ``bases`` (one (N*S)-D-R tensor each, in
+    that order) instead of drawing; they draw again on exit, also after an exception."""
+    layers = [nmf for nmf, _ in nmf_layers(model)]
+    if len(bases) != len(layers):
+        raise ValueError(f'{len(bases)} sets of NMF bases for a model with {len(layers)} NMF layers')
+    try:
+        for nmf, value in zip(layers, bases):
+            nmf.fixed_bases = value
+        yield
+    finally:
+        for nmf in layers:
+            nmf.fixed_bases = None
 
 
 class LightHamHead(nn.Module):

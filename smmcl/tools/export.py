@@ -50,7 +50,7 @@ from torch import nn
 from smmcl.config import ConfigError, load_config
 from smmcl.engine.checkpoint import CheckpointError
 from smmcl.inference import checkpoint_path, load_model
-from smmcl.models.ham_head import Hamburger
+from smmcl.models.ham_head import Hamburger, given_bases
 
 DEFAULT_OPSET = 18
 INPUT_NAMES = ('rgb', 'x')
@@ -71,17 +71,12 @@ def seeded_nmf_bases(model: nn.Module, batch: int, seed: int) -> Dict[str, torch
 @contextlib.contextmanager
 def fixed_nmf_bases(model: nn.Module, batch: int, seed: int) -> Iterator[Dict[str, torch.Tensor]]:
     """Within the context, every NMF of ``model`` uses the bases of :func:`seeded_nmf_bases` (moved to
-    its device) instead of drawing; they are removed on exit. Yields the bases."""
+    the model's device) instead of drawing (:func:`smmcl.models.ham_head.given_bases`); they are
+    removed on exit. Yields the bases."""
     bases = seeded_nmf_bases(model, batch, seed)
-    hamburgers = dict(model.named_modules())
-    try:
-        for name, value in bases.items():
-            nmf = hamburgers[name].ham
-            nmf.fixed_bases = value.to(hamburgers[name].ham_in.conv.weight.device)
+    device = next(model.parameters()).device
+    with given_bases(model, [value.to(device) for value in bases.values()]):
         yield bases
-    finally:
-        for name in bases:
-            hamburgers[name].ham.fixed_bases = None
 
 
 def example_inputs(batch: int, height: int, width: int, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
