@@ -361,18 +361,20 @@ def _model_and_batch(args, device, batch):
 
 def step_model(args, device):
     import torch
-    from smmcl.engine.precision import for_inference, for_training
+    from smmcl.engine.precision import for_inference, for_training, memory_format
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     os.environ['SMMCL_TRITON_AUTOTUNE'] = '0'  # correctness only: one tile config, fewer compiles
     try:
         cfg, model, rgb, x, label = _model_and_batch(args, device, 1 if args.smoke else 2)
         paths = {}
-        for name, fast, kernels in (('plain', False, False), ('fast', True, False), ('fast+triton', True, True)):
+        for name, fast, kernels, layout in (('plain', False, False, None), ('fast', True, False, None),
+                                            ('fast+triton', True, True, None),
+                                            ('fast+triton NCHW', True, True, False)):
             c = copy.deepcopy(cfg)
-            c.update(fast_path=fast, triton_kernels=kernels)
+            c.update(fast_path=fast, triton_kernels=kernels, channels_last=layout)
             m = for_training(copy.deepcopy(model).train(), c)
-            fmt = torch.channels_last if fast else torch.contiguous_format
+            fmt = memory_format(c)
             r, xx = rgb.contiguous(memory_format=fmt), x.contiguous(memory_format=fmt)
             torch.manual_seed(3)
             terms = m(r, xx, label, return_terms=True)
@@ -385,7 +387,8 @@ def step_model(args, device):
             paths[name] = dict(terms={k: v.detach() for k, v in terms.items()}, grads=grads, logits=logits)
             del m, inf
         out = {}
-        for other in ('fast', 'fast+triton'):  # fast alone: the error of channels_last + folding, no kernels
+        # fast alone: the error of channels_last and folding; NCHW + kernels: the kernels' alone
+        for other in ('fast', 'fast+triton', 'fast+triton NCHW'):
             out.update({f'{other}: {k}': v for k, v in _path_errors(paths['plain'], paths[other]).items()})
         print('fp32, TF32 off: fast path (with and without the Triton kernels) vs plain, relative error '
               '(target <= 1e-4)')

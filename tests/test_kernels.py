@@ -311,3 +311,37 @@ def test_weight_gradient_choice_through_the_ops(monkeypatch):
     monkeypatch.setenv('SMMCL_TRITON_WGRAD', 'fastest')
     with pytest.raises(ValueError, match='SMMCL_TRITON_WGRAD'):
         torch.autograd.grad(ops().dwconv2d_gelu(x, weight, bias).sum(), (weight,))
+
+
+@pytest.mark.slow
+def test_whole_model_with_kernels_in_nchw_is_the_plain_function(tiny_mscan):
+    """The fast path in NCHW (``channels_last=False``) with the kernels against the plain path, fp32, one
+    training forward + backward with the same seeds (drop path, anchors, NMF bases): the only difference
+    is our kernels, so the loss terms and every gradient agree (the GPU run's channels_last spread of
+    ~3e-3 comes from cuDNN's layout, README speed section)."""
+    from smmcl.engine.precision import for_training
+    from smmcl.models import build_segmentor
+    from conftest import tiny_config
+    cfg = tiny_config(backbone=tiny_mscan, num_classes=4, decoder_embed_dim=32, min_views_per_class=2)
+    torch.manual_seed(0)
+    model = build_segmentor(cfg, with_loss=True).to(DEVICE).train()
+    g = torch.Generator().manual_seed(1)
+    rgb, x = (torch.randn(2, 3, 64, 64, generator=g).to(DEVICE) for _ in range(2))
+    label = torch.randint(0, 4, (2, 2, 2), generator=g).repeat_interleave(32, 1).repeat_interleave(32, 2).to(DEVICE)
+    results = []
+    for fast in (False, True):
+        cfg.update(fast_path=fast, triton_kernels=fast, channels_last=False)
+        m = for_training(copy.deepcopy(model), cfg)
+        assert any(getattr(mod, 'fused_kernels', False) for mod in m.modules()) == fast
+        torch.manual_seed(3)
+        terms = m(rgb, x, label, return_terms=True)
+        terms['loss'].backward()
+        results.append((terms, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+    (plain_terms, plain_grads), (terms, grads) = results
+    for key in plain_terms:
+        assert abs(terms[key] - plain_terms[key]) <= 1e-5 * abs(plain_terms[key]) + 1e-12, key
+    scale = max(torch.linalg.norm(v) for v in plain_grads.values())
+    assert grads.keys() == plain_grads.keys()
+    for name, ref in plain_grads.items():
+        if torch.linalg.norm(ref) > 1e-6 * scale:  # conv biases before a norm: rounding noise only
+            assert rel(grads[name], ref) <= 1e-4, name
