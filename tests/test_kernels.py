@@ -296,6 +296,15 @@ def test_each_weight_gradient_implementation(impl, n, c, h, w, kh, kw, fmt):
     assert rel(got_w, want_w) <= 1e-5 and rel(got_b, want_b) <= 1e-5
 
 
+@pytest.mark.parametrize('impl', ['gather', 'taps', 'torch'])
+def test_weight_gradient_of_an_empty_batch_is_zero(impl):
+    from smmcl.kernels import triton_dwconv
+    x = torch.randn(0, 4, 5, 6, device=DEVICE)
+    got_w, got_b = triton_dwconv.dwconv_wgrad(x, x, torch.ones(4, 1, 3, 3, device=DEVICE), impl=impl)
+    assert got_w.shape == (4, 1, 3, 3) and got_b.shape == (4,)
+    assert not got_w.any() and not got_b.any()
+
+
 def test_weight_gradient_choice_through_the_ops(monkeypatch):
     """SMMCL_TRITON_WGRAD picks the implementation inside the custom ops' backward; a bad name stops."""
     x, weight, bias = _tensor(2, 7, 7, 17, fmt=CL), _tensor(7, 1, 3, 3, seed=1), _tensor(7, seed=2)

@@ -437,11 +437,13 @@ def _wgrad_partials(kernel, grad, x, weight, **meta):
     kh, kw = kernel_size(weight)
     n, c, h, w = x.shape
     chunks = _num_chunks(x)
-    dw = torch.zeros(chunks, c, kh * kw, device=x.device, dtype=torch.float32)
-    db = torch.zeros(chunks, c, device=x.device, dtype=torch.float32)
-    if x.numel() > 0:
-        kernel[lambda m: (triton.cdiv(c, m['BLOCK_C']), chunks)](
-            grad, x, dw, db, n, c, h, w, *x.stride(), chunks, kh, kw, **meta)
+    if x.numel() == 0:
+        return weight.new_zeros(weight.shape), weight.new_zeros(c)
+    # every (chunk, channel, tap) partial is written by its program: no zero-fill launches
+    dw = torch.empty(chunks, c, kh * kw, device=x.device, dtype=torch.float32)
+    db = torch.empty(chunks, c, device=x.device, dtype=torch.float32)
+    kernel[lambda m: (triton.cdiv(c, m['BLOCK_C']), chunks)](
+        grad, x, dw, db, n, c, h, w, *x.stride(), chunks, kh, kw, **meta)
     return dw.sum(0).reshape(weight.shape).to(weight.dtype), db.sum(0).to(weight.dtype)
 
 
