@@ -478,7 +478,8 @@ def _synthetic_tensors(args, split_dir, data_dir, device):
     cfg.update(dataset_name='LLRGBD', dataset_path=data_dir, train_split_dir='train', eval_split_dir=split_dir,
                rgb_folder='rgb', x_folder='depth', gt_folder='label', exp_dir=data_dir)
     cfg = finalize(cfg)
-    items = [RGBXDataset(cfg, 'val')[i] for i in range(len(RGBXDataset(cfg, 'val')))]
+    dataset = RGBXDataset(cfg, 'val')
+    items = [dataset[i] for i in range(len(dataset))]
     rgb = torch.stack([to_input(it['data'], cfg.norm_mean, cfg.norm_std, device) for it in items])
     x = torch.stack([to_input(it['modal_x'], cfg.norm_mean, cfg.norm_std, device) for it in items])
     label = torch.stack([torch.as_tensor(it['label']).long() for it in items]).to(device)
