@@ -162,7 +162,8 @@ def base_config() -> EasyDict:
     # Off by default: on an H100 they make inference 2x faster but not training (README speed table).
     C.triton_kernels = False
     # Host reads of the training step (smmcl/engine/train.py): 1 (the authors') reads the loss terms every
-    # iteration, for their tqdm line showing each iteration's loss and the step/skip decision. N > 1:
+    # iteration, for their tqdm line showing each iteration's loss (SMMCL_LLRGBD/train.py, the epoch
+    # loop's pbar.set_description) and the step/skip decision. N > 1:
     # the non-finite check and the skip stay on the device (fused AdamW) and the loss terms are read
     # every N iterations (and at epoch ends and before checkpoints); 'stop' then stops at that read.
     C.host_sync_every = 1

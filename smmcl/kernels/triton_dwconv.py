@@ -406,13 +406,12 @@ def dwconv_wgrad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     (the cheapest to interpret; the tests name the others).
     """
     _check_device(x)
+    x, grad = _same_layout(_layout(x), x, grad)
     impl = impl or os.environ.get('SMMCL_TRITON_WGRAD', 'auto')
     if impl == 'auto':
         impl = _fastest_wgrad(grad, x, weight)
     if impl not in _WGRAD:
         raise ValueError(f"smmcl.kernels: SMMCL_TRITON_WGRAD must be 'auto' or one of {WGRAD_IMPLS}, got {impl!r}")
-    fmt = _layout(x)
-    x, grad = _same_layout(fmt, x, grad)
     return _WGRAD[impl](grad, x, weight)
 
 
@@ -420,13 +419,12 @@ _WGRAD_CHOICE = {}  # (shape, kernel, layout, dtype) -> the fastest implementati
 
 
 def _fastest_wgrad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> str:
+    """The fastest implementation for ``grad`` and ``x`` (already in one memory layout), timed once."""
     if not x.is_cuda:
         return 'gather'
     key = (tuple(x.shape), tuple(weight.shape[-2:]), _layout(x), x.dtype, x.device)
     if key not in _WGRAD_CHOICE:
-        fmt = _layout(x)
-        xs, gs = _same_layout(fmt, x, grad)
-        times = {name: triton.testing.do_bench(lambda fn=fn: fn(gs, xs, weight), warmup=5, rep=20,
+        times = {name: triton.testing.do_bench(lambda fn=fn: fn(grad, x, weight), warmup=5, rep=20,
                                                return_mode='median')
                  for name, fn in _WGRAD.items()}
         _WGRAD_CHOICE[key] = min(times, key=times.get)
