@@ -10,19 +10,25 @@ Needs only PyTorch and Triton (plus numpy, easydict; opencv and pillow for the e
 wanted first, each reported even if another fails; once ``--budget-s`` is spent no new step starts:
 
 1. ``bench``: ``bench/bench.py``'s measurements for plain, fast and fast + Triton kernels (training step,
-   inference, whole sliding-window evaluation, peak memory);
-2. ``model``: the whole model, fp32, TF32 off, same seeds (anchor sampler, NMF, drop path): the kernels
+   inference, whole sliding-window evaluation, peak memory), and inference and evaluation of the fast
+   paths with CUDA graphs (``cuda_graphs=True``; training is not graphed, so its columns stay empty);
+2. ``graphs``: the CUDA-graph replay against the eager forward of the same folded bf16 model, same
+   random state (the NMF bases): relative error and argmax agreement of the logits, ms per forward;
+3. ``model``: the whole model, fp32, TF32 off, same seeds (anchor sampler, NMF, drop path): the kernels
    against the plain path on logits, each loss term and each gradient (issue target: 1e-4);
-3. ``kernels``: at the sizes of MSCAN-B at 480x640 (batch 8; the four stages' widths, the MLPs' hidden
+4. ``kernels``: at the sizes of MSCAN-B at 480x640 (batch 8; the four stages' widths, the MLPs' hidden
    widths): each custom op against PyTorch (relative error of the output and every gradient against
    float32 ``F.conv2d`` + autograd on the same values), and its time against PyTorch's for the same
    work in fp32 NCHW (the plain path), bf16 NHWC (the fast path) and bf16 NCHW, with the time the
    bytes it must move would take at the measured copy bandwidth (the floor); then each weight-gradient
-   implementation (gather, taps, PyTorch's) per stage and kernel shape, and the one ``auto`` picks;
-4. ``brief``: 200 training steps (MSCAN-B, 240x320, batch 4, synthetic data) plain fp32 against fast
+   implementation (gather, taps, PyTorch's) per stage and kernel shape, and the one ``auto`` picks; then
+   the attention's six strip weight gradients per direction, one fused launch against three
+   ``dwconv_wgrad`` calls (``SMMCL_TRITON_STRIP_WGRAD``);
+5. ``brief``: 200 training steps (MSCAN-B, 240x320, batch 4, synthetic data) plain fp32 against fast
    bf16 + kernels, the loss curves compared; the argmax of the plain-trained model, fp32 against bf16;
-5. ``profile``: the top GPU kernels of a training step on each path and of an inference forward;
-6. ``tests``: ``tests/test_kernels.py`` on CUDA (tiny edge-case shapes, one tile config each).
+6. ``profile``: the top GPU kernels of a training step on each path and of an inference forward;
+7. ``tests``: ``tests/test_kernels.py`` and ``tests/test_graphs.py`` on CUDA (tiny edge-case shapes, one
+   tile config each).
 
 Everything is printed as it comes, then one summary for the README's speed section; with ``--out``
 (default ``$OUT`` when set) the log and a JSON of the numbers are written there too.
@@ -99,7 +105,7 @@ def main(argv=None):
     parser.add_argument('--warmup', type=int, default=5, help='untimed steps before them')
     parser.add_argument('--brief-steps', type=int, default=200, help='training steps of the brief-training check')
     parser.add_argument('--skip', default='',
-                        help='comma-separated steps to skip: kernels,bench,model,brief,profile,tests')
+                        help='comma-separated steps to skip: bench,graphs,model,kernels,brief,profile,tests')
     parser.add_argument('--budget-s', type=float, default=300, help='start no new step after this many seconds')
     parser.add_argument('--deadline-s', type=float, default=520, help='the unit tests stop by then')
     parser.add_argument('--out', default=os.environ.get('OUT'))
@@ -128,7 +134,7 @@ def main(argv=None):
         sys.exit('no CUDA device: run with --smoke under TRITON_INTERPRET=1 to check the script on the CPU')
     args.started = started
     # most wanted first: a later step is skipped once --budget-s is spent
-    steps = [('bench', step_bench), ('model', step_model), ('kernels', step_kernels), ('brief', step_brief),
+    steps = [('bench', step_bench), ('graphs', step_graphs), ('model', step_model), ('kernels', step_kernels), ('brief', step_brief),
              ('profile', step_profile), ('tests', step_tests)]
     for step, fn in steps:
         if step in skip:
@@ -276,7 +282,8 @@ def step_kernels(args, device):
     for label, piece, fmt_name, err in errors:
         print(f'  {label:<8} {piece:<11} {fmt_name:<9} {err:.1e}')
     print_kernel_table(rows)
-    return dict(copy_TBps=bandwidth / 1e12, rows=rows, errors=errors, wgrad=wgrad_table(args, device, bandwidth))
+    return dict(copy_TBps=bandwidth / 1e12, rows=rows, errors=errors, wgrad=wgrad_table(args, device, bandwidth),
+                strip_wgrad=strip_wgrad_table(args, device, bandwidth))
 
 
 def wgrad_table(args, device, bandwidth):
@@ -301,6 +308,52 @@ def wgrad_table(args, device, bandwidth):
             print(f"  {label:<8} {kh:>2}x{kw:<2} {' '.join(f'{times[i]:7.3f}' for i in K.WGRAD_IMPLS)} "
                   f"{floor:7.3f}  {chosen}")
             del x, grad
+    return rows
+
+
+def strip_wgrad_table(args, device, bandwidth=None):
+    """ms of an attention module's six strip weight and bias gradients, per direction (the three 1xK
+    convs, then the three Kx1), MSCAN-B's stages at their real sizes, bf16 in channels_last and NCHW:
+    ``fused`` (one launch per direction) against ``separate`` (three ``dwconv_wgrad`` calls, each with its
+    own ``SMMCL_TRITON_WGRAD=auto`` choice), the one ``SMMCL_TRITON_STRIP_WGRAD=auto`` picks, and the
+    two results' relative difference (the same sums, perhaps in another order); with ``bandwidth``
+    (bytes/s) also the floor: reading the direction's four distinct maps once."""
+    import torch
+    from smmcl.kernels import triton_dwconv as K
+    n = 1 if args.smoke else args.batch
+    lengths = (7, 11, 21)
+    rows = []
+    print(f"\nstrip weight gradients, ms: {'':<19} {'fused':>7} {'separate':>8}   floor  auto      rel diff")
+    for label, kind, c, h, w in mscan_b_sizes(args):
+        if kind != 'attn':
+            continue
+        for fmt, fmt_name in ((torch.channels_last, 'bf16 NHWC'), (torch.contiguous_format, 'bf16 NCHW')):
+            g = torch.Generator(device='cpu').manual_seed(0)
+
+            def act():
+                return torch.randn(n, c, h, w, generator=g).to(device, torch.bfloat16).contiguous(memory_format=fmt)
+
+            a, grad = act(), act()
+            grad_t, t = [act() for _ in lengths], [act() for _ in lengths]  # the backward's other maps
+            for direction, grads, xs, shapes in (('1xK', grad_t, [a] * 3, [(1, k) for k in lengths]),
+                                                 ('Kx1', [grad] * 3, t, [(k, 1) for k in lengths])):
+                along_w = direction == '1xK'
+                weights = [torch.randn(c, 1, *s, generator=g).to(device) for s in shapes]
+
+                def packed(impl, grads=grads, xs=xs, weights=weights, along_w=along_w):
+                    return K.strip3_wgrad_packed(grads, xs, weights, along_w, impl=impl)
+
+                times = {impl: time_ms(lambda impl=impl: packed(impl), device, args.smoke)
+                         for impl in K.STRIP_WGRAD_IMPLS}
+                chosen = K._fastest_strip_wgrad(grads, xs, weights, along_w)
+                diff = rel(packed('fused'), packed('separate'))
+                # 1xK reads grad_t (three maps) and a; Kx1 reads grad and t (three maps)
+                floor = 4 * a.numel() * a.element_size() / bandwidth * 1e3 if bandwidth else float('nan')
+                rows.append(dict(item=label, layout=fmt_name, direction=direction, auto=chosen, rel_diff=diff,
+                                 floor_ms=floor, **times))
+                print(f"  {label:<8} {fmt_name:<9} {direction}  {times['fused']:7.3f} {times['separate']:8.3f} "
+                      f"{floor:7.3f}  {chosen:<8}  {diff:.1e}")
+            del a, grad, grad_t, t
     return rows
 
 
@@ -431,11 +484,13 @@ def step_bench(args, device):
         iters=1 if args.smoke else args.iters, warmup=0 if args.smoke else args.warmup, compile=False)
     original = bench.make_cfg
     rows = {}
-    # (label, fast path, Triton kernels, torch.compile, channels_last)
-    paths = [('plain', False, False, False, None), ('fast', True, False, False, None),
-             ('fast NCHW', True, False, False, False), ('fast+triton', True, True, False, None)]
+    # (label, fast path, Triton kernels, torch.compile, channels_last, CUDA graphs: inference rows only)
+    paths = [('plain', False, False, False, None, False), ('fast', True, False, False, None, False),
+             ('fast NCHW', True, False, False, False, False), ('fast+triton', True, True, False, None, False),
+             ('fast+graphs', True, False, False, None, True), ('fast+triton+graphs', True, True, False, None, True)]
     if args.compile:
-        paths += [('fast+compile', True, False, True, None), ('fast+triton+compile', True, True, True, None)]
+        paths += [('fast+compile', True, False, True, None, False),
+                  ('fast+triton+compile', True, True, True, None, False)]
     try:
         with tempfile.TemporaryDirectory() as data_dir:
             have_eval = True
@@ -446,14 +501,19 @@ def step_bench(args, device):
             except ImportError as err:
                 print(f'evaluation row skipped: {err}')
                 have_eval = False
-            for label, fast, kernels, compiled, layout in paths:
-                def make_cfg(a, f, kernels=kernels, compiled=compiled, layout=layout):
+            for label, fast, kernels, compiled, layout, graphs in paths:
+                def make_cfg(a, f, kernels=kernels, compiled=compiled, layout=layout, graphs=graphs):
                     cfg = original(a, f)
-                    cfg.update(triton_kernels=kernels and f, compile=compiled and f, channels_last=layout)
+                    cfg.update(triton_kernels=kernels and f, compile=compiled and f, channels_last=layout,
+                               cuda_graphs=graphs)
                     return cfg
                 bench.make_cfg = make_cfg
                 t0 = time.time()
-                train_ips, train_peak, compile_s, precision = bench.bench_train(bench_args, device, fast)
+                if graphs:  # CUDA graphs are for inference: the training step is the row without them
+                    nan = float('nan')
+                    train_ips, train_peak, compile_s, precision = nan, nan, 0.0, 'bf16'
+                else:
+                    train_ips, train_peak, compile_s, precision = bench.bench_train(bench_args, device, fast)
                 infer_ips, infer_peak = bench.bench_infer(bench_args, device, fast)
                 ev = bench.bench_eval(bench_args, device, fast, data_dir) if have_eval else float('nan')
                 rows[label] = dict(dtype=precision, train=train_ips, infer=infer_ips, eval=ev,
@@ -463,6 +523,52 @@ def step_bench(args, device):
     finally:
         bench.make_cfg = original
     return rows
+
+
+# ---- step: CUDA graphs against the eager forward ---------------------------------------------------
+
+def step_graphs(args, device):
+    """The graph replay of the folded bf16 model (fast, and fast + kernels) against its eager forward:
+    same inputs, same random state, so the same NMF bases; and ms per forward of each."""
+    import torch
+    from smmcl.engine.graphs import GraphedInference, eager_capture
+    from smmcl.engine.precision import for_inference, mixed_precision
+    cfg, model, rgb, x, _ = _model_and_batch(args, device, 2 if args.smoke else args.batch)
+    out = {}
+    for name, kernels in (('fast', False), ('fast+triton', True)):
+        c = copy.deepcopy(cfg)
+        c.update(fast_path=True, amp=True, triton_kernels=kernels)
+        eager = for_inference(model, c)
+        graphed = GraphedInference(eager, capture=None if device.type == 'cuda' else eager_capture)
+        amp, _ = mixed_precision(c, device)
+        r, xx = (t.contiguous(memory_format=torch.channels_last) for t in (rgb, x))
+
+        def run(m, seed):
+            torch.manual_seed(seed)
+            with torch.no_grad(), amp:
+                return m(r, xx)
+
+        t0 = time.time()
+        run(graphed, 0)  # warm-up and capture
+        capture_s = time.time() - t0
+        errors, agree = [], []
+        for seed in (1, 2, 3):  # new random bases at every replay
+            want, got = run(eager, seed), run(graphed, seed)
+            errors.append(rel(got, want))
+            agree.append((got.argmax(1) == want.argmax(1)).float().mean().item())
+        times = {label: time_ms(lambda m=m: run(m, 0), device, args.smoke) for label, m in
+                 (('eager', eager), ('graphed', graphed))}
+        out[name] = dict(rel_error=max(errors), argmax_agreement=min(agree), capture_s=capture_s,
+                         eager_ms=times['eager'], graphed_ms=times['graphed'],
+                         eager_ips=rgb.shape[0] * 1e3 / times['eager'],
+                         graphed_ips=rgb.shape[0] * 1e3 / times['graphed'])
+        print(f'{name}: graphed vs eager, logits rel error {max(errors):.1e}, argmax equal {100 * min(agree):.3f} %; '
+              f"ms per forward of {rgb.shape[0]}: eager {times['eager']:.2f}, graphed {times['graphed']:.2f} "
+              f'(capture {capture_s:.1f} s)')
+        del eager, graphed
+        if device.type == 'cuda':
+            torch.cuda.empty_cache()
+    return out
 
 
 # ---- step: a briefly trained model, bf16 + kernels against plain fp32 -------------------------------
@@ -639,7 +745,7 @@ def step_tests(args, device):
     left = max(30.0, args.deadline_s - (time.time() - args.started))
     try:
         proc = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
-                               'tests/test_kernels.py'], cwd=REPO, env=env, capture_output=True, text=True,
+                               'tests/test_kernels.py', 'tests/test_graphs.py'], cwd=REPO, env=env, capture_output=True, text=True,
                               timeout=left)
     except subprocess.TimeoutExpired as err:
         print((err.stdout or b'').decode(errors='replace')[-3000:] if isinstance(err.stdout, bytes) else err.stdout)
@@ -663,6 +769,9 @@ def summary(results):
         for r in kern.get('wgrad', []):
             print(f"wgrad {r['item']:<8} {r['kernel']:>5}: " + ' '.join(f"{i} {r[i]:.3f}" for i in ('gather', 'taps', 'torch'))
                   + f" ms; floor {r['floor_ms']:.3f}; auto -> {r['auto']}")
+        for r in kern.get('strip_wgrad', []):
+            print(f"strip wgrad {r['item']:<8} {r['layout']} {r['direction']}: fused {r['fused']:.3f} "
+                  f"separate {r['separate']:.3f} ms; floor {r['floor_ms']:.3f}; auto -> {r['auto']}")
         worst = max(kern['errors'], key=lambda e: e[3]) if kern['errors'] else None
         if worst:
             print(f'worst kernel error vs fp32 PyTorch: {worst[3]:.1e} ({worst[0]} {worst[1]} {worst[2]})')
@@ -678,12 +787,17 @@ def summary(results):
         for label, r in rows.items():
             print(f"{label:<20} | {r['dtype']:<5} | {r['train']:>11.2f} | {r['infer']:>11.2f} | {r['eval']:>10.2f} | "
                   f"{r['train_peak']:>14.2f} | {r['compile_s']:.1f}")
+    graphs = results.get('graphs')
+    if isinstance(graphs, dict):
+        for name, g in graphs.items():
+            print(f"CUDA graphs, {name} bf16 inference: eager {g['eager_ips']:.1f} -> graphed {g['graphed_ips']:.1f} "
+                  f"img/s; logits rel error {g['rel_error']:.1e}, argmax equal {100 * g['argmax_agreement']:.3f} %")
     brief = results.get('brief')
     if isinstance(brief, dict):
         print(f"brief training ({brief['steps']} steps, MSCAN-B 240x320, batch 4): loss of the last 20 steps plain "
               f"fp32 {brief['plain_last20']:.4f} +- {brief['plain_last20_std']:.4f}, fast bf16+triton "
               f"{brief['fast_last20']:.4f}; argmax agreement {100 * brief['argmax_agreement']:.2f} %")
-    for step in ('kernels', 'model', 'bench', 'brief', 'profile', 'tests'):
+    for step in ('bench', 'graphs', 'model', 'kernels', 'brief', 'profile', 'tests'):
         if results.get(step) == 'failed':
             print(f'step {step}: FAILED (traceback above)')
     if 'tests' in results and results['tests'] != 'failed':

@@ -161,6 +161,10 @@ def base_config() -> EasyDict:
     # With fast_path: MSCAN's depthwise convs in our Triton kernels (smmcl/kernels; needs triton).
     # Off by default: on an H100 they make inference 2x faster but not training (README speed table).
     C.triton_kernels = False
+    # Inference (eval.py, predict.py, Segmenter): each input shape's forward recorded once as a CUDA graph
+    # and replayed (smmcl/engine/graphs.py; the NMF bases are drawn outside the graph, so the same
+    # function). On a CUDA device only; elsewhere the model runs as it is.
+    C.cuda_graphs = False
     # Host reads of the training step (smmcl/engine/train.py): 1 (the authors') reads the loss terms every
     # iteration, for their tqdm line showing each iteration's loss (SMMCL_LLRGBD/train.py, the epoch
     # loop's pbar.set_description) and the step/skip decision. N > 1:
@@ -286,6 +290,8 @@ def validate(config: EasyDict) -> EasyDict:
         check_choice(key, config[key], choices)
     if config.channels_last not in (None, True, False):
         raise ConfigError(f'channels_last={config.channels_last!r}: expected None (follow fast_path), True or False')
+    if config.cuda_graphs not in (True, False):
+        raise ConfigError(f'cuda_graphs={config.cuda_graphs!r}: expected True or False')
     check_training_counts(config)
     return config
 

@@ -322,6 +322,111 @@ def test_weight_gradient_choice_through_the_ops(monkeypatch):
         torch.autograd.grad(ops().dwconv2d_gelu(x, weight, bias).sum(), (weight,))
 
 
+# ---- the three strips' weight gradients in one launch -------------------------------------------------
+
+STRIP_LENGTHS = (7, 11, 21)
+STRIP_WGRAD_CASES = [  # N, C, H, W, along W, memory format
+    (2, 37, 5, 18, True, NCHW),   # two channel blocks, two tiles each way (4 x 16 under the interpreter), odd sizes
+    (2, 37, 9, 17, False, CL),    # vertical, channels_last
+    (1, 5, 3, 2, True, CL),       # map narrower than every kernel, batch 1
+    (1, 3, 2, 3, False, NCHW),    # map shorter than every kernel, batch 1
+]
+
+
+def _strip_weights(c, along_w, dtype=torch.float32):
+    return [_tensor(c, 1, *((1, k) if along_w else (k, 1)), dtype=dtype, seed=50 + k).detach() for k in STRIP_LENGTHS]
+
+
+def _strip_wgrad_reference(grads, xs, weights, along_w):
+    """[(dw_i, db_i)] of F.conv2d's autograd in float32 on the same values."""
+    out = []
+    for g, x, wt in zip(grads, xs, weights):
+        rw, = _fp32_copies(wt)
+        rb = torch.zeros(wt.shape[0], device=DEVICE, requires_grad=True)
+        k = max(wt.shape[-2:])
+        y = F.conv2d(x.float(), rw, rb, padding=(0, k // 2) if along_w else (k // 2, 0), groups=wt.shape[0])
+        out.append(torch.autograd.grad(y, (rw, rb), g.float()))
+    return out
+
+
+def _check_strip_wgrad(got, want, weights, tol):
+    for i, ((dw, db), (ref_w, ref_b), wt) in enumerate(zip(got, want, weights)):
+        assert dw.shape == wt.shape and db.shape == (wt.shape[0],) and dw.dtype == db.dtype == wt.dtype
+        assert rel(dw, ref_w) <= tol and rel(db, ref_b) <= tol, f'strip {i}: {rel(dw, ref_w):.1e}, {rel(db, ref_b):.1e}'
+
+
+@pytest.mark.parametrize('n, c, h, w, along_w, fmt', STRIP_WGRAD_CASES)
+def test_strip3_wgrad_matches_autograd(n, c, h, w, along_w, fmt):
+    """Three convs with three gradients and three inputs of their own, in one launch."""
+    from smmcl.kernels import triton_dwconv
+    grads = [_tensor(n, c, h, w, fmt=fmt, seed=60 + i).detach() for i in range(3)]
+    xs = [_tensor(n, c, h, w, fmt=fmt, seed=70 + i).detach() for i in range(3)]
+    weights = _strip_weights(c, along_w)
+    got = triton_dwconv.strip3_wgrad(grads, xs, weights, along_w)
+    _check_strip_wgrad(got, _strip_wgrad_reference(grads, xs, weights, along_w), weights, 1e-5)
+
+
+@pytest.mark.parametrize('along_w, fmt, weight_dtype', [(True, CL, torch.float32), (False, NCHW, torch.bfloat16)],
+                         ids=['autocast-like', 'bf16-model'])
+def test_bf16_strip3_wgrad(along_w, fmt, weight_dtype):
+    """bf16 activations, fp32 sums; results in the weights' dtype (one rounding for a bf16 model)."""
+    from smmcl.kernels import triton_dwconv
+    grads = [_tensor(2, 6, 5, 17, fmt=fmt, dtype=torch.bfloat16, seed=60 + i).detach() for i in range(3)]
+    xs = [_tensor(2, 6, 5, 17, fmt=fmt, dtype=torch.bfloat16, seed=70 + i).detach() for i in range(3)]
+    weights = _strip_weights(6, along_w, weight_dtype)
+    got = triton_dwconv.strip3_wgrad(grads, xs, weights, along_w)
+    tol = 1e-5 if weight_dtype == torch.float32 else BF16_TOL
+    _check_strip_wgrad(got, _strip_wgrad_reference(grads, xs, weights, along_w), weights, tol)
+
+
+@pytest.mark.parametrize('along_w', [True, False])
+def test_strip3_wgrad_of_an_empty_batch_is_zero(along_w):
+    from smmcl.kernels import triton_dwconv
+    x = torch.randn(0, 4, 5, 6, device=DEVICE)
+    weights = _strip_weights(4, along_w)
+    got = triton_dwconv.strip3_wgrad([x] * 3, [x] * 3, weights, along_w)
+    for (dw, db), wt in zip(got, weights):
+        assert dw.shape == wt.shape and db.shape == (4,)
+        assert not dw.any() and not db.any()
+
+
+def test_a_repeated_tensor_is_laid_out_once():
+    """The op passes one tensor three times (``a`` as every input, ``grad`` as every gradient)."""
+    from smmcl.kernels import triton_dwconv
+    x = torch.randn(1, 3, 4, 5, device=DEVICE)
+    first, second, other = triton_dwconv._same_layout(CL, x, x, x.clone())
+    assert first is second and other is not first and first.is_contiguous(memory_format=CL)
+
+
+def test_strip_weight_gradient_choice_through_the_op(monkeypatch):
+    """SMMCL_TRITON_STRIP_WGRAD: one launch per direction ('fused') and the six dwconv_wgrad calls
+    ('separate') give the reference's gradients; 'auto' is 'fused' under the interpreter; a bad name stops
+    with the choices. The gradient arrives in NCHW for a channels_last ``a``: laid out once, grad a comes
+    back like ``a``."""
+    from smmcl.kernels import triton_dwconv
+    a, params = _tensor(1, 5, 6, 9, fmt=CL), _strip_params(5)
+    ref_a, *ref_params = _fp32_copies(a, *params)
+    ref = kernels.strip_sum_reference(ref_a, ref_params)
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    want = torch.autograd.grad(ref, [ref_a] + ref_params, grad)
+    grads = {}
+    for impl in ('fused', 'separate'):
+        monkeypatch.setenv('SMMCL_TRITON_STRIP_WGRAD', impl)
+        grads[impl] = torch.autograd.grad(ops().mscan_strip_sum(a, *params), [a] + params, grad)
+        assert grads[impl][0].is_contiguous(memory_format=CL)
+        for i, (g, w, p) in enumerate(zip(grads[impl], want, [a] + params)):
+            assert g.shape == p.shape and g.dtype == p.dtype
+            assert rel(g, w) <= 1e-5, f'{impl}: gradient {i}'
+    for g, w in zip(grads['fused'], grads['separate']):
+        assert rel(g, w) <= 1e-6
+    x, horizontal = a.detach(), [p.detach() for p in params[0::4]]
+    if DEVICE == 'cpu':  # a GPU times both and may pick either
+        assert triton_dwconv._fastest_strip_wgrad([x] * 3, [x] * 3, horizontal, True) == 'fused'
+    monkeypatch.setenv('SMMCL_TRITON_STRIP_WGRAD', 'one')
+    with pytest.raises(ValueError, match="SMMCL_TRITON_STRIP_WGRAD must be 'auto' or one of .*'fused', 'separate'"):
+        triton_dwconv.strip3_wgrad_packed([x] * 3, [x] * 3, horizontal, along_w=True)
+
+
 @pytest.mark.slow
 def test_whole_model_with_kernels_in_nchw_is_the_plain_function(tiny_mscan):
     """The fast path in NCHW (``channels_last=False``) with the kernels against the plain path, fp32, one

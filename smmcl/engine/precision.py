@@ -10,6 +10,8 @@
   ``smmcl.kernels`` (off by default until GPU timings show them faster).
 - ``config.compile``: ``torch.compile`` the model (optional: compiling MSCAN-B takes minutes; inductor
   caches its artifacts, so later runs start faster).
+- ``config.cuda_graphs``: inference forwards replayed from CUDA graphs, one per input shape
+  (``smmcl.engine.graphs``; on any path, fast or plain: the same function).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from ..models.fast import fold_for_inference
+from .graphs import graphed
 from ..models.mscan import use_fused_kernels
 
 logger = logging.getLogger(__name__)
@@ -83,12 +86,13 @@ def for_training(model: nn.Module, config) -> nn.Module:
 
 
 def for_inference(model: nn.Module, config) -> nn.Module:
-    """An eval-mode model for inference: folded and channels_last on the fast path, else ``model``."""
+    """An eval-mode model for inference: folded and channels_last on the fast path, else ``model``;
+    with ``config.cuda_graphs`` wrapped in :class:`~smmcl.engine.graphs.GraphedInference`."""
     if not config.fast_path:
-        return model.eval()
+        return graphed(model.eval(), config)
     folded = fold_for_inference(model).to(memory_format=memory_format(config))
     use_fused_kernels(folded, fused_kernels(config))
-    return torch.compile(folded) if config.compile else folded
+    return graphed(torch.compile(folded) if config.compile else folded, config)
 
 
 def maybe_compile(model: nn.Module, config) -> nn.Module:

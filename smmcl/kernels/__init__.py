@@ -14,7 +14,10 @@ replace:
 
 Their backward computes input gradients with Triton; weight and bias gradients with one of three
 implementations (``SMMCL_TRITON_WGRAD``: ``gather``, ``taps``, ``torch`` = PyTorch's own, or ``auto``, the
-default: the fastest for each shape, timed once on the GPU).
+default: the fastest for each shape, timed once on the GPU). The strip pairs' six weight gradients are
+computed per direction in one launch (``SMMCL_TRITON_STRIP_WGRAD``: ``fused``, ``separate`` = three
+``dwconv_wgrad`` calls, or ``auto``, the default: the faster of the two per shape, timed once on the GPU;
+not yet timed).
 
 Triton is a development dependency only: this package imports it lazily, training never needs it,
 and asking for the kernels without it stops with one message. The kernels run on CUDA tensors; on

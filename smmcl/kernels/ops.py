@@ -131,25 +131,32 @@ def _(a, wh0, bh0, wv0, bv0, wh1, bh1, wv1, bv1, wh2, bh2, wv2, bv2):
 def mscan_strip_sum_backward(grad: Tensor, a: Tensor, wh0: Tensor, bh0: Tensor, wv0: Tensor,
                              wh1: Tensor, bh1: Tensor, wv1: Tensor,
                              wh2: Tensor, bh2: Tensor, wv2: Tensor) -> List[Tensor]:
-    """[grad a, then grad wh_i, bh_i, wv_i, bv_i for i = 0, 1, 2] of :func:`mscan_strip_sum`."""
+    """[grad a, packed grads of (wh_i, bh_i), packed grads of (wv_i, bv_i)] of :func:`mscan_strip_sum`.
+
+    grad a: N-C-H-W in a's memory format. The weight and bias gradients come as two float32 vectors
+    (``K.strip3_wgrad_packed``, one per direction; custom-op outputs may not share storage, so they are
+    not split here): :func:`_strip_grad` unpacks them into the parameters' shapes and dtypes.
+    ``SMMCL_TRITON_STRIP_WGRAD`` picks one launch per direction or three ``dwconv_wgrad`` calls.
+    """
+    # One memory format for every launch below, so that no launcher converts a tensor again
+    # (a grad in another format than a would otherwise be copied once per weight gradient).
+    grad, = K._same_layout(K._layout(a), grad)
     horizontal, vertical = (wh0, wh1, wh2), (wv0, wv1, wv2)
     grad_t = K.strip3(grad, vertical, None, along_w=False, transpose=True)
     grad_a = K.strip3_sum(grad, grad_t, horizontal, None, along_w=True, transpose=True)
     t = K.strip3(a, horizontal, (bh0, bh1, bh2), along_w=True)  # recomputed, not stored
-    out = [grad_a]
-    for wh, wv, t_i, grad_t_i in zip(horizontal, vertical, t, grad_t):
-        dwh, dbh = K.dwconv_wgrad(grad_t_i, a, wh)
-        dwv, dbv = K.dwconv_wgrad(grad, t_i, wv)
-        out += [dwh, dbh, dwv, dbv]
-    return out
+    return [grad_a,
+            K.strip3_wgrad_packed(grad_t, (a, a, a), horizontal, along_w=True),
+            K.strip3_wgrad_packed((grad, grad, grad), t, vertical, along_w=False)]
 
 
 @mscan_strip_sum_backward.register_fake
 def _(grad, a, wh0, bh0, wv0, wh1, bh1, wv1, wh2, bh2, wv2):
-    out = [_like(grad)]
-    for wh, bh, wv in ((wh0, bh0, wv0), (wh1, bh1, wv1), (wh2, bh2, wv2)):
-        out += [_grad_like(wh), _grad_like(bh), _grad_like(wv), _grad_like(bh)]
-    return out
+    channels = a.shape[1]
+    lengths_h = (wh0.shape[-1], wh1.shape[-1], wh2.shape[-1])
+    lengths_v = (wv0.shape[-2], wv1.shape[-2], wv2.shape[-2])
+    return [_like(a)] + [a.new_empty(K.packed_strip_wgrad_length(channels, lengths), dtype=torch.float32)
+                         for lengths in (lengths_h, lengths_v)]
 
 
 def _strip_setup(ctx, inputs, output):
@@ -158,7 +165,13 @@ def _strip_setup(ctx, inputs, output):
 
 
 def _strip_grad(ctx, grad):
-    return tuple(mscan_strip_sum_backward(grad, *ctx.saved_tensors))
+    a, wh0, bh0, wv0, wh1, bh1, wv1, wh2, bh2, wv2 = ctx.saved_tensors
+    grad_a, packed_h, packed_v = mscan_strip_sum_backward(grad, *ctx.saved_tensors)
+    out = [grad_a]
+    for (dwh, dbh), (dwv, dbv) in zip(K.unpack_strip3_wgrad(packed_h, (wh0, wh1, wh2)),
+                                      K.unpack_strip3_wgrad(packed_v, (wv0, wv1, wv2))):
+        out += [dwh, dbh, dwv, dbv]
+    return tuple(out)
 
 
 mscan_strip_sum.register_autograd(_strip_grad, setup_context=_strip_setup)

@@ -72,6 +72,7 @@ _WGRAD_CONFIGS = _configs(_NCHW_WGRAD_TILES, _NHWC_WGRAD_TILES, (32, 4, 16, 4))
 # 128-byte channel rows in channels_last.
 _WGRAD_TAPS_CONFIGS = _configs([(1, 4, 64, 4), (2, 2, 64, 4), (1, 8, 32, 8)],
                                [(64, 1, 8, 4), (32, 1, 16, 4), (64, 2, 8, 8)], (32, 4, 16, 4))
+_STRIP_WGRAD_CONFIGS = _configs(_NCHW_WGRAD_TILES, _NHWC_WGRAD_TILES, (32, 4, 16, 4))
 
 
 _KEY = ['C', 'H', 'W', 'sc']  # sc == 1 means channels_last
@@ -228,6 +229,82 @@ def _dwconv_wgrad_taps_kernel(g_ptr, x_ptr, dw_ptr, db_ptr, N, C, H, W, sn, sc, 
 
 
 @triton.jit
+def _strip_wgrad_job(g_ptr, x_ptr, dw_ptr, db_ptr, c, cmask, chunk, N, H, W, sn, sc, sh, sw, num_chunks, K,
+                     TAPS: tl.constexpr, ALONG_W: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """One strip conv's partial gradients over the tiles chunk, chunk + num_chunks, ...: ``dw_ptr``
+    receives C x K taps, ``db_ptr`` C. All taps at once (TAPS >= K, a power of two); a 1-D kernel's
+    taps are the tile shifted along one axis, so the gather reads neighbouring pixels from the cache."""
+    k = tl.arange(0, TAPS)
+    kmask = k < K
+    shift = k - (K - 1) // 2
+    # channel rows as pointers, pixels as offsets: one add per load for the whole tile
+    g_rows = (g_ptr + c * sc)[:, None]
+    x_rows = (x_ptr + c * sc)[:, None, None]
+    p = tl.arange(0, BLOCK_H * BLOCK_W)
+    ph = p // BLOCK_W
+    pw = p % BLOCK_W
+    num_wb = tl.cdiv(W, BLOCK_W)
+    tiles = tl.cdiv(H, BLOCK_H) * num_wb  # per image
+    acc = tl.zeros((BLOCK_C, TAPS), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_C, BLOCK_H * BLOCK_W), dtype=tl.float32)
+    for t in range(chunk, N * tiles, num_chunks):
+        h = (t % tiles) // num_wb * BLOCK_H + ph
+        w = (t % num_wb) * BLOCK_W + pw
+        pix = (t // tiles) * sn + h * sh + w * sw
+        gv = tl.load(g_rows + pix[None, :], mask=cmask[:, None] & ((h < H) & (w < W))[None, :],
+                     other=0.0).to(tl.float32)
+        # Where the output pixel lies outside the map g is 0: the mask only keeps the shifted reads inside.
+        if ALONG_W:
+            moved = w[None, :] + shift[:, None]  # TAPS x pixels
+            inside = kmask[:, None] & (h < H)[None, :] & (moved >= 0) & (moved < W)
+            x_pix = pix[None, :] + (shift * sw)[:, None]
+        else:
+            moved = h[None, :] + shift[:, None]
+            inside = kmask[:, None] & (w < W)[None, :] & (moved >= 0) & (moved < H)
+            x_pix = pix[None, :] + (shift * sh)[:, None]
+        xv = tl.load(x_rows + x_pix[None, :, :], mask=cmask[:, None, None] & inside[None, :, :],
+                     other=0.0).to(tl.float32)
+        acc += tl.sum(xv * gv[:, None, :], axis=2)
+        acc_b += gv
+    tl.store(dw_ptr + c[:, None] * K + k[None, :], acc, mask=cmask[:, None] & kmask[None, :])
+    tl.store(db_ptr + c, tl.sum(acc_b, axis=1), mask=cmask)
+
+
+@triton.autotune(configs=_STRIP_WGRAD_CONFIGS, key=_KEY + ['N', 'ALONG_W'], prune_configs_by=_PRUNE,
+                 do_bench=_bench)
+@triton.jit(do_not_specialize=['K0', 'K1', 'K2'])  # one compiled kernel per TAPS_i, not per length
+def _strip3_wgrad_kernel(g0_ptr, g1_ptr, g2_ptr, x0_ptr, x1_ptr, x2_ptr, out_ptr, N, C, H, W, sn, sc, sh, sw,
+                         num_chunks, K0, K1, K2,
+                         TAPS0: tl.constexpr, TAPS1: tl.constexpr, TAPS2: tl.constexpr, ALONG_W: tl.constexpr,
+                         BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Partial weight and bias gradients of three 1-D depthwise convs (K_i taps along W or H); job i
+    (program id 2) reads ``g_i`` and ``x_i``.
+
+    Program (cb, chunk, job) writes its part of row ``chunk`` of ``out`` (num_chunks x C*(K0+K1+K2+3),
+    packed as dw_0 C x K0 | dw_1 C x K1 | dw_2 C x K2 | db_0 C | db_1 C | db_2 C): every entry has
+    exactly one writer, so the buffer needs no zero fill and one sum over the chunks finishes all six
+    gradients, whatever tile the autotuner picks. Each job gathers its own power of two of taps (8, 16,
+    32 for MSCAN's 7, 11, 21) rather than the widest one's.
+    """
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    chunk = tl.program_id(1)
+    job = tl.program_id(2)
+    row = out_ptr + chunk * (C * (K0 + K1 + K2 + 3))
+    db_row = row + C * (K0 + K1 + K2)
+    if job == 0:
+        _strip_wgrad_job(g0_ptr, x0_ptr, row, db_row, c, cmask, chunk, N, H, W, sn, sc, sh, sw, num_chunks,
+                         K0, TAPS0, ALONG_W, BLOCK_C, BLOCK_H, BLOCK_W)
+    elif job == 1:
+        _strip_wgrad_job(g1_ptr, x1_ptr, row + C * K0, db_row + C, c, cmask, chunk, N, H, W, sn, sc, sh, sw,
+                         num_chunks, K1, TAPS1, ALONG_W, BLOCK_C, BLOCK_H, BLOCK_W)
+    else:
+        _strip_wgrad_job(g2_ptr, x2_ptr, row + C * (K0 + K1), db_row + 2 * C, c, cmask, chunk, N, H, W, sn, sc,
+                         sh, sw, num_chunks, K2, TAPS2, ALONG_W, BLOCK_C, BLOCK_H, BLOCK_W)
+
+
+@triton.jit
 def _strip_tap(x_ptr, offs_c, cmask, h, w, H, W, sh, sw, j: tl.constexpr, K: tl.constexpr,
                ALONG_W: tl.constexpr, TRANSPOSE: tl.constexpr):
     """The input of tap ``j`` of a K-tap 1-D depthwise conv along W or H (mirrored for the transposed
@@ -336,7 +413,12 @@ def _layout(x: torch.Tensor) -> torch.memory_format:
 
 
 def _same_layout(fmt: torch.memory_format, *tensors: torch.Tensor):
-    return [t.contiguous(memory_format=fmt) for t in tensors]
+    """The tensors in memory format ``fmt``; a tensor passed several times is converted once."""
+    laid = {}
+    for t in tensors:
+        if id(t) not in laid:
+            laid[id(t)] = t.contiguous(memory_format=fmt)
+    return [laid[id(t)] for t in tensors]
 
 
 def _rows(weight: torch.Tensor) -> torch.Tensor:
@@ -423,12 +505,17 @@ def _fastest_wgrad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) ->
     if not x.is_cuda:
         return 'gather'
     key = (tuple(x.shape), tuple(weight.shape[-2:]), _layout(x), x.dtype, x.device)
-    if key not in _WGRAD_CHOICE:
-        times = {name: triton.testing.do_bench(lambda fn=fn: fn(grad, x, weight), warmup=5, rep=20,
-                                               return_mode='median')
-                 for name, fn in _WGRAD.items()}
-        _WGRAD_CHOICE[key] = min(times, key=times.get)
-    return _WGRAD_CHOICE[key]
+    return _fastest(_WGRAD_CHOICE, key, _WGRAD, grad, x, weight)
+
+
+def _fastest(chosen: dict, key, impls: dict, *args) -> str:
+    """The name of the fastest of ``impls`` on ``args`` (median GPU time), timed on the first call for
+    ``key`` and remembered in ``chosen``."""
+    if key not in chosen:
+        times = {name: triton.testing.do_bench(lambda fn=fn: fn(*args), warmup=5, rep=20, return_mode='median')
+                 for name, fn in impls.items()}
+        chosen[key] = min(times, key=times.get)
+    return chosen[key]
 
 
 def _wgrad_partials(kernel, grad, x, weight, **meta):
@@ -513,3 +600,98 @@ def strip3_sum(r: torch.Tensor, ts: Sequence[torch.Tensor], weights: Sequence[to
             r, *ts, *rows, *b, out, c, h, w, *r.stride(), K0=k0, K1=k1, K2=k2, ALONG_W=along_w,
             TRANSPOSE=transpose, HAS_BIAS=biases is not None)
     return out
+
+
+# ---- weight gradients of three strip convs -------------------------------------------------------------
+
+STRIP_WGRAD_IMPLS = ('fused', 'separate')
+
+
+def packed_strip_wgrad_length(channels: int, lengths: Sequence[int]) -> int:
+    """Entries of the packed weight and bias gradients of three strip convs of ``lengths`` taps."""
+    return channels * (sum(lengths) + 3)
+
+
+def strip3_wgrad(grads: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
+                 along_w: bool) -> Tuple[Tuple[torch.Tensor, torch.Tensor], ...]:
+    """Weight and bias gradients of three 1-D depthwise convs in one kernel launch.
+
+    Args:
+        grads: three N-C-H-W gradients of the convs' outputs (one tensor may be passed three times).
+        xs: three N-C-H-W inputs of the convs, shaped as ``grads`` (one tensor may repeat).
+        weights: C-1-1-K_i if ``along_w`` else C-1-K_i-1, K_0 <= K_1 <= K_2 odd.
+    Returns:
+        ``((dw_0, db_0), (dw_1, db_1), (dw_2, db_2))``: dw_i shaped like weights[i], db_i of size C,
+        both in weights[i]'s dtype (views of one buffer for float32 weights).
+    """
+    return unpack_strip3_wgrad(_strip3_wgrad_fused(grads, xs, weights, along_w), weights)
+
+
+def unpack_strip3_wgrad(packed: torch.Tensor, weights: Sequence[torch.Tensor]):
+    """``((dw_i, db_i) for i = 0, 1, 2)`` from the float32 vector of :func:`strip3_wgrad_packed`, in the
+    weights' shapes and dtypes."""
+    c = weights[0].shape[0]
+    parts = packed.split([wt.numel() for wt in weights] + [c] * 3)
+    return tuple((parts[i].view(wt.shape).to(wt.dtype), parts[3 + i].to(wt.dtype)) for i, wt in enumerate(weights))
+
+
+def strip3_wgrad_packed(grads: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
+                        along_w: bool, impl: Optional[str] = None) -> torch.Tensor:
+    """The gradients of :func:`strip3_wgrad` packed in one float32 vector of
+    :func:`packed_strip_wgrad_length` entries, ``dw_0 | dw_1 | dw_2 | db_0 | db_1 | db_2`` (each dw_i
+    C x K_i). One tensor, because the outputs of a custom op may not share storage.
+
+    ``impl`` (default: the environment's ``SMMCL_TRITON_STRIP_WGRAD``, else ``'auto'``): ``'fused'`` (one
+    launch, :func:`strip3_wgrad`), ``'separate'`` (three :func:`dwconv_wgrad` calls, which follow
+    ``SMMCL_TRITON_WGRAD``), or ``'auto'``: on a GPU the faster of the two for this shape, direction,
+    layout and dtype, timed once; under the interpreter ``'fused'``.
+    """
+    impl = impl or os.environ.get('SMMCL_TRITON_STRIP_WGRAD', 'auto')
+    if impl == 'auto':
+        impl = _fastest_strip_wgrad(grads, xs, weights, along_w)
+    if impl not in _STRIP_WGRAD:
+        raise ValueError(f"smmcl.kernels: SMMCL_TRITON_STRIP_WGRAD must be 'auto' or one of {STRIP_WGRAD_IMPLS}, "
+                         f"got {impl!r}")
+    return _STRIP_WGRAD[impl](grads, xs, weights, along_w)
+
+
+_STRIP_WGRAD_CHOICE = {}  # (shape, lengths, direction, layout, dtypes, device) -> the faster implementation
+
+
+def _fastest_strip_wgrad(grads, xs, weights, along_w) -> str:
+    """'fused' or 'separate', whichever is faster for these tensors, timed once per key."""
+    x = xs[0]
+    if not x.is_cuda:
+        return 'fused'
+    key = (tuple(x.shape), _strip_lengths(weights, along_w), along_w, _layout(x), grads[0].dtype, x.dtype, x.device)
+    # the separate path's own choices (SMMCL_TRITON_WGRAD=auto) are timed in do_bench's first call
+    return _fastest(_STRIP_WGRAD_CHOICE, key, _STRIP_WGRAD, grads, xs, weights, along_w)
+
+
+def _strip3_wgrad_fused(grads, xs, weights, along_w) -> torch.Tensor:
+    _check_device(xs[0])
+    lengths = _strip_lengths(weights, along_w)
+    n, c, h, w = xs[0].shape
+    if any(t.shape != xs[0].shape for t in (*grads, *xs)) or len({t.dtype for t in grads}) > 1 \
+            or len({t.dtype for t in xs}) > 1:
+        raise ValueError('smmcl.kernels: strip3_wgrad needs three gradients of one dtype and three inputs of one '
+                         f'dtype, all of one shape; got {[(tuple(t.shape), t.dtype) for t in (*grads, *xs)]}')
+    if xs[0].numel() == 0:
+        return torch.zeros(packed_strip_wgrad_length(c, lengths), device=xs[0].device)
+    *grads, x0, x1, x2 = _same_layout(_layout(xs[0]), *grads, *xs)
+    chunks = _num_chunks(x0)
+    # every entry is written by exactly one program: no zero-fill launch
+    partials = torch.empty(chunks, packed_strip_wgrad_length(c, lengths), device=x0.device, dtype=torch.float32)
+    _strip3_wgrad_kernel[lambda m: (triton.cdiv(c, m['BLOCK_C']), chunks, 3)](
+        *grads, x0, x1, x2, partials, n, c, h, w, *x0.stride(), chunks, *lengths,
+        TAPS0=triton.next_power_of_2(lengths[0]), TAPS1=triton.next_power_of_2(lengths[1]),
+        TAPS2=triton.next_power_of_2(lengths[2]), ALONG_W=along_w)
+    return partials.sum(0)
+
+
+def _strip3_wgrad_separate(grads, xs, weights, along_w) -> torch.Tensor:
+    pairs = [dwconv_wgrad(g, x, wt) for g, x, wt in zip(grads, xs, weights)]
+    return torch.cat([dw.reshape(-1) for dw, _ in pairs] + [db for _, db in pairs]).float()
+
+
+_STRIP_WGRAD = {'fused': _strip3_wgrad_fused, 'separate': _strip3_wgrad_separate}

@@ -144,17 +144,19 @@ def nmf_layers(model: nn.Module) -> List[Tuple[NMF2D, int]]:
 @contextlib.contextmanager
 def given_bases(model: nn.Module, bases: Sequence[torch.Tensor]) -> Iterator[None]:
     """Within the context, the NMFs of :func:`nmf_layers` use ``bases`` (one (N*S)-D-R tensor each, in
-    that order) instead of drawing; they draw again on exit, also after an exception."""
+    that order) instead of drawing; on exit, also after an exception, each gets back what it had
+    before (None: it draws again; contexts nest, as a CUDA-graph capture inside batched evaluation)."""
     layers = [nmf for nmf, _ in nmf_layers(model)]
     if len(bases) != len(layers):
         raise ValueError(f'{len(bases)} sets of NMF bases for a model with {len(layers)} NMF layers')
+    before = [nmf.fixed_bases for nmf in layers]
     try:
         for nmf, value in zip(layers, bases):
             nmf.fixed_bases = value
         yield
     finally:
-        for nmf in layers:
-            nmf.fixed_bases = None
+        for nmf, value in zip(layers, before):
+            nmf.fixed_bases = value
 
 
 class LightHamHead(nn.Module):

@@ -1,0 +1,172 @@
+"""CUDA graphs for inference (issue 10): the eager forward recorded once per input shape, then replayed.
+
+An eager MSCAN-B forward launches a few thousand small kernels, and on an H100 the host's time to
+launch them, not the GPU's work, bounds inference (README speed section). Sliding-window evaluation
+and prediction feed the model inputs of a few fixed shapes (the crop, each scale's size, the last
+partial batch), so each shape's forward can be captured once into a CUDA graph and replayed with one
+launch.
+
+Same function: SMMCL's NMF decoder draws random bases in every forward (``torch.rand``). A graph would
+freeze that draw, so :class:`GraphedInference` draws the bases *outside* the graph, in the order and with
+the generator the eager forward uses, and feeds them to the graph as inputs, next to the images: a
+replay computes what the eager forward computes with the same random state (the only random numbers
+an eval-mode forward draws are these bases; :func:`smmcl.engine.evaluate._drawn_bases` relies on the
+same). Bases the caller gives (:func:`smmcl.models.ham_head.given_bases`, batched evaluation) are used
+as they are.
+
+Off by default (``config.cuda_graphs``). On a CPU, or any device other than CUDA, the wrapper calls the
+model as it is: the switch is safe to leave on everywhere.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from smmcl.models.ham_head import given_bases, nmf_layers
+
+logger = logging.getLogger(__name__)
+
+# (function to record, its state) -> (replay, static outputs): see cuda_capture / eager_capture
+Capture = Callable[[Callable[[], torch.Tensor], 'CaptureState'], Tuple[Callable[[], None], torch.Tensor]]
+
+
+@dataclass
+class CaptureState:
+    """What the captures of one :class:`GraphedInference` share: the warm-up count and the memory pool
+    (graphs replayed one at a time may share one; every output is copied out right after its replay)."""
+    warmup: int = 3
+    pool: Optional[Tuple[int, int]] = None
+
+
+def cuda_capture(fn: Callable[[], torch.Tensor], state: CaptureState) -> Tuple[Callable[[], None], torch.Tensor]:
+    """Record ``fn`` (reading only static tensors) into a CUDA graph: ``(graph.replay, static output)``.
+
+    Warm-up runs on a side stream first, as PyTorch's CUDA-graph notes ask: cuDNN picks its algorithms,
+    Triton's autotuner its tiles, and lazy initialisation happens outside the capture.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(state.warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=state.pool):
+        out = fn()
+    state.pool = graph.pool()
+    return graph.replay, out
+
+
+def eager_capture(fn: Callable[[], torch.Tensor], state: CaptureState) -> Tuple[Callable[[], None], torch.Tensor]:
+    """A stand-in for :func:`cuda_capture` with a graph's semantics on any device (the CPU tests): the
+    output is one static tensor that every replay overwrites from the static inputs' current values."""
+    out = fn()
+
+    def replay() -> None:
+        out.copy_(fn())
+
+    return replay, out
+
+
+@dataclass
+class _Graph:
+    rgb: torch.Tensor
+    x: torch.Tensor
+    bases: List[torch.Tensor]
+    replay: Callable[[], None]
+    out: torch.Tensor
+
+
+def _autocast_state(device_type: str) -> Tuple[bool, Optional[torch.dtype]]:
+    if not torch.is_autocast_enabled(device_type):
+        return False, None
+    return True, torch.get_autocast_dtype(device_type)
+
+
+class GraphedInference(nn.Module):
+    """``model(rgb, x) -> logits`` of an eval-mode segmentor, each input signature recorded once as a
+    CUDA graph and replayed after (module docstring).
+
+    A signature is the inputs' shapes and dtypes, the NMF bases' shapes and the autocast state: a new
+    one is warmed up and captured (seconds for MSCAN-B), a known one copies the inputs and the bases
+    into the graph's static tensors, replays, and returns a copy of its output. Inputs on another
+    device than CUDA go to ``model`` directly.
+
+    Args:
+        model: the model (``for_inference``'s), put in eval mode, called as ``model(rgb, x)``.
+        warmup: eager forwards before each capture.
+        capture: how a forward is recorded: :func:`cuda_capture` on CUDA; the tests pass
+            :func:`eager_capture`, which also applies it on the CPU.
+
+    Attributes:
+        model: the wrapped model (its NMFs are found through this module too).
+        captures: the number of graphs recorded so far.
+    """
+
+    def __init__(self, model: nn.Module, warmup: int = 3, capture: Optional[Capture] = None):
+        super().__init__()
+        self.model = model
+        self._capture = capture
+        self._state = CaptureState(warmup=warmup)
+        self._graphs: Dict[tuple, _Graph] = {}
+        self.train(False)  # an eval-mode wrapper (callers read .training to restore it)
+
+    @property
+    def captures(self) -> int:
+        return len(self._graphs)
+
+    def train(self, mode: bool = True) -> 'GraphedInference':
+        if mode:
+            raise ValueError('GraphedInference is for inference: the recorded forward is the eval-mode one '
+                             '(NMF steps, BatchNorm statistics); train the wrapped model instead')
+        return super().train(False)
+
+    def _bases(self, batch: int, device: torch.device) -> List[torch.Tensor]:
+        """Per NMF, the caller's given bases or a fresh draw, drawn as the eager forward draws them."""
+        return [nmf.fixed_bases if nmf.fixed_bases is not None else nmf.draw_bases(batch, channels, device)
+                for nmf, channels in nmf_layers(self.model)]
+
+    def forward(self, rgb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """N-3-H-W (rgb), N-C_x-H-W (x) -> N-K-H-W logits, as ``model(rgb, x)``."""
+        capture = self._capture or (cuda_capture if rgb.is_cuda else None)
+        if capture is None:
+            return self.model(rgb, x)
+        if self.model.training:
+            raise ValueError('GraphedInference needs an eval-mode model: call .eval() on it first')
+        with torch.no_grad():
+            bases = self._bases(rgb.shape[0], rgb.device)
+            key = (tuple(rgb.shape), rgb.dtype, tuple(x.shape), x.dtype, rgb.device,
+                   tuple((tuple(b.shape), b.dtype) for b in bases), _autocast_state(rgb.device.type))
+            graph = self._graphs.get(key)
+            if graph is None:
+                graph = self._graphs[key] = self._record(rgb, x, bases, capture)
+            else:
+                for static, value in zip([graph.rgb, graph.x] + graph.bases, [rgb, x] + bases):
+                    static.copy_(value)
+            graph.replay()
+            return graph.out.clone()
+
+    def _record(self, rgb: torch.Tensor, x: torch.Tensor, bases: List[torch.Tensor], capture: Capture) -> _Graph:
+        static_rgb, static_x = rgb.clone(), x.clone()
+        static_bases = [b.clone() for b in bases]
+        enabled, dtype = _autocast_state(rgb.device.type)
+
+        def forward() -> torch.Tensor:
+            # Autocast's weight-cast cache would hand the graph casts made outside its memory pool and
+            # freed when the caller's autocast context ends: record with the cache off.
+            with given_bases(self.model, static_bases), \
+                    torch.autocast(rgb.device.type, dtype=dtype, enabled=enabled, cache_enabled=False):
+                return self.model(static_rgb, static_x)
+
+        logger.info('recording a CUDA graph of the forward for inputs %s / %s', tuple(rgb.shape), tuple(x.shape))
+        replay, out = capture(forward, self._state)
+        return _Graph(static_rgb, static_x, static_bases, replay, out)
+
+
+def graphed(model: nn.Module, config) -> nn.Module:
+    """``model`` wrapped in :class:`GraphedInference` when ``config.cuda_graphs``, else itself."""
+    return GraphedInference(model) if config.cuda_graphs else model

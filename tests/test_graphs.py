@@ -1,0 +1,153 @@
+"""CUDA graphs for inference (issue 10, ``config.cuda_graphs``): the wrapper's bookkeeping -- one recording
+per input signature, static inputs refreshed at every call, NMF bases drawn outside the graph exactly as
+the eager forward draws them, outputs copied out -- checked on the CPU with a stand-in capture that has a
+graph's semantics (``eager_capture``); the CUDA capture itself at the end, where a GPU is present."""
+import numpy as np
+import pytest
+import torch
+
+import smmcl.engine.evaluate as ev
+from smmcl.config import ConfigError, validate
+from smmcl.engine.graphs import GraphedInference, cuda_capture, eager_capture
+from smmcl.engine.precision import for_inference
+from smmcl.models import build_segmentor
+from smmcl.models.ham_head import given_bases, nmf_layers
+
+from conftest import tiny_config
+
+K = 4
+SIZE = (32, 48)
+
+
+@pytest.fixture
+def model(tiny_mscan):
+    torch.manual_seed(0)
+    return build_segmentor(tiny_config(backbone=tiny_mscan, num_classes=K)).eval()
+
+
+def inputs(batch, size=SIZE, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, *size, generator=g), torch.randn(batch, 3, *size, generator=g)
+
+
+def seeded(fn, seed, *args):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return fn(*args)
+
+
+def test_replays_compute_the_eager_forward_with_its_random_bases(model):
+    """Each call equals the eager forward under the same random state (the bases are drawn outside the
+    graph, as the forward draws them), for new inputs at every call: one recording serves them all."""
+    runner = GraphedInference(model, capture=eager_capture)
+    for seed in range(3):
+        rgb, x = inputs(2, seed=seed)
+        want = seeded(model, 10 + seed, rgb, x)
+        got = seeded(runner, 10 + seed, rgb, x)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert runner.captures == 1
+    # another random state gives other bases, so other logits: the draw is not frozen in the graph
+    rgb, x = inputs(2)
+    assert not torch.equal(seeded(runner, 1, rgb, x), seeded(runner, 2, rgb, x))
+
+
+def test_outputs_are_copies_and_the_model_draws_again_afterwards(model):
+    runner = GraphedInference(model, capture=eager_capture)
+    rgb, x = inputs(1)
+    first = seeded(runner, 5, rgb, x)
+    kept = first.clone()
+    first.zero_()  # the caller's copy: the graph's static output is not handed out
+    torch.testing.assert_close(seeded(runner, 5, rgb, x), kept, rtol=0, atol=0)
+    assert all(nmf.fixed_bases is None for nmf, _ in nmf_layers(model))
+
+
+def test_one_recording_per_signature(model):
+    """New batch sizes and image sizes are recorded once each; a known one is replayed."""
+    runner = GraphedInference(model, capture=eager_capture)
+    shapes = [(1, SIZE), (2, SIZE), (1, SIZE), (1, (40, 40)), (2, SIZE), (1, (40, 40))]
+    for batch, size in shapes:
+        rgb, x = inputs(batch, size)
+        want = seeded(model, 3, rgb, x)
+        torch.testing.assert_close(seeded(runner, 3, rgb, x), want, rtol=0, atol=0)
+    assert runner.captures == 3
+
+
+def test_given_bases_are_used_and_kept(model):
+    """Bases the caller gives (batched evaluation) go into the graph; the caller's stay set afterwards."""
+    runner = GraphedInference(model, capture=eager_capture)
+    rgb, x = inputs(2)
+    layers = nmf_layers(model)
+    for seed in (0, 1):  # the second call replays the first call's graph with other bases
+        g = torch.Generator().manual_seed(seed)
+        bases = [nmf.draw_bases(2, c, generator=g) for nmf, c in layers]
+        with given_bases(model, bases):
+            want = seeded(model, 99, rgb, x)
+            got = seeded(runner, 7, rgb, x)  # another random state: the given bases decide
+            assert all(nmf.fixed_bases is b for (nmf, _), b in zip(layers, bases))
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert runner.captures == 1
+
+
+def test_inputs_elsewhere_than_cuda_run_the_model_directly(model):
+    runner = GraphedInference(model)  # the default capture is CUDA's
+    rgb, x = inputs(1)
+    torch.testing.assert_close(seeded(runner, 4, rgb, x), seeded(model, 4, rgb, x), rtol=0, atol=0)
+    assert runner.captures == 0
+
+
+def test_training_mode_is_refused(model):
+    runner = GraphedInference(model, capture=eager_capture)
+    with pytest.raises(ValueError, match='inference'):
+        runner.train()
+    model.train()
+    with pytest.raises(ValueError, match='eval-mode'):
+        runner(*inputs(1))
+
+
+def test_config_switch_and_evaluation_agree(tiny_mscan, monkeypatch):
+    """``cuda_graphs=True`` wraps what for_inference returns (plain and fast path); a whole evaluation
+    through the recorded forwards (batched images with given bases, and one image per forward) gives
+    the eager confusion matrices."""
+    cfg = tiny_config(backbone=tiny_mscan, num_classes=K, eval_crop_size=list(SIZE), eval_scale_array=[0.75, 1],
+                      eval_flip=False, seed=3)
+    torch.manual_seed(0)
+    plain = build_segmentor(cfg)
+    rng = np.random.default_rng(0)
+    items = [dict(data=rng.integers(0, 256, (*SIZE, 3), dtype=np.uint8),
+                  modal_x=rng.integers(0, 256, (*SIZE, 3), dtype=np.uint8),
+                  label=rng.integers(0, K, SIZE).astype(np.uint8), fn=f'i{i}') for i in range(3)]
+    monkeypatch.setattr(GraphedInference, '__init__', _with_eager_capture(GraphedInference.__init__))
+    for fast in (False, True):
+        for batch in (1, 2):
+            cfg.update(fast_path=fast, eval_batch_size=batch, cuda_graphs=False)
+            want = ev.evaluate_per_image(for_inference(plain, cfg), items, cfg, 'cpu')
+            cfg.cuda_graphs = True
+            runner = for_inference(plain, cfg)
+            assert isinstance(runner, GraphedInference)
+            np.testing.assert_array_equal(ev.evaluate_per_image(runner, items, cfg, 'cpu'), want)
+            # both scales' windows are padded to the crop: one input size; batched: groups of 2 and 1
+            assert runner.captures == (1 if batch == 1 else 2)
+
+
+def _with_eager_capture(init):
+    def wrapped(self, model, warmup=3, capture=None):
+        init(self, model, warmup, capture or eager_capture)
+    return wrapped
+
+
+def test_config_value_is_checked(tiny_mscan):
+    cfg = tiny_config(backbone=tiny_mscan)
+    cfg.cuda_graphs = 'yes'
+    with pytest.raises(ConfigError, match='cuda_graphs'):
+        validate(cfg)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+def test_cuda_graph_replays_equal_eager(model):
+    """On a GPU: the recorded graph gives the eager forward's logits for new inputs and random states."""
+    model = model.cuda()
+    runner = GraphedInference(model, warmup=2)
+    for seed in range(3):
+        rgb, x = (t.cuda() for t in inputs(2, seed=seed))
+        torch.testing.assert_close(seeded(runner, seed, rgb, x), seeded(model, seed, rgb, x), rtol=1e-5, atol=1e-5)
+    assert runner.captures == 1 and runner._capture is None and cuda_capture is not None
