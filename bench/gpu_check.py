@@ -10,10 +10,13 @@ Needs only PyTorch and Triton (plus numpy, easydict; opencv and pillow for the e
 wanted first, each reported even if another fails; once ``--budget-s`` is spent no new step starts:
 
 1. ``bench``: ``bench/bench.py``'s measurements for plain, fast and fast + Triton kernels (training step,
-   inference, whole sliding-window evaluation, peak memory), and inference and evaluation of the fast
-   paths with CUDA graphs (``cuda_graphs=True``; training is not graphed, so its columns stay empty);
+   inference, whole sliding-window evaluation, peak memory), inference and evaluation of the fast
+   paths with CUDA graphs (``cuda_graphs=True``) and their training step with them
+   (``cuda_graphs_training=True``, NCHW);
 2. ``graphs``: the CUDA-graph replay against the eager forward of the same folded bf16 model, same
    random state (the NMF bases): relative error and argmax agreement of the logits, ms per forward;
+   and a few training steps with the recorded forward and backward against eager ones (same seeds):
+   the loss terms' difference and ms per step;
 3. ``model``: the whole model, fp32, TF32 off, same seeds (anchor sampler, NMF, drop path): the kernels
    against the plain path on logits, each loss term and each gradient (issue target: 1e-4);
 4. ``kernels``: at the sizes of MSCAN-B at 480x640 (batch 8; the four stages' widths, the MLPs' hidden
@@ -484,13 +487,17 @@ def step_bench(args, device):
         iters=1 if args.smoke else args.iters, warmup=0 if args.smoke else args.warmup, compile=False)
     original = bench.make_cfg
     rows = {}
-    # (label, fast path, Triton kernels, torch.compile, channels_last, CUDA graphs: inference rows only)
-    paths = [('plain', False, False, False, None, False), ('fast', True, False, False, None, False),
-             ('fast NCHW', True, False, False, False, False), ('fast+triton', True, True, False, None, False),
-             ('fast+graphs', True, False, False, None, True), ('fast+triton+graphs', True, True, False, None, True)]
+    # (label, fast path, Triton kernels, torch.compile, channels_last, CUDA graphs: None, 'infer' (the
+    # inference and evaluation columns only) or 'train' (the training columns only))
+    paths = [('plain', False, False, False, None, None), ('fast', True, False, False, None, None),
+             ('fast NCHW', True, False, False, False, None), ('fast+triton', True, True, False, None, None),
+             ('fast+graphs', True, False, False, None, 'infer'),
+             ('fast+triton+graphs', True, True, False, None, 'infer'),
+             ('fast NCHW+graphs', True, False, False, False, 'train'),
+             ('fast+triton NCHW+graphs', True, True, False, False, 'train')]
     if args.compile:
-        paths += [('fast+compile', True, False, True, None, False),
-                  ('fast+triton+compile', True, True, True, None, False)]
+        paths += [('fast+compile', True, False, True, None, None),
+                  ('fast+triton+compile', True, True, True, None, None)]
     try:
         with tempfile.TemporaryDirectory() as data_dir:
             have_eval = True
@@ -505,17 +512,18 @@ def step_bench(args, device):
                 def make_cfg(a, f, kernels=kernels, compiled=compiled, layout=layout, graphs=graphs):
                     cfg = original(a, f)
                     cfg.update(triton_kernels=kernels and f, compile=compiled and f, channels_last=layout,
-                               cuda_graphs=graphs)
+                               cuda_graphs=graphs == 'infer', cuda_graphs_training=graphs == 'train')
                     return cfg
                 bench.make_cfg = make_cfg
                 t0 = time.time()
-                if graphs:  # CUDA graphs are for inference: the training step is the row without them
-                    nan = float('nan')
-                    train_ips, train_peak, compile_s, precision = nan, nan, 0.0, 'bf16'
-                else:
+                nan = float('nan')
+                train_ips, train_peak, compile_s, precision = nan, nan, 0.0, 'bf16'
+                infer_ips, infer_peak, ev = nan, nan, nan
+                if graphs != 'infer':
                     train_ips, train_peak, compile_s, precision = bench.bench_train(bench_args, device, fast)
-                infer_ips, infer_peak = bench.bench_infer(bench_args, device, fast)
-                ev = bench.bench_eval(bench_args, device, fast, data_dir) if have_eval else float('nan')
+                if graphs != 'train':
+                    infer_ips, infer_peak = bench.bench_infer(bench_args, device, fast)
+                    ev = bench.bench_eval(bench_args, device, fast, data_dir) if have_eval else nan
                 rows[label] = dict(dtype=precision, train=train_ips, infer=infer_ips, eval=ev,
                                    train_peak=train_peak, infer_peak=infer_peak, compile_s=compile_s)
                 print(f'{label}: {rows[label]} ({time.time() - t0:.0f} s)')
@@ -533,7 +541,7 @@ def step_graphs(args, device):
     import torch
     from smmcl.engine.graphs import GraphedInference, eager_capture
     from smmcl.engine.precision import for_inference, mixed_precision
-    cfg, model, rgb, x, _ = _model_and_batch(args, device, 2 if args.smoke else args.batch)
+    cfg, model, rgb, x, label = _model_and_batch(args, device, 2 if args.smoke else args.batch)
     out = {}
     for name, kernels in (('fast', False), ('fast+triton', True)):
         c = copy.deepcopy(cfg)
@@ -568,7 +576,43 @@ def step_graphs(args, device):
         del eager, graphed
         if device.type == 'cuda':
             torch.cuda.empty_cache()
+    out['training'] = _graphed_training(args, device, cfg, model, rgb, x, label)
     return out
+
+
+def _graphed_training(args, device, cfg, model, rgb, x, label):
+    """Training steps of the fast NCHW bf16 path, eager and with cuda_graphs_training, from the same
+    weights with the same seeds: the largest relative difference of the loss terms, ms per step."""
+    import torch
+    from smmcl.engine.precision import for_training, mixed_precision
+    steps = 2 if args.smoke else 6
+    runs = {}
+    for graphs in (False, True):
+        c = copy.deepcopy(cfg)
+        c.update(fast_path=True, amp=True, channels_last=False, cuda_graphs_training=graphs)
+        m = for_training(copy.deepcopy(model).train(), c)
+        amp, _ = mixed_precision(c, device)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-5)
+        terms, times = [], []
+        for step in range(steps):
+            torch.manual_seed(step)
+            sync(device)
+            t0 = time.perf_counter()
+            with amp:
+                out = m(rgb, x, label, return_terms=True)
+            opt.zero_grad(set_to_none=True)
+            out['loss'].backward()
+            opt.step()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+            terms.append(torch.stack([out[k].detach().float() for k in ('loss', 'ce', 'cm', 'vis', 'aux')]))
+        runs[graphs] = (torch.stack(terms), 1e3 * sorted(times[1:])[len(times[1:]) // 2])  # median, first left out
+        del m, opt
+    diff = ((runs[True][0] - runs[False][0]).abs() / runs[False][0].abs().clamp_min(1e-12)).max().item()
+    print(f'training, fast NCHW bf16, {steps} steps: loss terms graphed vs eager, largest relative difference '
+          f'{diff:.1e}; ms per step eager {runs[False][1]:.1f}, graphed {runs[True][1]:.1f} (first step, with '
+          f'the capture, left out)')
+    return dict(rel_diff=diff, eager_ms=runs[False][1], graphed_ms=runs[True][1], steps=steps)
 
 
 # ---- step: a briefly trained model, bf16 + kernels against plain fp32 -------------------------------
@@ -790,6 +834,10 @@ def summary(results):
     graphs = results.get('graphs')
     if isinstance(graphs, dict):
         for name, g in graphs.items():
+            if name == 'training':
+                print(f"CUDA graphs, training fast NCHW bf16: {g['eager_ms']:.1f} -> {g['graphed_ms']:.1f} ms per step; "
+                      f"loss terms differ by {g['rel_diff']:.1e} (relative)")
+                continue
             print(f"CUDA graphs, {name} bf16 inference: eager {g['eager_ips']:.1f} -> graphed {g['graphed_ips']:.1f} "
                   f"img/s; logits rel error {g['rel_error']:.1e}, argmax equal {100 * g['argmax_agreement']:.3f} %")
     brief = results.get('brief')

@@ -165,6 +165,10 @@ def base_config() -> EasyDict:
     # and replayed (smmcl/engine/graphs.py; the NMF bases are drawn outside the graph, so the same
     # function). On a CUDA device only; elsewhere the model runs as it is.
     C.cuda_graphs = False
+    # Training: the model's forward and backward (all but the losses and the optimizer) recorded as CUDA
+    # graphs on the first batch and replayed (smmcl/engine/graphs.py; same function, not yet timed on a GPU).
+    # Not with sync_bn on several processes (collectives) or compile.
+    C.cuda_graphs_training = False
     # Host reads of the training step (smmcl/engine/train.py): 1 (the authors') reads the loss terms every
     # iteration, for their tqdm line showing each iteration's loss (SMMCL_LLRGBD/train.py, the epoch
     # loop's pbar.set_description) and the step/skip decision. N > 1:
@@ -290,8 +294,12 @@ def validate(config: EasyDict) -> EasyDict:
         check_choice(key, config[key], choices)
     if config.channels_last not in (None, True, False):
         raise ConfigError(f'channels_last={config.channels_last!r}: expected None (follow fast_path), True or False')
-    if config.cuda_graphs not in (True, False):
-        raise ConfigError(f'cuda_graphs={config.cuda_graphs!r}: expected True or False')
+    for key in ('cuda_graphs', 'cuda_graphs_training'):
+        if config[key] not in (True, False):
+            raise ConfigError(f'{key}={config[key]!r}: expected True or False')
+    if config.cuda_graphs_training and config.compile:
+        raise ConfigError('cuda_graphs_training=True and compile=True: choose one (torch.compile records its '
+                          'own graphs with mode="reduce-overhead"); e.g. --set compile=False')
     check_training_counts(config)
     return config
 

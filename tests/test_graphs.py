@@ -2,14 +2,19 @@
 per input signature, static inputs refreshed at every call, NMF bases drawn outside the graph exactly as
 the eager forward draws them, outputs copied out -- checked on the CPU with a stand-in capture that has a
 graph's semantics (``eager_capture``); the CUDA capture itself at the end, where a GPU is present."""
+import copy
+
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import smmcl.engine.evaluate as ev
 from smmcl.config import ConfigError, validate
-from smmcl.engine.graphs import GraphedInference, cuda_capture, eager_capture
-from smmcl.engine.precision import for_inference
+from smmcl.engine.chunks import copy_buffers
+from smmcl.engine.graphs import (GraphedInference, GraphedTrainingForward, cuda_capture, eager_capture,
+                                 eager_make_graphed, use_training_graphs)
+from smmcl.engine.precision import for_inference, for_training
 from smmcl.models import build_segmentor
 from smmcl.models.ham_head import given_bases, nmf_layers
 
@@ -151,3 +156,112 @@ def test_cuda_graph_replays_equal_eager(model):
         rgb, x = (t.cuda() for t in inputs(2, seed=seed))
         torch.testing.assert_close(seeded(runner, seed, rgb, x), seeded(model, seed, rgb, x), rtol=1e-5, atol=1e-5)
     assert runner.captures == 1 and runner._capture is None and cuda_capture is not None
+
+
+# ---- training --------------------------------------------------------------------------------------
+
+def _training_run(model, steps, cfg):
+    """Losses, then parameters and buffers, after ``steps`` AdamW steps on fixed tiny batches, each step
+    seeded as the training loop seeds its chunks."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for step in range(steps):
+        rgb, x = torch.randn(2, 3, *SIZE, generator=g), torch.randn(2, 3, *SIZE, generator=g)
+        cells = torch.randint(0, K, (2, SIZE[0] // 16, SIZE[1] // 16), generator=g)
+        label = cells.repeat_interleave(16, 1).repeat_interleave(16, 2)
+        torch.manual_seed(100 + step)
+        terms = model(rgb, x, label, return_terms=True)
+        optimizer.zero_grad()
+        terms['loss'].backward()
+        optimizer.step()
+        losses.append(torch.stack([terms[k].detach() for k in ('loss', 'ce', 'cm', 'vis', 'aux')]))
+    return torch.stack(losses), [p.detach().clone() for p in model.parameters()], copy_buffers(model)
+
+
+def _segmentor_with_loss(backbone, **changes):
+    cfg = tiny_config(backbone=backbone, num_classes=K, **changes)
+    torch.manual_seed(0)
+    return build_segmentor(cfg, with_loss=True).train(), cfg
+
+
+def test_training_graphs_compute_the_eager_run(tiny_mscan):
+    """Three AdamW steps through the recorded forward and backward (the CPU stand-in, which like
+    make_graphed_callables runs warm-up forwards and backwards on the first batch) give the eager run's
+    losses, parameters and BatchNorm statistics to the bit: the warm-up's statistics and random draws
+    were put back."""
+    eager, cfg = _segmentor_with_loss(tiny_mscan)
+    graphed = copy.deepcopy(eager)
+    use_training_graphs(graphed, True, make_graphed=eager_make_graphed)
+    want = _training_run(eager, 3, cfg)
+    got = _training_run(graphed, 3, cfg)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    for a, b in zip(got[1] + got[2], want[1] + want[2]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert len(graphed.encode_decode.recorded) == 1
+    # the four warm-up and capture forwards left no trace in the statistics
+    tracked = [int(b) for name, b in graphed.named_buffers() if name.endswith('num_batches_tracked')]
+    assert tracked and set(tracked) == {3}
+
+
+def test_training_graphs_leave_the_model_as_it_was(tiny_mscan):
+    """The state dict keeps its keys; eval mode and no-grad calls run eagerly; switching off removes it."""
+    model, _ = _segmentor_with_loss(tiny_mscan)
+    keys = list(model.state_dict())
+    use_training_graphs(model, True, make_graphed=eager_make_graphed)
+    assert list(model.state_dict()) == keys
+    rgb, x = inputs(1)
+    with torch.no_grad():
+        model.encode_decode(rgb, x)
+    model.eval()
+    model.encode_decode(rgb, x)
+    assert model.encode_decode.recorded == {}
+    use_training_graphs(model, False)
+    assert 'encode_decode' not in model.__dict__
+
+
+def test_training_graphs_refuse_sync_batchnorm_and_compile(tiny_mscan):
+    model, cfg = _segmentor_with_loss(tiny_mscan)
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    with pytest.raises(ConfigError, match='sync_bn=False'):
+        use_training_graphs(model, True)
+    cfg.update(cuda_graphs_training=True, compile=True)
+    with pytest.raises(ConfigError, match='choose one'):
+        validate(cfg)
+
+
+def test_for_training_installs_the_training_graphs(tiny_mscan):
+    model, cfg = _segmentor_with_loss(tiny_mscan, cuda_graphs_training=True)
+    assert isinstance(for_training(model, cfg).encode_decode, GraphedTrainingForward)
+    cfg.cuda_graphs_training = False
+    assert 'encode_decode' not in for_training(model, cfg).__dict__
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+def test_cuda_training_graphs_follow_the_eager_run(tiny_mscan):
+    """On a GPU: three steps through make_graphed_callables against eager (same seeds): close losses and
+    parameters (the graphs replay the same kernels; the random numbers come from the same offsets)."""
+    eager, cfg = _segmentor_with_loss(tiny_mscan)
+    eager = eager.cuda()
+    graphed = use_training_graphs(copy.deepcopy(eager), True)
+
+    def on_cuda(model):
+        run = _training_run
+        return run(_OnDevice(model), 3, cfg)
+
+    want, got = on_cuda(eager), on_cuda(graphed)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
+    for a, b in zip(got[1], want[1]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+class _OnDevice(nn.Module):
+    """Moves the CPU batches of :func:`_training_run` to the model's device."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        device = next(self.model.parameters()).device
+        return self.model(*(a.to(device) for a in args), **kwargs)

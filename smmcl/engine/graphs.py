@@ -1,4 +1,4 @@
-"""CUDA graphs for inference (issue 10): the eager forward recorded once per input shape, then replayed.
+"""CUDA graphs (issue 10): the eager forward recorded once per input shape, then replayed.
 
 An eager MSCAN-B forward launches a few thousand small kernels, and on an H100 the host's time to
 launch them, not the GPU's work, bounds inference (README speed section). Sliding-window evaluation
@@ -16,6 +16,16 @@ as they are.
 
 Off by default (``config.cuda_graphs``). On a CPU, or any device other than CUDA, the wrapper calls the
 model as it is: the switch is safe to leave on everywhere.
+
+Training (``config.cuda_graphs_training``, off by default): the segmentor's ``encode_decode`` (both
+encoders, the fusion, the decoder and the projectors: all but the losses, ~4,300 of a step's ~4,400
+eager ops) is recorded with its backward by :func:`torch.cuda.make_graphed_callables`
+(:class:`GraphedTrainingForward`); the losses, the anchor sampler and the optimizer stay eager. Inside
+a graph the NMF bases and drop path draw from the default generator as PyTorch's graph-safe random
+numbers: each replay takes the generator's seed and offset at that moment, so the per-chunk seeding of
+the training step holds. The warm-up and capture run the forward and backward four times on the first
+batch; the BatchNorm running statistics and the random generators are put back afterwards, so the
+run is the eager one's.
 """
 from __future__ import annotations
 
@@ -26,6 +36,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from smmcl.config import ConfigError
+from smmcl.engine.chunks import copy_buffers, put_back_buffers
 from smmcl.models.ham_head import given_bases, nmf_layers
 
 logger = logging.getLogger(__name__)
@@ -170,3 +182,94 @@ class GraphedInference(nn.Module):
 def graphed(model: nn.Module, config) -> nn.Module:
     """``model`` wrapped in :class:`GraphedInference` when ``config.cuda_graphs``, else itself."""
     return GraphedInference(model) if config.cuda_graphs else model
+
+
+# ---- training -------------------------------------------------------------------------------------
+
+def eager_make_graphed(module: nn.Module, sample_args: Tuple[torch.Tensor, ...], num_warmup_iters: int = 3,
+                       allow_unused_input: bool = False) -> nn.Module:
+    """A stand-in for :func:`torch.cuda.make_graphed_callables` on any device (the CPU tests): its side
+    effects without a graph -- ``num_warmup_iters`` forwards and backwards (``torch.autograd.grad``, no
+    ``.grad`` written) and the capture's forward, which update BatchNorm statistics and draw random
+    numbers -- then ``module`` as it is."""
+    params = tuple(p for p in module.parameters() if p.requires_grad)
+    for i in range(num_warmup_iters + 1):
+        outputs = [o for o in torch.utils._pytree.tree_leaves(module(*sample_args)) if o.requires_grad]
+        if i < num_warmup_iters:
+            torch.autograd.grad(outputs, params, grad_outputs=[torch.ones_like(o) for o in outputs],
+                                allow_unused=allow_unused_input)
+    return module
+
+
+class _EncodeDecode(nn.Module):
+    """A segmentor's ``encode_decode`` as a module of its own: ``make_graphed_callables`` records a
+    module's forward with its parameters (those of the encoders and the decoder: all the segmentor's)."""
+
+    def __init__(self, segmentor: nn.Module):
+        super().__init__()
+        self.backbone, self.decode_head = segmentor.backbone, segmentor.decode_head
+        self._encode_decode = type(segmentor).encode_decode.__get__(segmentor)
+
+    def forward(self, rgb: torch.Tensor, x: torch.Tensor):
+        return self._encode_decode(rgb, x)
+
+
+class GraphedTrainingForward:
+    """A segmentor's training-mode ``encode_decode`` from CUDA graphs (forward and backward), one
+    recording per input signature (shapes, dtypes, autocast state); eager elsewhere (eval mode, no
+    grad, devices other than CUDA). Installed by :func:`use_training_graphs`; not a module, so the
+    segmentor's parameters and state dict stay as they are.
+
+    Args:
+        segmentor: an :class:`~smmcl.models.segmentor.EncoderDecoder`.
+        warmup: warm-up iterations before each capture.
+        make_graphed: :func:`torch.cuda.make_graphed_callables` on CUDA; the tests pass
+            :func:`eager_make_graphed`, which also applies it on the CPU.
+    """
+
+    def __init__(self, segmentor: nn.Module, warmup: int = 3, make_graphed: Optional[Callable] = None):
+        if any(isinstance(m, nn.SyncBatchNorm) for m in segmentor.modules()):
+            raise ConfigError('cuda_graphs_training=True cannot record SyncBatchNorm\'s collectives: set '
+                             'sync_bn=False (per-chunk BatchNorm, the authors\') or cuda_graphs_training=False')
+        self.segmentor, self.warmup, self.make_graphed = segmentor, warmup, make_graphed
+        self.recorded: Dict[tuple, Callable] = {}
+
+    def __call__(self, rgb: torch.Tensor, x: torch.Tensor):
+        """N-3-H-W, N-C_x-H-W -> (logits N-K-H-W, colour embedding, X embedding), as ``encode_decode``."""
+        make = self.make_graphed or (torch.cuda.make_graphed_callables if rgb.is_cuda else None)
+        eager = type(self.segmentor).encode_decode.__get__(self.segmentor)
+        if make is None or not self.segmentor.training or not torch.is_grad_enabled():
+            return eager(rgb, x)
+        key = (tuple(rgb.shape), rgb.dtype, tuple(x.shape), x.dtype, rgb.device, _autocast_state(rgb.device.type))
+        graphed = self.recorded.get(key)
+        if graphed is None:
+            graphed = self.recorded[key] = self._record(rgb, x, make)
+        return graphed(rgb, x)
+
+    def _record(self, rgb: torch.Tensor, x: torch.Tensor, make: Callable) -> Callable:
+        module = _EncodeDecode(self.segmentor)
+        enabled, dtype = _autocast_state(rgb.device.type)
+        devices = [rgb.device.index if rgb.device.index is not None else torch.cuda.current_device()] \
+            if rgb.is_cuda else []
+        statistics = copy_buffers(module)
+        logger.info('recording CUDA graphs of the training forward and backward for inputs %s / %s',
+                    tuple(rgb.shape), tuple(x.shape))
+        # The warm-up iterations update the BatchNorm statistics and draw random numbers: both are put
+        # back, so that the run continues as the eager one. make_graphed_callables refuses autocast's
+        # weight-cast cache.
+        with torch.random.fork_rng(devices=devices), \
+                torch.autocast(rgb.device.type, dtype=dtype, enabled=enabled, cache_enabled=False):
+            graphed = make(module, (rgb.detach().clone(), x.detach().clone()), num_warmup_iters=self.warmup,
+                           allow_unused_input=True)
+        put_back_buffers(module, statistics)
+        return graphed
+
+
+def use_training_graphs(model: nn.Module, enabled: bool, make_graphed: Optional[Callable] = None) -> nn.Module:
+    """Give the segmentor ``model`` a :class:`GraphedTrainingForward` as its ``encode_decode`` (an instance
+    attribute shadowing the method), or take it away (in place)."""
+    if enabled:
+        model.encode_decode = GraphedTrainingForward(model, make_graphed=make_graphed)
+    else:
+        model.__dict__.pop('encode_decode', None)
+    return model

@@ -11,7 +11,8 @@
 - ``config.compile``: ``torch.compile`` the model (optional: compiling MSCAN-B takes minutes; inductor
   caches its artifacts, so later runs start faster).
 - ``config.cuda_graphs``: inference forwards replayed from CUDA graphs, one per input shape
-  (``smmcl.engine.graphs``; on any path, fast or plain: the same function).
+  (``smmcl.engine.graphs``; on any path, fast or plain: the same function);
+  ``config.cuda_graphs_training`` the same for the training step's forward and backward.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from ..models.fast import fold_for_inference
-from .graphs import graphed
+from .graphs import graphed, use_training_graphs
 from ..models.mscan import use_fused_kernels
 
 logger = logging.getLogger(__name__)
@@ -80,9 +81,14 @@ def fused_kernels(config) -> bool:
 
 
 def for_training(model: nn.Module, config) -> nn.Module:
-    """The model in the configured memory format, with or without the Triton kernels (in place;
-    parameters stay the same objects)."""
-    return use_fused_kernels(model.to(memory_format=memory_format(config)), fused_kernels(config))
+    """The model in the configured memory format, with or without the Triton kernels and CUDA graphs
+    (in place; parameters stay the same objects).
+
+    Raises:
+        ConfigError: ``cuda_graphs_training`` with SyncBatchNorm layers.
+    """
+    model = use_fused_kernels(model.to(memory_format=memory_format(config)), fused_kernels(config))
+    return use_training_graphs(model, bool(config.cuda_graphs_training))
 
 
 def for_inference(model: nn.Module, config) -> nn.Module:
