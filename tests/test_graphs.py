@@ -265,3 +265,23 @@ class _OnDevice(nn.Module):
     def forward(self, *args, **kwargs):
         device = next(self.model.parameters()).device
         return self.model(*(a.to(device) for a in args), **kwargs)
+
+
+def _failing(*args, **kwargs):
+    raise RuntimeError('operation not permitted when stream is capturing')
+
+
+def test_a_failed_recording_runs_eagerly(model, tiny_mscan, caplog):
+    """A recording that fails leaves a warning and the same function, eagerly: inference with the bases
+    drawn for the graph, training with the generators and statistics as they were."""
+    runner = GraphedInference(model, capture=_failing)
+    rgb, x = inputs(2)
+    for seed in (0, 1):  # the second call does not try again
+        torch.testing.assert_close(seeded(runner, seed, rgb, x), seeded(model, seed, rgb, x), rtol=0, atol=0)
+    assert runner.captures == 0 and 'run eagerly' in caplog.text
+
+    eager, cfg = _segmentor_with_loss(tiny_mscan)
+    graphed = use_training_graphs(copy.deepcopy(eager), True, make_graphed=_failing)
+    want, got = _training_run(eager, 2, cfg), _training_run(graphed, 2, cfg)
+    for a, b in zip([got[0]] + got[1] + got[2], [want[0]] + want[1] + want[2]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

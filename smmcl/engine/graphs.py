@@ -93,6 +93,17 @@ class _Graph:
     out: torch.Tensor
 
 
+def _recorded_or_none(record: Callable, rgb: torch.Tensor, x: torch.Tensor):
+    """``record()``, or None with a warning when recording fails (an op that cannot be captured, memory):
+    those inputs' shapes then run eagerly, the same function, slower, rather than stopping a run."""
+    try:
+        return record()
+    except RuntimeError as error:
+        logger.warning('recording a CUDA graph for inputs %s / %s failed; they run eagerly from now on: %s',
+                       tuple(rgb.shape), tuple(x.shape), error)
+        return None
+
+
 def _autocast_state(device_type: str) -> Tuple[bool, Optional[torch.dtype]]:
     if not torch.is_autocast_enabled(device_type):
         return False, None
@@ -129,7 +140,7 @@ class GraphedInference(nn.Module):
 
     @property
     def captures(self) -> int:
-        return len(self._graphs)
+        return sum(graph is not None for graph in self._graphs.values())
 
     def train(self, mode: bool = True) -> 'GraphedInference':
         if mode:
@@ -153,12 +164,16 @@ class GraphedInference(nn.Module):
             bases = self._bases(rgb.shape[0], rgb.device)
             key = (tuple(rgb.shape), rgb.dtype, tuple(x.shape), x.dtype, rgb.device,
                    tuple((tuple(b.shape), b.dtype) for b in bases), _autocast_state(rgb.device.type))
-            graph = self._graphs.get(key)
-            if graph is None:
-                graph = self._graphs[key] = self._record(rgb, x, bases, capture)
+            if key not in self._graphs:
+                self._graphs[key] = _recorded_or_none(lambda: self._record(rgb, x, bases, capture), rgb, x)
             else:
-                for static, value in zip([graph.rgb, graph.x] + graph.bases, [rgb, x] + bases):
+                graph = self._graphs[key]
+                for static, value in zip([graph.rgb, graph.x] + graph.bases if graph else [], [rgb, x] + bases):
                     static.copy_(value)
+            graph = self._graphs[key]
+            if graph is None:  # the recording failed: this signature runs eagerly, with the bases drawn above
+                with given_bases(self.model, bases):
+                    return self.model(rgb, x)
             graph.replay()
             return graph.out.clone()
 
@@ -241,10 +256,10 @@ class GraphedTrainingForward:
         if make is None or not self.segmentor.training or not torch.is_grad_enabled():
             return eager(rgb, x)
         key = (tuple(rgb.shape), rgb.dtype, tuple(x.shape), x.dtype, rgb.device, _autocast_state(rgb.device.type))
-        graphed = self.recorded.get(key)
-        if graphed is None:
-            graphed = self.recorded[key] = self._record(rgb, x, make)
-        return graphed(rgb, x)
+        if key not in self.recorded:
+            self.recorded[key] = _recorded_or_none(lambda: self._record(rgb, x, make), rgb, x)
+        graphed = self.recorded[key]
+        return eager(rgb, x) if graphed is None else graphed(rgb, x)
 
     def _record(self, rgb: torch.Tensor, x: torch.Tensor, make: Callable) -> Callable:
         module = _EncodeDecode(self.segmentor)
@@ -257,12 +272,13 @@ class GraphedTrainingForward:
         # The warm-up iterations update the BatchNorm statistics and draw random numbers: both are put
         # back, so that the run continues as the eager one. make_graphed_callables refuses autocast's
         # weight-cast cache.
-        with torch.random.fork_rng(devices=devices), \
-                torch.autocast(rgb.device.type, dtype=dtype, enabled=enabled, cache_enabled=False):
-            graphed = make(module, (rgb.detach().clone(), x.detach().clone()), num_warmup_iters=self.warmup,
-                           allow_unused_input=True)
-        put_back_buffers(module, statistics)
-        return graphed
+        try:
+            with torch.random.fork_rng(devices=devices), \
+                    torch.autocast(rgb.device.type, dtype=dtype, enabled=enabled, cache_enabled=False):
+                return make(module, (rgb.detach().clone(), x.detach().clone()), num_warmup_iters=self.warmup,
+                            allow_unused_input=True)
+        finally:
+            put_back_buffers(module, statistics)
 
 
 def use_training_graphs(model: nn.Module, enabled: bool, make_graphed: Optional[Callable] = None) -> nn.Module:
