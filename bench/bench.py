@@ -10,7 +10,8 @@ synthetic test set (loading included), and peak memory. Prints one table.
 Plain path: the authors' way (fp32, NCHW, their per-class anchor-sampling loop, one window at a time).
 Fast path: vectorised sampler, channels_last, bf16 autocast where the device computes bf16 natively
 (NMF and InfoNCE stay fp32; the dtype column says what ran), BN and layer scales folded for inference,
-batched sliding windows, optional torch.compile (--compile; its compile time is reported). Both paths
+batched sliding windows, optional torch.compile (--compile; its compile time is reported) or CUDA
+graphs (--cuda-graphs: ``cuda_graphs`` and ``cuda_graphs_training``, on a GPU). Both paths
 are configured by the same helpers as train.py and eval.py (``smmcl.engine.precision``).
 """
 from __future__ import annotations
@@ -56,7 +57,8 @@ def make_cfg(args, fast):
     cfg = base_config()
     cfg.update(backbone=args.backbone, num_classes=args.classes,
                anchor_sampler='vectorized' if fast else 'loop', fast_path=fast, amp=fast,
-               compile=fast and args.compile)
+               compile=fast and args.compile, cuda_graphs=fast and args.cuda_graphs,
+               cuda_graphs_training=fast and args.cuda_graphs)
     return cfg
 
 
@@ -169,6 +171,8 @@ def main(argv=None):
     parser.add_argument('--warmup', type=int, default=5 if on_gpu else 1)
     parser.add_argument('--eval-images', type=int, default=479 if on_gpu else 8)
     parser.add_argument('--compile', action='store_true', help='torch.compile the fast path')
+    parser.add_argument('--cuda-graphs', action='store_true',
+                        help='fast path with CUDA graphs (cuda_graphs and cuda_graphs_training)')
     parser.add_argument('--skip-eval', action='store_true')
     args = parser.parse_args(argv)
     device = torch.device('cuda' if on_gpu else 'cpu')

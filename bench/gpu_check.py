@@ -484,7 +484,8 @@ def step_bench(args, device):
     bench_args = argparse.Namespace(
         backbone='mscan_t' if args.smoke else 'mscan_b', batch=2 if args.smoke else args.batch,
         height=64 if args.smoke else 480, width=64 if args.smoke else 640, classes=14,
-        iters=1 if args.smoke else args.iters, warmup=0 if args.smoke else args.warmup, compile=False)
+        iters=1 if args.smoke else args.iters, warmup=0 if args.smoke else args.warmup, compile=False,
+        cuda_graphs=False)
     original = bench.make_cfg
     rows = {}
     # (label, fast path, Triton kernels, torch.compile, channels_last, CUDA graphs: None, 'infer' (the
@@ -789,7 +790,8 @@ def step_tests(args, device):
     left = max(30.0, args.deadline_s - (time.time() - args.started))
     try:
         proc = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
-                               'tests/test_kernels.py', 'tests/test_graphs.py'], cwd=REPO, env=env, capture_output=True, text=True,
+                               'tests/test_kernels.py', 'tests/test_graphs.py'], cwd=REPO, env=env,
+                              capture_output=True, text=True,
                               timeout=left)
     except subprocess.TimeoutExpired as err:
         print((err.stdout or b'').decode(errors='replace')[-3000:] if isinstance(err.stdout, bytes) else err.stdout)
@@ -835,7 +837,8 @@ def summary(results):
     if isinstance(graphs, dict):
         for name, g in graphs.items():
             if name == 'training':
-                print(f"CUDA graphs, training fast NCHW bf16: {g['eager_ms']:.1f} -> {g['graphed_ms']:.1f} ms per step; "
+                print(f"CUDA graphs, training fast NCHW bf16: {g['eager_ms']:.1f} -> {g['graphed_ms']:.1f} ms "
+                      f"per step; "
                       f"loss terms differ by {g['rel_diff']:.1e} (relative)")
                 continue
             print(f"CUDA graphs, {name} bf16 inference: eager {g['eager_ips']:.1f} -> graphed {g['graphed_ips']:.1f} "
