@@ -285,3 +285,15 @@ def test_a_failed_recording_runs_eagerly(model, tiny_mscan, caplog):
     want, got = _training_run(eager, 2, cfg), _training_run(graphed, 2, cfg)
     for a, b in zip([got[0]] + got[1] + got[2], [want[0]] + want[1] + want[2]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_autocast_state_is_part_of_the_signature(model):
+    """A forward under autocast is another recording (the graph holds the casts), equal to the eager
+    forward under the same autocast."""
+    runner = GraphedInference(model, capture=eager_capture)
+    rgb, x = inputs(1)
+    seeded(runner, 0, rgb, x)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        want, got = seeded(model, 1, rgb, x), seeded(runner, 1, rgb, x)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert runner.captures == 2

@@ -105,9 +105,16 @@ def _recorded_or_none(record: Callable, rgb: torch.Tensor, x: torch.Tensor):
 
 
 def _autocast_state(device_type: str) -> Tuple[bool, Optional[torch.dtype]]:
-    if not torch.is_autocast_enabled(device_type):
-        return False, None
-    return True, torch.get_autocast_dtype(device_type)
+    """(enabled, dtype) of autocast on ``device_type`` now."""
+    try:  # PyTorch >= 2.4
+        enabled = torch.is_autocast_enabled(device_type)
+        return (True, torch.get_autocast_dtype(device_type)) if enabled else (False, None)
+    except (TypeError, AttributeError):  # 2.1 - 2.3: one function pair per device type
+        if device_type == 'cuda':
+            enabled, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+        else:
+            enabled, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+        return (True, dtype) if enabled else (False, None)
 
 
 class GraphedInference(nn.Module):
