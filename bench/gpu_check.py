@@ -540,7 +540,7 @@ def step_graphs(args, device):
     """The graph replay of the folded bf16 model (fast, and fast + kernels) against its eager forward:
     same inputs, same random state, so the same NMF bases; and ms per forward of each."""
     import torch
-    from smmcl.engine.graphs import GraphedInference, eager_capture
+    from smmcl.engine.graphs import EagerRecorder, GraphedInference
     from smmcl.engine.precision import for_inference, mixed_precision
     cfg, model, rgb, x, label = _model_and_batch(args, device, 2 if args.smoke else args.batch)
     out = {}
@@ -548,7 +548,7 @@ def step_graphs(args, device):
         c = copy.deepcopy(cfg)
         c.update(fast_path=True, amp=True, triton_kernels=kernels)
         eager = for_inference(model, c)
-        graphed = GraphedInference(eager, capture=None if device.type == 'cuda' else eager_capture)
+        graphed = GraphedInference(eager, recorder=None if device.type == 'cuda' else EagerRecorder())
         amp, _ = mixed_precision(c, device)
         r, xx = (t.contiguous(memory_format=torch.channels_last) for t in (rgb, x))
 

@@ -1,7 +1,8 @@
-"""CUDA graphs for inference (issue 10, ``config.cuda_graphs``): the wrapper's bookkeeping -- one recording
-per input signature, static inputs refreshed at every call, NMF bases drawn outside the graph exactly as
-the eager forward draws them, outputs copied out -- checked on the CPU with a stand-in capture that has a
-graph's semantics (``eager_capture``); the CUDA capture itself at the end, where a GPU is present."""
+"""CUDA graphs (issue 10, ``config.cuda_graphs`` and ``cuda_graphs_training``): the bookkeeping -- one
+recording per input signature, static inputs refreshed at every call, NMF bases drawn outside the graph
+exactly as the eager forward draws them, outputs copied out, the recorded backward's gradients, the
+warm-up's side effects put back -- checked on the CPU with a stand-in recorder that has a graph's
+semantics (``EagerRecorder``); the CUDA captures themselves at the end, where a GPU is present."""
 import copy
 
 import numpy as np
@@ -12,8 +13,7 @@ from torch import nn
 import smmcl.engine.evaluate as ev
 from smmcl.config import ConfigError, validate
 from smmcl.engine.chunks import copy_buffers
-from smmcl.engine.graphs import (GraphedInference, GraphedTrainingForward, cuda_capture, eager_capture,
-                                 eager_make_graphed, use_training_graphs)
+from smmcl.engine.graphs import EagerRecorder, GraphedInference, GraphedTrainingForward, use_training_graphs
 from smmcl.engine.precision import for_inference, for_training
 from smmcl.models import build_segmentor
 from smmcl.models.ham_head import given_bases, nmf_layers
@@ -44,7 +44,7 @@ def seeded(fn, seed, *args):
 def test_replays_compute_the_eager_forward_with_its_random_bases(model):
     """Each call equals the eager forward under the same random state (the bases are drawn outside the
     graph, as the forward draws them), for new inputs at every call: one recording serves them all."""
-    runner = GraphedInference(model, capture=eager_capture)
+    runner = GraphedInference(model, recorder=EagerRecorder())
     for seed in range(3):
         rgb, x = inputs(2, seed=seed)
         want = seeded(model, 10 + seed, rgb, x)
@@ -57,7 +57,7 @@ def test_replays_compute_the_eager_forward_with_its_random_bases(model):
 
 
 def test_outputs_are_copies_and_the_model_draws_again_afterwards(model):
-    runner = GraphedInference(model, capture=eager_capture)
+    runner = GraphedInference(model, recorder=EagerRecorder())
     rgb, x = inputs(1)
     first = seeded(runner, 5, rgb, x)
     kept = first.clone()
@@ -68,7 +68,7 @@ def test_outputs_are_copies_and_the_model_draws_again_afterwards(model):
 
 def test_one_recording_per_signature(model):
     """New batch sizes and image sizes are recorded once each; a known one is replayed."""
-    runner = GraphedInference(model, capture=eager_capture)
+    runner = GraphedInference(model, recorder=EagerRecorder())
     shapes = [(1, SIZE), (2, SIZE), (1, SIZE), (1, (40, 40)), (2, SIZE), (1, (40, 40))]
     for batch, size in shapes:
         rgb, x = inputs(batch, size)
@@ -79,7 +79,7 @@ def test_one_recording_per_signature(model):
 
 def test_given_bases_are_used_and_kept(model):
     """Bases the caller gives (batched evaluation) go into the graph; the caller's stay set afterwards."""
-    runner = GraphedInference(model, capture=eager_capture)
+    runner = GraphedInference(model, recorder=EagerRecorder())
     rgb, x = inputs(2)
     layers = nmf_layers(model)
     for seed in (0, 1):  # the second call replays the first call's graph with other bases
@@ -94,14 +94,14 @@ def test_given_bases_are_used_and_kept(model):
 
 
 def test_inputs_elsewhere_than_cuda_run_the_model_directly(model):
-    runner = GraphedInference(model)  # the default capture is CUDA's
+    runner = GraphedInference(model)  # the default recorder is CUDA's
     rgb, x = inputs(1)
     torch.testing.assert_close(seeded(runner, 4, rgb, x), seeded(model, 4, rgb, x), rtol=0, atol=0)
     assert runner.captures == 0
 
 
 def test_training_mode_is_refused(model):
-    runner = GraphedInference(model, capture=eager_capture)
+    runner = GraphedInference(model, recorder=EagerRecorder())
     with pytest.raises(ValueError, match='inference'):
         runner.train()
     model.train()
@@ -121,7 +121,7 @@ def test_config_switch_and_evaluation_agree(tiny_mscan, monkeypatch):
     items = [dict(data=rng.integers(0, 256, (*SIZE, 3), dtype=np.uint8),
                   modal_x=rng.integers(0, 256, (*SIZE, 3), dtype=np.uint8),
                   label=rng.integers(0, K, SIZE).astype(np.uint8), fn=f'i{i}') for i in range(3)]
-    monkeypatch.setattr(GraphedInference, '__init__', _with_eager_capture(GraphedInference.__init__))
+    monkeypatch.setattr(GraphedInference, '__init__', _with_eager_recorder(GraphedInference.__init__))
     for fast in (False, True):
         for batch in (1, 2):
             cfg.update(fast_path=fast, eval_batch_size=batch, cuda_graphs=False)
@@ -134,9 +134,9 @@ def test_config_switch_and_evaluation_agree(tiny_mscan, monkeypatch):
             assert runner.captures == (1 if batch == 1 else 2)
 
 
-def _with_eager_capture(init):
-    def wrapped(self, model, warmup=3, capture=None):
-        init(self, model, warmup, capture or eager_capture)
+def _with_eager_recorder(init):
+    def wrapped(self, model, warmup=3, recorder=None):
+        init(self, model, warmup, recorder or EagerRecorder())
     return wrapped
 
 
@@ -155,7 +155,7 @@ def test_cuda_graph_replays_equal_eager(model):
     for seed in range(3):
         rgb, x = (t.cuda() for t in inputs(2, seed=seed))
         torch.testing.assert_close(seeded(runner, seed, rgb, x), seeded(model, seed, rgb, x), rtol=1e-5, atol=1e-5)
-    assert runner.captures == 1 and runner._capture is None and cuda_capture is not None
+    assert runner.captures == 1
 
 
 # ---- training --------------------------------------------------------------------------------------
@@ -186,13 +186,14 @@ def _segmentor_with_loss(backbone, **changes):
 
 
 def test_training_graphs_compute_the_eager_run(tiny_mscan):
-    """Three AdamW steps through the recorded forward and backward (the CPU stand-in, which like
-    make_graphed_callables runs warm-up forwards and backwards on the first batch) give the eager run's
-    losses, parameters and BatchNorm statistics to the bit: the warm-up's statistics and random draws
-    were put back."""
+    """Three AdamW steps through the recorded forward and backward (graph_module's autograd function
+    replaying the stand-in recorder's graphs, after warm-up forwards and backwards on the first batch)
+    give the eager run's losses, parameters and BatchNorm statistics to the bit: the gradients reach the
+    parameters through the recorded backward, and the warm-up's statistics and random draws were put
+    back."""
     eager, cfg = _segmentor_with_loss(tiny_mscan)
     graphed = copy.deepcopy(eager)
-    use_training_graphs(graphed, True, make_graphed=eager_make_graphed)
+    use_training_graphs(graphed, True, recorder=EagerRecorder)
     want = _training_run(eager, 3, cfg)
     got = _training_run(graphed, 3, cfg)
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
@@ -208,7 +209,7 @@ def test_training_graphs_leave_the_model_as_it_was(tiny_mscan):
     """The state dict keeps its keys; eval mode and no-grad calls run eagerly; switching off removes it."""
     model, _ = _segmentor_with_loss(tiny_mscan)
     keys = list(model.state_dict())
-    use_training_graphs(model, True, make_graphed=eager_make_graphed)
+    use_training_graphs(model, True, recorder=EagerRecorder)
     assert list(model.state_dict()) == keys
     rgb, x = inputs(1)
     with torch.no_grad():
@@ -267,21 +268,24 @@ class _OnDevice(nn.Module):
         return self.model(*(a.to(device) for a in args), **kwargs)
 
 
-def _failing(*args, **kwargs):
-    raise RuntimeError('operation not permitted when stream is capturing')
+class _Failing(EagerRecorder):
+    """A recorder whose capture fails, as CUDA's does on an op that cannot be captured."""
+
+    def record(self, fn):
+        raise RuntimeError('operation not permitted when stream is capturing')
 
 
 def test_a_failed_recording_runs_eagerly(model, tiny_mscan, caplog):
     """A recording that fails leaves a warning and the same function, eagerly: inference with the bases
     drawn for the graph, training with the generators and statistics as they were."""
-    runner = GraphedInference(model, capture=_failing)
+    runner = GraphedInference(model, recorder=_Failing())
     rgb, x = inputs(2)
     for seed in (0, 1):  # the second call does not try again
         torch.testing.assert_close(seeded(runner, seed, rgb, x), seeded(model, seed, rgb, x), rtol=0, atol=0)
     assert runner.captures == 0 and 'run eagerly' in caplog.text
 
     eager, cfg = _segmentor_with_loss(tiny_mscan)
-    graphed = use_training_graphs(copy.deepcopy(eager), True, make_graphed=_failing)
+    graphed = use_training_graphs(copy.deepcopy(eager), True, recorder=_Failing)
     want, got = _training_run(eager, 2, cfg), _training_run(graphed, 2, cfg)
     for a, b in zip([got[0]] + got[1] + got[2], [want[0]] + want[1] + want[2]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -290,7 +294,7 @@ def test_a_failed_recording_runs_eagerly(model, tiny_mscan, caplog):
 def test_autocast_state_is_part_of_the_signature(model):
     """A forward under autocast is another recording (the graph holds the casts), equal to the eager
     forward under the same autocast."""
-    runner = GraphedInference(model, capture=eager_capture)
+    runner = GraphedInference(model, recorder=EagerRecorder())
     rgb, x = inputs(1)
     seeded(runner, 0, rgb, x)
     with torch.autocast('cpu', dtype=torch.bfloat16):

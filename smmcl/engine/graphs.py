@@ -1,40 +1,44 @@
 """CUDA graphs (issue 10): the eager forward recorded once per input shape, then replayed.
 
 An eager MSCAN-B forward launches a few thousand small kernels, and on an H100 the host's time to
-launch them, not the GPU's work, bounds inference (README speed section). Sliding-window evaluation
-and prediction feed the model inputs of a few fixed shapes (the crop, each scale's size, the last
-partial batch), so each shape's forward can be captured once into a CUDA graph and replayed with one
-launch.
+launch them, not the GPU's work, bounds inference and training (README speed section). Evaluation and
+prediction feed the model inputs of a few fixed shapes (the crop, each scale's size, the last partial
+batch), training one (the crop, ``drop_last`` batches), so each shape's work can be captured once into
+a CUDA graph and replayed with one launch.
 
-Same function: SMMCL's NMF decoder draws random bases in every forward (``torch.rand``). A graph would
-freeze that draw, so :class:`GraphedInference` draws the bases *outside* the graph, in the order and with
-the generator the eager forward uses, and feeds them to the graph as inputs, next to the images: a
-replay computes what the eager forward computes with the same random state (the only random numbers
-an eval-mode forward draws are these bases; :func:`smmcl.engine.evaluate._drawn_bases` relies on the
-same). Bases the caller gives (:func:`smmcl.models.ham_head.given_bases`, batched evaluation) are used
-as they are.
+Inference (``config.cuda_graphs``, :class:`GraphedInference`). SMMCL's NMF decoder draws random bases in
+every forward (``torch.rand``). A graph would freeze that draw, so the bases are drawn *outside* the
+graph, in the order and with the generator the eager forward uses, and fed to the graph as inputs, next
+to the images: a replay computes what the eager forward computes with the same random state (the only
+random numbers an eval-mode forward draws are these bases; :func:`smmcl.engine.evaluate._drawn_bases`
+relies on the same). Bases the caller gives (:func:`smmcl.models.ham_head.given_bases`, batched
+evaluation) are used as they are.
 
-Off by default (``config.cuda_graphs``). On a CPU, or any device other than CUDA, the wrapper calls the
-model as it is: the switch is safe to leave on everywhere.
+Training (``config.cuda_graphs_training``, :class:`GraphedTrainingForward`): the segmentor's
+``encode_decode`` (both encoders, the fusion, the decoder and the projectors: all but the losses) is
+recorded with its backward, :func:`torch.cuda.make_graphed_callables`' recipe (:func:`graph_module`);
+the losses, the anchor sampler and the optimizer stay eager. Inside the graphs the NMF bases and drop
+path draw from the default generator as PyTorch's graph-safe random numbers: each replay takes the
+generator's seed and offset at that moment, so the training step's per-chunk seeding holds. The
+warm-up runs the forward and backward on the first batch; the BatchNorm running statistics and the
+random generators are put back afterwards, so the run goes on as the eager one.
 
-Training (``config.cuda_graphs_training``, off by default): the segmentor's ``encode_decode`` (both
-encoders, the fusion, the decoder and the projectors: all but the losses, ~4,300 of a step's ~4,400
-eager ops) is recorded with its backward by :func:`torch.cuda.make_graphed_callables`
-(:class:`GraphedTrainingForward`); the losses, the anchor sampler and the optimizer stay eager. Inside
-a graph the NMF bases and drop path draw from the default generator as PyTorch's graph-safe random
-numbers: each replay takes the generator's seed and offset at that moment, so the per-chunk seeding of
-the training step holds. The warm-up and capture run the forward and backward four times on the first
-batch; the BatchNorm running statistics and the random generators are put back afterwards, so the
-run is the eager one's.
+Captures use ``capture_error_mode='thread_local'``: in the default global mode, a CUDA call from any
+other thread of the process (the DataLoader's pin-memory thread prefetching the next batch) invalidates
+the capture and leaves that thread failing too. Both switches are off by default; on a CPU, or any
+device other than CUDA, the model runs as it is. A recording that fails anyway leaves a warning and runs
+those inputs eagerly. The CPU tests drive all of it through :class:`EagerRecorder`, which has a graph's
+semantics without a GPU.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from smmcl.config import ConfigError
 from smmcl.engine.chunks import copy_buffers, put_back_buffers
@@ -42,55 +46,64 @@ from smmcl.models.ham_head import given_bases, nmf_layers
 
 logger = logging.getLogger(__name__)
 
-# (function to record, its state) -> (replay, static outputs): see cuda_capture / eager_capture
-Capture = Callable[[Callable[[], torch.Tensor], 'CaptureState'], Tuple[Callable[[], None], torch.Tensor]]
 
+# ---- recording ------------------------------------------------------------------------------------
 
-@dataclass
-class CaptureState:
-    """What the captures of one :class:`GraphedInference` share: the warm-up count and the memory pool
-    (graphs replayed one at a time may share one; every output is copied out right after its replay)."""
-    warmup: int = 3
-    pool: Optional[Tuple[int, int]] = None
+class CudaRecorder:
+    """Warm-up and capture of CUDA graphs that share one memory pool.
 
-
-def cuda_capture(fn: Callable[[], torch.Tensor], state: CaptureState) -> Tuple[Callable[[], None], torch.Tensor]:
-    """Record ``fn`` (reading only static tensors) into a CUDA graph: ``(graph.replay, static output)``.
-
-    Warm-up runs on a side stream first, as PyTorch's CUDA-graph notes ask: cuDNN picks its algorithms,
-    Triton's autotuner its tiles, and lazy initialisation happens outside the capture.
+    Graphs of one pool must not run concurrently and a graph's outputs are only valid until the next
+    replay of any graph of the pool: :class:`GraphedInference` copies every output out at once, and
+    :func:`graph_module` gives each module's forward and backward a pool of their own.
     """
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(state.warmup):
+
+    def __init__(self):
+        self.pool = None
+
+    def warm_up(self, fn: Callable[[], object], times: int) -> None:
+        """Run ``fn`` ``times`` times on a side stream (PyTorch's CUDA-graph notes: cuDNN picks its
+        algorithms, Triton's autotuner its tiles, lazy initialisation happens, all outside the capture)."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(times):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+
+    def record(self, fn: Callable[[], object]):
+        """``(replay, outputs)``: ``fn`` (reading only static tensors) captured into a CUDA graph; its
+        outputs are static tensors that every ``replay()`` rewrites."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode='thread_local'):
+            outputs = fn()
+        self.pool = graph.pool()
+        return graph.replay, outputs
+
+
+class EagerRecorder:
+    """:class:`CudaRecorder`'s semantics on any device, for the CPU tests: the warm-up runs ``fn``; the
+    "recording" runs it once and keeps its outputs as the static tensors, which every ``replay()``
+    overwrites with a new run's values (``fn`` reads the static inputs' current values)."""
+
+    def warm_up(self, fn: Callable[[], object], times: int) -> None:
+        for _ in range(times):
             fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=state.pool):
-        out = fn()
-    state.pool = graph.pool()
-    return graph.replay, out
+
+    def record(self, fn: Callable[[], object]):
+        outputs = fn()
+
+        def replay() -> None:
+            new = fn()
+            with torch.no_grad():
+                for static, value in zip(_as_tuple(outputs), _as_tuple(new)):
+                    if static is not None:
+                        static.detach().copy_(value)
+
+        return replay, outputs
 
 
-def eager_capture(fn: Callable[[], torch.Tensor], state: CaptureState) -> Tuple[Callable[[], None], torch.Tensor]:
-    """A stand-in for :func:`cuda_capture` with a graph's semantics on any device (the CPU tests): the
-    output is one static tensor that every replay overwrites from the static inputs' current values."""
-    out = fn()
-
-    def replay() -> None:
-        out.copy_(fn())
-
-    return replay, out
-
-
-@dataclass
-class _Graph:
-    rgb: torch.Tensor
-    x: torch.Tensor
-    bases: List[torch.Tensor]
-    replay: Callable[[], None]
-    out: torch.Tensor
+def _as_tuple(outputs) -> tuple:
+    return outputs if isinstance(outputs, tuple) else (outputs,)
 
 
 def _recorded_or_none(record: Callable, rgb: torch.Tensor, x: torch.Tensor):
@@ -117,6 +130,25 @@ def _autocast_state(device_type: str) -> Tuple[bool, Optional[torch.dtype]]:
         return (True, dtype) if enabled else (False, None)
 
 
+def _uncached_autocast(device_type: str):
+    """The autocast now in force, without its weight-cast cache: a cached cast made outside a graph's
+    memory pool would be freed when the caller's autocast context ends, under the graph's feet
+    (``make_graphed_callables`` refuses the cache for that reason)."""
+    enabled, dtype = _autocast_state(device_type)
+    return torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=False)
+
+
+# ---- inference ------------------------------------------------------------------------------------
+
+@dataclass
+class _Graph:
+    rgb: torch.Tensor
+    x: torch.Tensor
+    bases: List[torch.Tensor]
+    replay: Callable[[], None]
+    out: torch.Tensor
+
+
 class GraphedInference(nn.Module):
     """``model(rgb, x) -> logits`` of an eval-mode segmentor, each input signature recorded once as a
     CUDA graph and replayed after (module docstring).
@@ -129,20 +161,20 @@ class GraphedInference(nn.Module):
     Args:
         model: the model (``for_inference``'s), put in eval mode, called as ``model(rgb, x)``.
         warmup: eager forwards before each capture.
-        capture: how a forward is recorded: :func:`cuda_capture` on CUDA; the tests pass
-            :func:`eager_capture`, which also applies it on the CPU.
+        recorder: :class:`CudaRecorder` (the default, on CUDA inputs); the tests pass an
+            :class:`EagerRecorder`, which also applies on the CPU.
 
     Attributes:
         model: the wrapped model (its NMFs are found through this module too).
         captures: the number of graphs recorded so far.
     """
 
-    def __init__(self, model: nn.Module, warmup: int = 3, capture: Optional[Capture] = None):
+    def __init__(self, model: nn.Module, warmup: int = 3, recorder=None):
         super().__init__()
         self.model = model
-        self._capture = capture
-        self._state = CaptureState(warmup=warmup)
-        self._graphs: Dict[tuple, _Graph] = {}
+        self.warmup = warmup
+        self._recorder = recorder
+        self._graphs: Dict[tuple, Optional[_Graph]] = {}  # None: the recording failed, run eagerly
         self.train(False)  # an eval-mode wrapper (callers read .training to restore it)
 
     @property
@@ -162,8 +194,7 @@ class GraphedInference(nn.Module):
 
     def forward(self, rgb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """N-3-H-W (rgb), N-C_x-H-W (x) -> N-K-H-W logits, as ``model(rgb, x)``."""
-        capture = self._capture or (cuda_capture if rgb.is_cuda else None)
-        if capture is None:
+        if self._recorder is None and not rgb.is_cuda:
             return self.model(rgb, x)
         if self.model.training:
             raise ValueError('GraphedInference needs an eval-mode model: call .eval() on it first')
@@ -172,7 +203,7 @@ class GraphedInference(nn.Module):
             key = (tuple(rgb.shape), rgb.dtype, tuple(x.shape), x.dtype, rgb.device,
                    tuple((tuple(b.shape), b.dtype) for b in bases), _autocast_state(rgb.device.type))
             if key not in self._graphs:
-                self._graphs[key] = _recorded_or_none(lambda: self._record(rgb, x, bases, capture), rgb, x)
+                self._graphs[key] = _recorded_or_none(lambda: self._record(rgb, x, bases), rgb, x)
             else:
                 graph = self._graphs[key]
                 for static, value in zip([graph.rgb, graph.x] + graph.bases if graph else [], [rgb, x] + bases):
@@ -184,20 +215,20 @@ class GraphedInference(nn.Module):
             graph.replay()
             return graph.out.clone()
 
-    def _record(self, rgb: torch.Tensor, x: torch.Tensor, bases: List[torch.Tensor], capture: Capture) -> _Graph:
+    def _record(self, rgb: torch.Tensor, x: torch.Tensor, bases: List[torch.Tensor]) -> _Graph:
         static_rgb, static_x = rgb.clone(), x.clone()
         static_bases = [b.clone() for b in bases]
-        enabled, dtype = _autocast_state(rgb.device.type)
+        recorder = self._recorder or CudaRecorder()
+        if self._recorder is None:
+            self._recorder = recorder  # one memory pool for all this model's graphs
 
         def forward() -> torch.Tensor:
-            # Autocast's weight-cast cache would hand the graph casts made outside its memory pool and
-            # freed when the caller's autocast context ends: record with the cache off.
-            with given_bases(self.model, static_bases), \
-                    torch.autocast(rgb.device.type, dtype=dtype, enabled=enabled, cache_enabled=False):
+            with given_bases(self.model, static_bases), _uncached_autocast(rgb.device.type):
                 return self.model(static_rgb, static_x)
 
         logger.info('recording a CUDA graph of the forward for inputs %s / %s', tuple(rgb.shape), tuple(x.shape))
-        replay, out = capture(forward, self._state)
+        recorder.warm_up(forward, self.warmup)
+        replay, out = recorder.record(forward)
         return _Graph(static_rgb, static_x, static_bases, replay, out)
 
 
@@ -208,24 +239,81 @@ def graphed(model: nn.Module, config) -> nn.Module:
 
 # ---- training -------------------------------------------------------------------------------------
 
-def eager_make_graphed(module: nn.Module, sample_args: Tuple[torch.Tensor, ...], num_warmup_iters: int = 3,
-                       allow_unused_input: bool = False) -> nn.Module:
-    """A stand-in for :func:`torch.cuda.make_graphed_callables` on any device (the CPU tests): its side
-    effects without a graph -- ``num_warmup_iters`` forwards and backwards (``torch.autograd.grad``, no
-    ``.grad`` written) and the capture's forward, which update BatchNorm statistics and draw random
-    numbers -- then ``module`` as it is."""
-    params = tuple(p for p in module.parameters() if p.requires_grad)
-    for i in range(num_warmup_iters + 1):
-        outputs = [o for o in torch.utils._pytree.tree_leaves(module(*sample_args)) if o.requires_grad]
-        if i < num_warmup_iters:
-            torch.autograd.grad(outputs, params, grad_outputs=[torch.ones_like(o) for o in outputs],
-                                allow_unused=allow_unused_input)
-    return module
+def graph_module(module: nn.Module, sample_args: Sequence[torch.Tensor], recorder, warmup: int = 3) -> Callable:
+    """``module``'s forward and backward recorded as two graphs: a function of the same arguments, returning
+    what ``module`` returns, differentiable with respect to the module's parameters.
+
+    :func:`torch.cuda.make_graphed_callables`' recipe for one module (its static inputs are
+    ``sample_args``, its parameters and the outputs' gradients; the backward graph is
+    ``torch.autograd.grad`` of the recorded outputs), with the recorder's capture mode and a stand-in
+    recorder for the tests. Replays read the inputs' current values (copied into ``sample_args``) and the
+    parameters in place: an optimizer's in-place update is seen, a new parameter object is not.
+
+    Args:
+        module: in the mode it will run in; its forward takes tensors and returns (nested) tensors.
+        sample_args: tensors of the real inputs' shapes, dtypes and layouts; kept as the static inputs.
+        recorder: :class:`CudaRecorder` or :class:`EagerRecorder`.
+        warmup: forwards and backwards before the captures (they update BatchNorm statistics and draw
+            random numbers; the caller puts those back).
+    """
+    static_inputs = tuple(sample_args)
+    params = tuple(module.parameters())
+    surface = static_inputs + params
+    differentiable = tuple(t for t in surface if t.requires_grad)
+    live = {}  # the outputs of the latest forward (the stand-in's backward differentiates those)
+
+    def forward():
+        with torch.enable_grad():
+            leaves, live['spec'] = tree_flatten(module(*static_inputs))
+        live['outputs'] = tuple(leaves)
+        return live['outputs']
+
+    def warm_step():
+        outputs = [o for o in forward() if o.requires_grad]
+        torch.autograd.grad(outputs, differentiable, grad_outputs=[torch.zeros_like(o) for o in outputs],
+                            allow_unused=True)
+
+    recorder.warm_up(warm_step, warmup)
+    replay_forward, static_outputs = recorder.record(forward)
+    spec = live['spec']
+    static_grad_outputs = tuple(torch.zeros_like(o) if o.requires_grad else None for o in static_outputs)
+    backward_recorder = type(recorder)()  # a pool of its own (CudaRecorder)
+
+    def backward():
+        pairs = [(o, g) for o, g in zip(live['outputs'], static_grad_outputs) if g is not None]
+        grads = iter(torch.autograd.grad([o for o, _ in pairs], differentiable, grad_outputs=[g for _, g in pairs],
+                                         allow_unused=True))
+        return tuple(next(grads) if t.requires_grad else None for t in surface)
+
+    replay_backward, static_grad_inputs = backward_recorder.record(backward)
+
+    class Replay(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            for static, value in zip(static_inputs, inputs):
+                if static.data_ptr() != value.data_ptr():
+                    static.copy_(value)
+            replay_forward()
+            return tuple(o.detach() for o in static_outputs)
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, *grads):
+            for static, grad in zip(static_grad_outputs, grads):
+                if static is not None:
+                    static.copy_(grad)
+            replay_backward()
+            return tuple(g.detach() if g is not None else None for g in static_grad_inputs)
+
+    def graphed(*args):
+        return tree_unflatten(list(Replay.apply(*args, *params)), spec)
+
+    return graphed
 
 
 class _EncodeDecode(nn.Module):
-    """A segmentor's ``encode_decode`` as a module of its own: ``make_graphed_callables`` records a
-    module's forward with its parameters (those of the encoders and the decoder: all the segmentor's)."""
+    """A segmentor's ``encode_decode`` as a module of its own, holding its parameters (those of the
+    encoders and the decoder: all the segmentor's)."""
 
     def __init__(self, segmentor: nn.Module):
         super().__init__()
@@ -244,55 +332,54 @@ class GraphedTrainingForward:
 
     Args:
         segmentor: an :class:`~smmcl.models.segmentor.EncoderDecoder`.
-        warmup: warm-up iterations before each capture.
-        make_graphed: :func:`torch.cuda.make_graphed_callables` on CUDA; the tests pass
-            :func:`eager_make_graphed`, which also applies it on the CPU.
+        warmup: forwards and backwards before each capture.
+        recorder: the recorder class, :class:`CudaRecorder` on CUDA inputs; the tests pass
+            :class:`EagerRecorder`, which also applies on the CPU.
+
+    Raises:
+        ConfigError: the segmentor has SyncBatchNorm layers (collectives cannot be recorded).
     """
 
-    def __init__(self, segmentor: nn.Module, warmup: int = 3, make_graphed: Optional[Callable] = None):
+    def __init__(self, segmentor: nn.Module, warmup: int = 3, recorder: Optional[type] = None):
         if any(isinstance(m, nn.SyncBatchNorm) for m in segmentor.modules()):
             raise ConfigError('cuda_graphs_training=True cannot record SyncBatchNorm\'s collectives: set '
-                             'sync_bn=False (per-chunk BatchNorm, the authors\') or cuda_graphs_training=False')
-        self.segmentor, self.warmup, self.make_graphed = segmentor, warmup, make_graphed
-        self.recorded: Dict[tuple, Callable] = {}
+                              'sync_bn=False (per-chunk BatchNorm, the authors\') or cuda_graphs_training=False')
+        self.segmentor, self.warmup, self.recorder = segmentor, warmup, recorder
+        self.recorded: Dict[tuple, Optional[Callable]] = {}  # None: the recording failed, run eagerly
 
     def __call__(self, rgb: torch.Tensor, x: torch.Tensor):
         """N-3-H-W, N-C_x-H-W -> (logits N-K-H-W, colour embedding, X embedding), as ``encode_decode``."""
-        make = self.make_graphed or (torch.cuda.make_graphed_callables if rgb.is_cuda else None)
+        recorder = self.recorder or (CudaRecorder if rgb.is_cuda else None)
         eager = type(self.segmentor).encode_decode.__get__(self.segmentor)
-        if make is None or not self.segmentor.training or not torch.is_grad_enabled():
+        if recorder is None or not self.segmentor.training or not torch.is_grad_enabled():
             return eager(rgb, x)
         key = (tuple(rgb.shape), rgb.dtype, tuple(x.shape), x.dtype, rgb.device, _autocast_state(rgb.device.type))
         if key not in self.recorded:
-            self.recorded[key] = _recorded_or_none(lambda: self._record(rgb, x, make), rgb, x)
+            self.recorded[key] = _recorded_or_none(lambda: self._record(rgb, x, recorder), rgb, x)
         graphed = self.recorded[key]
         return eager(rgb, x) if graphed is None else graphed(rgb, x)
 
-    def _record(self, rgb: torch.Tensor, x: torch.Tensor, make: Callable) -> Callable:
+    def _record(self, rgb: torch.Tensor, x: torch.Tensor, recorder: type) -> Callable:
         module = _EncodeDecode(self.segmentor)
-        enabled, dtype = _autocast_state(rgb.device.type)
         devices = [rgb.device.index if rgb.device.index is not None else torch.cuda.current_device()] \
             if rgb.is_cuda else []
         statistics = copy_buffers(module)
         logger.info('recording CUDA graphs of the training forward and backward for inputs %s / %s',
                     tuple(rgb.shape), tuple(x.shape))
-        # The warm-up iterations update the BatchNorm statistics and draw random numbers: both are put
-        # back, so that the run continues as the eager one. make_graphed_callables refuses autocast's
-        # weight-cast cache.
+        # The warm-up updates the BatchNorm statistics and draws random numbers: both are put back, so
+        # that the run continues as the eager one.
         try:
-            with torch.random.fork_rng(devices=devices), \
-                    torch.autocast(rgb.device.type, dtype=dtype, enabled=enabled, cache_enabled=False):
-                return make(module, (rgb.detach().clone(), x.detach().clone()), num_warmup_iters=self.warmup,
-                            allow_unused_input=True)
+            with torch.random.fork_rng(devices=devices), _uncached_autocast(rgb.device.type):
+                return graph_module(module, (rgb.detach().clone(), x.detach().clone()), recorder(), self.warmup)
         finally:
             put_back_buffers(module, statistics)
 
 
-def use_training_graphs(model: nn.Module, enabled: bool, make_graphed: Optional[Callable] = None) -> nn.Module:
+def use_training_graphs(model: nn.Module, enabled: bool, recorder: Optional[type] = None) -> nn.Module:
     """Give the segmentor ``model`` a :class:`GraphedTrainingForward` as its ``encode_decode`` (an instance
     attribute shadowing the method), or take it away (in place)."""
     if enabled:
-        model.encode_decode = GraphedTrainingForward(model, make_graphed=make_graphed)
+        model.encode_decode = GraphedTrainingForward(model, recorder=recorder)
     else:
         model.__dict__.pop('encode_decode', None)
     return model
