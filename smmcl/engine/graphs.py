@@ -52,9 +52,10 @@ logger = logging.getLogger(__name__)
 class CudaRecorder:
     """Warm-up and capture of CUDA graphs that share one memory pool.
 
-    Graphs of one pool must not run concurrently and a graph's outputs are only valid until the next
-    replay of any graph of the pool: :class:`GraphedInference` copies every output out at once, and
-    :func:`graph_module` gives each module's forward and backward a pool of their own.
+    Graphs of one pool must not run concurrently, and memory a capture freed may serve a later one:
+    :class:`GraphedInference` copies every output out at once; :func:`graph_module`'s backward graph
+    reuses what its forward graph freed, as ``make_graphed_callables`` does (its outputs and saved
+    tensors stay alive, so their memory is not taken).
     """
 
     def __init__(self):
@@ -277,7 +278,6 @@ def graph_module(module: nn.Module, sample_args: Sequence[torch.Tensor], recorde
     replay_forward, static_outputs = recorder.record(forward)
     spec = live['spec']
     static_grad_outputs = tuple(torch.zeros_like(o) if o.requires_grad else None for o in static_outputs)
-    backward_recorder = type(recorder)()  # a pool of its own (CudaRecorder)
 
     def backward():
         pairs = [(o, g) for o, g in zip(live['outputs'], static_grad_outputs) if g is not None]
@@ -285,7 +285,7 @@ def graph_module(module: nn.Module, sample_args: Sequence[torch.Tensor], recorde
                                          allow_unused=True))
         return tuple(next(grads) if t.requires_grad else None for t in surface)
 
-    replay_backward, static_grad_inputs = backward_recorder.record(backward)
+    replay_backward, static_grad_inputs = recorder.record(backward)
 
     class Replay(torch.autograd.Function):
         @staticmethod
