@@ -301,3 +301,24 @@ def test_autocast_state_is_part_of_the_signature(model):
         want, got = seeded(model, 1, rgb, x), seeded(runner, 1, rgb, x)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert runner.captures == 2
+
+
+def test_copies_record_their_own_graphs(model, tiny_mscan):
+    """copy.deepcopy of a graphed model (inference wrapper, or a segmentor with training graphs) starts
+    without recordings, so it computes with its own weights, not the original's."""
+    runner = GraphedInference(model, recorder=EagerRecorder())
+    rgb, x = inputs(1)
+    seeded(runner, 0, rgb, x)
+    clone = copy.deepcopy(runner)
+    assert clone.captures == 0 and clone.model is not model
+    with torch.no_grad():
+        clone.model.decode_head.conv_seg.bias.add_(1.0)
+    torch.testing.assert_close(seeded(clone, 1, rgb, x), seeded(clone.model, 1, rgb, x), rtol=0, atol=0)
+    torch.testing.assert_close(seeded(runner, 1, rgb, x), seeded(model, 1, rgb, x), rtol=0, atol=0)
+
+    segmentor, cfg = _segmentor_with_loss(tiny_mscan)
+    use_training_graphs(segmentor, True, recorder=EagerRecorder)
+    _training_run(segmentor, 1, cfg)
+    twin = copy.deepcopy(segmentor)
+    assert twin.encode_decode.segmentor is twin and twin.encode_decode.recorded == {}
+    assert len(segmentor.encode_decode.recorded) == 1

@@ -32,6 +32,7 @@ semantics without a GPU.
 """
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -181,6 +182,11 @@ class GraphedInference(nn.Module):
     @property
     def captures(self) -> int:
         return sum(graph is not None for graph in self._graphs.values())
+
+    def __deepcopy__(self, memo) -> 'GraphedInference':
+        # The graphs replay the original's kernels on the original's tensors: a copy records its own.
+        recorder = type(self._recorder)() if self._recorder is not None else None
+        return GraphedInference(copy.deepcopy(self.model, memo), self.warmup, recorder)
 
     def train(self, mode: bool = True) -> 'GraphedInference':
         if mode:
@@ -346,6 +352,14 @@ class GraphedTrainingForward:
                               'sync_bn=False (per-chunk BatchNorm, the authors\') or cuda_graphs_training=False')
         self.segmentor, self.warmup, self.recorder = segmentor, warmup, recorder
         self.recorded: Dict[tuple, Optional[Callable]] = {}  # None: the recording failed, run eagerly
+
+    def __deepcopy__(self, memo) -> 'GraphedTrainingForward':
+        # A copied segmentor (copy.deepcopy(model)) must not replay the original's graphs, which read and
+        # write the original's parameters: the copy starts without recordings.
+        clone = object.__new__(GraphedTrainingForward)
+        clone.segmentor = copy.deepcopy(self.segmentor, memo)
+        clone.warmup, clone.recorder, clone.recorded = self.warmup, self.recorder, {}
+        return clone
 
     def __call__(self, rgb: torch.Tensor, x: torch.Tensor):
         """N-3-H-W, N-C_x-H-W -> (logits N-K-H-W, colour embedding, X embedding), as ``encode_decode``."""
