@@ -322,3 +322,11 @@ def test_copies_record_their_own_graphs(model, tiny_mscan):
     twin = copy.deepcopy(segmentor)
     assert twin.encode_decode.segmentor is twin and twin.encode_decode.recorded == {}
     assert len(segmentor.encode_decode.recorded) == 1
+
+
+def test_new_signatures_beyond_max_graphs_run_eagerly(model):
+    runner = GraphedInference(model, recorder=EagerRecorder(), max_graphs=2)
+    for size in ((32, 32), (32, 40), (40, 40), (32, 32), (40, 48)):
+        rgb, x = inputs(1, size)
+        torch.testing.assert_close(seeded(runner, 2, rgb, x), seeded(model, 2, rgb, x), rtol=0, atol=0)
+    assert runner.captures == 2

@@ -165,16 +165,19 @@ class GraphedInference(nn.Module):
         warmup: eager forwards before each capture.
         recorder: :class:`CudaRecorder` (the default, on CUDA inputs); the tests pass an
             :class:`EagerRecorder`, which also applies on the CPU.
+        max_graphs: signatures recorded at most; later new ones run eagerly. Each graph keeps its
+            activations' memory, and prediction on a folder of photos of many sizes would otherwise
+            record (and hold) one graph per size.
 
     Attributes:
         model: the wrapped model (its NMFs are found through this module too).
         captures: the number of graphs recorded so far.
     """
 
-    def __init__(self, model: nn.Module, warmup: int = 3, recorder=None):
+    def __init__(self, model: nn.Module, warmup: int = 3, recorder=None, max_graphs: int = 8):
         super().__init__()
         self.model = model
-        self.warmup = warmup
+        self.warmup, self.max_graphs = warmup, max_graphs
         self._recorder = recorder
         self._graphs: Dict[tuple, Optional[_Graph]] = {}  # None: the recording failed, run eagerly
         self.train(False)  # an eval-mode wrapper (callers read .training to restore it)
@@ -186,7 +189,7 @@ class GraphedInference(nn.Module):
     def __deepcopy__(self, memo) -> 'GraphedInference':
         # The graphs replay the original's kernels on the original's tensors: a copy records its own.
         recorder = type(self._recorder)() if self._recorder is not None else None
-        return GraphedInference(copy.deepcopy(self.model, memo), self.warmup, recorder)
+        return GraphedInference(copy.deepcopy(self.model, memo), self.warmup, recorder, self.max_graphs)
 
     def train(self, mode: bool = True) -> 'GraphedInference':
         if mode:
@@ -209,7 +212,11 @@ class GraphedInference(nn.Module):
             bases = self._bases(rgb.shape[0], rgb.device)
             key = (tuple(rgb.shape), rgb.dtype, tuple(x.shape), x.dtype, rgb.device,
                    tuple((tuple(b.shape), b.dtype) for b in bases), _autocast_state(rgb.device.type))
-            if key not in self._graphs:
+            if key not in self._graphs and len(self._graphs) >= self.max_graphs:
+                logger.warning('%d input signatures recorded as CUDA graphs already (max_graphs); inputs %s / %s '
+                               'and other new ones run eagerly', self.max_graphs, tuple(rgb.shape), tuple(x.shape))
+                self._graphs[key] = None
+            elif key not in self._graphs:
                 self._graphs[key] = _recorded_or_none(lambda: self._record(rgb, x, bases), rgb, x)
             else:
                 graph = self._graphs[key]
