@@ -178,7 +178,7 @@ class GraphedInference(nn.Module):
         super().__init__()
         self.model = model
         self.warmup, self.max_graphs = warmup, max_graphs
-        self._recorder = recorder
+        self._recorder = recorder  # None: a CudaRecorder, made on the first CUDA input
         self._graphs: Dict[tuple, Optional[_Graph]] = {}  # None: the recording failed, run eagerly
         self.train(False)  # an eval-mode wrapper (callers read .training to restore it)
 
@@ -188,7 +188,7 @@ class GraphedInference(nn.Module):
 
     def __deepcopy__(self, memo) -> 'GraphedInference':
         # The graphs replay the original's kernels on the original's tensors: a copy records its own.
-        recorder = type(self._recorder)() if self._recorder is not None else None
+        recorder = type(self._recorder)() if isinstance(self._recorder, EagerRecorder) else None
         return GraphedInference(copy.deepcopy(self.model, memo), self.warmup, recorder, self.max_graphs)
 
     def train(self, mode: bool = True) -> 'GraphedInference':
@@ -204,7 +204,7 @@ class GraphedInference(nn.Module):
 
     def forward(self, rgb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """N-3-H-W (rgb), N-C_x-H-W (x) -> N-K-H-W logits, as ``model(rgb, x)``."""
-        if self._recorder is None and not rgb.is_cuda:
+        if not rgb.is_cuda and not isinstance(self._recorder, EagerRecorder):
             return self.model(rgb, x)
         if self.model.training:
             raise ValueError('GraphedInference needs an eval-mode model: call .eval() on it first')
@@ -232,9 +232,9 @@ class GraphedInference(nn.Module):
     def _record(self, rgb: torch.Tensor, x: torch.Tensor, bases: List[torch.Tensor]) -> _Graph:
         static_rgb, static_x = rgb.clone(), x.clone()
         static_bases = [b.clone() for b in bases]
-        recorder = self._recorder or CudaRecorder()
         if self._recorder is None:
-            self._recorder = recorder  # one memory pool for all this model's graphs
+            self._recorder = CudaRecorder()  # one memory pool for all this model's graphs
+        recorder = self._recorder
 
         def forward() -> torch.Tensor:
             with given_bases(self.model, static_bases), _uncached_autocast(rgb.device.type):
