@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from ..models.fast import fold_for_inference
-from .graphs import graphed, use_training_graphs
 from ..models.mscan import use_fused_kernels
+from .graphs import graphed, use_training_graphs
 
 logger = logging.getLogger(__name__)
 
