@@ -316,7 +316,9 @@ def graph_module(module: nn.Module, sample_args: Sequence[torch.Tensor], recorde
                 if static is not None:
                     static.copy_(grad)
             replay_backward()
-            return tuple(g.detach() if g is not None else None for g in static_grad_inputs)
+            # Copies, not views: autograd may keep a returned gradient as the parameter's .grad, which
+            # the next replay (the next chunk's backward, gradient accumulation) would then overwrite.
+            return tuple(g.clone() if g is not None else None for g in static_grad_inputs)
 
     def graphed(*args):
         return tree_unflatten(list(Replay.apply(*args, *params)), spec)
