@@ -4,6 +4,7 @@ exactly as the eager forward draws them, outputs copied out, the recorded backwa
 warm-up's side effects put back -- checked on the CPU with a stand-in recorder that has a graph's
 semantics (``EagerRecorder``); the CUDA captures themselves at the end, where a GPU is present."""
 import copy
+import os
 
 import numpy as np
 import pytest
@@ -11,6 +12,9 @@ import torch
 from torch import nn
 
 import smmcl.engine.evaluate as ev
+from smmcl.engine import graphs, precision
+from smmcl.engine import train as train_module
+from smmcl.engine.checkpoint import LAST, read_checkpoint
 from smmcl.config import ConfigError, validate
 from smmcl.engine.chunks import copy_buffers
 from smmcl.engine.graphs import EagerRecorder, GraphedInference, GraphedTrainingForward, use_training_graphs
@@ -18,7 +22,7 @@ from smmcl.engine.precision import for_inference, for_training
 from smmcl.models import build_segmentor
 from smmcl.models.ham_head import given_bases, nmf_layers
 
-from conftest import tiny_config
+from conftest import REPO, tiny_config
 
 K = 4
 SIZE = (32, 48)
@@ -339,12 +343,6 @@ def test_train_script_with_training_graphs_is_the_eager_run(tiny_training, tmp_p
     checkpoint (weights, BatchNorm statistics, AdamW state) equals the eager run's up to float rounding
     (a reduction over a static buffer may sum in another order: the decoder's last bias gradient, 3e-8
     relative, on this CPU)."""
-    import os
-
-    from smmcl.engine import graphs, precision
-    from smmcl.engine import train as train_module
-    from smmcl.engine.checkpoint import LAST, read_checkpoint
-    from conftest import REPO
     config = os.path.join(REPO, 'SMMCL_LLRGBD', 'config.py')
     eager = tiny_training(log_dir=str(tmp_path / 'eager'), replicas=2, niters_per_epoch=2)
     train_module.main(config, ['--set', *eager])
