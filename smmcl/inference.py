@@ -33,8 +33,9 @@ import torch
 from smmcl.config import ConfigError, check_choice, load_config
 from smmcl.data.dataset import DatasetError, decode_image, network_order, read_file, read_flags
 from smmcl.engine.checkpoint import model_state, read_checkpoint
-from smmcl.engine.evaluate import kept_rng, predict_scores, seed_item
+from smmcl.engine.evaluate import predict_scores, seed_item
 from smmcl.engine.precision import for_inference, mixed_precision
+from smmcl.engine.seeding import kept_rng
 from smmcl.models import EncoderDecoder, build_segmentor, check_compatible
 
 CHANNEL_ORDERS = ('rgb', 'bgr')

@@ -70,6 +70,7 @@ from torch.utils.data import DataLoader, Subset
 from smmcl.config import ConfigError, check_choice
 from smmcl.engine.dist import all_reduce_sum
 from smmcl.engine.metrics import confusion_matrix
+from smmcl.engine.seeding import kept_rng
 from smmcl.models.ham_head import given_bases, nmf_layers
 
 logger = logging.getLogger(__name__)
@@ -476,16 +477,6 @@ def seed_item(config, index: int) -> None:
     ``predict.py`` gives the image at position ``index`` what ``eval.py`` gives it.
     """
     torch.manual_seed(int(config.seed) + int(index))
-
-
-def kept_rng(device):
-    """A context restoring the CPU's and ``device``'s random generators on exit, so that
-    :func:`seed_item` leaves the caller's random stream (training's) as it was."""
-    device = torch.device(device)
-    devices = []
-    if device.type == 'cuda':
-        devices = [device.index if device.index is not None else torch.cuda.current_device()]
-    return torch.random.fork_rng(devices=devices)
 
 
 def eval_workers(config) -> int:

@@ -43,6 +43,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from smmcl.config import ConfigError
 from smmcl.engine.chunks import copy_buffers, put_back_buffers
+from smmcl.engine.seeding import kept_rng
 from smmcl.models.ham_head import given_bases, nmf_layers
 
 logger = logging.getLogger(__name__)
@@ -384,15 +385,13 @@ class GraphedTrainingForward:
 
     def _record(self, rgb: torch.Tensor, x: torch.Tensor, recorder: type) -> Callable:
         module = _EncodeDecode(self.segmentor)
-        devices = [rgb.device.index if rgb.device.index is not None else torch.cuda.current_device()] \
-            if rgb.is_cuda else []
         statistics = copy_buffers(module)
         logger.info('recording CUDA graphs of the training forward and backward for inputs %s / %s',
                     tuple(rgb.shape), tuple(x.shape))
         # The warm-up updates the BatchNorm statistics and draws random numbers: both are put back, so
         # that the run continues as the eager one.
         try:
-            with torch.random.fork_rng(devices=devices), _uncached_autocast(rgb.device.type):
+            with kept_rng(rgb.device), _uncached_autocast(rgb.device.type):
                 return graph_module(module, (rgb.detach().clone(), x.detach().clone()), recorder(), self.warmup)
         finally:
             put_back_buffers(module, statistics)

@@ -14,6 +14,16 @@ from .dist import DistContext
 logger = logging.getLogger(__name__)
 
 
+def kept_rng(device):
+    """A context restoring the CPU's and ``device``'s random generators on exit: evaluation seeds per
+    image and the CUDA-graph warm-ups draw, and the caller's random stream (training's) goes on as it was."""
+    device = torch.device(device)
+    devices = []
+    if device.type == 'cuda':
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.random.fork_rng(devices=devices)
+
+
 def seed_generators(seed: int) -> None:
     """Seed Python's ``random``, NumPy's and torch's generators (the CPU's and every device's)."""
     random.seed(seed)
