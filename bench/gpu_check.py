@@ -29,7 +29,9 @@ wanted first, each reported even if another fails; once ``--budget-s`` is spent 
    ``dwconv_wgrad`` calls (``SMMCL_TRITON_STRIP_WGRAD``);
 5. ``brief``: 200 training steps (MSCAN-B, 240x320, batch 4, synthetic data) plain fp32 against fast
    bf16 + kernels, the loss curves compared; the argmax of the plain-trained model, fp32 against bf16;
-6. ``profile``: the top GPU kernels of a training step on each path and of an inference forward;
+6. ``profile``: the top GPU kernels of a training step on each path (``--profile-paths``) and of an
+   inference forward, their GPU time against the wall time of the same calls without the profiler (far
+   apart: the host bounds the step), and the operators that take the host's time;
 7. ``tests``: ``tests/test_kernels.py`` and ``tests/test_graphs.py`` on CUDA (tiny edge-case shapes, one
    tile config each).
 
@@ -109,6 +111,7 @@ def main(argv=None):
     parser.add_argument('--brief-steps', type=int, default=200, help='training steps of the brief-training check')
     parser.add_argument('--skip', default='',
                         help='comma-separated steps to skip: bench,graphs,model,kernels,brief,profile,tests')
+    parser.add_argument('--profile-paths', default='plain,fast,fast+triton', help='paths the profile step profiles')
     parser.add_argument('--budget-s', type=float, default=300, help='start no new step after this many seconds')
     parser.add_argument('--deadline-s', type=float, default=520, help='the unit tests stop by then')
     parser.add_argument('--out', default=os.environ.get('OUT'))
@@ -711,28 +714,53 @@ def step_brief(args, device):
 # ---- step 4: top kernels per path ------------------------------------------------------------------
 
 def _top_kernels(title, fn, device, steps):
-    """Profile ``steps`` calls of ``fn``; print and return the 12 kernels with most device time per call."""
+    """Time ``steps`` calls of ``fn``, then profile as many; print and return the wall and device ms per
+    call and the 12 kernels with most device time per call (on a GPU, also the host's top operators)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    # wall time without the profiler first: device time well below it means the host is the bottleneck
+    sync(device)
+    began = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync(device)
+    wall_ms = (time.perf_counter() - began) * 1e3 / steps
     with profile(activities=activities) as prof:
         for _ in range(steps):
             fn()
         sync(device)
     events = prof.key_averages()
+    if device.type == 'cuda':
+        host_events = [e for e in events if e.device_type == DeviceType.CPU]
+        # the kernels themselves: an operator's row carries its kernels' device time too (counted twice),
+        # and a record_function range (the optimizer's step) spans kernels counted on their own
+        events = [e for e in events
+                  if e.device_type != DeviceType.CPU and not getattr(e, 'is_user_annotation', False)]
 
     def device_us(e):
-        for attr in ('self_device_time_total', 'self_cuda_time_total', 'self_cpu_time_total'):
+        if device.type != 'cuda':
+            return e.self_cpu_time_total
+        for attr in ('self_device_time_total', 'self_cuda_time_total'):
             if hasattr(e, attr):
                 return getattr(e, attr)
         return 0.0
 
     total = sum(device_us(e) for e in events) or 1.0
-    print(f'\n{title}: {total / 1e3 / steps:.1f} ms of device time per call; top kernels, ms per call and share')
-    out = []
+    print(f'\n{title}: {total / 1e3 / steps:.1f} ms of device time per call, {wall_ms:.1f} ms wall (no profiler); '
+          'top kernels, ms per call and share')
+    out = [('wall ms per call', wall_ms, 1.0), ('device ms per call', total / 1e3 / steps, 1.0)]
     for e in sorted(events, key=device_us, reverse=True)[:12]:
         ms = device_us(e) / 1e3 / steps
         print(f'  {ms:8.2f} ms {100 * device_us(e) / total:5.1f}%  {e.key[:90]}')
         out.append((e.key, ms, device_us(e) / total))
+    if device.type == 'cuda':
+        # where the host's time goes (inflated by the profiler itself, so read it as shares)
+        host_total = sum(e.self_cpu_time_total for e in host_events) or 1.0
+        print(f'  host: {host_total / 1e3 / steps:.1f} ms of self CPU time per call under the profiler; top operators:')
+        for e in sorted(host_events, key=lambda e: e.self_cpu_time_total, reverse=True)[:10]:
+            print(f'  {e.self_cpu_time_total / 1e3 / steps:8.2f} ms {100 * e.self_cpu_time_total / host_total:5.1f}%  '
+                  f'x{e.count // steps:<5d} {e.key[:80]}')
     return out
 
 
@@ -743,7 +771,8 @@ def step_profile(args, device):
     from smmcl.engine.precision import for_inference, for_training, mixed_precision
     out = {}
     steps = 1 if args.smoke else 3
-    for name, fast, kernels in (('plain', False, False), ('fast', True, False), ('fast+triton', True, True)):
+    paths = (('plain', False, False), ('fast', True, False), ('fast+triton', True, True))
+    for name, fast, kernels in (p for p in paths if p[0] in args.profile_paths.split(',')):
         cfg, model, rgb, x, label = _model_and_batch(args, device, 1 if args.smoke else args.batch)
         cfg.update(fast_path=fast, triton_kernels=kernels, amp=fast)
         fmt = torch.channels_last if fast else torch.contiguous_format

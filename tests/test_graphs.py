@@ -337,14 +337,18 @@ def test_new_signatures_beyond_max_graphs_run_eagerly(model):
     assert runner.captures == 2
 
 
-def test_train_script_with_training_graphs_is_the_eager_run(tiny_training, tmp_path, monkeypatch):
+@pytest.mark.parametrize('host_sync_every', [1, 2])
+def test_train_script_with_training_graphs_is_the_eager_run(tiny_training, tmp_path, monkeypatch,
+                                                            host_sync_every):
     """train.py, 2 epochs of 2 chunks each (replicas=2: two recorded forwards and backwards per step,
     BatchNorm following chunk 0), with cuda_graphs_training=True through the stand-in recorder: the last
     checkpoint (weights, BatchNorm statistics, AdamW state) equals the eager run's up to float rounding
     (a reduction over a static buffer may sum in another order: the decoder's last bias gradient, 3e-8
-    relative, on this CPU)."""
+    relative, on this CPU). Also with host_sync_every=2 (fused AdamW, the step decided on the device),
+    the training switches the README recommends together."""
     config = os.path.join(REPO, 'SMMCL_LLRGBD', 'config.py')
-    eager = tiny_training(log_dir=str(tmp_path / 'eager'), replicas=2, niters_per_epoch=2)
+    eager = tiny_training(log_dir=str(tmp_path / 'eager'), replicas=2, niters_per_epoch=2,
+                          host_sync_every=host_sync_every)
     train_module.main(config, ['--set', *eager])
     installed = []
 
@@ -353,7 +357,7 @@ def test_train_script_with_training_graphs_is_the_eager_run(tiny_training, tmp_p
         return graphs.use_training_graphs(model, enabled, recorder=EagerRecorder)
     monkeypatch.setattr(precision, 'use_training_graphs', with_stand_in)
     graphed = tiny_training(log_dir=str(tmp_path / 'graphed'), replicas=2, niters_per_epoch=2,
-                            cuda_graphs_training=True)
+                            host_sync_every=host_sync_every, cuda_graphs_training=True)
     train_module.main(config, ['--set', *graphed])
     assert installed == [True]
     a = read_checkpoint(str(tmp_path / 'eager' / 'checkpoint' / LAST))
