@@ -125,3 +125,65 @@ def test_loss_stays_float32_under_autocast():
     with torch.autocast('cpu', dtype=torch.bfloat16):
         terms = loss(label, feats, feats)
     assert all(t.dtype == torch.float32 and torch.isfinite(t) for t in terms)
+
+
+@pytest.mark.parametrize('size', [(64, 64), (65, 97), (33, 40), (20, 18)])
+def test_embedding_size_is_the_stage4_size_without_a_forward(tiny_mscan, size):
+    from smmcl.models import build_segmentor
+    from conftest import tiny_config
+    model = build_segmentor(tiny_config(backbone=tiny_mscan), with_loss=True).eval()
+    rgb = torch.randn(1, 3, *size)
+    with torch.no_grad():
+        _, color_emb, _ = model.encode_decode(rgb, rgb)
+    assert model.backbone.embedding_size(size) == tuple(color_emb.shape[2:])
+
+
+def test_planned_ahead_the_loss_and_its_gradients_are_the_same(tiny_mscan, monkeypatch):
+    """The segmentor computes the anchor plan (its one host read) before its forward; the plan draws
+    nothing at random, so the loss terms and every gradient equal those of planning after the forward,
+    to the bit, with the same seed."""
+    import smmcl.losses.contrastive as contrastive
+    from smmcl.models import build_segmentor
+    from conftest import tiny_config
+    torch.manual_seed(0)
+    model = build_segmentor(tiny_config(backbone=tiny_mscan, num_classes=3, min_views_per_class=2),
+                            with_loss=True).train()
+    g = torch.Generator().manual_seed(1)
+    rgb, x = torch.randn(2, 3, 128, 160, generator=g), torch.randn(2, 3, 128, 160, generator=g)
+    label = torch.randint(0, 3, (2, 4, 5), generator=g).repeat_interleave(32, 1).repeat_interleave(32, 2)
+
+    events = []
+    real_plan, real_encode = contrastive.anchor_plan, model.encode_decode
+    monkeypatch.setattr(contrastive, 'anchor_plan', lambda *a, **k: events.append('plan') or real_plan(*a, **k))
+    monkeypatch.setattr(model, 'encode_decode', lambda *a: events.append('forward') or real_encode(*a))
+
+    def run(plan_ahead):
+        if not plan_ahead:
+            monkeypatch.setattr(model.contrastive, 'plan', lambda label, size: None)
+        events.clear()
+        torch.manual_seed(5)
+        terms = model(rgb, x, label, return_terms=True)
+        model.zero_grad()
+        terms['loss'].backward()
+        return events[:], {k: v.detach() for k, v in terms.items()}, \
+            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    order_ahead, terms_ahead, grads_ahead = run(plan_ahead=True)
+    order_after, terms_after, grads_after = run(plan_ahead=False)
+    assert order_ahead == ['plan', 'forward'] and order_after == ['forward', 'plan']
+    assert terms_ahead['cm'] > 0
+    for key in terms_after:
+        torch.testing.assert_close(terms_ahead[key], terms_after[key], rtol=0, atol=0)
+    assert grads_ahead.keys() == grads_after.keys()
+    for name in grads_after:
+        torch.testing.assert_close(grads_ahead[name], grads_after[name], rtol=0, atol=0)
+
+
+def test_a_plan_for_other_features_is_refused():
+    loss = build_contrastive_loss(loss_cfg())
+    label = torch.zeros(1, 64, 64, dtype=torch.long)
+    plan = loss.plan(label, (2, 2))
+    feats = torch.randn(1, 8, 3, 3)
+    with pytest.raises(ValueError, match=r'plan is for \(2, 2\)'):
+        loss(label, feats, feats, plan=plan)
+    assert build_contrastive_loss(loss_cfg(anchor_sampler='loop')).plan(label, (2, 2)) is None

@@ -14,7 +14,7 @@ batch without anchors gives zero losses that still backpropagate.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,15 @@ def anchor_plan(labels: torch.Tensor, num_classes: int, min_views: int, max_view
     return group, counts, kept, num_sets, num_views
 
 
+class AnchorPlan(NamedTuple):
+    """:func:`anchor_plan`'s result for one batch, computed from the labels alone (no features)."""
+    group: torch.Tensor
+    counts: torch.Tensor
+    kept: torch.Tensor
+    num_sets: int
+    num_views: int
+
+
 def kept_group_ids(kept: torch.Tensor, num_sets: int) -> torch.Tensor:
     """Ids of the kept groups in increasing order (T), without a host sync."""
     return torch.argsort((~kept).to(torch.int8), stable=True)[:num_sets]
@@ -73,18 +82,22 @@ def sample_anchor_indices(group: torch.Tensor, counts: torch.Tensor, kept_groups
 
 def sample_anchors(labels: torch.Tensor, color_fea: torch.Tensor, other_fea: torch.Tensor,
                    num_classes: int, min_views: int = 5, max_views: int = 300, max_total: int = 4800,
-                   share_draw: bool = False, generator: Optional[torch.Generator] = None):
+                   share_draw: bool = False, generator: Optional[torch.Generator] = None,
+                   plan: Optional[AnchorPlan] = None):
     """Sample anchor sets from both modalities.
 
     Args:
         labels: N-h-w labels at the features' resolution.
         color_fea, other_fea: N-C-h-w embeddings.
+        plan: :func:`anchor_plan` of these labels and settings when already computed (it draws
+            nothing at random, so computing it earlier changes no result).
     Returns:
         (color T-C-V, other T-C-V, labels T) or None when no set reaches ``min_views`` cells.
     """
     n, c = color_fea.shape[:2]
-    group, counts, kept, num_sets, num_views = anchor_plan(
-        labels.reshape(n, -1), num_classes, min_views, max_views, max_total)
+    if plan is None:
+        plan = AnchorPlan(*anchor_plan(labels.reshape(n, -1), num_classes, min_views, max_views, max_total))
+    group, counts, kept, num_sets, num_views = plan
     if num_sets == 0:
         return None
     kept_groups = kept_group_ids(kept, num_sets)
@@ -201,16 +214,39 @@ class SupervisedMultiModalContrastiveLoss(nn.Module):
         """Rows: RGB anchors, columns: X anchors (both T-C-V), labels: T."""
         return info_nce(feats_c, feats_o, labels, self.cm_temperature)
 
-    def forward(self, label: torch.Tensor, color_fea: torch.Tensor, other_fea: torch.Tensor
+    def plan(self, label: torch.Tensor, size) -> Optional[Tuple[torch.Tensor, AnchorPlan]]:
+        """(stage-4 labels N-h-w, :class:`AnchorPlan`) of N-H-W labels for embeddings of ``size``
+        (h, w), before the features exist: the segmentor calls it ahead of its forward, so that the
+        plan's one host read waits for nothing but the labels instead of the whole forward, and the
+        host can queue the losses while the GPU computes (the host otherwise idles the GPU there,
+        most visibly with CUDA graphs). None for the authors' loop, which reads per class."""
+        if self.sampler is not sample_anchors:
+            return None
+        with torch.autocast(device_type=label.device.type, enabled=False):
+            labels = downsample_labels(label, size)
+            return labels, AnchorPlan(*anchor_plan(labels.reshape(labels.shape[0], -1), self.num_classes,
+                                                   self.min_views, self.max_views, self.max_total))
+
+    def forward(self, label: torch.Tensor, color_fea: torch.Tensor, other_fea: torch.Tensor,
+                plan: Optional[Tuple[torch.Tensor, AnchorPlan]] = None
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """label: N-H-W full-resolution labels; color_fea, other_fea: N-C-h-w embeddings.
+        """label: N-H-W full-resolution labels; color_fea, other_fea: N-C-h-w embeddings; plan: what
+        :meth:`plan` returned for this label and the embeddings' size, or None (computed here).
 
         Returns (loss_cm, loss_vis, loss_aux), unweighted.
         """
         with torch.autocast(device_type=color_fea.device.type, enabled=False):
-            labels = downsample_labels(label, color_fea.shape[2:])
-            sampled = self.sampler(labels, color_fea, other_fea, self.num_classes, self.min_views,
-                                     self.max_views, self.max_total, self.share_draw)
+            if plan is None:
+                labels = downsample_labels(label, color_fea.shape[2:])
+                sampled = self.sampler(labels, color_fea, other_fea, self.num_classes, self.min_views,
+                                       self.max_views, self.max_total, self.share_draw)
+            else:
+                labels, anchors = plan
+                if tuple(labels.shape[1:]) != tuple(color_fea.shape[2:]):
+                    raise ValueError(f'contrastive loss: the anchor plan is for {tuple(labels.shape[1:])} '
+                                     f'embeddings, the features are {tuple(color_fea.shape[2:])}')
+                sampled = sample_anchors(labels, color_fea, other_fea, self.num_classes, self.min_views,
+                                         self.max_views, self.max_total, self.share_draw, plan=anchors)
             if sampled is None:
                 # Zero, but connected to the graph so that backward (and DDP's reducer) still works.
                 zero = 0.0 * (color_fea.float().sum() + other_fea.float().sum())

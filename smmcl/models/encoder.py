@@ -48,6 +48,16 @@ class DualMSCAN(nn.Module):
         self.projector_color = Projector(spec.embed_dims[3], norm_layer, embed_dim)
         self.projector_other = Projector(spec.embed_dims[3], norm_layer, embed_dim)
 
+    def embedding_size(self, size: Sequence[int]) -> Tuple[int, int]:
+        """(h, w) of the stage-4 embeddings for an H-W input, from the strided convolutions' own
+        arithmetic (each 3x3, stride 2, padding 1 halves a size, rounding up), without a forward."""
+        h, w = size
+        for stage in range(1, 5):
+            for conv in getattr(self, f'patch_embed{stage}').modules():
+                if isinstance(conv, nn.Conv2d):
+                    h, w = (_conv_output_length(n, conv, axis) for axis, n in enumerate((h, w)))
+        return h, w
+
     def _branch_stage(self, x: torch.Tensor, stage: int, suffix: str) -> torch.Tensor:
         x = getattr(self, f'patch_embed{suffix}{stage}')(x)
         for block in getattr(self, f'block{suffix}{stage}'):
@@ -74,3 +84,8 @@ class DualMSCAN(nn.Module):
             if stage in self.fused_stages:
                 fused.append(getattr(self, f'fconv{stage}')(rgb, modal_x))
         return fused, color_emb, other_emb
+
+
+def _conv_output_length(length: int, conv: nn.Conv2d, axis: int) -> int:
+    reach = conv.dilation[axis] * (conv.kernel_size[axis] - 1) + 1
+    return (length + 2 * conv.padding[axis] - reach) // conv.stride[axis] + 1

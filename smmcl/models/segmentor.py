@@ -27,7 +27,9 @@ class EncoderDecoder(nn.Module):
         criterion: pixel loss on N-K-H-W logits and N-H-W labels (CE with ignore 255 in SMMCL);
             None for inference.
         contrastive: the contrastive loss on the two stage-4 embeddings (returns cm, vis, aux);
-            None for inference.
+            None for inference. One with a ``plan(label, size)`` method (as
+            :class:`~smmcl.losses.SupervisedMultiModalContrastiveLoss`) is asked for it before the
+            forward, and what it returns, unless None, comes back as ``plan=``.
         loss_weights: (w_cm, w_vis, w_aux) of the contrastive terms in the total loss.
     """
 
@@ -67,9 +69,13 @@ class EncoderDecoder(nn.Module):
         if self.criterion is None or self.contrastive is None:
             raise ValueError('EncoderDecoder was built without its losses; build it with '
                              'build_segmentor(config, with_loss=True) to train')
+        # the anchor plan's host read before the forward is queued: it then waits for the labels only
+        planner = getattr(self.contrastive, 'plan', None)
+        plan = planner(label, self.backbone.embedding_size(rgb.shape[2:])) if planner else None
         logits, color_emb, other_emb = self.encode_decode(rgb, modal_x)
         ce = self.criterion(logits.float(), label.long())
-        cm, vis, aux = self.contrastive(label, color_emb, other_emb)
+        planned = {} if plan is None else {'plan': plan}
+        cm, vis, aux = self.contrastive(label, color_emb, other_emb, **planned)
         w_cm, w_vis, w_aux = self.loss_weights
         loss = ce + w_cm * cm + w_vis * vis + w_aux * aux
         if return_terms:
