@@ -159,14 +159,15 @@ def base_config() -> EasyDict:
     C.amp = False  # bf16 autocast (NMF and InfoNCE stay fp32)
     C.compile = False  # torch.compile (minutes for MSCAN-B the first time; inductor caches it)
     # With fast_path: MSCAN's depthwise convs in our Triton kernels (smmcl/kernels; needs triton).
-    # Off by default: on an H100 they make inference 2x faster but not training (README speed table).
+    # Off by default (the plain path is the authors' function): inference 2-2.5x faster on an H100 and an
+    # H200; training faster only with cuda_graphs_training (H200: 36.3 against 26.2 img/s; README tables).
     C.triton_kernels = False
     # Inference (eval.py, predict.py, Segmenter): each input shape's forward recorded once as a CUDA graph
     # and replayed (smmcl/engine/graphs.py; the NMF bases are drawn outside the graph, so the same
     # function). On a CUDA device only; elsewhere the model runs as it is.
     C.cuda_graphs = False
     # Training: the model's forward and backward (all but the losses and the optimizer) recorded as CUDA
-    # graphs on the first batch and replayed (smmcl/engine/graphs.py; same function, not yet timed on a GPU).
+    # graphs on the first batch and replayed (smmcl/engine/graphs.py; same function; README H200 table).
     # Not with sync_bn on several processes (collectives) or compile.
     C.cuda_graphs_training = False
     # Host reads of the training step (smmcl/engine/train.py): 1 (the authors') reads the loss terms every
