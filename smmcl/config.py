@@ -1,17 +1,31 @@
 """Configuration: SMMCL's defaults, loading an experiment's ``config.py``, command-line overrides.
 
-Each experiment folder's ``config.py`` builds on :func:`base_config` and sets only what differs (its
-dataset). Paths that derive from other values (``rgb_root_folder``, ``log_dir``, ...) are computed by
-:func:`finalize` *after* command-line overrides, so ``--set dataset_path=/data/x backbone=mscan_t`` moves
-the data folders and the log folder with it. Field names follow the authors' (CMX-style) config.
+Each experiment folder's ``config.py`` builds on :func:`base_config` and sets what differs, in the
+authors' flat ``C.key = value`` style. The rule, for every key:
+
+- **What you write runs.** A key assigned in the experiment's ``config.py`` (after ``base_config()``)
+  or given with ``--set`` is used as written, derived keys included (``C.log_dir = '/data/runs/x'``,
+  ``C.niters_per_epoch = 7``). ``--set`` is applied after ``config.py``.
+- **Derived keys** (:data:`DERIVED_KEYS`: data folders, list files, log and checkpoint paths,
+  ``niters_per_epoch``, ``pretrained_model``) are computed by :func:`finalize` only where neither set
+  them, from the final values of their parents, so they follow a parent you set: ``C.log_dir`` moves
+  ``tb_dir`` and ``checkpoint_dir`` under it; ``--set dataset_path=/x`` moves the data folders unless
+  ``config.py`` assigned them; ``--set backbone=mscan_t`` reads ``pretrained/segnext/mscan_t.pth``.
+- **Every key is declared** in :func:`base_config`, the one place of defaults. A key that is neither
+  declared nor derived stops every entry point at load, naming the nearest known key; a key of your own
+  is declared there with its default first. The authors' keys that do nothing in their code either
+  (:data:`AUTHORS_INERT_KEYS`) are accepted with one log line.
+
 :func:`validate` checks every setting that has a fixed set of choices once, when the config is loaded,
-before any process starts; everything else reads its key directly (every default is here).
+before any process starts; everything else reads its key directly. Field names follow the authors'
+(CMX-style) config.
 """
 from __future__ import annotations
 
 import ast
 import difflib
 import importlib.util
+import logging
 import os
 import os.path as osp
 import time
@@ -20,14 +34,26 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 from easydict import EasyDict
 
+logger = logging.getLogger(__name__)
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
-# Keys computed by ``finalize``; overriding one of them on the command line pins it.
+# Keys computed by ``finalize`` where neither ``config.py`` nor ``--set`` assigned them.
 DERIVED_KEYS = (
-    'rgb_root_folder', 'x_root_folder', 'gt_root_folder', 'train_source', 'eval_source',
-    'eval_subset_sources', 'log_dir', 'tb_dir', 'checkpoint_dir', 'log_file', 'val_log_file',
-    'niters_per_epoch',
+    'train_root', 'eval_root', 'rgb_root_folder', 'x_root_folder', 'gt_root_folder', 'train_source',
+    'eval_source', 'eval_subset_sources', 'log_dir', 'tb_dir', 'checkpoint_dir', 'log_file', 'val_log_file',
+    'niters_per_epoch', 'pretrained_model',
 )
+# Keys of the authors' SMMCL_LLRGBD/config.py that nothing in their code acts on: fix_bias and is_test
+# are read nowhere; bn_eps / bn_momentum reach only decode-head BatchNorms (their LightHamHead has
+# GroupNorms, utils/init_func.py init_weight); root_dir only feeds their sys.path; log_dir_link equals
+# log_dir, so engine.py save_and_link_checkpoint never links it; link_log_file / link_val_log_file are
+# never linked by their train.py or eval.py. Pasted into ours they are accepted and ignored, with a line.
+AUTHORS_INERT_KEYS = ('fix_bias', 'is_test', 'bn_eps', 'bn_momentum', 'root_dir', 'log_dir_link',
+                      'link_log_file', 'link_val_log_file')
+# Set by load_config itself.
+_LOADER_KEYS = ('config_file',)
+KEY_OF_YOUR_OWN = ('a key of your own: declare it with its default in base_config (smmcl/config.py), '
+                   'the one place of defaults, then set it in config.py or with --set')
 NONFINITE_LOSS_CHOICES = ('stop', 'skip')  # config.nonfinite_loss (smmcl.engine.train)
 
 
@@ -47,10 +73,9 @@ def base_config() -> EasyDict:
     dataset-specific (their training recipe included), plus our own switches, each defaulting to the
     authors' behaviour.
 
-    Keys of their config that are absent here: ``fix_bias`` and ``is_test`` (read nowhere in their
-    code); ``bn_eps``, ``bn_momentum`` (their ``init_weight`` applies them only to BatchNorms of the
-    decode head, which has GroupNorms) and ``momentum`` (read only by their ``SGDM`` branch; their
-    config and ours train with AdamW): no-ops, so they would only mislead.
+    Their config's derived keys (paths, ``niters_per_epoch``) are computed by :func:`finalize` unless
+    set; the keys it holds that act nowhere in their code are :data:`AUTHORS_INERT_KEYS`, accepted with
+    a log line. Every other key any code reads is declared here with its default.
     """
     C = EasyDict()
     # The authors' seed. Their -d 0-3 runs one process (DataParallel) seeded with it; under their DDP
@@ -78,6 +103,10 @@ def base_config() -> EasyDict:
     # List files relative to dataset_path (None: every image in the split's RGB folder, sorted).
     C.train_list = None
     C.eval_list = None
+    # True: a list file that does not exist is replaced by every image of the split's RGB folder (one
+    # log line says so); False: a missing list file is an error. LLRGBD: the authors read
+    # train/train.txt and test/test.txt, which not every copy of the dataset ships.
+    C.lists_optional = False
     # Optional extra evaluation subsets {name: list file}, reported beside the full test set.
     C.eval_subsets = {}
     C.num_train_imgs = 0
@@ -99,7 +128,8 @@ def base_config() -> EasyDict:
 
     # ---- network ----
     C.backbone = 'mscan_b'
-    C.pretrained_model = osp.join(REPO_ROOT, 'pretrained', 'segnext', 'mscan_b.pth')
+    # pretrained_model (SegNeXt's ImageNet MSCAN weights, None: from scratch) is derived from backbone:
+    # <repo>/pretrained/segnext/<backbone>.pth unless set (finalize).
     C.decoder = 'LightHamHead'
     C.decoder_embed_dim = 512
     C.drop_path_rate = None  # None: the variant's own (mscan_b: 0.2)
@@ -115,12 +145,15 @@ def base_config() -> EasyDict:
     C.weight_aux = 0.2
     # The authors call their sampler once per branch: same sets and counts, different pixels.
     C.share_anchor_draw = False
-    # 'vectorized' (one host read per batch) or 'loop' (the authors' per-class loop; reference path,
-    # reproduces their random stream).
+    # 'vectorized' (one host read per batch) or 'loop' (the authors' per-class loop, draw by draw; their
+    # own stream cannot be reproduced: their 4 DataParallel replica threads draw from one CPU generator).
     C.anchor_sampler = 'vectorized'
 
     # ---- optimisation ----
+    # 'AdamW' (the authors') or 'SGDM' (their train.py's other branch: torch.optim.SGD with momentum,
+    # over the same parameter groups and weight decay).
     C.optimizer = 'AdamW'
+    C.momentum = 0.9  # SGDM only
     C.lr = 6e-5
     C.lr_power = 0.9
     C.weight_decay = 0.01
@@ -187,6 +220,10 @@ def base_config() -> EasyDict:
     # 'corrected' = one forward only when the image fits the crop, each dimension tiled with its own
     # stride and crop, overlapping windows averaged.
     C.eval_protocol = 'authors'
+    # Beyond the authors (0: off): evaluate the test split after every N epochs of training, on every
+    # rank, with the settings above; the result table goes to the val log, mIoU and a few test images'
+    # predictions to TensorBoard. Changes nothing of the training (weights, statistics, random streams).
+    C.eval_every_epochs = 0
     # Colours of eval.py -p predictions: one [r, g, b] in 0-1 per class; None: CMX's bit palette.
     C.class_colors = None
 
@@ -203,9 +240,13 @@ def base_config() -> EasyDict:
 def load_config(path: str, overrides: Optional[Iterable[str]] = None) -> EasyDict:
     """Import ``config`` from an experiment's ``config.py``, apply ``key=value`` overrides, finalize.
 
+    The derived keys that ``config.py`` assigned and every ``--set`` key are pinned (``_pinned``):
+    :func:`finalize` leaves them as written (module docstring).
+
     Raises:
         FileNotFoundError: the config file does not exist.
-        UnknownKeyError: an override names an unknown key (the message suggests the nearest one).
+        UnknownKeyError: ``config.py`` or an override names an undeclared key (the message names the
+            nearest known one and how to declare one's own).
         ConfigError: a malformed override, or a setting outside its choices (:func:`validate`).
     """
     path = osp.abspath(path)
@@ -215,9 +256,84 @@ def load_config(path: str, overrides: Optional[Iterable[str]] = None) -> EasyDic
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = EasyDict(module.config)
+    check_declared(config, path)
+    from_file = [key for key in DERIVED_KEYS if key in config]
+    config._pinned = list(from_file)
     config.config_file = path
     apply_overrides(config, overrides or [])
+    note_pinned_children(config, path, from_file)
     return validate(finalize(config))
+
+
+# The primary keys each derived key is computed from (finalize), for the note below.
+_PARENTS = dict(
+    train_root=('dataset_path', 'train_split_dir'), eval_root=('dataset_path', 'eval_split_dir'),
+    rgb_root_folder=('dataset_path', 'train_split_dir', 'rgb_folder'),
+    x_root_folder=('dataset_path', 'train_split_dir', 'x_folder'),
+    gt_root_folder=('dataset_path', 'train_split_dir', 'gt_folder'),
+    train_source=('dataset_path', 'train_list'), eval_source=('dataset_path', 'eval_list'),
+    eval_subset_sources=('dataset_path', 'eval_subsets'), niters_per_epoch=('num_train_imgs', 'batch_size'),
+    pretrained_model=('backbone',), log_dir=('exp_dir', 'dataset_name', 'backbone'),
+    tb_dir=('log_dir',), checkpoint_dir=('log_dir',), log_file=('log_dir',), val_log_file=('log_dir',))
+
+
+def note_pinned_children(config: EasyDict, path: str, from_file: Sequence[str]) -> None:
+    """One log line when ``--set`` changes a parent of a derived key that ``config.py`` assigned: that
+    key stays as ``config.py`` wrote it (the rule), which may surprise."""
+    overridden = set(config._pinned[len(from_file):])
+    kept = [key for key in from_file if key not in overridden and overridden & set(_PARENTS.get(key, ()))]
+    if kept:
+        logger.warning('%s assigns %s: kept as written although --set changed %s', path,
+                       ', '.join(f'{key}={config[key]!r}' for key in kept),
+                       ', '.join(sorted(overridden & {p for key in kept for p in _PARENTS[key]})))
+
+
+def check_declared(config: EasyDict, path: str) -> None:
+    """Refuse the keys ``config.py`` at ``path`` assigns that :func:`base_config` does not declare and
+    that are not derived (typos such as ``nepoch``); log the authors' inert keys once.
+
+    Raises:
+        UnknownKeyError: one message naming every such key, its line and the nearest known key.
+    """
+    known = set(base_config()) | set(DERIVED_KEYS) | set(_LOADER_KEYS)
+    keys = [key for key in config if not str(key).startswith('_') and key not in known]
+    inert = [key for key in keys if key in AUTHORS_INERT_KEYS]
+    unknown = [key for key in keys if key not in AUTHORS_INERT_KEYS]
+    if unknown:
+        lines = _assignment_lines(path)
+        described = []
+        for key in unknown:
+            near = nearest(key, known)
+            notes = [f'line {lines[key]}'] if key in lines else []
+            notes += [f"did you mean '{near}'?"] if near else []
+            described.append(f"'{key}'" + (f" ({'; '.join(notes)})" if notes else ''))
+        raise UnknownKeyError(f'{path} sets unknown config key{"s" if len(unknown) > 1 else ""} '
+                              f'{"; ".join(described)}. Fix the name; {KEY_OF_YOUR_OWN}.')
+    if inert:
+        note_inert(inert, f'{path} sets')
+
+
+def note_inert(keys: Sequence[str], where: str) -> None:
+    """One log line for keys of :data:`AUTHORS_INERT_KEYS` set in ``where``."""
+    logger.warning('%s %s: keys of the authors\' config that act nowhere in their code; accepted and '
+                   'ignored (they have no effect here either)', where, ', '.join(keys))
+
+
+def _assignment_lines(path: str) -> dict:
+    """{key: first line number} of the ``X.key = ...`` assignments in a config file (for messages)."""
+    lines = {}
+    try:
+        tree = ast.parse(open(path).read())
+    except (OSError, SyntaxError):
+        return lines
+    for node in ast.walk(tree):
+        targets = node.targets if isinstance(node, ast.Assign) else (
+            [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else [])
+        for target in targets:
+            for leaf in (target.elts if isinstance(target, ast.Tuple) else [target]):
+                if isinstance(leaf, ast.Attribute):
+                    lines.setdefault(leaf.attr, leaf.lineno)
+    return lines
 
 
 def parse_value(text: str):
@@ -229,13 +345,23 @@ def parse_value(text: str):
 
 
 def apply_overrides(config: EasyDict, overrides: Iterable[str]) -> EasyDict:
-    """Apply ``key=value`` strings in place; ``a.b=v`` reaches into nested dicts."""
-    config.setdefault('_overridden', [])
+    """Apply ``key=value`` strings in place and pin their keys (``_pinned``, see :func:`finalize`);
+    ``a.b=v`` reaches into nested dicts.
+
+    Raises:
+        UnknownKeyError: an undeclared key (the nearest known one and how to declare one's own).
+        ConfigError: an item not of the form ``key=value``.
+    """
+    config.setdefault('_pinned', [])
+    inert = []
     for item in overrides:
         if '=' not in item:
             raise ConfigError(f'override {item!r} is not of the form key=value')
         key, text = item.split('=', 1)
         key = key.strip()
+        if key in AUTHORS_INERT_KEYS:
+            inert.append(key)
+            continue
         node, parts = config, key.split('.')
         for depth, part in enumerate(parts):
             if not isinstance(node, dict):  # 'lr.x=1': lr holds no keys
@@ -247,14 +373,17 @@ def apply_overrides(config: EasyDict, overrides: Iterable[str]) -> EasyDict:
                     known += list(DERIVED_KEYS)
                 near = nearest(part, known)
                 hint = f"; did you mean '{'.'.join(parts[:depth] + [near])}'?" if near else ''
-                raise UnknownKeyError(f"unknown config key '{key}'{hint}")
+                own = f' ({KEY_OF_YOUR_OWN})' if depth == 0 else ''
+                raise UnknownKeyError(f"unknown config key '{key}'{hint}{own}")
             if depth < len(parts) - 1:
                 node = node[part]
         value = parse_value(text)
         if isinstance(node.get(parts[-1]), np.ndarray):
             value = np.asarray(value, dtype=node[parts[-1]].dtype)
         node[parts[-1]] = value
-        config._overridden.append(key)
+        config._pinned.append(key)
+    if inert:
+        note_inert(inert, '--set')
     return config
 
 
@@ -302,6 +431,10 @@ def validate(config: EasyDict) -> EasyDict:
         raise ConfigError('cuda_graphs_training=True and compile=True: choose one (torch.compile records its '
                           'own graphs with mode="reduce-overhead"); e.g. --set compile=False')
     check_training_counts(config)
+    if config.optimizer == 'SGDM' and config.host_sync_every > 1:
+        raise ConfigError(f'optimizer=SGDM with host_sync_every={config.host_sync_every}: the device-side skip '
+                          f'of a non-finite batch needs fused AdamW; train SGDM with --set host_sync_every=1 '
+                          f'(the authors\' per-iteration read) or use optimizer=AdamW')
     return config
 
 
@@ -326,8 +459,10 @@ def check_training_counts(config: EasyDict) -> None:
 
 
 def finalize(config: EasyDict) -> EasyDict:
-    """Compute the derived paths and counts from the primary values (skipping pinned overrides)."""
-    pinned = set(config.get('_overridden', []))
+    """Compute each derived key (:data:`DERIVED_KEYS`) that is not pinned (``config._pinned``: set in
+    ``config.py`` or with ``--set``), from the final values of its parents, parents first, so a
+    derived key follows a parent that was set (``log_dir`` -> ``tb_dir``, ``checkpoint_dir``, ...)."""
+    pinned = set(config.get('_pinned', []))
 
     def put(key, value):
         if key not in pinned:
@@ -336,20 +471,19 @@ def finalize(config: EasyDict) -> EasyDict:
     def split_root(split_dir):
         return osp.join(config.dataset_path, split_dir) if split_dir else config.dataset_path
 
-    train_root, eval_root = split_root(config.train_split_dir), split_root(config.eval_split_dir)
-    put('rgb_root_folder', osp.join(train_root, config.rgb_folder))
-    put('x_root_folder', osp.join(train_root, config.x_folder))
-    put('gt_root_folder', osp.join(train_root, config.gt_folder))
+    put('train_root', split_root(config.train_split_dir))
+    put('eval_root', split_root(config.eval_split_dir))
+    put('rgb_root_folder', osp.join(config.train_root, config.rgb_folder))
+    put('x_root_folder', osp.join(config.train_root, config.x_folder))
+    put('gt_root_folder', osp.join(config.train_root, config.gt_folder))
     put('train_source', osp.join(config.dataset_path, config.train_list) if config.train_list else None)
     put('eval_source', osp.join(config.dataset_path, config.eval_list) if config.eval_list else None)
     put('eval_subset_sources', {name: osp.join(config.dataset_path, rel)
                                 for name, rel in (config.eval_subsets or {}).items()})
-    config.train_root = train_root
-    config.eval_root = eval_root
     # The authors: niters_per_epoch = num_train_imgs // batch_size + 1.
     put('niters_per_epoch', config.num_train_imgs // config.batch_size + 1)
-    log_dir = osp.join(config.exp_dir, f'log_{config.dataset_name}_{config.backbone}')
-    put('log_dir', log_dir)
+    put('pretrained_model', osp.join(REPO_ROOT, 'pretrained', 'segnext', f'{config.backbone}.pth'))
+    put('log_dir', osp.join(config.exp_dir, f'log_{config.dataset_name}_{config.backbone}'))
     put('tb_dir', osp.join(config.log_dir, 'tb'))
     put('checkpoint_dir', osp.join(config.log_dir, 'checkpoint'))
     stamp = time.strftime('%Y_%m_%d_%H_%M_%S', time.localtime())  # the authors' exp_time

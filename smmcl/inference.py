@@ -119,6 +119,22 @@ def checkpoint_path(checkpoint: str, checkpoint_dir: str) -> str:
     return paths[0]
 
 
+def check_output_folder(path: str, option: str) -> None:
+    """Refuse an output folder ``path`` (given with ``option``, e.g. ``-o``) that cannot be one: a file
+    of that name, or a file where one of its parent folders should be. Checked at start, before any
+    model is loaded.
+
+    Raises:
+        ConfigError: naming the file in the way and the fix.
+    """
+    folder = osp.abspath(path)
+    while not osp.exists(folder) and osp.dirname(folder) != folder:
+        folder = osp.dirname(folder)
+    if not osp.isdir(folder):
+        raise ConfigError(f'{option} {path}: {folder} is a file, and the outputs need a folder there; '
+                          f'name another folder or move the file away')
+
+
 def checked_weights(config, path: str, *, mmap: bool = False) -> Dict[str, torch.Tensor]:
     """The model weights of checkpoint file ``path``, checked against ``config.backbone`` and
     ``config.num_classes``; ``mmap=True`` for a check of the shapes only.

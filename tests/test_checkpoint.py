@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from smmcl.config import base_config
-from smmcl.engine.checkpoint import (LAST, CheckpointError, atomic_save, is_temp_file, model_state,
+from smmcl.engine.checkpoint import (LAST, SCHEDULE_KEYS, CheckpointError, atomic_save, is_temp_file, model_state,
                                      read_checkpoint, remove_stale_temp_files, restore_training_state, rng_state,
                                      save_checkpoint, set_rng_state, should_save, training_state)
 from smmcl.engine.optim import build_optimizer, group_weight
@@ -40,7 +40,8 @@ def test_authors_keys_and_our_extras(model_and_optimizer, tmp_path):
     state = read_checkpoint(path)
     assert {'model', 'optimizer', 'epoch', 'iteration'} <= set(state)  # CMX's Engine.save_checkpoint
     assert {'rng', 'lr_step', 'sampler_epoch', 'config'} <= set(state)
-    assert state['epoch'] == 3 and state['config'] == {'backbone': 'mscan_t', 'num_classes': 5}
+    assert state['epoch'] == 3
+    assert state['config'] == dict({key: cfg[key] for key in SCHEDULE_KEYS}, backbone='mscan_t', num_classes=5)
     assert list(state['model']) == list(model.state_dict())
     assert not any(k.startswith('module.') for k in state['model'])
     assert os.readlink(tmp_path / LAST) == 'epoch-3.pth'  # relative: the folder can be moved

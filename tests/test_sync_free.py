@@ -228,13 +228,13 @@ def test_device_rollback_and_skip_of_one_optimizer_step():
         assert all(torch.equal(a, b) for a, b in zip(before, bn.buffers())) == bool(undo)
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
-    authors = build_optimizer(model, EasyDict(lr=1e-2, weight_decay=0.01, train_layer_scale=False,
-                                              host_sync_every=1))
+    authors = build_optimizer(model, EasyDict(optimizer='AdamW', lr=1e-2, weight_decay=0.01,
+                                              train_layer_scale=False, host_sync_every=1))
     model(x).sum().backward()
     authors.step()
     twin = copy.deepcopy(model)  # one more step of each implementation on the same gradients
-    fused = build_optimizer(twin, EasyDict(lr=1e-2, weight_decay=0.01, train_layer_scale=False,
-                                           host_sync_every=5))
+    fused = build_optimizer(twin, EasyDict(optimizer='AdamW', lr=1e-2, weight_decay=0.01,
+                                           train_layer_scale=False, host_sync_every=5))
     # (copied: loading may keep the very step tensors, as from a file it would not)
     fused.load_state_dict(copy.deepcopy(authors.state_dict()))  # the saved fused=None must not win
     for p, q in zip(model.parameters(), twin.parameters()):
@@ -242,7 +242,7 @@ def test_device_rollback_and_skip_of_one_optimizer_step():
     step_unless_nonfinite(fused, torch.tensor(True))
     authors.step()
     assert all(relative_error(q, p) < 1e-6 for p, q in zip(model.parameters(), twin.parameters()))
-    model, authors = twin, build_optimizer(twin, EasyDict(lr=1e-2, weight_decay=0.01,
+    model, authors = twin, build_optimizer(twin, EasyDict(optimizer='AdamW', lr=1e-2, weight_decay=0.01,
                                                            train_layer_scale=False, host_sync_every=1))
     assert fused.param_groups[0]['fused'] is True
     weights = [p.clone() for p in model.parameters()]

@@ -40,7 +40,10 @@ def test_script_trains_on_the_authors_schedule(tiny_training, tmp_path):
     # epoch 2 (start 2, step 2) and the last epoch, 3; epoch-last points at the newest
     assert checkpoints(log_dir) == ['epoch-2.pth', 'epoch-3.pth', LAST]
     assert os.readlink(os.path.join(log_dir, 'checkpoint', LAST)) == 'epoch-3.pth'
-    assert glob.glob(os.path.join(log_dir, 'tb', 'events.out.tfevents.*'))
+    # the authors' TensorBoard layout: tb/<%b%d_%d-%H-%M>/ and the absolute link tb/tb to it
+    link = os.path.join(log_dir, 'tb', 'tb')
+    assert os.path.isabs(os.readlink(link)) and os.path.dirname(os.readlink(link)) == os.path.join(log_dir, 'tb')
+    assert glob.glob(os.path.join(link, 'events.out.tfevents.*'))
     text = log_text(log_dir)
     assert 'effective config:' in text and 'backbone: ' + repr('mscan_t') in text
     losses = [float(line.split(' loss ')[1].split()[0]) for line in text.splitlines() if '/3: loss' in line]

@@ -77,11 +77,27 @@ def test_unrelated_file_is_refused(tmp_path):
         load_backbone_pretrained(build_segmentor(cfg), cfg)
 
 
+@pytest.mark.parametrize('backbone', ['mscan_s', 'mscan_b'])
+def test_pretrained_weights_of_another_variant_stop_training(tmp_path, backbone):
+    path = tmp_path / 'weights.pth'
+    imagenet_mscan_file(path, 'mscan_t')
+    cfg = cfg_for(backbone, pretrained=str(path))
+    model = build_segmentor(cfg)
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    with pytest.raises(ValueError) as err:
+        load_backbone_pretrained(model, cfg)
+    message = str(err.value)
+    assert str(path) in message and f'ImageNet weights of mscan_t, not of the {backbone} backbone' in message
+    assert '--set backbone=mscan_t' in message and 'pretrained_model=None' in message
+    assert all(torch.equal(v, before[k]) for k, v in model.backbone.state_dict().items())  # nothing loaded
+
+
 def test_missing_pretrained_file_says_where_to_get_it(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         cfg = cfg_for('mscan_t', pretrained=str(tmp_path / 'mscan_t.pth'))
         load_backbone_pretrained(build_segmentor(cfg), cfg)
     assert 'pretrained_model=None' in str(err.value) and 'SegNeXt' in str(err.value)
+    assert f"{tmp_path / 'mscan_t.pth'} should hold" in str(err.value) and 'mscan_t backbone' in str(err.value)
 
 
 def test_checkpoint_for_another_config_is_refused():

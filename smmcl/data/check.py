@@ -23,7 +23,7 @@ from typing import Dict, List, Sequence
 import cv2
 import numpy as np
 
-from smmcl.config import load_config
+from smmcl.config import ConfigError, load_config
 from smmcl.data.dataset import (DatasetError, SplitLayout, _missing_message, decode_image, load_item,
                                 missing_files, read_file, read_list, split_layout, split_names)
 
@@ -199,7 +199,11 @@ def main(argv=None) -> int:
     parser.add_argument('--split', choices=('train', 'val', 'all'), default='all')
     parser.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1))
     args = parser.parse_args(argv)
-    config = load_config(args.config, args.overrides)
+    try:
+        config = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as exc:  # the user's to fix: one line, no traceback
+        print(f'error: {exc}', file=sys.stderr)
+        raise SystemExit(1)
     splits = ('train', 'val') if args.split == 'all' else (args.split,)
     unlabelled = is_unlabelled(config)
     if unlabelled:

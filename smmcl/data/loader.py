@@ -102,11 +102,11 @@ def iterations_per_epoch(config, num_images: int, verbose: bool = True) -> int:
 
     CMX derives ``niters_per_epoch = num_train_imgs // batch_size + 1`` from the config's image count;
     when the folder holds another number of images we use the real count (unless niters_per_epoch was
-    set on the command line) and say so.
+    set, in config.py or with --set) and say so.
     """
     if num_images == config.num_train_imgs:
         return config.niters_per_epoch
-    pinned = 'niters_per_epoch' in config._overridden
+    pinned = 'niters_per_epoch' in config.get('_pinned', ())
     niters = config.niters_per_epoch if pinned else num_images // config.batch_size + 1
     if verbose:
         logger.warning('the training set has %d images, the config says num_train_imgs=%d; using %d%s',

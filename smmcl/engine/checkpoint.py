@@ -26,7 +26,8 @@ their name list; ours from before this change (``rng`` but no names) in our own 
 Crash safety: a checkpoint is written to a temporary file in the same folder (``.epoch-N.pth.*.tmp``),
 flushed and fsync'ed, then renamed over its final name with ``os.replace``, which is atomic on POSIX; a
 process killed at any moment leaves either the old file or the new one, never a torn one. The link
-``epoch-last.pth`` is a relative symlink (as the authors', so it costs no disk), replaced atomically the
+``epoch-last.pth`` is a symlink (as the authors', so it costs no disk; theirs absolute, ours relative, so
+it survives moving the log folder), replaced atomically the
 same way (a temporary symlink renamed over it) and only after its target is complete, so it always
 names a complete checkpoint. Moving the link is the commit point of a save: a run killed between the
 two renames leaves a complete ``epoch-N.pth`` while the link still names N - 1; resuming from the link
@@ -65,6 +66,10 @@ from .optim import optimizer_param_names
 logger = logging.getLogger(__name__)
 
 LAST = 'epoch-last.pth'
+# The settings that define a run's schedule (the lr at each step, what a step is), stored in every
+# checkpoint so that resuming with others can say what changes (smmcl.engine.resume).
+SCHEDULE_KEYS = ('nepochs', 'lr', 'lr_power', 'warm_up_epoch', 'batch_size', 'replicas', 'optimizer',
+                 'momentum', 'weight_decay')
 _TEMP = re.compile(r'^\..+\.tmp$')
 _EPOCH = re.compile(r'^epoch-(\d+)\.pth$')
 _ITER = re.compile(r'^iter-(\d+)\.pth$')
@@ -198,7 +203,8 @@ def training_state(model: nn.Module, optimizer: Optimizer, epoch: int, iteration
     state = {'model': model.state_dict(), 'optimizer': optimizer_state, 'optimizer_param_names': stored_names,
              'epoch': epoch, 'iteration': iteration, 'rng': rng, 'lr_step': lr_step,
              'next_iteration': next_iteration, 'sampler_epoch': epoch + 1 if next_iteration else epoch,
-             'config': {'backbone': config.backbone, 'num_classes': int(config.num_classes)}}
+             'config': dict({key: config[key] for key in SCHEDULE_KEYS}, backbone=config.backbone,
+                            num_classes=int(config.num_classes))}
     if scaler is not None and scaler.is_enabled():
         state['scaler'] = scaler.state_dict()
     return state
@@ -347,7 +353,8 @@ def restore_training_state(state: Dict[str, Any], model: nn.Module, optimizer: O
         if scaler is not None and scaler.is_enabled() and 'scaler' in state:
             scaler.load_state_dict(state['scaler'])
     except (ValueError, RuntimeError, KeyError) as error:
-        raise CheckpointError(str(error)) from None
+        message = str(error)
+        raise CheckpointError(message if source in message else f'{source}: {message}') from None
 
 
 # ---- optimizer state by parameter name ----------------------------------------------------------

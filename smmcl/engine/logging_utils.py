@@ -7,7 +7,8 @@ import math
 import os
 import os.path as osp
 import sys
-from typing import Optional
+import time
+from typing import List, Optional
 
 import torch
 from tqdm import tqdm
@@ -46,16 +47,17 @@ def setup_logging(log_file: Optional[str] = None, rank: int = 0, name: str = 'sm
     return logger
 
 
-def link_last(path: str, link: str) -> None:
+def link_last(path: str, link: str, relative: bool = True) -> None:
     """Point the symlink ``link`` at ``path`` (the authors' ``link_file``: ``val_last.log`` -> the newest
     ``val_<time>.log``), replacing an earlier link or file of that name.
 
-    The link is relative when both live in one folder, so it survives moving the folder. Where the file
-    system refuses symlinks, or ``link`` is a folder, a warning says so and nothing changes.
+    ``relative``: the link is relative when both live in one folder, so it survives moving the folder
+    (theirs are absolute). Where the file system refuses symlinks, or ``link`` is a folder, a warning
+    says so and nothing changes.
     """
     target = osp.abspath(path)
     link = osp.abspath(link)
-    if osp.dirname(target) == osp.dirname(link):
+    if relative and osp.dirname(target) == osp.dirname(link):
         target = osp.basename(target)
     try:
         if osp.islink(link) or osp.isfile(link):
@@ -63,6 +65,16 @@ def link_last(path: str, link: str) -> None:
         os.symlink(target, link)
     except OSError as exc:
         logging.getLogger(__name__).warning('could not link %s to %s: %s', link, path, exc)
+
+
+def tensorboard_run_dir(tb_dir: str) -> str:
+    """The authors' TensorBoard folder of a run (their ``train.py``): ``tb_dir/<%b%d_%d-%H-%M>``, with the
+    absolute link ``tb_dir/tb`` to it (``Engine.link_tb``), so ``tensorboard --logdir tb_dir/tb`` shows
+    the newest run. Created here; returns the run folder."""
+    run = osp.join(osp.abspath(tb_dir), time.strftime('%b%d_%d-%H-%M', time.localtime()))
+    os.makedirs(run, exist_ok=True)
+    link_last(run, osp.join(tb_dir, 'tb'), relative=False)
+    return run
 
 
 def nonfinite_message(values: torch.Tensor, epoch: int, idx: int, niters: int, per_process: int = 1) -> str:
@@ -102,10 +114,12 @@ class EpochLog:
         if self.tb is not None:
             logger.warning('%s; batch skipped (%d this epoch)', message, self.skipped)
 
-    def record(self, values: torch.Tensor, idx: int, step: int, lr: float) -> None:
+    def record(self, values: torch.Tensor, idx: int, step: int, lr: float, next_lr: float) -> None:
         """Iteration ``idx`` (global ``step``, run with ``lr``): CHUNKS-5 float64 host ``values`` (their
         mean is the authors' ``loss.mean()`` over the replicas); only finite ones count towards the
-        epoch's mean."""
+        epoch's mean. The progress line shows ``next_lr``, the rate set after the step, as the authors'
+        (their train.py prints ``lr_policy.get_lr(current_idx)``: 0 at the first iteration of the
+        warm-up); TensorBoard's ``train/lr`` the rate the step ran with."""
         if torch.isfinite(values).all():
             self.sums += values.mean(0)
             self.steps += 1
@@ -113,19 +127,36 @@ class EpochLog:
             return
         mean = values.mean(0).tolist()
         self.progress.set_description(
-            f'Epoch {self.epoch}/{self.nepochs} Iter {idx + 1}/{self.niters}: lr={lr:.4e} '
+            f'Epoch {self.epoch}/{self.nepochs} Iter {idx + 1}/{self.niters}: lr={next_lr:.4e} '
             f'loss={mean[0]:.4f} total_loss={self.sums[0] / max(self.steps, 1):.4f} ', refresh=False)
         for name, value in zip(TERMS, mean):
             self.tb.add_scalar(f'train/{name}', value, step)
         self.tb.add_scalar('train/lr', lr, step)
 
-    def end(self, lr: float) -> None:
-        """The authors' per-epoch scalar and our epoch line (``lr``: the one the next step runs with)."""
+    def end(self, lr: float) -> Optional[List[float]]:
+        """The authors' per-epoch scalar and our epoch line (``lr``: the one the next step runs with);
+        returns the epoch's mean terms (:data:`TERMS`) on rank 0, None elsewhere."""
         if self.tb is None:
-            return
+            return None
         means, skipped = (self.sums / max(self.steps, 1)).tolist(), self.skipped
         self.tb.add_scalar('train_loss', means[0], self.epoch)
         self.tb.add_scalar('train/skipped_batches', skipped, self.epoch)
         logger.info('epoch %d/%d: loss %.4f (%s), lr %.4e%s', self.epoch, self.nepochs, means[0],
                     ' '.join(f'{k}={v:.4f}' for k, v in zip(TERMS[1:], means[1:])), lr,
                     f', {skipped} batches skipped (non-finite loss)' if skipped else '')
+        return means
+
+
+def warn_without_contrast(means: Optional[List[float]], epoch: int, config, plan) -> None:
+    """One warning when the epoch's three contrastive terms were 0 in every iteration although they are
+    weighted: no class reached ``min_views_per_class`` stage-4 cells in any chunk, so the epoch trained
+    with the cross-entropy alone. ``means``: :meth:`EpochLog.end`'s (None: not rank 0); ``plan``: the
+    run's :class:`~smmcl.engine.chunks.ChunkPlan`."""
+    if means is None or any(means[2:]) or not (config.weight_cm or config.weight_vis or config.weight_aux):
+        return
+    logger.warning('epoch %d: the contrastive terms (cm, vis, aux) were 0 in every iteration: no class '
+                   'reached min_views_per_class=%d stage-4 cells (1/32 of the %dx%d crops) in any chunk of %d '
+                   'image(s), so this epoch trained with the cross-entropy alone. Larger crops (image_height, '
+                   'image_width), larger chunks (fewer replicas, or a larger batch_size) or a lower '
+                   'min_views_per_class change it', epoch, config.min_views_per_class, config.image_height,
+                   config.image_width, plan.chunk_size)

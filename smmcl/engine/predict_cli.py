@@ -40,7 +40,7 @@ from smmcl.config import ConfigError, load_config
 from smmcl.data.dataset import IMAGE_EXTENSIONS, DatasetError
 from smmcl.engine.checkpoint import CheckpointError
 from smmcl.engine.evaluate import prediction_palette, save_prediction
-from smmcl.inference import Segmenter, default_device, overlay, read_images
+from smmcl.inference import Segmenter, check_output_folder, default_device, overlay, read_images
 
 LIST_EXTENSIONS = ('.txt', '.lst', '.list')
 
@@ -222,6 +222,7 @@ def main(config_path: str, argv: Optional[Sequence[str]] = None) -> None:
         if int(config.num_classes) > 256:
             raise ConfigError(f'num_classes={config.num_classes}: the outputs are 8-bit PNGs (256 classes)')
         palette = prediction_palette(config.class_colors)
+        check_output_folder(args.out, '-o')
         pairs = image_pairs(args.rgb, args.x)
         device = parse_device(args.device)
         segmenter = Segmenter.from_checkpoint(config, args.epoch, device)

@@ -8,12 +8,14 @@ continues its epoch at the next global batch of the same order, with the lr it w
 from __future__ import annotations
 
 import logging
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 from torch import nn
 
 from . import dist
-from .checkpoint import CheckpointError, latest_checkpoint, read_checkpoint, restore_training_state
+from .checkpoint import (SCHEDULE_KEYS, CheckpointError, latest_checkpoint, read_checkpoint,
+                         restore_training_state)
+from .lr import WarmUpPolyLR
 from .seeding import restore_rng
 
 logger = logging.getLogger(__name__)
@@ -52,4 +54,29 @@ def resume_from(path: str, model: nn.Module, optimizer, scaler, config, ctx: dis
         if state.get('lr_step', state['epoch'] * niters + first) != state['epoch'] * niters + first:
             logger.warning('the checkpoint was trained with another niters_per_epoch; the lr schedule '
                            'continues from epoch %d of this one', epoch)
+        changed = schedule_changes(state, config)
+        if changed:
+            logger.warning('%s', schedule_change_message(state, config, changed, niters, path))
     return epoch, first
+
+
+def schedule_changes(state, config) -> List[str]:
+    """'key: old -> new' for each :data:`~smmcl.engine.checkpoint.SCHEDULE_KEYS` value of ``config``
+    that differs from the run that wrote ``state`` (checkpoints that do not store it: none)."""
+    saved = state.get('config') or {}
+    return [f'{key} {saved[key]!r} -> {config[key]!r}' for key in SCHEDULE_KEYS
+            if key in saved and saved[key] != config[key]]
+
+
+def schedule_change_message(state, config, changed: List[str], niters: int, path: str) -> str:
+    """What resuming ``path`` with other schedule settings does to the learning rate: the next step
+    runs with the rate stored in the checkpoint, the ones after it with this run's schedule."""
+    done = state.get('lr_step', state['epoch'] * niters)
+    policy = WarmUpPolyLR(config.lr, config.lr_power, config.nepochs * niters, niters * config.warm_up_epoch)
+    stored = state['optimizer']['param_groups'][0]['lr']
+    return (f'resuming {path} with schedule settings other than its run\'s: {", ".join(changed)}. The lr '
+            f'schedule is this run\'s from global step {done} on ({config.nepochs * niters} steps, '
+            f'{niters * config.warm_up_epoch} of warm-up, base lr {config.lr}): the next step runs with the '
+            f'checkpoint\'s lr {stored:.4e}, the one after with {policy.get_lr(done):.4e} (the checkpoint\'s run '
+            f'would have continued smoothly from {stored:.4e}); batch_size and replicas also change what a '
+            f'step is (images, BatchNorm chunks) and the order of images')

@@ -42,7 +42,8 @@ from .checkpoint import (CheckpointError, load_backbone_pretrained, remove_stale
                          save_checkpoint, save_iteration_checkpoint, should_save, training_state)
 from .chunks import BufferRollback, ChunkPlan, plan_chunks, run_chunks
 from .dist import norm_layer_for, wrap_ddp
-from .logging_utils import EpochLog, nonfinite_message, setup_logging
+from .logging_utils import (EpochLog, nonfinite_message, setup_logging, tensorboard_run_dir,
+                            warn_without_contrast)
 from .lr import WarmUpPolyLR, set_lr
 from .optim import build_optimizer, step_unless_nonfinite
 from .precision import for_training, maybe_compile, mixed_precision
@@ -161,7 +162,8 @@ def train(ctx: dist.DistContext, config, resume: Optional[str] = None) -> nn.Mod
                           else (1, 0))
     ddp = wrap_ddp(model, ctx)
     loop = Loop(maybe_compile(ddp, config), model, ddp if ddp is not model else None, optimizer, scaler, amp,
-                policy, data, plan, config, ctx, SummaryWriter(config.tb_dir) if ctx.is_main else None,
+                policy, data, plan, config, ctx,
+                SummaryWriter(tensorboard_run_dir(config.tb_dir)) if ctx.is_main else None,
                 skips_on_device(config, scaler, ctx))
     if ctx.is_main:
         logger.info('begin training: epochs %d..%d, %d iterations each, %d process(es) on %s, batch %d per '
@@ -206,7 +208,7 @@ def train_one_epoch(loop: Loop, epoch: int, first: int = 0) -> None:
             flush_log(loop, log, pending)
         if checkpoint:
             save(loop, step + 1)
-    log.end(loop.optimizer.param_groups[0]['lr'])
+    warn_without_contrast(log.end(loop.optimizer.param_groups[0]['lr']), epoch, loop.config, loop.plan)
 
 
 def train_step(loop: Loop, batch, step: int) -> torch.Tensor:
@@ -289,25 +291,25 @@ def flush_log(loop: Loop, log: EpochLog, pending: List[PendingStep]) -> None:
     steps = list(pending)
     pending.clear()
     for values, item in zip(host, steps):
-        log_step(loop, log, values, item.idx, item.step, item.lr)
+        log_step(loop, log, values, item)
 
 
-def log_step(loop: Loop, log: EpochLog, values: torch.Tensor, idx: int, step: int, lr: float) -> None:
-    """Read iteration ``idx``'s CHUNKS-5 terms on the host and record them (global ``step``, run with
-    ``lr``). Every iteration is recorded: stopping at, or counting, a non-finite loss needs each one
-    (:func:`flush_log` hands them over already on the host, ``host_sync_every`` at a time).
+def log_step(loop: Loop, log: EpochLog, values: torch.Tensor, item: PendingStep) -> None:
+    """Record iteration ``item``'s CHUNKS-5 terms ``values``, read on the host. Every iteration is
+    recorded: stopping at, or counting, a non-finite loss needs each one (:func:`flush_log` hands them
+    over already on the host, ``host_sync_every`` at a time).
 
     Raises:
         NonFiniteLossError: a term is not finite and ``nonfinite_loss='stop'``.
     """
     values = values.double().cpu()
     if not torch.isfinite(values).all():
-        message = nonfinite_message(values, log.epoch, idx, log.niters, loop.plan.per_process)
+        message = nonfinite_message(values, log.epoch, item.idx, log.niters, loop.plan.per_process)
         if loop.config.nonfinite_loss == 'stop':
             raise NonFiniteLossError(message + '; stopping (the checkpoints written so far are intact; '
                                      "--set nonfinite_loss=skip skips such batches)")
         log.skip(message)
-    log.record(values, idx, step, lr)
+    log.record(values, item.idx, item.step, item.lr, loop.policy.get_lr(item.step))
 
 
 # ---- set-up, resume, checkpoints ----------------------------------------------------------------

@@ -117,7 +117,9 @@ def sample_anchors_loop(labels: torch.Tensor, color_fea: torch.Tensor, other_fea
     """The authors' sampler, kept as the plain reference path: same arguments and result as
     :func:`sample_anchors`, and it consumes the CPU random stream exactly as their code (one
     ``torch.randperm(count)`` per set in image, class order, the whole pass once for RGB and then
-    once for X), so seeded runs reproduce their numbers. Unlike theirs it returns None instead of
+    once for X), so a seeded call reproduces their call on the same generator state. (Their training
+    stream itself cannot be reproduced: their four DataParallel replica threads draw from one CPU
+    generator in whatever order they reach it.) Unlike theirs it returns None instead of
     crashing when no set is large enough, and skips label values >= ``num_classes``."""
     n, c = color_fea.shape[:2]
     flat_labels = labels.reshape(n, -1)

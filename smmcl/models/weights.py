@@ -12,9 +12,9 @@ from torch import nn
 from .mscan import MSCAN_VARIANTS
 
 PRETRAINED_HELP = (
-    "SegNeXt's ImageNet-1K MSCAN weights ({name}.pth) come with SegNeXt's released models "
-    "(github: Visual-Attention-Network/SegNeXt, 'ImageNet pretrained models'); put the file at {path}, "
-    "or train from scratch with --set pretrained_model=None.")
+    "{path} should hold SegNeXt's ImageNet-1K MSCAN weights of the {name} backbone (SegNeXt's released "
+    "{name}.pth: github Visual-Attention-Network/SegNeXt, 'ImageNet pretrained models'); put that file "
+    "there, point --set pretrained_model=<file> at it, or train from scratch with --set pretrained_model=None.")
 
 
 class CheckpointError(ValueError):
@@ -121,10 +121,14 @@ def load_pretrained_backbone(backbone: nn.Module, state_dict: Mapping[str, torch
             report.shape_mismatch.append(f'{key}: file {tuple(value.shape)} vs model {tuple(own[key].shape)}')
         else:
             usable[key] = value
-    if not usable:
-        raise CheckpointError(f'{path} matches none of the {backbone_name} backbone tensors (is it an MSCAN '
-                         f'ImageNet checkpoint of the same variant?). '
-                         + PRETRAINED_HELP.format(name=backbone_name, path=path))
+    if report.shape_mismatch or not usable:
+        fits, _ = describe_state_dict({f'backbone.{k}': v for k, v in mapped.items()})
+        what = (f'holds ImageNet weights of {fits}, not of the {backbone_name} backbone' if fits else
+                f'matches none of the {backbone_name} backbone tensors' if not usable else
+                f'does not fit the {backbone_name} backbone ({len(report.shape_mismatch)} tensors of '
+                f'another shape, e.g. {report.shape_mismatch[0]})')
+        hint = f' (or train {fits}: --set backbone={fits})' if fits else ''
+        raise CheckpointError(f'{path} {what}. ' + PRETRAINED_HELP.format(name=backbone_name, path=path) + hint)
     backbone.load_state_dict(usable, strict=False)
     report.loaded = len(usable)
     report.uninitialised = sorted(k for k in own if k not in usable)
