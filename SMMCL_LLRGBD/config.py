@@ -22,7 +22,10 @@ C.eval_split_dir = 'test'
 C.rgb_folder, C.rgb_format = 'rgb', '.png'
 C.x_folder, C.x_format, C.x_is_single_channel = 'depth', '.png', True
 C.gt_folder, C.gt_format, C.gt_transform = 'label', '.png', False
-C.train_list = C.eval_list = None  # every image of the split's rgb/ folder
+# The authors' lists (their dataset_path is LLRGBD/train, then LLRGBD/test: train.txt, test.txt in
+# it); a copy without them uses every image of the split's rgb/ folder, sorted, with a log line.
+C.train_list, C.eval_list = 'train/train.txt', 'test/test.txt'
+C.lists_optional = True
 C.num_train_imgs = 1418
 C.num_eval_imgs = 479
 C.num_classes = 14

@@ -14,10 +14,12 @@ C.dataset_path = osp.join(REPO_ROOT, 'datasets', 'MFNet')
 C.rgb_folder, C.rgb_format = 'RGB', '.png'
 C.x_folder, C.x_format, C.x_is_single_channel = 'Thermal', '.png', True
 C.gt_folder, C.gt_format, C.gt_transform = 'Label', '.png', False
-C.train_list = 'train_val.txt'  # 784 train + 392 val
+# CMX's MFNet list (run/rgbt/config.py before CMX commit 122bf9f: train.txt, 784 images); the authors
+# released no MFNet recipe. Train + val: --set train_list=train_val.txt num_train_imgs=1176.
+C.train_list = 'train.txt'
 C.eval_list = 'test.txt'  # 393 = 205 day + 188 night
 C.eval_subsets = {'day': 'test_day.txt', 'night': 'test_night.txt'}  # reported when present
-C.num_train_imgs = 1176
+C.num_train_imgs = 784
 C.num_eval_imgs = 393
 C.num_classes = 9
 # 'unlabeled' is a scored class of the 9-class mean in MFNet's protocol.

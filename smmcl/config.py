@@ -439,7 +439,8 @@ def validate(config: EasyDict) -> EasyDict:
 
 
 def check_training_counts(config: EasyDict) -> None:
-    """``replicas`` and ``host_sync_every`` positive integers, ``checkpoint_every_iters`` None or >= 0.
+    """``replicas`` and ``host_sync_every`` positive integers, ``checkpoint_every_iters`` None or >= 0,
+    ``eval_every_epochs`` >= 0.
     Whether ``replicas`` divides ``batch_size`` is checked when training starts
     (:func:`smmcl.engine.chunks.plan_chunks`), so that tools which read the config without training
     (the data check) take any batch size."""
@@ -451,6 +452,10 @@ def check_training_counts(config: EasyDict) -> None:
     if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 0):
         raise ConfigError(f'checkpoint_every_iters={every!r}: expected None, 0 (off) or a positive number of '
                           f'iterations, e.g. --set checkpoint_every_iters=500')
+    watch = config.eval_every_epochs
+    if not isinstance(watch, int) or isinstance(watch, bool) or watch < 0:
+        raise ConfigError(f'eval_every_epochs={watch!r}: expected 0 (off) or a number of epochs between '
+                          f'evaluations of the test split during training, e.g. --set eval_every_epochs=10')
     sync = config.host_sync_every
     if not isinstance(sync, int) or isinstance(sync, bool) or sync < 1:
         raise ConfigError(f'host_sync_every={sync!r}: expected a positive number of iterations between '

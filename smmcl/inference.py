@@ -32,16 +32,13 @@ import torch
 
 from smmcl.config import ConfigError, check_choice, load_config
 from smmcl.data.dataset import DatasetError, decode_image, network_order, read_file, read_flags
-from smmcl.engine.checkpoint import model_state, read_checkpoint
+from smmcl.engine.checkpoint import epoch_of_name, model_state, read_checkpoint
 from smmcl.engine.evaluate import predict_scores, seed_item
 from smmcl.engine.precision import for_inference, mixed_precision
 from smmcl.engine.seeding import kept_rng
 from smmcl.models import EncoderDecoder, build_segmentor, check_compatible
 
 CHANNEL_ORDERS = ('rgb', 'bgr')
-
-_EPOCH_FILE = re.compile(r'^epoch-(\d+)\.pth$')
-
 
 # ---------------------------------------------------------------------------------------------------
 # Checkpoints
@@ -52,15 +49,15 @@ def _saved_epochs(checkpoint_dir: str) -> Dict[int, str]:
     """{epoch: path} of the ``epoch-N.pth`` files in ``checkpoint_dir`` (empty when it does not exist)."""
     if not osp.isdir(checkpoint_dir):
         return {}
-    return {int(m.group(1)): osp.join(checkpoint_dir, f) for f in os.listdir(checkpoint_dir)
-            for m in [_EPOCH_FILE.match(f)] if m}
+    return {epoch_of_name(f): osp.join(checkpoint_dir, f) for f in os.listdir(checkpoint_dir)
+            if epoch_of_name(f) is not None}
 
 
 def _holds(checkpoint_dir: str) -> str:
     if not osp.isdir(checkpoint_dir):
         return f'{checkpoint_dir} does not exist'
     epochs = sorted(_saved_epochs(checkpoint_dir))
-    others = sorted(f for f in os.listdir(checkpoint_dir) if f.endswith('.pth') and not _EPOCH_FILE.match(f))
+    others = sorted(f for f in os.listdir(checkpoint_dir) if f.endswith('.pth') and epoch_of_name(f) is None)
     return (f'{checkpoint_dir} holds epochs {epochs or "none"}'
             + (f' and {others}' if others else ''))
 

@@ -24,7 +24,7 @@ def test_authors_values():
     assert c.eval_root.endswith(os.path.join('LLRGBD', 'test'))
     m = load_config(EXPERIMENTS['SMMCL_MFNet'])
     assert m.num_classes == 9 and m.class_names[0] == 'unlabeled' and not m.gt_transform
-    assert m.train_source.endswith('train_val.txt') and m.x_is_single_channel
+    assert m.train_source.endswith('train.txt') and m.x_is_single_channel
     n = load_config(EXPERIMENTS['SMMCL_NYU'])
     assert n.num_classes == 40 and n.gt_transform and n.rgb_format == '.jpg'
     assert not n.x_is_single_channel and n.class_names[23] == 'refridgerator'

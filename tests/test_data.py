@@ -222,10 +222,10 @@ def test_error_list_file_missing_or_empty(copy_of):
     os.remove(osp.join(path, 'test.txt'))
     message = error_of(lambda: RGBXDataset(config, 'val'))
     assert osp.join(path, 'test.txt') in message and 'eval_list' in message
-    with open(osp.join(path, 'train_val.txt'), 'w') as f:
+    with open(osp.join(path, 'train.txt'), 'w') as f:
         f.write('\n  \n')
     message = error_of(lambda: RGBXDataset(config, 'train'))
-    assert osp.join(path, 'train_val.txt') in message and 'empty' in message
+    assert osp.join(path, 'train.txt') in message and 'empty' in message
 
 
 def test_error_list_file_not_utf8(generated, tmp_path):
@@ -237,7 +237,8 @@ def test_error_list_file_not_utf8(generated, tmp_path):
 
 def test_error_no_images_in_rgb_folder(copy_of):
     path = copy_of('LLRGBD')
-    message = error_of(lambda: RGBXDataset(config_for('LLRGBD', path, "rgb_format='.jpg'"), 'train'))
+    config = config_for('LLRGBD', path, "rgb_format='.jpg'", 'train_list=None')  # the folder, not the list
+    message = error_of(lambda: RGBXDataset(config, 'train'))
     assert osp.join(path, 'train', 'rgb') in message and "'.png'" in message and 'rgb_format' in message
 
 
@@ -255,7 +256,7 @@ def test_error_listed_file_missing(copy_of, folder):
 
 def test_error_listed_name_unknown(copy_of):
     path = copy_of('MFNet')
-    with open(osp.join(path, 'train_val.txt'), 'a') as f:
+    with open(osp.join(path, 'train.txt'), 'a') as f:
         f.write('ghost\n')
     ds = RGBXDataset(config_for('MFNet', path), 'train')
     message = error_of(lambda: ds[len(ds) - 1])

@@ -1,4 +1,5 @@
 """The evaluation command line (smmcl.engine.eval_cli, SMMCL_*/eval.py) on tiny synthetic data."""
+import json
 import os
 import os.path as osp
 import re
@@ -87,10 +88,16 @@ def test_eval_script_scores_an_authors_checkpoint(llrgbd, tmp_path):
     match = re.search(r'^mIoU: (\d+\.\d{3})$', result.stdout, re.M)
     assert match and result.stdout.rstrip().endswith(match.group(0))
     # The authors' log names: val_<%Y_%m_%d_%H_%M_%S>.log and a val_last.log link to it.
+    # The scores as data beside it, with the log's stem.
     logs = sorted(f for f in os.listdir(tmp_path / 'log') if f.startswith('val_'))
-    assert len(logs) == 2 and logs[1] == 'val_last.log'
-    assert re.fullmatch(r'val_\d{4}_\d{2}_\d{2}_\d{2}_\d{2}_\d{2}\.log', logs[0])
-    assert os.readlink(tmp_path / 'log' / 'val_last.log') == logs[0]
+    assert len(logs) == 3 and logs[2] == 'val_last.log' and logs[0] == logs[1][:-4] + '.json'
+    assert re.fullmatch(r'val_\d{4}_\d{2}_\d{2}_\d{2}_\d{2}_\d{2}\.log', logs[1])
+    assert os.readlink(tmp_path / 'log' / 'val_last.log') == logs[1]
+    [record] = json.loads((tmp_path / 'log' / logs[0]).read_text())['evaluations']
+    assert record['checkpoint'] == ckpt and record['epoch'] == 3 and record['subset'] is None
+    assert f"{record['mean_iou'] * 100:.3f}" == match.group(1) and len(record['iou']) == 14
+    assert record['settings']['eval_protocol'] == 'authors' and 'mean_iou_wo_first' in record
+    assert f'prediction PNGs written to {save}_color/' in result.stdout
     log = (tmp_path / 'log' / 'val_last.log').read_text()
     assert log.startswith(f'Model: {ckpt}\n1 void  \t')
     summary = r'^14 window\t\d+\.\d{3}%\n-{10} {5}mean_IoU\t\d+\.\d{3}%\tmean_IU_wo_background\t'

@@ -246,6 +246,24 @@ def test_bad_inputs_stop_with_one_message_naming_the_file(setup, tmp_path, capsy
     assert not osp.exists(out) or not os.listdir(out)  # nothing written for an input refused up front
 
 
+def test_an_output_path_that_is_a_file_stops_at_start(setup, tmp_path, capsys, monkeypatch):
+    overrides, config, ckpt = setup
+    rgb_dir, x_dir, names = _test_images(config)
+    taken = tmp_path / 'taken'
+    taken.write_text('a file')
+    monkeypatch.setattr('smmcl.inference.Segmenter.from_checkpoint', None)  # must not be reached
+    err = _fails(['-e', ckpt, '--rgb', rgb_dir, '--x', x_dir, '-o', str(taken), '--set'] + overrides, capsys)
+    assert err == f'error: -o {taken}: {taken} is a file, and the outputs need a folder there; name another ' \
+                  f'folder or move the file away\n'
+    monkeypatch.setattr(eval_cli, 'launch', None)  # nor any evaluation
+    (tmp_path / 'preds_color').write_text('a file')
+    for save, blocker in ((taken, taken), (tmp_path / 'preds', tmp_path / 'preds_color')):
+        with pytest.raises(SystemExit):
+            eval_cli.main(CONFIG, ['-e', ckpt, '-p', str(save), '--set'] + overrides)
+        assert f'{blocker} is a file' in capsys.readouterr().err
+    assert not (tmp_path / 'preds').exists()
+
+
 @pytest.mark.integration
 def test_predict_script(setup, tmp_path):
     # The experiment folder's thin script, in a child process (the tiny backbone registered first).

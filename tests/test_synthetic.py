@@ -17,8 +17,9 @@ def listing(root):
 def test_llrgbd_layout(tmp_path):
     out = generate('LLRGBD', str(tmp_path / 'd'), 3, 2, 20, 28, seed=0)
     files = listing(out)
-    assert files == sorted(f'{s}/{m}/{i:05d}.png' for s, r in (('train', range(3)), ('test', range(3, 5)))
-                           for m in ('rgb', 'depth', 'label') for i in r)
+    assert files == sorted([f'{s}/{m}/{i:05d}.png' for s, r in (('train', range(3)), ('test', range(3, 5)))
+                            for m in ('rgb', 'depth', 'label') for i in r] + ['train/train.txt', 'test/test.txt'])
+    assert open(osp.join(out, 'test', 'test.txt')).read() == '00003\n00004\n'  # the authors' bare names
     depth = cv2.imread(osp.join(out, 'train', 'depth', '00000.png'), cv2.IMREAD_UNCHANGED)
     rgb = cv2.imread(osp.join(out, 'train', 'rgb', '00000.png'), cv2.IMREAD_UNCHANGED)
     assert depth.shape == (20, 28) and rgb.shape == (20, 28, 3)
@@ -29,11 +30,12 @@ def test_llrgbd_layout(tmp_path):
 def test_mfnet_layout(tmp_path):
     out = generate('MFNet', str(tmp_path / 'd'), 6, 8, 20, 28, seed=0)
     read = lambda name: open(osp.join(out, name)).read().split()  # noqa: E731
-    lists = ('train_val.txt', 'test.txt', 'test_day.txt', 'test_night.txt')
+    lists = ('train.txt', 'test.txt', 'test_day.txt', 'test_night.txt')
     train, test, day, night = (read(f) for f in lists)
+    assert read('train_val.txt') == train  # no val split here
     assert len(train) == 6 and len(test) == 8 and day and night and sorted(day + night) == sorted(test)
     assert all(n[-1] == 'D' for n in day) and all(n[-1] == 'N' for n in night)
-    assert set(os.listdir(out)) == {'RGB', 'Thermal', 'Label', *lists}
+    assert set(os.listdir(out)) == {'RGB', 'Thermal', 'Label', 'train_val.txt', *lists}
     for name in train + test:
         assert cv2.imread(osp.join(out, 'Thermal', name + '.png'), cv2.IMREAD_UNCHANGED).ndim == 2
         assert cv2.imread(osp.join(out, 'Label', name + '.png'), cv2.IMREAD_UNCHANGED).max() <= 8

@@ -24,8 +24,8 @@ import cv2
 import numpy as np
 
 from smmcl.config import ConfigError, load_config
-from smmcl.data.dataset import (DatasetError, SplitLayout, _missing_message, decode_image, load_item,
-                                missing_files, read_file, read_list, split_layout, split_names)
+from smmcl.data.dataset import (DatasetError, SplitLayout, _missing_message, decode_image, folder_names,
+                                load_item, missing_files, read_file, read_list, split_layout, split_names)
 
 
 def split_layouts(config, split: str) -> List[SplitLayout]:
@@ -109,7 +109,8 @@ def scan(config, splits: Sequence[str] = ('train', 'val'), workers: int = 4):
                 problems += e.problems
                 continue
             summary = summaries[split] = dict(items=len(names), sizes=collections.Counter(),
-                                              histogram=np.zeros(256, np.int64), source=layout.source)
+                                              histogram=np.zeros(256, np.int64), source=layout.source,
+                                              notes=list_notes(config, layout, names))
             for item_problems, size, hist in pool.map(lambda n: _inspect(layout, n, config), names):
                 problems += item_problems
                 if size is not None:
@@ -121,6 +122,23 @@ def scan(config, splits: Sequence[str] = ('train', 'val'), workers: int = 4):
                 except DatasetError as e:
                     problems += e.problems
     return list(dict.fromkeys(problems)), summaries  # splits sharing a folder report it once
+
+
+def list_notes(config, layout: SplitLayout, names: Sequence[str]) -> List[str]:
+    """Where a split's list file and its folder disagree without an error: the list is absent and the
+    folder is used (``lists_optional``), or the split's own folder holds images the list leaves out.
+    (Listed files that are missing are problems, :func:`missing_files`; a folder shared by several
+    splits, as MFNet's, naturally holds images other lists name.)"""
+    if layout.absent_list:
+        return [f'list file {layout.absent_list} does not exist: every image of {layout.rgb_dir} is used, '
+                f'sorted by name (lists_optional=True); with the list the order of images differs']
+    if not layout.source or osp.abspath(layout.root) == osp.abspath(config.dataset_path):
+        return []
+    unlisted = sorted(set(folder_names(layout)) - set(names))
+    if not unlisted:
+        return []
+    return [f'{len(unlisted)} image(s) of {layout.rgb_dir} are not listed in {layout.source} and are not '
+            f'used (e.g. {", ".join(unlisted[:3])}); add them to the list if they belong to the split']
 
 
 def is_unlabelled(config) -> bool:
@@ -188,6 +206,7 @@ def format_summary(config, summaries: Dict[str, dict]) -> str:
             lines.append(f'  {c:3d}{label}: {100 * hist[c] / total:.2f}%')
         if absent:
             lines.append(f'  absent: {absent}')
+        lines += [f'  NOTE {note}' for note in s.get('notes', [])]
     return '\n'.join(lines)
 
 
@@ -216,6 +235,8 @@ def main(argv=None) -> int:
         print(f'{len(problems)} problem(s) in {config.dataset_name} at {config.dataset_path}:')
         for p in problems:
             print(f'ERROR {p}')
+        for note in (n for s in summaries.values() for n in s.get('notes', [])):
+            print(f'NOTE {note}')
         return 1
     print(f'{config.dataset_name} at {config.dataset_path}: no problems.')
     if unlabelled:

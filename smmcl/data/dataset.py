@@ -11,6 +11,7 @@ are shared by the dataset, ``smmcl.data.check`` (scans everything) and ``quick_c
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import os.path as osp
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from smmcl.data.transforms import train_transform
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 SPLITS = ('train', 'val')
 IGNORE_LABEL = 255
+logger = logging.getLogger(__name__)
+_NOTED_ABSENT_LISTS = set()  # list files whose absence this process has logged (once each)
 
 
 class DatasetError(ValueError):
@@ -56,6 +59,7 @@ class SplitLayout:
     x_format: str
     gt_format: str
     source: Optional[str]  # list file; None: every image of rgb_dir
+    absent_list: Optional[str] = None  # the configured list file that does not exist (lists_optional)
 
     def paths(self, name: str) -> Tuple[str, str, str]:
         """(rgb, x, label) paths of item ``name``."""
@@ -70,19 +74,30 @@ def split_layout(config, split: str, source: Optional[str] = None) -> SplitLayou
     """The layout of ``split`` ('train' or 'val'); ``source`` replaces the split's list file.
 
     Train uses ``config.rgb_root_folder`` / ``x_root_folder`` / ``gt_root_folder`` (derived from
-    ``train_root`` unless pinned on the command line); val uses ``config.eval_root`` and the folder names.
+    ``train_root`` unless set); val uses ``config.eval_root`` and the folder names. With
+    ``config.lists_optional`` a configured list file that does not exist is replaced by every image of
+    the RGB folder (LLRGBD: the authors read ``train/train.txt`` and ``test/test.txt``, which not every
+    copy ships), logged once per file and process.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
     if split == 'train':
         root = config.train_root
         dirs = (config.rgb_root_folder, config.x_root_folder, config.gt_root_folder)
-        source = source or config.train_source
+        configured = config.train_source
     else:
         root = config.eval_root
         dirs = tuple(osp.join(root, config[k]) for k in ('rgb_folder', 'x_folder', 'gt_folder'))
-        source = source or config.eval_source
-    return SplitLayout(split, root, *dirs, config.rgb_format, config.x_format, config.gt_format, source)
+        configured = config.eval_source
+    absent = None
+    if source is None and configured and config.lists_optional and not osp.isfile(configured):
+        absent, configured = configured, None
+        if absent not in _NOTED_ABSENT_LISTS:
+            _NOTED_ABSENT_LISTS.add(absent)
+            logger.info('list file %s does not exist: the %s split uses every image of %s, sorted by name '
+                        '(lists_optional=True)', absent, split, dirs[0])
+    return SplitLayout(split, root, *dirs, config.rgb_format, config.x_format, config.gt_format,
+                       source or configured, absent)
 
 
 def _listing(folder: str) -> str:
@@ -161,14 +176,19 @@ def split_names(config, layout: SplitLayout) -> List[str]:
             raise DatasetError(f'list file {layout.source} is empty. Fix: write one image name a line '
                                f'(e.g. 0001 or {osp.basename(layout.rgb_dir)}/0001{layout.rgb_format}).')
         return names
-    names = sorted(f[:-len(layout.rgb_format)] for f in os.listdir(layout.rgb_dir)
-                   if f.endswith(layout.rgb_format))
+    names = folder_names(layout)
     if not names:
         found = sorted({osp.splitext(f)[1] for f in os.listdir(layout.rgb_dir)} - {''})
         raise DatasetError(f"RGB folder {layout.rgb_dir} holds no '{layout.rgb_format}' images "
                            f'(extensions found: {found or "none"}). Fix: put the images there or set '
                            f'rgb_format=<extension>.')
     return names
+
+
+def folder_names(layout: SplitLayout) -> List[str]:
+    """The sorted stems of the ``rgb_format`` files of the split's RGB folder."""
+    suffix = layout.rgb_format
+    return sorted(f[:-len(suffix)] for f in os.listdir(layout.rgb_dir) if f.endswith(suffix))
 
 
 def missing_files(layout: SplitLayout, name: str) -> List[str]:

@@ -154,10 +154,11 @@ def generate(dataset: str, out: str, n_train: int = 64, n_test: int = 16, height
              seed: int = 0) -> str:
     """Write a synthetic ``dataset`` ('LLRGBD', 'MFNet' or 'NYU') into ``out`` in its real layout.
 
-    LLRGBD: ``out/{train,test}/{rgb,depth,label}/<name>.png`` (depth 1 channel, labels 0..13).
-    MFNet: ``out/{RGB,Thermal,Label}/<name>.png`` (thermal 1 channel, labels 0..8) with names
-    ``00000D`` (day) / ``00001N`` (night) alternating, lists ``train_val.txt``, ``test.txt``, ``test_day.txt``,
-    ``test_night.txt``. NYU: ``out/RGB/<name>.jpg``, ``out/HHA/<name>.jpg`` (3 channels),
+    LLRGBD: ``out/{train,test}/{rgb,depth,label}/<name>.png`` (depth 1 channel, labels 0..13) and the
+    authors' lists ``train/train.txt``, ``test/test.txt`` (bare names). MFNet:
+    ``out/{RGB,Thermal,Label}/<name>.png`` (thermal 1 channel, labels 0..8) with names ``00000D`` (day) /
+    ``00001N`` (night) alternating, lists ``train.txt``, ``train_val.txt`` (here the same: no val split),
+    ``test.txt``, ``test_day.txt``, ``test_night.txt``. NYU: ``out/RGB/<name>.jpg``, ``out/HHA/<name>.jpg`` (3 channels),
     ``out/Label/<name>.png`` (0 unlabelled, 1..40 classes), lists ``train.txt`` / ``test.txt`` with
     lines ``RGB/<name>.jpg``.
 
@@ -190,10 +191,14 @@ def generate(dataset: str, out: str, n_train: int = 64, n_test: int = 16, height
             lists.setdefault(split, []).append(name)
     if dataset == 'MFNet':
         test = lists.get('test', [])
+        _write_list(osp.join(out, 'train.txt'), lists.get('train', []))
         _write_list(osp.join(out, 'train_val.txt'), lists.get('train', []))
         _write_list(osp.join(out, 'test.txt'), test)
         _write_list(osp.join(out, 'test_day.txt'), [n for n in test if n.endswith('D')])
         _write_list(osp.join(out, 'test_night.txt'), [n for n in test if n.endswith('N')])
+    elif dataset == 'LLRGBD':  # their RGBXDataset._get_file_names: one bare name a line
+        for split in splits:
+            _write_list(osp.join(out, split, f'{split}.txt'), lists.get(split, []))
     elif dataset == 'NYU':
         for split in splits:
             _write_list(osp.join(out, f'{split}.txt'), [f'RGB/{n}.jpg' for n in lists.get(split, [])])

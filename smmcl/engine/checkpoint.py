@@ -50,7 +50,7 @@ import random
 import re
 import uuid
 import zipfile
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -77,6 +77,17 @@ _ITER = re.compile(r'^iter-(\d+)\.pth$')
 
 def checkpoint_name(epoch: int) -> str:
     return f'epoch-{epoch}.pth'
+
+
+def epoch_of_name(name: str) -> Optional[int]:
+    """N of a file named ``epoch-N.pth`` (None for any other name, ``epoch-last.pth`` included)."""
+    match = _EPOCH.match(osp.basename(name))
+    return int(match.group(1)) if match else None
+
+
+def checkpoint_epoch(path: str) -> Optional[int]:
+    """The epoch of checkpoint file ``path``, following links (``epoch-last.pth`` -> its ``epoch-N.pth``)."""
+    return epoch_of_name(osp.realpath(path))
 
 
 def iteration_checkpoint_name(done: int) -> str:
@@ -111,15 +122,16 @@ def _temp_name(path: str) -> str:
     return osp.join(osp.dirname(osp.abspath(path)), f'.{osp.basename(path)}.{uuid.uuid4().hex}.tmp')
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save(obj, path)`` such that ``path`` is always either the old file or the complete new one."""
+def atomic_save(obj: Any, path: str, writer: Callable[[Any, Any], None] = torch.save) -> None:
+    """``writer(obj, file)`` (default ``torch.save``) into ``path`` such that ``path`` is always either the
+    old file or the complete new one."""
     folder = osp.dirname(osp.abspath(path))
     tmp = _temp_name(path)
     # Mode 0o666 less the umask, as torch.save's own file (tempfile.mkstemp would make it 0o600).
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
+            writer(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

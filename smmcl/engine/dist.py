@@ -152,6 +152,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Rank ``src``'s ``tensor`` on every rank, in place (no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast(tensor, src)
+    return tensor
+
+
 def all_gather(tensor: torch.Tensor) -> torch.Tensor:
     """Stack ``tensor`` from every rank: WORLD-... (1-... in a single process)."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -19,7 +19,8 @@ authors' (CMX ``eval.py`` and ``engine/evaluator.py run()``):
 For each checkpoint the test set is scored, and every subset of ``config.eval_subsets`` whose list file
 exists (MFNet day / night). The per-class IoU tables are printed and appended to ``config.val_log_file``
 (``<log_dir>/val_<%Y_%m_%d_%H_%M_%S>.log``; ``Model: <checkpoint>`` then the table, as the authors'
-``Evaluator.run``), and ``<log_dir>/val_last.log`` links to it; the last line printed is
+``Evaluator.run``), and ``<log_dir>/val_last.log`` links to it; the scores also go, as data, to the JSON
+beside the log (``val_<...>.json``, :mod:`smmcl.engine.results`); the last line printed is
 ``mIoU: <percent>`` of the last checkpoint's test set, for scripts. The model is built without ImageNet
 weights (``pretrained_model`` is not read: the checkpoint sets every tensor); each checkpoint must match
 the config's backbone and class count.
@@ -33,62 +34,16 @@ import os.path as osp
 import sys
 from typing import Dict, List, Optional, Sequence
 
-import numpy as np
-
 from smmcl.config import ConfigError, load_config
-from smmcl.data.dataset import DatasetError, RGBXDataset, read_list
-from smmcl.engine.checkpoint import CheckpointError
+from smmcl.data.dataset import DatasetError, RGBXDataset
+from smmcl.engine.checkpoint import CheckpointError, checkpoint_epoch
 from smmcl.engine.dist import DistContext, launch, parse_devices
 from smmcl.engine.evaluate import eval_workers, evaluate_per_image, prediction_palette
-from smmcl.engine.logging_utils import link_last
-from smmcl.engine.metrics import compute_scores, format_results
 from smmcl.engine.precision import for_inference, mixed_precision
-from smmcl.inference import checked_weights, load_model, parse_epochs
+from smmcl.engine.results import open_val_log, report, scores_path, subset_indices
+from smmcl.inference import check_output_folder, checked_weights, load_model, parse_epochs
 
 logger = logging.getLogger('smmcl.eval')
-
-
-def _result_block(title: str, hist: np.ndarray, config) -> str:
-    scores = compute_scores(hist)
-    table = format_results(scores, config.class_names or None,
-                           show_wo_background=bool(config.report_miou_without_first))
-    return f'{title}\n{table}\n'
-
-
-def subset_indices(config, test_names: Sequence[str]) -> Dict[str, List[int]]:
-    """{subset: indices into the test set} for each ``config.eval_subset_sources`` list file that exists
-    and names at least one image (MFNet's day / night); the subsets are scored from the test set's
-    per-image confusion matrices, without predicting twice.
-
-    Raises:
-        DatasetError: a subset lists images that are not in the test set.
-    """
-    position = {name: i for i, name in enumerate(test_names)}
-    subsets = {}
-    for name, source in config.eval_subset_sources.items():
-        if not osp.isfile(source):
-            continue
-        names = read_list(source)
-        missing = [n for n in names if n not in position]
-        if missing:
-            raise DatasetError(f'subset {name} ({source}) lists {len(missing)} images that are not in the '
-                               f'test set ({config.eval_source or config.eval_root}), e.g. {missing[:3]}')
-        if names:  # an empty list (a test set without night images) reports nothing
-            subsets[name] = [position[n] for n in names]
-    return subsets
-
-
-def _report(path: str, hists: np.ndarray, subsets: Dict[str, List[int]], config) -> float:
-    """Print and append to ``config.val_log_file`` the tables of checkpoint ``path`` (test set, then each
-    subset) from its per-image confusion matrices; returns the test set's mIoU in percent."""
-    hist = hists.sum(0)
-    text = _result_block(f'Model: {path}', hist, config)
-    for name, indices in subsets.items():
-        text += _result_block(f'Model: {path} [{name}: {len(indices)} images]', hists[indices].sum(0), config)
-    with open(config.val_log_file, 'a') as f:
-        f.write(text)
-    print(text, flush=True)
-    return compute_scores(hist)['mean_iou'] * 100
 
 
 def _evaluate_checkpoints(ctx: DistContext, config, checkpoints: Sequence[str], subsets: Dict[str, List[int]],
@@ -101,11 +56,9 @@ def _evaluate_checkpoints(ctx: DistContext, config, checkpoints: Sequence[str], 
     workers = eval_workers(config)
     final = []
     if ctx.is_main:  # the authors open the log and link val_last.log before evaluating
-        os.makedirs(osp.dirname(osp.abspath(config.val_log_file)), exist_ok=True)
-        open(config.val_log_file, 'a').close()
-        link_last(config.val_log_file, osp.join(config.log_dir, 'val_last.log'))
+        open_val_log(config)
         if save_path is not None:
-            os.makedirs(save_path, exist_ok=True)
+            os.makedirs(save_path, exist_ok=True)  # the authors create the (empty) folder too
     for path in checkpoints:
         model = load_model(config, path, ctx.device)
         save_dir = None
@@ -120,12 +73,16 @@ def _evaluate_checkpoints(ctx: DistContext, config, checkpoints: Sequence[str], 
             hists = evaluate_per_image(for_inference(model, config), dataset, config, ctx.device, ctx.rank,
                                        ctx.world_size, save_dir, num_workers=workers)
         if ctx.is_main:
-            final.append((path, _report(path, hists, subsets, config)))
+            final.append((path, report(f'Model: {path}', hists, subsets, config, checkpoint=path,
+                                       epoch=checkpoint_epoch(path))))
     if ctx.is_main:
         if len(final) > 1:
             best = max(final, key=lambda r: r[1])
             print(f'best: {best[0]} mIoU {best[1]:.3f}')
-        print(f'results appended to {config.val_log_file}')
+        print(f'results appended to {config.val_log_file} (as data: {scores_path(config)})')
+        if save_path is not None:
+            print(f'prediction PNGs written to {save_path}_color' + ('/<checkpoint>/' if len(checkpoints) > 1
+                                                                     else '/'))
         print(f'mIoU: {final[-1][1]:.3f}', flush=True)
 
 
@@ -159,6 +116,9 @@ def main(config_path: str, argv: Optional[Sequence[str]] = None) -> None:
             raise ConfigError(f'class_names holds {len(names)} names for num_classes={config.num_classes}; '
                               f'give one name per class (or --set class_names=[] for "Class i:")')
         prediction_palette(config.class_colors)
+        if args.save_path is not None:
+            for folder in (args.save_path, args.save_path + '_color'):
+                check_output_folder(folder, '-p')
         checkpoints = parse_epochs(args.epochs, config.checkpoint_dir)
         for path in checkpoints:  # refuse a wrong checkpoint before starting any process (shapes only)
             checked_weights(config, path, mmap=True)

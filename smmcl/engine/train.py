@@ -49,6 +49,7 @@ from .optim import build_optimizer, step_unless_nonfinite
 from .precision import for_training, maybe_compile, mixed_precision
 from .resume import resolve_resume, resume_from
 from .seeding import seed_everything
+from .watch import Watcher
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +170,7 @@ def train(ctx: dist.DistContext, config, resume: Optional[str] = None) -> nn.Mod
         logger.info('begin training: epochs %d..%d, %d iterations each, %d process(es) on %s, batch %d per '
                     'process; %s', start_epoch, config.nepochs, niters, ctx.world_size, ctx.device.type,
                     data.loader.batch_size, plan.describe())
+    watcher = Watcher(config, ctx)
     try:
         for epoch in range(start_epoch, config.nepochs + 1):
             data.sampler.set_epoch(epoch, first)
@@ -176,6 +178,8 @@ def train(ctx: dist.DistContext, config, resume: Optional[str] = None) -> nn.Mod
             first = 0  # only a resumed epoch starts in the middle
             if should_save(epoch, config):
                 save(loop, epoch * niters)
+            if watcher.due(epoch):  # after the save: a failing evaluation loses no checkpoint
+                watcher(loop.module, epoch, loop.tb)
     finally:
         if loop.tb is not None:
             loop.tb.close()
