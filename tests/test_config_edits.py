@@ -119,3 +119,17 @@ def test_every_entry_point_stops_at_load_on_a_typo(tool, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "'nepoch'" in err and "'nepochs'" in err and 'Traceback' not in err
     assert not os.listdir(tmp_path / 'out') if (tmp_path / 'out').exists() else True
+
+
+def test_the_edited_config_trains_where_and_as_long_as_written(tiny_training, tmp_path):
+    """The two lines appended to the experiment's config.py: the run lands in C.log_dir, 7 iterations an
+    epoch (with 4 training images: the authors' formula would give 4 // 2 + 1 = 3)."""
+    from smmcl.engine import train as train_module
+    from smmcl.engine.checkpoint import LAST, read_checkpoint
+    run = tmp_path / 'runs' / 'my_run'
+    path = edited_config(tmp_path, f'C.log_dir = {str(run)!r}', 'C.niters_per_epoch = 7')
+    overrides = [o for o in tiny_training(nepochs=1) if not o.startswith(('log_dir=', 'niters_per_epoch='))]
+    train_module.main(path, ['--set', *overrides])
+    state = read_checkpoint(str(run / 'checkpoint' / LAST))
+    assert state['lr_step'] == 7 and state['iteration'] == 6
+    assert os.path.islink(run / 'tb' / 'tb') and any(f.startswith('log_') for f in os.listdir(run))
