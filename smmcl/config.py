@@ -34,6 +34,8 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 from easydict import EasyDict
 
+from smmcl import choices as choices_
+
 logger = logging.getLogger(__name__)
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -54,7 +56,6 @@ AUTHORS_INERT_KEYS = ('fix_bias', 'is_test', 'bn_eps', 'bn_momentum', 'root_dir'
 _LOADER_KEYS = ('config_file',)
 KEY_OF_YOUR_OWN = ('a key of your own: declare it with its default in base_config (smmcl/config.py), '
                    'the one place of defaults, then set it in config.py or with --set')
-NONFINITE_LOSS_CHOICES = ('stop', 'skip')  # config.nonfinite_loss (smmcl.engine.train)
 
 
 class ConfigError(ValueError):
@@ -412,15 +413,10 @@ def validate(config: EasyDict) -> EasyDict:
     Raises:
         ConfigError: the first setting outside its choices, naming the nearest valid value.
     """
-    # The choices live beside the code that implements them (imported here: they pull in torch).
-    from .engine.evaluate import EVAL_PROTOCOLS
-    from .engine.optim import OPTIMIZERS
-    from .losses.contrastive import ANCHOR_SAMPLERS
-    from .models.builder import DECODERS
-    from .models.mscan import MSCAN_VARIANTS
-    for key, choices in (('nonfinite_loss', NONFINITE_LOSS_CHOICES), ('eval_protocol', EVAL_PROTOCOLS),
-                         ('anchor_sampler', tuple(ANCHOR_SAMPLERS)), ('backbone', tuple(MSCAN_VARIANTS)),
-                         ('decoder', DECODERS), ('optimizer', OPTIMIZERS)):
+    fixed = dict(nonfinite_loss=choices_.NONFINITE_LOSS, eval_protocol=choices_.EVAL_PROTOCOLS,
+                 anchor_sampler=choices_.ANCHOR_SAMPLERS, backbone=tuple(choices_.MSCAN_VARIANTS),
+                 decoder=choices_.DECODERS, optimizer=choices_.OPTIMIZERS)
+    for key, choices in fixed.items():
         check_choice(key, config[key], choices)
     if config.channels_last not in (None, True, False):
         raise ConfigError(f'channels_last={config.channels_last!r}: expected None (follow fast_path), True or False')

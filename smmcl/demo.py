@@ -18,7 +18,6 @@ finished ``make demo`` run of the same settings is reused, not trained again.
 from __future__ import annotations
 
 import argparse
-import os
 import os.path as osp
 import re
 import subprocess

@@ -20,8 +20,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..engine import dist
-from ..engine.precision import memory_format
 from .dataset import RGBXDataset, split_layout, split_names
 from .transforms import normalize_batch
 
@@ -115,10 +113,11 @@ def iterations_per_epoch(config, num_images: int, verbose: bool = True) -> int:
     return niters
 
 
-def build_train_data(config, ctx: dist.DistContext) -> TrainData:
+def build_train_data(config, ctx) -> TrainData:
     """The authors' training set and this rank's loader: its share of every global batch
     (:class:`GlobalOrderSampler`, seeded with ``config.seed``, reshuffled by ``set_epoch``), with
-    persistent workers.
+    persistent workers. ``ctx``: this process among the training processes (``rank``, ``world_size``,
+    ``is_main``, ``device``; :class:`smmcl.engine.dist.DistContext`).
 
     The training checks first that ``batch_size``, ``replicas`` and the number of processes divide
     (:func:`smmcl.engine.chunks.plan_chunks`); the loader needs only each process' share.
@@ -139,16 +138,17 @@ def build_train_data(config, ctx: dist.DistContext) -> TrainData:
     return TrainData(loader, sampler, niters)
 
 
-def to_device(batch, config, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def to_device(batch, config, device: torch.device, layout: torch.memory_format = torch.contiguous_format
+              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rgb N-3-H-W float32, modal_x N-3-H-W float32, label N-H-W int64) on ``device``.
 
     The training set hands uint8 crops (:func:`~smmcl.data.transforms.train_transform`) and each crop's
     valid box; they are normalised here, on the device, to the authors' ``(img / 255 - mean) / std``
-    with the padding 0, in the configured memory format.
+    with the padding 0, in memory format ``layout`` (the model's: :func:`smmcl.engine.precision.memory_format`).
     """
     def image(key):
         imgs = batch[key].to(device, non_blocking=True)
         imgs = normalize_batch(imgs, config.norm_mean, config.norm_std, batch['valid_box'])
-        return imgs.contiguous(memory_format=memory_format(config))
+        return imgs.contiguous(memory_format=layout)
 
     return image('data'), image('modal_x'), batch['label'].to(device, non_blocking=True)

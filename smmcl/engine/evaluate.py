@@ -67,6 +67,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
+from smmcl.choices import EVAL_PROTOCOLS
 from smmcl.config import ConfigError, check_choice
 from smmcl.engine.dist import all_reduce_sum
 from smmcl.engine.metrics import confusion_matrix
@@ -78,7 +79,6 @@ logger = logging.getLogger(__name__)
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (N-3-h-w, N-3-h-w) -> N-K-h-w logits
 Window = Tuple[int, int, int, int]  # (top, bottom, left, right) region of the scaled image
 
-EVAL_PROTOCOLS = ('authors', 'corrected')
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from torch.optim import SGD, AdamW, Optimizer
 
 logger = logging.getLogger(__name__)
 
-OPTIMIZERS = ('AdamW', 'SGDM')  # config.optimizer (checked by smmcl.config.validate)
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm)

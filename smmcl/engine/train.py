@@ -46,7 +46,7 @@ from .logging_utils import (EpochLog, nonfinite_message, setup_logging, tensorbo
                             warn_without_contrast)
 from .lr import WarmUpPolyLR, set_lr
 from .optim import build_optimizer, step_unless_nonfinite
-from .precision import for_training, maybe_compile, mixed_precision
+from .precision import for_training, maybe_compile, memory_format, mixed_precision
 from .resume import resolve_resume, resume_from
 from .seeding import seed_everything
 from .watch import Watcher
@@ -231,7 +231,7 @@ def train_step(loop: Loop, batch, step: int) -> torch.Tensor:
         CHUNKS-5 float32 loss terms (:data:`~smmcl.engine.logging_utils.TERMS`) of every chunk of the
         global batch, in chunk order, left on the device.
     """
-    inputs = to_device(batch, loop.config, loop.ctx.device)
+    inputs = to_device(batch, loop.config, loop.ctx.device, memory_format(loop.config))
     with BufferRollback(loop.model, loop.config.nonfinite_loss == 'skip') as rollback:
         loop.optimizer.zero_grad(set_to_none=True)
         # Every chunk's backward runs before the finiteness check (a rank cannot skip its backward alone:

@@ -19,6 +19,8 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .. import choices
 from ..config import check_choice
 
 IGNORE_LABEL = 255
@@ -152,7 +154,7 @@ def sample_anchors_loop(labels: torch.Tensor, color_fea: torch.Tensor, other_fea
     return feats_c, feats_o, set_labels
 
 
-ANCHOR_SAMPLERS = {'vectorized': sample_anchors, 'loop': sample_anchors_loop}
+ANCHOR_SAMPLERS = dict(zip(choices.ANCHOR_SAMPLERS, (sample_anchors, sample_anchors_loop)))
 
 
 def info_nce(anchors: torch.Tensor, contrast: torch.Tensor, labels: torch.Tensor,
@@ -197,7 +199,7 @@ class SupervisedMultiModalContrastiveLoss(nn.Module):
                  temperature: float = 0.1, cm_temperature: float = 0.1, share_draw: bool = False,
                  sampler: str = 'vectorized'):
         super().__init__()
-        check_choice('anchor_sampler', sampler, tuple(ANCHOR_SAMPLERS))
+        check_choice('anchor_sampler', sampler, choices.ANCHOR_SAMPLERS)
         self.num_classes = num_classes
         self.min_views = min_views
         self.max_views = max_views

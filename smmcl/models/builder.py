@@ -10,11 +10,11 @@ from typing import Callable
 
 from torch import nn
 
+from ..choices import DECODERS
 from ..config import check_choice
 from ..losses.contrastive import SupervisedMultiModalContrastiveLoss
 from .segmentor import EncoderDecoder
 
-DECODERS = ('LightHamHead',)  # config.decoder
 
 
 def build_contrastive_loss(config) -> SupervisedMultiModalContrastiveLoss:

@@ -11,13 +11,13 @@ state dict stay the same.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Dict, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from .. import kernels
+from ..choices import MSCAN_VARIANTS, MSCANSpec  # noqa: F401  (re-exported: the variants' table)
 from ..config import check_choice
 
 NormLayer = Callable[[int], nn.Module]
@@ -185,35 +185,6 @@ class ChannelLayerNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-
-@dataclass(frozen=True)
-class MSCANSpec:
-    embed_dims: Sequence[int]
-    depths: Sequence[int]
-    drop_path_rate: float
-    mlp_ratios: Sequence[float] = (8, 8, 4, 4)
-
-
-def mscan_t() -> MSCANSpec:
-    return MSCANSpec((32, 64, 160, 256), (3, 3, 5, 2), 0.1)
-
-
-def mscan_s() -> MSCANSpec:
-    return MSCANSpec((64, 128, 320, 512), (2, 2, 4, 2), 0.1)
-
-
-def mscan_b() -> MSCANSpec:
-    return MSCANSpec((64, 128, 320, 512), (3, 3, 12, 3), 0.2)
-
-
-def mscan_l() -> MSCANSpec:
-    return MSCANSpec((64, 128, 320, 512), (3, 5, 27, 3), 0.3)
-
-
-MSCAN_VARIANTS: Dict[str, Callable[[], MSCANSpec]] = {
-    'mscan_t': mscan_t, 'mscan_s': mscan_s, 'mscan_b': mscan_b, 'mscan_l': mscan_l,
-}
 
 
 def mscan_spec(name: str) -> MSCANSpec:
