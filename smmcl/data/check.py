@@ -23,6 +23,7 @@ from typing import Dict, List, Sequence
 import cv2
 import numpy as np
 
+from smmcl import cli
 from smmcl.config import ConfigError, load_config
 from smmcl.data.dataset import (DatasetError, SplitLayout, _missing_message, decode_image, folder_names,
                                 load_item, missing_files, read_file, read_list, split_layout, split_names)
@@ -213,13 +214,12 @@ def format_summary(config, summaries: Dict[str, dict]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description='Check an SMMCL dataset: list every problem or summarise.')
     parser.add_argument('config', help="an experiment's config.py, e.g. SMMCL_NYU/config.py")
-    parser.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE', dest='overrides',
-                        help='config overrides, e.g. dataset_path=/data/NYUDepthv2')
+    cli.add_set(parser)
     parser.add_argument('--split', choices=('train', 'val', 'all'), default='all')
     parser.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1))
     args = parser.parse_args(argv)
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config, args.set)
     except (ConfigError, FileNotFoundError) as exc:  # the user's to fix: one line, no traceback
         print(f'error: {exc}', file=sys.stderr)
         raise SystemExit(1)

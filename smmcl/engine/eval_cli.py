@@ -34,6 +34,7 @@ import os.path as osp
 import sys
 from typing import Dict, List, Optional, Sequence
 
+from smmcl import cli
 from smmcl.config import ConfigError, load_config
 from smmcl.data.dataset import DatasetError, RGBXDataset
 from smmcl.engine.checkpoint import CheckpointError, checkpoint_epoch
@@ -88,15 +89,14 @@ def _evaluate_checkpoints(ctx: DistContext, config, checkpoints: Sequence[str], 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Evaluate SMMCL checkpoints (the authors' eval.py options).")
-    parser.add_argument('-e', '--epochs', default='last',
-                        help="epoch (500), range (400-500), open range (450-), 'last' or a .pth file")
-    parser.add_argument('-d', '--devices', default=None, help="GPUs, e.g. '0-3' or '0,2' (CPU without GPU)")
+    cli.add_epochs(parser)
+    cli.add_devices(parser)
     parser.add_argument('-v', '--verbose', action='store_true', help='log every image')
     parser.add_argument('-p', '--save_path', default=None,
                         help="write palette PNG predictions to SAVE_PATH + '_color'")
-    parser.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE', help='config overrides')
-    parser.add_argument('--port', type=int, default=None, help='port for the multi-GPU process group')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=None, help=argparse.SUPPRESS)
+    cli.add_set(parser)
+    cli.add_port(parser)
+    cli.add_local_rank(parser)
     return parser
 
 

@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from smmcl import cli
 from smmcl.config import ConfigError, load_config
 from smmcl.data.dataset import IMAGE_EXTENSIONS, DatasetError
 from smmcl.engine.checkpoint import CheckpointError
@@ -200,13 +201,12 @@ def write_outputs(out_dir: str, stem: str, rgb: np.ndarray, classes: np.ndarray,
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description='Segment your own RGB-X images with an SMMCL checkpoint.')
-    parser.add_argument('-e', '--epoch', default='last',
-                        help="one checkpoint: an epoch (300), 'last' or a .pth file")
+    cli.add_checkpoint(parser)
     parser.add_argument('--rgb', required=True, help='an RGB image, a folder of them or a list file')
     parser.add_argument('--x', required=True, help='the X image(s) (depth, HHA, thermal), as --rgb')
     parser.add_argument('-o', '--out', required=True, help='output folder')
-    parser.add_argument('-d', '--device', default=None, help="'cpu' or one GPU index (default: GPU 0 if any)")
-    parser.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE', help='config overrides')
+    cli.add_device(parser)
+    cli.add_set(parser)
     return parser
 
 

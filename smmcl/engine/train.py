@@ -31,6 +31,7 @@ import torch.multiprocessing as mp
 from tensorboardX import SummaryWriter
 from torch import nn
 
+from .. import cli
 from ..config import ConfigError, format_config, load_config
 from ..data.check import quick_check
 from ..data.dataset import DatasetError
@@ -65,17 +66,11 @@ EXPECTED_ERRORS = (ConfigError, DatasetError, CheckpointError, NonFiniteLossErro
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description='Train SMMCL (RGB-X semantic segmentation).')
-    parser.add_argument('-d', '--devices', default='',
-                        help="GPUs, e.g. '0-3' or '0,2': one process per GPU (default: GPU 0, else the CPU)")
-    parser.add_argument('-c', '--continue', dest='resume', metavar='FILE',
-                        help="resume from a checkpoint, e.g. log_.../checkpoint/epoch-last.pth; 'auto': from "
-                             "the newest in the run's checkpoint folder, or start fresh when there is none")
-    parser.add_argument('-p', '--port', type=int, default=None,
-                        help='rendezvous port for several GPUs (default: a free one)')
-    # Passed by torch.distributed.launch (the authors' launcher); the environment's LOCAL_RANK wins.
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument('--set', nargs='+', action='extend', default=[], metavar='KEY=VALUE',
-                        help='config overrides, e.g. --set batch_size=8 dataset_path=/data/LLRGBD')
+    cli.add_devices(parser, default='')
+    cli.add_resume(parser)
+    cli.add_port(parser, '-p', '--port')
+    cli.add_local_rank(parser)
+    cli.add_set(parser)
     parser.add_argument('--cpu-procs', type=int, default=1, help=argparse.SUPPRESS)  # gloo CPU ranks (tests)
     return parser.parse_args(argv)
 

@@ -46,6 +46,7 @@ from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from smmcl import cli
 from smmcl.config import ConfigError, load_config
 from smmcl.engine.precision import for_inference, memory_format, mixed_precision
 from smmcl.inference import default_device
@@ -253,10 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='python -m smmcl.tools.complexity',
                                      description="SMMCL's parameters per part, GFLOPs, latency and "
                                                  "throughput.")
-    parser.add_argument('--config', required=True, help="an experiment's config.py, e.g. SMMCL_NYU/config.py")
+    cli.add_config(parser)
     parser.add_argument('--height', type=int, default=None, help='input height (default: eval_crop_size)')
     parser.add_argument('--width', type=int, default=None, help='input width (default: eval_crop_size)')
-    parser.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE', help='config overrides')
+    cli.add_set(parser)
     parser.add_argument('--no-timing', action='store_true', help='parameters and FLOPs only')
     parser.add_argument('--batches', type=int, nargs='+', default=[1, 8], help='batch sizes to time')
     parser.add_argument('--iters', type=int, default=None, help='timed forwards (default: GPU 20, CPU 3)')

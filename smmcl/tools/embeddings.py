@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 import torch
 
+from smmcl import cli
 from smmcl.config import ConfigError, load_config
 from smmcl.data.dataset import DatasetError, RGBXDataset
 from smmcl.engine.checkpoint import CheckpointError
@@ -288,19 +289,18 @@ def run(config, checkpoint: str, images: int = 16, per_class: int = 100, out: Op
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument('--config', required=True, help="an experiment's config.py")
-    parser.add_argument('-e', '--epochs', default='last', metavar='CHECKPOINT',
-                        help="one checkpoint: epoch, 'last' or a .pth file")
+    cli.add_config(parser)
+    cli.add_checkpoint(parser)
     parser.add_argument('--images', type=int, default=16, help='the first K test images')
     parser.add_argument('--per-class', type=int, default=100, help='cells sampled per class and modality')
     parser.add_argument('--out', default=osp.join('figs', 'embeddings.png'))
     parser.add_argument('--seed', type=int, default=0, help='of the sampling and the t-SNE')
     parser.add_argument('--title', default='', help='named in the picture, e.g. the run')
-    parser.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE', help='config overrides')
+    cli.add_set(parser)
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, args.set)
-        result = run(config, args.epochs, args.images, args.per_class, args.out, args.seed,
+        result = run(config, args.epoch, args.images, args.per_class, args.out, args.seed,
                      title=args.title)
     except (ConfigError, DatasetError, CheckpointError, FileNotFoundError) as exc:
         print(f'error: {exc}', file=sys.stderr)

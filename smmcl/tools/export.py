@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from smmcl import cli
 from smmcl.config import ConfigError, load_config
 from smmcl.engine.checkpoint import CheckpointError
 from smmcl.inference import checkpoint_path, load_model
@@ -166,8 +167,7 @@ def _missing_packages(check: bool) -> Sequence[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description='Export the single-crop forward of an SMMCL checkpoint to '
                                                  'ONNX (inputs rgb, x: N-3-H-W normalised; output logits).')
-    parser.add_argument('-e', '--epoch', default='last',
-                        help="checkpoint: an epoch (500) or 'last' in config.checkpoint_dir, or a .pth file")
+    cli.add_checkpoint(parser)
     parser.add_argument('-o', '--output', required=True, help='the .onnx file to write')
     parser.add_argument('--height', type=int, default=None, help='input height (default: eval_crop_size)')
     parser.add_argument('--width', type=int, default=None, help='input width (default: eval_crop_size)')
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--opset', type=int, default=DEFAULT_OPSET, help='ONNX opset')
     parser.add_argument('--no-check', action='store_true',
                         help='skip running the file with onnxruntime against PyTorch')
-    parser.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE', help='config overrides')
+    cli.add_set(parser)
     return parser
 
 

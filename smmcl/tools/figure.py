@@ -23,6 +23,7 @@ from typing import List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
+from smmcl import cli
 from smmcl.config import ConfigError, load_config
 from smmcl.data.dataset import DatasetError, RGBXDataset
 from smmcl.engine.checkpoint import CheckpointError
@@ -188,7 +189,7 @@ def predictions(config, checkpoint: str, dataset, indices: Sequence[int], device
 
 def main(argv: Optional[Sequence[str]] = None) -> np.ndarray:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument('--config', required=True, help="an experiment's config.py")
+    cli.add_config(parser)
     parser.add_argument('-e', '--epochs', action='append', required=True, metavar='CHECKPOINT',
                         help="a checkpoint: epoch, 'last' or a .pth file; repeat for more columns")
     parser.add_argument('--images', nargs='+', default=None, help='test image names (default: the first 4)')
@@ -196,7 +197,7 @@ def main(argv: Optional[Sequence[str]] = None) -> np.ndarray:
     parser.add_argument('--out', default=osp.join('figs', 'figure.png'))
     parser.add_argument('--gamma', type=float, default=2.2, help='gamma of the RGB lift (1: as stored)')
     parser.add_argument('--panel-width', type=int, default=None, help='scale panels to this width')
-    parser.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE', help='config overrides')
+    cli.add_set(parser)
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, args.set)
