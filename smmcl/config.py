@@ -29,7 +29,7 @@ import logging
 import os
 import os.path as osp
 import time
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
 from easydict import EasyDict
@@ -354,6 +354,7 @@ def apply_overrides(config: EasyDict, overrides: Iterable[str]) -> EasyDict:
         ConfigError: an item not of the form ``key=value``.
     """
     config.setdefault('_pinned', [])
+    config.setdefault('_set_keys', [])
     inert = []
     for item in overrides:
         if '=' not in item:
@@ -383,6 +384,7 @@ def apply_overrides(config: EasyDict, overrides: Iterable[str]) -> EasyDict:
             value = np.asarray(value, dtype=node[parts[-1]].dtype)
         node[parts[-1]] = value
         config._pinned.append(key)
+        config._set_keys.append(key)
     if inert:
         note_inert(inert, '--set')
     return config
@@ -491,6 +493,59 @@ def finalize(config: EasyDict) -> EasyDict:
     put('log_file', osp.join(config.log_dir, f'log_{stamp}.log'))
     put('val_log_file', osp.join(config.log_dir, f'val_{stamp}.log'))
     return config
+
+
+# A checkpoint's stored config (smmcl.engine.checkpoint.training_state) is read back by the entry points
+# that load one checkpoint (predict.py, export.py, the tools, the Segmenter API): the model it is and the
+# settings its run evaluated with, unless given with --set (adopt_stored_config).
+MODEL_KEYS = ('backbone', 'num_classes', 'decoder', 'decoder_embed_dim')
+INFERENCE_KEYS = ('eval_crop_size', 'eval_scale_array', 'eval_flip', 'eval_stride_rate', 'eval_protocol',
+                  'image_height', 'image_width', 'norm_mean', 'norm_std', 'true_rgb_order', 'x_is_single_channel',
+                  'class_names', 'class_colors', 'background', 'seed')
+
+
+def plain(value):
+    """``value`` in the types ``torch.load(weights_only=True)`` reads: dicts, lists, numbers, strings."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def stored_config(config: EasyDict) -> dict:
+    """The effective config as a checkpoint stores it (plain types, internal keys left out)."""
+    return {key: plain(value) for key, value in config.items() if not str(key).startswith('_')}
+
+
+def adopt_stored_config(config: EasyDict, stored: dict, source: str) -> List[str]:
+    """Take :data:`MODEL_KEYS` and :data:`INFERENCE_KEYS` from checkpoint ``source``'s stored config,
+    except the keys given with ``--set`` (``config._set_keys``): an explicit inference setting wins; an
+    explicit model setting must agree with the checkpoint. Returns the keys whose value changed.
+
+    Raises:
+        ConfigError: a model key set with ``--set`` contradicts the checkpoint (naming its value).
+    """
+    explicit = set(config.get('_set_keys', ()))
+    changed = []
+    for key in MODEL_KEYS + INFERENCE_KEYS:
+        if key not in stored:
+            continue
+        value = np.asarray(stored[key], dtype=config[key].dtype) if isinstance(config[key], np.ndarray) \
+            else stored[key]
+        if plain(value) == plain(config[key]):
+            continue
+        if key in explicit:
+            if key in MODEL_KEYS:
+                raise ConfigError(f'{source} was trained with {key}={stored[key]!r}, but {key}={config[key]!r} is '
+                                  f'set; drop the setting (the checkpoint\'s is used) or pick another checkpoint')
+            continue
+        config[key] = value
+        changed.append(key)
+    validate(config)
+    return changed
 
 
 def format_config(config: EasyDict) -> str:

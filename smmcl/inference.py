@@ -21,6 +21,8 @@ Example::
 """
 from __future__ import annotations
 
+import glob
+import logging
 import os
 import os.path as osp
 import re
@@ -30,7 +32,7 @@ import cv2
 import numpy as np
 import torch
 
-from smmcl.config import ConfigError, check_choice, load_config
+from smmcl.config import ConfigError, adopt_stored_config, check_choice, load_config
 from smmcl.data.dataset import DatasetError, decode_image, network_order, read_file, read_flags
 from smmcl.engine.checkpoint import epoch_of_name, model_state, read_checkpoint
 from smmcl.engine.evaluate import predict_scores, seed_item
@@ -39,6 +41,7 @@ from smmcl.engine.seeding import kept_rng
 from smmcl.models import EncoderDecoder, build_segmentor, check_compatible
 
 CHANNEL_ORDERS = ('rgb', 'bgr')
+logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------------
 # Checkpoints
@@ -132,6 +135,57 @@ def check_output_folder(path: str, option: str) -> None:
                           f'name another folder or move the file away')
 
 
+def find_checkpoint(config, checkpoint: str) -> str:
+    """:func:`checkpoint_path`; an epoch (or ``last``) missing from ``config.checkpoint_dir`` is looked
+    for in the experiment's other runs, ``<exp_dir>/log_<dataset>_*/checkpoint`` (a run trained with
+    ``--set backbone=mscan_t`` sits in ``log_<dataset>_mscan_t``), when exactly one of them holds it and
+    neither ``backbone`` nor a log folder was given.
+
+    Raises:
+        FileNotFoundError: no such checkpoint, or several runs hold one (naming them).
+    """
+    try:
+        return checkpoint_path(checkpoint, config.checkpoint_dir)
+    except FileNotFoundError:
+        if set(config.get('_pinned', ())) & {'backbone', 'log_dir', 'checkpoint_dir'} or checkpoint.endswith('.pth'):
+            raise
+        runs = sorted(glob.glob(osp.join(config.exp_dir, f'log_{config.dataset_name}_*', 'checkpoint')))
+        found = [path for run in runs if run != config.checkpoint_dir
+                 for path in _found(checkpoint, run)]
+        if len(found) != 1:
+            if found:
+                raise FileNotFoundError(f'-e {checkpoint}: not in {config.checkpoint_dir}, and several runs hold '
+                                        f'it ({", ".join(found)}); give the file or --set backbone=...') from None
+            raise
+        logger.info('-e %s: not in %s; using %s', checkpoint, config.checkpoint_dir, found[0])
+        return found[0]
+
+
+def _found(checkpoint: str, checkpoint_dir: str) -> List[str]:
+    try:
+        return [checkpoint_path(checkpoint, checkpoint_dir)]
+    except (FileNotFoundError, ConfigError):
+        return []
+
+
+def adopt_checkpoint_settings(config, path: str) -> None:
+    """A checkpoint knows what it is: ours store their run's config, whose model settings (backbone,
+    classes, decoder) and inference settings (crop, scales, flip, image size, normalisation, class
+    names and colours, seed) are taken into ``config`` unless given with ``--set``
+    (:func:`smmcl.config.adopt_stored_config`), so ``predict.py`` gives the class ids ``eval.py -p``
+    gave in that run. The authors' checkpoints store none: ``config`` stays the experiment's.
+
+    Raises:
+        ConfigError: a model setting given with ``--set`` contradicts the checkpoint.
+    """
+    stored = read_checkpoint(path, mmap=True).get('config')
+    if not isinstance(stored, dict) or 'backbone' not in stored:
+        return
+    changed = adopt_stored_config(config, stored, path)
+    if changed:
+        logger.info('%s: its run\'s %s', path, ', '.join(f'{key}={config[key]!r}' for key in changed))
+
+
 def checked_weights(config, path: str, *, mmap: bool = False) -> Dict[str, torch.Tensor]:
     """The model weights of checkpoint file ``path``, checked against ``config.backbone`` and
     ``config.num_classes``; ``mmap=True`` for a check of the shapes only.
@@ -150,8 +204,10 @@ def default_device() -> torch.device:
     return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 
 
-def load_model(config, checkpoint: str, device=None) -> EncoderDecoder:
+def load_model(config, checkpoint: str, device=None, adopt: bool = False) -> EncoderDecoder:
     """SMMCL's segmentor for ``config`` with the weights of one checkpoint, in eval mode on ``device``.
+    ``adopt``: first take the model and inference settings of the checkpoint's stored config into
+    ``config`` (:func:`adopt_checkpoint_settings`), as the entry points that load one checkpoint do.
 
     Built by :func:`smmcl.models.build_segmentor` without ImageNet weights (``config.pretrained_model`` is
     not read: the checkpoint sets every tensor), loaded strictly. The plain model: wrap it with
@@ -168,7 +224,9 @@ def load_model(config, checkpoint: str, device=None) -> EncoderDecoder:
         FileNotFoundError: the checkpoint does not exist.
         CheckpointError: unreadable, or trained for another backbone / class count (names the file).
     """
-    path = checkpoint_path(checkpoint, config.checkpoint_dir)
+    path = find_checkpoint(config, checkpoint) if adopt else checkpoint_path(checkpoint, config.checkpoint_dir)
+    if adopt:
+        adopt_checkpoint_settings(config, path)
     weights = checked_weights(config, path)
     model = build_segmentor(config)
     model.load_state_dict(weights, strict=True)
@@ -294,7 +352,7 @@ class Segmenter:
         if isinstance(config, str):
             config = load_config(config, overrides or [])
         device = default_device() if device is None else torch.device(device)
-        return cls(load_model(config, checkpoint, device), config, device)
+        return cls(load_model(config, checkpoint, device, adopt=True), config, device)
 
     def scores(self, rgb: np.ndarray, x: np.ndarray, *, index: int = 0,
                channel_order: str = 'rgb') -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from smmcl.config import base_config
+from smmcl.config import base_config, stored_config
 from smmcl.engine.checkpoint import (LAST, SCHEDULE_KEYS, CheckpointError, atomic_save, is_temp_file, model_state,
                                      read_checkpoint, remove_stale_temp_files, restore_training_state, rng_state,
                                      save_checkpoint, set_rng_state, should_save, training_state)
@@ -41,7 +41,8 @@ def test_authors_keys_and_our_extras(model_and_optimizer, tmp_path):
     assert {'model', 'optimizer', 'epoch', 'iteration'} <= set(state)  # CMX's Engine.save_checkpoint
     assert {'rng', 'lr_step', 'sampler_epoch', 'config'} <= set(state)
     assert state['epoch'] == 3
-    assert state['config'] == dict({key: cfg[key] for key in SCHEDULE_KEYS}, backbone='mscan_t', num_classes=5)
+    assert state['config'] == dict(stored_config(cfg), backbone='mscan_t', num_classes=5)  # the run's config
+    assert {key: state['config'][key] for key in SCHEDULE_KEYS} == {key: cfg[key] for key in SCHEDULE_KEYS}
     assert list(state['model']) == list(model.state_dict())
     assert not any(k.startswith('module.') for k in state['model'])
     assert os.readlink(tmp_path / LAST) == 'epoch-3.pth'  # relative: the folder can be moved

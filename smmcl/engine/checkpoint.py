@@ -58,6 +58,7 @@ from torch import nn
 from torch.amp import GradScaler
 from torch.optim import Optimizer
 
+from ..config import stored_config
 from ..models.authors_order import authors_param_groups
 from ..models.weights import (PRETRAINED_HELP, CheckpointError, CheckpointNotFoundError, PretrainedReport,
                               check_compatible, load_pretrained_backbone)
@@ -215,8 +216,7 @@ def training_state(model: nn.Module, optimizer: Optimizer, epoch: int, iteration
     state = {'model': model.state_dict(), 'optimizer': optimizer_state, 'optimizer_param_names': stored_names,
              'epoch': epoch, 'iteration': iteration, 'rng': rng, 'lr_step': lr_step,
              'next_iteration': next_iteration, 'sampler_epoch': epoch + 1 if next_iteration else epoch,
-             'config': dict({key: config[key] for key in SCHEDULE_KEYS}, backbone=config.backbone,
-                            num_classes=int(config.num_classes))}
+             'config': dict(stored_config(config), backbone=config.backbone, num_classes=int(config.num_classes))}
     if scaler is not None and scaler.is_enabled():
         state['scaler'] = scaler.state_dict()
     return state

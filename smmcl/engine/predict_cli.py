@@ -219,13 +219,13 @@ def main(config_path: str, argv: Optional[Sequence[str]] = None) -> None:
     count = 0
     try:
         config = load_config(config_path, args.set)
-        if int(config.num_classes) > 256:
-            raise ConfigError(f'num_classes={config.num_classes}: the outputs are 8-bit PNGs (256 classes)')
-        palette = prediction_palette(config.class_colors)
         check_output_folder(args.out, '-o')
         pairs = image_pairs(args.rgb, args.x)
         device = parse_device(args.device)
-        segmenter = Segmenter.from_checkpoint(config, args.epoch, device)
+        segmenter = Segmenter.from_checkpoint(config, args.epoch, device)  # its run's settings (adopted)
+        if int(config.num_classes) > 256:
+            raise ConfigError(f'num_classes={config.num_classes}: the outputs are 8-bit PNGs (256 classes)')
+        palette = prediction_palette(config.class_colors)
         os.makedirs(args.out, exist_ok=True)
         for index, (rgb_path, x_path) in enumerate(tqdm(pairs, desc='predict', unit='image', disable=None)):
             rgb, x = read_images(rgb_path, x_path, config)

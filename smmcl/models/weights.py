@@ -168,5 +168,8 @@ def check_compatible(state_dict: Mapping[str, torch.Tensor], backbone: str, num_
     if ckpt_classes != num_classes:
         problems.append(f'{ckpt_classes} classes (config: {num_classes})')
     if problems:
+        fix = ' '.join(([f'backbone={ckpt_backbone}'] if ckpt_backbone and ckpt_backbone != backbone else [])
+                       + ([f'num_classes={ckpt_classes}'] if ckpt_classes != num_classes else []))
         raise CheckpointError(f'checkpoint {source} was trained with ' + ' and '.join(problems)
-                         + '; evaluate it with the matching config, e.g. --set backbone=... num_classes=...')
+                              + f'; use it with the matching settings ({fix or "its backbone"}: in the experiment\'s '
+                              f'config.py, with --set, or in the config given to the API)')

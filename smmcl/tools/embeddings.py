@@ -264,7 +264,7 @@ def run(config, checkpoint: str, images: int = 16, per_class: int = 100, out: Op
         :func:`cross_modal_similarity`'s dict, plus ``counts`` {c: (RGB cells, X cells)} and ``image``
         (the map, H-W-3 uint8 BGR).
     """
-    model = load_model(config, checkpoint, device)
+    model = load_model(config, checkpoint, device, adopt=True)
     dataset = RGBXDataset(config, 'val')
     data = collect(model, dataset, config, images, per_class, seed)
     k = int(config.num_classes)

@@ -196,7 +196,7 @@ def main(config_path: str, argv: Optional[Sequence[str]] = None) -> None:
         if missing:
             raise ConfigError(f'export needs {", ".join(missing)}: pip install -r requirements-dev.txt')
         checkpoint = checkpoint_path(args.epoch, config.checkpoint_dir)
-        model = load_model(config, checkpoint, device='cpu')
+        model = load_model(config, checkpoint, device='cpu', adopt=True)
     except (ConfigError, CheckpointError, FileNotFoundError) as exc:  # the user's to fix
         print(f'error: {exc}', file=sys.stderr)
         raise SystemExit(1)
