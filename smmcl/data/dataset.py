@@ -92,12 +92,23 @@ def split_layout(config, split: str, source: Optional[str] = None) -> SplitLayou
     absent = None
     if source is None and configured and config.lists_optional and not osp.isfile(configured):
         absent, configured = configured, None
-        if absent not in _NOTED_ABSENT_LISTS:
-            _NOTED_ABSENT_LISTS.add(absent)
-            logger.info('list file %s does not exist: the %s split uses every image of %s, sorted by name '
-                        '(lists_optional=True)', absent, split, dirs[0])
+        _note_absent_list(absent, split, dirs[0])
     return SplitLayout(split, root, *dirs, config.rgb_format, config.x_format, config.gt_format,
                        source or configured, absent)
+
+
+def _note_absent_list(absent: str, split: str, folder: str) -> None:
+    """Log once per process that list file ``absent`` is replaced by every image of ``folder``.
+
+    The line counts as said only once a handler shows INFO: eval.py builds the test set once before it
+    configures logging (to fail early on a missing folder) and again after, and the first, unseen,
+    call must not use up the one line.
+    """
+    if absent in _NOTED_ABSENT_LISTS or not (logger.isEnabledFor(logging.INFO) and logger.hasHandlers()):
+        return
+    _NOTED_ABSENT_LISTS.add(absent)
+    logger.info('list file %s does not exist: the %s split uses every image of %s, sorted by name '
+                '(lists_optional=True)', absent, split, folder)
 
 
 def _listing(folder: str) -> str:
