@@ -1,4 +1,4 @@
-"""One prepared GPU run for issue 10: are the Triton kernels right at real sizes, and are they faster?
+"""One prepared GPU run: are the Triton kernels right at real sizes, and are they faster?
 
     python bench/gpu_check.py                   # on a CUDA machine, a few minutes
     python bench/gpu_check.py --wheels DIR      # first installs our small deps from local wheels
@@ -18,7 +18,7 @@ wanted first, each reported even if another fails; once ``--budget-s`` is spent 
    and a few training steps with the recorded forward and backward against eager ones (same seeds):
    the loss terms' difference and ms per step;
 3. ``model``: the whole model, fp32, TF32 off, same seeds (anchor sampler, NMF, drop path): the kernels
-   against the plain path on logits, each loss term and each gradient (issue target: 1e-4);
+   against the plain path on logits, each loss term and each gradient (target: 1e-4);
 4. ``kernels``: at the sizes of MSCAN-B at 480x640 (batch 8; the four stages' widths, the MLPs' hidden
    widths): each custom op against PyTorch (relative error of the output and every gradient against
    float32 ``F.conv2d`` + autograd on the same values), and its time against PyTorch's for the same
@@ -35,7 +35,7 @@ wanted first, each reported even if another fails; once ``--budget-s`` is spent 
 7. ``tests``: ``tests/test_kernels.py`` and ``tests/test_graphs.py`` on CUDA (tiny edge-case shapes, one
    tile config each).
 
-Everything is printed as it comes, then one summary for the README's speed section; with ``--out``
+Everything is printed as it comes, then one summary for docs/speed.md; with ``--out``
 (default ``$OUT`` when set) the log and a JSON of the numbers are written there too.
 """
 from __future__ import annotations
@@ -643,7 +643,7 @@ def _synthetic_tensors(args, split_dir, data_dir, device):
 def step_brief(args, device):
     """200 training steps of MSCAN-B (240x320, batch 4) on synthetic data on the plain fp32 path and on
     the fast bf16 path with the kernels, same initial weights, batches and seeds; then the argmax of
-    the plain-trained model's logits, plain fp32 against fast bf16 + kernels (issue: >= 99 % of pixels)."""
+    the plain-trained model's logits, plain fp32 against fast bf16 + kernels (target: >= 99 % of pixels)."""
     import torch
     from smmcl.data.synthetic import generate
     from smmcl.engine.optim import build_optimizer
@@ -834,7 +834,7 @@ def step_tests(args, device):
 # ---- summary -----------------------------------------------------------------------------------------
 
 def summary(results):
-    print('\n' + '=' * 100 + '\nSUMMARY (for the README speed section)')
+    print('\n' + '=' * 100 + '\nSUMMARY (for docs/speed.md)')
     env = results.get('env', {})
     print(f"device {env.get('device')}, torch {env.get('torch')}, triton {env.get('triton')}")
     kern = results.get('kernels')

@@ -15,6 +15,7 @@ EVAL_PROTOCOLS = ('authors', 'corrected')  # config.eval_protocol (smmcl.engine.
 OPTIMIZERS = ('AdamW', 'SGDM')  # config.optimizer (smmcl.engine.optim)
 ANCHOR_SAMPLERS = ('vectorized', 'loop')  # config.anchor_sampler (smmcl.losses.contrastive)
 DECODERS = ('LightHamHead',)  # config.decoder (smmcl.models.builder)
+SPEEDS = ('reference', 'fast')  # config.speed (smmcl.engine.speed)
 
 
 @dataclass(frozen=True)

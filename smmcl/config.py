@@ -185,23 +185,27 @@ def base_config() -> EasyDict:
     # Seconds a rank waits in a collective before giving up when another rank died.
     C.dist_timeout_s = 300
 
-    # ---- speed (see smmcl/engine/precision.py); all off = the plain reference path ----
+    # ---- speed (docs/speed.md) ----
+    # 'reference': the switches below as set (all off: the plain path, the authors' function); 'fast': the
+    # fastest measured combination for the job and device, resolved at start into the switches you did not
+    # set yourself, and logged in one line (smmcl/engine/speed.py).
+    C.speed = 'reference'
     C.fast_path = False  # channels_last; inference: BN and layer scales folded into the convs
     # Memory layout on the fast path: None follows fast_path (channels_last); False keeps NCHW, where
-    # PyTorch's bf16 depthwise convs train 2x faster on an H100 (README speed table, issue 10).
+    # PyTorch's bf16 depthwise convs train 2x faster on an H100 (docs/speed.md).
     C.channels_last = None
     C.amp = False  # bf16 autocast (NMF and InfoNCE stay fp32)
     C.compile = False  # torch.compile (minutes for MSCAN-B the first time; inductor caches it)
     # With fast_path: MSCAN's depthwise convs in our Triton kernels (smmcl/kernels; needs triton).
     # Off by default (the plain path is the authors' function): inference 2-2.5x faster on an H100 and an
-    # H200; training faster only with cuda_graphs_training (H200: 36.3 against 26.2 img/s; README tables).
+    # H200; training faster only with cuda_graphs_training (H200: 36.3 against 26.2 img/s; docs/speed.md).
     C.triton_kernels = False
     # Inference (eval.py, predict.py, Segmenter): each input shape's forward recorded once as a CUDA graph
     # and replayed (smmcl/engine/graphs.py; the NMF bases are drawn outside the graph, so the same
     # function). On a CUDA device only; elsewhere the model runs as it is.
     C.cuda_graphs = False
     # Training: the model's forward and backward (all but the losses and the optimizer) recorded as CUDA
-    # graphs on the first batch and replayed (smmcl/engine/graphs.py; same function; README H200 table).
+    # graphs on the first batch and replayed (smmcl/engine/graphs.py; same function; docs/speed.md).
     # Not with sync_bn on several processes (collectives) or compile.
     C.cuda_graphs_training = False
     # Host reads of the training step (smmcl/engine/train.py): 1 (the authors') reads the loss terms every
@@ -258,6 +262,7 @@ def load_config(path: str, overrides: Optional[Iterable[str]] = None) -> EasyDic
     spec.loader.exec_module(module)
     config = EasyDict(module.config)
     check_declared(config, path)
+    config._assigned = sorted(_assignment_lines(path))  # the keys config.py assigns (C.key = ...)
     from_file = [key for key in DERIVED_KEYS if key in config]
     config._pinned = list(from_file)
     config.config_file = path
@@ -417,7 +422,7 @@ def validate(config: EasyDict) -> EasyDict:
     """
     fixed = dict(nonfinite_loss=choices_.NONFINITE_LOSS, eval_protocol=choices_.EVAL_PROTOCOLS,
                  anchor_sampler=choices_.ANCHOR_SAMPLERS, backbone=tuple(choices_.MSCAN_VARIANTS),
-                 decoder=choices_.DECODERS, optimizer=choices_.OPTIMIZERS)
+                 decoder=choices_.DECODERS, optimizer=choices_.OPTIMIZERS, speed=choices_.SPEEDS)
     for key, choices in fixed.items():
         check_choice(key, config[key], choices)
     if config.channels_last not in (None, True, False):
@@ -425,6 +430,8 @@ def validate(config: EasyDict) -> EasyDict:
     for key in ('cuda_graphs', 'cuda_graphs_training'):
         if config[key] not in (True, False):
             raise ConfigError(f'{key}={config[key]!r}: expected True or False')
+    if config.speed == 'reference':  # with speed='fast' the switches are final, and checked, at start
+        check_switches(config)
     if config.cuda_graphs_training and config.compile:
         raise ConfigError('cuda_graphs_training=True and compile=True: choose one (torch.compile records its '
                           'own graphs with mode="reduce-overhead"); e.g. --set compile=False')
@@ -434,6 +441,23 @@ def validate(config: EasyDict) -> EasyDict:
                           f'of a non-finite batch needs fused AdamW; train SGDM with --set host_sync_every=1 '
                           f'(the authors\' per-iteration read) or use optimizer=AdamW')
     return config
+
+
+def check_switches(config: EasyDict, world_size: int = 1) -> None:
+    """Refuse speed switches that cannot act in their combination (``world_size``: the training
+    processes, when known).
+
+    Raises:
+        ConfigError: naming the switch and the fix.
+    """
+    if not config.fast_path:
+        for key, value in (('channels_last', True), ('triton_kernels', True)):
+            if config[key] is value:
+                raise ConfigError(f'{key}={value} acts on the fast path only, and fast_path=False: set '
+                                  f'fast_path=True too, or drop {key} (e.g. --set fast_path=True)')
+    if config.cuda_graphs_training and config.sync_bn and world_size > 1:
+        raise ConfigError('cuda_graphs_training=True with sync_bn=True on several processes: the graphs cannot '
+                          'record SyncBatchNorm\'s collectives; --set cuda_graphs_training=False or sync_bn=False')
 
 
 def check_training_counts(config: EasyDict) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os.path as osp
-import re
+import glob
 import subprocess
 import sys
 import time
@@ -27,6 +27,7 @@ from typing import List
 
 from .config import REPO_ROOT, load_config
 from .data.synthetic import generate
+from .engine.results import read_scores
 
 EXPERIMENT = osp.join(REPO_ROOT, 'SMMCL_LLRGBD')
 CONFIG = osp.join(EXPERIMENT, 'config.py')
@@ -59,9 +60,10 @@ def train_and_evaluate(overrides: List[str], epochs: int, log_dir: str) -> float
         run('train.py', ['--set'] + overrides)
         with open(stamp, 'w') as f:
             f.write(settings)
-    output = run('eval.py', ['-e', str(epochs), '-p', osp.join(log_dir, 'pred'), '--set'] + overrides)
-    match = re.findall(r'mIoU:\s*([0-9.]+)', output)
-    return float(match[-1]) if match else float('nan')
+    run('eval.py', ['-e', str(epochs), '-p', osp.join(log_dir, 'pred'), '--set'] + overrides)
+    # the scores as eval.py writes them as data (smmcl.engine.results): the newest evaluation's
+    newest = max(glob.glob(osp.join(log_dir, 'val_2*.json')), key=osp.getmtime)
+    return read_scores(newest)[-1]['mean_iou'] * 100
 
 
 def main(argv=None) -> dict:

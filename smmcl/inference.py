@@ -38,6 +38,7 @@ from smmcl.engine.checkpoint import epoch_of_name, model_state, read_checkpoint
 from smmcl.engine.evaluate import predict_scores, seed_item
 from smmcl.engine.precision import for_inference, mixed_precision
 from smmcl.engine.seeding import kept_rng
+from smmcl.engine.speed import resolve_speed
 from smmcl.models import EncoderDecoder, build_segmentor, check_compatible
 
 CHANNEL_ORDERS = ('rgb', 'bgr')
@@ -352,7 +353,9 @@ class Segmenter:
         if isinstance(config, str):
             config = load_config(config, overrides or [])
         device = default_device() if device is None else torch.device(device)
-        return cls(load_model(config, checkpoint, device, adopt=True), config, device)
+        model = load_model(config, checkpoint, device, adopt=True)
+        resolve_speed(config, device, 'predict')  # after the checkpoint's settings: the plan is final
+        return cls(model, config, device)
 
     def scores(self, rgb: np.ndarray, x: np.ndarray, *, index: int = 0,
                channel_order: str = 'rgb') -> torch.Tensor:

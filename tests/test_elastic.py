@@ -133,7 +133,7 @@ def test_torchrun_restarts_a_killed_rank_and_the_run_ends_as_uninterrupted(tiny_
     launch = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node=2',
               '--max-restarts=1', str(script), marker, '5', '-c', 'auto', '--set']
     # Without it, torch's agent keeps one TCPStore across restarts and a restarted rank can read the
-    # killed attempt's addresses (pytorch/pytorch#135712); the README's torchrun commands set it too.
+    # killed attempt's addresses (pytorch/pytorch#135712); the torchrun commands of docs/multi-gpu.md set it too.
     env = dict(os.environ, OMP_NUM_THREADS='1', TORCH_DISABLE_SHARE_RDZV_TCP_STORE='1')
     result = subprocess.run(launch + tiny_training(log_dir=str(tmp_path / 'killed_run'), **run),
                             capture_output=True, text=True, timeout=600, env=env, cwd=str(tmp_path))

@@ -1,4 +1,4 @@
-"""Whole images batched in evaluation (issue 10): with ``eval_batch_size > 1``, images that are one window
+"""Whole images batched in evaluation: with ``eval_batch_size > 1``, images that are one window
 per scale without flip share forwards, each with the NMF bases it draws alone; the result is the
 one-image path's up to float rounding, whatever the grouping (sizes, ranks)."""
 import numpy as np

@@ -1,4 +1,4 @@
-"""CUDA graphs (issue 10, ``config.cuda_graphs`` and ``cuda_graphs_training``): the bookkeeping -- one
+"""CUDA graphs (``config.cuda_graphs`` and ``cuda_graphs_training``): the bookkeeping -- one
 recording per input signature, static inputs refreshed at every call, NMF bases drawn outside the graph
 exactly as the eager forward draws them, outputs copied out, the recorded backward's gradients, the
 warm-up's side effects put back -- checked on the CPU with a stand-in recorder that has a graph's
@@ -345,7 +345,7 @@ def test_train_script_with_training_graphs_is_the_eager_run(tiny_training, tmp_p
     checkpoint (weights, BatchNorm statistics, AdamW state) equals the eager run's up to float rounding
     (a reduction over a static buffer may sum in another order: the decoder's last bias gradient, 3e-8
     relative, on this CPU). Also with host_sync_every=2 (fused AdamW, the step decided on the device),
-    the training switches the README recommends together."""
+    the training switches docs/speed.md recommends together."""
     config = os.path.join(REPO, 'SMMCL_LLRGBD', 'config.py')
     eager = tiny_training(log_dir=str(tmp_path / 'eager'), replicas=2, niters_per_epoch=2,
                           host_sync_every=host_sync_every)

@@ -432,7 +432,7 @@ def test_whole_model_with_kernels_in_nchw_is_the_plain_function(tiny_mscan):
     """The fast path in NCHW (``channels_last=False``) with the kernels against the plain path, fp32, one
     training forward + backward with the same seeds (drop path, anchors, NMF bases): the only difference
     is our kernels, so the loss terms and every gradient agree (the GPU run's channels_last spread of
-    ~3e-3 comes from cuDNN's layout, README speed section)."""
+    ~3e-3 comes from cuDNN's layout, docs/speed.md)."""
     from smmcl.engine.precision import for_training
     from smmcl.models import build_segmentor
     from conftest import tiny_config

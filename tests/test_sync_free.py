@@ -1,4 +1,4 @@
-"""host_sync_every: a training step without per-iteration host reads (issue 10, item 3), same function.
+"""host_sync_every: a training step without per-iteration host reads, same function.
 
 Tiny CPU trainings in this process: N=3 against the authors' N=1 (weights and every logged value), a
 non-finite batch skipped on the device, a stop at the next read, and a count of the host reads.

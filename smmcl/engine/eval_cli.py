@@ -42,6 +42,7 @@ from smmcl.engine.dist import DistContext, launch, parse_devices
 from smmcl.engine.evaluate import eval_workers, evaluate_per_image, prediction_palette
 from smmcl.engine.precision import for_inference, mixed_precision
 from smmcl.engine.results import open_val_log, report, scores_path, subset_indices
+from smmcl.engine.speed import resolve_speed
 from smmcl.inference import check_output_folder, checked_weights, load_model, parse_epochs
 
 logger = logging.getLogger('smmcl.eval')
@@ -53,6 +54,7 @@ def _evaluate_checkpoints(ctx: DistContext, config, checkpoints: Sequence[str], 
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     if verbose:  # per-image lines only from the evaluator (not PIL's or torch's debug output)
         logging.getLogger('smmcl.engine.evaluate').setLevel(logging.DEBUG)
+    resolve_speed(config, ctx.device, 'eval', log=ctx.is_main)
     dataset = RGBXDataset(config, 'val')
     workers = eval_workers(config)
     final = []

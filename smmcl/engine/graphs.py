@@ -1,7 +1,7 @@
-"""CUDA graphs (issue 10): the eager forward recorded once per input shape, then replayed.
+"""CUDA graphs: the eager forward recorded once per input shape, then replayed.
 
 An eager MSCAN-B forward launches a few thousand small kernels, and on an H100 the host's time to
-launch them, not the GPU's work, bounds inference and training (README speed section). Evaluation and
+launch them, not the GPU's work, bounds inference and training (docs/speed.md). Evaluation and
 prediction feed the model inputs of a few fixed shapes (the crop, each scale's size, the last partial
 batch), training one (the crop, ``drop_last`` batches), so each shape's work can be captured once into
 a CUDA graph and replayed with one launch.

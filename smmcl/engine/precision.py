@@ -1,4 +1,5 @@
-"""Speed switches shared by training and evaluation (issue: fast on the GPU, same function).
+"""Speed switches shared by training and evaluation: fast on the GPU, the same function
+(``speed='fast'`` picks them per job and device: :mod:`smmcl.engine.speed`).
 
 - ``config.amp``: bf16 autocast (fp16 + GradScaler on GPUs without bf16; fp32 on CPUs without native
   bf16, where it is emulated and slow); the NMF and the InfoNCE always run in fp32 (see
@@ -7,7 +8,7 @@
   convolutions (``smmcl.models.fast.fold_for_inference``). The plain path (both off) is the reference
   the tests compare against.
 - ``config.triton_kernels`` (with ``fast_path``): MSCAN's depthwise convs in the Triton kernels of
-  ``smmcl.kernels`` (off by default until GPU timings show them faster).
+  ``smmcl.kernels`` (``speed='fast'`` turns them on where Triton is installed: docs/speed.md).
 - ``config.compile``: ``torch.compile`` the model (optional: compiling MSCAN-B takes minutes; inductor
   caches its artifacts, so later runs start faster).
 - ``config.cuda_graphs``: inference forwards replayed from CUDA graphs, one per input shape
@@ -73,11 +74,9 @@ def memory_format(config) -> torch.memory_format:
 
 
 def fused_kernels(config) -> bool:
-    """Whether the Triton kernels are asked for (they are part of the fast path)."""
-    if config.triton_kernels and not config.fast_path:
-        logger.warning('triton_kernels=True ignored: the kernels belong to the fast path (fast_path=True)')
-        return False
-    return bool(config.triton_kernels)
+    """Whether the Triton kernels run: they are part of the fast path (``triton_kernels`` without
+    ``fast_path`` is refused when the config is checked, :func:`smmcl.config.check_switches`)."""
+    return bool(config.triton_kernels and config.fast_path)
 
 
 def for_training(model: nn.Module, config) -> nn.Module:
@@ -93,9 +92,10 @@ def for_training(model: nn.Module, config) -> nn.Module:
 
 def for_inference(model: nn.Module, config) -> nn.Module:
     """An eval-mode model for inference: folded and channels_last on the fast path, else ``model``;
-    with ``config.cuda_graphs`` wrapped in :class:`~smmcl.engine.graphs.GraphedInference`."""
+    compiled with ``config.compile`` (on either path); with ``config.cuda_graphs`` wrapped in
+    :class:`~smmcl.engine.graphs.GraphedInference`."""
     if not config.fast_path:
-        return graphed(model.eval(), config)
+        return graphed(maybe_compile(model.eval(), config), config)
     folded = fold_for_inference(model).to(memory_format=memory_format(config))
     use_fused_kernels(folded, fused_kernels(config))
     return graphed(torch.compile(folded) if config.compile else folded, config)

@@ -23,7 +23,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from typing import List, NamedTuple, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed
@@ -43,20 +43,17 @@ from .checkpoint import (CheckpointError, load_backbone_pretrained, remove_stale
                          save_checkpoint, save_iteration_checkpoint, should_save, training_state)
 from .chunks import BufferRollback, ChunkPlan, plan_chunks, run_chunks
 from .dist import norm_layer_for, wrap_ddp
-from .logging_utils import (EpochLog, nonfinite_message, setup_logging, tensorboard_run_dir,
-                            warn_without_contrast)
+from .host_sync import NonFiniteLossError, PendingStep, flush_log, skips_on_device
+from .logging_utils import EpochLog, setup_logging, tensorboard_run_dir, warn_without_contrast
 from .lr import WarmUpPolyLR, set_lr
 from .optim import build_optimizer, step_unless_nonfinite
 from .precision import for_training, maybe_compile, memory_format, mixed_precision
 from .resume import resolve_resume, resume_from
 from .seeding import seed_everything
+from .speed import resolve_speed
 from .watch import Watcher
 
 logger = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    """A loss term became NaN or infinite with ``nonfinite_loss='stop'``."""
 
 
 # Problems with data, files or settings: reported as one message and exit code 1, no traceback. Any
@@ -142,6 +139,7 @@ def train(ctx: dist.DistContext, config, resume: Optional[str] = None) -> nn.Mod
     """Train ``config``'s model in this process (one rank of ``ctx``); returns the unwrapped model.
     ``resume``: a checkpoint, ``'auto'`` (:func:`resolve_resume`) or None."""
     prepare_process(ctx, config)
+    resolve_speed(config, ctx.device, 'train', ctx.world_size, log=ctx.is_main)
     plan = plan_chunks(config, ctx)  # refuses an impossible split before anything is loaded
     quick_check(config, splits=('train',))  # cheap: folders, list file, files exist
     data = build_train_data(config, ctx)
@@ -247,68 +245,6 @@ def train_step(loop: Loop, batch, step: int) -> torch.Tensor:
                 loop.scaler.update()
             rollback.undo = not finite
     return values
-
-
-def skips_on_device(config, scaler: torch.amp.GradScaler, ctx: dist.DistContext) -> bool:
-    """Whether :func:`train_step` decides on the device to step or skip: with ``host_sync_every > 1``,
-    unless fp16 loss scaling is on (GPUs without bf16): the GradScaler makes its own skip decision
-    (overflowed gradients) through the same ``found_inf`` of the optimizer, and merging ours into it
-    is not done."""
-    if config.host_sync_every == 1:
-        return False
-    if scaler.is_enabled():
-        if ctx.is_main:
-            logger.info('host_sync_every=%d with fp16 loss scaling: whether a batch with a non-finite loss '
-                        'steps is still read on the host every iteration (the GradScaler owns the '
-                        "optimizer's device-side skip); the loss terms are read every %d iterations",
-                        config.host_sync_every, config.host_sync_every)
-        return False
-    return True
-
-
-class PendingStep(NamedTuple):
-    """An iteration whose loss terms have not been read on the host yet (see :func:`flush_log`)."""
-    values: torch.Tensor  # CHUNKS-5 loss terms on the device (:func:`train_step`)
-    idx: int  # iteration within the epoch
-    step: int  # global step
-    lr: float  # the lr it ran with
-
-
-def flush_log(loop: Loop, log: EpochLog, pending: List[PendingStep]) -> None:
-    """Read the terms of every ``pending`` iteration on the host in one transfer, record each in turn
-    (:func:`log_step`) and empty ``pending``. With ``host_sync_every = N > 1`` this is where a
-    non-finite batch of the last N is noticed: it was already skipped on the device (weights, AdamW
-    state and, with 'skip', BatchNorm statistics untouched); here it is counted, or, with 'stop', the
-    run stops naming that batch's iteration, the later ones having stepped (their weights finite).
-
-    Raises:
-        NonFiniteLossError: from :func:`log_step`, at the first non-finite iteration with 'stop'.
-    """
-    if not pending:
-        return
-    host = torch.stack([item.values for item in pending]).double().cpu()  # the one host read
-    steps = list(pending)
-    pending.clear()
-    for values, item in zip(host, steps):
-        log_step(loop, log, values, item)
-
-
-def log_step(loop: Loop, log: EpochLog, values: torch.Tensor, item: PendingStep) -> None:
-    """Record iteration ``item``'s CHUNKS-5 terms ``values``, read on the host. Every iteration is
-    recorded: stopping at, or counting, a non-finite loss needs each one (:func:`flush_log` hands them
-    over already on the host, ``host_sync_every`` at a time).
-
-    Raises:
-        NonFiniteLossError: a term is not finite and ``nonfinite_loss='stop'``.
-    """
-    values = values.double().cpu()
-    if not torch.isfinite(values).all():
-        message = nonfinite_message(values, log.epoch, item.idx, log.niters, loop.plan.per_process)
-        if loop.config.nonfinite_loss == 'stop':
-            raise NonFiniteLossError(message + '; stopping (the checkpoints written so far are intact; '
-                                     "--set nonfinite_loss=skip skips such batches)")
-        log.skip(message)
-    log.record(values, item.idx, item.step, item.lr, loop.policy.get_lr(item.step))
 
 
 # ---- set-up, resume, checkpoints ----------------------------------------------------------------

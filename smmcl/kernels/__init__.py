@@ -1,8 +1,8 @@
-"""Fused Triton kernels for MSCAN's depthwise convolutions (issue 10: fast on the GPU, same function).
+"""Fused Triton kernels for MSCAN's depthwise convolutions (fast on the GPU, the same function).
 
 Off by default: ``fast_path=True`` and ``triton_kernels=True`` together switch them on
 (``smmcl.models.mscan.use_fused_kernels``). H100 run (MSCAN-B, batch 8, 480x640,
-``bench/gpu_check.py``, README speed section): the forward kernels beat PyTorch's (inference 157 vs 80
+``bench/gpu_check.py``, docs/speed.md): the forward kernels beat PyTorch's (inference 157 vs 80
 img/s on the fast path), the backward ones do not (training 20.0 vs 21.7 img/s), so the switch stays
 off by default and is recommended for inference and evaluation. Three custom ops, each with its
 backward (:mod:`smmcl.kernels.ops`), computing the same function as the ``nn.Conv2d`` layers they

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..choices import MSCAN_VARIANTS, MSCANSpec  # noqa: F401  (re-exported: the variants' table)
+from ..choices import MSCAN_VARIANTS, MSCANSpec, mscan_b, mscan_l, mscan_s, mscan_t  # noqa: F401  (the table)
 from ..config import check_choice
 
 NormLayer = Callable[[int], nn.Module]

@@ -16,7 +16,7 @@ class EncoderDecoder(nn.Module):
     """The authors' ``EncoderDecoder`` (``backbone.*``, ``decode_head.*`` state-dict names).
 
     Build it from a config with :func:`smmcl.models.builder.build_segmentor`; ImageNet weights are
-    loaded afterwards by the training code (:func:`smmcl.models.builder.load_backbone_pretrained`).
+    loaded afterwards by the training code (:func:`smmcl.engine.checkpoint.load_backbone_pretrained`).
 
     Args:
         num_classes: output channels of the decoder (K).

@@ -1,4 +1,4 @@
-"""What SMMCL costs (issue 11, item 4): parameters per part, GFLOPs of one forward, latency and throughput.
+"""What SMMCL costs: parameters per part, GFLOPs of one forward, latency and throughput.
 
     python -m smmcl.tools.complexity --config SMMCL_NYU/config.py [--height 480 --width 640]
         [--set backbone=mscan_t ...] [--no-timing] [--batches 1 8] [--iters N] [--warmup N]

@@ -1,5 +1,5 @@
 """Export SMMCL's single-crop forward to ONNX: ``python export.py -e 500 -o smmcl.onnx`` in an experiment
-folder (SMMCL, Dong & Yokoya, WACV 2024; issue 11, item 3).
+folder (SMMCL, Dong & Yokoya, WACV 2024).
 
 The graph is one forward of the segmentor on one crop; sliding windows, scales and flip stay outside it.
 
