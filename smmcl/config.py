@@ -35,6 +35,7 @@ import numpy as np
 from easydict import EasyDict
 
 from smmcl import choices as choices_
+from smmcl.errors import ConfigError, UnknownKeyError  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -56,17 +57,6 @@ AUTHORS_INERT_KEYS = ('fix_bias', 'is_test', 'bn_eps', 'bn_momentum', 'root_dir'
 _LOADER_KEYS = ('config_file',)
 KEY_OF_YOUR_OWN = ('a key of your own: declare it with its default in base_config (smmcl/config.py), '
                    'the one place of defaults, then set it in config.py or with --set')
-
-
-class ConfigError(ValueError):
-    """A setting the user can fix (in the experiment's ``config.py`` or with ``--set``)."""
-
-
-class UnknownKeyError(ConfigError, KeyError):
-    """An override names a key the config does not have (a KeyError too, for ``dict``-style callers)."""
-
-    def __str__(self) -> str:  # KeyError's own str() would quote the message
-        return str(self.args[0])
 
 
 def base_config() -> EasyDict:

@@ -66,7 +66,7 @@ def train_and_evaluate(overrides: List[str], epochs: int, log_dir: str) -> float
     return read_scores(newest)[-1]['mean_iou'] * 100
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument('--out', default=osp.join(REPO_ROOT, 'demo_out'))
     parser.add_argument('--epochs', type=int, default=20)
@@ -79,48 +79,35 @@ def main(argv=None) -> dict:
     parser.add_argument('--figs', default=osp.join(REPO_ROOT, 'figs'), help='where the pictures go')
     args = parser.parse_args(argv)
     args.out, args.figs = osp.abspath(args.out), osp.abspath(args.figs)  # the scripts run in the experiment
-    # The tools import scikit-learn etc. and the model; only here, so `--help` stays instant.
-    from .tools import embeddings, figure
+    return args
 
-    start = time.time()
-    data_dir = osp.join(args.out, 'LLRGBD')
-    generate('LLRGBD', data_dir, n_train=args.train, n_test=args.test, height=args.height,
-             width=args.width, seed=0)
-    print(f'synthetic LLRGBD: {args.train} train / {args.test} test images of {args.height}x{args.width} '
-          f'in {data_dir}')
-    common = [
-        'backbone=mscan_t', 'pretrained_model=None', f'dataset_path={data_dir}',
-        f'num_train_imgs={args.train}', f'num_eval_imgs={args.test}', 'batch_size=8',
-        f'nepochs={args.epochs}', 'lr=2e-3', 'warm_up_epoch=1', f'image_height={args.height}',
-        f'image_width={args.width}', f'eval_crop_size=[{args.height},{args.width}]',
-        f'checkpoint_start_epoch={args.epochs}', 'num_workers=2',
-    ]
-    runs = {'SMMCL': common + [f'log_dir={osp.join(args.out, "log")}']}
-    if args.ablation:
-        runs['CE only'] = common + CE_ONLY + [f'log_dir={osp.join(args.out, "log_ce_only")}']
-    results = {}
-    for name, overrides in runs.items():
-        config = load_config(CONFIG, overrides)
-        miou = train_and_evaluate(overrides, args.epochs, config.log_dir)
-        suffix = '' if name == 'SMMCL' else '_ce_only'
-        numbers = embeddings.run(config, str(args.epochs), images=args.test, per_class=100,
-                                 out=osp.join(args.figs, f'embeddings{suffix}.png'), title=name)
-        print(f'\n{name}: cross-modal cosine similarity of the stage-4 embeddings')
-        print(embeddings.format_similarity(numbers, config.class_names, numbers['counts']))
-        checkpoint = osp.join(config.checkpoint_dir, f'epoch-{args.epochs}.pth')
-        results[name] = dict(miou=miou, same=numbers['same'], different=numbers['different'],
-                             config=config, checkpoint=checkpoint)
 
-    smmcl_config = results['SMMCL']['config']
-    pictures = [osp.join(args.figs, 'demo.png'), osp.join(args.figs, 'embeddings.png')]
-    figure.draw_figure(smmcl_config, [results['SMMCL']['checkpoint']], titles=['prediction'], out=pictures[0])
-    if args.ablation:
-        pictures[1:] = [pictures[1], osp.join(args.figs, 'embeddings_ce_only.png'),
-                        osp.join(args.figs, 'ablation.png')]
-        figure.draw_figure(smmcl_config, [r['checkpoint'] for r in results.values()],
-                           titles=[f'{name} prediction' for name in results], out=pictures[-1])
+def demo_settings(args, data_dir: str) -> List[str]:
+    """The ``--set`` values of the demo's CPU run (the README's small run that learns)."""
+    return ['backbone=mscan_t', 'pretrained_model=None', f'dataset_path={data_dir}',
+            f'num_train_imgs={args.train}', f'num_eval_imgs={args.test}', 'batch_size=8',
+            f'nepochs={args.epochs}', 'lr=2e-3', 'warm_up_epoch=1', f'image_height={args.height}',
+            f'image_width={args.width}', f'eval_crop_size=[{args.height},{args.width}]',
+            f'checkpoint_start_epoch={args.epochs}', 'num_workers=2']
+
+
+def run_and_measure(name: str, overrides: List[str], args, embeddings) -> dict:
+    """Train and evaluate one run, map its embeddings; its mIoU, similarities, config and checkpoint."""
+    config = load_config(CONFIG, overrides)
+    miou = train_and_evaluate(overrides, args.epochs, config.log_dir)
+    suffix = '' if name == 'SMMCL' else '_ce_only'
+    numbers = embeddings.run(config, str(args.epochs), images=args.test, per_class=100,
+                             out=osp.join(args.figs, f'embeddings{suffix}.png'), title=name)
+    print(f'\n{name}: cross-modal cosine similarity of the stage-4 embeddings')
+    print(embeddings.format_similarity(numbers, config.class_names, numbers['counts']))
+    checkpoint = osp.join(config.checkpoint_dir, f'epoch-{args.epochs}.pth')
+    return dict(miou=miou, same=numbers['same'], different=numbers['different'], config=config,
+                checkpoint=checkpoint)
+
+
+def print_summary(results: dict, args, pictures: List[str], seconds: float) -> None:
     chance = 100.0 / 14
-    print(f'\ndemo done in {time.time() - start:.0f} s ({args.epochs} epochs of {args.train} images, '
+    print(f'\ndemo done in {seconds:.0f} s ({args.epochs} epochs of {args.train} images, '
           f'{args.test} test images; chance mIoU is about {chance:.1f}%)')
     width = 28
     print(f'{"":<{width}}' + ''.join(f'{name:>12}' for name in results))
@@ -132,6 +119,33 @@ def main(argv=None) -> dict:
     if not args.ablation:
         print('the same model without the contrastive terms, side by side: make ablation '
               '(python -m smmcl.demo --ablation; reuses this run)')
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    # The tools import scikit-learn etc. and the model; only here, so `--help` stays instant.
+    from .tools import embeddings, figure
+
+    start = time.time()
+    data_dir = osp.join(args.out, 'LLRGBD')
+    generate('LLRGBD', data_dir, n_train=args.train, n_test=args.test, height=args.height,
+             width=args.width, seed=0)
+    print(f'synthetic LLRGBD: {args.train} train / {args.test} test images of {args.height}x{args.width} '
+          f'in {data_dir}')
+    common = demo_settings(args, data_dir)
+    runs = {'SMMCL': common + [f'log_dir={osp.join(args.out, "log")}']}
+    if args.ablation:
+        runs['CE only'] = common + CE_ONLY + [f'log_dir={osp.join(args.out, "log_ce_only")}']
+    results = {name: run_and_measure(name, overrides, args, embeddings) for name, overrides in runs.items()}
+    smmcl_config = results['SMMCL']['config']
+    pictures = [osp.join(args.figs, 'demo.png'), osp.join(args.figs, 'embeddings.png')]
+    figure.draw_figure(smmcl_config, [results['SMMCL']['checkpoint']], titles=['prediction'], out=pictures[0])
+    if args.ablation:
+        pictures[1:] = [pictures[1], osp.join(args.figs, 'embeddings_ce_only.png'),
+                        osp.join(args.figs, 'ablation.png')]
+        figure.draw_figure(smmcl_config, [r['checkpoint'] for r in results.values()],
+                           titles=[f'{name} prediction' for name in results], out=pictures[-1])
+    print_summary(results, args, pictures, time.time() - start)
     return {name: {k: v for k, v in r.items() if k in ('miou', 'same', 'different')}
             for name, r in results.items()}
 

@@ -266,29 +266,6 @@ def read_images(rgb_path: str, x_path: str, config) -> Tuple[np.ndarray, np.ndar
     return rgb, x
 
 
-def gamma_lift(rgb: np.ndarray, gamma: float = 2.2) -> np.ndarray:
-    """``255 * (rgb / 255) ** (1 / gamma)`` in uint8: dark (low-light, night) images made visible."""
-    table = np.round(255 * (np.arange(256) / 255) ** (1 / gamma)).astype(np.uint8)
-    return table[rgb]
-
-
-def overlay(rgb: np.ndarray, classes: np.ndarray, palette, alpha: float = 0.5) -> np.ndarray:
-    """The class colours blended over the gamma-lifted image.
-
-    Args:
-        rgb: H-W-3 uint8 image, RGB order.
-        classes: H-W class ids.
-        palette: 768 values, 256 RGB triples (:func:`smmcl.engine.evaluate.prediction_palette`).
-        alpha: weight of the colours.
-
-    Returns:
-        H-W-3 uint8, RGB order.
-    """
-    colours = np.asarray(palette, dtype=np.uint8).reshape(256, 3)[np.asarray(classes, dtype=np.uint8)]
-    blend = (1 - alpha) * gamma_lift(rgb).astype(np.float32) + alpha * colours.astype(np.float32)
-    return np.round(blend).astype(np.uint8)
-
-
 def _network_inputs(rgb, x, config, channel_order: str) -> Tuple[np.ndarray, np.ndarray]:
     """Arrays in ``channel_order`` -> what the dataset would give for the same files (BGR as OpenCV
     decodes them, then :func:`smmcl.data.dataset.network_order`)."""

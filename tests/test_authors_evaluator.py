@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from smmcl.config import base_config
-from smmcl.engine.evaluate import authors_windows, corrected_windows, predict, predict_scores
+from smmcl.engine.evaluate import predict, predict_scores
+from smmcl.engine.windows import authors_windows, corrected_windows
 from smmcl.engine.metrics import confusion_matrix
 
 K = 6

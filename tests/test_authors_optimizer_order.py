@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from smmcl.engine.checkpoint import (CheckpointError, authors_checkpoint, read_checkpoint,
-                                     restore_training_state, rng_state, save_checkpoint, training_state)
+                                     restore_training_state, save_checkpoint, training_state)
 from smmcl.engine.optim import build_optimizer, optimizer_param_names
+from smmcl.engine.seeding import rng_state
 from smmcl.models import EncoderDecoder, build_segmentor
 from smmcl.models.authors_order import authors_param_groups, layer_scale_names
 

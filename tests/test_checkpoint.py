@@ -13,9 +13,10 @@ from torch import nn
 
 from smmcl.config import base_config, stored_config
 from smmcl.engine.checkpoint import (LAST, SCHEDULE_KEYS, CheckpointError, atomic_save, is_temp_file, model_state,
-                                     read_checkpoint, remove_stale_temp_files, restore_training_state, rng_state,
-                                     save_checkpoint, set_rng_state, should_save, training_state)
+                                     read_checkpoint, remove_stale_temp_files, restore_training_state,
+                                     save_checkpoint, should_save, training_state)
 from smmcl.engine.optim import build_optimizer, group_weight
+from smmcl.engine.seeding import rng_state, set_rng_state
 from smmcl.models import build_segmentor
 
 from conftest import tiny_config

@@ -17,7 +17,7 @@ from smmcl.engine.evaluate import to_input  # noqa: E402
 from smmcl.losses.contrastive import downsample_labels  # noqa: E402
 from smmcl.models import build_segmentor  # noqa: E402
 from smmcl.tools import embeddings  # noqa: E402
-from smmcl.tools.figure import palette_rgb  # noqa: E402
+from smmcl.visual import palette_rgb  # noqa: E402
 
 CONFIG = osp.join(REPO_ROOT, 'SMMCL_LLRGBD', 'config.py')
 

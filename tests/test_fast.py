@@ -163,11 +163,12 @@ def test_fast_and_plain_training_reach_the_same_miou(tmp_path):
     channels_last, folded inference, batched windows) end within noise of each other. The test width
     of MSCAN (registered in the child processes) learns the synthetic classes well above chance
     (~7%) in 12 epochs: plain 19.9, fast 19.1 mIoU when written."""
-    import re
+    import glob
     import subprocess
     import sys
     import textwrap
     from conftest import REGISTER_TINY_MSCAN, TINY_MSCAN
+    from smmcl.engine.results import read_scores
     from smmcl.config import REPO_ROOT
     from smmcl.data.synthetic import generate
     data = generate('LLRGBD', str(tmp_path / 'data'), n_train=16, n_test=6, height=96, width=128, seed=0)
@@ -187,9 +188,10 @@ def test_fast_and_plain_training_reach_the_same_miou(tmp_path):
                   'eval_crop_size=[96,128]', 'checkpoint_start_epoch=12', 'num_workers=0'] + switches
         env = dict(os.environ, OMP_NUM_THREADS='1')
         subprocess.run([sys.executable, str(script), 'train'] + common, check=True, capture_output=True, env=env)
-        out = subprocess.run([sys.executable, str(script), 'eval', '-e', '12'] + common,
-                             check=True, capture_output=True, text=True, env=env).stdout
-        results[name] = float(re.findall(r'mIoU: ([0-9.]+)', out)[-1])
+        subprocess.run([sys.executable, str(script), 'eval', '-e', '12'] + common, check=True,
+                       capture_output=True, env=env)
+        [scores] = glob.glob(str(tmp_path / name / 'val_2*.json'))  # eval.py's scores as data
+        results[name] = read_scores(scores)[-1]['mean_iou'] * 100
     assert results['plain'] > 15 and results['fast'] > 15, results  # chance is ~7%
     assert abs(results['plain'] - results['fast']) < 8, results
 

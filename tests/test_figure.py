@@ -13,16 +13,17 @@ from smmcl.data.dataset import DatasetError, RGBXDataset
 from smmcl.engine.evaluate import evaluate_per_image
 from smmcl.models import build_segmentor
 from smmcl.tools import figure
+from smmcl.visual import gamma_lift
 
 CONFIG = osp.join(REPO_ROOT, 'SMMCL_LLRGBD', 'config.py')
 
 
 def test_lift_brightens_dark_values_and_keeps_the_ends():
     ramp = np.arange(256, dtype=np.uint8)[None, :, None].repeat(3, 2)
-    lifted = figure.lift(ramp, 2.2)[0, :, 0].astype(int)
+    lifted = gamma_lift(ramp, 2.2)[0, :, 0].astype(int)
     assert lifted[0] == 0 and lifted[255] == 255 and (np.diff(lifted) >= 0).all()
     assert lifted[32] == round(255 * (32 / 255) ** (1 / 2.2))  # 99: a dark value lifted threefold
-    assert np.array_equal(figure.lift(ramp, 1.0), ramp)
+    assert np.array_equal(gamma_lift(ramp, 1.0), ramp)
 
 
 def test_grid_places_panels_in_rows_and_columns():
@@ -69,7 +70,7 @@ def test_figure_rows_columns_palette_and_eval_predictions(tiny_mscan, tiny_llrgb
         assert np.array_equal(gt_panel[..., ::-1], palette[item['label']])  # BGR on disk, palette is RGB
         assert len(np.unique(item['label'])) > 2  # a real test: several classes in the panel
         top, left = figure.panel_origin(row, 0, (h, w))
-        assert np.array_equal(img[top:top + h, left:left + w], figure.lift(item['data'], 2.2))
+        assert np.array_equal(img[top:top + h, left:left + w], gamma_lift(item['data'], 2.2))
     # The prediction columns are eval.py's predictions (same protocol, same per-image NMF seeds), one
     # per checkpoint in -e order (the two models predict differently).
     top, left = figure.panel_origin(0, 3, (h, w))

@@ -92,3 +92,19 @@ def test_data_code_imports_no_engine_module():
     for module, targets in edges.items():
         if module.startswith('smmcl.data'):
             assert not [t for t in targets if t.startswith('smmcl.engine')], module
+
+
+def test_no_function_over_50_lines():
+    """Short functions: base_config (the one place of defaults, a list) and Triton kernels excepted."""
+    long = []
+    for folder, _, files in os.walk(PACKAGE):
+        for name in files:
+            if not name.endswith('.py'):
+                continue
+            path = osp.join(folder, name)
+            for node in ast.walk(ast.parse(open(path).read())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name != 'base_config':
+                    kernel = any('jit' in ast.unparse(d) for d in node.decorator_list)
+                    if not kernel and node.end_lineno - node.lineno + 1 > 50:
+                        long.append(f'{module_name(path)}.{node.name}')
+    assert long == []

@@ -15,8 +15,8 @@ from PIL import Image
 from smmcl.config import REPO_ROOT, ConfigError, load_config
 from smmcl.data.dataset import DatasetError, RGBXDataset
 from smmcl.engine import eval_cli, predict_cli
-from smmcl.engine.evaluate import prediction_palette
-from smmcl.inference import Segmenter, gamma_lift, load_model, _network_inputs
+from smmcl.visual import gamma_lift, prediction_palette
+from smmcl.inference import Segmenter, load_model, _network_inputs
 from smmcl.models import build_segmentor
 
 from conftest import REGISTER_TINY_MSCAN

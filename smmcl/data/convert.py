@@ -22,6 +22,7 @@ the result; every converter error names the file and the fix.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import os.path as osp
 import shutil
@@ -231,6 +232,29 @@ def convert_rgbd(src: str, out: str, intrinsics: Sequence[float] = NYU_INTRINSIC
     Raises:
         DatasetError: with every problem found.
     """
+    colour, depth, labels, raw = _rgbd_folders(src, rgb_dir, depth_dir, label_dir, raw_depth_dir)
+    files = _colour_files(colour)
+    if not files:
+        raise DatasetError(f'colour folder {colour} holds no PNG or JPEG images (it holds: '
+                           f'{_listing(colour)}). Fix: put the colour images there.')
+    names = list(files)
+    splits = _rgbd_splits(src, names, labels is not None)
+    for folder in ('RGB', 'HHA') + (('Label',) if labels is not None else ()):
+        os.makedirs(osp.join(out, folder), exist_ok=True)
+    folders = dict(colour=colour, depth=depth, labels=labels, raw=raw)
+    _for_each(functools.partial(_convert_rgbd_item, files=files, folders=folders, out=out, intrinsics=intrinsics,
+                                depth_scale=depth_scale), names, workers)
+    for split, items in splits.items():
+        _write_list(osp.join(out, f'{split}.txt'), [f'RGB/{n}.jpg' for n in items])
+    return splits
+
+
+def _rgbd_folders(src, rgb_dir, depth_dir, label_dir, raw_depth_dir):
+    """(colour, depth, labels or None, raw depth or None) folders of a raw RGB-D folder ``src``.
+
+    Raises:
+        DatasetError: with every missing folder.
+    """
     colour = _find_dir(src, rgb_dir, COLOUR_DIRS)
     depth = _find_dir(src, depth_dir, DEPTH_DIRS)
     labels = _find_dir(src, label_dir, LABEL_DIRS)
@@ -247,54 +271,51 @@ def convert_rgbd(src: str, out: str, intrinsics: Sequence[float] = NYU_INTRINSIC
         problems.append(f'raw depth folder {raw} does not exist. Fix: check --raw-depth-dir.')
     if problems:
         raise DatasetError(problems)
-    files = _colour_files(colour)
-    if not files:
-        raise DatasetError(f'colour folder {colour} holds no PNG or JPEG images (it holds: '
-                           f'{_listing(colour)}). Fix: put the colour images there.')
-    names = list(files)
-    labelled = labels is not None
-    splits = _rgbd_splits(src, names, labelled)
-    for folder in ('RGB', 'HHA') + (('Label',) if labelled else ()):
-        os.makedirs(osp.join(out, folder), exist_ok=True)
+    return colour, depth, labels, raw
 
-    def one(name):
-        rgb_path = osp.join(colour, files[name])
-        image = cv2.imread(rgb_path, cv2.IMREAD_COLOR)
-        if image is None:
-            raise DatasetError(f'colour image {rgb_path} cannot be decoded. Fix: copy it again or remove it.')
-        depth_path = osp.join(depth, name + '.png')
-        depth_m = read_depth(depth_path, depth_scale)
-        sizes = {'colour': (rgb_path, image.shape[:2]), 'depth': (depth_path, depth_m.shape)}
-        missing = None
-        if raw is not None:
-            raw_path = osp.join(raw, name + '.png')
-            raw_m = read_depth(raw_path, depth_scale)
-            sizes['raw depth'] = (raw_path, raw_m.shape)
-            missing = raw_m == 0
-        label = None
-        if labelled:
-            label_path = osp.join(labels, name + '.png')
-            label = read_label(label_path)
-            sizes['label'] = (label_path, label.shape)
-        if len({shape for _, shape in sizes.values()}) > 1:
-            listed = ', '.join(f'{what} {path} is {s[0]}x{s[1]}' for what, (path, s) in sizes.items())
-            raise DatasetError(f"item '{name}' has images of different sizes: {listed} (HxW). Fix: register "
-                               f'the depth to the colour camera and save them at one size.')
-        warn_if_not_nyu_size(depth_m.shape, intrinsics, depth_path)
-        out_rgb = osp.join(out, 'RGB', name + '.jpg')
-        if files[name].lower().endswith(('.jpg', '.jpeg')):
-            shutil.copyfile(rgb_path, out_rgb)  # no second JPEG compression
-        else:
-            _imwrite(out_rgb, image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
-        hha = encode_hha(depth_m, intrinsics, missing)
-        write_hha(osp.join(out, 'HHA', name + '.jpg'), hha, JPEG_QUALITY)
-        if label is not None:
-            _imwrite(osp.join(out, 'Label', name + '.png'), label)
 
-    _for_each(one, names, workers)
-    for split, items in splits.items():
-        _write_list(osp.join(out, f'{split}.txt'), [f'RGB/{n}.jpg' for n in items])
-    return splits
+def _read_rgbd_item(name: str, files, folders, depth_scale: float):
+    """(colour image, depth in metres, raw depth's holes or None, label or None, depth path) of one item.
+
+    Raises:
+        DatasetError: an unreadable image, or images of different sizes.
+    """
+    rgb_path = osp.join(folders['colour'], files[name])
+    image = cv2.imread(rgb_path, cv2.IMREAD_COLOR)
+    if image is None:
+        raise DatasetError(f'colour image {rgb_path} cannot be decoded. Fix: copy it again or remove it.')
+    depth_path = osp.join(folders['depth'], name + '.png')
+    depth_m = read_depth(depth_path, depth_scale)
+    sizes = {'colour': (rgb_path, image.shape[:2]), 'depth': (depth_path, depth_m.shape)}
+    missing = label = None
+    if folders['raw'] is not None:
+        raw_path = osp.join(folders['raw'], name + '.png')
+        raw_m = read_depth(raw_path, depth_scale)
+        sizes['raw depth'] = (raw_path, raw_m.shape)
+        missing = raw_m == 0
+    if folders['labels'] is not None:
+        label_path = osp.join(folders['labels'], name + '.png')
+        label = read_label(label_path)
+        sizes['label'] = (label_path, label.shape)
+    if len({shape for _, shape in sizes.values()}) > 1:
+        listed = ', '.join(f'{what} {path} is {s[0]}x{s[1]}' for what, (path, s) in sizes.items())
+        raise DatasetError(f"item '{name}' has images of different sizes: {listed} (HxW). Fix: register "
+                           f'the depth to the colour camera and save them at one size.')
+    return image, depth_m, missing, label, depth_path
+
+
+def _convert_rgbd_item(name: str, files, folders, out: str, intrinsics, depth_scale: float) -> None:
+    """Write one item of a raw RGB-D folder in the NYU layout: RGB JPEG, HHA JPEG, label PNG."""
+    image, depth_m, missing, label, depth_path = _read_rgbd_item(name, files, folders, depth_scale)
+    warn_if_not_nyu_size(depth_m.shape, intrinsics, depth_path)
+    out_rgb = osp.join(out, 'RGB', name + '.jpg')
+    if files[name].lower().endswith(('.jpg', '.jpeg')):
+        shutil.copyfile(osp.join(folders['colour'], files[name]), out_rgb)  # no second JPEG compression
+    else:
+        _imwrite(out_rgb, image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    write_hha(osp.join(out, 'HHA', name + '.jpg'), encode_hha(depth_m, intrinsics, missing), JPEG_QUALITY)
+    if label is not None:
+        _imwrite(osp.join(out, 'Label', name + '.png'), label)
 
 
 def main(argv=None) -> int:

@@ -23,28 +23,13 @@ import torch
 from torch.utils.data import Dataset
 
 from smmcl.data.transforms import train_transform
+from smmcl.errors import DatasetError  # noqa: F401  (re-exported)
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 SPLITS = ('train', 'val')
 IGNORE_LABEL = 255
 logger = logging.getLogger(__name__)
 _NOTED_ABSENT_LISTS = set()  # list files whose absence this process has logged (once each)
-
-
-class DatasetError(ValueError):
-    """A problem with the data on disk; the message names the file and the fix.
-
-    Attributes:
-        problems: one message per problem.
-    """
-
-    def __init__(self, problems):
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
-        if len(self.problems) == 1:
-            message = self.problems[0]
-        else:
-            message = f'{len(self.problems)} dataset problems:\n' + '\n'.join(f'- {p}' for p in self.problems)
-        super().__init__(message)
 
 
 @dataclass(frozen=True)

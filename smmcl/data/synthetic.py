@@ -136,18 +136,23 @@ def render_scene(spec: SyntheticSpec, height: int, width: int, rng: np.random.Ge
     rgb = np.clip(rgb, 0, 255).round().astype(np.uint8)
 
     plane = level[inst] + tilt[inst, 0] * u + tilt[inst, 1] * v
-    if spec.x_kind == 'depth':
+    return rgb, _x_image(spec.x_kind, plane, inst, yy / height, rng), label
+
+
+def _x_image(kind: str, plane: np.ndarray, inst: np.ndarray, rows: np.ndarray, rng: np.random.Generator):
+    """The X modality of a scene from its H-W ``plane`` of levels: depth (with holes), blurred thermal, or
+    HHA (H-W-3: disparity, height above ground, angle with gravity); ``rows`` the H-W row positions in 0-1."""
+    if kind == 'depth':
         x = plane + rng.normal(0, 2.0, plane.shape)
         x[rng.random(plane.shape) < 0.01] = 0  # sensor holes
-    elif spec.x_kind == 'thermal':
+    elif kind == 'thermal':
         x = cv2.GaussianBlur(plane, (5, 5), 0) + rng.normal(0, 2.5, plane.shape)
-    else:  # HHA: disparity, height above ground, angle with gravity
+    else:
         disparity = 255 - plane
-        ground = 190 - 150 * (yy / height) + 10 * (inst == 2)
+        ground = 190 - 150 * rows + 10 * (inst == 2)
         angle = np.where(inst == 2, 40.0, np.where(inst == 0, 215.0, 128.0))
-        x = np.stack([disparity, ground, angle], -1) + rng.normal(0, 2.0, (height, width, 3))
-    x = np.clip(x, 0, 255).round().astype(np.uint8)
-    return rgb, x, label
+        x = np.stack([disparity, ground, angle], -1) + rng.normal(0, 2.0, plane.shape + (3,))
+    return np.clip(x, 0, 255).round().astype(np.uint8)
 
 
 def generate(dataset: str, out: str, n_train: int = 64, n_test: int = 16, height: int = 120, width: int = 160,
@@ -189,6 +194,12 @@ def generate(dataset: str, out: str, n_train: int = 64, n_test: int = 16, height
                 os.makedirs(osp.join(folder, sub), exist_ok=True)
                 cv2.imwrite(osp.join(folder, sub, name + ext), img, PNG if ext == '.png' else JPG)
             lists.setdefault(split, []).append(name)
+    _write_lists(dataset, out, lists)
+    return out
+
+
+def _write_lists(dataset: str, out: str, lists) -> None:
+    """The list files of ``dataset``'s layout, from {split: names}."""
     if dataset == 'MFNet':
         test = lists.get('test', [])
         _write_list(osp.join(out, 'train.txt'), lists.get('train', []))
@@ -197,12 +208,12 @@ def generate(dataset: str, out: str, n_train: int = 64, n_test: int = 16, height
         _write_list(osp.join(out, 'test_day.txt'), [n for n in test if n.endswith('D')])
         _write_list(osp.join(out, 'test_night.txt'), [n for n in test if n.endswith('N')])
     elif dataset == 'LLRGBD':  # their RGBXDataset._get_file_names: one bare name a line
-        for split in splits:
+        for split in ('train', 'test'):
+            os.makedirs(osp.join(out, split), exist_ok=True)
             _write_list(osp.join(out, split, f'{split}.txt'), lists.get(split, []))
     elif dataset == 'NYU':
-        for split in splits:
+        for split in ('train', 'test'):
             _write_list(osp.join(out, f'{split}.txt'), [f'RGB/{n}.jpg' for n in lists.get(split, [])])
-    return out
 
 
 def _write_list(path: str, lines) -> None:

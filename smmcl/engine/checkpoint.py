@@ -46,13 +46,11 @@ from __future__ import annotations
 import logging
 import os
 import os.path as osp
-import random
 import re
 import uuid
 import zipfile
 from typing import Any, Callable, Dict, List, Optional
 
-import numpy as np
 import torch
 from torch import nn
 from torch.amp import GradScaler
@@ -170,33 +168,6 @@ def remove_stale_temp_files(folder: str) -> List[str]:
 
 
 # ---- random generator states --------------------------------------------------------------------
-
-def rng_state(device: torch.device = torch.device('cpu')) -> Dict[str, Any]:
-    """This process' generator states, in types that ``torch.load(weights_only=True)`` accepts."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {'python': random.getstate(),
-             'numpy': {'name': name, 'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos),
-                       'has_gauss': int(has_gauss), 'cached_gaussian': float(cached)},
-             'torch': torch.get_rng_state()}
-    if device.type == 'cuda':
-        state['cuda'] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: Dict[str, Any], device: torch.device = torch.device('cpu')) -> None:
-    """Restore what :func:`rng_state` returned."""
-    random.setstate(_to_tuple(state['python']))
-    npst = state['numpy']
-    np.random.set_state((npst['name'], npst['keys'].numpy().astype(np.uint32), npst['pos'],
-                         npst['has_gauss'], npst['cached_gaussian']))
-    torch.set_rng_state(state['torch'])
-    if device.type == 'cuda' and 'cuda' in state:
-        torch.cuda.set_rng_state(state['cuda'], device)
-
-
-def _to_tuple(value):
-    return tuple(_to_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
-
 
 # ---- saving and loading -------------------------------------------------------------------------
 

@@ -39,11 +39,12 @@ from smmcl.config import ConfigError, load_config
 from smmcl.data.dataset import DatasetError, RGBXDataset
 from smmcl.engine.checkpoint import CheckpointError, checkpoint_epoch
 from smmcl.engine.dist import DistContext, launch, parse_devices
-from smmcl.engine.evaluate import eval_workers, evaluate_per_image, prediction_palette
+from smmcl.engine.evaluate import eval_workers, evaluate_per_image
 from smmcl.engine.precision import for_inference, mixed_precision
 from smmcl.engine.results import open_val_log, report, scores_path, subset_indices
 from smmcl.engine.speed import resolve_speed
 from smmcl.inference import check_output_folder, checked_weights, load_model, parse_epochs
+from smmcl.visual import prediction_palette
 
 logger = logging.getLogger('smmcl.eval')
 

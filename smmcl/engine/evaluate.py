@@ -64,111 +64,19 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
-from smmcl.choices import EVAL_PROTOCOLS
-from smmcl.config import ConfigError, check_choice
 from smmcl.engine.dist import all_reduce_sum
 from smmcl.engine.metrics import confusion_matrix
 from smmcl.engine.seeding import kept_rng
+from smmcl.engine.windows import Window, pad_margins, window_function
 from smmcl.models.ham_head import given_bases, nmf_layers
+from smmcl.visual import prediction_palette, save_prediction
 
 logger = logging.getLogger(__name__)
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (N-3-h-w, N-3-h-w) -> N-K-h-w logits
-Window = Tuple[int, int, int, int]  # (top, bottom, left, right) region of the scaled image
 
-
-
-# ---------------------------------------------------------------------------------------------------
-# Window geometry (pure functions)
-# ---------------------------------------------------------------------------------------------------
-
-
-def pad_margins(height: int, width: int, crop: Tuple[int, int]) -> Tuple[int, int, int, int]:
-    """(top, bottom, left, right) zero padding that brings an image to at least ``crop`` (CMX
-    ``pad_image_to_shape``: ``pad // 2`` before, ``pad // 2 + pad % 2`` after)."""
-    pad_h, pad_w = max(crop[0] - height, 0), max(crop[1] - width, 0)
-    return pad_h // 2, pad_h // 2 + pad_h % 2, pad_w // 2, pad_w // 2 + pad_w % 2
-
-
-def _stride(crop: int, stride_rate: float) -> int:
-    return int(np.ceil(crop * stride_rate))
-
-
-def _grid(length: int, crop: int, stride: int) -> int:
-    """Number of windows along a dimension of ``length > crop`` (CMX ``r_grid`` / ``c_grid``)."""
-    return int(np.ceil((length - crop) / stride)) + 1
-
-
-def _slice_start(start: int, length: int) -> int:
-    """The first index ``array[start:...]`` reads along a dimension of ``length`` (a negative start
-    counts from the end, clamped at 0)."""
-    return slice(start, None).indices(length)[0]
-
-
-def authors_windows(height: int, width: int, crop: Sequence[int], stride_rate: float) -> List[Window]:
-    """Windows of the authors' ``scale_process_rgbX`` over a ``height`` x ``width`` scaled image.
-
-    Args:
-        height, width: the scaled image.
-        crop: (crop_h, crop_w).
-        stride_rate: stride as a fraction of the crop, ``ceil``-ed per dimension.
-
-    Returns:
-        (top, bottom, left, right) regions, rows outer, in their loop order: the whole image when either
-        side fits the crop; otherwise their grid with rows and columns' stride / crop swapped inside the
-        loop (module docstring). Regions may be smaller than the crop (they are padded for the
-        forward) or larger in one dimension, and need not cover the image.
-    """
-    crop_h, crop_w = int(crop[0]), int(crop[1])
-    if width <= crop_w or height <= crop_h:
-        return [(0, height, 0, width)]
-    stride_h, stride_w = _stride(crop_h, stride_rate), _stride(crop_w, stride_rate)
-    windows = []
-    for i in range(_grid(height, crop_h, stride_h)):
-        # Rows advance by the *column* stride and span crop_w rows (CMX's s_y / e_y).
-        bottom = min(i * stride_w + crop_w, height)
-        top = _slice_start(bottom - crop_w, height)
-        for j in range(_grid(width, crop_w, stride_w)):
-            # Columns advance by the *row* stride and span crop_h columns (CMX's s_x / e_x).
-            right = min(j * stride_h + crop_h, width)
-            left = _slice_start(right - crop_h, width)
-            windows.append((top, bottom, left, right))
-    return windows
-
-
-def window_starts(length: int, crop: int, stride: int) -> List[int]:
-    """Start offsets of crop-long windows along a dimension of ``length >= crop``: window ``i`` ends at
-    ``min(i * stride + crop, length)`` and starts ``crop`` before its end."""
-    return [min(i * stride + crop, length) - crop for i in range(_grid(length, crop, stride))]
-
-
-def corrected_windows(height: int, width: int, crop: Sequence[int], stride_rate: float) -> List[Window]:
-    """Windows of ``eval_protocol='corrected'``: arguments and result as :func:`authors_windows`.
-
-    Each dimension on its own: a dimension that fits the crop is one span (padded for the forward);
-    a longer one is tiled by crop-long spans at ``ceil(crop * stride_rate)``, the last ending at the
-    border. Every pixel is covered; one window only when the image fits the crop in both dimensions.
-    """
-    def spans(length, size):
-        if length <= size:
-            return [(0, length)]
-        return [(s, s + size) for s in window_starts(length, size, _stride(size, stride_rate))]
-
-    return [(top, bottom, left, right) for top, bottom in spans(height, int(crop[0]))
-            for left, right in spans(width, int(crop[1]))]
-
-
-def window_function(protocol: str) -> Callable[..., List[Window]]:
-    """The window geometry of ``config.eval_protocol``.
-
-    Raises:
-        ConfigError: ``protocol`` is not one of :data:`EVAL_PROTOCOLS`.
-    """
-    check_choice('eval_protocol', protocol, EVAL_PROTOCOLS)
-    return authors_windows if protocol == 'authors' else corrected_windows
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -277,44 +185,55 @@ def window_scores(model: Model, rgb: torch.Tensor, x: torch.Tensor, windows: Seq
     stacked = rgb.dim() == 4
     rgb, x = (rgb, x) if stacked else (rgb[None], x[None])
     crop = (int(crop[0]), int(crop[1]))
-    batch = max(int(batch), 1)
     height, width = rgb.shape[-2:]
     jobs = [(n, i, flipped) for n in range(len(rgb)) for i in range(len(windows))
             for flipped in ((False, True) if flip else (False,))]
     canvas = None
     count = rgb.new_zeros((1, height, width))
     pending = {}  # (image, window) -> logits summed so far (waiting for its flipped half)
-
-    def window_input(img, i, flipped):
-        top, bottom, left, right = windows[i]
-        pad_t, pad_b, pad_l, pad_r = pad_margins(bottom - top, right - left, crop)
-        out = F.pad(img[:, top:bottom, left:right], (pad_l, pad_r, pad_t, pad_b), value=0.0)
-        return out.flip(-1) if flipped else out
-
-    shapes = [_input_shape(windows[i], crop) for _, i, _ in jobs]
-    start = 0
-    while start < len(jobs):  # a run of up to `batch` consecutive jobs with one input shape
-        stop = start + 1
-        while stop < len(jobs) and stop - start < batch and shapes[stop] == shapes[start]:
-            stop += 1
-        chunk = jobs[start:stop]
-        logits = _logits(model, torch.stack([window_input(rgb[n], i, f) for n, i, f in chunk]),
-                         torch.stack([window_input(x[n], i, f) for n, i, f in chunk]))  # B-K-h'-w'
-        for (n, i, flipped), out in zip(chunk, logits):
+    for chunk in _runs_of_one_shape(jobs, [_input_shape(windows[i], crop) for _, i, _ in jobs], batch):
+        logits = _logits(model, torch.stack([_window_input(rgb[n], windows[i], crop, f) for n, i, f in chunk]),
+                         torch.stack([_window_input(x[n], windows[i], crop, f) for n, i, f in chunk]))
+        for (n, i, flipped), out in zip(chunk, logits):  # out: K-h'-w'
             out = out.flip(-1) if flipped else out
             pending[n, i] = pending[n, i] + out if (n, i) in pending else out
             if flipped or not flip:  # this window is complete
-                top, bottom, left, right = windows[i]
-                pad_t, _, pad_l, _ = pad_margins(bottom - top, right - left, crop)
-                score = torch.exp(pending.pop((n, i)))[:, pad_t:pad_t + bottom - top, pad_l:pad_l + right - left]
+                score = _unpadded(torch.exp(pending.pop((n, i))), windows[i], crop)
                 if canvas is None:
                     canvas = score.new_zeros((len(rgb), score.shape[0], height, width))
+                top, bottom, left, right = windows[i]
                 canvas[n, :, top:bottom, left:right] += score
                 if n == 0:  # every image has the same windows
                     count[:, top:bottom, left:right] += 1
-        start = stop
     out = canvas / count if average else canvas
     return out if stacked else out[0]
+
+
+def _window_input(img: torch.Tensor, window: Window, crop: Tuple[int, int], flipped: bool) -> torch.Tensor:
+    """3-h'-w': ``window`` of the 3-h-w image zero-padded to at least ``crop`` (:func:`pad_margins`),
+    flipped horizontally when ``flipped``."""
+    top, bottom, left, right = window
+    pad_t, pad_b, pad_l, pad_r = pad_margins(bottom - top, right - left, crop)
+    out = F.pad(img[:, top:bottom, left:right], (pad_l, pad_r, pad_t, pad_b), value=0.0)
+    return out.flip(-1) if flipped else out
+
+
+def _unpadded(score: torch.Tensor, window: Window, crop: Tuple[int, int]) -> torch.Tensor:
+    """The K-h-w part of a padded window's K-h'-w' score that covers the window itself."""
+    top, bottom, left, right = window
+    pad_t, _, pad_l, _ = pad_margins(bottom - top, right - left, crop)
+    return score[:, pad_t:pad_t + bottom - top, pad_l:pad_l + right - left]
+
+
+def _runs_of_one_shape(jobs: Sequence, shapes: Sequence, batch: int):
+    """``jobs`` cut into consecutive runs of at most ``batch`` (at least 1) with one input shape each."""
+    batch, start = max(int(batch), 1), 0
+    while start < len(jobs):
+        stop = start + 1
+        while stop < len(jobs) and stop - start < batch and shapes[stop] == shapes[start]:
+            stop += 1
+        yield jobs[start:stop]
+        start = stop
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -405,59 +324,6 @@ def predict(model: Model, rgb: np.ndarray, x: np.ndarray, config, device) -> tor
 # ---------------------------------------------------------------------------------------------------
 # Prediction images
 # ---------------------------------------------------------------------------------------------------
-
-
-def cmx_palette() -> np.ndarray:
-    """41-3 uint8 colours of CMX's ``RGBXDataset.get_class_colors`` (the PASCAL VOC map: bits of the
-    class index spread over the high bits of R, G and B), kept for MFNet and NYU, whose palettes the
-    authors did not release."""
-    palette = np.zeros((41, 3), dtype=np.uint8)
-    for i in range(41):
-        c, r, g, b = i, 0, 0, 0
-        for j in range(7):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette[i] = (r, g, b)
-    return palette
-
-
-def prediction_palette(class_colors=None) -> List[int]:
-    """The 768 values (256 RGB triples) the prediction PNGs' palette holds, as the authors'
-    ``SegEvaluator.func_per_iteration``: the dataset's colours, then zeros.
-
-    Args:
-        class_colors: ``config.class_colors``, K-3 floats in 0-1 (LLRGBD: the authors'
-            ``get_class_colors``), turned into bytes as theirs, ``uint8(c * 255)`` (truncated); None:
-            :func:`cmx_palette`.
-
-    Raises:
-        ConfigError: ``class_colors`` is not a list of RGB triples in 0-1 (at most 256).
-    """
-    if class_colors is None:
-        colours = cmx_palette()
-    else:
-        values = np.asarray(class_colors, dtype=np.float64)
-        if values.ndim != 2 or values.shape[1] != 3 or len(values) > 256 or not (
-                (values >= 0) & (values <= 1)).all():
-            raise ConfigError(f'class_colors must be one [r, g, b] of floats in 0-1 per class (the authors\' '
-                             f'get_class_colors), got an array of shape {values.shape} with values in '
-                             f'[{values.min() if values.size else 0}, {values.max() if values.size else 0}]; '
-                             f'fix the experiment\'s config.py or set class_colors=None')
-        colours = (values * 255).astype(np.uint8)
-    flat = colours.reshape(-1).tolist()
-    return flat + [0] * (768 - len(flat))
-
-
-def save_prediction(pred: np.ndarray, path: str, palette: Optional[List[int]] = None) -> None:
-    """Write an H-W class-index map as a palette ('P' mode) PNG: the pixel values are the class indices,
-    ``palette`` (:func:`prediction_palette`, default CMX's) colours them."""
-    pred = np.ascontiguousarray(pred, dtype=np.uint8)
-    img = Image.frombytes('P', (pred.shape[1], pred.shape[0]), pred.tobytes())
-    img.putpalette(palette if palette is not None else prediction_palette())
-    os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
-    img.save(path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -578,8 +444,6 @@ def evaluate_per_image(model: torch.nn.Module, dataset, config, device, rank: in
             in size from its image (the message names the item).
     """
     k = int(config.num_classes)
-    ignore = int(config.background)
-    palette = prediction_palette(config.class_colors) if save_dir is not None else None
     hists = torch.zeros((len(dataset), k, k), dtype=torch.int64, device=device)
     indices = list(range(rank, len(dataset), world_size))
     loader = DataLoader(Subset(dataset, indices), batch_size=None, num_workers=num_workers,
@@ -590,19 +454,25 @@ def evaluate_per_image(model: torch.nn.Module, dataset, config, device, rank: in
     try:
         with torch.no_grad(), kept_rng(device):
             for index, item, scores in _item_scores(model, zip(indices, loader), config, device):
-                pred = scores.argmax(0)
-                label = torch.as_tensor(np.asarray(item['label'])).to(device)
-                try:
-                    hists[index] = confusion_matrix(pred, label, k, ignore)
-                except ValueError as exc:  # a label value outside the classes, or a label of another size
-                    raise ValueError(f"item {item['fn']}: {exc}") from exc
-                if save_dir is not None:
-                    save_prediction(pred.cpu().numpy(), osp.join(save_dir, f"{item['fn']}.png"), palette)
+                hists[index] = _score_item(item, scores.argmax(0), config, save_dir)
                 logger.debug('rank %d: %s done (%d/%d)', rank, item['fn'], index + 1, len(dataset))
     finally:
         model.train(was_training)
     all_reduce_sum(hists)
     return hists.cpu().numpy()
+
+
+def _score_item(item, pred: torch.Tensor, config, save_dir: Optional[str]) -> torch.Tensor:
+    """The K-K confusion matrix of one item's H-W prediction ``pred``; with ``save_dir`` its palette PNG."""
+    label = torch.as_tensor(np.asarray(item['label'])).to(pred.device)
+    try:
+        hist = confusion_matrix(pred, label, int(config.num_classes), int(config.background))
+    except ValueError as exc:  # a label value outside the classes, or a label of another size
+        raise ValueError(f"item {item['fn']}: {exc}") from exc
+    if save_dir is not None:
+        palette = prediction_palette(config.class_colors)
+        save_prediction(pred.cpu().numpy(), osp.join(save_dir, f"{item['fn']}.png"), palette)
+    return hist
 
 
 def evaluate(model: torch.nn.Module, dataset, config, device, rank: int = 0, world_size: int = 1,

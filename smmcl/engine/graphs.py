@@ -255,21 +255,19 @@ def graphed(model: nn.Module, config) -> nn.Module:
 # ---- training -------------------------------------------------------------------------------------
 
 def graph_module(module: nn.Module, sample_args: Sequence[torch.Tensor], recorder, warmup: int = 3) -> Callable:
-    """``module``'s forward and backward recorded as two graphs: a function of the same arguments, returning
-    what ``module`` returns, differentiable with respect to the module's parameters.
+    """``module``'s forward and backward recorded as two graphs: a function of the same arguments returning
+    what ``module`` returns, differentiable with respect to its parameters.
 
-    :func:`torch.cuda.make_graphed_callables`' recipe for one module (its static inputs are
-    ``sample_args``, its parameters and the outputs' gradients; the backward graph is
-    ``torch.autograd.grad`` of the recorded outputs), with the recorder's capture mode and a stand-in
-    recorder for the tests. Replays read the inputs' current values (copied into ``sample_args``) and the
-    parameters in place: an optimizer's in-place update is seen, a new parameter object is not.
+    :func:`torch.cuda.make_graphed_callables`' recipe for one module (static inputs: ``sample_args``, the
+    parameters and the outputs' gradients; the backward graph is ``torch.autograd.grad`` of the recorded
+    outputs), in the recorder's capture mode. Replays read the inputs' current values (copied into
+    ``sample_args``) and the parameters in place: an in-place optimizer update is seen, a new object not.
 
     Args:
         module: in the mode it will run in; its forward takes tensors and returns (nested) tensors.
         sample_args: tensors of the real inputs' shapes, dtypes and layouts; kept as the static inputs.
         recorder: :class:`CudaRecorder` or :class:`EagerRecorder`.
-        warmup: forwards and backwards before the captures (they update BatchNorm statistics and draw
-            random numbers; the caller puts those back).
+        warmup: forwards and backwards first (BatchNorm updates and draws: the caller puts them back).
     """
     static_inputs = tuple(sample_args)
     params = tuple(module.parameters())
@@ -300,6 +298,17 @@ def graph_module(module: nn.Module, sample_args: Sequence[torch.Tensor], recorde
         return tuple(next(grads) if t.requires_grad else None for t in surface)
 
     replay_backward, static_grad_inputs = recorder.record(backward)
+    replay = _replaying_function((static_inputs, static_outputs, replay_forward),
+                                 (static_grad_outputs, static_grad_inputs, replay_backward))
+    return lambda *args: tree_unflatten(list(replay.apply(*args, *params)), spec)
+
+
+def _replaying_function(forward_graph, backward_graph) -> type:
+    """An autograd function replaying a recorded forward and backward: ``forward_graph`` = (static
+    inputs, static outputs, replay), ``backward_graph`` = (static output gradients, static input
+    gradients, replay); its arguments are the inputs then the parameters (the graphs' static inputs)."""
+    static_inputs, static_outputs, replay_forward = forward_graph
+    static_grad_outputs, static_grad_inputs, replay_backward = backward_graph
 
     class Replay(torch.autograd.Function):
         @staticmethod
@@ -321,10 +330,7 @@ def graph_module(module: nn.Module, sample_args: Sequence[torch.Tensor], recorde
             # the next replay (the next chunk's backward, gradient accumulation) would then overwrite.
             return tuple(g.clone() if g is not None else None for g in static_grad_inputs)
 
-    def graphed(*args):
-        return tree_unflatten(list(Replay.apply(*args, *params)), spec)
-
-    return graphed
+    return Replay
 
 
 class _EncodeDecode(nn.Module):

@@ -40,8 +40,8 @@ from smmcl import cli
 from smmcl.config import ConfigError, load_config
 from smmcl.data.dataset import IMAGE_EXTENSIONS, DatasetError
 from smmcl.engine.checkpoint import CheckpointError
-from smmcl.engine.evaluate import prediction_palette, save_prediction
-from smmcl.inference import Segmenter, check_output_folder, default_device, overlay, read_images
+from smmcl.inference import Segmenter, check_output_folder, default_device, read_images
+from smmcl.visual import overlay, prediction_palette, save_prediction
 
 LIST_EXTENSIONS = ('.txt', '.lst', '.list')
 

@@ -39,8 +39,8 @@ from ..data.loader import TrainData, build_train_data, to_device
 from ..models.builder import build_segmentor
 from ..models.segmentor import EncoderDecoder
 from . import dist
-from .checkpoint import (CheckpointError, load_backbone_pretrained, remove_stale_temp_files, rng_state,
-                         save_checkpoint, save_iteration_checkpoint, should_save, training_state)
+from .checkpoint import (CheckpointError, load_backbone_pretrained, remove_stale_temp_files, save_checkpoint,
+                         save_iteration_checkpoint, should_save, training_state)
 from .chunks import BufferRollback, ChunkPlan, plan_chunks, run_chunks
 from .dist import norm_layer_for, wrap_ddp
 from .host_sync import NonFiniteLossError, PendingStep, flush_log, skips_on_device
@@ -49,7 +49,7 @@ from .lr import WarmUpPolyLR, set_lr
 from .optim import build_optimizer, step_unless_nonfinite
 from .precision import for_training, maybe_compile, memory_format, mixed_precision
 from .resume import resolve_resume, resume_from
-from .seeding import seed_everything
+from .seeding import rng_state, seed_everything
 from .speed import resolve_speed
 from .watch import Watcher
 

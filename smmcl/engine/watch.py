@@ -22,12 +22,12 @@ from torch import nn
 
 from smmcl.data.dataset import RGBXDataset
 from smmcl.engine import dist
-from smmcl.engine.evaluate import eval_workers, evaluate_per_image, predict, prediction_palette, seed_item
+from smmcl.engine.evaluate import eval_workers, evaluate_per_image, predict, seed_item
 from smmcl.engine.metrics import compute_scores
 from smmcl.engine.precision import for_inference, mixed_precision
 from smmcl.engine.results import open_val_log, report, subset_indices
 from smmcl.engine.seeding import kept_rng
-from smmcl.inference import gamma_lift
+from smmcl.visual import gamma_lift, palette_rgb
 
 GRID_IMAGES = 4  # test images shown in TensorBoard, always the first ones: the same every evaluation
 
@@ -97,7 +97,7 @@ def prediction_grid(model: nn.Module, dataset, config, device, count: int = GRID
     scenes) beside its prediction in the dataset's colours, each predicted as ``eval.py`` predicts it
     (:func:`smmcl.engine.evaluate.seed_item`); rows resized to the first one's size. The caller's
     random generators are restored."""
-    colours = np.asarray(prediction_palette(config.class_colors), dtype=np.uint8).reshape(-1, 3)
+    colours = palette_rgb(config.class_colors)
     rows = []
     with torch.no_grad(), kept_rng(device):
         for index in range(min(count, len(dataset))):

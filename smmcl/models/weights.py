@@ -9,22 +9,13 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
+from ..errors import CheckpointError, CheckpointNotFoundError  # noqa: F401  (re-exported)
 from .mscan import MSCAN_VARIANTS
 
 PRETRAINED_HELP = (
     "{path} should hold SegNeXt's ImageNet-1K MSCAN weights of the {name} backbone (SegNeXt's released "
     "{name}.pth: github Visual-Attention-Network/SegNeXt, 'ImageNet pretrained models'); put that file "
     "there, point --set pretrained_model=<file> at it, or train from scratch with --set pretrained_model=None.")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or weights file that cannot be used: missing, unreadable, without model weights,
-    or built for another model. The message names the file and what to do. (Defined here, below
-    :mod:`smmcl.engine.checkpoint` which reads the files, so that the checks here raise it too.)"""
-
-
-class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
-    """No file at the checkpoint's path (also a ``FileNotFoundError``)."""
 
 
 def init_backbone_weights(module: nn.Module) -> None:

@@ -36,7 +36,8 @@ from smmcl.engine.checkpoint import CheckpointError
 from smmcl.engine.evaluate import to_input
 from smmcl.inference import load_model
 from smmcl.losses.contrastive import downsample_labels
-from smmcl.tools.figure import FONT, palette_rgb, put_title
+from smmcl.tools.figure import FONT, put_title
+from smmcl.visual import palette_rgb
 
 MAP_SIZE = 600  # side of the square scatter area, pixels
 LEGEND_WIDTH = 190

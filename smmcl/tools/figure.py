@@ -27,8 +27,8 @@ from smmcl import cli
 from smmcl.config import ConfigError, load_config
 from smmcl.data.dataset import DatasetError, RGBXDataset
 from smmcl.engine.checkpoint import CheckpointError
-from smmcl.engine.evaluate import prediction_palette
 from smmcl.inference import Segmenter, load_model
+from smmcl.visual import colour_labels, gamma_lift, palette_rgb
 
 PAD = 2  # white border around every panel
 HEADER = 24  # height of the column-title strip
@@ -39,23 +39,6 @@ FONT = cv2.FONT_HERSHEY_SIMPLEX
 # ---------------------------------------------------------------------------------------------------
 # Panels (pure functions)
 # ---------------------------------------------------------------------------------------------------
-
-
-def palette_rgb(class_colors=None) -> np.ndarray:
-    """256-3 uint8 RGB colour of each label value (``eval.py -p``'s palette: the dataset's colours, then
-    black)."""
-    return np.asarray(prediction_palette(class_colors), dtype=np.uint8).reshape(256, 3)
-
-
-def colour_labels(label: np.ndarray, palette: np.ndarray) -> np.ndarray:
-    """H-W label values (0-255) -> H-W-3 uint8 BGR image in ``palette`` (256-3 RGB) colours."""
-    return np.ascontiguousarray(palette[np.asarray(label, dtype=np.uint8)][..., ::-1])
-
-
-def lift(img: np.ndarray, gamma: float = 2.2) -> np.ndarray:
-    """Gamma-lift a dark uint8 image: ``255 * (v / 255) ** (1 / gamma)`` (gamma 1 leaves it as is)."""
-    table = np.round(255.0 * (np.arange(256) / 255.0) ** (1.0 / float(gamma))).astype(np.uint8)
-    return cv2.LUT(np.ascontiguousarray(img, dtype=np.uint8), table)
 
 
 def x_panel(x: np.ndarray, single_channel: bool) -> np.ndarray:
@@ -118,6 +101,22 @@ def checkpoint_title(checkpoint: str) -> str:
     return osp.splitext(osp.basename(text))[0] if text.endswith('.pth') else f'epoch {text}'
 
 
+def test_indices(dataset, names: Optional[Sequence[str]]) -> List[int]:
+    """Positions in the test split of ``names`` (None: the first four).
+
+    Raises:
+        DatasetError: a name is not in the test split.
+    """
+    names = list(names) if names else dataset.names[:4]
+    position = {name: i for i, name in enumerate(dataset.names)}
+    missing = [n for n in names if n not in position]
+    if missing:
+        raise DatasetError(f'images {missing} are not in the test split ({dataset.layout.rgb_dir}: '
+                           f'{", ".join(dataset.names[:5])}{", ..." if len(dataset.names) > 5 else ""}). '
+                           f'Fix: pass --images with names from it.')
+    return [position[n] for n in names]
+
+
 def draw_figure(config, checkpoints: Sequence[str], names: Optional[Sequence[str]] = None,
                 titles: Optional[Sequence[str]] = None, out: Optional[str] = None, gamma: float = 2.2,
                 panel_width: Optional[int] = None, device=None) -> np.ndarray:
@@ -128,7 +127,7 @@ def draw_figure(config, checkpoints: Sequence[str], names: Optional[Sequence[str
         checkpoints: what ``eval.py -e`` takes, one checkpoint each (epoch, ``last`` or a ``.pth`` file).
         names: test image names, one row each; None: the first four.
         titles: a column title per checkpoint; None: :func:`checkpoint_title`.
-        gamma: of the RGB panel's lift (:func:`lift`).
+        gamma: of the RGB panel's lift (:func:`smmcl.visual.gamma_lift`).
         panel_width: scale every panel to this width (None: the first image's size).
         device: where the models run (None: the first GPU, else the CPU).
 
@@ -139,17 +138,10 @@ def draw_figure(config, checkpoints: Sequence[str], names: Optional[Sequence[str
         DatasetError: a name is not in the test split.
     """
     dataset = RGBXDataset(config, 'val')
-    names = list(names) if names else dataset.names[:4]
-    position = {name: i for i, name in enumerate(dataset.names)}
-    missing = [n for n in names if n not in position]
-    if missing:
-        raise DatasetError(f'images {missing} are not in the test split ({dataset.layout.rgb_dir}: '
-                           f'{", ".join(dataset.names[:5])}{", ..." if len(dataset.names) > 5 else ""}). '
-                           f'Fix: pass --images with names from it.')
+    indices = test_indices(dataset, names)
     titles = list(titles) if titles else [checkpoint_title(c) for c in checkpoints]
     if len(titles) != len(checkpoints):
         raise ConfigError(f'{len(titles)} titles for {len(checkpoints)} checkpoints; give one --titles each')
-    indices = [position[n] for n in names]
     preds = [predictions(config, c, dataset, indices, device) for c in checkpoints]
     palette = palette_rgb(config.class_colors)
     rows, size = [], None
@@ -161,7 +153,7 @@ def draw_figure(config, checkpoints: Sequence[str], names: Optional[Sequence[str
         if size is None:
             h, w = rgb.shape[:2]
             size = (h, w) if panel_width is None else (max(1, round(h * panel_width / w)), int(panel_width))
-        images = [lift(rgb, gamma), x_panel(x, bool(config.x_is_single_channel))]
+        images = [gamma_lift(rgb, gamma), x_panel(x, bool(config.x_is_single_channel))]
         labels = [item['label']] + [p[row] for p in preds]
         rows.append([fit(p, size, False) for p in images] + [fit(colour_labels(l, palette), size, True)
                                                              for l in labels])
