@@ -12,8 +12,8 @@ from PIL import Image
 from torch import nn
 
 from smmcl.config import REPO_ROOT, base_config, load_config
-from smmcl.engine.evaluate import (evaluate, evaluate_per_image, predict, predict_scores, resize_scores, to_input,
-                                   window_scores)
+from smmcl.engine.evaluate import evaluate, evaluate_per_image, predict, predict_scores, to_input, window_scores
+from smmcl.engine.resize import resize_scores
 from smmcl.engine.windows import authors_windows, corrected_windows, pad_margins, window_function
 from smmcl.visual import cmx_palette, prediction_palette
 from smmcl.models import build_segmentor
