@@ -13,13 +13,7 @@ wanted first, each reported even if another fails; once ``--budget-s`` is spent 
    inference, whole sliding-window evaluation, peak memory), inference and evaluation of the fast
    paths with CUDA graphs (``cuda_graphs=True``) and their training step with them
    (``cuda_graphs_training=True``, NCHW);
-2. ``graphs``: the CUDA-graph replay against the eager forward of the same folded bf16 model, same
-   random state (the NMF bases): relative error and argmax agreement of the logits, ms per forward;
-   and a few training steps with the recorded forward and backward against eager ones (same seeds):
-   the loss terms' difference and ms per step;
-3. ``model``: the whole model, fp32, TF32 off, same seeds (anchor sampler, NMF, drop path): the kernels
-   against the plain path on logits, each loss term and each gradient (target: 1e-4);
-4. ``kernels``: at the sizes of MSCAN-B at 480x640 (batch 8; the four stages' widths, the MLPs' hidden
+2. ``kernels``: at the sizes of MSCAN-B at 480x640 (batch 8; the four stages' widths, the MLPs' hidden
    widths): each custom op against PyTorch (relative error of the output and every gradient against
    float32 ``F.conv2d`` + autograd on the same values), and its time against PyTorch's for the same
    work in fp32 NCHW (the plain path), bf16 NHWC (the fast path) and bf16 NCHW, with the time the
@@ -27,11 +21,17 @@ wanted first, each reported even if another fails; once ``--budget-s`` is spent 
    implementation (gather, taps, PyTorch's) per stage and kernel shape, and the one ``auto`` picks; then
    the attention's six strip weight gradients per direction, one fused launch against three
    ``dwconv_wgrad`` calls (``SMMCL_TRITON_STRIP_WGRAD``);
-5. ``brief``: 200 training steps (MSCAN-B, 240x320, batch 4, synthetic data) plain fp32 against fast
-   bf16 + kernels, the loss curves compared; the argmax of the plain-trained model, fp32 against bf16;
-6. ``profile``: the top GPU kernels of a training step on each path (``--profile-paths``) and of an
+3. ``model``: the whole model, fp32, TF32 off, same seeds (anchor sampler, NMF, drop path): the kernels
+   against the plain path on logits, each loss term and each gradient (target: 1e-4);
+4. ``graphs``: the CUDA-graph replay against the eager forward of the same folded bf16 model, same
+   random state (the NMF bases): relative error and argmax agreement of the logits, ms per forward;
+   and a few training steps with the recorded forward and backward against eager ones (same seeds):
+   the loss terms' difference and ms per step;
+5. ``profile``: the top GPU kernels of a training step on each path (``--profile-paths``) and of an
    inference forward, their GPU time against the wall time of the same calls without the profiler (far
    apart: the host bounds the step), and the operators that take the host's time;
+6. ``brief``: 200 training steps (MSCAN-B, 240x320, batch 4, synthetic data) plain fp32 against fast
+   bf16 + kernels, the loss curves compared; the argmax of the plain-trained model, fp32 against bf16;
 7. ``tests``: ``tests/test_kernels.py`` and ``tests/test_graphs.py`` on CUDA (tiny edge-case shapes, one
    tile config each).
 
@@ -105,7 +105,8 @@ def main(argv=None):
     parser.add_argument('--compile', action='store_true', help='also time torch.compile on the fast paths')
     parser.add_argument('--smoke', action='store_true', help='tiny sizes: check this script on the CPU')
     parser.add_argument('--batch', type=int, default=8)
-    parser.add_argument('--eval-images', type=int, default=120)
+    parser.add_argument('--eval-images', type=int, default=400,
+                        help='images of the evaluation rows (enough to amortise the graphs\' recording)')
     parser.add_argument('--iters', type=int, default=20, help='timed training steps / forwards per bench path')
     parser.add_argument('--warmup', type=int, default=5, help='untimed steps before them')
     parser.add_argument('--brief-steps', type=int, default=200, help='training steps of the brief-training check')
@@ -139,9 +140,10 @@ def main(argv=None):
     if not on_gpu and not args.smoke:
         sys.exit('no CUDA device: run with --smoke under TRITON_INTERPRET=1 to check the script on the CPU')
     args.started = started
-    # most wanted first: a later step is skipped once --budget-s is spent
-    steps = [('bench', step_bench), ('graphs', step_graphs), ('model', step_model), ('kernels', step_kernels), ('brief', step_brief),
-             ('profile', step_profile), ('tests', step_tests)]
+    # Most wanted first, a later step skipped once --budget-s is spent: the fastest paths' rows and the
+    # kernels' bandwidth table, then the same-function checks, then the profile; the rest as time allows.
+    steps = [('bench', step_bench), ('kernels', step_kernels), ('model', step_model), ('graphs', step_graphs),
+             ('profile', step_profile), ('brief', step_brief), ('tests', step_tests)]
     for step, fn in steps:
         if step in skip:
             continue

@@ -225,3 +225,25 @@ def test_val_last_link_follows_the_newest_log(tmp_path, caplog):
     link.mkdir()  # a folder of that name is left alone, with a warning
     link_last(str(first), str(link))
     assert link.is_dir() and 'could not link' in caplog.text
+
+
+def test_several_checkpoints_in_one_model_score_as_each_alone(llrgbd, tmp_path):
+    """eval.py loads each later checkpoint into the first one's model (so CUDA graphs recorded for the
+    first replay for the others): every checkpoint scores as it does evaluated alone."""
+    config_path = osp.join(REPO_ROOT, 'SMMCL_LLRGBD', 'config.py')
+    ckpt_dir = tmp_path / 'log' / 'checkpoint'
+    ckpt_dir.mkdir(parents=True)
+    overrides = TINY + [f'dataset_path={llrgbd}']
+    cfg = load_config(config_path, overrides)
+    for epoch in (1, 2):
+        torch.manual_seed(epoch)
+        torch.save({'model': build_segmentor(cfg).state_dict(), 'epoch': epoch}, ckpt_dir / f'epoch-{epoch}.pth')
+    main(config_path, ['-e', '1-', '--set', *overrides, f'log_dir={tmp_path / "log"}'])
+    together = json.load(open(next((tmp_path / 'log').glob('val_2*.json'))))['evaluations']
+    alone = []
+    for epoch in (1, 2):
+        log_dir = tmp_path / f'alone{epoch}'
+        main(config_path, ['-e', str(ckpt_dir / f'epoch-{epoch}.pth'), '--set', *overrides, f'log_dir={log_dir}'])
+        alone += json.load(open(next(log_dir.glob('val_2*.json'))))['evaluations']
+    assert [r['iou'] for r in together] == [r['iou'] for r in alone]
+    assert together[0]['iou'] != together[1]['iou']

@@ -369,3 +369,34 @@ def test_train_script_with_training_graphs_is_the_eager_run(tiny_training, tmp_p
     for i in opt_a:
         for name in opt_a[i]:
             torch.testing.assert_close(opt_b[i][name], opt_a[i][name], rtol=1e-5, atol=1e-8)
+
+
+def test_graphs_are_recorded_once_per_run_and_replay_new_weights(tiny_mscan, monkeypatch):
+    """ReusedInference (the evaluation during training, eval.py over several checkpoints): the second
+    evaluation replays the first one's recordings, with the weights changed in place since (plain path:
+    the model's own tensors; fast path: the folded copy refreshed), and equals an eager evaluation."""
+    from smmcl.engine.precision import ReusedInference
+    cfg = tiny_config(backbone=tiny_mscan, num_classes=K, eval_crop_size=list(SIZE), seed=3)
+    rng = np.random.default_rng(0)
+    items = [dict(data=rng.integers(0, 256, (*SIZE, 3), dtype=np.uint8),
+                  modal_x=rng.integers(0, 256, (*SIZE, 3), dtype=np.uint8),
+                  label=rng.integers(0, K, SIZE).astype(np.uint8), fn=f'i{i}') for i in range(3)]
+    monkeypatch.setattr(GraphedInference, '__init__', _with_eager_recorder(GraphedInference.__init__))
+    for fast in (False, True):
+        torch.manual_seed(0)
+        model = build_segmentor(cfg)
+        cfg.update(fast_path=fast, cuda_graphs=True)
+        reuse = ReusedInference(cfg)
+        runner = reuse(model)
+        first = ev.evaluate_per_image(runner, items, cfg, 'cpu')
+        with torch.no_grad():  # an optimizer's step and new BatchNorm statistics, in place
+            for p in model.parameters():
+                p.add_(0.5 * torch.randn_like(p))
+            for name, b in model.named_buffers():
+                if name.endswith('running_var'):
+                    b.mul_(2.0)
+        second = ev.evaluate_per_image(reuse(model), items, cfg, 'cpu')
+        assert reuse(model) is runner and runner.captures == 1
+        cfg.cuda_graphs = False
+        np.testing.assert_array_equal(second, ev.evaluate_per_image(for_inference(model, cfg), items, cfg, 'cpu'))
+        assert not np.array_equal(first, second)  # the new weights were seen

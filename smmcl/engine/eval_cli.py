@@ -40,7 +40,7 @@ from smmcl.data.dataset import DatasetError, RGBXDataset
 from smmcl.engine.checkpoint import CheckpointError, checkpoint_epoch
 from smmcl.engine.dist import DistContext, launch, parse_devices
 from smmcl.engine.evaluate import eval_workers, evaluate_per_image
-from smmcl.engine.precision import for_inference, mixed_precision
+from smmcl.engine.precision import ReusedInference, mixed_precision
 from smmcl.engine.results import open_val_log, report, scores_path, subset_indices
 from smmcl.engine.speed import resolve_speed
 from smmcl.inference import check_output_folder, checked_weights, load_model, parse_epochs
@@ -58,13 +58,16 @@ def _evaluate_checkpoints(ctx: DistContext, config, checkpoints: Sequence[str], 
     resolve_speed(config, ctx.device, 'eval', log=ctx.is_main)
     dataset = RGBXDataset(config, 'val')
     workers = eval_workers(config)
-    final = []
+    final, model, inference = [], None, ReusedInference(config)
     if ctx.is_main:  # the authors open the log and link val_last.log before evaluating
         open_val_log(config)
         if save_path is not None:
             os.makedirs(save_path, exist_ok=True)  # the authors create the (empty) folder too
     for path in checkpoints:
-        model = load_model(config, path, ctx.device)
+        if model is None:
+            model = load_model(config, path, ctx.device)
+        else:  # into the same tensors: the CUDA graphs recorded for the first checkpoint replay for this one
+            model.load_state_dict(checked_weights(config, path), strict=True)
         save_dir = None
         if save_path is not None:
             save_dir = save_path + '_color'
@@ -74,7 +77,7 @@ def _evaluate_checkpoints(ctx: DistContext, config, checkpoints: Sequence[str], 
             logger.info('Load Model: %s (%d test images, %d process(es))', path, len(dataset), ctx.world_size)
         amp, _ = mixed_precision(config, ctx.device)
         with amp:
-            hists = evaluate_per_image(for_inference(model, config), dataset, config, ctx.device, ctx.rank,
+            hists = evaluate_per_image(inference(model), dataset, config, ctx.device, ctx.rank,
                                        ctx.world_size, save_dir, num_workers=workers)
         if ctx.is_main:
             final.append((path, report(f'Model: {path}', hists, subsets, config, checkpoint=path,

@@ -94,11 +94,41 @@ def for_inference(model: nn.Module, config) -> nn.Module:
     """An eval-mode model for inference: folded and channels_last on the fast path, else ``model``;
     compiled with ``config.compile`` (on either path); with ``config.cuda_graphs`` wrapped in
     :class:`~smmcl.engine.graphs.GraphedInference`."""
+    return graphed(maybe_compile(inference_model(model, config), config), config)
+
+
+def inference_model(model: nn.Module, config) -> nn.Module:
+    """The eval-mode network :func:`for_inference` runs: ``model`` itself on the plain path, a folded
+    copy in the configured layout, with or without the Triton kernels, on the fast path."""
     if not config.fast_path:
-        return graphed(maybe_compile(model.eval(), config), config)
+        return model.eval()
     folded = fold_for_inference(model).to(memory_format=memory_format(config))
-    use_fused_kernels(folded, fused_kernels(config))
-    return graphed(torch.compile(folded) if config.compile else folded, config)
+    return use_fused_kernels(folded, fused_kernels(config))
+
+
+class ReusedInference:
+    """:func:`for_inference` built once and refreshed in place for each later model state, so that the
+    CUDA graphs recorded in the first evaluation (one per input shape) replay in every later one, with
+    the weights of each: the evaluation during training after each N epochs, ``eval.py`` over several
+    checkpoints loaded into one model.
+
+    Call it with the model to evaluate; the same model object each time (its tensors updated in place,
+    as an optimizer or ``load_state_dict`` does). Another object starts afresh.
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self._source = self._inner = self._runner = None
+
+    def __call__(self, model: nn.Module) -> nn.Module:
+        if model is not self._source:
+            self._source, self._inner = model, inference_model(model, self.config)
+            self._runner = graphed(maybe_compile(self._inner, self.config), self.config)
+        elif self._inner is model:  # the plain path runs the model itself: its tensors are the graphs'
+            model.eval()
+        else:  # refold and copy into the recorded copy's tensors
+            self._inner.load_state_dict(inference_model(model, self.config).state_dict())
+        return self._runner
 
 
 def maybe_compile(model: nn.Module, config) -> nn.Module:

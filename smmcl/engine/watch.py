@@ -24,7 +24,7 @@ from smmcl.data.dataset import RGBXDataset
 from smmcl.engine import dist
 from smmcl.engine.evaluate import eval_workers, evaluate_per_image, predict, seed_item
 from smmcl.engine.metrics import compute_scores
-from smmcl.engine.precision import for_inference, mixed_precision
+from smmcl.engine.precision import ReusedInference, mixed_precision
 from smmcl.engine.results import open_val_log, report, subset_indices
 from smmcl.engine.seeding import kept_rng
 from smmcl.visual import gamma_lift, palette_rgb
@@ -40,6 +40,7 @@ class Watcher:
     ctx: dist.DistContext
     dataset: Optional[RGBXDataset] = None
     subsets: Dict[str, List[int]] = field(default_factory=dict)
+    inference: Optional[ReusedInference] = None  # CUDA graphs recorded once per run, refreshed in place
 
     def due(self, epoch: int) -> bool:
         every = self.config.eval_every_epochs
@@ -50,6 +51,7 @@ class Watcher:
         if self.dataset is None:
             self.dataset = RGBXDataset(self.config, 'val')
             self.subsets = subset_indices(self.config, self.dataset.names)
+            self.inference = ReusedInference(self.config)
             if self.ctx.is_main:
                 open_val_log(self.config)
         hists, grid = self.evaluate(module)
@@ -77,7 +79,7 @@ class Watcher:
         for buffer in module.buffers():  # rank 0's BatchNorm statistics, which the checkpoint keeps
             dist.broadcast_(buffer)
         try:
-            model = for_inference(module, config)
+            model = self.inference(module)
             amp, _ = mixed_precision(config, ctx.device)
             with amp:
                 hists = evaluate_per_image(model, self.dataset, config, ctx.device, ctx.rank, ctx.world_size,
