@@ -39,6 +39,14 @@ def inputs(batch, size=SIZE, seed=0):
     return torch.randn(batch, 3, *size, generator=g), torch.randn(batch, 3, *size, generator=g)
 
 
+def random_items(count):
+    """``count`` evaluation items (uint8 RGB and X of SIZE, labels in 0..K-1), seeded."""
+    rng = np.random.default_rng(0)
+    return [dict(data=rng.integers(0, 256, (*SIZE, 3), dtype=np.uint8),
+                 modal_x=rng.integers(0, 256, (*SIZE, 3), dtype=np.uint8),
+                 label=rng.integers(0, K, SIZE).astype(np.uint8), fn=f'i{i}') for i in range(count)]
+
+
 def seeded(fn, seed, *args):
     torch.manual_seed(seed)
     with torch.no_grad():
@@ -121,10 +129,7 @@ def test_config_switch_and_evaluation_agree(tiny_mscan, monkeypatch):
                       eval_flip=False, seed=3)
     torch.manual_seed(0)
     plain = build_segmentor(cfg)
-    rng = np.random.default_rng(0)
-    items = [dict(data=rng.integers(0, 256, (*SIZE, 3), dtype=np.uint8),
-                  modal_x=rng.integers(0, 256, (*SIZE, 3), dtype=np.uint8),
-                  label=rng.integers(0, K, SIZE).astype(np.uint8), fn=f'i{i}') for i in range(3)]
+    items = random_items(3)
     monkeypatch.setattr(GraphedInference, '__init__', _with_eager_recorder(GraphedInference.__init__))
     for fast in (False, True):
         for batch in (1, 2):
@@ -377,10 +382,7 @@ def test_graphs_are_recorded_once_per_run_and_replay_new_weights(tiny_mscan, mon
     the model's own tensors; fast path: the folded copy refreshed), and equals an eager evaluation."""
     from smmcl.engine.precision import ReusedInference
     cfg = tiny_config(backbone=tiny_mscan, num_classes=K, eval_crop_size=list(SIZE), seed=3)
-    rng = np.random.default_rng(0)
-    items = [dict(data=rng.integers(0, 256, (*SIZE, 3), dtype=np.uint8),
-                  modal_x=rng.integers(0, 256, (*SIZE, 3), dtype=np.uint8),
-                  label=rng.integers(0, K, SIZE).astype(np.uint8), fn=f'i{i}') for i in range(3)]
+    items = random_items(3)
     monkeypatch.setattr(GraphedInference, '__init__', _with_eager_recorder(GraphedInference.__init__))
     for fast in (False, True):
         torch.manual_seed(0)
