@@ -22,8 +22,9 @@ C.eval_split_dir = 'test'
 C.rgb_folder, C.rgb_format = 'rgb', '.png'
 C.x_folder, C.x_format, C.x_is_single_channel = 'depth', '.png', True
 C.gt_folder, C.gt_format, C.gt_transform = 'label', '.png', False
-# The authors' lists (their dataset_path is LLRGBD/train, then LLRGBD/test: train.txt, test.txt in
-# it); a copy without them uses every image of the split's rgb/ folder, sorted, with a log line.
+# The authors' lists (their config.py: train_source / eval_source = <dataset_path>/train.txt, test.txt with
+# dataset_path LLRGBD/train, then LLRGBD/test; read by dataloader/RGBXDataset.py _get_file_names); a copy
+# without them uses every image of the split's rgb/ folder, sorted, with a log line (lists_optional).
 C.train_list, C.eval_list = 'train/train.txt', 'test/test.txt'
 C.lists_optional = True
 C.num_train_imgs = 1418

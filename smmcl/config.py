@@ -144,7 +144,7 @@ def base_config() -> EasyDict:
     # 'AdamW' (the authors') or 'SGDM' (their train.py's other branch: torch.optim.SGD with momentum,
     # over the same parameter groups and weight decay).
     C.optimizer = 'AdamW'
-    C.momentum = 0.9  # SGDM only
+    C.momentum = 0.9  # SGDM only; their SMMCL_LLRGBD/config.py value
     C.lr = 6e-5
     C.lr_power = 0.9
     C.weight_decay = 0.01

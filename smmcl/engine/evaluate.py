@@ -399,6 +399,7 @@ def evaluate_per_image(model: torch.nn.Module, dataset, config, device, rank: in
     """
     k = int(config.num_classes)
     hists = torch.zeros((len(dataset), k, k), dtype=torch.int64, device=device)
+    save = (save_dir, prediction_palette(config.class_colors)) if save_dir is not None else None
     indices = list(range(rank, len(dataset), world_size))
     loader = DataLoader(Subset(dataset, indices), batch_size=None, num_workers=num_workers,
                         collate_fn=_as_item)
@@ -408,7 +409,7 @@ def evaluate_per_image(model: torch.nn.Module, dataset, config, device, rank: in
     try:
         with torch.no_grad(), kept_rng(device):
             for index, item, scores in _item_scores(model, zip(indices, loader), config, device):
-                hists[index] = _score_item(item, scores.argmax(0), config, save_dir)
+                hists[index] = _score_item(item, scores.argmax(0), config, save)
                 logger.debug('rank %d: %s done (%d/%d)', rank, item['fn'], index + 1, len(dataset))
     finally:
         model.train(was_training)
@@ -416,16 +417,16 @@ def evaluate_per_image(model: torch.nn.Module, dataset, config, device, rank: in
     return hists.cpu().numpy()
 
 
-def _score_item(item, pred: torch.Tensor, config, save_dir: Optional[str]) -> torch.Tensor:
-    """The K-K confusion matrix of one item's H-W prediction ``pred``; with ``save_dir`` its palette PNG."""
+def _score_item(item, pred: torch.Tensor, config, save: Optional[Tuple[str, List[int]]]) -> torch.Tensor:
+    """The K-K confusion matrix of one item's H-W prediction ``pred``; with ``save`` = (folder, palette)
+    its palette PNG."""
     label = torch.as_tensor(np.asarray(item['label'])).to(pred.device)
     try:
         hist = confusion_matrix(pred, label, int(config.num_classes), int(config.background))
     except ValueError as exc:  # a label value outside the classes, or a label of another size
         raise ValueError(f"item {item['fn']}: {exc}") from exc
-    if save_dir is not None:
-        palette = prediction_palette(config.class_colors)
-        save_prediction(pred.cpu().numpy(), osp.join(save_dir, f"{item['fn']}.png"), palette)
+    if save is not None:
+        save_prediction(pred.cpu().numpy(), osp.join(save[0], f"{item['fn']}.png"), save[1])
     return hist
 
 

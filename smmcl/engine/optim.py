@@ -87,7 +87,7 @@ def build_optimizer(model: nn.Module, config) -> Optimizer:
                     'runs (e.g. %s); --set train_layer_scale=True trains them', len(left_out), left_out[0])
     groups: List[Dict] = [dict(params=decay, lr=config.lr),
                           dict(params=no_decay, weight_decay=0.0, lr=config.lr)]
-    if config.optimizer == 'SGDM':
+    if config.optimizer == 'SGDM':  # their SMMCL_LLRGBD/train.py, the optimizer branch after group_weight
         optimizer = SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     else:
         optimizer = AdamW(groups, lr=config.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay,
