@@ -16,8 +16,9 @@ wanted first, each reported even if another fails; once ``--budget-s`` is spent 
 2. ``kernels``: at the sizes of MSCAN-B at 480x640 (batch 8; the four stages' widths, the MLPs' hidden
    widths): each custom op against PyTorch (relative error of the output and every gradient against
    float32 ``F.conv2d`` + autograd on the same values), and its time against PyTorch's for the same
-   work in fp32 NCHW (the plain path), bf16 NHWC (the fast path) and bf16 NCHW, with the time the
-   bytes it must move would take at the measured copy bandwidth (the floor); then each weight-gradient
+   work in fp32 NCHW (the plain path), bf16 NHWC (the fast path) and bf16 NCHW, both kernel families
+   (``SMMCL_TRITON_DEPTHWISE``: tiles, rows), with the time the bytes it must move would take at the
+   measured copy bandwidth (the floor) and each one's share of that bandwidth; then each weight-gradient
    implementation (gather, taps, PyTorch's) per stage and kernel shape, and the one ``auto`` picks; then
    the attention's six strip weight gradients per direction, one fused launch against three
    ``dwconv_wgrad`` calls (``SMMCL_TRITON_STRIP_WGRAD``);
@@ -33,7 +34,10 @@ wanted first, each reported even if another fails; once ``--budget-s`` is spent 
 6. ``brief``: 200 training steps (MSCAN-B, 240x320, batch 4, synthetic data) plain fp32 against fast
    bf16 + kernels, the loss curves compared; the argmax of the plain-trained model, fp32 against bf16;
 7. ``tests``: ``tests/test_kernels.py`` and ``tests/test_graphs.py`` on CUDA (tiny edge-case shapes, one
-   tile config each).
+   tile config each);
+8. ``sweep`` (last, or alone: ``--only sweep``): every kernel autotuned over its tiles and their
+   neighbours in a process of its own (``SMMCL_TRITON_SWEEP=1``); the winner per kernel and shape, marked
+   NEW where it is not one of the listed defaults.
 
 Everything is printed as it comes, then one summary for docs/speed.md; with ``--out``
 (default ``$OUT`` when set) the log and a JSON of the numbers are written there too.
@@ -111,12 +115,18 @@ def main(argv=None):
     parser.add_argument('--warmup', type=int, default=5, help='untimed steps before them')
     parser.add_argument('--brief-steps', type=int, default=200, help='training steps of the brief-training check')
     parser.add_argument('--skip', default='',
-                        help='comma-separated steps to skip: bench,graphs,model,kernels,brief,profile,tests')
-    parser.add_argument('--profile-paths', default='plain,fast,fast+triton', help='paths the profile step profiles')
+                        help='comma-separated steps to skip: bench,kernels,model,graphs,profile,brief,tests,sweep')
+    parser.add_argument('--profile-paths', default='fast+triton NCHW+graphs,fast+triton,fast,plain',
+                        help='comma-separated paths the profile step profiles')
     parser.add_argument('--budget-s', type=float, default=300, help='start no new step after this many seconds')
     parser.add_argument('--deadline-s', type=float, default=520, help='the unit tests stop by then')
     parser.add_argument('--out', default=os.environ.get('OUT'))
+    parser.add_argument('--only', default='', help='comma-separated steps to run, the others skipped (e.g. sweep)')
+    parser.add_argument('--sweep-worker', action='store_true', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.sweep_worker:
+        import torch
+        return sweep_worker(args, torch.device('cuda' if torch.cuda.is_available() else 'cpu'))
     if args.wheels:
         install_wheels(args.wheels)
     if importlib.util.find_spec('smmcl') is None:
@@ -143,9 +153,10 @@ def main(argv=None):
     # Most wanted first, a later step skipped once --budget-s is spent: the fastest paths' rows and the
     # kernels' bandwidth table, then the same-function checks, then the profile; the rest as time allows.
     steps = [('bench', step_bench), ('kernels', step_kernels), ('model', step_model), ('graphs', step_graphs),
-             ('profile', step_profile), ('brief', step_brief), ('tests', step_tests)]
+             ('profile', step_profile), ('brief', step_brief), ('tests', step_tests), ('sweep', step_sweep)]
+    only = set(filter(None, args.only.split(',')))
     for step, fn in steps:
-        if step in skip:
+        if step in skip or (only and step not in only):
             continue
         if time.time() - started > args.budget_s:
             print(f'\n[{step}] skipped: {time.time() - started:.0f} s spent (--budget-s {args.budget_s:.0f})')
@@ -277,11 +288,12 @@ def step_kernels(args, device):
                         os.environ['SMMCL_TRITON_AUTOTUNE'] = tune
                 bytes_fwd = 2 * x.numel() * x.element_size()  # read the input, write the output
                 bytes_step = 5 * x.numel() * x.element_size()  # + read grad and input, write grad input
-                for impl, fn in (('triton', ours), ('torch', ref)):
-                    if impl == 'triton' and fmt_name == 'fp32 NCHW' and not args.smoke:
+                for impl, fn in (('tiles', ours), ('rows', ours), ('torch', ref)):
+                    if impl != 'torch' and fmt_name == 'fp32 NCHW' and not args.smoke:
                         continue  # the kernels are for the fast path; fp32 NCHW is the plain reference
-                    fwd = time_ms(lambda: fn(x), device, args.smoke)
-                    step = time_ms(lambda: torch.autograd.grad(fn(x), [x] + weights, grad), device, args.smoke)
+                    with kernel_family(impl):
+                        fwd = time_ms(lambda: fn(x), device, args.smoke)
+                        step = time_ms(lambda: torch.autograd.grad(fn(x), [x] + weights, grad), device, args.smoke)
                     rows.append(dict(item=label, piece=piece, layout=fmt_name, impl=impl, fwd_ms=fwd,
                                      fwd_bwd_ms=step, floor_fwd_ms=bytes_fwd / bandwidth * 1e3,
                                      floor_fwd_bwd_ms=bytes_step / bandwidth * 1e3))
@@ -292,6 +304,20 @@ def step_kernels(args, device):
     print_kernel_table(rows)
     return dict(copy_TBps=bandwidth / 1e12, rows=rows, errors=errors, wgrad=wgrad_table(args, device, bandwidth),
                 strip_wgrad=strip_wgrad_table(args, device, bandwidth))
+
+
+@contextlib.contextmanager
+def kernel_family(impl):
+    """SMMCL_TRITON_DEPTHWISE=impl within (for 'tiles' and 'rows'; anything else leaves it as it is)."""
+    saved = os.environ.get('SMMCL_TRITON_DEPTHWISE')
+    if impl in ('tiles', 'rows'):
+        os.environ['SMMCL_TRITON_DEPTHWISE'] = impl
+    try:
+        yield
+    finally:
+        os.environ.pop('SMMCL_TRITON_DEPTHWISE', None)
+        if saved is not None:
+            os.environ['SMMCL_TRITON_DEPTHWISE'] = saved
 
 
 def wgrad_table(args, device, bandwidth):
@@ -373,8 +399,8 @@ def print_kernel_table(rows, compact=False):
         for r in rows:
             print(f"{r['item']:<8} {r['piece']:<11} {r['layout']:<9} {r['impl']:<6} | {r['fwd_ms']:>7.3f} "
                   f"{r['floor_fwd_ms']:>6.3f} | {r['fwd_bwd_ms']:>10.3f} {r['floor_fwd_bwd_ms']:>6.3f}")
-    columns = [('fp32 NCHW', 'torch'), ('bf16 NHWC', 'torch'), ('bf16 NHWC', 'triton'), ('bf16 NCHW', 'torch'),
-               ('bf16 NCHW', 'triton')]
+    columns = [('fp32 NCHW', 'torch'), ('bf16 NHWC', 'torch'), ('bf16 NHWC', 'tiles'), ('bf16 NHWC', 'rows'),
+               ('bf16 NCHW', 'torch'), ('bf16 NCHW', 'tiles'), ('bf16 NCHW', 'rows')]
     cells, floors = {}, {}
     for r in rows:
         cells[(r['item'], r['piece'], r['layout'], r['impl'])] = (r['fwd_ms'], r['fwd_bwd_ms'])
@@ -400,6 +426,22 @@ def print_kernel_table(rows, compact=False):
         print(f'{item:<8} {piece:<11} | ' + ' | '.join(f'{x:>15}' for x in line))
     print('whole MSCAN-B (both branches, all blocks), ms per step fwd/fwd+bwd: ' + '; '.join(
         f'{c[0]} {c[1]} {v[0]:.1f}/{v[1]:.1f}' for c, v in totals.items()))
+    print_bandwidth_table(rows)
+
+
+def print_bandwidth_table(rows):
+    """Per work item and bf16 layout, each Triton family's share of the copy bandwidth: the bytes the
+    op must move (the floor's) over its time, forward and forward + backward (target: >= 50 %)."""
+    print('\n% of the copy bandwidth (bf16 bytes moved / time), forward / forward+backward:')
+    print(f"{'item':<8} {'piece':<11} {'layout':<9} | {'tiles':>9} | {'rows':>9} | {'torch':>9}")
+    cells = {(r['item'], r['piece'], r['layout'], r['impl']): r for r in rows if r['layout'].startswith('bf16')}
+    for item, piece, layout in dict.fromkeys(k[:3] for k in cells):
+        line = []
+        for impl in ('tiles', 'rows', 'torch'):
+            r = cells.get((item, piece, layout, impl))
+            line.append(f"{100 * r['floor_fwd_ms'] / r['fwd_ms']:3.0f}/{100 * r['floor_fwd_bwd_ms'] / r['fwd_bwd_ms']:3.0f}"
+                        if r else '-')
+        print(f'{item:<8} {piece:<11} {layout:<9} | ' + ' | '.join(f'{x:>9}' for x in line))
 
 
 # ---- step 2: the whole model, kernels vs plain ------------------------------------------------------
@@ -500,7 +542,10 @@ def step_bench(args, device):
              ('fast+graphs', True, False, False, None, 'infer'),
              ('fast+triton+graphs', True, True, False, None, 'infer'),
              ('fast NCHW+graphs', True, False, False, False, 'train'),
-             ('fast+triton NCHW+graphs', True, True, False, False, 'train')]
+             ('fast+triton NCHW+graphs', True, True, False, False, 'train'),
+             # the kernels replace PyTorch's depthwise convs, whose NCHW advantage made NCHW the graphed
+             # row's layout: with them, channels_last may serve the 1x1 convs better
+             ('fast+triton+graphs train', True, True, False, True, 'train')]
     if args.compile:
         paths += [('fast+compile', True, False, True, None, None),
                   ('fast+triton+compile', True, True, True, None, None)]
@@ -767,17 +812,22 @@ def _top_kernels(title, fn, device, steps):
 
 
 def step_profile(args, device):
-    """Top kernels of a training step (plain, fast, fast + kernels) and of an inference forward (fast,
-    fast + kernels), batch 8 at 480x640."""
+    """Top kernels of a training step (the graphed NCHW fast + kernels step first, then plain, fast, fast
+    + kernels eager) and of an inference forward (fast, fast + kernels), batch 8 at 480x640."""
     import torch
     from smmcl.engine.precision import for_inference, for_training, mixed_precision
     out = {}
     steps = 1 if args.smoke else 3
-    paths = (('plain', False, False), ('fast', True, False), ('fast+triton', True, True))
-    for name, fast, kernels in (p for p in paths if p[0] in args.profile_paths.split(',')):
+    # (name, fast path, Triton kernels, channels_last, training graphs): the graphed row is the bench's
+    # fastest training path, NCHW, whose wall time is far above the eager channels_last step's GPU time
+    paths = (('plain', False, False, False, False), ('fast', True, False, True, False),
+             ('fast+triton', True, True, True, False), ('fast+triton NCHW+graphs', True, True, False, True))
+    chosen = [{p[0]: p for p in paths}[name] for name in args.profile_paths.split(',') if name]  # in that order
+    for name, fast, kernels, channels_last, graphs in chosen:
         cfg, model, rgb, x, label = _model_and_batch(args, device, 1 if args.smoke else args.batch)
-        cfg.update(fast_path=fast, triton_kernels=kernels, amp=fast)
-        fmt = torch.channels_last if fast else torch.contiguous_format
+        cfg.update(fast_path=fast, triton_kernels=kernels, amp=fast, channels_last=channels_last if fast else None,
+                   cuda_graphs_training=graphs)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
         rgb, x = rgb.contiguous(memory_format=fmt), x.contiguous(memory_format=fmt)
         amp, scaler = mixed_precision(cfg, device)
         train_model = for_training(copy.deepcopy(model).train(), cfg)
@@ -795,7 +845,7 @@ def step_profile(args, device):
             step()
         out[f'train {name}'] = _top_kernels(f'training step, {name}', step, device, steps)
         del train_model, opt
-        if fast:
+        if fast and not graphs:
             infer_model = for_inference(model, cfg)
 
             def infer():
@@ -833,6 +883,58 @@ def step_tests(args, device):
     return tail[-1] if tail else f'exit {proc.returncode}'
 
 
+# ---- step: tile sweep (a fresh process: the candidates are fixed when the kernels are imported) -------
+
+def step_sweep(args, device):
+    """Every kernel autotuned over its tiles and their neighbours (``SMMCL_TRITON_SWEEP=1``) at MSCAN-B's
+    stage shapes, bf16, both layouts, forward and backward of each op with both kernel families: the
+    winner per kernel and shape, and whether it is one of the listed defaults (those that are not are
+    candidates for the lists in ``smmcl/kernels/triton_*.py``)."""
+    env = dict(os.environ, SMMCL_TRITON_SWEEP='1', PYTHONUNBUFFERED='1')
+    left = max(30.0, args.deadline_s - (time.time() - args.started))
+    cmd = [sys.executable, os.path.abspath(__file__), '--sweep-worker', '--batch', str(args.batch)]
+    try:
+        proc = subprocess.run(cmd + (['--smoke'] if args.smoke else []), cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=left)
+    except subprocess.TimeoutExpired:
+        return f'stopped after {left:.0f} s (--deadline-s)'
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    print('\n'.join(lines[-80:]))
+    found = [line[len('SWEEP '):] for line in lines if line.startswith('SWEEP ')]
+    return json.loads(found[-1]) if found else f'exit {proc.returncode}'
+
+
+def sweep_worker(args, device):
+    """Run in the sweep's own process: autotune everything once, then print the winners."""
+    import torch
+    import triton
+    from smmcl.kernels import triton_dwconv, triton_rows
+    n = 1 if args.smoke else args.batch
+    for label, kind, c, h, w in mscan_b_sizes(args):
+        for fmt in (torch.channels_last, torch.contiguous_format):
+            for piece, ours, _, weights in _pieces(kind, c, device, torch.bfloat16):
+                x = torch.randn(n, c, h, w, device=device).to(torch.bfloat16).contiguous(memory_format=fmt)
+                x.requires_grad_()
+                for impl in ('tiles', 'rows'):
+                    with kernel_family(impl):
+                        torch.autograd.grad(ours(x), [x] + weights, torch.ones_like(x))
+        print(f'{label}: tuned', flush=True)
+    winners = []
+    for module in (triton_dwconv, triton_rows):
+        for name, kernel in vars(module).items():
+            if not isinstance(kernel, triton.runtime.Autotuner):
+                continue
+            # one candidate (the interpreter's) is never timed nor cached: reported as the winner of any shape
+            tuned = kernel.cache.items() if kernel.cache else [(('any',), c) for c in kernel.configs[:1]
+                                                                if len(kernel.configs) == 1]
+            for key, config in tuned:
+                tile = dict(config.kwargs, num_warps=config.num_warps)
+                winners.append(dict(kernel=name, key=[str(k) for k in key], tile=tile,
+                                    listed=getattr(config, 'listed', True)))
+                print(f"  {name:<28} {str(tuple(key)[:4]):<26} {tile} {'' if winners[-1]['listed'] else 'NEW'}")
+    print('SWEEP ' + json.dumps(dict(winners=winners, new=sum(not w['listed'] for w in winners))))
+
+
 # ---- summary -----------------------------------------------------------------------------------------
 
 def summary(results):
@@ -858,11 +960,11 @@ def summary(results):
             f'{k.split(" (")[0]} {v:.1e}' for k, v in model.items() if isinstance(v, float)))
     rows = results.get('bench')
     if isinstance(rows, dict) and rows:
-        header = (f"{'path':<20} | {'dtype':<5} | {'train img/s':>11} | {'infer img/s':>11} | {'eval img/s':>10} | "
+        header = (f"{'path':<26} | {'dtype':<5} | {'train img/s':>11} | {'infer img/s':>11} | {'eval img/s':>10} | "
                   f"{'train peak GiB':>14} | compile s")
         print(header + '\n' + '-' * len(header))
         for label, r in rows.items():
-            print(f"{label:<20} | {r['dtype']:<5} | {r['train']:>11.2f} | {r['infer']:>11.2f} | {r['eval']:>10.2f} | "
+            print(f"{label:<26} | {r['dtype']:<5} | {r['train']:>11.2f} | {r['infer']:>11.2f} | {r['eval']:>10.2f} | "
                   f"{r['train_peak']:>14.2f} | {r['compile_s']:.1f}")
     graphs = results.get('graphs')
     if isinstance(graphs, dict):
@@ -879,7 +981,10 @@ def summary(results):
         print(f"brief training ({brief['steps']} steps, MSCAN-B 240x320, batch 4): loss of the last 20 steps plain "
               f"fp32 {brief['plain_last20']:.4f} +- {brief['plain_last20_std']:.4f}, fast bf16+triton "
               f"{brief['fast_last20']:.4f}; argmax agreement {100 * brief['argmax_agreement']:.2f} %")
-    for step in ('bench', 'graphs', 'model', 'kernels', 'brief', 'profile', 'tests'):
+    sweep = results.get('sweep')
+    if isinstance(sweep, dict):
+        print(f"tile sweep: {len(sweep['winners'])} (kernel, shape) winners, {sweep['new']} not among the listed tiles")
+    for step in ('bench', 'graphs', 'model', 'kernels', 'brief', 'profile', 'tests', 'sweep'):
         if results.get(step) == 'failed':
             print(f'step {step}: FAILED (traceback above)')
     if 'tests' in results and results['tests'] != 'failed':

@@ -215,3 +215,37 @@ def test_channels_last_switch_sets_the_layout_of_the_fast_path(tiny_mscan):
     cfg.update(channels_last='yes')
     with pytest.raises(ConfigError, match='channels_last'):
         validate(cfg)
+
+
+def test_fused_block_tails_are_the_same_function():
+    """The fast path's blocks (layer scale, drop path and residual add in one addcmul per half): the
+    plain block's output and gradients in training (the same drop-path draws: a sample is dropped) and
+    in eval mode."""
+    import copy
+    from torch import nn
+    from smmcl.models.mscan import Block, use_fused_tails
+    torch.manual_seed(0)
+    plain = Block(8, 4, 0.5, nn.BatchNorm2d)
+    with torch.no_grad():
+        plain.layer_scale_1.normal_(0.1, 0.05)
+        plain.layer_scale_2.normal_(0.1, 0.05)
+    fused = use_fused_tails(copy.deepcopy(plain))
+    x = torch.randn(6, 8, 5, 7)
+    for training in (True, False):
+        outs = []
+        for block in (plain, fused):
+            block.train(training)
+            leaf = x.clone().requires_grad_()
+            torch.manual_seed(5)
+            out = block(leaf)
+            grads = torch.autograd.grad(out, [leaf] + list(block.parameters()), torch.ones_like(out))
+            outs.append((out, grads))
+        (out_p, grads_p), (out_f, grads_f) = outs
+        assert (out_p - out_f).abs().max() <= 1e-6 * out_p.abs().max()
+        for a, b in zip(grads_p, grads_f):
+            assert (a - b).abs().max() <= 1e-5 * a.abs().max().clamp_min(1e-12)
+        if training:  # a sample was dropped: without drop path (same BN statistics) the output differs
+            probe = copy.deepcopy(plain)
+            probe.drop_path = nn.Identity()
+            torch.manual_seed(5)
+            assert not torch.allclose(probe(x), out_p)

@@ -146,6 +146,62 @@ def test_strip_sum_matches_the_three_branches(n, c, h, w, fmt):
     _check_grads(out, ref, [a] + params, [ref_a] + ref_params, 1e-5)
 
 
+# ---- the row-blocked kernels along H (SMMCL_TRITON_DEPTHWISE=rows) ------------------------------------
+
+@pytest.mark.parametrize('n, c, h, w, kh, kw, fmt', [DW_CASES[0], DW_CASES[1], DW_CASES[4], DW_CASES[6]])
+def test_row_kernels_match_conv2d(monkeypatch, n, c, h, w, kh, kw, fmt):
+    """The depthwise conv through the row kernels, forward and backward (the adjoint conv too), and for
+    the MLP's 3x3 the conv + GELU; maps taller than one block of rows (4 under the interpreter)."""
+    monkeypatch.setenv('SMMCL_TRITON_DEPTHWISE', 'rows')
+    x, weight, bias = _tensor(n, c, h, w, fmt=fmt), _tensor(c, 1, kh, kw, seed=1), _tensor(c, seed=2)
+    rx, rw, rb = _fp32_copies(x, weight, bias)
+    ref = F.conv2d(rx, rw, rb, padding=(kh // 2, kw // 2), groups=c)
+    out = ops().dwconv2d(x, weight, bias)
+    assert out.stride() == x.stride()
+    _check_grads(out, ref, (x, weight, bias), (rx, rw, rb), 1e-5)
+    if kh == kw == 3:
+        ref = nn.GELU()(F.conv2d(rx, rw, rb, padding=1, groups=c))
+        _check_grads(ops().dwconv2d_gelu(x, weight, bias), ref, (x, weight, bias), (rx, rw, rb), 1e-5)
+
+
+@pytest.mark.parametrize('n, c, h, w, fmt', [(2, 5, 9, 23, NCHW), (1, 3, 25, 4, NCHW), (1, 37, 5, 6, CL)])
+def test_row_kernels_in_the_strip_sum(monkeypatch, n, c, h, w, fmt):
+    """The attention's strips with the vertical ones on the row kernels (forward sum, backward's adjoint
+    strips); one map taller than the 21-tap strip."""
+    monkeypatch.setenv('SMMCL_TRITON_DEPTHWISE', 'rows')
+    a, params = _tensor(n, c, h, w, fmt=fmt), _strip_params(c)
+    ref_a, *ref_params = _fp32_copies(a, *params)
+    _check_grads(ops().mscan_strip_sum(a, *params), kernels.strip_sum_reference(ref_a, ref_params),
+                 [a] + params, [ref_a] + ref_params, 1e-5)
+
+
+def test_bf16_row_kernels(monkeypatch):
+    monkeypatch.setenv('SMMCL_TRITON_DEPTHWISE', 'rows')
+    x, weight, bias = (_tensor(2, 37, 9, 7, fmt=CL, dtype=torch.bfloat16), _tensor(37, 1, 5, 5, seed=1),
+                       _tensor(37, seed=2))
+    rx, rw, rb = _fp32_copies(x, weight, bias)
+    out = ops().dwconv2d(x, weight, bias)
+    assert out.dtype == torch.bfloat16
+    _check_grads(out, F.conv2d(rx, rw, rb, padding=2, groups=37), (x, weight, bias), (rx, rw, rb), BF16_TOL)
+
+
+def test_depthwise_kernel_choice(monkeypatch):
+    """Both families give one result; 'auto' is 'tiles' under the interpreter; a bad name stops with the
+    choices; along W the strips always take the tile kernel."""
+    from smmcl.kernels import triton_dwconv
+    x, weight = torch.randn(1, 3, 9, 6, device=DEVICE), torch.randn(3, 1, 3, 3, device=DEVICE)
+    outs = {impl: triton_dwconv.dwconv(x, weight, None, impl=impl) for impl in ('tiles', 'rows', 'auto')}
+    assert rel(outs['rows'], outs['tiles']) <= 1e-6 and rel(outs['auto'], outs['tiles']) <= 1e-6
+    if DEVICE == 'cpu':
+        assert triton_dwconv._depthwise_impl(None, 'dwconv', x, (), {}) == 'tiles'
+    horizontal = [torch.randn(3, 1, 1, k, device=DEVICE) for k in STRIP_LENGTHS]
+    across = triton_dwconv.strip3(x, horizontal, None, along_w=True, impl='rows')
+    assert all(rel(t, r) <= 1e-6 for t, r in zip(across, triton_dwconv.strip3(x, horizontal, None, along_w=True)))
+    monkeypatch.setenv('SMMCL_TRITON_DEPTHWISE', 'fast')
+    with pytest.raises(ValueError, match="SMMCL_TRITON_DEPTHWISE must be 'auto' or one of .*'tiles', 'rows'"):
+        triton_dwconv.dwconv(x, weight, None)
+
+
 # ---- bfloat16: fp32 accumulation, results rounded once ------------------------------------------------
 
 # bf16 keeps 8 significant bits (relative rounding up to 2^-9 per value): outputs and input grads,
@@ -430,13 +486,15 @@ def test_strip_weight_gradient_choice_through_the_op(monkeypatch):
 @pytest.mark.slow
 def test_whole_model_with_kernels_in_nchw_is_the_plain_function(tiny_mscan):
     """The fast path in NCHW (``channels_last=False``) with the kernels against the plain path, fp32, one
-    training forward + backward with the same seeds (drop path, anchors, NMF bases): the only difference
-    is our kernels, so the loss terms and every gradient agree (the GPU run's channels_last spread of
-    ~3e-3 comes from cuDNN's layout, docs/speed.md)."""
+    training forward + backward with the same seeds (drop path, anchors, NMF bases): the loss terms and
+    every gradient agree (the GPU run's channels_last spread of
+    ~3e-3 comes from cuDNN's layout, docs/speed.md). The fast path's fused block tails round differently
+    too. A 64-channel decoder: with fewer channels than the NMF's rank (64), its multiplicative updates'
+    backward amplifies rounding differences of 1e-7 in the forward to gradients 5 % apart."""
     from smmcl.engine.precision import for_training
     from smmcl.models import build_segmentor
     from conftest import tiny_config
-    cfg = tiny_config(backbone=tiny_mscan, num_classes=4, decoder_embed_dim=32, min_views_per_class=2)
+    cfg = tiny_config(backbone=tiny_mscan, num_classes=4, decoder_embed_dim=64, min_views_per_class=2)
     torch.manual_seed(0)
     model = build_segmentor(cfg, with_loss=True).to(DEVICE).train()
     g = torch.Generator().manual_seed(1)
@@ -459,3 +517,14 @@ def test_whole_model_with_kernels_in_nchw_is_the_plain_function(tiny_mscan):
     for name, ref in plain_grads.items():
         if torch.linalg.norm(ref) > 1e-6 * scale:  # conv biases before a norm: rounding noise only
             assert rel(grads[name], ref) <= 1e-4, name
+
+
+def test_tile_sweep_candidates():
+    """SMMCL_TRITON_SWEEP's candidates: each listed tile and its neighbours (a pixel size or the warps
+    doubled or halved, BLOCK_C kept, at most 4096 elements), once each."""
+    from smmcl.kernels.triton_common import neighbours
+    got = neighbours((1, 8, 32, 4))
+    assert got[0] == (1, 8, 32, 4) and len(got) == len(set(got)) == 7
+    assert {(1, 16, 32, 4), (1, 4, 32, 4), (1, 8, 64, 4), (1, 8, 16, 4), (1, 8, 32, 8), (1, 8, 32, 2)} <= set(got)
+    assert all(t[0] == 1 for t in got)
+    assert (32, 8, 32, 4) not in neighbours((32, 4, 32, 4))  # 8192 elements

@@ -4,7 +4,9 @@
 - ``config.amp``: bf16 autocast (fp16 + GradScaler on GPUs without bf16; fp32 on CPUs without native
   bf16, where it is emulated and slow); the NMF and the InfoNCE always run in fp32 (see
   ``smmcl.models.ham_head`` and ``smmcl.losses.contrastive``).
-- ``config.fast_path``: channels_last tensors (NCHW with ``config.channels_last=False``) and, for inference, BN and layer scales folded into the
+- ``config.fast_path``: channels_last tensors (NCHW with ``config.channels_last=False``); for training,
+  each MSCAN block's layer scale, drop path and residual add in one ``addcmul``
+  (``smmcl.models.mscan.use_fused_tails``); for inference, BN and layer scales folded into the
   convolutions (``smmcl.models.fast.fold_for_inference``). The plain path (both off) is the reference
   the tests compare against.
 - ``config.triton_kernels`` (with ``fast_path``): MSCAN's depthwise convs in the Triton kernels of
@@ -24,7 +26,7 @@ import torch
 from torch import nn
 
 from ..models.fast import fold_for_inference
-from ..models.mscan import use_fused_kernels
+from ..models.mscan import use_fused_kernels, use_fused_tails
 from .graphs import graphed, use_training_graphs
 
 logger = logging.getLogger(__name__)
@@ -87,7 +89,7 @@ def for_training(model: nn.Module, config) -> nn.Module:
         ConfigError: ``cuda_graphs_training`` with SyncBatchNorm layers.
     """
     model = use_fused_kernels(model.to(memory_format=memory_format(config)), fused_kernels(config))
-    return use_training_graphs(model, bool(config.cuda_graphs_training))
+    return use_training_graphs(use_fused_tails(model, bool(config.fast_path)), bool(config.cuda_graphs_training))
 
 
 def for_inference(model: nn.Module, config) -> nn.Module:

@@ -17,7 +17,9 @@ implementations (``SMMCL_TRITON_WGRAD``: ``gather``, ``taps``, ``torch`` = PyTor
 default: the fastest for each shape, timed once on the GPU). The strip pairs' six weight gradients are
 computed per direction in one launch (``SMMCL_TRITON_STRIP_WGRAD``: ``fused``, ``separate`` = three
 ``dwconv_wgrad`` calls, or ``auto``, the default: the faster of the two per shape, timed once on the GPU;
-not yet timed).
+not yet timed). Along H, each op runs on one of two kernel families (``SMMCL_TRITON_DEPTHWISE``: ``tiles``,
+``rows`` = :mod:`smmcl.kernels.triton_rows`, each input row read once per tap column, or ``auto``, the
+default: the faster per shape, timed once on the GPU).
 
 Triton is a development dependency only: this package imports it lazily, training never needs it,
 and asking for the kernels without it stops with one message. The kernels run on CUDA tensors; on

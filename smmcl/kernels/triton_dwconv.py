@@ -11,30 +11,22 @@ so). Weights are read as C-KH*KW rows and every sum is accumulated in float32, w
 dtype (float32, bfloat16, float16); results are stored in the output's dtype.
 
 A tile is BLOCK_C channels x BLOCK_H*BLOCK_W pixels of one image. Convolution taps are unrolled at
-compile time; neighbouring taps re-read the same input lines from the cache, not from DRAM.
+compile time; neighbouring taps re-read the same input lines from the cache, not from DRAM. Along H,
+the row-blocked kernels of :mod:`smmcl.kernels.triton_rows` compute the same functions with each input
+row read once per tap column; ``SMMCL_TRITON_DEPTHWISE`` (``tiles``, ``rows``, ``auto``: the faster per
+shape, timed once on the GPU) picks the family for the KxK convs and the Kx1 strips.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-try:  # whether the kernels below are interpreted: fixed when they are decorated, i.e. now
-    INTERPRETED = bool(triton.knobs.runtime.interpret)
-except AttributeError:  # Triton before 3.4 has no knobs
-    INTERPRETED = os.environ.get('TRITON_INTERPRET', '0').lower() in ('1', 'true', 'on')
-
-
-def _bench(kernel_call, quantiles):
-    # Short timing runs: MSCAN-B needs a few dozen (kernel, shape) tunings at start-up.
-    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
-
-
-def _config(block_c, block_h, block_w, num_warps=4):
-    return triton.Config({'BLOCK_C': block_c, 'BLOCK_H': block_h, 'BLOCK_W': block_w}, num_warps=num_warps)
+from . import triton_rows as row_kernels
+from .triton_common import KEY as _KEY, PRUNE as _PRUNE, bench as _bench, check_device as _check_device, configs
+from .triton_common import fastest as _fastest, gelu as _gelu, gelu_grad as _gelu_grad, implementation
 
 
 # Tile shapes (BLOCK_C, BLOCK_H, BLOCK_W, warps) to try on a GPU. In NCHW a pixel row is contiguous,
@@ -47,35 +39,13 @@ _NHWC_TILES = [(32, 2, 8, 8), (32, 1, 8, 4), (16, 2, 8, 4)]
 # Weight gradients hold BLOCK_C x TAPS x BLOCK_H*BLOCK_W products at once: smaller tiles.
 _NCHW_WGRAD_TILES = [(1, 4, 64, 8), (1, 2, 64, 4), (2, 2, 32, 4)]
 _NHWC_WGRAD_TILES = [(32, 1, 8, 8), (16, 1, 8, 4), (32, 1, 4, 4)]
-
-
-def _configs(nchw_tiles, nhwc_tiles, interpreted_tile):
-    if INTERPRETED:  # the interpreter's cost is per program and op: one tile covers a test shape
-        return [_config(*interpreted_tile)]
-    return [_config(*tile) for tile in nchw_tiles + nhwc_tiles]
-
-
-def _for_layout(configs, named_args, **kwargs):
-    """The candidates for the tensors' layout; only the first with SMMCL_TRITON_AUTOTUNE=0 (tests of
-    many tiny shapes on a GPU, where tuning each would compile every candidate)."""
-    channels_last = named_args['sc'] == 1 and named_args['C'] > 1
-    nhwc = [c for c in configs if c.kwargs['BLOCK_C'] >= 16]
-    nchw = [c for c in configs if c.kwargs['BLOCK_C'] < 16]
-    chosen = (nhwc if channels_last else nchw) or configs
-    return chosen[:1] if os.environ.get('SMMCL_TRITON_AUTOTUNE') == '0' else chosen
-
-
-_PRUNE = {'early_config_prune': _for_layout}
-_CONFIGS = _configs(_NCHW_TILES, _NHWC_TILES, (32, 8, 16, 4))
-_WGRAD_CONFIGS = _configs(_NCHW_WGRAD_TILES, _NHWC_WGRAD_TILES, (32, 4, 16, 4))
+_CONFIGS = configs(_NCHW_TILES, _NHWC_TILES, (32, 8, 16, 4))
+_WGRAD_CONFIGS = configs(_NCHW_WGRAD_TILES, _NHWC_WGRAD_TILES, (32, 4, 16, 4))
 # The tap-by-tap weight gradient holds one BLOCK_C x BLOCK_H*BLOCK_W product at a time: wide tiles,
 # 128-byte channel rows in channels_last.
-_WGRAD_TAPS_CONFIGS = _configs([(1, 4, 64, 4), (2, 2, 64, 4), (1, 8, 32, 8)],
+_WGRAD_TAPS_CONFIGS = configs([(1, 4, 64, 4), (2, 2, 64, 4), (1, 8, 32, 8)],
                                [(64, 1, 8, 4), (32, 1, 16, 4), (64, 2, 8, 8)], (32, 4, 16, 4))
-_STRIP_WGRAD_CONFIGS = _configs(_NCHW_WGRAD_TILES, _NHWC_WGRAD_TILES, (32, 4, 16, 4))
-
-
-_KEY = ['C', 'H', 'W', 'sc']  # sc == 1 means channels_last
+_STRIP_WGRAD_CONFIGS = configs(_NCHW_WGRAD_TILES, _NHWC_WGRAD_TILES, (32, 4, 16, 4))
 
 
 @triton.jit
@@ -89,17 +59,6 @@ def _tile(pid_nc, pid_hw, C, H, W, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
     h = (pid_hw // num_wb) * BLOCK_H + p // BLOCK_W
     w = (pid_hw % num_wb) * BLOCK_W + p % BLOCK_W
     return n, c, h, w, c < C, (h < H) & (w < W)
-
-
-@triton.jit
-def _gelu(z):
-    return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
-
-
-@triton.jit
-def _gelu_grad(z):
-    cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
-    return cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
 
 
 @triton.autotune(configs=_CONFIGS, key=_KEY, prune_configs_by=_PRUNE, do_bench=_bench)
@@ -397,14 +356,6 @@ def _strip3_sum_kernel(r_ptr, t0_ptr, t1_ptr, t2_ptr, w0_ptr, w1_ptr, w2_ptr, b0
 # Launchers (plain functions of tensors; no autograd here)
 # ------------------------------------------------------------------------------------------------
 
-def _check_device(x: torch.Tensor) -> None:
-    if x.device.type != 'cuda' and not INTERPRETED:
-        raise RuntimeError(
-            f'smmcl.kernels: the Triton kernels got a {x.device.type} tensor but run only on CUDA, or on '
-            'the CPU under Triton\'s interpreter; set TRITON_INTERPRET=1 before Triton is first imported '
-            '(or leave triton_kernels off)')
-
-
 def _layout(x: torch.Tensor) -> torch.memory_format:
     """channels_last when x is stored that way (and not also plain contiguous), else NCHW."""
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
@@ -439,12 +390,29 @@ def kernel_size(weight: torch.Tensor) -> Tuple[int, int]:
     return kh, kw
 
 
+DEPTHWISE_IMPLS = ('tiles', 'rows')
+_DEPTHWISE_CHOICE = {}  # (op, shape, strides, kernel sizes, dtype, device, flags) -> the faster kernel
+
+
+def _depthwise_impl(impl: Optional[str], op: str, x: torch.Tensor, key: tuple, launches: dict) -> str:
+    """The kernel family for one launch: ``impl``, else the environment's ``SMMCL_TRITON_DEPTHWISE``, else
+    ``'auto'``: on a GPU the faster of ``launches`` (zero-argument calls) for this op, shape, layout,
+    dtype and ``key``, timed once; under the interpreter ``'tiles'`` (the tests name ``'rows'``)."""
+    impl = implementation('SMMCL_TRITON_DEPTHWISE', impl, DEPTHWISE_IMPLS)
+    if impl != 'auto':
+        return impl
+    if not x.is_cuda:
+        return 'tiles'
+    return _fastest(_DEPTHWISE_CHOICE, (op, tuple(x.shape), x.stride(), x.dtype, x.device) + key, launches)
+
+
 def dwconv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], *, transpose: bool = False,
-           epilogue: int = 0, grad: Optional[torch.Tensor] = None) -> torch.Tensor:
+           epilogue: int = 0, grad: Optional[torch.Tensor] = None, impl: Optional[str] = None) -> torch.Tensor:
     """Depthwise conv, stride 1, "same" padding: N-C-H-W -> N-C-H-W in x's dtype and memory format.
 
     ``transpose``: the adjoint (grad input from grad output, bias must be None). ``epilogue`` 1: exact
-    GELU; 2: ``grad * GELU'(conv + bias)``.
+    GELU; 2: ``grad * GELU'(conv + bias)``. ``impl``: ``'tiles'`` (:func:`_dwconv_kernel`), ``'rows'``
+    (:mod:`smmcl.kernels.triton_rows`) or ``'auto'`` (:func:`_depthwise_impl`).
     """
     _check_device(x)
     kh, kw = kernel_size(weight)
@@ -457,10 +425,12 @@ def dwconv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
     if out.numel() == 0:
         return out
     w_rows = _rows(weight)
-    _dwconv_kernel[_grid(n, c, h, w)](
-        x, w_rows, bias if bias is not None else w_rows, grad if grad is not None else x, out,
-        c, h, w, *x.stride(), KH=kh, KW=kw, TRANSPOSE=transpose, HAS_BIAS=bias is not None,
-        EPILOGUE=epilogue)
+    args = (x, w_rows, bias if bias is not None else w_rows, grad if grad is not None else x, out,
+            c, h, w, *x.stride())
+    meta = dict(KH=kh, KW=kw, TRANSPOSE=transpose, HAS_BIAS=bias is not None, EPILOGUE=epilogue)
+    launches = {'tiles': lambda: _dwconv_kernel[_grid(n, c, h, w)](*args, **meta),
+                'rows': lambda: row_kernels.dwconv_rows_kernel[row_kernels.grid(n, c, h, w)](*args, **meta)}
+    launches[_depthwise_impl(impl, 'dwconv', x, (kh, kw, transpose, epilogue, bias is not None), launches)]()
     return out
 
 
@@ -489,11 +459,9 @@ def dwconv_wgrad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     """
     _check_device(x)
     x, grad = _same_layout(_layout(x), x, grad)
-    impl = impl or os.environ.get('SMMCL_TRITON_WGRAD', 'auto')
+    impl = implementation('SMMCL_TRITON_WGRAD', impl, WGRAD_IMPLS)
     if impl == 'auto':
         impl = _fastest_wgrad(grad, x, weight)
-    if impl not in _WGRAD:
-        raise ValueError(f"smmcl.kernels: SMMCL_TRITON_WGRAD must be 'auto' or one of {WGRAD_IMPLS}, got {impl!r}")
     return _WGRAD[impl](grad, x, weight)
 
 
@@ -506,16 +474,6 @@ def _fastest_wgrad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) ->
         return 'gather'
     key = (tuple(x.shape), tuple(weight.shape[-2:]), _layout(x), x.dtype, x.device)
     return _fastest(_WGRAD_CHOICE, key, _WGRAD, grad, x, weight)
-
-
-def _fastest(chosen: dict, key, impls: dict, *args) -> str:
-    """The name of the fastest of ``impls`` on ``args`` (median GPU time), timed on the first call for
-    ``key`` and remembered in ``chosen``."""
-    if key not in chosen:
-        times = {name: triton.testing.do_bench(lambda fn=fn: fn(*args), warmup=5, rep=20, return_mode='median')
-                 for name, fn in impls.items()}
-        chosen[key] = min(times, key=times.get)
-    return chosen[key]
 
 
 def _wgrad_partials(kernel, grad, x, weight, **meta):
@@ -567,8 +525,9 @@ def _strip_lengths(weights: Sequence[torch.Tensor], along_w: bool) -> Tuple[int,
 
 
 def strip3(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Optional[Sequence[torch.Tensor]],
-           along_w: bool, transpose: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Three 1-D depthwise convs (1xK if ``along_w`` else Kx1) of one N-C-H-W input, in one pass."""
+           along_w: bool, transpose: bool = False, impl: Optional[str] = None) -> Tuple[torch.Tensor, ...]:
+    """Three 1-D depthwise convs (1xK if ``along_w`` else Kx1) of one N-C-H-W input, in one pass.
+    ``impl``: as :func:`dwconv`'s, along H; along W the tile kernel."""
     _check_device(x)
     k0, k1, k2 = _strip_lengths(weights, along_w)
     n, c, h, w = x.shape
@@ -576,17 +535,19 @@ def strip3(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Optional[Se
     x, = _same_layout(fmt, x)
     outs = [torch.empty_like(x, memory_format=fmt) for _ in range(3)]
     if x.numel() > 0:
-        rows = [_rows(wt) for wt in weights]
-        b = list(biases) if biases is not None else rows
-        _strip3_kernel[_grid(n, c, h, w)](
-            x, *rows, *b, *outs, c, h, w, *x.stride(), K0=k0, K1=k1, K2=k2, ALONG_W=along_w,
-            TRANSPOSE=transpose, HAS_BIAS=biases is not None)
+        w_rows = [_rows(wt) for wt in weights]
+        b = list(biases) if biases is not None else w_rows
+        args = (x, *w_rows, *b, *outs, c, h, w, *x.stride())
+        meta = dict(K0=k0, K1=k1, K2=k2, TRANSPOSE=transpose, HAS_BIAS=biases is not None)
+        _strip_launch(impl, 'strip3', along_w, x, args, meta, _strip3_kernel, row_kernels.strip3_rows_kernel)
     return tuple(outs)
 
 
 def strip3_sum(r: torch.Tensor, ts: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
-               biases: Optional[Sequence[torch.Tensor]], along_w: bool, transpose: bool = False) -> torch.Tensor:
-    """``r + sum_i conv(ts[i], weights[i]) + biases[i]``, 1-D depthwise convs along W or H, in one pass."""
+               biases: Optional[Sequence[torch.Tensor]], along_w: bool, transpose: bool = False,
+               impl: Optional[str] = None) -> torch.Tensor:
+    """``r + sum_i conv(ts[i], weights[i]) + biases[i]``, 1-D depthwise convs along W or H, in one pass.
+    ``impl``: as :func:`strip3`'s."""
     _check_device(r)
     k0, k1, k2 = _strip_lengths(weights, along_w)
     n, c, h, w = r.shape
@@ -594,12 +555,26 @@ def strip3_sum(r: torch.Tensor, ts: Sequence[torch.Tensor], weights: Sequence[to
     r, *ts = _same_layout(fmt, r, *ts)
     out = torch.empty_like(r, memory_format=fmt)
     if r.numel() > 0:
-        rows = [_rows(wt) for wt in weights]
-        b = list(biases) if biases is not None else rows
-        _strip3_sum_kernel[_grid(n, c, h, w)](
-            r, *ts, *rows, *b, out, c, h, w, *r.stride(), K0=k0, K1=k1, K2=k2, ALONG_W=along_w,
-            TRANSPOSE=transpose, HAS_BIAS=biases is not None)
+        w_rows = [_rows(wt) for wt in weights]
+        b = list(biases) if biases is not None else w_rows
+        args = (r, *ts, *w_rows, *b, out, c, h, w, *r.stride())
+        meta = dict(K0=k0, K1=k1, K2=k2, TRANSPOSE=transpose, HAS_BIAS=biases is not None)
+        _strip_launch(impl, 'strip3_sum', along_w, r, args, meta, _strip3_sum_kernel,
+                      row_kernels.strip3_sum_rows_kernel)
     return out
+
+
+def _strip_launch(impl, op, along_w, x, args, meta, tile_kernel, row_kernel) -> None:
+    """One launch of a three-strip kernel: the tile kernel along W; along H the tile or the row kernel
+    (:func:`_depthwise_impl`)."""
+    n, c, h, w = x.shape
+    launches = {'tiles': lambda: tile_kernel[_grid(n, c, h, w)](*args, ALONG_W=along_w, **meta)}
+    if along_w:
+        launches['tiles']()
+        return
+    launches['rows'] = lambda: row_kernel[row_kernels.grid(n, c, h, w)](*args, **meta)
+    key = (meta['K0'], meta['K1'], meta['K2'], meta['TRANSPOSE'], meta['HAS_BIAS'])
+    launches[_depthwise_impl(impl, op, x, key, launches)]()
 
 
 # ---- weight gradients of three strip convs -------------------------------------------------------------
@@ -646,12 +621,9 @@ def strip3_wgrad_packed(grads: Sequence[torch.Tensor], xs: Sequence[torch.Tensor
     ``SMMCL_TRITON_WGRAD``), or ``'auto'``: on a GPU the faster of the two for this shape, direction,
     layout and dtype, timed once; under the interpreter ``'fused'``.
     """
-    impl = impl or os.environ.get('SMMCL_TRITON_STRIP_WGRAD', 'auto')
+    impl = implementation('SMMCL_TRITON_STRIP_WGRAD', impl, STRIP_WGRAD_IMPLS)
     if impl == 'auto':
         impl = _fastest_strip_wgrad(grads, xs, weights, along_w)
-    if impl not in _STRIP_WGRAD:
-        raise ValueError(f"smmcl.kernels: SMMCL_TRITON_STRIP_WGRAD must be 'auto' or one of {STRIP_WGRAD_IMPLS}, "
-                         f"got {impl!r}")
     return _STRIP_WGRAD[impl](grads, xs, weights, along_w)
 
 

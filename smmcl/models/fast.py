@@ -5,8 +5,9 @@ per-channel factor, so they can be folded into the neighbouring 1x1 / patch-embe
 
 - stem and patch embeddings: conv -> BN becomes one conv;
 - MSCAN block, attention half: ``x + s1 * (proj_2(SGU(GELU(proj_1(BN1 x)))) + BN1 x)`` becomes
-  ``m * x + c + proj_2'(SGU(GELU(proj_1'(x))))`` with ``proj_1' = proj_1 . BN1``,
-  ``proj_2' = s1 * proj_2``, ``m = 1 + s1 * a1`` and ``c = s1 * b1`` (``BN1 x = a1 * x + b1``);
+  ``m * x + proj_2'(SGU(GELU(proj_1'(x))))`` with ``proj_1' = proj_1 . BN1``,
+  ``proj_2' = s1 * proj_2 + s1 * b1`` and ``m = 1 + s1 * a1`` (``BN1 x = a1 * x + b1``): one
+  ``addcmul`` pass over the map for the whole shortcut;
 - MSCAN block, MLP half: ``fc1' = fc1 . BN2``, ``fc2' = s2 * fc2``;
 - projectors: GELU -> BN -> conv becomes GELU -> conv'.
 
@@ -58,17 +59,17 @@ class FoldedBlock(nn.Module):
         s1, s2 = block.layer_scale_1.detach(), block.layer_scale_2.detach()
         self.attn, self.mlp = block.attn, block.mlp
         _affine_then_conv(self.attn.proj_1, a1, b1)
-        _conv_then_affine(self.attn.proj_2, s1, torch.zeros_like(s1))
+        # the shortcut's shift s1 * b1 is a per-channel constant: it joins proj_2's bias
+        _conv_then_affine(self.attn.proj_2, s1, s1 * b1)
         _affine_then_conv(self.mlp.fc1, a2, b2)
         _conv_then_affine(self.mlp.fc2, s2, torch.zeros_like(s2))
         self.register_buffer('shortcut_scale', (1 + s1 * a1).reshape(1, -1, 1, 1))
-        self.register_buffer('shortcut_shift', (s1 * b1).reshape(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         attn = self.attn
         # The attention's own residual is folded into the affine shortcut below.
         h = attn.proj_2(attn.spatial_gating_unit(attn.activation(attn.proj_1(x))))
-        x = torch.addcmul(self.shortcut_shift, x, self.shortcut_scale) + h
+        x = torch.addcmul(h, x, self.shortcut_scale)
         return x + self.mlp(x)
 
 

@@ -52,8 +52,9 @@ class CrossModalModulation(nn.Module):
     def forward(self, rgb: torch.Tensor, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """rgb, x: N-C-H-W -> modulated (rgb', x'), N-C-H-W each."""
         both = torch.cat([rgb, x], dim=1)
-        # 0.5 * m * s + 0.5 * m * c == m * (0.5 * (s + c)): one gate, broadcast N-1-H-W + N-C-1-1.
-        gate = 0.5 * (self.Spatial(both) + self.Channel(both))
+        # 0.5 * m * s + 0.5 * m * c == m * (0.5 * s + 0.5 * c): one gate, broadcast N-1-H-W + N-C-1-1; the
+        # halving on the small factors (exact in binary floating point), so one full-size pass makes the gate.
+        gate = 0.5 * self.Spatial(both) + 0.5 * self.Channel(both)
         return rgb + x * gate, x + rgb * gate
 
 

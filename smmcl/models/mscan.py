@@ -33,9 +33,20 @@ class DropPath(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.drop_prob == 0.0 or not self.training:
             return x
-        keep = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
+        return x * self.draw_mask(x.shape[0], x) / (1.0 - self.drop_prob)
+
+    def draw_mask(self, batch: int, like: torch.Tensor) -> torch.Tensor:
+        """N-1-1-1 keep mask (1 kept, 0 dropped) in ``like``'s dtype and device, drawn as forward draws it."""
+        return like.new_empty((batch,) + (1,) * (like.ndim - 1)).bernoulli_(1.0 - self.drop_prob)
+
+    def scaled_factor(self, scale: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The factor ``f`` with ``y * f == self(scale[:, None, None] * y)``, C-1-1 or N-C-1-1 (the mask drawn
+        as forward would draw it for ``scale[:, None, None] * y``), so a residual add is one ``addcmul``."""
+        factor = scale[:, None, None]
+        if self.drop_prob == 0.0 or not self.training:
+            return factor
+        like = y.new_empty((0,) * y.ndim, dtype=torch.promote_types(scale.dtype, y.dtype))
+        return factor * (self.draw_mask(y.shape[0], like) / (1.0 - self.drop_prob))
 
     def extra_repr(self) -> str:
         return f'drop_prob={self.drop_prob}'
@@ -173,11 +184,33 @@ class Block(nn.Module):
         self.layer_scale_1 = nn.Parameter(1e-2 * torch.ones(dim))
         self.layer_scale_2 = nn.Parameter(1e-2 * torch.ones(dim))
 
+    fused_tails = False  # set per module by use_fused_tails (the fast path)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """N-C-H-W -> N-C-H-W."""
+        if self.fused_tails:  # each half's scale, drop path and residual add in one addcmul pass
+            y = self.attn(self.norm1(x))
+            x = torch.addcmul(x, y, self._factor(self.layer_scale_1, y))
+            y = self.mlp(self.norm2(x))
+            return torch.addcmul(x, y, self._factor(self.layer_scale_2, y))
         x = x + self.drop_path(self.layer_scale_1[:, None, None] * self.attn(self.norm1(x)))
         x = x + self.drop_path(self.layer_scale_2[:, None, None] * self.mlp(self.norm2(x)))
         return x
+
+    def _factor(self, scale: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.drop_path, DropPath):
+            return self.drop_path.scaled_factor(scale, y)
+        return scale[:, None, None]
+
+
+def use_fused_tails(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Every MSCAN block of ``model`` with its layer scale, drop path and residual add fused into one
+    ``torch.addcmul`` per half (the fast path), or back to the separate ops (in place). The same function,
+    rounded differently; the same random draws."""
+    for module in model.modules():
+        if isinstance(module, Block):
+            module.fused_tails = enabled
+    return model
 
 
 class ChannelLayerNorm(nn.LayerNorm):

@@ -1,0 +1,115 @@
+"""What the Triton kernel modules share: whether kernels are interpreted, autotuning's timing and
+candidate pruning, the GELU pieces of the epilogues, and the once-per-shape choice between
+implementations.
+
+Importing this module needs Triton. The kernels run on CUDA tensors, or on CPU tensors when
+``TRITON_INTERPRET=1`` was set before Triton was first imported (Triton decides at decoration time,
+its own ``tl.cdiv`` & co. included, whether a kernel is compiled or interpreted).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+try:  # whether the kernels are interpreted: fixed when they are decorated, i.e. at import
+    INTERPRETED = bool(triton.knobs.runtime.interpret)
+except AttributeError:  # Triton before 3.4 has no knobs
+    INTERPRETED = os.environ.get('TRITON_INTERPRET', '0').lower() in ('1', 'true', 'on')
+
+KEY = ['C', 'H', 'W', 'sc']  # the autotuning key of every activation kernel; sc == 1 means channels_last
+
+
+def bench(kernel_call, quantiles):
+    """Autotuning's timing: short runs, as MSCAN-B needs a few dozen (kernel, shape) tunings at start-up."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+# SMMCL_TRITON_SWEEP=1 (read at import; bench/gpu_check.py's sweep step): every kernel also tries the
+# neighbours of its tiles, to find better defaults on a new GPU; off, only the listed tiles are tried.
+SWEEP = os.environ.get('SMMCL_TRITON_SWEEP') == '1'
+
+
+def neighbours(tile):
+    """``tile`` = (BLOCK_C, pixel sizes..., warps) and the tiles one step away: a pixel size or the warps
+    doubled or halved (BLOCK_C kept: it tells the layouts apart), at most 4096 elements."""
+    out = [tile]
+    for i in range(1, len(tile)):
+        for scaled in (tile[i] * 2, tile[i] // 2):
+            moved = tile[:i] + (scaled,) + tile[i + 1:]
+            elements = 1
+            for size in moved[:-1]:
+                elements *= size
+            if scaled >= 1 and elements <= 4096 and moved[-1] <= 16 and moved not in out:
+                out.append(moved)
+    return out
+
+
+def configs(nchw_tiles, nhwc_tiles, interpreted_tile, names=('BLOCK_C', 'BLOCK_H', 'BLOCK_W')):
+    """Autotuning candidates from tiles ``(*sizes, warps)``, the sizes named ``names``; under the
+    interpreter only ``interpreted_tile`` (its cost is per program and op: one tile covers a test shape);
+    with SMMCL_TRITON_SWEEP=1 also their :func:`neighbours`. Each candidate's ``listed`` says whether it
+    is one of the given tiles (the sweep reports winners that are not)."""
+    listed = [interpreted_tile] if INTERPRETED else nchw_tiles + nhwc_tiles
+    tiles = list(dict.fromkeys(n for t in listed for n in neighbours(t))) if SWEEP and not INTERPRETED else listed
+    out = []
+    for tile in tiles:
+        config = triton.Config(dict(zip(names, tile[:-1])), num_warps=tile[-1])
+        config.listed = tile in listed
+        out.append(config)
+    return out
+
+
+def for_layout(configs, named_args, **kwargs):
+    """The candidates for the tensors' layout (channels_last: BLOCK_C >= 16, NCHW: fewer channels); only
+    the first with SMMCL_TRITON_AUTOTUNE=0 (tests of many tiny shapes on a GPU, where tuning each would
+    compile every candidate)."""
+    channels_last = named_args['sc'] == 1 and named_args['C'] > 1
+    nhwc = [c for c in configs if c.kwargs['BLOCK_C'] >= 16]
+    nchw = [c for c in configs if c.kwargs['BLOCK_C'] < 16]
+    chosen = (nhwc if channels_last else nchw) or configs
+    return chosen[:1] if os.environ.get('SMMCL_TRITON_AUTOTUNE') == '0' else chosen
+
+
+PRUNE = {'early_config_prune': for_layout}
+
+
+@triton.jit
+def gelu(z):
+    """Exact (erf) GELU of float32 ``z``."""
+    return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+
+
+@triton.jit
+def gelu_grad(z):
+    """d GELU(z) / dz."""
+    cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    return cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
+
+
+def check_device(x: torch.Tensor) -> None:
+    if x.device.type != 'cuda' and not INTERPRETED:
+        raise RuntimeError(
+            f'smmcl.kernels: the Triton kernels got a {x.device.type} tensor but run only on CUDA, or on '
+            'the CPU under Triton\'s interpreter; set TRITON_INTERPRET=1 before Triton is first imported '
+            '(or leave triton_kernels off)')
+
+
+def fastest(chosen: dict, key, impls: dict, *args) -> str:
+    """The name of the fastest of ``impls`` on ``args`` (median GPU time), timed on the first call for
+    ``key`` and remembered in ``chosen``."""
+    if key not in chosen:
+        times = {name: triton.testing.do_bench(lambda fn=fn: fn(*args), warmup=5, rep=20, return_mode='median')
+                 for name, fn in impls.items()}
+        chosen[key] = min(times, key=times.get)
+    return chosen[key]
+
+
+def implementation(env: str, impl, choices) -> str:
+    """``impl``, else the environment's ``env``, else ``'auto'``; refused unless ``'auto'`` or in ``choices``."""
+    impl = impl or os.environ.get(env, 'auto')
+    if impl != 'auto' and impl not in choices:
+        raise ValueError(f"smmcl.kernels: {env} must be 'auto' or one of {tuple(choices)}, got {impl!r}")
+    return impl
