@@ -658,12 +658,17 @@ def _graphed_training(args, device, cfg, model, rgb, x, label):
             times.append(time.perf_counter() - t0)
             terms.append(torch.stack([out[k].detach().float() for k in ('loss', 'ce', 'cm', 'vis', 'aux')]))
         runs[graphs] = (torch.stack(terms), 1e3 * sorted(times[1:])[len(times[1:]) // 2])  # median, first left out
+        if graphs:  # what the recording holds: the losses too, or (their capture failed) the model alone
+            whole = m.__dict__.get('forward')
+            extent = ('forward and losses' if whole is not None and any(whole.recorded.values()) else
+                      'encoders and decoder' if 'encode_decode' in m.__dict__ else 'nothing')
+            print(f'training graphs recorded: {extent}')
         del m, opt
     diff = ((runs[True][0] - runs[False][0]).abs() / runs[False][0].abs().clamp_min(1e-12)).max().item()
     print(f'training, fast NCHW bf16, {steps} steps: loss terms graphed vs eager, largest relative difference '
           f'{diff:.1e}; ms per step eager {runs[False][1]:.1f}, graphed {runs[True][1]:.1f} (first step, with '
           f'the capture, left out)')
-    return dict(rel_diff=diff, eager_ms=runs[False][1], graphed_ms=runs[True][1], steps=steps)
+    return dict(rel_diff=diff, eager_ms=runs[False][1], graphed_ms=runs[True][1], steps=steps, extent=extent)
 
 
 # ---- step: a briefly trained model, bf16 + kernels against plain fp32 -------------------------------

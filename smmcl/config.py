@@ -194,8 +194,9 @@ def base_config() -> EasyDict:
     # and replayed (smmcl/engine/graphs.py; the NMF bases are drawn outside the graph, so the same
     # function). On a CUDA device only; elsewhere the model runs as it is.
     C.cuda_graphs = False
-    # Training: the model's forward and backward (all but the losses and the optimizer) recorded as CUDA
-    # graphs on the first batch and replayed (smmcl/engine/graphs.py; same function; docs/speed.md).
+    # Training: the model's forward and backward, losses included (all but the optimizer; with the
+    # authors' loop anchor sampler, which reads the host per class, all but the losses too) recorded as
+    # CUDA graphs on the first batch and replayed (smmcl/engine/graphs.py; same function; docs/speed.md).
     # Not with sync_bn on several processes (collectives) or compile.
     C.cuda_graphs_training = False
     # Host reads of the training step (smmcl/engine/train.py): 1 (the authors') reads the loss terms every

@@ -1,4 +1,6 @@
 """The vectorised anchor sampler and the contrastive loss."""
+import contextlib
+
 import pytest
 import torch
 
@@ -187,3 +189,74 @@ def test_a_plan_for_other_features_is_refused():
     with pytest.raises(ValueError, match=r'plan is for \(2, 2\)'):
         loss(label, feats, feats, plan=plan)
     assert build_contrastive_loss(loss_cfg(anchor_sampler='loop')).plan(label, (2, 2)) is None
+
+
+PADDED_CASES = [  # (labels kind, min_views, max_views, max_total, share_draw)
+    ('random', 3, 7, 60, False),     # the views capped by max_views, slots left over
+    ('random', 3, 300, 40, True),    # the views shrunk to fit max_total, one draw for both modalities
+    ('two classes', 2, 300, 4800, False),
+    ('ignored', 3, 7, 60, False),    # no anchor set: zero losses
+]
+
+
+@pytest.mark.parametrize('kind, min_views, max_views, max_total, share_draw', PADDED_CASES)
+def test_padded_form_is_the_vectorised_loss(kind, min_views, max_views, max_total, share_draw):
+    """sync_free(): the same draws in fixed slots and the masked InfoNCE give the vectorised sampler's
+    three terms and gradients (float rounding apart)."""
+    from smmcl.losses.contrastive import sync_free
+    g = torch.Generator().manual_seed(len(kind) + max_total)
+    label = torch.randint(0, 2 if kind == 'two classes' else 5, (3, 48, 56), generator=g)
+    label[:, :10] = 255
+    if kind == 'ignored':
+        label[:] = 255
+    color, other = (torch.randn(3, 16, 12, 14, generator=g).requires_grad_() for _ in range(2))
+    loss = build_contrastive_loss(loss_cfg(num_classes=5, min_views_per_class=min_views,
+                                           max_views_per_class=max_views, max_features_total=max_total,
+                                           share_anchor_draw=share_draw))
+    results = []
+    for padded in (False, True):
+        torch.manual_seed(7)
+        with sync_free(loss) if padded else contextlib.nullcontext():
+            terms = loss(label, color, other)
+            assert loss.plan(label, (12, 14)) is None if padded else loss.plan(label, (12, 14)) is not None
+        results.append((torch.stack(terms), torch.autograd.grad(sum(terms), [color, other])))
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+    assert (kind == 'ignored') == (want.abs().max() == 0)
+    assert not loss.padded  # restored on exit
+
+
+def test_padded_form_reads_nothing_on_the_host(monkeypatch):
+    """Forward and backward of the padded form copy no value to the host (what a CUDA graph cannot
+    hold: ``tolist``, ``item``, a tensor's truth value); the plain form reads its plan once. The loop
+    sampler has no padded form."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from smmcl.losses.contrastive import sync_free
+
+    class HostReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    tolist, item, counted = torch.Tensor.tolist, torch.Tensor.item, []
+    monkeypatch.setattr(torch.Tensor, 'tolist', lambda t: counted.append(1) or tolist(t))
+    monkeypatch.setattr(torch.Tensor, 'item', lambda t: counted.append(1) or item(t))
+    label = torch.randint(0, 5, (2, 32, 32), generator=torch.Generator().manual_seed(0))
+    color, other = (torch.randn(2, 8, 8, 8).requires_grad_() for _ in range(2))
+    loss = build_contrastive_loss(loss_cfg(num_classes=5, min_views_per_class=2, max_features_total=64))
+    reads = []
+    for padded in (True, False):
+        with HostReads() as mode, (sync_free(loss) if padded else contextlib.nullcontext()):
+            sum(loss(label, color, other)).backward()
+        reads.append(mode.count + len(counted))
+        counted.clear()
+    assert reads[0] == 0 and reads[1] >= 1
+    with pytest.raises(ValueError, match="anchor_sampler='loop'"):
+        with sync_free(build_contrastive_loss(loss_cfg(anchor_sampler='loop'))):
+            pass

@@ -14,11 +14,15 @@ random numbers an eval-mode forward draws are these bases; :func:`smmcl.engine.e
 relies on the same). Bases the caller gives (:func:`smmcl.models.ham_head.given_bases`, batched
 evaluation) are used as they are.
 
-Training (``config.cuda_graphs_training``, :class:`GraphedTrainingForward`): the segmentor's
-``encode_decode`` (both encoders, the fusion, the decoder and the projectors: all but the losses) is
-recorded with its backward, :func:`torch.cuda.make_graphed_callables`' recipe (:func:`graph_module`);
-the losses, the anchor sampler and the optimizer stay eager. Inside the graphs the NMF bases and drop
-path draw from the default generator as PyTorch's graph-safe random numbers: each replay takes the
+Training (``config.cuda_graphs_training``, :class:`GraphedTrainingForward`): the segmentor's whole
+training forward (both encoders, the fusion, the decoder, the projectors, the cross-entropy, the anchor
+sampler and the InfoNCE terms) is recorded with its backward, :func:`torch.cuda.make_graphed_callables`'
+recipe (:func:`graph_module`); the optimizer stays eager. The contrastive loss then runs in its padded
+form inside the recording (:func:`smmcl.losses.contrastive.sync_free`: the vectorised sampler's draws
+in fixed slots, masked InfoNCE; no host read), the same values to float rounding. With the authors' loop sampler, which reads the host per class,
+only ``encode_decode`` is recorded and the losses stay eager. Inside the graphs the NMF bases, drop
+path and the sampler's permutations draw from the default generator as PyTorch's graph-safe random
+numbers: each replay takes the
 generator's seed and offset at that moment, so the training step's per-chunk seeding holds. The
 warm-up runs the forward and backward on the first batch; the BatchNorm running statistics and the
 random generators are put back afterwards, so the run goes on as the eager one.
@@ -33,6 +37,7 @@ semantics without a GPU.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -44,6 +49,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from smmcl.config import ConfigError
 from smmcl.engine.chunks import copy_buffers, put_back_buffers
 from smmcl.engine.seeding import kept_rng
+from smmcl.losses.contrastive import has_sync_free_form, sync_free
 from smmcl.models.ham_head import given_bases, nmf_layers
 
 logger = logging.getLogger(__name__)
@@ -346,27 +352,50 @@ class _EncodeDecode(nn.Module):
         return self._encode_decode(rgb, x)
 
 
+class _TrainingTerms(nn.Module):
+    """A segmentor's whole training forward, losses included, as a module of its own: (rgb, x, label) ->
+    the loss terms (``loss``, ``ce``, ``cm``, ``vis``, ``aux``), the contrastive ones in their padded
+    form (what a recording holds; the segmentor's eager calls keep the plain one)."""
+
+    def __init__(self, segmentor: nn.Module):
+        super().__init__()
+        self.backbone, self.decode_head = segmentor.backbone, segmentor.decode_head
+        self._forward = type(segmentor).forward.__get__(segmentor)
+        self._contrastive = segmentor.contrastive
+
+    def forward(self, rgb: torch.Tensor, x: torch.Tensor, label: torch.Tensor):
+        with sync_free(self._contrastive):
+            return self._forward(rgb, x, label, return_terms=True)
+
+
 class GraphedTrainingForward:
-    """A segmentor's training-mode ``encode_decode`` from CUDA graphs (forward and backward), one
-    recording per input signature (shapes, dtypes, autocast state); eager elsewhere (eval mode, no
-    grad, devices other than CUDA). Installed by :func:`use_training_graphs`; not a module, so the
+    """A segmentor's training forward from CUDA graphs (forward and backward), one recording per input
+    signature (shapes, dtypes, autocast state); eager elsewhere (eval mode, no grad, no labels with
+    ``losses``, devices other than CUDA). Installed by :func:`use_training_graphs`; not a module, so the
     segmentor's parameters and state dict stay as they are.
+
+    Two extents: ``losses=False`` records ``encode_decode`` (encoders, fusion, decoder, projectors) and
+    is called as it; ``losses=True`` records the whole ``forward(rgb, x, label)`` with the cross-entropy
+    and the contrastive terms (their padded form, :func:`smmcl.losses.contrastive.sync_free`: no host
+    read, fixed shapes) and is called as ``forward``.
 
     Args:
         segmentor: an :class:`~smmcl.models.segmentor.EncoderDecoder`.
         warmup: forwards and backwards before each capture.
         recorder: the recorder class, :class:`CudaRecorder` on CUDA inputs; the tests pass
             :class:`EagerRecorder`, which also applies on the CPU.
+        losses: the extent (above).
 
     Raises:
         ConfigError: the segmentor has SyncBatchNorm layers (collectives cannot be recorded).
     """
 
-    def __init__(self, segmentor: nn.Module, warmup: int = 3, recorder: Optional[type] = None):
+    def __init__(self, segmentor: nn.Module, warmup: int = 3, recorder: Optional[type] = None,
+                 losses: bool = False):
         if any(isinstance(m, nn.SyncBatchNorm) for m in segmentor.modules()):
             raise ConfigError('cuda_graphs_training=True cannot record SyncBatchNorm\'s collectives: set '
                               'sync_bn=False (per-chunk BatchNorm, the authors\') or cuda_graphs_training=False')
-        self.segmentor, self.warmup, self.recorder = segmentor, warmup, recorder
+        self.segmentor, self.warmup, self.recorder, self.losses = segmentor, warmup, recorder, losses
         self.recorded: Dict[tuple, Optional[Callable]] = {}  # None: the recording failed, run eagerly
 
     def __deepcopy__(self, memo) -> 'GraphedTrainingForward':
@@ -374,40 +403,64 @@ class GraphedTrainingForward:
         # write the original's parameters: the copy starts without recordings.
         clone = object.__new__(GraphedTrainingForward)
         clone.segmentor = copy.deepcopy(self.segmentor, memo)
-        clone.warmup, clone.recorder, clone.recorded = self.warmup, self.recorder, {}
+        clone.warmup, clone.recorder, clone.losses, clone.recorded = self.warmup, self.recorder, self.losses, {}
         return clone
 
-    def __call__(self, rgb: torch.Tensor, x: torch.Tensor):
-        """N-3-H-W, N-C_x-H-W -> (logits N-K-H-W, colour embedding, X embedding), as ``encode_decode``."""
+    def __call__(self, rgb: torch.Tensor, x: torch.Tensor, label: Optional[torch.Tensor] = None,
+                 return_terms: bool = False):
+        """As ``encode_decode(rgb, x)`` (N-3-H-W, N-C_x-H-W -> logits N-K-H-W, colour embedding, X
+        embedding), or with ``losses`` as ``forward(rgb, x, label, return_terms)``."""
         recorder = self.recorder or (CudaRecorder if rgb.is_cuda else None)
-        eager = type(self.segmentor).encode_decode.__get__(self.segmentor)
-        if recorder is None or not self.segmentor.training or not torch.is_grad_enabled():
-            return eager(rgb, x)
-        key = (tuple(rgb.shape), rgb.dtype, tuple(x.shape), x.dtype, rgb.device, _autocast_state(rgb.device.type))
+        cls = type(self.segmentor)
+        if self.losses:
+            eager = functools.partial(cls.forward.__get__(self.segmentor), return_terms=return_terms)
+            inputs = (rgb, x) if label is None else (rgb, x, label)
+        else:
+            eager, inputs = cls.encode_decode.__get__(self.segmentor), (rgb, x)
+        if recorder is None or not self.segmentor.training or not torch.is_grad_enabled() \
+                or (self.losses and label is None):
+            return eager(*inputs)
+        key = tuple((tuple(t.shape), t.dtype) for t in inputs) + (rgb.device, _autocast_state(rgb.device.type))
         if key not in self.recorded:
-            self.recorded[key] = _recorded_or_none(lambda: self._record(rgb, x, recorder), rgb, x)
+            self.recorded[key] = _recorded_or_none(lambda: self._record(inputs, recorder), rgb, x)
+            if self.recorded[key] is None and self.losses and 'encode_decode' not in self.segmentor.__dict__:
+                # the losses could not be recorded: the encoders and the decoder still can, alone
+                logger.warning('recording the encoders and the decoder alone; the losses run eagerly')
+                self.segmentor.encode_decode = GraphedTrainingForward(self.segmentor, self.warmup, self.recorder)
         graphed = self.recorded[key]
-        return eager(rgb, x) if graphed is None else graphed(rgb, x)
+        if graphed is None:
+            return eager(*inputs)
+        out = graphed(*inputs)
+        return out if not self.losses or return_terms else out['loss']
 
-    def _record(self, rgb: torch.Tensor, x: torch.Tensor, recorder: type) -> Callable:
-        module = _EncodeDecode(self.segmentor)
+    def _record(self, inputs: Tuple[torch.Tensor, ...], recorder: type) -> Callable:
+        module = (_TrainingTerms if self.losses else _EncodeDecode)(self.segmentor)
         statistics = copy_buffers(module)
-        logger.info('recording CUDA graphs of the training forward and backward for inputs %s / %s',
-                    tuple(rgb.shape), tuple(x.shape))
+        device = inputs[0].device
+        logger.info('recording CUDA graphs of the training forward%s and backward for inputs %s',
+                    ' with its losses' if self.losses else '', ' / '.join(str(tuple(t.shape)) for t in inputs))
         # The warm-up updates the BatchNorm statistics and draws random numbers: both are put back, so
         # that the run continues as the eager one.
         try:
-            with kept_rng(rgb.device), _uncached_autocast(rgb.device.type):
-                return graph_module(module, (rgb.detach().clone(), x.detach().clone()), recorder(), self.warmup)
+            with kept_rng(device), _uncached_autocast(device.type):
+                return graph_module(module, tuple(t.detach().clone() for t in inputs), recorder(), self.warmup)
         finally:
             put_back_buffers(module, statistics)
 
 
 def use_training_graphs(model: nn.Module, enabled: bool, recorder: Optional[type] = None) -> nn.Module:
-    """Give the segmentor ``model`` a :class:`GraphedTrainingForward` as its ``encode_decode`` (an instance
-    attribute shadowing the method), or take it away (in place)."""
+    """Give the segmentor ``model`` a :class:`GraphedTrainingForward` (in place), or take it away: with the
+    vectorised anchor sampler, whose padded form reads nothing on the host, over the whole ``forward``,
+    losses included; with the authors' loop sampler, which reads the host per class, over
+    ``encode_decode`` (an instance attribute shadowing the method), the losses eager."""
+    contrastive = getattr(model, 'contrastive', None)
+    losses = contrastive is not None and has_sync_free_form(contrastive)
+    model.__dict__.pop('encode_decode', None)
+    model.__dict__.pop('forward', None)
     if enabled:
-        model.encode_decode = GraphedTrainingForward(model, recorder=recorder)
-    else:
-        model.__dict__.pop('encode_decode', None)
+        name = 'forward' if losses else 'encode_decode'
+        setattr(model, name, GraphedTrainingForward(model, recorder=recorder, losses=losses))
+        if contrastive is not None and not losses:
+            logger.info('cuda_graphs_training: the losses stay eager (the loop anchor sampler reads the host '
+                        'per class); the encoders and the decoder are recorded')
     return model

@@ -68,12 +68,13 @@ class Watcher:
 
     def evaluate(self, module: nn.Module):
         """(N-K-K per-image confusion matrices, the prediction grid on rank 0 else None) of ``module``,
-        left in the mode it was in. The training graphs' ``encode_decode`` (``cuda_graphs_training``)
-        replays training shapes only, so the evaluation runs the model's own method. Every rank evaluates
+        left in the mode it was in. The training graphs (``cuda_graphs_training``, installed over the
+        model's ``forward`` or ``encode_decode``) replay training shapes only, so the evaluation runs the
+        model's own methods. Every rank evaluates
         with rank 0's BatchNorm statistics, the checkpoint's (each rank's own after the epoch's last
         forward differ: per-rank BatchNorm), and gets its own back afterwards."""
         config, ctx = self.config, self.ctx
-        graphed = module.__dict__.pop('encode_decode', None)
+        graphed = {name: module.__dict__.pop(name) for name in ('forward', 'encode_decode') if name in module.__dict__}
         was_training = module.training
         own_buffers = [b.clone() for b in module.buffers()]
         for buffer in module.buffers():  # rank 0's BatchNorm statistics, which the checkpoint keeps
@@ -89,8 +90,8 @@ class Watcher:
             for buffer, own in zip(module.buffers(), own_buffers):
                 buffer.copy_(own)
             module.train(was_training)
-            if graphed is not None:
-                module.encode_decode = graphed
+            for name, training_graphs in graphed.items():
+                setattr(module, name, training_graphs)
         return hists, grid
 
 

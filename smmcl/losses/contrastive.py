@@ -10,11 +10,14 @@ The authors' sampler loops over images and classes in Python with a host sync pe
 when no class has enough cells (``torch.min`` of an empty tensor). This one is vectorised: one host
 read per batch (the number of anchor sets and views, which fix the output shape), the same
 distribution (a uniform random subset per set, drawn independently per modality by default), and a
-batch without anchors gives zero losses that still backpropagate.
+batch without anchors gives zero losses that still backpropagate. Its padded form (:func:`sync_free`,
+what a CUDA graph of the training step holds) reads nothing: the same draws in ``max_total`` fixed
+slots and a masked InfoNCE, the same values.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+import contextlib
+from typing import Iterator, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -41,19 +44,27 @@ def anchor_plan(labels: torch.Tensor, num_classes: int, min_views: int, max_view
         group: N-M group id ``image * num_classes + class`` of each cell (N*K for unusable cells);
         counts: (N*K) cells per group; kept: (N*K) bool; num_sets, num_views: python ints.
     """
+    group, counts, kept, num_sets_t, views = anchor_counts(labels, num_classes, min_views, max_views, max_total)
+    num_sets, num_views = torch.stack([num_sets_t, views]).tolist()  # the one host read per batch
+    return group, counts, kept, num_sets, num_views
+
+
+def anchor_counts(labels: torch.Tensor, num_classes: int, min_views: int, max_views: int, max_total: int):
+    """:func:`anchor_plan` without its host read: ``num_sets`` and ``num_views`` stay 0-dim tensors
+    on the labels' device (``num_sets`` 0 when no set reaches ``min_views`` or no view fits)."""
     n, m = labels.shape
     valid = (labels >= 0) & (labels < num_classes)
     image = torch.arange(n, device=labels.device)[:, None]
     group = torch.where(valid, image * num_classes + labels, torch.full_like(labels, n * num_classes))
-    counts = torch.bincount(group.flatten(), minlength=n * num_classes + 1)[:-1]
+    # cells per group as a sum of one-hot rows, not torch.bincount: CUDA's bincount reads the largest
+    # value on the host to size its output (a sync, which a CUDA graph cannot hold); stage-4 maps are small
+    ids = torch.arange(n * num_classes, device=labels.device)
+    counts = (group.reshape(-1, 1) == ids).sum(0)
     kept = counts >= min_views
-    num_sets_t = kept.sum()
+    num_sets = kept.sum()
     fewest = torch.where(kept, counts, torch.full_like(counts, max_views)).min()
-    views = torch.minimum(fewest.clamp(max=max_views), max_total // num_sets_t.clamp(min=1))
-    num_sets, num_views = torch.stack([num_sets_t, views]).tolist()  # the one host read per batch
-    if num_views <= 0:
-        num_sets = 0
-    return group, counts, kept, num_sets, num_views
+    views = torch.minimum(fewest.clamp(max=max_views), max_total // num_sets.clamp(min=1))
+    return group, counts, kept, torch.where(views > 0, num_sets, torch.zeros_like(num_sets)), views
 
 
 class AnchorPlan(NamedTuple):
@@ -111,6 +122,54 @@ def sample_anchors(labels: torch.Tensor, color_fea: torch.Tensor, other_fea: tor
         return fea.permute(0, 2, 3, 1).reshape(-1, c)[idx].permute(0, 2, 1)
 
     return gather(color_fea, idx_c), gather(other_fea, idx_o), kept_groups % num_classes
+
+
+class PaddedAnchors(NamedTuple):
+    """Anchors in ``max_total`` fixed slots (:func:`sample_anchors_padded`): slot ``t * V + v`` holds view
+    v of set t while it is below T * V, padding (``valid`` False) after."""
+    color: torch.Tensor  # S-C
+    other: torch.Tensor  # S-C
+    labels: torch.Tensor  # S
+    valid: torch.Tensor  # S, bool
+
+
+def sample_anchors_padded(labels: torch.Tensor, color_fea: torch.Tensor, other_fea: torch.Tensor,
+                          num_classes: int, min_views: int = 5, max_views: int = 300, max_total: int = 4800,
+                          share_draw: bool = False, generator: Optional[torch.Generator] = None) -> PaddedAnchors:
+    """:func:`sample_anchors` without a host read, for a CUDA graph: every shape fixed by the arguments.
+
+    The same random draws (one ``randperm`` of the N*h*w cells per modality) and, in the valid slots, the
+    same anchors in the same order as :func:`sample_anchors`' T-C-V sets flattened set-major; so
+    :func:`info_nce_padded` on them equals :func:`info_nce` on those (to float rounding).
+
+    Args:
+        labels: N-h-w labels at the features' resolution.
+        color_fea, other_fea: N-C-h-w embeddings.
+    Returns:
+        :class:`PaddedAnchors` of ``max_total`` slots.
+    """
+    n, c = color_fea.shape[:2]
+    group, counts, kept, num_sets, views = anchor_counts(labels.reshape(n, -1), num_classes, min_views,
+                                                         max_views, max_total)
+    slots = torch.arange(max_total, device=labels.device)
+    per_set = views.clamp(min=1)
+    kept_groups = kept_group_ids(kept, kept.numel())  # kept ones first, in increasing order
+    set_of_slot = (slots // per_set).clamp(max=kept.numel() - 1)
+    groups = kept_groups[set_of_slot]
+    offsets = slots % per_set
+
+    def draw():
+        flat = group.flatten()
+        perm = torch.randperm(flat.numel(), device=flat.device, generator=generator)
+        order = perm[torch.argsort(flat[perm], stable=True)]
+        starts = torch.cumsum(counts, 0) - counts
+        return order[(starts[groups] + offsets).clamp(max=flat.numel() - 1)]
+
+    idx_c = draw()
+    idx_o = idx_c if share_draw else draw()
+    color = color_fea.permute(0, 2, 3, 1).reshape(-1, c)[idx_c]
+    other = other_fea.permute(0, 2, 3, 1).reshape(-1, c)[idx_o]
+    return PaddedAnchors(color, other, groups % num_classes, slots // per_set < num_sets)
 
 
 def sample_anchors_loop(labels: torch.Tensor, color_fea: torch.Tensor, other_fea: torch.Tensor,
@@ -179,6 +238,25 @@ def info_nce(anchors: torch.Tensor, contrast: torch.Tensor, labels: torch.Tensor
     return -mean_log_prob_pos.mean()
 
 
+def info_nce_padded(anchors: torch.Tensor, contrast: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
+                    temperature: float) -> torch.Tensor:
+    """:func:`info_nce` on the valid slots of S-C anchors and contrasts (:class:`PaddedAnchors`): padding
+    rows and columns take no part (masks, fixed shapes, no host read); 0 when no slot is valid."""
+    rows = F.normalize(anchors.float(), dim=1)
+    cols = F.normalize(contrast.float(), dim=1)
+    logits = rows @ cols.T / temperature  # S-S
+    # the row maximum over the valid columns (info_nce's); a finite stand-in where a row has none
+    top = logits.detach().masked_fill(~valid[None, :], float('-inf')).max(dim=1, keepdim=True).values
+    logits = logits - torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    same = labels[:, None] == labels[None, :]
+    positive = same & ~torch.eye(len(labels), dtype=torch.bool, device=same.device) & valid[None, :] & valid[:, None]
+    exp_logits = logits.exp()  # padding columns stay finite (cosines over a temperature) and are masked out
+    negative_sum = (exp_logits * (~same & valid[None, :])).sum(1, keepdim=True)
+    log_prob = logits - torch.log(exp_logits + negative_sum)
+    mean_log_prob_pos = (log_prob * positive).sum(1) / positive.sum(1).clamp(min=1)
+    return -(mean_log_prob_pos * valid).sum() / valid.sum().clamp(min=1)
+
+
 class SupervisedMultiModalContrastiveLoss(nn.Module):
     """Cross-modal and two intra-modal InfoNCE terms on sampled stage-4 anchors.
 
@@ -194,6 +272,8 @@ class SupervisedMultiModalContrastiveLoss(nn.Module):
 
     :func:`smmcl.models.builder.build_contrastive_loss` maps a config onto these.
     """
+
+    padded = False  # within sync_free(): the padded sampler and InfoNCE
 
     def __init__(self, num_classes: int, min_views: int = 5, max_views: int = 300, max_total: int = 4800,
                  temperature: float = 0.1, cm_temperature: float = 0.1, share_draw: bool = False,
@@ -223,8 +303,9 @@ class SupervisedMultiModalContrastiveLoss(nn.Module):
         (h, w), before the features exist: the segmentor calls it ahead of its forward, so that the
         plan's one host read waits for nothing but the labels instead of the whole forward, and the
         host can queue the losses while the GPU computes (the host otherwise idles the GPU there,
-        most visibly with CUDA graphs). None for the authors' loop, which reads per class."""
-        if self.sampler is not sample_anchors:
+        most visibly with CUDA graphs). None for the authors' loop, which reads per class, and for the
+        padded path, which reads nothing."""
+        if self.sampler is not sample_anchors or self.padded:
             return None
         with torch.autocast(device_type=label.device.type, enabled=False):
             labels = downsample_labels(label, size)
@@ -240,6 +321,8 @@ class SupervisedMultiModalContrastiveLoss(nn.Module):
         Returns (loss_cm, loss_vis, loss_aux), unweighted.
         """
         with torch.autocast(device_type=color_fea.device.type, enabled=False):
+            if self.padded:
+                return self._padded_terms(label, color_fea, other_fea)
             if plan is None:
                 labels = downsample_labels(label, color_fea.shape[2:])
                 sampled = self.sampler(labels, color_fea, other_fea, self.num_classes, self.min_views,
@@ -259,3 +342,30 @@ class SupervisedMultiModalContrastiveLoss(nn.Module):
             return (self.cross_modal_loss(feats_c, feats_o, set_labels),
                     self.intra_modal_loss(feats_c, set_labels),
                     self.intra_modal_loss(feats_o, set_labels))
+
+    def _padded_terms(self, label, color_fea, other_fea):
+        labels = downsample_labels(label, color_fea.shape[2:])
+        a = sample_anchors_padded(labels, color_fea, other_fea, self.num_classes, self.min_views, self.max_views,
+                                  self.max_total, self.share_draw)
+        return (info_nce_padded(a.color, a.other, a.labels, a.valid, self.cm_temperature),
+                info_nce_padded(a.color, a.color, a.labels, a.valid, self.temperature),
+                info_nce_padded(a.other, a.other, a.labels, a.valid, self.temperature))
+
+
+def has_sync_free_form(loss: SupervisedMultiModalContrastiveLoss) -> bool:
+    """Whether ``loss`` can run padded (:func:`sync_free`): with the vectorised sampler, not the loop."""
+    return loss.sampler is sample_anchors
+
+
+@contextlib.contextmanager
+def sync_free(loss: SupervisedMultiModalContrastiveLoss) -> Iterator[None]:
+    """Within the context, ``loss`` runs its padded form: the vectorised sampler's draws in fixed slots
+    and the masked InfoNCE (no host read, every shape fixed, so a CUDA graph can hold them; the same
+    draws and, to float rounding, the same values). Refused for the loop sampler."""
+    if not has_sync_free_form(loss):
+        raise ValueError("the contrastive loss has no padded form with anchor_sampler='loop'")
+    before, loss.padded = loss.padded, True
+    try:
+        yield
+    finally:
+        loss.padded = before
