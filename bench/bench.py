@@ -46,15 +46,14 @@ def reset_peak(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def peak_gib(device, graphs=False):
-    """Peak GPU allocation since ``reset_peak`` (the process's peak RSS on the CPU). With CUDA graphs the
-    recorded activations live in the graphs' private pools, allocated when recording and never again
-    when replaying, so the timed replays' peak allocation misses them: there the peak *reserved* memory
-    is read instead (an upper bound: it includes the allocator's cached blocks)."""
+def peak_gib(device):
+    """Peak GPU memory *reserved* since ``reset_peak`` (the process's peak RSS on the CPU), one counter
+    for every path: with CUDA graphs the recorded activations live in the graphs' private pools,
+    allocated when recording and never again when replaying, which the peak allocation of the timed
+    replays would miss; reserved memory counts them (and the allocator's cached blocks, emptied by
+    ``reset_peak``, so an upper bound of what a run needs)."""
     if device.type == 'cuda':
-        if graphs:
-            return torch.cuda.max_memory_reserved(device) / 2 ** 30
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+        return torch.cuda.max_memory_reserved(device) / 2 ** 30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # process peak RSS
 
 
@@ -117,7 +116,7 @@ def bench_train(args, device, fast):
         step()
     sync(device)
     elapsed = time.perf_counter() - start
-    peak = peak_gib(device, cfg.cuda_graphs_training)
+    peak = peak_gib(device)
     return args.batch * args.iters / elapsed, peak, compile_s, precision_of(amp)
 
 
@@ -136,7 +135,7 @@ def bench_infer(args, device, fast):
         for _ in range(args.iters):
             model(rgb, x)
         sync(device)
-    return args.batch * args.iters / (time.perf_counter() - start), peak_gib(device, cfg.cuda_graphs)
+    return args.batch * args.iters / (time.perf_counter() - start), peak_gib(device)
 
 
 def bench_eval(args, device, fast, data_dir):
@@ -201,7 +200,7 @@ def main(argv=None):
             for label, fast in (('plain', False), ('fast', True)):
                 rows[label]['eval'] = bench_eval(args, device, fast, data_dir)
 
-    mem = 'peak GiB (GPU alloc)' if on_gpu else 'peak RSS GiB'
+    mem = 'peak GiB (GPU reserved)' if on_gpu else 'peak RSS GiB'
     header = f"{'path':<6} | {'dtype':<5} | {'train img/s':>11} | {'infer img/s':>11} | {'eval img/s':>10} | {mem:>20} | compile s"
     print(header)
     print('-' * len(header))

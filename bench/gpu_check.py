@@ -107,6 +107,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument('--wheels', help='folder of wheels to install first (easydict, ...)')
     parser.add_argument('--compile', action='store_true', help='also time torch.compile on the fast paths')
+    parser.add_argument('--paths', default='', help='comma-separated bench rows to run (default: all), e.g. '
+                        'fast+compile,fast+triton+compile with --compile')
     parser.add_argument('--smoke', action='store_true', help='tiny sizes: check this script on the CPU')
     parser.add_argument('--batch', type=int, default=8)
     parser.add_argument('--eval-images', type=int, default=400,
@@ -549,6 +551,8 @@ def step_bench(args, device):
     if args.compile:
         paths += [('fast+compile', True, False, True, None, None),
                   ('fast+triton+compile', True, True, True, None, None)]
+    if args.paths:  # e.g. only the compiled rows, in a call of their own
+        paths = [p for p in paths if p[0] in args.paths.split(',')]
     try:
         with tempfile.TemporaryDirectory() as data_dir:
             have_eval = True
@@ -966,11 +970,17 @@ def summary(results):
     rows = results.get('bench')
     if isinstance(rows, dict) and rows:
         header = (f"{'path':<26} | {'dtype':<5} | {'train img/s':>11} | {'infer img/s':>11} | {'eval img/s':>10} | "
-                  f"{'train peak GiB':>14} | compile s")
+                  f"{'train rsvd GiB':>14} | compile s")
         print(header + '\n' + '-' * len(header))
         for label, r in rows.items():
             print(f"{label:<26} | {r['dtype']:<5} | {r['train']:>11.2f} | {r['infer']:>11.2f} | {r['eval']:>10.2f} | "
                   f"{r['train_peak']:>14.2f} | {r['compile_s']:.1f}")
+        trained = {label: r for label, r in rows.items() if r['train'] == r['train']}  # not NaN
+        if 'plain' in trained and len(trained) > 1:
+            label = max(trained, key=lambda k: trained[k]['train'])
+            ratio = trained[label]['train_peak'] / trained['plain']['train_peak']
+            print(f"training memory (peak reserved): fastest path {label} {trained[label]['train_peak']:.2f} GiB, "
+                  f"plain {trained['plain']['train_peak']:.2f} GiB: {ratio:.2f} of it (target <= 0.5)")
     graphs = results.get('graphs')
     if isinstance(graphs, dict):
         for name, g in graphs.items():

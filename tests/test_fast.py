@@ -249,3 +249,23 @@ def test_fused_block_tails_are_the_same_function():
             probe.drop_path = nn.Identity()
             torch.manual_seed(5)
             assert not torch.allclose(probe(x), out_p)
+
+
+def test_fused_modulation_is_the_same_function():
+    """The fast path's cross-modal modulation (each output one addcmul): the plain one's outputs and
+    gradients, to float rounding."""
+    import copy
+    from smmcl.models.fusion import CrossModalModulation
+    from smmcl.models.mscan import use_fused_tails
+    torch.manual_seed(0)
+    plain = CrossModalModulation(6)
+    fused = use_fused_tails(copy.deepcopy(plain))
+    assert fused.fused_tails and not plain.fused_tails
+    rgb, x = torch.randn(2, 6, 5, 7), torch.randn(2, 6, 5, 7)
+    results = []
+    for module in (plain, fused):
+        inputs = [rgb.clone().requires_grad_(), x.clone().requires_grad_()]
+        outs = module(*inputs)
+        results.append((outs, torch.autograd.grad(sum(o.sum() for o in outs), inputs + list(module.parameters()))))
+    for a, b in zip(results[0][0] + results[0][1], results[1][0] + results[1][1]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

@@ -334,7 +334,10 @@ def _replaying_function(forward_graph, backward_graph) -> type:
             replay_backward()
             # Copies, not views: autograd may keep a returned gradient as the parameter's .grad, which
             # the next replay (the next chunk's backward, gradient accumulation) would then overwrite.
-            return tuple(g.clone() if g is not None else None for g in static_grad_inputs)
+            # One multi-tensor pass (x 1.0, exact) rather than a launch per parameter.
+            present = [g for g in static_grad_inputs if g is not None]
+            copies = iter(torch._foreach_mul(present, 1.0) if present else ())
+            return tuple(next(copies) if g is not None else None for g in static_grad_inputs)
 
     return Replay
 

@@ -4,11 +4,11 @@
 - ``config.amp``: bf16 autocast (fp16 + GradScaler on GPUs without bf16; fp32 on CPUs without native
   bf16, where it is emulated and slow); the NMF and the InfoNCE always run in fp32 (see
   ``smmcl.models.ham_head`` and ``smmcl.losses.contrastive``).
-- ``config.fast_path``: channels_last tensors (NCHW with ``config.channels_last=False``); for training,
-  each MSCAN block's layer scale, drop path and residual add in one ``addcmul``
-  (``smmcl.models.mscan.use_fused_tails``); for inference, BN and layer scales folded into the
-  convolutions (``smmcl.models.fast.fold_for_inference``). The plain path (both off) is the reference
-  the tests compare against.
+- ``config.fast_path``: channels_last tensors (NCHW with ``config.channels_last=False``); element-wise
+  tails in one ``addcmul`` each (``smmcl.models.mscan.use_fused_tails``: each MSCAN block's layer scale,
+  drop path and residual add in training, each cross-modal modulation's outputs); for inference, BN and
+  layer scales folded into the convolutions (``smmcl.models.fast.fold_for_inference``). The plain path
+  (both off) is the reference the tests compare against.
 - ``config.triton_kernels`` (with ``fast_path``): MSCAN's depthwise convs in the Triton kernels of
   ``smmcl.kernels`` (``speed='fast'`` turns them on where Triton is installed: docs/speed.md).
 - ``config.compile``: ``torch.compile`` the model (optional: compiling MSCAN-B takes minutes; inductor
@@ -105,7 +105,7 @@ def inference_model(model: nn.Module, config) -> nn.Module:
     if not config.fast_path:
         return model.eval()
     folded = fold_for_inference(model).to(memory_format=memory_format(config))
-    return use_fused_kernels(folded, fused_kernels(config))
+    return use_fused_kernels(use_fused_tails(folded), fused_kernels(config))
 
 
 class ReusedInference:

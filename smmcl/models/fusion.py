@@ -44,6 +44,8 @@ class ChannelCoefficients(nn.Module):
 class CrossModalModulation(nn.Module):
     """Each modality is modulated by the other: ``rgb' = rgb + 0.5 x s + 0.5 x c`` and symmetrically."""
 
+    fused_tails = False  # set by smmcl.models.mscan.use_fused_tails (the fast path): one addcmul per output
+
     def __init__(self, dim: int):
         super().__init__()
         self.Spatial = SpatialCoefficients(dim)
@@ -55,6 +57,8 @@ class CrossModalModulation(nn.Module):
         # 0.5 * m * s + 0.5 * m * c == m * (0.5 * s + 0.5 * c): one gate, broadcast N-1-H-W + N-C-1-1; the
         # halving on the small factors (exact in binary floating point), so one full-size pass makes the gate.
         gate = 0.5 * self.Spatial(both) + 0.5 * self.Channel(both)
+        if self.fused_tails:
+            return torch.addcmul(rgb, x, gate), torch.addcmul(x, rgb, gate)
         return rgb + x * gate, x + rgb * gate
 
 

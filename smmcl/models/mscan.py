@@ -204,11 +204,12 @@ class Block(nn.Module):
 
 
 def use_fused_tails(model: nn.Module, enabled: bool = True) -> nn.Module:
-    """Every MSCAN block of ``model`` with its layer scale, drop path and residual add fused into one
-    ``torch.addcmul`` per half (the fast path), or back to the separate ops (in place). The same function,
+    """The fast path's element-wise tails (in place): every MSCAN block of ``model`` with its layer scale,
+    drop path and residual add in one ``torch.addcmul`` per half, every cross-modal modulation with each
+    output in one (``fused_tails`` of those modules); or back to the separate ops. The same function,
     rounded differently; the same random draws."""
     for module in model.modules():
-        if isinstance(module, Block):
+        if hasattr(module, 'fused_tails'):
             module.fused_tails = enabled
     return model
 
