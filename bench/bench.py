@@ -139,14 +139,26 @@ def bench_infer(args, device, fast):
 
 
 def bench_eval(args, device, fast, data_dir):
-    """Whole sliding-window evaluation of a synthetic LLRGBD-layout test set, loading included."""
+    """Images/s of a whole sliding-window evaluation of a synthetic LLRGBD-layout test set, loading
+    included."""
     try:
-        from smmcl.data.dataset import RGBXDataset
-        from smmcl.engine.evaluate import eval_workers, evaluate
+        run, images = evaluation(args, device, fast, data_dir)
     except ImportError as err:  # pragma: no cover - only while the evaluator is missing
         print(f'whole-evaluation benchmark skipped: {err}')
         return float('nan')
+    sync(device)
+    start = time.perf_counter()
+    run()
+    sync(device)
+    return images / (time.perf_counter() - start)
+
+
+def evaluation(args, device, fast, data_dir):
+    """(run, images): ``run()`` evaluates the synthetic test set in ``data_dir`` as eval.py does (the
+    model built and the dataset listed here, before)."""
     from smmcl.config import finalize
+    from smmcl.data.dataset import RGBXDataset
+    from smmcl.engine.evaluate import eval_workers, evaluate
     cfg = make_cfg(args, fast)
     cfg.update(dataset_name='LLRGBD', dataset_path=data_dir, train_split_dir='train',
                eval_split_dir='test', rgb_folder='rgb', x_folder='depth', gt_folder='label',
@@ -157,12 +169,12 @@ def bench_eval(args, device, fast, data_dir):
     model = for_inference(build_segmentor(cfg).to(device), cfg)
     amp, _ = mixed_precision(cfg, device)
     dataset = RGBXDataset(cfg, 'val')
-    sync(device)
-    start = time.perf_counter()
-    with amp:
-        evaluate(model, dataset, cfg, device, num_workers=eval_workers(cfg))  # as eval.py reads images
-    sync(device)
-    return len(dataset) / (time.perf_counter() - start)
+
+    def run():
+        with amp:
+            evaluate(model, dataset, cfg, device, num_workers=eval_workers(cfg))  # as eval.py reads images
+
+    return run, len(dataset)
 
 
 def main(argv=None):

@@ -28,9 +28,10 @@ wanted first, each reported even if another fails; once ``--budget-s`` is spent 
    random state (the NMF bases): relative error and argmax agreement of the logits, ms per forward;
    and a few training steps with the recorded forward and backward against eager ones (same seeds):
    the loss terms' difference and ms per step;
-5. ``profile``: the top GPU kernels of a training step on each path (``--profile-paths``) and of an
-   inference forward, their GPU time against the wall time of the same calls without the profiler (far
-   apart: the host bounds the step), and the operators that take the host's time;
+5. ``profile``: the top GPU kernels of a training step on each path (``--profile-paths``; the graphed
+   NCHW fast + kernels step first), of an inference forward and of a whole evaluation of 64 images,
+   their GPU time against the wall time of the same calls without the profiler (far apart: the host
+   bounds the step), and the operators that take the host's time;
 6. ``brief``: 200 training steps (MSCAN-B, 240x320, batch 4, synthetic data) plain fp32 against fast
    bf16 + kernels, the loss curves compared; the argmax of the plain-trained model, fp32 against bf16;
 7. ``tests``: ``tests/test_kernels.py`` and ``tests/test_graphs.py`` on CUDA (tiny edge-case shapes, one
@@ -112,7 +113,8 @@ def main(argv=None):
     parser.add_argument('--smoke', action='store_true', help='tiny sizes: check this script on the CPU')
     parser.add_argument('--batch', type=int, default=8)
     parser.add_argument('--eval-images', type=int, default=400,
-                        help='images of the evaluation rows (enough to amortise the graphs\' recording)')
+                        help='images of the fast evaluation rows (enough to amortise the graphs\' recording); '
+                             'the plain row evaluates at most 64')
     parser.add_argument('--iters', type=int, default=20, help='timed training steps / forwards per bench path')
     parser.add_argument('--warmup', type=int, default=5, help='untimed steps before them')
     parser.add_argument('--brief-steps', type=int, default=200, help='training steps of the brief-training check')
@@ -441,8 +443,11 @@ def print_bandwidth_table(rows):
         line = []
         for impl in ('tiles', 'rows', 'torch'):
             r = cells.get((item, piece, layout, impl))
-            line.append(f"{100 * r['floor_fwd_ms'] / r['fwd_ms']:3.0f}/{100 * r['floor_fwd_bwd_ms'] / r['fwd_bwd_ms']:3.0f}"
-                        if r else '-')
+            if r is None:
+                line.append('-')
+                continue
+            line.append(f"{100 * r['floor_fwd_ms'] / r['fwd_ms']:3.0f}/"
+                        f"{100 * r['floor_fwd_bwd_ms'] / r['fwd_bwd_ms']:3.0f}")
         print(f'{item:<8} {piece:<11} {layout:<9} | ' + ' | '.join(f'{x:>9}' for x in line))
 
 
@@ -554,12 +559,14 @@ def step_bench(args, device):
     if args.paths:  # e.g. only the compiled rows, in a call of their own
         paths = [p for p in paths if p[0] in args.paths.split(',')]
     try:
-        with tempfile.TemporaryDirectory() as data_dir:
+        with tempfile.TemporaryDirectory() as data_dir, tempfile.TemporaryDirectory() as plain_dir:
             have_eval = True
             try:
                 from smmcl.data.synthetic import generate
-                generate('LLRGBD', data_dir, n_train=1, n_test=2 if args.smoke else args.eval_images,
-                         height=bench_args.height, width=bench_args.width, seed=0)
+                # the plain path's evaluation (7 img/s on an H200) on fewer images: nothing to amortise there
+                for folder, images in ((data_dir, args.eval_images), (plain_dir, min(64, args.eval_images))):
+                    generate('LLRGBD', folder, n_train=1, n_test=2 if args.smoke else images,
+                             height=bench_args.height, width=bench_args.width, seed=0)
             except ImportError as err:
                 print(f'evaluation row skipped: {err}')
                 have_eval = False
@@ -578,7 +585,8 @@ def step_bench(args, device):
                     train_ips, train_peak, compile_s, precision = bench.bench_train(bench_args, device, fast)
                 if graphs != 'train':
                     infer_ips, infer_peak = bench.bench_infer(bench_args, device, fast)
-                    ev = bench.bench_eval(bench_args, device, fast, data_dir) if have_eval else nan
+                    ev = (bench.bench_eval(bench_args, device, fast, data_dir if fast else plain_dir)
+                          if have_eval else nan)
                 rows[label] = dict(dtype=precision, train=train_ips, infer=infer_ips, eval=ev,
                                    train_peak=train_peak, infer_peak=infer_peak, compile_s=compile_s)
                 print(f'{label}: {rows[label]} ({time.time() - t0:.0f} s)')
@@ -865,9 +873,37 @@ def step_profile(args, device):
                 infer()
             out[f'infer {name}'] = _top_kernels(f'inference forward, {name}', infer, device, steps)
             del infer_model
+            if kernels:  # where a whole evaluation's time goes (the host's operators: its syncs, copies)
+                out[f'eval {name}'] = _profile_evaluation(args, device, name)
         if device.type == 'cuda':
             torch.cuda.empty_cache()
     return out
+
+
+def _profile_evaluation(args, device, name):
+    """The top kernels and host operators of a whole evaluation (the fast path with the kernels, batch
+    8) of 64 synthetic test images at 480x640, its device time against its wall time."""
+    import bench
+    bench_args = argparse.Namespace(backbone='mscan_t' if args.smoke else 'mscan_b', batch=2 if args.smoke else 8,
+                                    height=64 if args.smoke else 480, width=64 if args.smoke else 640, classes=14,
+                                    compile=False, cuda_graphs=False)
+    original = bench.make_cfg
+
+    def make_cfg(a, f):
+        cfg = original(a, f)
+        cfg.update(triton_kernels=True)
+        return cfg
+    bench.make_cfg = make_cfg
+    try:
+        with tempfile.TemporaryDirectory() as data_dir:
+            from smmcl.data.synthetic import generate
+            generate('LLRGBD', data_dir, n_train=1, n_test=2 if args.smoke else 64, height=bench_args.height,
+                     width=bench_args.width, seed=0)
+            run, images = bench.evaluation(bench_args, device, True, data_dir)
+            run()  # warm-up: tuning, cuDNN's choices
+            return _top_kernels(f'evaluation of {images} images, {name}', run, device, 1)
+    finally:
+        bench.make_cfg = original
 
 
 # ---- step 5: the unit tests on CUDA -------------------------------------------------------------------

@@ -19,13 +19,13 @@ training forward (both encoders, the fusion, the decoder, the projectors, the cr
 sampler and the InfoNCE terms) is recorded with its backward, :func:`torch.cuda.make_graphed_callables`'
 recipe (:func:`graph_module`); the optimizer stays eager. The contrastive loss then runs in its padded
 form inside the recording (:func:`smmcl.losses.contrastive.sync_free`: the vectorised sampler's draws
-in fixed slots, masked InfoNCE; no host read), the same values to float rounding. With the authors' loop sampler, which reads the host per class,
-only ``encode_decode`` is recorded and the losses stay eager. Inside the graphs the NMF bases, drop
-path and the sampler's permutations draw from the default generator as PyTorch's graph-safe random
-numbers: each replay takes the
-generator's seed and offset at that moment, so the training step's per-chunk seeding holds. The
-warm-up runs the forward and backward on the first batch; the BatchNorm running statistics and the
-random generators are put back afterwards, so the run goes on as the eager one.
+in fixed slots, masked InfoNCE; no host read), the same values to float rounding. With the authors'
+loop sampler, which reads the host per class, only ``encode_decode`` is recorded and the losses stay
+eager. Inside the graphs the NMF bases, drop path and the sampler's permutations draw from the default
+generator as PyTorch's graph-safe random numbers: each replay takes the generator's seed and offset at
+that moment, so the training step's per-chunk seeding holds. The warm-up runs the forward and backward
+on the first batch; the BatchNorm running statistics and the random generators are put back afterwards,
+so the run goes on as the eager one.
 
 Captures use ``capture_error_mode='thread_local'``: in the default global mode, a CUDA call from any
 other thread of the process (the DataLoader's pin-memory thread prefetching the next batch) invalidates
