@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import triton_rows as row_kernels
+from .triton_rows import dwconv_rows_kernel, grid as row_grid, strip3_rows_kernel, strip3_sum_rows_kernel
 from .triton_common import KEY as _KEY, PRUNE as _PRUNE, bench as _bench, check_device as _check_device, configs
 from .triton_common import fastest as _fastest, gelu as _gelu, gelu_grad as _gelu_grad, implementation
 
@@ -429,7 +429,7 @@ def dwconv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
             c, h, w, *x.stride())
     meta = dict(KH=kh, KW=kw, TRANSPOSE=transpose, HAS_BIAS=bias is not None, EPILOGUE=epilogue)
     launches = {'tiles': lambda: _dwconv_kernel[_grid(n, c, h, w)](*args, **meta),
-                'rows': lambda: row_kernels.dwconv_rows_kernel[row_kernels.grid(n, c, h, w)](*args, **meta)}
+                'rows': lambda: dwconv_rows_kernel[row_grid(n, c, h, w)](*args, **meta)}
     launches[_depthwise_impl(impl, 'dwconv', x, (kh, kw, transpose, epilogue, bias is not None), launches)]()
     return out
 
@@ -539,7 +539,7 @@ def strip3(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Optional[Se
         b = list(biases) if biases is not None else w_rows
         args = (x, *w_rows, *b, *outs, c, h, w, *x.stride())
         meta = dict(K0=k0, K1=k1, K2=k2, TRANSPOSE=transpose, HAS_BIAS=biases is not None)
-        _strip_launch(impl, 'strip3', along_w, x, args, meta, _strip3_kernel, row_kernels.strip3_rows_kernel)
+        _strip_launch(impl, 'strip3', along_w, x, args, meta, _strip3_kernel, strip3_rows_kernel)
     return tuple(outs)
 
 
@@ -560,7 +560,7 @@ def strip3_sum(r: torch.Tensor, ts: Sequence[torch.Tensor], weights: Sequence[to
         args = (r, *ts, *w_rows, *b, out, c, h, w, *r.stride())
         meta = dict(K0=k0, K1=k1, K2=k2, TRANSPOSE=transpose, HAS_BIAS=biases is not None)
         _strip_launch(impl, 'strip3_sum', along_w, r, args, meta, _strip3_sum_kernel,
-                      row_kernels.strip3_sum_rows_kernel)
+                      strip3_sum_rows_kernel)
     return out
 
 
@@ -572,7 +572,7 @@ def _strip_launch(impl, op, along_w, x, args, meta, tile_kernel, row_kernel) -> 
     if along_w:
         launches['tiles']()
         return
-    launches['rows'] = lambda: row_kernel[row_kernels.grid(n, c, h, w)](*args, **meta)
+    launches['rows'] = lambda: row_kernel[row_grid(n, c, h, w)](*args, **meta)
     key = (meta['K0'], meta['K1'], meta['K2'], meta['TRANSPOSE'], meta['HAS_BIAS'])
     launches[_depthwise_impl(impl, op, x, key, launches)]()
 
