@@ -160,6 +160,13 @@ def test_to_input_is_the_authors_float64_normalisation_cast_to_float32():
     np.testing.assert_array_equal(t.numpy(), expected.transpose(2, 0, 1))
 
 
+@pytest.mark.parametrize('shape', [(480, 640, 3), (7, 5, 3), (1, 1, 3), (33, 17, 3)])
+def test_opencv_resizes_scale_one_to_the_image_itself(shape):
+    """scaled_inputs skips cv2.resize at scale 1: the authors' call returns the same pixels there."""
+    img = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    np.testing.assert_array_equal(cv2.resize(img, None, fx=1, fy=1, interpolation=cv2.INTER_LINEAR), img)
+
+
 @pytest.mark.parametrize('size', [(20, 30), (16, 24), (9, 50), (41, 23)])
 @pytest.mark.parametrize('flip', [False, True])
 def test_corrected_windows_average_to_the_whole_image_for_a_pixelwise_model(size, flip):
@@ -302,3 +309,71 @@ def test_a_bad_label_is_refused_naming_the_item():
     data.items[2]['label'][5, 5] = K
     with pytest.raises(ValueError, match=rf'img02: label holds values \[{K}\]'):
         evaluate(model, data, eval_config(), 'cpu')
+
+
+# Operators that copy a value to the host on CUDA, so the host waits there for all queued work (the
+# forwards): a read of a scalar, and the ones whose output size depends on the values.
+_HOST_READS = ('_local_scalar_dense', 'nonzero', 'bincount', 'masked_select', '_unique2', 'unique_dim',
+               'unique_consecutive', 'repeat_interleave', 'equal', 'is_nonzero')
+
+
+def _count_host_reads(run, monkeypatch):
+    """Runs ``run()`` and counts its host reads: the tensor operators :data:`_HOST_READS`, indexing with
+    a boolean mask (``nonzero`` inside) and calls of ``Tensor.cpu``, ``numpy`` and ``tolist`` (which
+    dispatch nothing for a CPU tensor)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostReads(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            masked = name in ('index', 'index_put', 'index_put_') and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ()))
+            HostReads.count += name in _HOST_READS or masked
+            return func(*args, **(kwargs or {}))
+
+    def counted(method):
+        def read(self, *args, **kwargs):
+            HostReads.count += 1
+            return method(self, *args, **kwargs)
+        return read
+
+    with monkeypatch.context() as patch:
+        for name in ('cpu', 'numpy', 'tolist'):
+            patch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
+        with HostReads():
+            run()
+    return HostReads.count
+
+
+def test_fast_evaluation_reads_the_host_once_per_run_not_per_image(monkeypatch):
+    """With ``fast_path`` the scores stay on the device up to the confusion matrices (labels checked on
+    the host, counted without a read): the host reads values at the end of the run only (the finite check,
+    the matrices) whatever the number of images, so on a GPU it queues the next images while forwards run.
+    The plain path brings each image's scores to the host (the authors' OpenCV resize)."""
+    model = ContextModel().eval()
+    reads = {}
+    for fast in (True, False):
+        for n in (2, 5):
+            cfg = eval_config(fast_path=fast, eval_batch_size=2)
+            reads[fast, n] = _count_host_reads(lambda: evaluate(model, FakeDataset(n=n), cfg, 'cpu'),
+                                               monkeypatch)
+    assert reads[True, 2] == reads[True, 5] <= 4  # bool(finite): 2 operators; hists.cpu().numpy(): 2
+    assert reads[False, 5] > reads[False, 2]  # the count sees the plain path's per-image reads
+    np.testing.assert_array_equal(evaluate(model, FakeDataset(), eval_config(fast_path=True), 'cpu'),
+                                  evaluate(model, FakeDataset(), eval_config(), 'cpu'))
+
+
+class HugeLogits(PixelModel):
+    def forward(self, rgb, x):
+        return super().forward(rgb, x) * 0 + 1000.0  # exp overflows float32
+
+
+@pytest.mark.parametrize('fast', [False, True])
+def test_non_finite_scores_warn_once_per_evaluation(fast):
+    with pytest.warns(UserWarning, match='non-finite evaluation scores') as caught:
+        evaluate(HugeLogits().eval(), FakeDataset(n=3), eval_config(fast_path=fast), 'cpu')
+    assert len([w for w in caught if 'non-finite' in str(w.message)]) == 1
+    with pytest.warns(UserWarning, match='non-finite evaluation scores'):
+        predict_scores(HugeLogits().eval(), *images(4, 5), eval_config(fast_path=fast), 'cpu')

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from smmcl.engine.metrics import compute_scores, confusion_matrix, format_results
+from smmcl.engine.metrics import check_label, compute_scores, confusion_matrix, format_results, pixel_counts
 
 # 3 classes, 10 pixels, 2 ignored.
 LABEL = np.array([0, 0, 0, 0, 1, 1, 2, 2, 255, 255], dtype=np.uint8)
@@ -149,3 +149,33 @@ def test_numpy_and_tensor_inputs_agree():
     np.testing.assert_array_equal(mixed.numpy(), hist)
     flipped = confusion_matrix(pred[:, ::-1].astype(np.int64), label[:, ::-1].astype(np.int64), 6)
     np.testing.assert_array_equal(flipped, hist)  # negative strides
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 7), st.integers(1, 40), st.integers(0, 2**31 - 1))
+def test_pixel_counts_equal_the_checked_confusion_matrix(k, n, seed):
+    """The device-side count (no host read: evaluation's) is the validating function's count, ignored
+    pixels left out, for labels of the dtypes datasets give (uint8, uint16) and int64 predictions."""
+    rng = np.random.default_rng(seed)
+    for dtype in (np.uint8, np.uint16):
+        label = rng.integers(0, k, n).astype(dtype)
+        label[rng.random(n) < 0.3] = 255
+        pred = torch.from_numpy(rng.integers(0, k, n))
+        check_label(label, pred.shape, k)
+        counts = pixel_counts(pred, torch.as_tensor(label), k)
+        assert counts.dtype == torch.int64 and counts.shape == (k, k)
+        np.testing.assert_array_equal(counts.numpy(), confusion_matrix(pred.numpy(), label, k))
+        assert counts.sum() == np.count_nonzero(label != 255)
+
+
+def test_check_label_names_shapes_and_values():
+    label = np.zeros((4, 5), dtype=np.uint8)
+    check_label(label, (4, 5), 3)
+    with pytest.raises(ValueError, match=r'prediction shape \(5, 4\) != label shape \(4, 5\)'):
+        check_label(label, (5, 4), 3)
+    label[1, 1], label[2, 2], label[3, 3] = 7, 3, 255
+    with pytest.raises(ValueError, match=r'label holds values \[3, 7\] outside the classes 0..2'):
+        check_label(label, (4, 5), 3)
+    check_label(label, (4, 5), 8)  # 255 is the ignore value
+    with pytest.raises(ValueError, match=r'label holds values \[-1\]'):
+        check_label(torch.tensor([[0, -1]]), (1, 2), 3)

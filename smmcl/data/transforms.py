@@ -18,6 +18,7 @@ padding), the dataset hands uint8 C-H-W tensors and the valid (unpadded) box to 
 """
 from __future__ import annotations
 
+import functools
 import random
 from typing import Optional, Sequence, Tuple
 
@@ -177,6 +178,32 @@ def train_transform(rgb: np.ndarray, gt: np.ndarray, x: np.ndarray, config):
     return crop_image(rgb), torch.from_numpy(p_gt).long(), crop_image(x), valid_box
 
 
+def host_to_device(array, device) -> torch.Tensor:
+    """A host array (numpy, or a CPU tensor) as a tensor on ``device``, without making the host wait.
+
+    On CUDA the copy goes through pinned memory, non-blocking: a copy from pageable memory first waits
+    for all the work queued on the stream (the forward before it), so the host could not prepare the
+    next inputs while the GPU computes. Elsewhere a plain copy.
+    """
+    t = torch.as_tensor(np.ascontiguousarray(array) if isinstance(array, np.ndarray) else array)
+    device = torch.device(device)
+    if device.type == 'cuda' and t.device.type == 'cpu':
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def channel_vector(values, device, dtype: torch.dtype) -> torch.Tensor:
+    """C-1-1 tensor of per-channel ``values`` (a sequence of floats, e.g. ``config.norm_mean``) in
+    ``dtype`` on ``device``, made once per values, device and dtype: a new small tensor at every image
+    or batch would be one more copy to the GPU, which waits for all the work queued before it."""
+    return _channel_vector(tuple(float(v) for v in np.ravel(values)), torch.device(device), dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _channel_vector(values: Tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return host_to_device(torch.tensor(values, dtype=torch.float64).to(dtype).view(-1, 1, 1), device)
+
+
 def normalize_batch(imgs: torch.Tensor, mean, std, valid_box: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``(imgs / 255 - mean) / std`` per channel, and 0 outside each image's valid box.
 
@@ -188,15 +215,15 @@ def normalize_batch(imgs: torch.Tensor, mean, std, valid_box: Optional[torch.Ten
     Returns:
         N-3-H-W float32 on the device of ``imgs``.
     """
-    mean = torch.as_tensor(np.asarray(mean, dtype=np.float64))
-    std = torch.as_tensor(np.asarray(std, dtype=np.float64))
+    mean = np.asarray(mean, dtype=np.float64).reshape(-1)
+    std = np.asarray(std, dtype=np.float64).reshape(-1)
     # One multiply-subtract; scale and shift are computed in float64 so float32 error stays ~1e-7.
-    scale = (1.0 / (255.0 * std)).to(imgs.device, torch.float32).view(1, -1, 1, 1)
-    shift = (mean / std).to(imgs.device, torch.float32).view(1, -1, 1, 1)
+    scale = channel_vector(1.0 / (255.0 * std), imgs.device, torch.float32)[None]
+    shift = channel_vector(mean / std, imgs.device, torch.float32)[None]
     out = imgs.float() * scale - shift
     if valid_box is not None:
         n, _, h, w = imgs.shape
-        box = valid_box.to(imgs.device).view(n, 4, 1)
+        box = valid_box.to(imgs.device, non_blocking=True).view(n, 4, 1)  # pinned by the training loader
         rows = torch.arange(h, device=imgs.device).view(1, h)
         cols = torch.arange(w, device=imgs.device).view(1, w)
         row_ok = (rows >= box[:, 0]) & (rows < box[:, 1])  # N-H

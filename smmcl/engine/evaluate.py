@@ -66,8 +66,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
+from smmcl.data.transforms import channel_vector, host_to_device
 from smmcl.engine.dist import all_reduce_sum
-from smmcl.engine.metrics import confusion_matrix
+from smmcl.engine.metrics import check_label, pixel_counts
 from smmcl.engine.resize import resize_scores, resize_scores_host
 from smmcl.engine.seeding import kept_rng
 from smmcl.engine.windows import Window, pad_margins, window_function
@@ -90,12 +91,10 @@ def to_input(img, mean, std, device) -> torch.Tensor:
 
     ``(img / 255 - mean) / std`` in float64, in that order, then float32: the authors' ``normalize`` and
     cast, bit for bit (IEEE operations round the same on any device). The uint8 image travels to the
-    device and is normalised there.
+    device (:func:`~smmcl.data.transforms.host_to_device`) and is normalised there.
     """
-    t = torch.as_tensor(np.ascontiguousarray(img) if isinstance(img, np.ndarray) else img)
-    t = t.to(device, non_blocking=True).permute(2, 0, 1).double()  # 3-H-W
-    mean = torch.as_tensor(np.asarray(mean, dtype=np.float64), device=t.device).view(-1, 1, 1)
-    std = torch.as_tensor(np.asarray(std, dtype=np.float64), device=t.device).view(-1, 1, 1)
+    t = host_to_device(img, device).permute(2, 0, 1).double()  # 3-H-W
+    mean, std = (channel_vector(v, t.device, torch.float64) for v in (mean, std))
     return ((t / 255.0 - mean) / std).float().contiguous()
 
 
@@ -207,7 +206,9 @@ def scaled_inputs(rgb, x, config, device) -> List[Tuple[torch.Tensor, torch.Tens
     x = x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     inputs = []
     for s in config.eval_scale_array:
-        pair = (cv2.resize(img, None, fx=s, fy=s, interpolation=cv2.INTER_LINEAR) for img in (rgb, x))
+        # at scale 1 OpenCV copies the image unchanged: skipped (host time per image, not a number)
+        pair = (img if s == 1 else cv2.resize(img, None, fx=s, fy=s, interpolation=cv2.INTER_LINEAR)
+                for img in (rgb, x))
         inputs.append(tuple(to_input(img, config.norm_mean, config.norm_std, device) for img in pair))
     return inputs
 
@@ -237,15 +238,19 @@ def sum_scales(scores: Sequence[torch.Tensor], size: Tuple[int, int], config) ->
         ``config.fast_path`` on the scores' device, resized there (equal to float32 rounding).
     """
     if config.fast_path:
-        total = sum(resize_scores(score, size).double() for score in scores)
-    else:  # H-W-K float32 from OpenCV, added into float64 as theirs
-        total = sum(resize_scores_host(score, size).astype(np.float64) for score in scores)
-        total = torch.from_numpy(np.ascontiguousarray(total.transpose(2, 0, 1)))
-    if not bool(torch.isfinite(total).all()):
+        return sum(resize_scores(score, size).double() for score in scores)
+    # H-W-K float32 from OpenCV, added into float64 as theirs
+    total = sum(resize_scores_host(score, size).astype(np.float64) for score in scores)
+    return torch.from_numpy(np.ascontiguousarray(total.transpose(2, 0, 1)))
+
+
+def warn_unless_finite(finite: torch.Tensor) -> None:
+    """Warn when scores were not all finite; ``finite``: a 0-dim bool (``torch.isfinite(scores).all()``).
+    The one host read of the check: evaluation makes it once, after the last image."""
+    if not bool(finite):
         # exp of a (flip-summed) logit above ~88 overflows float32, in the authors' evaluator too.
         warnings.warn('non-finite evaluation scores: logits too large for the exp of the authors\' '
                       'protocol; predictions at those pixels are unreliable')
-    return total
 
 
 def image_scores(model: Model, inputs: Sequence[Tuple[torch.Tensor, torch.Tensor]], size: Tuple[int, int],
@@ -271,7 +276,9 @@ def predict_scores(model: Model, rgb: np.ndarray, x: np.ndarray, config, device)
         ConfigError: an unknown ``config.eval_protocol``.
     """
     inputs = scaled_inputs(rgb, x, config, device)
-    return image_scores(model, inputs, tuple(rgb.shape[:2]), config)
+    scores = image_scores(model, inputs, tuple(rgb.shape[:2]), config)
+    warn_unless_finite(torch.isfinite(scores).all())
+    return scores
 
 
 def predict(model: Model, rgb: np.ndarray, x: np.ndarray, config, device) -> torch.Tensor:
@@ -408,26 +415,42 @@ def evaluate_per_image(model: torch.nn.Module, dataset, config, device, rank: in
     model.eval()
     try:
         with torch.no_grad(), kept_rng(device):
-            for index, item, scores in _item_scores(model, zip(indices, loader), config, device):
-                hists[index] = _score_item(item, scores.argmax(0), config, save)
-                logger.debug('rank %d: %s done (%d/%d)', rank, item['fn'], index + 1, len(dataset))
+            _count_items(model, zip(indices, loader), config, device, hists, save)
     finally:
         model.train(was_training)
     all_reduce_sum(hists)
     return hists.cpu().numpy()
 
 
+def _count_items(model: Model, items, config, device, hists: torch.Tensor,
+                 save: Optional[Tuple[str, List[int]]]) -> None:
+    """Fill ``hists[index]`` (N-K-K, on ``device``) with the confusion matrix of each ``(index, item)``
+    of ``items``; warn once if any scores were not finite (read after the last image)."""
+    finite = []  # per image a 0-dim bool on the scores' device
+    for index, item, scores in _item_scores(model, items, config, device):
+        hists[index] = _score_item(item, scores.argmax(0), config, save)
+        finite.append(torch.isfinite(scores).all())
+        logger.debug('%s queued (%d/%d)', item['fn'], index + 1, len(hists))
+    if finite:
+        warn_unless_finite(torch.stack(finite).all())
+
+
 def _score_item(item, pred: torch.Tensor, config, save: Optional[Tuple[str, List[int]]]) -> torch.Tensor:
-    """The K-K confusion matrix of one item's H-W prediction ``pred``; with ``save`` = (folder, palette)
-    its palette PNG."""
-    label = torch.as_tensor(np.asarray(item['label'])).to(pred.device)
+    """The K-K confusion matrix of one item's H-W prediction ``pred``, on its device; with ``save`` =
+    (folder, palette) its palette PNG.
+
+    The label is checked on the host, where it was read, and counted on the device (:func:`pixel_counts`):
+    without saving, nothing waits for the GPU here, so the host prepares the next images while the
+    forwards run.
+    """
+    k, ignore = int(config.num_classes), int(config.background)
     try:
-        hist = confusion_matrix(pred, label, int(config.num_classes), int(config.background))
+        check_label(item['label'], pred.shape, k, ignore)
     except ValueError as exc:  # a label value outside the classes, or a label of another size
         raise ValueError(f"item {item['fn']}: {exc}") from exc
     if save is not None:
         save_prediction(pred.cpu().numpy(), osp.join(save[0], f"{item['fn']}.png"), save[1])
-    return hist
+    return pixel_counts(pred, host_to_device(item['label'], pred.device), k, ignore)
 
 
 def evaluate(model: torch.nn.Module, dataset, config, device, rank: int = 0, world_size: int = 1,

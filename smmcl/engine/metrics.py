@@ -51,20 +51,55 @@ def confusion_matrix(pred: Array, label: Array, num_classes: int, ignore: int = 
         ValueError: shapes differ, or a label (other than ``ignore``) or prediction lies outside
             ``[0, K)`` (the message names the values).
     """
-    if tuple(pred.shape) != tuple(label.shape):
-        raise ValueError(f'prediction shape {tuple(pred.shape)} != label shape {tuple(label.shape)}')
+    check_label(label, pred.shape, num_classes, ignore)
     as_numpy = not (isinstance(label, torch.Tensor) or isinstance(pred, torch.Tensor))
     label = _flat_long(label)
     pred = _flat_long(pred).to(label.device)
-    k = num_classes
-    valid = label != ignore
-    label, pred = label[valid], pred[valid]
-    for what, values in (('label', label), ('prediction', pred)):
-        bad = values[(values < 0) | (values >= k)]
-        if bad.numel():
-            raise ValueError(_bad_values_message(what, torch.unique(bad).tolist(), k, ignore))
-    hist = torch.bincount(label * k + pred, minlength=k * k).reshape(k, k)
+    _refuse_outside('prediction', pred[label != ignore], num_classes, ignore)
+    hist = pixel_counts(pred, label, num_classes, ignore)
     return hist.numpy() if as_numpy else hist
+
+
+def check_label(label: Array, shape: Sequence[int], num_classes: int, ignore: int = 255) -> None:
+    """Refuse a label that :func:`pixel_counts` cannot count: of another shape than the prediction's
+    ``shape``, or holding values outside ``[0, K)`` other than ``ignore``.
+
+    Works on the label's own dtype and device (numpy arrays: on the host, without a copy), so evaluation
+    checks each label file before it goes to the device.
+
+    Raises:
+        ValueError: naming the shapes, or the values.
+    """
+    if tuple(shape) != tuple(label.shape):
+        raise ValueError(f'prediction shape {tuple(shape)} != label shape {tuple(label.shape)}')
+    _refuse_outside('label', label[label != ignore], num_classes, ignore)
+
+
+def _refuse_outside(what: str, values: Array, num_classes: int, ignore: int) -> None:
+    bad = values[(values < 0) | (values >= num_classes)]
+    if len(bad):
+        raise ValueError(_bad_values_message(what, np.unique(np.asarray(torch.as_tensor(bad).cpu())).tolist(),
+                                             num_classes, ignore))
+
+
+def pixel_counts(pred: torch.Tensor, label: torch.Tensor, num_classes: int, ignore: int = 255) -> torch.Tensor:
+    """K-K int64 confusion matrix (rows = ground truth) on ``pred``'s device, reading no value on the host.
+
+    The counting half of :func:`confusion_matrix`, for evaluation on a GPU: ``torch.bincount`` and boolean
+    indexing read a size on the host, which makes the host wait for the forward at every image; here
+    ignored pixels go to a spare cell and the counts are one accumulating ``index_put_`` (integer sums:
+    the same counts in any order).
+
+    Args:
+        pred: H-W (any shape) int tensor of classes in ``[0, K)`` (an argmax: not checked).
+        label: same shape, in ``[0, K)`` or ``ignore`` (checked beforehand: :func:`check_label`).
+    """
+    k = int(num_classes)
+    label = label.reshape(-1).to(device=pred.device, dtype=torch.int64)
+    cell = torch.where(label == ignore, k * k, label * k + pred.reshape(-1).long())
+    counts = torch.zeros(k * k + 1, dtype=torch.int64, device=pred.device)
+    counts.index_put_((cell,), torch.ones_like(cell), accumulate=True)
+    return counts[:k * k].view(k, k)
 
 
 def _nanmean(values: np.ndarray) -> float:

@@ -5,6 +5,7 @@ there), :func:`resize_scores_host` is their call.
 """
 from __future__ import annotations
 
+import functools
 from typing import Tuple
 
 import cv2
@@ -12,10 +13,12 @@ import numpy as np
 import torch
 
 
+@functools.lru_cache(maxsize=64)
 def _cv2_linear_taps(n_in: int, n_out: int, device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Source indices i0, i1 and weight of i1 for each of ``n_out`` outputs, as ``cv2.resize``
     INTER_LINEAR computes them: scale = 1 / (n_out / n_in) in double, source position rounded to float,
-    clamped at both borders."""
+    clamped at both borders. Made once per sizes and device: each copy to a GPU from pageable memory
+    would wait for the work queued before it."""
     scale = 1.0 / (n_out / n_in)
     src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * scale - 0.5).to(torch.float32)
     i0 = torch.floor(src)
@@ -38,8 +41,8 @@ def resize_scores(scores: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     k, h, w = scores.shape
     if (h, w) == tuple(size):
         return scores
-    y0, y1, fy = _cv2_linear_taps(h, size[0], scores.device)
-    x0, x1, fx = _cv2_linear_taps(w, size[1], scores.device)
+    y0, y1, fy = _cv2_linear_taps(h, int(size[0]), scores.device)
+    x0, x1, fx = _cv2_linear_taps(w, int(size[1]), scores.device)
     cols = scores[:, :, x0] * (1 - fx) + scores[:, :, x1] * fx  # K-h-W
     return cols[:, y0] * (1 - fy)[:, None] + cols[:, y1] * fy[:, None]  # K-H-W
 
