@@ -1,8 +1,11 @@
 """Plain vs fast path, side by side, on whatever device is present.
 
-Measures, for SMMCL's model and loss: training-step images/s (forward, all four losses, backward,
-AdamW), inference images/s (eval-mode forward), whole sliding-window evaluation images/s of a
-synthetic test set (loading included), and peak memory. Prints one table.
+Measures, for SMMCL's model and loss: training-step images/s (train.py's own iteration,
+``smmcl.engine.train.train_step``, on a batch in the training loader's format: the copy to the device and
+the normalisation, forward, all four losses, backward, the optimizer train.py builds: fused AdamW on
+the fast path, whose ``host_sync_every=50`` is ``speed='fast'``'s), inference images/s (eval-mode
+forward), whole sliding-window evaluation images/s of a synthetic test set (loading included), and peak
+memory. Prints one table.
 
     python bench/bench.py                      # GPU: MSCAN-B, batch 8, 480x640
     python bench/bench.py --backbone mscan_t --height 120 --width 160 --batch 2   # a quick CPU run
@@ -60,10 +63,12 @@ def peak_gib(device):
 def make_cfg(args, fast):
     """The plain path (the authors' way) or the fast path, as training and evaluation configure them."""
     cfg = base_config()
-    cfg.update(backbone=args.backbone, num_classes=args.classes,
+    cfg.update(backbone=args.backbone, num_classes=args.classes, batch_size=args.batch, replicas=1,
                anchor_sampler='vectorized' if fast else 'loop', fast_path=fast, amp=fast,
                compile=fast and args.compile, cuda_graphs=fast and args.cuda_graphs,
-               cuda_graphs_training=fast and args.cuda_graphs)
+               cuda_graphs_training=fast and args.cuda_graphs,
+               # speed='fast' on a GPU: the loss read every 50 steps, fused AdamW (smmcl.engine.speed)
+               host_sync_every=50 if fast else 1)
     return cfg
 
 
@@ -71,53 +76,69 @@ def precision_of(amp) -> str:
     return {torch.bfloat16: 'bf16', torch.float16: 'fp16'}.get(getattr(amp, 'fast_dtype', None), 'fp32')
 
 
-def synthetic_batch(args, device, cfg):
+def synthetic_images(args, device, cfg):
+    """Normalised-looking N-3-H-W rgb and x on ``device``, in the model's memory format (inference)."""
     g = torch.Generator().manual_seed(0)
     shape = (args.batch, 3, args.height, args.width)
-    rgb, x = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
-    # blocky labels with many classes, so the sampler sees many anchor sets per image
-    cells = torch.randint(0, args.classes, (args.batch, args.height // 32 + 1, args.width // 32 + 1),
-                          generator=g)
-    label = cells.repeat_interleave(32, 1).repeat_interleave(32, 2)[:, :args.height, :args.width]
     fmt = memory_format(cfg)
-    return (rgb.to(device).contiguous(memory_format=fmt), x.to(device).contiguous(memory_format=fmt),
-            label.to(device))
+    return tuple(torch.randn(shape, generator=g).to(device).contiguous(memory_format=fmt) for _ in range(2))
+
+
+def loader_batch(args, device):
+    """A batch as the training loader hands it to ``train_step``: uint8 N-3-H-W images, int64 N-H-W
+    blocky labels with many classes (so the sampler sees many anchor sets per image), N-4 valid boxes
+    (the whole crop); pinned on a GPU, as the loader pins them."""
+    g = torch.Generator().manual_seed(0)
+    shape = (args.batch, 3, args.height, args.width)
+    cells = torch.randint(0, args.classes, (args.batch, args.height // 32 + 1, args.width // 32 + 1), generator=g)
+    batch = dict(data=torch.randint(0, 256, shape, generator=g, dtype=torch.uint8),
+                 modal_x=torch.randint(0, 256, shape, generator=g, dtype=torch.uint8),
+                 label=cells.repeat_interleave(32, 1).repeat_interleave(32, 2)[:, :args.height, :args.width],
+                 valid_box=torch.tensor([[0, args.height, 0, args.width]] * args.batch))
+    return {key: t.pin_memory() for key, t in batch.items()} if device.type == 'cuda' else batch
+
+
+def training_step(cfg, device, model):
+    """``step(batch, i)``: train.py's iteration ``i`` (:func:`smmcl.engine.train.train_step`: the batch to
+    the device and normalised there, each chunk's forward and backward, the optimizer's step or its
+    skip) with what train.py builds from ``cfg``: ``build_optimizer`` (fused AdamW with
+    ``host_sync_every > 1``), precision, chunks, the step decision on the device or the host.
+    ``model``: :func:`~smmcl.engine.precision.for_training`'s, on ``device``."""
+    from smmcl.engine.chunks import plan_chunks
+    from smmcl.engine.dist import DistContext
+    from smmcl.engine.host_sync import skips_on_device
+    from smmcl.engine.optim import build_optimizer
+    from smmcl.engine.train import Loop, train_step
+    ctx = DistContext(device=device)
+    amp, scaler = mixed_precision(cfg, device)
+    loop = Loop(maybe_compile(model, cfg), model, None, build_optimizer(model, cfg), scaler, amp, policy=None,
+                data=None, plan=plan_chunks(cfg, ctx), config=cfg, ctx=ctx, tb=None,
+                skip_on_device=skips_on_device(cfg, scaler, ctx))
+    return lambda batch, i: train_step(loop, batch, i)
 
 
 def bench_train(args, device, fast):
+    """(images/s, peak GiB, compile s, dtype) of train.py's iteration on one batch, repeated."""
     cfg = make_cfg(args, fast)
     torch.manual_seed(0)
-    model = build_segmentor(cfg, with_loss=True)
-    model = for_training(model.to(device).train(), cfg)
-    step_model = maybe_compile(model, cfg)
-    amp, scaler = mixed_precision(cfg, device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=6e-5,
-                                  weight_decay=0.01)
-    rgb, x, label = synthetic_batch(args, device, cfg)
-
-    def step():
-        with amp:
-            loss = step_model(rgb, x, label)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-
+    model = for_training(build_segmentor(cfg, with_loss=True).to(device).train(), cfg)
+    step = training_step(cfg, device, model)
+    batch = loader_batch(args, device)
     start = time.perf_counter()
-    step()
+    step(batch, 0)
     sync(device)
     compile_s = time.perf_counter() - start if cfg.compile else 0.0
-    for _ in range(args.warmup):
-        step()
+    for i in range(args.warmup):
+        step(batch, 1 + i)
     sync(device)
     reset_peak(device)
     start = time.perf_counter()
-    for _ in range(args.iters):
-        step()
+    for i in range(args.iters):
+        step(batch, 1 + args.warmup + i)
     sync(device)
     elapsed = time.perf_counter() - start
     peak = peak_gib(device)
-    return args.batch * args.iters / elapsed, peak, compile_s, precision_of(amp)
+    return args.batch * args.iters / elapsed, peak, compile_s, precision_of(mixed_precision(cfg, device)[0])
 
 
 def bench_infer(args, device, fast):
@@ -125,7 +146,7 @@ def bench_infer(args, device, fast):
     torch.manual_seed(0)
     model = for_inference(build_segmentor(cfg).to(device), cfg)
     amp, _ = mixed_precision(cfg, device)
-    rgb, x, _ = synthetic_batch(args, device, cfg)
+    rgb, x = synthetic_images(args, device, cfg)
     with torch.no_grad(), amp:
         for _ in range(args.warmup + 1):
             model(rgb, x)

@@ -28,10 +28,11 @@ wanted first, each reported even if another fails; once ``--budget-s`` is spent 
    random state (the NMF bases): relative error and argmax agreement of the logits, ms per forward;
    and a few training steps with the recorded forward and backward against eager ones (same seeds):
    the loss terms' difference and ms per step;
-5. ``profile``: the top GPU kernels of a training step on each path (``--profile-paths``; the graphed
-   NCHW fast + kernels step first), of an inference forward and of a whole evaluation of 64 images,
-   their GPU time against the wall time of the same calls without the profiler (far apart: the host
-   bounds the step), and the operators that take the host's time;
+5. ``profile``: the top GPU kernels of a training step (the bench's: train.py's iteration) on each path
+   (``--profile-paths``; the graphed NCHW fast + kernels step first), of an inference forward and of a
+   whole evaluation of 64 images, their GPU time against the wall time of the same calls without the
+   profiler (far apart: the host bounds the step), the operators that take the host's time, and the
+   calls that make the host wait for the GPU (PyTorch's sync debug mode);
 6. ``brief``: 200 training steps (MSCAN-B, 240x320, batch 4, synthetic data) plain fp32 against fast
    bf16 + kernels, the loss curves compared; the argmax of the plain-trained model, fp32 against bf16;
 7. ``tests``: ``tests/test_kernels.py`` and ``tests/test_graphs.py`` on CUDA (tiny edge-case shapes, one
@@ -50,6 +51,7 @@ import contextlib
 import copy
 import importlib.util
 import io
+import itertools
 import json
 import os
 import site
@@ -777,6 +779,96 @@ def step_brief(args, device):
 
 # ---- step 4: top kernels per path ------------------------------------------------------------------
 
+def count_syncs(fn, device) -> int:
+    """The calls of ``fn()`` that make the host wait for the GPU, as PyTorch's sync debug mode reports them
+    (a value read on the host, a blocking copy; where each one is: the warnings' stacks, with ``-W error``).
+    0 on the CPU."""
+    import warnings
+    import torch
+    if device.type != 'cuda':
+        return 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        torch.cuda.set_sync_debug_mode('warn')
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode('default')
+    return sum('synchroniz' in str(w.message) for w in caught)
+
+
+NO_OPERATOR = '(no host operator: Python between calls, waiting for data)'
+
+
+def idle_attribution(device_spans, host_spans, window):
+    """Where the time the GPU stands idle goes: to the host operator running meanwhile.
+
+    Args:
+        device_spans: ``(start, end)`` of every GPU kernel and copy (any unit; they may overlap).
+        host_spans: ``(name, start, end)`` of the host's top-level operators on one thread (not
+            overlapping each other), in the same unit and clock.
+        window: ``(start, end)`` of the calls profiled.
+    Returns:
+        ``(busy, idle)``: the time at least one GPU span runs, and ``{name: time}`` of the rest of the
+        window, each stretch of idle GPU counted to the host operator it overlaps, or to
+        :data:`NO_OPERATOR` when none runs (the host in Python, or waiting).
+    """
+    import bisect
+    busy, gaps, cursor = 0.0, [], window[0]
+    for start, end in sorted((max(a, window[0]), min(b, window[1])) for a, b in device_spans):
+        if end <= max(cursor, start):  # inside what is counted, or outside the window
+            continue
+        if start > cursor:
+            gaps.append((cursor, start))
+        busy += end - max(start, cursor)
+        cursor = end
+    if cursor < window[1]:
+        gaps.append((cursor, window[1]))
+    host = sorted(host_spans, key=lambda span: span[1])
+    ends = [end for _, _, end in host]  # non-overlapping spans sorted by start are sorted by end too
+    idle = {}
+    for a, b in gaps:
+        covered = 0.0
+        i = bisect.bisect_right(ends, a)
+        while i < len(host) and host[i][1] < b:
+            name, start, end = host[i]
+            overlap = min(end, b) - max(start, a)
+            if overlap > 0:
+                idle[name] = idle.get(name, 0.0) + overlap
+                covered += overlap
+            i += 1
+        if b - a - covered > 0:
+            idle[NO_OPERATOR] = idle.get(NO_OPERATOR, 0.0) + (b - a - covered)
+    return busy, idle
+
+
+def _print_idle_attribution(prof, steps):
+    """:func:`idle_attribution` of a CUDA profile: the GPU's busy and idle ms per call, and the host
+    operators (of the thread that made most of them) during which it stood idle."""
+    from torch.autograd import DeviceType
+    events = prof.events()
+    device_spans = [(e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA]
+    top = [e for e in events if e.device_type == DeviceType.CPU and e.cpu_parent is None]
+    if not device_spans or not top:
+        return {}
+    threads = {}
+    for e in top:
+        threads[e.thread] = threads.get(e.thread, 0) + 1
+    main = max(threads, key=threads.get)
+    host_spans = [(e.name, e.time_range.start, e.time_range.end) for e in top if e.thread == main]
+    starts = [s for s, _ in device_spans] + [s for _, s, _ in host_spans]
+    ends = [e for _, e in device_spans] + [e for _, _, e in host_spans]
+    window = (min(starts), max(ends))
+    busy, idle = idle_attribution(device_spans, host_spans, window)
+    wall = (window[1] - window[0]) / 1e3 / steps
+    print(f'  the profiled window, ms per call: {wall:.1f}, GPU busy {busy / 1e3 / steps:.1f}, idle '
+          f'{sum(idle.values()) / 1e3 / steps:.1f}; the idle GPU while the host ran:')
+    for name, us in sorted(idle.items(), key=lambda kv: kv[1], reverse=True)[:10]:
+        print(f'  {us / 1e3 / steps:8.2f} ms  {name[:90]}')
+    return dict(window_ms=wall, busy_ms=busy / 1e3 / steps,
+                idle_ms={name: us / 1e3 / steps for name, us in idle.items()})
+
+
 def _top_kernels(title, fn, device, steps):
     """Time ``steps`` calls of ``fn``, then profile as many; print and return the wall and device ms per
     call and the 12 kernels with most device time per call (on a GPU, also the host's top operators)."""
@@ -811,9 +903,11 @@ def _top_kernels(title, fn, device, steps):
         return 0.0
 
     total = sum(device_us(e) for e in events) or 1.0
-    print(f'\n{title}: {total / 1e3 / steps:.1f} ms of device time per call, {wall_ms:.1f} ms wall (no profiler); '
-          'top kernels, ms per call and share')
-    out = [('wall ms per call', wall_ms, 1.0), ('device ms per call', total / 1e3 / steps, 1.0)]
+    syncs = count_syncs(fn, device)
+    print(f'\n{title}: {total / 1e3 / steps:.1f} ms of device time per call, {wall_ms:.1f} ms wall (no profiler), '
+          f'{syncs} synchronizing CUDA calls per call; top kernels, ms per call and share')
+    out = [('wall ms per call', wall_ms, 1.0), ('device ms per call', total / 1e3 / steps, 1.0),
+           ('synchronizing calls per call', syncs, 1.0)]
     for e in sorted(events, key=device_us, reverse=True)[:12]:
         ms = device_us(e) / 1e3 / steps
         print(f'  {ms:8.2f} ms {100 * device_us(e) / total:5.1f}%  {e.key[:90]}')
@@ -825,6 +919,10 @@ def _top_kernels(title, fn, device, steps):
         for e in sorted(host_events, key=lambda e: e.self_cpu_time_total, reverse=True)[:10]:
             print(f'  {e.self_cpu_time_total / 1e3 / steps:8.2f} ms {100 * e.self_cpu_time_total / host_total:5.1f}%  '
                   f'x{e.count // steps:<5d} {e.key[:80]}')
+        try:  # the wall time between the GPU's work, by what the host did meanwhile
+            out.append(('idle attribution', _print_idle_attribution(prof, steps), 1.0))
+        except Exception as err:  # noqa: BLE001 - an older profiler's events: the table above stands
+            print(f'  (no idle attribution: {type(err).__name__}: {err})')
     return out
 
 
@@ -832,6 +930,7 @@ def step_profile(args, device):
     """Top kernels of a training step (the graphed NCHW fast + kernels step first, then plain, fast, fast
     + kernels eager) and of an inference forward (fast, fast + kernels), batch 8 at 480x640."""
     import torch
+    import bench
     from smmcl.engine.precision import for_inference, for_training, mixed_precision
     out = {}
     steps = 1 if args.smoke else 3
@@ -846,22 +945,22 @@ def step_profile(args, device):
                    cuda_graphs_training=graphs)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         rgb, x = rgb.contiguous(memory_format=fmt), x.contiguous(memory_format=fmt)
-        amp, scaler = mixed_precision(cfg, device)
+        amp, _ = mixed_precision(cfg, device)
+        # the bench's step: train.py's iteration, its optimizer and host reads (speed='fast': every 50)
+        cfg.update(batch_size=rgb.shape[0], replicas=1, host_sync_every=50 if fast else 1)
         train_model = for_training(copy.deepcopy(model).train(), cfg)
-        opt = torch.optim.AdamW(train_model.parameters(), lr=1e-5)
+        run_step = bench.training_step(cfg, device, train_model)
+        batch = bench.loader_batch(argparse.Namespace(batch=rgb.shape[0], height=rgb.shape[2], width=rgb.shape[3],
+                                                      classes=14), device)
+        count = itertools.count()
 
         def step():
-            with amp:
-                loss = train_model(rgb, x, label)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+            run_step(batch, next(count))
 
         for _ in range(steps):
             step()
         out[f'train {name}'] = _top_kernels(f'training step, {name}', step, device, steps)
-        del train_model, opt
+        del train_model, run_step
         if fast and not graphs:
             infer_model = for_inference(model, cfg)
 

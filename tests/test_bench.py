@@ -1,0 +1,73 @@
+"""bench/bench.py times train.py's own iteration (the device runs' payload: a crash there costs device time)."""
+import argparse
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from smmcl.config import REPO_ROOT
+from smmcl.engine.precision import for_training
+from smmcl.models import build_segmentor
+
+
+@pytest.fixture(scope='module')
+def bench():
+    spec = importlib.util.spec_from_file_location('bench', os.path.join(REPO_ROOT, 'bench', 'bench.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ARGS = argparse.Namespace(backbone='mscan_t', batch=2, height=64, width=96, classes=14, iters=1, warmup=0,
+                          compile=False, cuda_graphs=False)
+
+
+@pytest.mark.parametrize('fast', [False, True])
+def test_the_training_row_runs_train_step_with_train_pys_optimizer(bench, fast, monkeypatch):
+    """The row's step is :func:`smmcl.engine.train.train_step` on a batch in the loader's format, with
+    the optimizer train.py builds (fused AdamW for the fast rows' ``host_sync_every=50``), and it
+    trains: the weights move, the loss terms are finite. The fast step reads the host once (the eager
+    sampler's anchor plan; the training graphs on a GPU remove it), the plain one every step (its
+    step decision, the authors' loop sampler)."""
+    import smmcl.engine.train as train_module
+    cfg = bench.make_cfg(ARGS, fast)
+    torch.manual_seed(0)
+    model = for_training(build_segmentor(cfg, with_loss=True).train(), cfg)
+    step = bench.training_step(cfg, torch.device('cpu'), model)
+    batch = bench.loader_batch(ARGS, torch.device('cpu'))
+    assert batch['data'].dtype == torch.uint8 and batch['label'].shape == (2, 64, 96)
+    assert batch['valid_box'].tolist() == [[0, 64, 0, 96]] * 2
+    before = [p.detach().clone() for p in model.parameters()]
+    reads = []
+    for name in ('item', 'tolist', '__bool__'):
+        method = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, m=method, **k: reads.append(1) or m(t, *a, **k))
+    seen = {}
+    monkeypatch.setattr(train_module, 'step_unless_nonfinite',
+                        lambda opt, finite, f=train_module.step_unless_nonfinite: seen.setdefault('opt', opt)
+                        and f(opt, finite))
+    terms = step(batch, 0)
+    monkeypatch.undo()
+    assert terms.shape == (1, 5) and torch.isfinite(terms).all()
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    if fast:
+        assert seen['opt'].defaults['fused'] and len(reads) == 1
+    else:
+        assert 'opt' not in seen and len(reads) > 1
+
+
+def test_idle_gpu_time_is_counted_to_the_host_operator_running_meanwhile():
+    """gpu_check's account of the wall time the GPU stands idle (the graphed step's gap to its GPU
+    time): every idle stretch of the window goes to the host operator it overlaps, or to none."""
+    spec = importlib.util.spec_from_file_location('gpu_check', os.path.join(REPO_ROOT, 'bench', 'gpu_check.py'))
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    device = [(0, 10), (5, 20), (30, 40), (38, 39), (60, 70)]  # overlapping kernels; one after the window
+    host = [('b', 28, 35), ('a', 0, 25), ('c', 45, 48)]
+    busy, idle = gpu_check.idle_attribution(device, host, (0, 50))
+    assert busy == 30  # [0, 20) and [30, 40)
+    assert idle == {'a': 5, 'b': 2, 'c': 3, gpu_check.NO_OPERATOR: 10}
+    assert busy + sum(idle.values()) == 50
+    busy, idle = gpu_check.idle_attribution([], [('a', 0, 5)], (0, 10))
+    assert busy == 0 and idle == {'a': 5, gpu_check.NO_OPERATOR: 5}
