@@ -75,6 +75,42 @@ def test_bf16_autocast_logits_within_4e2_and_argmax_agrees():
     assert (plain.argmax(1) == fast.argmax(1)).float().mean() > 0.95
 
 
+def test_dense_layers_stored_in_the_autocast_dtype_compute_the_same_bits(monkeypatch):
+    """Under amp, inference stores dense convs' and linear layers' weights in bf16 (autocast casts them
+    at every forward otherwise): the same logits to the bit and no weight cast left in the forward for
+    them. Depthwise convs keep float32 weights (the Triton kernels read them as given)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from smmcl.engine import precision
+    monkeypatch.setattr(precision, 'native_bf16', lambda device: True)  # autocast even on AVX2 CPUs
+    cfg = EasyDict(fast_path=True, amp=True, channels_last=False, triton_kernels=False)
+    model = build_segmentor(tiny_config(num_classes=7, decoder_embed_dim=64)).eval()
+    stored = precision.inference_model(model, cfg)
+    monkeypatch.setattr(precision, 'cast_dense_layers', lambda m, dtype: m)
+    autocast_cast = precision.inference_model(model, cfg)
+    dtypes = {m.weight.dtype for m in stored.modules() if isinstance(m, torch.nn.Conv2d) and m.groups == 1}
+    assert dtypes == {torch.bfloat16}
+    assert all(m.weight.dtype == torch.float32 for m in stored.modules()
+               if isinstance(m, torch.nn.Conv2d) and m.groups > 1)
+
+    class WeightCasts(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            WeightCasts.count += func is torch.ops.aten._to_copy.default and isinstance(args[0], torch.nn.Parameter)
+            return func(*args, **(kwargs or {}))
+
+    rgb, x = torch.randn(2, 3, 64, 96), torch.randn(2, 3, 64, 96)
+    outs = []
+    for m in (stored, autocast_cast):
+        torch.manual_seed(3)
+        with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16), WeightCasts():
+            WeightCasts.count = 0
+            outs.append(m(rgb, x))
+        outs.append(WeightCasts.count)
+    assert torch.equal(outs[0], outs[2])
+    assert outs[1] < outs[3]  # the dense layers' casts are gone
+
+
 def test_amp_uses_bf16_only_where_the_cpu_has_it(monkeypatch, caplog):
     from smmcl.engine import precision
     cpu = torch.device('cpu')

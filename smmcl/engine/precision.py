@@ -7,7 +7,8 @@
 - ``config.fast_path``: channels_last tensors (NCHW with ``config.channels_last=False``); element-wise
   tails in one ``addcmul`` each (``smmcl.models.mscan.use_fused_tails``: each MSCAN block's layer scale,
   drop path and residual add in training, each cross-modal modulation's outputs); for inference, BN and
-  layer scales folded into the convolutions (``smmcl.models.fast.fold_for_inference``). The plain path
+  layer scales folded into the convolutions (``smmcl.models.fast.fold_for_inference``) and, under
+  ``amp``, dense layers' weights stored in the autocast dtype (:func:`cast_dense_layers`). The plain path
   (both off) is the reference the tests compare against.
 - ``config.triton_kernels`` (with ``fast_path``): MSCAN's depthwise convs in the Triton kernels of
   ``smmcl.kernels`` (``speed='fast'`` turns them on where Triton is installed: docs/speed.md).
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from typing import Optional
 
 import torch
 from torch import nn
@@ -46,6 +48,15 @@ def native_bf16(device: torch.device) -> bool:
         return False
 
 
+def amp_dtype(config, device: torch.device) -> Optional[torch.dtype]:
+    """The dtype :func:`mixed_precision`'s autocast computes in on ``device``; None: float32."""
+    if not config.amp:
+        return None
+    if device.type == 'cuda':
+        return torch.bfloat16 if native_bf16(device) else torch.float16
+    return torch.bfloat16 if native_bf16(device) else None
+
+
 def mixed_precision(config, device: torch.device):
     """(autocast context, grad scaler): one code path whether ``config.amp`` is on or off.
 
@@ -54,14 +65,12 @@ def mixed_precision(config, device: torch.device):
     are no-ops.
     """
     off = contextlib.nullcontext(), torch.amp.GradScaler(device.type, enabled=False)
+    dtype = amp_dtype(config, device)
+    if dtype is not None:
+        return torch.autocast(device.type, dtype=dtype), torch.amp.GradScaler(
+            device.type, enabled=dtype == torch.float16)
     if not config.amp:
         return off
-    if device.type == 'cuda':
-        bf16 = native_bf16(device)
-        dtype = torch.bfloat16 if bf16 else torch.float16
-        return torch.autocast('cuda', dtype=dtype), torch.amp.GradScaler('cuda', enabled=not bf16)
-    if native_bf16(device):
-        return torch.autocast(device.type, dtype=torch.bfloat16), off[1]
     logger.warning('amp=True ignored: this %s has no native bfloat16 (emulated it is several times slower '
                    'than float32); computing in float32', device.type.upper())
     return off
@@ -105,7 +114,25 @@ def inference_model(model: nn.Module, config) -> nn.Module:
     if not config.fast_path:
         return model.eval()
     folded = fold_for_inference(model).to(memory_format=memory_format(config))
-    return use_fused_kernels(use_fused_tails(folded), fused_kernels(config))
+    device = next(folded.parameters()).device
+    return cast_dense_layers(use_fused_kernels(use_fused_tails(folded), fused_kernels(config)),
+                             amp_dtype(config, device))
+
+
+def cast_dense_layers(model: nn.Module, dtype: Optional[torch.dtype]) -> nn.Module:
+    """``model`` (in place) with its dense convolutions' (``groups == 1``) and linear layers' weights and
+    biases stored in ``dtype``, the autocast dtype it runs under (None: unchanged).
+
+    Autocast casts these to ``dtype`` at every forward anyway, one kernel per tensor (about 250 per
+    MSCAN-B dual forward); stored cast once, the forward computes the same bits. Depthwise convolutions
+    keep float32: the Triton kernels read their weights as given and accumulate in float32.
+    """
+    if dtype is None:
+        return model
+    for module in model.modules():
+        if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1):
+            module.to(dtype)
+    return model
 
 
 class ReusedInference:
