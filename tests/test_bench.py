@@ -71,3 +71,21 @@ def test_idle_gpu_time_is_counted_to_the_host_operator_running_meanwhile():
     assert busy + sum(idle.values()) == 50
     busy, idle = gpu_check.idle_attribution([], [('a', 0, 5)], (0, 10))
     assert busy == 0 and idle == {'a': 5, gpu_check.NO_OPERATOR: 5}
+
+
+def test_traffic_extrapolates_each_operator_linearly_in_the_pixels():
+    """bench/traffic.py: bytes = slope * pixels * batch + fixed (weights once), from two sizes."""
+    spec = importlib.util.spec_from_file_location('traffic', os.path.join(REPO_ROOT, 'bench', 'traffic.py'))
+    traffic = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(traffic)
+    small = {'conv': [3, 10 * 100 + 500], 'cast': [2, 500]}
+    large = {'conv': [3, 10 * 400 + 500], 'cast': [2, 500], 'new': [1, 4000]}
+    rows = traffic.extrapolate(small, large, 100, 400, 1000, 2)
+    assert rows['conv'] == (3, 10 * 1000 * 2 + 500)
+    assert rows['cast'] == (2, 500)  # fixed: a weight's bytes
+    assert rows['new'] == (1, 4000 / 400 * 2000)  # absent at the small size: all slope
+    # a real record: the fast inference forward of MSCAN-T, its convolutions in bf16, views moving nothing
+    args = argparse.Namespace(backbone='mscan_t', kernels=False, train=False)
+    ops = traffic.record(args, 32, 32)
+    assert ops['convolution (bfloat16)'][1] > 0
+    assert all(moved == 0 for name, (_, moved) in ops.items() if name.split()[0] in ('view', 'permute', 'transpose'))

@@ -1,0 +1,119 @@
+"""Memory traffic of SMMCL's forward (or training step) per ATen operator, without a GPU.
+
+    python bench/traffic.py                        # fast inference forward, MSCAN-B, batch 8, 480x640
+    python bench/traffic.py --train                # the training step: forward, losses and backward
+    TRITON_INTERPRET=1 python bench/traffic.py --kernels   # with the Triton kernels (minutes)
+
+Every operator the forward dispatches is recorded on the CPU at two small sizes with the bytes it reads
+and writes (its tensor arguments and results; views move nothing), and each operator's bytes are
+extrapolated to the requested size as ``a * pixels + b`` (activations scale with the pixels, weights
+do not). The table gives calls, GB and the time those bytes take at ``--bandwidth`` (default: the copy
+bandwidth measured on the H200, 4.3 TB/s): the floor below which that operator cannot run, to set
+against a GPU profile (``bench/gpu_check.py``'s profile step) to see which operators are far above it.
+bf16 autocast as on a GPU (also where this CPU only emulates it: only the dtypes matter here).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+try:
+    import smmcl  # noqa: F401
+except ModuleNotFoundError:
+    sys.exit('smmcl is not installed: run `make install` or `pip install -e .` in the repo root')
+
+from smmcl.config import base_config  # noqa: E402
+from smmcl.engine.precision import cast_dense_layers, for_training, inference_model  # noqa: E402
+from smmcl.models import build_segmentor  # noqa: E402
+
+
+class Traffic(TorchDispatchMode):
+    """Per operator (named with the dtype of its first tensor argument): calls and bytes moved."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.defaultdict(lambda: [0, 0])
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        moved = 0 if func.is_view else sum(t.numel() * t.element_size() for t in tensors + [
+            t for t in tree_leaves(out) if isinstance(t, torch.Tensor)])
+        dtype = str(tensors[0].dtype).replace('torch.', '') if tensors else '-'
+        row = self.ops[f'{func.overloadpacket.__name__} ({dtype})']
+        row[0] += 1
+        row[1] += moved
+        return out
+
+
+def record(args, height, width):
+    """{operator: [calls, bytes]} of one forward (or training step) of one image at height x width."""
+    cfg = base_config()
+    cfg.update(backbone=args.backbone, num_classes=14, fast_path=True, amp=True, channels_last=False,
+               triton_kernels=args.kernels, anchor_sampler='vectorized')
+    torch.manual_seed(0)
+    rgb, x = torch.randn(2, 1, 3, height, width)
+    label = torch.randint(0, 14, (1, height, width))
+    mode = Traffic()
+    if args.train:
+        model = for_training(build_segmentor(cfg, with_loss=True).train(), cfg)
+        with mode:
+            with torch.autocast('cpu', dtype=torch.bfloat16):
+                loss = model(rgb, x, label)
+            loss.backward()
+    else:
+        model = cast_dense_layers(inference_model(build_segmentor(cfg), cfg), torch.bfloat16)
+        with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16), mode:
+            model(rgb, x)
+    return dict(mode.ops)
+
+
+def extrapolate(small, large, pixels_small, pixels_large, pixels, batch):
+    """{operator: (calls per forward, bytes)} at ``batch`` images of ``pixels``, from two records:
+    bytes = slope * pixels * batch + fixed, calls as at the larger size."""
+    out = {}
+    for name, (calls, moved) in large.items():
+        if name in small:
+            before = small[name][1]
+            slope = (moved - before) / (pixels_large - pixels_small)
+            fixed = before - slope * pixels_small
+        else:  # an operator only the larger size runs: all of it scales
+            slope, fixed = moved / pixels_large, 0.0
+        out[name] = (calls, max(0.0, slope * pixels * batch + fixed))
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument('--backbone', default='mscan_b')
+    parser.add_argument('--batch', type=int, default=8)
+    parser.add_argument('--height', type=int, default=480)
+    parser.add_argument('--width', type=int, default=640)
+    parser.add_argument('--train', action='store_true', help='the training step (forward, losses, backward)')
+    parser.add_argument('--kernels', action='store_true', help='the Triton kernels (on the CPU: TRITON_INTERPRET=1)')
+    parser.add_argument('--bandwidth', type=float, default=4.3, help='TB/s for the time column')
+    parser.add_argument('--top', type=int, default=30)
+    args = parser.parse_args(argv)
+    sizes = ((64, 96), (128, 192))
+    small, large = (record(args, h, w) for h, w in sizes)
+    rows = extrapolate(small, large, sizes[0][0] * sizes[0][1], sizes[1][0] * sizes[1][1],
+                       args.height * args.width, args.batch)
+    total = sum(moved for _, moved in rows.values())
+    what = 'training step' if args.train else 'inference forward'
+    print(f'{what}, {args.backbone}, batch {args.batch}, {args.height}x{args.width}, fast path bf16'
+          f'{" + Triton kernels" if args.kernels else ""}: {total / 1e9:.2f} GB, '
+          f'{total / args.bandwidth / 1e9:.2f} ms at {args.bandwidth} TB/s; per operator (calls per image):')
+    print(f"{'operator (dtype of its first tensor)':<44} {'calls':>6} {'GB':>8} {'ms':>7} {'share':>6}")
+    for name, (calls, moved) in sorted(rows.items(), key=lambda kv: kv[1][1], reverse=True)[:args.top]:
+        print(f'{name:<44} {calls:>6} {moved / 1e9:8.3f} {moved / args.bandwidth / 1e9:7.3f} '
+              f'{100 * moved / max(total, 1):5.1f}%')
+    return rows
+
+
+if __name__ == '__main__':
+    main()
