@@ -89,3 +89,28 @@ def test_traffic_extrapolates_each_operator_linearly_in_the_pixels():
     ops = traffic.record(args, 32, 32)
     assert ops['convolution (bfloat16)'][1] > 0
     assert all(moved == 0 for name, (_, moved) in ops.items() if name.split()[0] in ('view', 'permute', 'transpose'))
+
+
+@pytest.mark.skipif(importlib.util.find_spec('triton') is None, reason='needs Triton (its ptxas and cuobjdump)')
+def test_row_kernels_execute_fewer_instructions_than_tiles():
+    """bench/sass.py compiles the kernels for sm_90 without a GPU: the row kernels (each input row loaded
+    once per tap column into per-row accumulators) run well under the tile kernels' lane instructions
+    and loads per output, in both layouts, and spill nothing."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    env['TRITON_DEFAULT_FP_FUSION'] = '1'
+    out = subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'bench', 'sass.py'), '--first', '--only',
+                          'dwconv5x5,strip3_sum_along_h'], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {}
+    for line in out.stdout.splitlines():
+        f = line.split()
+        if len(f) == 10 and f[2] in ('tiles', 'rows'):
+            rows[f[0], f[1], f[2]] = dict(spill=int(f[6]), instructions=float(f[7]), loads=float(f[8]))
+    assert len(rows) == 8, out.stdout
+    for (case, layout, family), row in rows.items():
+        assert row['spill'] == 0
+        if family == 'rows':
+            tiles = rows[case, layout, 'tiles']
+            assert row['instructions'] < 0.75 * tiles['instructions'] and row['loads'] < 0.75 * tiles['loads']

@@ -175,6 +175,27 @@ def test_row_kernels_in_the_strip_sum(monkeypatch, n, c, h, w, fmt):
                  [a] + params, [ref_a] + ref_params, 1e-5)
 
 
+@pytest.mark.parametrize('rows', [1, 2, 3])
+def test_row_kernels_with_fewer_output_rows(monkeypatch, rows):
+    """A program of 1, 2 or 3 output rows (the interpreter's tiles have 4): each row's accumulator and
+    store, the walk's length; the 5x5 conv and the strip sum, forward and backward."""
+    import triton
+    monkeypatch.setenv('SMMCL_TRITON_DEPTHWISE', 'rows')
+    ops()  # the kernels are imported
+    from smmcl.kernels import triton_rows
+    for kernel in (triton_rows.dwconv_rows_kernel, triton_rows.strip3_rows_kernel, triton_rows.strip3_sum_rows_kernel):
+        monkeypatch.setattr(kernel, 'configs', [triton.Config(dict(BLOCK_C=32, ROWS=rows, BLOCK_W=16), num_warps=4)])
+        monkeypatch.setattr(kernel, 'cache', {})
+    x, weight, bias = _tensor(1, 5, 7, 9), _tensor(5, 1, 5, 5, seed=1), _tensor(5, seed=2)
+    rx, rw, rb = _fp32_copies(x, weight, bias)
+    _check_grads(ops().dwconv2d(x, weight, bias), F.conv2d(rx, rw, rb, padding=2, groups=5), (x, weight, bias),
+                 (rx, rw, rb), 1e-5)
+    a, params = _tensor(1, 3, 23, 4), _strip_params(3)
+    ref_a, *ref_params = _fp32_copies(a, *params)
+    _check_grads(ops().mscan_strip_sum(a, *params), kernels.strip_sum_reference(ref_a, ref_params),
+                 [a] + params, [ref_a] + ref_params, 1e-5)
+
+
 def test_bf16_row_kernels(monkeypatch):
     monkeypatch.setenv('SMMCL_TRITON_DEPTHWISE', 'rows')
     x, weight, bias = (_tensor(2, 37, 9, 7, fmt=CL, dtype=torch.bfloat16), _tensor(37, 1, 5, 5, seed=1),
@@ -187,7 +208,8 @@ def test_bf16_row_kernels(monkeypatch):
 
 def test_depthwise_kernel_choice(monkeypatch):
     """Both families give one result; 'auto' is 'tiles' under the interpreter; a bad name stops with the
-    choices; along W the strips always take the tile kernel."""
+    choices; along W the strips take the tile kernel in NCHW, and either in channels_last (the row kernel
+    walking the columns: H and W swapped)."""
     from smmcl.kernels import triton_dwconv
     x, weight = torch.randn(1, 3, 9, 6, device=DEVICE), torch.randn(3, 1, 3, 3, device=DEVICE)
     outs = {impl: triton_dwconv.dwconv(x, weight, None, impl=impl) for impl in ('tiles', 'rows', 'auto')}
@@ -195,8 +217,15 @@ def test_depthwise_kernel_choice(monkeypatch):
     if DEVICE == 'cpu':
         assert triton_dwconv._depthwise_impl(None, 'dwconv', x, (), {}) == 'tiles'
     horizontal = [torch.randn(3, 1, 1, k, device=DEVICE) for k in STRIP_LENGTHS]
-    across = triton_dwconv.strip3(x, horizontal, None, along_w=True, impl='rows')
-    assert all(rel(t, r) <= 1e-6 for t, r in zip(across, triton_dwconv.strip3(x, horizontal, None, along_w=True)))
+    for x in (x, x.contiguous(memory_format=torch.channels_last)):
+        tiles = triton_dwconv.strip3(x, horizontal, None, along_w=True, impl='tiles')
+        across = triton_dwconv.strip3(x, horizontal, None, along_w=True, impl='rows')
+        assert all(rel(t, r) <= 1e-6 for t, r in zip(across, tiles))
+        summed = [triton_dwconv.strip3_sum(x, tiles, horizontal, None, along_w=True, transpose=True, impl=impl)
+                  for impl in ('tiles', 'rows')]
+        assert rel(summed[1], summed[0]) <= 1e-6
+    ref = [F.conv2d(x, wt, padding=(0, wt.shape[-1] // 2), groups=3) for wt in horizontal]
+    assert all(rel(t, r) <= 1e-5 for t, r in zip(across, ref))  # the walk along W is the conv along W
     monkeypatch.setenv('SMMCL_TRITON_DEPTHWISE', 'fast')
     with pytest.raises(ValueError, match="SMMCL_TRITON_DEPTHWISE must be 'auto' or one of .*'tiles', 'rows'"):
         triton_dwconv.dwconv(x, weight, None)

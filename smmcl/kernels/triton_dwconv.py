@@ -14,7 +14,7 @@ A tile is BLOCK_C channels x BLOCK_H*BLOCK_W pixels of one image. Convolution ta
 compile time; neighbouring taps re-read the same input lines from the cache, not from DRAM. Along H,
 the row-blocked kernels of :mod:`smmcl.kernels.triton_rows` compute the same functions with each input
 row read once per tap column; ``SMMCL_TRITON_DEPTHWISE`` (``tiles``, ``rows``, ``auto``: the faster per
-shape, timed once on the GPU) picks the family for the KxK convs and the Kx1 strips.
+shape, timed once on the GPU) picks the family for the KxK convs and the strips (along W only in channels_last).
 """
 from __future__ import annotations
 
@@ -565,15 +565,21 @@ def strip3_sum(r: torch.Tensor, ts: Sequence[torch.Tensor], weights: Sequence[to
 
 
 def _strip_launch(impl, op, along_w, x, args, meta, tile_kernel, row_kernel) -> None:
-    """One launch of a three-strip kernel: the tile kernel along W; along H the tile or the row kernel
-    (:func:`_depthwise_impl`)."""
+    """One launch of a three-strip kernel: the tile or the row kernel (:func:`_depthwise_impl`). Along W
+    the row kernel walks the columns: it sees the map with H and W (and their strides) swapped. That
+    keeps its loads coalesced only where the channels are contiguous (channels_last): in NCHW the strips
+    along W always take the tile kernel."""
     n, c, h, w = x.shape
     launches = {'tiles': lambda: tile_kernel[_grid(n, c, h, w)](*args, ALONG_W=along_w, **meta)}
-    if along_w:
+    if along_w and _layout(x) != torch.channels_last:
         launches['tiles']()
         return
-    launches['rows'] = lambda: row_kernel[row_grid(n, c, h, w)](*args, **meta)
-    key = (meta['K0'], meta['K1'], meta['K2'], meta['TRANSPOSE'], meta['HAS_BIAS'])
+    if along_w:  # ..., C, H, W, sn, sc, sh, sw -> ..., C, W, H, sn, sc, sw, sh
+        swapped = args[:-7] + (c, w, h, args[-4], args[-3], args[-1], args[-2])
+        launches['rows'] = lambda: row_kernel[row_grid(n, c, w, h)](*swapped, **meta)
+    else:
+        launches['rows'] = lambda: row_kernel[row_grid(n, c, h, w)](*args, **meta)
+    key = (along_w, meta['K0'], meta['K1'], meta['K2'], meta['TRANSPOSE'], meta['HAS_BIAS'])
     launches[_depthwise_impl(impl, op, x, key, launches)]()
 
 

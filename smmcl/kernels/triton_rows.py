@@ -3,11 +3,17 @@
 The tile kernels of :mod:`smmcl.kernels.triton_dwconv` compute BLOCK_H x BLOCK_W output pixels and load
 every tap's input for each, so a K-row kernel reads each input row K times per tap column and computes
 its address and bounds K times: on an H200 they reach ~15 % of the copy bandwidth (docs/speed.md), far
-more address arithmetic than memory traffic. Here a program owns ROWS consecutive output rows of a
-BLOCK_C x BLOCK_W strip and walks the ROWS + K - 1 input rows they need once: each input row is loaded
-once per tap column, its bounds are one scalar test, and it is added to every output row it reaches with
-that row's tap weight (a ROWS x BLOCK_C x BLOCK_W float32 accumulator; the rows a tap does not reach
-get a zero weight, the price of a static, branch-free loop).
+more address arithmetic than memory traffic. Here a program owns ROWS (<= 4) consecutive output rows of
+a BLOCK_C x BLOCK_W strip, each its own float32 accumulator, and walks the ROWS + K - 1 input rows they
+need once: each input row is loaded once per tap column, its bounds are one scalar test, and it is added
+to each output row it reaches with that row's tap weight; which rows it reaches is decided when the
+kernel is compiled, so nothing is spent on the others. (One ROWS x BLOCK_C x BLOCK_W accumulator would
+not do: Triton spreads its rows over the warps, and every warp then loads the input row again.) For
+sm_90, ``bench/sass.py`` counts about half the tile kernels' instructions and a third of their loads
+per output.
+
+Along W the strips' launcher runs the same kernels with H and W swapped (the rows walked are then the
+columns) where the channels are contiguous (channels_last), which keeps the loads coalesced.
 
 Same function as the tile kernels (float32 accumulation, results in the output's dtype), same strides
 convention (N-C-H-W tensors of any strides, all of one launch alike, weights as contiguous C x KH*KW
@@ -20,49 +26,37 @@ import triton.language as tl
 
 from .triton_common import KEY, PRUNE, bench, configs, gelu, gelu_grad
 
-# (BLOCK_C, ROWS, BLOCK_W, warps): NCHW tiles are wide rows of one or two channels, channels_last tiles
-# many channels of a few pixels (the pruning keeps the layout's own). More rows share more loads but
-# waste more multiply-adds on taps that do not reach (ROWS + K - 1 rows for ROWS outputs).
-_NCHW_ROWS = [(1, 4, 64, 4), (1, 8, 64, 4), (1, 8, 128, 8), (2, 4, 64, 4)]
-_NHWC_ROWS = [(32, 4, 8, 4), (32, 8, 8, 8), (64, 4, 4, 4), (16, 8, 8, 4)]
+# (BLOCK_C, ROWS, BLOCK_W, warps). Each of the ROWS output rows is its own BLOCK_C x BLOCK_W accumulator,
+# so a row holds at least one element per thread (BLOCK_C * BLOCK_W >= 32 * warps: no thread repeats
+# another's work). NCHW tiles are wide rows of one to four channels, channels_last tiles many channels of a
+# few pixels (the pruning keeps the layout's own). ROWS <= 4 (four accumulators per input).
+_NCHW_ROWS = [(1, 4, 256, 4), (1, 2, 256, 4), (2, 4, 128, 4), (4, 4, 32, 4)]
+_NHWC_ROWS = [(32, 4, 8, 4), (64, 4, 4, 4), (32, 2, 8, 4), (16, 4, 16, 4)]
 _NAMES = ('BLOCK_C', 'ROWS', 'BLOCK_W')
-ROW_CONFIGS = configs(_NCHW_ROWS, _NHWC_ROWS, (32, 4, 16, 4), _NAMES)
-# Three accumulators (one per strip) for the strips' kernel: fewer rows, so that no variant spills.
-STRIP_ROW_CONFIGS = configs(_NCHW_ROWS[:2] + [(1, 4, 128, 8)], _NHWC_ROWS[:1] + [(32, 4, 4, 4), (16, 4, 8, 4)],
-                            (32, 4, 16, 4), _NAMES)
+
+
+def _at_most_four_rows(candidates):
+    return [c for c in candidates if c.kwargs['ROWS'] <= 4]  # the sweep's neighbours may double ROWS
+
+
+ROW_CONFIGS = _at_most_four_rows(configs(_NCHW_ROWS, _NHWC_ROWS, (32, 4, 16, 4), _NAMES))
+# Three sets of accumulators (one per strip) for the strips' kernel: smaller rows, so that no variant spills.
+STRIP_ROW_CONFIGS = _at_most_four_rows(configs([(1, 4, 128, 4), (1, 2, 256, 4), (2, 2, 64, 4)],
+                                               [(32, 4, 4, 4), (16, 4, 8, 4), (32, 2, 4, 4)], (32, 4, 16, 4),
+                                               _NAMES))
 
 
 @triton.jit
 def _row_tile(pid_nc, pid_hw, C, H, W, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
-    """Image index, channels (BLOCK_C), first output row, columns (BLOCK_W), the output rows (ROWS),
-    the channel mask and the ROWS x BLOCK_C x BLOCK_W output mask of a program's tile."""
+    """Image index, channels (BLOCK_C), first output row, columns (BLOCK_W) and channel mask of a
+    program's tile of ROWS output rows."""
     num_cb = tl.cdiv(C, BLOCK_C)
     num_wb = tl.cdiv(W, BLOCK_W)
     n = pid_nc // num_cb
     c = (pid_nc % num_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
     h0 = (pid_hw // num_wb) * ROWS
     w = (pid_hw % num_wb) * BLOCK_W + tl.arange(0, BLOCK_W)
-    o = tl.arange(0, ROWS)
-    cmask = c < C
-    mask = ((h0 + o) < H)[:, None, None] & cmask[None, :, None] & (w < W)[None, None, :]
-    return n, c, h0, w, o, cmask, mask
-
-
-@triton.jit
-def _tap_row(r, o, SPAN: tl.constexpr, K: tl.constexpr, TRANSPOSE: tl.constexpr):
-    """Per output row ``h0 + o``, the tap row of a K-row kernel that reads input row ``h0 + r - SPAN``
-    (SPAN: the half height of the widest kernel of the walk); outside [0, K) where it reads none."""
-    if TRANSPOSE:  # the adjoint: out[h] = sum_i w[i] x[h - i + (K - 1) // 2]
-        return o - r + SPAN + (K - 1) // 2
-    return r - SPAN - o + (K - 1) // 2
-
-
-@triton.jit
-def _tap_weights(w_ptr, c, cmask, tap, j, K: tl.constexpr, KW: tl.constexpr):
-    """ROWS x BLOCK_C float32 weights of tap (``tap``, ``j``) of C x K*KW rows, 0 where ``tap`` is outside."""
-    use = (tap >= 0) & (tap < K)
-    return tl.load(w_ptr + c[None, :] * (K * KW) + (tap * KW + j)[:, None], mask=use[:, None] & cmask[None, :],
-                   other=0.0).to(tl.float32)
+    return n, c, h0, w, c < C
 
 
 @triton.jit
@@ -80,23 +74,64 @@ def _input_row(x_c, cmask, hh, w, H, W, sh, sw, j, KW: tl.constexpr, TRANSPOSE: 
 
 
 @triton.jit
-def _accumulate_rows(acc, x_c, w_ptr, c, cmask, h0, w, o, H, W, sh, sw,
-                     KH: tl.constexpr, KW: tl.constexpr, TRANSPOSE: tl.constexpr, ROWS: tl.constexpr):
-    """``acc`` (ROWS x BLOCK_C x BLOCK_W) plus the KH x KW depthwise conv (or its adjoint) of the input at
-    ``x_c`` (BLOCK_C x 1 channel pointers of one image) for output rows h0 .. h0 + ROWS - 1."""
-    for r in tl.static_range(ROWS + KH - 1):
-        hh = h0 + r - (KH - 1) // 2
-        tap = _tap_row(r, o, (KH - 1) // 2, KH, TRANSPOSE)
-        for j in tl.static_range(KW):
-            xv = _input_row(x_c, cmask, hh, w, H, W, sh, sw, j, KW, TRANSPOSE)
-            acc += _tap_weights(w_ptr, c, cmask, tap, j, KH, KW)[:, :, None] * xv[None, :, :]
+def _add_tap(acc, xv, w_ptr, c, cmask, r: tl.constexpr, o: tl.constexpr, j: tl.constexpr, SPAN: tl.constexpr,
+             K: tl.constexpr, KW: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """``acc`` (output row ``h0 + o``) plus input row ``h0 + r - SPAN`` (``xv``) times its tap (i, j) of a
+    K x KW kernel (C x K*KW weight rows): i = r - SPAN - o + (K - 1) // 2, mirrored for the adjoint.
+    Decided when compiling: a row the kernel does not reach adds nothing and costs nothing."""
+    SIGN: tl.constexpr = 1 - 2 * TRANSPOSE
+    TAP: tl.constexpr = SIGN * (r - SPAN - o) + (K - 1) // 2
+    if TAP >= 0:
+        if TAP < K:
+            acc += tl.load(w_ptr + c * (K * KW) + (TAP * KW + j), mask=cmask, other=0.0).to(tl.float32)[:, None] * xv
     return acc
 
 
 @triton.jit
-def _out_offsets(n, c, h0, w, o, sn, sc, sh, sw):
-    """ROWS x BLOCK_C x BLOCK_W element offsets of a program's output tile."""
-    return n * sn + ((h0 + o) * sh)[:, None, None] + (c * sc)[None, :, None] + (w * sw)[None, None, :]
+def _walk(a0, a1, a2, a3, x_c, w_ptr, c, cmask, h0, w, H, W, sh, sw, SPAN: tl.constexpr, K: tl.constexpr,
+          KW: tl.constexpr, TRANSPOSE: tl.constexpr, ROWS: tl.constexpr):
+    """The accumulators of output rows h0 .. h0 + ROWS - 1 (a0 .. a3, ROWS <= 4) plus the K x KW depthwise
+    conv (or its adjoint) of the input at ``x_c`` (BLOCK_C x 1 channel pointers of one image): the
+    ROWS + 2 * SPAN input rows are walked once, each loaded once per tap column and added to every
+    output row it reaches (SPAN: the half height of the widest kernel sharing the walk)."""
+    for r in tl.static_range(ROWS + 2 * SPAN):
+        for j in tl.static_range(KW):
+            xv = _input_row(x_c, cmask, h0 + r - SPAN, w, H, W, sh, sw, j, KW, TRANSPOSE)
+            a0 = _add_tap(a0, xv, w_ptr, c, cmask, r, 0, j, SPAN, K, KW, TRANSPOSE)
+            if ROWS > 1:
+                a1 = _add_tap(a1, xv, w_ptr, c, cmask, r, 1, j, SPAN, K, KW, TRANSPOSE)
+            if ROWS > 2:
+                a2 = _add_tap(a2, xv, w_ptr, c, cmask, r, 2, j, SPAN, K, KW, TRANSPOSE)
+            if ROWS > 3:
+                a3 = _add_tap(a3, xv, w_ptr, c, cmask, r, 3, j, SPAN, K, KW, TRANSPOSE)
+    return a0, a1, a2, a3
+
+
+@triton.jit
+def _row_mask(cmask, h, w, H, W):
+    """BLOCK_C x BLOCK_W mask of output row ``h`` (a row below the map empties the column range)."""
+    return cmask[:, None] & (w < tl.where(h < H, W, 0))[None, :]
+
+
+@triton.jit
+def _row_offsets(n, c, h, w, sn, sc, sh, sw):
+    """BLOCK_C x BLOCK_W element offsets of output row ``h``."""
+    return n * sn + h * sh + (c * sc)[:, None] + (w * sw)[None, :]
+
+
+@triton.jit
+def _finish_row(acc, out_ptr, b_ptr, g_ptr, n, c, cmask, h, w, H, W, sn, sc, sh, sw, HAS_BIAS: tl.constexpr,
+                EPILOGUE: tl.constexpr):
+    """Store output row ``h``: ``epilogue(acc + b)`` (0 none, 1 exact GELU, 2 ``g * GELU'(acc + b)``)."""
+    offs = _row_offsets(n, c, h, w, sn, sc, sh, sw)
+    mask = _row_mask(cmask, h, w, H, W)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[:, None]
+    if EPILOGUE == 1:
+        acc = gelu(acc)
+    elif EPILOGUE == 2:
+        acc = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * gelu_grad(acc)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.autotune(configs=ROW_CONFIGS, key=KEY, prune_configs_by=PRUNE, do_bench=bench)
@@ -107,17 +142,32 @@ def dwconv_rows_kernel(x_ptr, w_ptr, b_ptr, g_ptr, out_ptr, C, H, W, sn, sc, sh,
                        BLOCK_C: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
     """``_dwconv_kernel``'s function, row-blocked: out = epilogue(conv(x, w) + b), depthwise, "same"
     padding; TRANSPOSE the adjoint; EPILOGUE 0 none, 1 exact GELU, 2 ``g * GELU'(conv + b)``."""
-    n, c, h0, w, o, cmask, mask = _row_tile(tl.program_id(0), tl.program_id(1), C, H, W, BLOCK_C, ROWS, BLOCK_W)
-    acc = tl.zeros((ROWS, BLOCK_C, BLOCK_W), dtype=tl.float32)
-    acc = _accumulate_rows(acc, x_ptr + n * sn + (c * sc)[:, None], w_ptr, c, cmask, h0, w, o, H, W, sh, sw,
-                           KH, KW, TRANSPOSE, ROWS)
+    tl.static_assert(ROWS <= 4)
+    n, c, h0, w, cmask = _row_tile(tl.program_id(0), tl.program_id(1), C, H, W, BLOCK_C, ROWS, BLOCK_W)
+    a0 = tl.zeros((BLOCK_C, BLOCK_W), dtype=tl.float32)
+    a1, a2, a3 = a0, a0, a0
+    a0, a1, a2, a3 = _walk(a0, a1, a2, a3, x_ptr + n * sn + (c * sc)[:, None], w_ptr, c, cmask, h0, w, H, W,
+                           sh, sw, (KH - 1) // 2, KH, KW, TRANSPOSE, ROWS)
+    _finish_row(a0, out_ptr, b_ptr, g_ptr, n, c, cmask, h0, w, H, W, sn, sc, sh, sw, HAS_BIAS, EPILOGUE)
+    if ROWS > 1:
+        _finish_row(a1, out_ptr, b_ptr, g_ptr, n, c, cmask, h0 + 1, w, H, W, sn, sc, sh, sw, HAS_BIAS, EPILOGUE)
+    if ROWS > 2:
+        _finish_row(a2, out_ptr, b_ptr, g_ptr, n, c, cmask, h0 + 2, w, H, W, sn, sc, sh, sw, HAS_BIAS, EPILOGUE)
+    if ROWS > 3:
+        _finish_row(a3, out_ptr, b_ptr, g_ptr, n, c, cmask, h0 + 3, w, H, W, sn, sc, sh, sw, HAS_BIAS, EPILOGUE)
+
+
+@triton.jit
+def _sum_row(acc, r_ptr, b0_ptr, b1_ptr, b2_ptr, out_ptr, n, c, cmask, h, w, H, W, sn, sc, sh, sw,
+             HAS_BIAS: tl.constexpr):
+    """Store output row ``h`` of the strip sum: ``r + acc (+ the three biases)``."""
+    offs = _row_offsets(n, c, h, w, sn, sc, sh, sw)
+    mask = _row_mask(cmask, h, w, H, W)
+    acc += tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :, None]
-    offs = _out_offsets(n, c, h0, w, o, sn, sc, sh, sw)
-    if EPILOGUE == 1:
-        acc = gelu(acc)
-    elif EPILOGUE == 2:
-        acc = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * gelu_grad(acc)
+        acc += (tl.load(b0_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+                + tl.load(b1_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+                + tl.load(b2_ptr + c, mask=cmask, other=0.0).to(tl.float32))[:, None]
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -129,20 +179,44 @@ def strip3_sum_rows_kernel(r_ptr, t0_ptr, t1_ptr, t2_ptr, w0_ptr, w1_ptr, w2_ptr
                            HAS_BIAS: tl.constexpr,
                            BLOCK_C: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
     """``_strip3_sum_kernel``'s function along H, row-blocked: out = r + sum_i (conv(t_i, w_i) + b_i),
-    three K_i x 1 depthwise convs."""
-    n, c, h0, w, o, cmask, mask = _row_tile(tl.program_id(0), tl.program_id(1), C, H, W, BLOCK_C, ROWS, BLOCK_W)
-    offs = _out_offsets(n, c, h0, w, o, sn, sc, sh, sw)
-    acc = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    three K_i x 1 depthwise convs, each input walked once."""
+    tl.static_assert(ROWS <= 4)
+    n, c, h0, w, cmask = _row_tile(tl.program_id(0), tl.program_id(1), C, H, W, BLOCK_C, ROWS, BLOCK_W)
     channels = n * sn + (c * sc)[:, None]
-    acc = _accumulate_rows(acc, t0_ptr + channels, w0_ptr, c, cmask, h0, w, o, H, W, sh, sw, K0, 1, TRANSPOSE, ROWS)
-    acc = _accumulate_rows(acc, t1_ptr + channels, w1_ptr, c, cmask, h0, w, o, H, W, sh, sw, K1, 1, TRANSPOSE, ROWS)
-    acc = _accumulate_rows(acc, t2_ptr + channels, w2_ptr, c, cmask, h0, w, o, H, W, sh, sw, K2, 1, TRANSPOSE, ROWS)
-    if HAS_BIAS:
-        bias = (tl.load(b0_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-                + tl.load(b1_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-                + tl.load(b2_ptr + c, mask=cmask, other=0.0).to(tl.float32))
-        acc += bias[None, :, None]
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    a0 = tl.zeros((BLOCK_C, BLOCK_W), dtype=tl.float32)
+    a1, a2, a3 = a0, a0, a0
+    a0, a1, a2, a3 = _walk(a0, a1, a2, a3, t0_ptr + channels, w0_ptr, c, cmask, h0, w, H, W, sh, sw,
+                           (K0 - 1) // 2, K0, 1, TRANSPOSE, ROWS)
+    a0, a1, a2, a3 = _walk(a0, a1, a2, a3, t1_ptr + channels, w1_ptr, c, cmask, h0, w, H, W, sh, sw,
+                           (K1 - 1) // 2, K1, 1, TRANSPOSE, ROWS)
+    a0, a1, a2, a3 = _walk(a0, a1, a2, a3, t2_ptr + channels, w2_ptr, c, cmask, h0, w, H, W, sh, sw,
+                           (K2 - 1) // 2, K2, 1, TRANSPOSE, ROWS)
+    _sum_row(a0, r_ptr, b0_ptr, b1_ptr, b2_ptr, out_ptr, n, c, cmask, h0, w, H, W, sn, sc, sh, sw, HAS_BIAS)
+    if ROWS > 1:
+        _sum_row(a1, r_ptr, b0_ptr, b1_ptr, b2_ptr, out_ptr, n, c, cmask, h0 + 1, w, H, W, sn, sc, sh, sw, HAS_BIAS)
+    if ROWS > 2:
+        _sum_row(a2, r_ptr, b0_ptr, b1_ptr, b2_ptr, out_ptr, n, c, cmask, h0 + 2, w, H, W, sn, sc, sh, sw, HAS_BIAS)
+    if ROWS > 3:
+        _sum_row(a3, r_ptr, b0_ptr, b1_ptr, b2_ptr, out_ptr, n, c, cmask, h0 + 3, w, H, W, sn, sc, sh, sw, HAS_BIAS)
+
+
+@triton.jit
+def _add_taps3(p, q, s, xv, w0_ptr, w1_ptr, w2_ptr, c, cmask, r: tl.constexpr, o: tl.constexpr, SPAN: tl.constexpr,
+               K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """Output row ``h0 + o`` of the three strips (p, q, s) plus input row ``r`` of the walk (:func:`_add_tap`)."""
+    p = _add_tap(p, xv, w0_ptr, c, cmask, r, o, 0, SPAN, K0, 1, TRANSPOSE)
+    q = _add_tap(q, xv, w1_ptr, c, cmask, r, o, 0, SPAN, K1, 1, TRANSPOSE)
+    s = _add_tap(s, xv, w2_ptr, c, cmask, r, o, 0, SPAN, K2, 1, TRANSPOSE)
+    return p, q, s
+
+
+@triton.jit
+def _store_rows3(p, q, s, o0_ptr, o1_ptr, o2_ptr, b0_ptr, b1_ptr, b2_ptr, n, c, cmask, h, w, H, W, sn, sc, sh, sw,
+                 HAS_BIAS: tl.constexpr):
+    """Store output row ``h`` of the three strips: ``acc + b_i`` each."""
+    _finish_row(p, o0_ptr, b0_ptr, b0_ptr, n, c, cmask, h, w, H, W, sn, sc, sh, sw, HAS_BIAS, 0)
+    _finish_row(q, o1_ptr, b1_ptr, b1_ptr, n, c, cmask, h, w, H, W, sn, sc, sh, sw, HAS_BIAS, 0)
+    _finish_row(s, o2_ptr, b2_ptr, b2_ptr, n, c, cmask, h, w, H, W, sn, sc, sh, sw, HAS_BIAS, 0)
 
 
 @triton.autotune(configs=STRIP_ROW_CONFIGS, key=KEY, prune_configs_by=PRUNE, do_bench=bench)
@@ -154,25 +228,34 @@ def strip3_rows_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, o0
                        BLOCK_C: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
     """``_strip3_kernel``'s function along H, row-blocked: o_i = conv(x, w_i) + b_i, three K_i x 1
     depthwise convs of one input (K0 <= K1 <= K2); each input row is loaded once for all three."""
-    n, c, h0, w, o, cmask, mask = _row_tile(tl.program_id(0), tl.program_id(1), C, H, W, BLOCK_C, ROWS, BLOCK_W)
-    acc0 = tl.zeros((ROWS, BLOCK_C, BLOCK_W), dtype=tl.float32)
-    acc1 = tl.zeros((ROWS, BLOCK_C, BLOCK_W), dtype=tl.float32)
-    acc2 = tl.zeros((ROWS, BLOCK_C, BLOCK_W), dtype=tl.float32)
+    tl.static_assert(ROWS <= 4)
+    n, c, h0, w, cmask = _row_tile(tl.program_id(0), tl.program_id(1), C, H, W, BLOCK_C, ROWS, BLOCK_W)
+    zero = tl.zeros((BLOCK_C, BLOCK_W), dtype=tl.float32)
+    p0, p1, p2, p3 = zero, zero, zero, zero  # strip 0's output rows h0 .. h0 + 3
+    q0, q1, q2, q3 = zero, zero, zero, zero  # strip 1's
+    s0, s1, s2, s3 = zero, zero, zero, zero  # strip 2's
     x_c = x_ptr + n * sn + (c * sc)[:, None]
-    span = (K2 - 1) // 2
-    for r in tl.static_range(ROWS + K2 - 1):
-        xv = _input_row(x_c, cmask, h0 + r - span, w, H, W, sh, sw, 0, 1, TRANSPOSE)[None, :, :]
-        acc2 += _tap_weights(w2_ptr, c, cmask, _tap_row(r, o, span, K2, TRANSPOSE), 0, K2, 1)[:, :, None] * xv
-        acc1 += _tap_weights(w1_ptr, c, cmask, _tap_row(r, o, span, K1, TRANSPOSE), 0, K1, 1)[:, :, None] * xv
-        acc0 += _tap_weights(w0_ptr, c, cmask, _tap_row(r, o, span, K0, TRANSPOSE), 0, K0, 1)[:, :, None] * xv
-    if HAS_BIAS:
-        acc0 += tl.load(b0_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :, None]
-        acc1 += tl.load(b1_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :, None]
-        acc2 += tl.load(b2_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :, None]
-    offs = _out_offsets(n, c, h0, w, o, sn, sc, sh, sw)
-    tl.store(o0_ptr + offs, acc0.to(o0_ptr.dtype.element_ty), mask=mask)
-    tl.store(o1_ptr + offs, acc1.to(o1_ptr.dtype.element_ty), mask=mask)
-    tl.store(o2_ptr + offs, acc2.to(o2_ptr.dtype.element_ty), mask=mask)
+    SPAN: tl.constexpr = (K2 - 1) // 2
+    for r in tl.static_range(ROWS + 2 * SPAN):
+        xv = _input_row(x_c, cmask, h0 + r - SPAN, w, H, W, sh, sw, 0, 1, TRANSPOSE)
+        p0, q0, s0 = _add_taps3(p0, q0, s0, xv, w0_ptr, w1_ptr, w2_ptr, c, cmask, r, 0, SPAN, K0, K1, K2, TRANSPOSE)
+        if ROWS > 1:
+            p1, q1, s1 = _add_taps3(p1, q1, s1, xv, w0_ptr, w1_ptr, w2_ptr, c, cmask, r, 1, SPAN, K0, K1, K2,
+                                    TRANSPOSE)
+        if ROWS > 2:
+            p2, q2, s2 = _add_taps3(p2, q2, s2, xv, w0_ptr, w1_ptr, w2_ptr, c, cmask, r, 2, SPAN, K0, K1, K2,
+                                    TRANSPOSE)
+        if ROWS > 3:
+            p3, q3, s3 = _add_taps3(p3, q3, s3, xv, w0_ptr, w1_ptr, w2_ptr, c, cmask, r, 3, SPAN, K0, K1, K2,
+                                    TRANSPOSE)
+    outs = (o0_ptr, o1_ptr, o2_ptr, b0_ptr, b1_ptr, b2_ptr, n, c, cmask)
+    _store_rows3(p0, q0, s0, *outs, h0, w, H, W, sn, sc, sh, sw, HAS_BIAS)
+    if ROWS > 1:
+        _store_rows3(p1, q1, s1, *outs, h0 + 1, w, H, W, sn, sc, sh, sw, HAS_BIAS)
+    if ROWS > 2:
+        _store_rows3(p2, q2, s2, *outs, h0 + 2, w, H, W, sn, sc, sh, sw, HAS_BIAS)
+    if ROWS > 3:
+        _store_rows3(p3, q3, s3, *outs, h0 + 3, w, H, W, sn, sc, sh, sw, HAS_BIAS)
 
 
 def grid(n: int, c: int, h: int, w: int):

@@ -1,0 +1,186 @@
+"""The depthwise kernels' machine code for a GPU, without the GPU: registers, spills and instructions per output.
+
+    python bench/sass.py                  # sm_90 (H100/H200), bf16, MSCAN-B's stage-1 shapes at 480x640
+    python bench/sass.py --arch 80 --only dwconv3x3_gelu
+
+Every tile and row configuration the autotuner may pick (``smmcl/kernels``) is compiled ahead of time
+for ``--arch`` (Triton's own ptxas, no device needed) with the specialisation Triton gives the real
+launch (pointers aligned, integers divisible by 16 where they are, strides of 1 made constants), and its
+SASS read back with the bundled ``cuobjdump``. The kernels are straight-line code (every loop is
+unrolled), so the static counts are what each thread executes: per element written, the lane
+instructions (all of them: the measured H200 profile says the tile kernels are bound by this, not by
+DRAM), the global loads, and the multiply-adds. A configuration that spills (local memory) is marked.
+This ranks the configurations before a device run spends time on them; the timings themselves come from
+``bench/gpu_check.py`` (its kernels and sweep steps).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from smmcl.kernels import triton_dwconv as tiles
+from smmcl.kernels import triton_rows as rows
+
+
+def _cases(c: int, h: int, w: int):
+    """(name, tile kernel, row kernel, constexprs, output tensors, channels) at stage-1 sizes. Along W the
+    row kernel walks the columns of a channels_last map (H and W swapped), as the launcher runs it."""
+    hidden = 4 * c
+    conv = dict(TRANSPOSE=False, HAS_BIAS=True, EPILOGUE=0)
+    strips = dict(K0=7, K1=11, K2=21, TRANSPOSE=False, HAS_BIAS=True)
+    return [
+        ('dwconv5x5', tiles._dwconv_kernel, rows.dwconv_rows_kernel, dict(KH=5, KW=5, **conv), 1, c),
+        ('dwconv5x5_adjoint', tiles._dwconv_kernel, rows.dwconv_rows_kernel,
+         dict(KH=5, KW=5, TRANSPOSE=True, HAS_BIAS=False, EPILOGUE=0), 1, c),
+        ('dwconv3x3_gelu', tiles._dwconv_kernel, rows.dwconv_rows_kernel,
+         dict(KH=3, KW=3, TRANSPOSE=False, HAS_BIAS=True, EPILOGUE=1), 1, hidden),
+        ('dwconv3x3_gelu_grad', tiles._dwconv_kernel, rows.dwconv_rows_kernel,
+         dict(KH=3, KW=3, TRANSPOSE=False, HAS_BIAS=True, EPILOGUE=2), 1, hidden),
+        ('strip3_along_w', tiles._strip3_kernel, rows.strip3_rows_kernel, dict(ALONG_W=True, **strips), 3, c),
+        ('strip3_along_h', tiles._strip3_kernel, rows.strip3_rows_kernel, dict(ALONG_W=False, **strips), 3, c),
+        ('strip3_sum_along_w', tiles._strip3_sum_kernel, rows.strip3_sum_rows_kernel, dict(ALONG_W=True, **strips),
+         1, c),
+        ('strip3_sum_along_h', tiles._strip3_sum_kernel, rows.strip3_sum_rows_kernel,
+         dict(ALONG_W=False, **strips), 1, c),
+    ]
+
+
+def _jit(kernel):
+    """The JITFunction under the autotuner, and the autotuner's candidate configs."""
+    return kernel.fn, list(kernel.configs)
+
+
+def _weight_arg(name: str) -> bool:
+    return re.fullmatch(r'[wb]\d?_ptr', name) is not None  # parameters stay float32 under autocast
+
+
+def compile_config(kernel, meta: dict, config, ints: dict, arch: int, dtype: str = 'bf16'):
+    """The cubin of ``kernel`` (an autotuned Triton kernel) for one config, specialised as Triton's JIT
+    would for these integer arguments: 1 becomes a constant, multiples of 16 get the divisibility hint."""
+    fn, _ = _jit(kernel)
+    # a row kernel has no ALONG_W: it runs along H only
+    signature, attrs = {}, {}
+    constexprs = {k: v for k, v in dict(meta, **config.kwargs).items() if k in fn.arg_names}
+    for index, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = 'constexpr'
+        elif name.endswith('_ptr'):
+            signature[name] = '*fp32' if _weight_arg(name) else f'*{dtype}'
+            attrs[(index,)] = [['tt.divisibility', 16]]
+        elif ints[name] == 1:
+            signature[name] = 'constexpr'
+            constexprs[name] = 1
+        else:
+            signature[name] = 'i32'
+            if ints[name] % 16 == 0:
+                attrs[(index,)] = [['tt.divisibility', 16]]
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget('cuda', arch, 32),
+                              options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    return compiled.asm['cubin']
+
+
+def _tool(name: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', name)
+
+
+def sass_stats(cubin: bytes) -> dict:
+    """Registers, local (spill) bytes and the count of each SASS opcode of a one-kernel cubin."""
+    with tempfile.NamedTemporaryFile(suffix='.cubin') as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([_tool('cuobjdump'), '-sass', f.name], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([_tool('cuobjdump'), '-res-usage', f.name], capture_output=True, text=True,
+                               check=True).stdout
+    ops = collections.Counter()
+    for line in sass.splitlines():
+        match = re.match(r'\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)', line)
+        if match and match.group(1) != 'NOP':
+            ops[match.group(1)] += 1
+    regs = re.search(r'REG:(\d+)', usage)
+    local = re.search(r'LOCAL:(\d+)', usage)
+    return dict(regs=int(regs.group(1)) if regs else -1, local=int(local.group(1)) if local else -1, ops=ops)
+
+
+def per_output(stats: dict, config, outputs_per_program: int) -> dict:
+    """Lane instructions, global loads and FFMAs per element written (static counts x threads)."""
+    lanes = 32 * config.num_warps / outputs_per_program
+    ops = stats['ops']
+    return dict(instructions=sum(ops.values()) * lanes, loads=ops['LDG'] * lanes,
+                ffma=(ops['FFMA'] + ops['HFMA2']) * lanes)
+
+
+def _elements(config, outputs: int) -> int:
+    kw = config.kwargs
+    return kw['BLOCK_C'] * kw.get('BLOCK_H', kw.get('ROWS', 1)) * kw['BLOCK_W'] * outputs
+
+
+def _ints(c: int, h: int, w: int, channels_last: bool) -> dict:
+    if channels_last:
+        return dict(C=c, H=h, W=w, sn=h * w * c, sc=1, sh=w * c, sw=c)
+    return dict(C=c, H=h, W=w, sn=c * h * w, sc=h * w, sh=w, sw=1)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument('--arch', type=int, default=90, help='compute capability x10 (90: H100/H200)')
+    parser.add_argument('--only', default='', help='comma-separated cases, e.g. dwconv3x3_gelu')
+    parser.add_argument('--channels', type=int, default=64, help="stage 1's width (MSCAN-B: 64)")
+    parser.add_argument('--height', type=int, default=120, help='stage 1 at 480x640: 120x160')
+    parser.add_argument('--width', type=int, default=160)
+    parser.add_argument('--first', action='store_true', help="each family's first config per layout only")
+    args = parser.parse_args(argv)
+    if os.environ.get('TRITON_INTERPRET') == '1':
+        sys.exit('bench/sass.py compiles the kernels: run it without TRITON_INTERPRET=1')
+    only = set(filter(None, args.only.split(',')))
+    results = []
+    print(f'sm_{args.arch}, bf16 activations, stage 1 ({args.channels} channels, MLP {4 * args.channels}), '
+          f'{args.height}x{args.width}; per element written: lane instructions, global loads, FMAs')
+    print(f"{'case':<20} {'layout':<6} {'family':<5} {'config':<22} {'regs':>4} {'spill':>5} "
+          f"{'instr':>7} {'loads':>6} {'fma':>6}")
+    for name, tile_kernel, row_kernel, meta, outputs, channels in _cases(args.channels, args.height, args.width):
+        if only and name not in only:
+            continue
+        for channels_last in (False, True):
+            ints = _ints(channels, args.height, args.width, channels_last)
+            for family, kernel in (('tiles', tile_kernel), ('rows', row_kernel)):
+                along_w = meta.get('ALONG_W', False)
+                if family == 'rows' and along_w and not channels_last:
+                    continue  # the launcher keeps the tile kernel there (uncoalesced otherwise)
+                if family == 'rows' and along_w:
+                    ints = dict(ints, H=ints['W'], W=ints['H'], sh=ints['sw'], sw=ints['sh'])
+                _, configs = _jit(kernel)
+                wanted = [c for c in configs if (c.kwargs['BLOCK_C'] >= 16) == channels_last]
+                wanted = wanted[:1] if args.first else wanted
+                for config in wanted:
+                    try:
+                        stats = sass_stats(compile_config(kernel, meta, config, ints, args.arch))
+                    except Exception as err:  # noqa: BLE001 - report the config and go on
+                        print(f'{name:<20} {"NHWC" if channels_last else "NCHW":<6} {family:<5} '
+                              f'{_describe(config):<22} failed: {type(err).__name__}: {str(err)[:80]}')
+                        continue
+                    row = dict(case=name, layout='NHWC' if channels_last else 'NCHW', family=family,
+                               config=_describe(config), regs=stats['regs'], spill=stats['local'],
+                               **per_output(stats, config, _elements(config, outputs)))
+                    results.append(row)
+                    print(f"{row['case']:<20} {row['layout']:<6} {family:<5} {row['config']:<22} {row['regs']:>4} "
+                          f"{row['spill']:>5} {row['instructions']:7.1f} {row['loads']:6.2f} {row['ffma']:6.2f}")
+    return results
+
+
+def _describe(config) -> str:
+    sizes = 'x'.join(str(v) for k, v in config.kwargs.items())
+    return f'{sizes} w{config.num_warps}'
+
+
+if __name__ == '__main__':
+    main()
