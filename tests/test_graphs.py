@@ -370,18 +370,19 @@ def test_new_signatures_beyond_max_graphs_run_eagerly(model):
     assert runner.captures == 2
 
 
-@pytest.mark.parametrize('host_sync_every', [1, 2])
+@pytest.mark.parametrize('host_sync_every, optimizer', [(1, 'AdamW'), (2, 'AdamW'), (1, 'SGDM')])
 def test_train_script_with_training_graphs_is_the_eager_run(tiny_training, tmp_path, monkeypatch,
-                                                            host_sync_every):
+                                                            host_sync_every, optimizer):
     """train.py, 2 epochs of 2 chunks each (replicas=2: two recorded forwards and backwards per step,
     BatchNorm following chunk 0), with cuda_graphs_training=True through the stand-in recorder: the last
     checkpoint (weights, BatchNorm statistics, AdamW state) equals the eager run's up to float rounding
     (a reduction over a static buffer may sum in another order: the decoder's last bias gradient, 3e-8
     relative, on this CPU). Also with host_sync_every=2 (fused AdamW, the step decided on the device),
-    the training switches docs/speed.md recommends together."""
+    the training switches docs/speed.md recommends together, and with the other optimizer training
+    offers, SGDM (outside the recording, as AdamW)."""
     config = os.path.join(REPO, 'SMMCL_LLRGBD', 'config.py')
     eager = tiny_training(log_dir=str(tmp_path / 'eager'), replicas=2, niters_per_epoch=2,
-                          host_sync_every=host_sync_every, max_features_total=240)
+                          host_sync_every=host_sync_every, max_features_total=240, optimizer=optimizer)
     # The recording holds the contrastive loss's padded form; the eager run uses it too, so that the
     # only difference is the recording. (Against the plain form the values agree to float rounding,
     # tests/test_losses.py; AdamW turns the rounding noise of the conv biases before a BatchNorm, whose
@@ -396,7 +397,8 @@ def test_train_script_with_training_graphs_is_the_eager_run(tiny_training, tmp_p
         return graphs.use_training_graphs(model, enabled, recorder=EagerRecorder)
     monkeypatch.setattr(precision, 'use_training_graphs', with_stand_in)
     graphed = tiny_training(log_dir=str(tmp_path / 'graphed'), replicas=2, niters_per_epoch=2,
-                            host_sync_every=host_sync_every, cuda_graphs_training=True, max_features_total=240)
+                            host_sync_every=host_sync_every, cuda_graphs_training=True, max_features_total=240,
+                            optimizer=optimizer)
     train_module.main(config, ['--set', *graphed])
     assert installed == [True]
     a = read_checkpoint(str(tmp_path / 'eager' / 'checkpoint' / LAST))
@@ -404,6 +406,8 @@ def test_train_script_with_training_graphs_is_the_eager_run(tiny_training, tmp_p
     assert list(a['model']) == list(b['model'])
     for name in a['model']:
         torch.testing.assert_close(b['model'][name], a['model'][name], rtol=1e-5, atol=1e-8)
+    from smmcl.engine.optim import optimizer_kind
+    assert optimizer_kind(a['optimizer']) == optimizer_kind(b['optimizer']) == optimizer
     opt_a, opt_b = a['optimizer']['state'], b['optimizer']['state']
     for i in opt_a:
         for name in opt_a[i]:
