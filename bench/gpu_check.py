@@ -1131,6 +1131,19 @@ def summary(results):
         print(f"brief training ({brief['steps']} steps, MSCAN-B 240x320, batch 4): loss of the last 20 steps plain "
               f"fp32 {brief['plain_last20']:.4f} +- {brief['plain_last20_std']:.4f}, fast bf16+triton "
               f"{brief['fast_last20']:.4f}; argmax agreement {100 * brief['argmax_agreement']:.2f} %")
+    profile = results.get('profile')
+    if isinstance(profile, dict):  # per profiled call: wall, GPU time, host waits, where the GPU idles
+        for name, rows in profile.items():
+            got = {row[0]: row[1] for row in rows} if isinstance(rows, list) else {}
+            if 'wall ms per call' not in got:
+                continue
+            line = (f"profile {name}: wall {got['wall ms per call']:.1f} ms, GPU {got['device ms per call']:.1f} ms, "
+                    f"{got.get('synchronizing calls per call', '?')} syncs")
+            idle = got.get('idle attribution') or {}
+            if idle.get('idle_ms'):
+                top = sorted(idle['idle_ms'].items(), key=lambda kv: kv[1], reverse=True)[:3]
+                line += '; GPU idle during ' + ', '.join(f'{what[:50]} {ms:.1f} ms' for what, ms in top)
+            print(line)
     sweep = results.get('sweep')
     if isinstance(sweep, dict):
         print(f"tile sweep: {len(sweep['winners'])} (kernel, shape) winners, {sweep['new']} not among the listed tiles")

@@ -114,3 +114,18 @@ def test_row_kernels_execute_fewer_instructions_than_tiles():
         if family == 'rows':
             tiles = rows[case, layout, 'tiles']
             assert row['instructions'] < 0.75 * tiles['instructions'] and row['loads'] < 0.75 * tiles['loads']
+
+
+def test_the_summary_states_each_profiled_calls_wall_gpu_time_syncs_and_idle_time(capsys):
+    spec = importlib.util.spec_from_file_location('gpu_check', os.path.join(REPO_ROOT, 'bench', 'gpu_check.py'))
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    idle = dict(window_ms=220.0, busy_ms=140.0, idle_ms={'cudaGraphLaunch': 50.0, gpu_check.NO_OPERATOR: 30.0})
+    gpu_check.summary({'env': {}, 'profile': {
+        'train fast+triton NCHW+graphs': [('wall ms per call', 220.0, 1.0), ('device ms per call', 140.0, 1.0),
+                                          ('synchronizing calls per call', 0, 1.0), ('_dwconv_kernel', 20.0, 0.1),
+                                          ('idle attribution', idle, 1.0)],
+        'eval fast+triton': 'failed'}})
+    out = capsys.readouterr().out
+    assert ('profile train fast+triton NCHW+graphs: wall 220.0 ms, GPU 140.0 ms, 0 syncs; GPU idle during '
+            'cudaGraphLaunch 50.0 ms, (no host operator') in out
