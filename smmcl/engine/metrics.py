@@ -78,8 +78,8 @@ def check_label(label: Array, shape: Sequence[int], num_classes: int, ignore: in
 def _refuse_outside(what: str, values: Array, num_classes: int, ignore: int) -> None:
     bad = values[(values < 0) | (values >= num_classes)]
     if len(bad):
-        raise ValueError(_bad_values_message(what, np.unique(np.asarray(torch.as_tensor(bad).cpu())).tolist(),
-                                             num_classes, ignore))
+        bad = bad.cpu().numpy() if isinstance(bad, torch.Tensor) else bad
+        raise ValueError(_bad_values_message(what, np.unique(bad).tolist(), num_classes, ignore))
 
 
 def pixel_counts(pred: torch.Tensor, label: torch.Tensor, num_classes: int, ignore: int = 255) -> torch.Tensor:

@@ -64,16 +64,14 @@ def mixed_precision(config, device: torch.device):
     loss scaling; float16 on older GPUs uses a GradScaler; other CPUs stay in fp32. With amp off both
     are no-ops.
     """
-    off = contextlib.nullcontext(), torch.amp.GradScaler(device.type, enabled=False)
     dtype = amp_dtype(config, device)
-    if dtype is not None:
-        return torch.autocast(device.type, dtype=dtype), torch.amp.GradScaler(
-            device.type, enabled=dtype == torch.float16)
-    if not config.amp:
-        return off
-    logger.warning('amp=True ignored: this %s has no native bfloat16 (emulated it is several times slower '
-                   'than float32); computing in float32', device.type.upper())
-    return off
+    if dtype is None:
+        if config.amp:
+            logger.warning('amp=True ignored: this %s has no native bfloat16 (emulated it is several times '
+                           'slower than float32); computing in float32', device.type.upper())
+        return contextlib.nullcontext(), torch.amp.GradScaler(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype), torch.amp.GradScaler(device.type,
+                                                                          enabled=dtype == torch.float16)
 
 
 def memory_format(config) -> torch.memory_format:
