@@ -19,11 +19,12 @@ wanted first, each reported even if another fails; once ``--budget-s`` is spent 
    work in fp32 NCHW (the plain path), bf16 NHWC (the fast path) and bf16 NCHW, both kernel families
    (``SMMCL_TRITON_DEPTHWISE``: tiles, rows), with the time the bytes it must move would take at the
    measured copy bandwidth (the floor) and each one's share of that bandwidth; then each weight-gradient
-   implementation (gather, taps, PyTorch's) per stage and kernel shape, and the one ``auto`` picks; then
-   the attention's six strip weight gradients per direction, one fused launch against three
-   ``dwconv_wgrad`` calls (``SMMCL_TRITON_STRIP_WGRAD``);
+   implementation (gather, taps, rows, PyTorch's) per stage, kernel shape and layout, and the one ``auto``
+   picks; then the attention's six strip weight gradients per direction, one fused launch (tiles or
+   rows) against three ``dwconv_wgrad`` calls (``SMMCL_TRITON_STRIP_WGRAD``);
 3. ``model``: the whole model, fp32, TF32 off, same seeds (anchor sampler, NMF, drop path): the kernels
-   against the plain path on logits, each loss term and each gradient (target: 1e-4);
+   against the plain path on logits, each loss term and each gradient (target: 1e-4), also with every
+   kernel of the row family forced (``ALL_ROWS``);
 4. ``graphs``: the CUDA-graph replay against the eager forward of the same folded bf16 model, same
    random state (the NMF bases): relative error and argmax agreement of the logits, ms per forward;
    and a few training steps with the recorded forward and backward against eager ones (same seeds):
@@ -313,57 +314,75 @@ def step_kernels(args, device):
 
 
 @contextlib.contextmanager
-def kernel_family(impl):
-    """SMMCL_TRITON_DEPTHWISE=impl within (for 'tiles' and 'rows'; anything else leaves it as it is)."""
-    saved = os.environ.get('SMMCL_TRITON_DEPTHWISE')
-    if impl in ('tiles', 'rows'):
-        os.environ['SMMCL_TRITON_DEPTHWISE'] = impl
+def environment(**variables):
+    """The environment variables ``variables`` set within (None: left as they are), restored after."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update({name: value for name, value in variables.items() if value is not None})
     try:
         yield
     finally:
-        os.environ.pop('SMMCL_TRITON_DEPTHWISE', None)
-        if saved is not None:
-            os.environ['SMMCL_TRITON_DEPTHWISE'] = saved
+        for name, value in saved.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
+
+
+def kernel_family(impl):
+    """SMMCL_TRITON_DEPTHWISE=impl within (for 'tiles' and 'rows'; anything else leaves it as it is)."""
+    return environment(SMMCL_TRITON_DEPTHWISE=impl if impl in ('tiles', 'rows') else None)
+
+
+# every kernel of the row family: the convs along H, and the row-walked weight gradients
+ALL_ROWS = dict(SMMCL_TRITON_DEPTHWISE='rows', SMMCL_TRITON_WGRAD='rows', SMMCL_TRITON_STRIP_WGRAD='rows')
 
 
 def wgrad_table(args, device, bandwidth):
-    """ms of each weight-gradient implementation (bf16 channels_last, the fast path's) per stage and
-    kernel shape, the one ``'auto'`` picks, and the floor (read the gradient and the input once)."""
+    """ms of each weight-gradient implementation per stage and kernel shape, bf16 in channels_last (the
+    eager fast path's) and NCHW (the graphed training step's), the one ``'auto'`` picks, the floor (read
+    the gradient and the input once), and the row-walked kernel's relative difference from the gather's
+    (the same sums in another order)."""
     import torch
     from smmcl.kernels import triton_dwconv as K
     n = 1 if args.smoke else args.batch
     rows = []
-    print(f"\nweight gradients, ms (bf16 NHWC): {' '.join(f'{i:>7}' for i in K.WGRAD_IMPLS)}   floor  auto")
+    print(f"\nweight gradients, ms: {'':<15} {' '.join(f'{i:>7}' for i in K.WGRAD_IMPLS)}   floor  auto    "
+          f"rows vs gather")
     for label, kind, c, h, w in mscan_b_sizes(args):
-        for kh, kw in (((5, 5), (1, 21), (21, 1)) if kind == 'attn' else ((3, 3),)):
-            g = torch.Generator(device='cpu').manual_seed(0)
-            x, grad = (torch.randn(n, c, h, w, generator=g).to(device, torch.bfloat16)
-                       .contiguous(memory_format=torch.channels_last) for _ in range(2))
-            weight = torch.randn(c, 1, kh, kw, generator=g).to(device)
-            times = {impl: time_ms(lambda impl=impl: K.dwconv_wgrad(grad, x, weight, impl=impl), device, args.smoke)
-                     for impl in K.WGRAD_IMPLS}
-            chosen = K._fastest_wgrad(grad, x, weight)
-            floor = 2 * x.numel() * x.element_size() / bandwidth * 1e3
-            rows.append(dict(item=label, kernel=f'{kh}x{kw}', floor_ms=floor, auto=chosen, **times))
-            print(f"  {label:<8} {kh:>2}x{kw:<2} {' '.join(f'{times[i]:7.3f}' for i in K.WGRAD_IMPLS)} "
-                  f"{floor:7.3f}  {chosen}")
-            del x, grad
+        for fmt, fmt_name in ((torch.channels_last, 'bf16 NHWC'), (torch.contiguous_format, 'bf16 NCHW')):
+            for kh, kw in (((5, 5), (1, 21), (21, 1)) if kind == 'attn' else ((3, 3),)):
+                g = torch.Generator(device='cpu').manual_seed(0)
+                x, grad = (torch.randn(n, c, h, w, generator=g).to(device, torch.bfloat16).contiguous(memory_format=fmt)
+                           for _ in range(2))
+                weight = torch.randn(c, 1, kh, kw, generator=g).to(device)
+                times = {impl: time_ms(lambda impl=impl: K.dwconv_wgrad(grad, x, weight, impl=impl), device,
+                                       args.smoke) for impl in K.WGRAD_IMPLS}
+                chosen = K._fastest_wgrad(grad, x, weight)
+                diff = rel(K.dwconv_wgrad(grad, x, weight, impl='rows')[0],
+                           K.dwconv_wgrad(grad, x, weight, impl='gather')[0])
+                floor = 2 * x.numel() * x.element_size() / bandwidth * 1e3
+                rows.append(dict(item=label, layout=fmt_name, kernel=f'{kh}x{kw}', floor_ms=floor, auto=chosen,
+                                 rel_diff=diff, **times))
+                print(f"  {label:<8} {fmt_name:<9} {kh:>2}x{kw:<2} "
+                      f"{' '.join(f'{times[i]:7.3f}' for i in K.WGRAD_IMPLS)} {floor:7.3f}  {chosen:<7} {diff:.1e}")
+                del x, grad
     return rows
 
 
 def strip_wgrad_table(args, device, bandwidth=None):
     """ms of an attention module's six strip weight and bias gradients, per direction (the three 1xK
     convs, then the three Kx1), MSCAN-B's stages at their real sizes, bf16 in channels_last and NCHW:
-    ``fused`` (one launch per direction) against ``separate`` (three ``dwconv_wgrad`` calls, each with its
-    own ``SMMCL_TRITON_WGRAD=auto`` choice), the one ``SMMCL_TRITON_STRIP_WGRAD=auto`` picks, and the
-    two results' relative difference (the same sums, perhaps in another order); with ``bandwidth``
-    (bytes/s) also the floor: reading the direction's four distinct maps once."""
+    ``fused`` (one launch per direction), ``rows`` (one launch of the row-walked kernel) and ``separate``
+    (three ``dwconv_wgrad`` calls, each with its own ``SMMCL_TRITON_WGRAD=auto`` choice), the one
+    ``SMMCL_TRITON_STRIP_WGRAD=auto`` picks, and the largest relative difference of the others from
+    ``fused`` (the same sums, perhaps in another order); with ``bandwidth`` (bytes/s) also the floor:
+    reading the direction's four distinct maps once."""
     import torch
     from smmcl.kernels import triton_dwconv as K
     n = 1 if args.smoke else args.batch
     lengths = (7, 11, 21)
     rows = []
-    print(f"\nstrip weight gradients, ms: {'':<19} {'fused':>7} {'separate':>8}   floor  auto      rel diff")
+    print(f"\nstrip weight gradients, ms: {'':<19} {' '.join(f'{i:>8}' for i in K.STRIP_WGRAD_IMPLS)}   floor  "
+          f"auto      rel diff")
     for label, kind, c, h, w in mscan_b_sizes(args):
         if kind != 'attn':
             continue
@@ -386,13 +405,13 @@ def strip_wgrad_table(args, device, bandwidth=None):
                 times = {impl: time_ms(lambda impl=impl: packed(impl), device, args.smoke)
                          for impl in K.STRIP_WGRAD_IMPLS}
                 chosen = K._fastest_strip_wgrad(grads, xs, weights, along_w)
-                diff = rel(packed('fused'), packed('separate'))
+                diff = max(rel(packed(impl), packed('fused')) for impl in K.STRIP_WGRAD_IMPLS if impl != 'fused')
                 # 1xK reads grad_t (three maps) and a; Kx1 reads grad and t (three maps)
                 floor = 4 * a.numel() * a.element_size() / bandwidth * 1e3 if bandwidth else float('nan')
                 rows.append(dict(item=label, layout=fmt_name, direction=direction, auto=chosen, rel_diff=diff,
                                  floor_ms=floor, **times))
-                print(f"  {label:<8} {fmt_name:<9} {direction}  {times['fused']:7.3f} {times['separate']:8.3f} "
-                      f"{floor:7.3f}  {chosen:<8}  {diff:.1e}")
+                columns = ' '.join(f'{times[i]:8.3f}' for i in K.STRIP_WGRAD_IMPLS)
+                print(f"  {label:<8} {fmt_name:<9} {direction}  {columns} {floor:7.3f}  {chosen:<8}  {diff:.1e}")
             del a, grad, grad_t, t
     return rows
 
@@ -480,27 +499,30 @@ def step_model(args, device):
     try:
         cfg, model, rgb, x, label = _model_and_batch(args, device, 1 if args.smoke else 2)
         paths = {}
-        for name, fast, kernels, layout in (('plain', False, False, None), ('fast', True, False, None),
-                                            ('fast+triton', True, True, None),
-                                            ('fast+triton NCHW', True, True, False)):
+        # (name, fast path, kernels, channels_last, environment: the row family forced for every kernel)
+        for name, fast, kernels, layout, env in (('plain', False, False, None, {}), ('fast', True, False, None, {}),
+                                                 ('fast+triton', True, True, None, {}),
+                                                 ('fast+triton NCHW', True, True, False, {}),
+                                                 ('fast+triton NCHW rows', True, True, False, ALL_ROWS)):
             c = copy.deepcopy(cfg)
             c.update(fast_path=fast, triton_kernels=kernels, channels_last=layout)
             m = for_training(copy.deepcopy(model).train(), c)
             fmt = memory_format(c)
             r, xx = rgb.contiguous(memory_format=fmt), x.contiguous(memory_format=fmt)
-            torch.manual_seed(3)
-            terms = m(r, xx, label, return_terms=True)
-            terms['loss'].backward()
-            grads = {n: p.grad.detach().clone() for n, p in m.named_parameters() if p.grad is not None}
-            inf = for_inference(m, c)
-            torch.manual_seed(4)
-            with torch.no_grad():
-                logits = inf.encode_decode(r, xx)[0]
+            with environment(**env):
+                torch.manual_seed(3)
+                terms = m(r, xx, label, return_terms=True)
+                terms['loss'].backward()
+                grads = {n: p.grad.detach().clone() for n, p in m.named_parameters() if p.grad is not None}
+                inf = for_inference(m, c)
+                torch.manual_seed(4)
+                with torch.no_grad():
+                    logits = inf.encode_decode(r, xx)[0]
             paths[name] = dict(terms={k: v.detach() for k, v in terms.items()}, grads=grads, logits=logits)
             del m, inf
         out = {}
         # fast alone: the error of channels_last and folding; NCHW + kernels: the kernels' alone
-        for other in ('fast', 'fast+triton', 'fast+triton NCHW'):
+        for other in ('fast', 'fast+triton', 'fast+triton NCHW', 'fast+triton NCHW rows'):
             out.update({f'{other}: {k}': v for k, v in _path_errors(paths['plain'], paths[other]).items()})
         print('fp32, TF32 off: fast path (with and without the Triton kernels) vs plain, relative error '
               '(target <= 1e-4)')
@@ -1090,11 +1112,13 @@ def summary(results):
         print(f"copy bandwidth {kern['copy_TBps']:.2f} TB/s")
         print_kernel_table(kern['rows'], compact=True)
         for r in kern.get('wgrad', []):
-            print(f"wgrad {r['item']:<8} {r['kernel']:>5}: " + ' '.join(f"{i} {r[i]:.3f}" for i in ('gather', 'taps', 'torch'))
-                  + f" ms; floor {r['floor_ms']:.3f}; auto -> {r['auto']}")
+            impls = [i for i in ('gather', 'taps', 'rows', 'torch') if i in r]
+            print(f"wgrad {r['item']:<8} {r.get('layout', '')} {r['kernel']:>5}: "
+                  + ' '.join(f"{i} {r[i]:.3f}" for i in impls) + f" ms; floor {r['floor_ms']:.3f}; auto -> {r['auto']}")
         for r in kern.get('strip_wgrad', []):
-            print(f"strip wgrad {r['item']:<8} {r['layout']} {r['direction']}: fused {r['fused']:.3f} "
-                  f"separate {r['separate']:.3f} ms; floor {r['floor_ms']:.3f}; auto -> {r['auto']}")
+            impls = [i for i in ('fused', 'rows', 'separate') if i in r]
+            print(f"strip wgrad {r['item']:<8} {r['layout']} {r['direction']}: "
+                  + ' '.join(f"{i} {r[i]:.3f}" for i in impls) + f" ms; floor {r['floor_ms']:.3f}; auto -> {r['auto']}")
         worst = max(kern['errors'], key=lambda e: e[3]) if kern['errors'] else None
         if worst:
             print(f'worst kernel error vs fp32 PyTorch: {worst[3]:.1e} ({worst[0]} {worst[1]} {worst[2]})')

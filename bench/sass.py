@@ -54,6 +54,29 @@ def _cases(c: int, h: int, w: int):
     ]
 
 
+def _wgrad_cases(c: int, h: int, w: int):
+    """(name, [(family, kernel, constexprs, loop repeats)], channels) of the weight gradients at stage-1
+    sizes. Their programs loop over tiles at run time, so the count is the loop body's: per position of
+    the map (for the strips, of all three), ``repeats`` times for the tap-by-tap kernel's per-tap loop."""
+    strips = dict(K0=7, K1=11, K2=21)
+    taps = dict(TAPS0=8, TAPS1=16, TAPS2=32)
+    return [
+        ('wgrad5x5', [('gather', tiles._dwconv_wgrad_kernel, dict(TAPS=32), 1),
+                      ('taps', tiles._dwconv_wgrad_taps_kernel, {}, 25),
+                      ('rows', rows.dwconv_wgrad_rows_kernel, dict(KH=5, KW=5), 1)], c, dict(KH=5, KW=5)),
+        ('wgrad3x3', [('gather', tiles._dwconv_wgrad_kernel, dict(TAPS=16), 1),
+                      ('taps', tiles._dwconv_wgrad_taps_kernel, {}, 9),
+                      ('rows', rows.dwconv_wgrad_rows_kernel, dict(KH=3, KW=3), 1)], 4 * c, dict(KH=3, KW=3)),
+        ('strip3_wgrad_along_h', [('tiles', tiles._strip3_wgrad_kernel, dict(ALONG_W=False, **taps), 1),
+                                  ('rows', rows.strip3_wgrad_rows_kernel, dict(ALONG_W=False, **strips), 1)],
+         c, strips),
+        # in channels_last the launcher runs the row kernel along H of the swapped map (as along_h's row)
+        ('strip3_wgrad_along_w', [('tiles', tiles._strip3_wgrad_kernel, dict(ALONG_W=True, **taps), 1),
+                                  ('rows', rows.strip3_wgrad_rows_kernel, dict(ALONG_W=True, **strips), 1)],
+         c, strips),
+    ]
+
+
 def _jit(kernel):
     """The JITFunction under the autotuner, and the autotuner's candidate configs."""
     return kernel.fn, list(kernel.configs)
@@ -94,29 +117,48 @@ def _tool(name: str) -> str:
 
 
 def sass_stats(cubin: bytes) -> dict:
-    """Registers, local (spill) bytes and the count of each SASS opcode of a one-kernel cubin."""
+    """Registers, local (spill) bytes and the count of each SASS opcode of a one-kernel cubin (``ops``), and
+    of each innermost loop's body (``loops``: a backward branch's range that holds no other)."""
     with tempfile.NamedTemporaryFile(suffix='.cubin') as f:
         f.write(cubin)
         f.flush()
         sass = subprocess.run([_tool('cuobjdump'), '-sass', f.name], capture_output=True, text=True, check=True).stdout
         usage = subprocess.run([_tool('cuobjdump'), '-res-usage', f.name], capture_output=True, text=True,
                                check=True).stdout
-    ops = collections.Counter()
+    code = []  # (address, opcode, operands)
     for line in sass.splitlines():
-        match = re.match(r'\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)', line)
-        if match and match.group(1) != 'NOP':
-            ops[match.group(1)] += 1
+        match = re.match(r'\s+/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(.*)', line)
+        if match and match.group(2) != 'NOP':
+            code.append((int(match.group(1), 16), match.group(2), match.group(3)))
+    ranges = []
+    for address, opcode, operands in code:
+        target = re.search(r'0x([0-9a-f]+)', operands) if opcode == 'BRA' else None
+        if target and int(target.group(1), 16) < address:
+            ranges.append((int(target.group(1), 16), address))
+    innermost = [r for r in ranges if not any(o != r and r[0] <= o[0] and o[1] <= r[1] for o in ranges)]
+    loops = [collections.Counter(op for address, op, _ in code if start <= address <= end) for start, end in innermost]
     regs = re.search(r'REG:(\d+)', usage)
     local = re.search(r'LOCAL:(\d+)', usage)
-    return dict(regs=int(regs.group(1)) if regs else -1, local=int(local.group(1)) if local else -1, ops=ops)
+    return dict(regs=int(regs.group(1)) if regs else -1, local=int(local.group(1)) if local else -1,
+                ops=collections.Counter(op for _, op, _ in code), loops=loops)
 
 
-def per_output(stats: dict, config, outputs_per_program: int) -> dict:
-    """Lane instructions, global loads and FFMAs per element written (static counts x threads)."""
+def per_output(stats: dict, config, outputs_per_program: int, ops=None) -> dict:
+    """Lane instructions, global loads and FFMAs per element written (static counts x threads); ``ops``:
+    other counts than the whole kernel's (a loop body's, for the outputs of one iteration)."""
     lanes = 32 * config.num_warps / outputs_per_program
-    ops = stats['ops']
+    ops = stats['ops'] if ops is None else ops
     return dict(instructions=sum(ops.values()) * lanes, loads=ops['LDG'] * lanes,
                 ffma=(ops['FFMA'] + ops['HFMA2']) * lanes)
+
+
+def _loop_ops(stats: dict, repeats: int) -> collections.Counter:
+    """The counts a weight gradient spends per tile: its innermost loops' bodies (the strips' three jobs,
+    one loop each), or ``repeats`` times the smallest (the tap-by-tap kernel: one loop per tap)."""
+    if repeats > 1:
+        body = min(stats['loops'], key=lambda ops: sum(ops.values()))
+        return collections.Counter({op: count * repeats for op, count in body.items()})
+    return sum(stats['loops'], collections.Counter())
 
 
 def _elements(config, outputs: int) -> int:
@@ -145,19 +187,26 @@ def main(argv=None):
     results = []
     print(f'sm_{args.arch}, bf16 activations, stage 1 ({args.channels} channels, MLP {4 * args.channels}), '
           f'{args.height}x{args.width}; per element written: lane instructions, global loads, FMAs')
-    print(f"{'case':<20} {'layout':<6} {'family':<5} {'config':<22} {'regs':>4} {'spill':>5} "
+    print(f"{'case':<20} {'layout':<6} {'family':<6} {'config':<22} {'regs':>4} {'spill':>5} "
           f"{'instr':>7} {'loads':>6} {'fma':>6}")
-    for name, tile_kernel, row_kernel, meta, outputs, channels in _cases(args.channels, args.height, args.width):
+    # (name, [(family, kernel, constexprs, loop repeats or None: straight-line)], outputs, channels, ints)
+    cases = [(name, [('tiles', tile_kernel, meta, None), ('rows', row_kernel, meta, None)], outputs, channels, {})
+             for name, tile_kernel, row_kernel, meta, outputs, channels in _cases(args.channels, args.height,
+                                                                                   args.width)]
+    cases += [(name, families, 1, channels, dict(ints, N=8, num_chunks=33))
+              for name, families, channels, ints in _wgrad_cases(args.channels, args.height, args.width)]
+    for name, families, outputs, channels, extra in cases:
         if only and name not in only:
             continue
         for channels_last in (False, True):
-            ints = _ints(channels, args.height, args.width, channels_last)
-            for family, kernel in (('tiles', tile_kernel), ('rows', row_kernel)):
+            for family, kernel, meta, repeats in families:
+                ints = dict(_ints(channels, args.height, args.width, channels_last), **extra)
                 along_w = meta.get('ALONG_W', False)
-                if family == 'rows' and along_w and not channels_last:
+                if family == 'rows' and along_w and not channels_last and repeats is None:
                     continue  # the launcher keeps the tile kernel there (uncoalesced otherwise)
-                if family == 'rows' and along_w:
+                if family == 'rows' and along_w and channels_last:
                     ints = dict(ints, H=ints['W'], W=ints['H'], sh=ints['sw'], sw=ints['sh'])
+                    meta = dict(meta, ALONG_W=False) if repeats is not None else meta
                 _, configs = _jit(kernel)
                 wanted = [c for c in configs if (c.kwargs['BLOCK_C'] >= 16) == channels_last]
                 wanted = wanted[:1] if args.first else wanted
@@ -165,14 +214,15 @@ def main(argv=None):
                     try:
                         stats = sass_stats(compile_config(kernel, meta, config, ints, args.arch))
                     except Exception as err:  # noqa: BLE001 - report the config and go on
-                        print(f'{name:<20} {"NHWC" if channels_last else "NCHW":<6} {family:<5} '
+                        print(f'{name:<20} {"NHWC" if channels_last else "NCHW":<6} {family:<6} '
                               f'{_describe(config):<22} failed: {type(err).__name__}: {str(err)[:80]}')
                         continue
+                    counts = None if repeats is None else _loop_ops(stats, repeats)
                     row = dict(case=name, layout='NHWC' if channels_last else 'NCHW', family=family,
                                config=_describe(config), regs=stats['regs'], spill=stats['local'],
-                               **per_output(stats, config, _elements(config, outputs)))
+                               **per_output(stats, config, _elements(config, outputs), counts))
                     results.append(row)
-                    print(f"{row['case']:<20} {row['layout']:<6} {family:<5} {row['config']:<22} {row['regs']:>4} "
+                    print(f"{row['case']:<20} {row['layout']:<6} {family:<6} {row['config']:<22} {row['regs']:>4} "
                           f"{row['spill']:>5} {row['instructions']:7.1f} {row['loads']:6.2f} {row['ffma']:6.2f}")
     return results
 

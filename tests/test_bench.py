@@ -95,24 +95,33 @@ def test_traffic_extrapolates_each_operator_linearly_in_the_pixels():
 def test_row_kernels_execute_fewer_instructions_than_tiles():
     """bench/sass.py compiles the kernels for sm_90 without a GPU: the row kernels (each input row loaded
     once per tap column into per-row accumulators) run well under the tile kernels' lane instructions
-    and loads per output, in both layouts, and spill nothing."""
+    and loads per output, in both layouts, and spill nothing; the row-walked weight gradients under half
+    the instructions of the gather and the tap-by-tap kernels."""
     import subprocess
     import sys
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
     env['TRITON_DEFAULT_FP_FUSION'] = '1'
     out = subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'bench', 'sass.py'), '--first', '--only',
-                          'dwconv5x5,strip3_sum_along_h'], capture_output=True, text=True, env=env, timeout=600)
+                          'dwconv5x5,strip3_sum_along_h,wgrad5x5,strip3_wgrad_along_h'],
+                         capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = {}
     for line in out.stdout.splitlines():
         f = line.split()
-        if len(f) == 10 and f[2] in ('tiles', 'rows'):
+        if len(f) == 10 and f[2] in ('tiles', 'rows', 'gather', 'taps'):
             rows[f[0], f[1], f[2]] = dict(spill=int(f[6]), instructions=float(f[7]), loads=float(f[8]))
-    assert len(rows) == 8, out.stdout
+    assert len(rows) == 18, out.stdout
     for (case, layout, family), row in rows.items():
         assert row['spill'] == 0
-        if family == 'rows':
-            tiles = rows[case, layout, 'tiles']
+        if family != 'rows':
+            continue
+        others = [other for (c, l, f), other in rows.items() if (c, l) == (case, layout) and f != 'rows']
+        if 'wgrad' in case:
+            # per position of the map, counted in the loop over tiles; the tile kernels' loads may be
+            # vectorised where the row walk's shifted loads are not: instructions only
+            assert all(row['instructions'] < 0.5 * other['instructions'] for other in others), (case, layout)
+        else:
+            tiles, = others
             assert row['instructions'] < 0.75 * tiles['instructions'] and row['loads'] < 0.75 * tiles['loads']
 
 

@@ -148,11 +148,17 @@ def test_strip_sum_matches_the_three_branches(n, c, h, w, fmt):
 
 # ---- the row-blocked kernels along H (SMMCL_TRITON_DEPTHWISE=rows) ------------------------------------
 
+def _all_rows(monkeypatch):
+    """Every kernel of the row family: the convs along H and the row-walked weight gradients."""
+    for name in ('SMMCL_TRITON_DEPTHWISE', 'SMMCL_TRITON_WGRAD', 'SMMCL_TRITON_STRIP_WGRAD'):
+        monkeypatch.setenv(name, 'rows')
+
+
 @pytest.mark.parametrize('n, c, h, w, kh, kw, fmt', [DW_CASES[0], DW_CASES[1], DW_CASES[4], DW_CASES[6]])
 def test_row_kernels_match_conv2d(monkeypatch, n, c, h, w, kh, kw, fmt):
     """The depthwise conv through the row kernels, forward and backward (the adjoint conv too), and for
     the MLP's 3x3 the conv + GELU; maps taller than one block of rows (4 under the interpreter)."""
-    monkeypatch.setenv('SMMCL_TRITON_DEPTHWISE', 'rows')
+    _all_rows(monkeypatch)
     x, weight, bias = _tensor(n, c, h, w, fmt=fmt), _tensor(c, 1, kh, kw, seed=1), _tensor(c, seed=2)
     rx, rw, rb = _fp32_copies(x, weight, bias)
     ref = F.conv2d(rx, rw, rb, padding=(kh // 2, kw // 2), groups=c)
@@ -168,7 +174,7 @@ def test_row_kernels_match_conv2d(monkeypatch, n, c, h, w, kh, kw, fmt):
 def test_row_kernels_in_the_strip_sum(monkeypatch, n, c, h, w, fmt):
     """The attention's strips with the vertical ones on the row kernels (forward sum, backward's adjoint
     strips); one map taller than the 21-tap strip."""
-    monkeypatch.setenv('SMMCL_TRITON_DEPTHWISE', 'rows')
+    _all_rows(monkeypatch)
     a, params = _tensor(n, c, h, w, fmt=fmt), _strip_params(c)
     ref_a, *ref_params = _fp32_copies(a, *params)
     _check_grads(ops().mscan_strip_sum(a, *params), kernels.strip_sum_reference(ref_a, ref_params),
@@ -180,7 +186,7 @@ def test_row_kernels_with_fewer_output_rows(monkeypatch, rows):
     """A program of 1, 2 or 3 output rows (the interpreter's tiles have 4): each row's accumulator and
     store, the walk's length; the 5x5 conv and the strip sum, forward and backward."""
     import triton
-    monkeypatch.setenv('SMMCL_TRITON_DEPTHWISE', 'rows')
+    _all_rows(monkeypatch)
     ops()  # the kernels are imported
     from smmcl.kernels import triton_rows
     for kernel in (triton_rows.dwconv_rows_kernel, triton_rows.strip3_rows_kernel, triton_rows.strip3_sum_rows_kernel):
@@ -196,8 +202,33 @@ def test_row_kernels_with_fewer_output_rows(monkeypatch, rows):
                  [a] + params, [ref_a] + ref_params, 1e-5)
 
 
+@pytest.mark.parametrize('rows', [1, 3, 8])
+def test_row_walked_weight_gradients_with_bands_of_any_height(monkeypatch, rows):
+    """Bands of 1, 3 or 8 output rows (the interpreter's config has 4): the walk's length and which taps
+    each input row meets; a 5x5 conv and the three strips along H and along W (NCHW: the taps along the
+    row)."""
+    import triton
+    from smmcl.kernels import triton_dwconv, triton_rows
+    for kernel in (triton_rows.dwconv_wgrad_rows_kernel, triton_rows.strip3_wgrad_rows_kernel):
+        monkeypatch.setattr(kernel, 'configs', [triton.Config(dict(BLOCK_C=32, ROWS=rows, BLOCK_W=16), num_warps=4)])
+        monkeypatch.setattr(kernel, 'cache', {})
+    x, weight, bias = _tensor(1, 5, 10, 9), _tensor(5, 1, 5, 5, seed=1), _tensor(5, seed=2)
+    out = F.conv2d(x, weight, bias, padding=2, groups=5)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    want_w, want_b = torch.autograd.grad(out, (weight, bias), grad)
+    got_w, got_b = triton_dwconv.dwconv_wgrad(grad, x.detach(), weight.detach(), impl='rows')
+    assert rel(got_w, want_w) <= 1e-5 and rel(got_b, want_b) <= 1e-5
+    for along_w in (False, True):
+        grads = [_tensor(1, 3, 23, 6, seed=60 + i).detach() for i in range(3)]
+        xs = [_tensor(1, 3, 23, 6, seed=70 + i).detach() for i in range(3)]
+        weights = _strip_weights(3, along_w)
+        packed = triton_dwconv.strip3_wgrad_packed(grads, xs, weights, along_w, impl='rows')
+        _check_strip_wgrad(triton_dwconv.unpack_strip3_wgrad(packed, weights),
+                           _strip_wgrad_reference(grads, xs, weights, along_w), weights, 1e-5)
+
+
 def test_bf16_row_kernels(monkeypatch):
-    monkeypatch.setenv('SMMCL_TRITON_DEPTHWISE', 'rows')
+    _all_rows(monkeypatch)
     x, weight, bias = (_tensor(2, 37, 9, 7, fmt=CL, dtype=torch.bfloat16), _tensor(37, 1, 5, 5, seed=1),
                        _tensor(37, seed=2))
     rx, rw, rb = _fp32_copies(x, weight, bias)
@@ -367,9 +398,9 @@ def test_config_switch_reaches_the_modules():
 
 # ---- the weight-gradient implementations ----------------------------------------------------------
 
-@pytest.mark.parametrize('impl', ['gather', 'taps', 'torch'])
+@pytest.mark.parametrize('impl', ['gather', 'taps', 'rows', 'torch'])
 @pytest.mark.parametrize('n, c, h, w, kh, kw, fmt', [(2, 37, 9, 18, 5, 5, CL), (1, 9, 3, 4, 21, 1, NCHW),
-                                                     (2, 7, 7, 17, 3, 3, NCHW)])
+                                                     (2, 7, 7, 17, 3, 3, NCHW), (1, 3, 6, 5, 1, 7, NCHW)])
 def test_each_weight_gradient_implementation(impl, n, c, h, w, kh, kw, fmt):
     from smmcl.kernels import triton_dwconv
     x, weight, bias = _tensor(n, c, h, w, fmt=fmt), _tensor(c, 1, kh, kw, seed=1), _tensor(c, seed=2)
@@ -381,7 +412,7 @@ def test_each_weight_gradient_implementation(impl, n, c, h, w, kh, kw, fmt):
     assert rel(got_w, want_w) <= 1e-5 and rel(got_b, want_b) <= 1e-5
 
 
-@pytest.mark.parametrize('impl', ['gather', 'taps', 'torch'])
+@pytest.mark.parametrize('impl', ['gather', 'taps', 'rows', 'torch'])
 def test_weight_gradient_of_an_empty_batch_is_zero(impl):
     from smmcl.kernels import triton_dwconv
     x = torch.randn(0, 4, 5, 6, device=DEVICE)
@@ -440,26 +471,31 @@ def _check_strip_wgrad(got, want, weights, tol):
         assert rel(dw, ref_w) <= tol and rel(db, ref_b) <= tol, f'strip {i}: {rel(dw, ref_w):.1e}, {rel(db, ref_b):.1e}'
 
 
+@pytest.mark.parametrize('impl', ['fused', 'rows'])
 @pytest.mark.parametrize('n, c, h, w, along_w, fmt', STRIP_WGRAD_CASES)
-def test_strip3_wgrad_matches_autograd(n, c, h, w, along_w, fmt):
-    """Three convs with three gradients and three inputs of their own, in one launch."""
+def test_strip3_wgrad_matches_autograd(n, c, h, w, along_w, fmt, impl):
+    """Three convs with three gradients and three inputs of their own, in one launch of the tile or the
+    row-walked kernel (in channels_last along W: the map walked with H and W swapped)."""
     from smmcl.kernels import triton_dwconv
     grads = [_tensor(n, c, h, w, fmt=fmt, seed=60 + i).detach() for i in range(3)]
     xs = [_tensor(n, c, h, w, fmt=fmt, seed=70 + i).detach() for i in range(3)]
     weights = _strip_weights(c, along_w)
-    got = triton_dwconv.strip3_wgrad(grads, xs, weights, along_w)
+    packed = triton_dwconv.strip3_wgrad_packed(grads, xs, weights, along_w, impl=impl)
+    got = triton_dwconv.unpack_strip3_wgrad(packed, weights)
     _check_strip_wgrad(got, _strip_wgrad_reference(grads, xs, weights, along_w), weights, 1e-5)
 
 
+@pytest.mark.parametrize('impl', ['fused', 'rows'])
 @pytest.mark.parametrize('along_w, fmt, weight_dtype', [(True, CL, torch.float32), (False, NCHW, torch.bfloat16)],
                          ids=['autocast-like', 'bf16-model'])
-def test_bf16_strip3_wgrad(along_w, fmt, weight_dtype):
+def test_bf16_strip3_wgrad(along_w, fmt, weight_dtype, impl):
     """bf16 activations, fp32 sums; results in the weights' dtype (one rounding for a bf16 model)."""
     from smmcl.kernels import triton_dwconv
     grads = [_tensor(2, 6, 5, 17, fmt=fmt, dtype=torch.bfloat16, seed=60 + i).detach() for i in range(3)]
     xs = [_tensor(2, 6, 5, 17, fmt=fmt, dtype=torch.bfloat16, seed=70 + i).detach() for i in range(3)]
     weights = _strip_weights(6, along_w, weight_dtype)
-    got = triton_dwconv.strip3_wgrad(grads, xs, weights, along_w)
+    got = triton_dwconv.unpack_strip3_wgrad(
+        triton_dwconv.strip3_wgrad_packed(grads, xs, weights, along_w, impl=impl), weights)
     tol = 1e-5 if weight_dtype == torch.float32 else BF16_TOL
     _check_strip_wgrad(got, _strip_wgrad_reference(grads, xs, weights, along_w), weights, tol)
 
@@ -495,31 +531,40 @@ def test_strip_weight_gradient_choice_through_the_op(monkeypatch):
     grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE)
     want = torch.autograd.grad(ref, [ref_a] + ref_params, grad)
     grads = {}
-    for impl in ('fused', 'separate'):
+    for impl in ('fused', 'rows', 'separate'):
         monkeypatch.setenv('SMMCL_TRITON_STRIP_WGRAD', impl)
         grads[impl] = torch.autograd.grad(ops().mscan_strip_sum(a, *params), [a] + params, grad)
         assert grads[impl][0].is_contiguous(memory_format=CL)
         for i, (g, w, p) in enumerate(zip(grads[impl], want, [a] + params)):
             assert g.shape == p.shape and g.dtype == p.dtype
             assert rel(g, w) <= 1e-5, f'{impl}: gradient {i}'
-    for g, w in zip(grads['fused'], grads['separate']):
-        assert rel(g, w) <= 1e-6
+    for other in ('rows', 'separate'):
+        for g, w in zip(grads['fused'], grads[other]):
+            assert rel(g, w) <= 1e-6
     x, horizontal = a.detach(), [p.detach() for p in params[0::4]]
     if DEVICE == 'cpu':  # a GPU times both and may pick either
         assert triton_dwconv._fastest_strip_wgrad([x] * 3, [x] * 3, horizontal, True) == 'fused'
     monkeypatch.setenv('SMMCL_TRITON_STRIP_WGRAD', 'one')
-    with pytest.raises(ValueError, match="SMMCL_TRITON_STRIP_WGRAD must be 'auto' or one of .*'fused', 'separate'"):
+    with pytest.raises(ValueError,
+                       match="SMMCL_TRITON_STRIP_WGRAD must be 'auto' or one of .*'fused', 'rows', 'separate'"):
         triton_dwconv.strip3_wgrad_packed([x] * 3, [x] * 3, horizontal, along_w=True)
 
 
 @pytest.mark.slow
-def test_whole_model_with_kernels_in_nchw_is_the_plain_function(tiny_mscan):
+@pytest.mark.parametrize('family', ['auto', 'rows'])
+def test_whole_model_with_kernels_in_nchw_is_the_plain_function(tiny_mscan, monkeypatch, family):
     """The fast path in NCHW (``channels_last=False``) with the kernels against the plain path, fp32, one
     training forward + backward with the same seeds (drop path, anchors, NMF bases): the loss terms and
     every gradient agree (the GPU run's channels_last spread of
     ~3e-3 comes from cuDNN's layout, docs/speed.md). The fast path's fused block tails round differently
     too. A 64-channel decoder: with fewer channels than the NMF's rank (64), its multiplicative updates'
-    backward amplifies rounding differences of 1e-7 in the forward to gradients 5 % apart."""
+    backward amplifies rounding differences of 1e-7 in the forward to gradients 5 % apart. ``rows``: the
+    row-walked weight gradients (the convs along H on the row kernels too would triple this test's time
+    under the interpreter; their own tests above cover them, and bench/gpu_check.py's model step runs the
+    whole row family on a GPU)."""
+    if family == 'rows':
+        monkeypatch.setenv('SMMCL_TRITON_WGRAD', 'rows')
+        monkeypatch.setenv('SMMCL_TRITON_STRIP_WGRAD', 'rows')
     from smmcl.engine.precision import for_training
     from smmcl.models import build_segmentor
     from conftest import tiny_config

@@ -12,12 +12,13 @@ replace:
 - ``smmcl::mscan_strip_sum``: ``a + sum_k convKx1(conv1xK(a))`` for the attention's three strip pairs;
 - ``smmcl::dwconv2d_gelu``: the MLP's 3x3 depthwise conv followed by the exact (erf) GELU.
 
-Their backward computes input gradients with Triton; weight and bias gradients with one of three
-implementations (``SMMCL_TRITON_WGRAD``: ``gather``, ``taps``, ``torch`` = PyTorch's own, or ``auto``, the
-default: the fastest for each shape, timed once on the GPU). The strip pairs' six weight gradients are
-computed per direction in one launch (``SMMCL_TRITON_STRIP_WGRAD``: ``fused``, ``separate`` = three
-``dwconv_wgrad`` calls, or ``auto``, the default: the faster of the two per shape, timed once on the GPU;
-not yet timed). Along H, each op runs on one of two kernel families (``SMMCL_TRITON_DEPTHWISE``: ``tiles``,
+Their backward computes input gradients with Triton; weight and bias gradients with one of four
+implementations (``SMMCL_TRITON_WGRAD``: ``gather``, ``taps``, ``rows`` = bands of rows walked once, one
+accumulator per tap, ``torch`` = PyTorch's own, or ``auto``, the default: the fastest for each shape,
+timed once on the GPU). The strip pairs' six weight gradients are computed per direction in one launch
+(``SMMCL_TRITON_STRIP_WGRAD``: ``fused``, ``rows`` = the row-walked kernel, ``separate`` = three
+``dwconv_wgrad`` calls, or ``auto``, the default: the fastest per shape, timed once on the GPU; not yet
+timed). Along H, each op runs on one of two kernel families (``SMMCL_TRITON_DEPTHWISE``: ``tiles``,
 ``rows`` = :mod:`smmcl.kernels.triton_rows`, each input row read once per tap column, or ``auto``, the
 default: the faster per shape, timed once on the GPU).
 

@@ -89,6 +89,20 @@ def gelu_grad(z):
     return cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
 
 
+@triton.jit
+def packed_strip_slots(out_ptr, C, K0, K1, K2, BLOCK_C: tl.constexpr):
+    """Program (cb, chunk, job) of a three-strip weight gradient packed as num_chunks x C*(K0+K1+K2+3)
+    (dw_0 C x K0 | dw_1 C x K1 | dw_2 C x K2 | db_0 C | db_1 C | db_2 C): its channels, their mask, its
+    chunk and job, and where job's dw and db go in row ``chunk``."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    chunk = tl.program_id(1)
+    job = tl.program_id(2)
+    row = out_ptr + chunk * (C * (K0 + K1 + K2 + 3))
+    dw_row = row + tl.where(job == 0, 0, tl.where(job == 1, C * K0, C * (K0 + K1)))
+    db_row = row + C * (K0 + K1 + K2) + job * C
+    return c, c < C, chunk, job, dw_row, db_row
+
+
 def check_device(x: torch.Tensor) -> None:
     if x.device.type != 'cuda' and not INTERPRETED:
         raise RuntimeError(

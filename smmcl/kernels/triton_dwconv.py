@@ -24,9 +24,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_rows import dwconv_rows_kernel, grid as row_grid, strip3_rows_kernel, strip3_sum_rows_kernel
+from .triton_rows import dwconv_rows_kernel, dwconv_wgrad_rows_kernel, grid as row_grid, strip3_rows_kernel
+from .triton_rows import strip3_sum_rows_kernel, strip3_wgrad_rows_kernel
 from .triton_common import KEY as _KEY, PRUNE as _PRUNE, bench as _bench, check_device as _check_device, configs
 from .triton_common import fastest as _fastest, gelu as _gelu, gelu_grad as _gelu_grad, implementation
+from .triton_common import packed_strip_slots as _packed_strip_slots
 
 
 # Tile shapes (BLOCK_C, BLOCK_H, BLOCK_W, warps) to try on a GPU. In NCHW a pixel row is contiguous,
@@ -246,21 +248,16 @@ def _strip3_wgrad_kernel(g0_ptr, g1_ptr, g2_ptr, x0_ptr, x1_ptr, x2_ptr, out_ptr
     gradients, whatever tile the autotuner picks. Each job gathers its own power of two of taps (8, 16,
     32 for MSCAN's 7, 11, 21) rather than the widest one's.
     """
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    chunk = tl.program_id(1)
-    job = tl.program_id(2)
-    row = out_ptr + chunk * (C * (K0 + K1 + K2 + 3))
-    db_row = row + C * (K0 + K1 + K2)
+    c, cmask, chunk, job, dw_row, db_row = _packed_strip_slots(out_ptr, C, K0, K1, K2, BLOCK_C)
     if job == 0:
-        _strip_wgrad_job(g0_ptr, x0_ptr, row, db_row, c, cmask, chunk, N, H, W, sn, sc, sh, sw, num_chunks,
+        _strip_wgrad_job(g0_ptr, x0_ptr, dw_row, db_row, c, cmask, chunk, N, H, W, sn, sc, sh, sw, num_chunks,
                          K0, TAPS0, ALONG_W, BLOCK_C, BLOCK_H, BLOCK_W)
     elif job == 1:
-        _strip_wgrad_job(g1_ptr, x1_ptr, row + C * K0, db_row + C, c, cmask, chunk, N, H, W, sn, sc, sh, sw,
-                         num_chunks, K1, TAPS1, ALONG_W, BLOCK_C, BLOCK_H, BLOCK_W)
+        _strip_wgrad_job(g1_ptr, x1_ptr, dw_row, db_row, c, cmask, chunk, N, H, W, sn, sc, sh, sw, num_chunks,
+                         K1, TAPS1, ALONG_W, BLOCK_C, BLOCK_H, BLOCK_W)
     else:
-        _strip_wgrad_job(g2_ptr, x2_ptr, row + C * (K0 + K1), db_row + 2 * C, c, cmask, chunk, N, H, W, sn, sc,
-                         sh, sw, num_chunks, K2, TAPS2, ALONG_W, BLOCK_C, BLOCK_H, BLOCK_W)
+        _strip_wgrad_job(g2_ptr, x2_ptr, dw_row, db_row, c, cmask, chunk, N, H, W, sn, sc, sh, sw, num_chunks,
+                         K2, TAPS2, ALONG_W, BLOCK_C, BLOCK_H, BLOCK_W)
 
 
 @triton.jit
@@ -434,17 +431,29 @@ def dwconv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
     return out
 
 
-def _num_chunks(x: torch.Tensor) -> int:
-    """Programs along the reduction of a weight gradient: about 8 per SM for 32 channels (fewer for
-    more channels, which bring programs of their own), and at most one per 256 pixels."""
+def _num_chunks(x: torch.Tensor, channels: int = 32, pixels: int = 256) -> int:
+    """Programs along the reduction of a weight gradient: about 8 per SM for ``channels`` channels (fewer
+    for more channels, which bring programs of their own), and at most one per ``pixels`` pixels. A
+    function of the tensors only, not of the tile the autotuner picks, so that the partials' size is known
+    before the launch."""
     if x.device.type != 'cuda':
         return 2  # the interpreter: still exercises the split and the sum of partials
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     n, c, h, w = x.shape
-    return max(1, min(triton.cdiv(8 * sms * 32, c), n * h * w // 256))
+    return max(1, min(triton.cdiv(8 * sms * channels, c), n * h * w // pixels))
 
 
-WGRAD_IMPLS = ('gather', 'taps', 'torch')
+def _row_chunks(x: torch.Tensor) -> int:
+    """:func:`_num_chunks` for the row-walked weight gradients, for the layout's channel blocks (NCHW
+    tiles hold 1-4 channels, channels_last tiles 16-64). A program reduces its 7 to 25 accumulators once,
+    at the end; in NCHW over 32-128 columns spread across the warps, so at least 512 pixels per program
+    pay for that."""
+    if _layout(x) == torch.channels_last:
+        return _num_chunks(x)
+    return _num_chunks(x, channels=2, pixels=512)
+
+
+WGRAD_IMPLS = ('gather', 'taps', 'rows', 'torch')
 
 
 def dwconv_wgrad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
@@ -452,8 +461,9 @@ def dwconv_wgrad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     """(grad weight C-1-KH-KW in weight's dtype, grad bias C in weight's dtype) of a depthwise conv.
 
     ``impl`` (default: the environment's ``SMMCL_TRITON_WGRAD``, else ``'auto'``): ``'gather'`` (all taps
-    at once), ``'taps'`` (tap by tap), ``'torch'`` (PyTorch's own convolution backward, weight and bias
-    only), or ``'auto'``: on a GPU the fastest of the three for this shape, layout and dtype, timed once
+    at once), ``'taps'`` (tap by tap), ``'rows'`` (bands of rows walked once, one accumulator per tap:
+    :mod:`smmcl.kernels.triton_rows`), ``'torch'`` (PyTorch's own convolution backward, weight and bias
+    only), or ``'auto'``: on a GPU the fastest of the four for this shape, layout and dtype, timed once
     (the first GPU run showed the gather kernel losing to PyTorch's); under the interpreter ``'gather'``
     (the cheapest to interpret; the tests name the others).
     """
@@ -476,10 +486,10 @@ def _fastest_wgrad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) ->
     return _fastest(_WGRAD_CHOICE, key, _WGRAD, grad, x, weight)
 
 
-def _wgrad_partials(kernel, grad, x, weight, **meta):
+def _wgrad_partials(kernel, grad, x, weight, chunks=None, **meta):
     kh, kw = kernel_size(weight)
     n, c, h, w = x.shape
-    chunks = _num_chunks(x)
+    chunks = chunks or _num_chunks(x)
     if x.numel() == 0:
         return weight.new_zeros(weight.shape), weight.new_zeros(c)
     # every (chunk, channel, tap) partial is written by its program: no zero-fill launches
@@ -499,6 +509,10 @@ def _wgrad_taps(grad, x, weight):
     return _wgrad_partials(_dwconv_wgrad_taps_kernel, grad, x, weight)
 
 
+def _wgrad_rows(grad, x, weight):
+    return _wgrad_partials(dwconv_wgrad_rows_kernel, grad, x, weight, chunks=_row_chunks(x))
+
+
 def _wgrad_torch(grad, x, weight):
     """PyTorch's depthwise weight and bias gradients (cuDNN or its native kernels), in x's dtype as an
     autocast conv would compute them, returned in weight's dtype."""
@@ -510,7 +524,7 @@ def _wgrad_torch(grad, x, weight):
     return dw.reshape(weight.shape).to(weight.dtype), db.to(weight.dtype)
 
 
-_WGRAD = {'gather': _wgrad_gather, 'taps': _wgrad_taps, 'torch': _wgrad_torch}
+_WGRAD = {'gather': _wgrad_gather, 'taps': _wgrad_taps, 'rows': _wgrad_rows, 'torch': _wgrad_torch}
 
 
 def _strip_lengths(weights: Sequence[torch.Tensor], along_w: bool) -> Tuple[int, int, int]:
@@ -585,7 +599,7 @@ def _strip_launch(impl, op, along_w, x, args, meta, tile_kernel, row_kernel) -> 
 
 # ---- weight gradients of three strip convs -------------------------------------------------------------
 
-STRIP_WGRAD_IMPLS = ('fused', 'separate')
+STRIP_WGRAD_IMPLS = ('fused', 'rows', 'separate')
 
 
 def packed_strip_wgrad_length(channels: int, lengths: Sequence[int]) -> int:
@@ -623,8 +637,9 @@ def strip3_wgrad_packed(grads: Sequence[torch.Tensor], xs: Sequence[torch.Tensor
     C x K_i). One tensor, because the outputs of a custom op may not share storage.
 
     ``impl`` (default: the environment's ``SMMCL_TRITON_STRIP_WGRAD``, else ``'auto'``): ``'fused'`` (one
-    launch, :func:`strip3_wgrad`), ``'separate'`` (three :func:`dwconv_wgrad` calls, which follow
-    ``SMMCL_TRITON_WGRAD``), or ``'auto'``: on a GPU the faster of the two for this shape, direction,
+    launch, :func:`strip3_wgrad`), ``'rows'`` (one launch of the row-walked kernel of
+    :mod:`smmcl.kernels.triton_rows`), ``'separate'`` (three :func:`dwconv_wgrad` calls, which follow
+    ``SMMCL_TRITON_WGRAD``), or ``'auto'``: on a GPU the fastest of the three for this shape, direction,
     layout and dtype, timed once; under the interpreter ``'fused'``.
     """
     impl = implementation('SMMCL_TRITON_STRIP_WGRAD', impl, STRIP_WGRAD_IMPLS)
@@ -646,7 +661,8 @@ def _fastest_strip_wgrad(grads, xs, weights, along_w) -> str:
     return _fastest(_STRIP_WGRAD_CHOICE, key, _STRIP_WGRAD, grads, xs, weights, along_w)
 
 
-def _strip3_wgrad_fused(grads, xs, weights, along_w) -> torch.Tensor:
+def _strip3_wgrad_fused(grads, xs, weights, along_w, rows: bool = False) -> torch.Tensor:
+    """The packed partials of the tile kernel or (``rows``) of the row-walked one, summed."""
     _check_device(xs[0])
     lengths = _strip_lengths(weights, along_w)
     n, c, h, w = xs[0].shape
@@ -657,14 +673,27 @@ def _strip3_wgrad_fused(grads, xs, weights, along_w) -> torch.Tensor:
     if xs[0].numel() == 0:
         return torch.zeros(packed_strip_wgrad_length(c, lengths), device=xs[0].device)
     *grads, x0, x1, x2 = _same_layout(_layout(xs[0]), *grads, *xs)
-    chunks = _num_chunks(x0)
+    chunks = _row_chunks(x0) if rows else _num_chunks(x0)
     # every entry is written by exactly one program: no zero-fill launch
     partials = torch.empty(chunks, packed_strip_wgrad_length(c, lengths), device=x0.device, dtype=torch.float32)
-    _strip3_wgrad_kernel[lambda m: (triton.cdiv(c, m['BLOCK_C']), chunks, 3)](
-        *grads, x0, x1, x2, partials, n, c, h, w, *x0.stride(), chunks, *lengths,
-        TAPS0=triton.next_power_of_2(lengths[0]), TAPS1=triton.next_power_of_2(lengths[1]),
-        TAPS2=triton.next_power_of_2(lengths[2]), ALONG_W=along_w)
+    grid = lambda m: (triton.cdiv(c, m['BLOCK_C']), chunks, 3)  # noqa: E731
+    if not rows:
+        _strip3_wgrad_kernel[grid](
+            *grads, x0, x1, x2, partials, n, c, h, w, *x0.stride(), chunks, *lengths,
+            TAPS0=triton.next_power_of_2(lengths[0]), TAPS1=triton.next_power_of_2(lengths[1]),
+            TAPS2=triton.next_power_of_2(lengths[2]), ALONG_W=along_w)
+    elif along_w and _layout(x0) == torch.channels_last:  # walk the columns: H and W swapped, as _strip_launch
+        sn, sc, sh, sw = x0.stride()
+        strip3_wgrad_rows_kernel[grid](*grads, x0, x1, x2, partials, n, c, w, h, sn, sc, sw, sh, chunks, *lengths,
+                                       ALONG_W=False)
+    else:
+        strip3_wgrad_rows_kernel[grid](*grads, x0, x1, x2, partials, n, c, h, w, *x0.stride(), chunks, *lengths,
+                                       ALONG_W=along_w)
     return partials.sum(0)
+
+
+def _strip3_wgrad_rows(grads, xs, weights, along_w) -> torch.Tensor:
+    return _strip3_wgrad_fused(grads, xs, weights, along_w, rows=True)
 
 
 def _strip3_wgrad_separate(grads, xs, weights, along_w) -> torch.Tensor:
@@ -672,4 +701,4 @@ def _strip3_wgrad_separate(grads, xs, weights, along_w) -> torch.Tensor:
     return torch.cat([dw.reshape(-1) for dw, _ in pairs] + [db for _, db in pairs]).float()
 
 
-_STRIP_WGRAD = {'fused': _strip3_wgrad_fused, 'separate': _strip3_wgrad_separate}
+_STRIP_WGRAD = {'fused': _strip3_wgrad_fused, 'rows': _strip3_wgrad_rows, 'separate': _strip3_wgrad_separate}

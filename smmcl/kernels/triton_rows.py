@@ -15,6 +15,11 @@ per output.
 Along W the strips' launcher runs the same kernels with H and W swapped (the rows walked are then the
 columns) where the channels are contiguous (channels_last), which keeps the loads coalesced.
 
+The weight gradients walk bands of rows the same way (:func:`_wgrad_rows_job`): one accumulator per tap
+instead of per output row, each input row of a band loaded once per tap column and multiplied with every
+gradient row it meets; ``bench/sass.py`` counts a third to an eighth of the gather and tap-by-tap
+kernels' instructions per position.
+
 Same function as the tile kernels (float32 accumulation, results in the output's dtype), same strides
 convention (N-C-H-W tensors of any strides, all of one launch alike, weights as contiguous C x KH*KW
 rows). :mod:`smmcl.kernels.triton_dwconv`'s launchers pick between the two (``SMMCL_TRITON_DEPTHWISE``).
@@ -24,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import KEY, PRUNE, bench, configs, gelu, gelu_grad
+from .triton_common import KEY, PRUNE, bench, configs, gelu, gelu_grad, packed_strip_slots
 
 # (BLOCK_C, ROWS, BLOCK_W, warps). Each of the ROWS output rows is its own BLOCK_C x BLOCK_W accumulator,
 # so a row holds at least one element per thread (BLOCK_C * BLOCK_W >= 32 * warps: no thread repeats
@@ -256,6 +261,107 @@ def strip3_rows_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, o0
         _store_rows3(p2, q2, s2, *outs, h0 + 2, w, H, W, sn, sc, sh, sw, HAS_BIAS)
     if ROWS > 3:
         _store_rows3(p3, q3, s3, *outs, h0 + 3, w, H, W, sn, sc, sh, sw, HAS_BIAS)
+
+
+# ---- weight gradients ---------------------------------------------------------------------------------
+
+# (BLOCK_C, ROWS, BLOCK_W, warps) of the weight gradients: one float32 accumulator per tap (25 for a 5x5
+# conv, 21 for the longest strip), so one element per thread (BLOCK_C * BLOCK_W = 32 * warps); a band's
+# ROWS gradient rows are held at once, so ROWS may exceed the forward's four.
+_NCHW_WGRAD_ROWS = [(1, 4, 128, 4), (1, 8, 128, 4), (2, 4, 64, 4), (4, 4, 32, 4)]
+_NHWC_WGRAD_ROWS = [(32, 4, 4, 4), (64, 4, 2, 4), (32, 8, 4, 4), (16, 4, 8, 4)]
+WGRAD_ROW_CONFIGS = configs(_NCHW_WGRAD_ROWS, _NHWC_WGRAD_ROWS, (32, 4, 16, 4), _NAMES)
+
+
+@triton.jit
+def _add_to(accs, k: tl.constexpr, v):
+    """The tuple ``accs`` with ``v`` added to its entry ``k`` (rebuilt when compiling; costs one add)."""
+    out = ()
+    for i in tl.static_range(len(accs)):
+        if i == k:
+            out = out + (accs[i] + v,)
+        else:
+            out = out + (accs[i],)
+    return out
+
+
+@triton.jit
+def _wgrad_rows_job(g_ptr, x_ptr, dw_ptr, db_ptr, c, cmask, chunk, N, H, W, sn, sc, sh, sw, num_chunks,
+                    KH: tl.constexpr, KW: tl.constexpr,
+                    BLOCK_C: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
+    """One program's partial weight and bias gradients of a KH x KW depthwise conv: ``dw_ptr`` receives
+    C x KH*KW sums, ``db_ptr`` C, over the bands chunk, chunk + num_chunks, ... (a band: ROWS output rows
+    of BLOCK_W columns of one image).
+
+    dw[c, i, j] = sum over n, h, w of g[n, c, h, w] * x[n, c, h + i - PH, w + j - PW]. A band's gradient
+    rows are loaded once; its ROWS + KH - 1 input rows are walked once, each loaded once per tap column
+    and multiplied into the accumulator of every tap it meets (tap row i = input row - output row): one
+    BLOCK_C x BLOCK_W accumulator per tap, reduced over the columns once, at the end. Gradient rows
+    outside the map load as 0, so the bands' edges need no other test.
+    """
+    num_wb = tl.cdiv(W, BLOCK_W)
+    bands = tl.cdiv(H, ROWS) * num_wb  # per image
+    zero = tl.zeros((BLOCK_C, BLOCK_W), dtype=tl.float32)
+    accs = ()
+    for k in tl.static_range(KH * KW):
+        accs = accs + (zero,)
+    acc_b = zero
+    for t in range(chunk, N * bands, num_chunks):
+        h0 = (t % bands) // num_wb * ROWS
+        w = (t % num_wb) * BLOCK_W + tl.arange(0, BLOCK_W)
+        channels = (t // bands) * sn + (c * sc)[:, None]
+        grads = ()
+        for o in tl.static_range(ROWS):  # tap column (KW - 1) // 2: no shift
+            gv = _input_row(g_ptr + channels, cmask, h0 + o, w, H, W, sh, sw, (KW - 1) // 2, KW, False)
+            grads = grads + (gv,)
+            acc_b += gv
+        for r in tl.static_range(ROWS + KH - 1):
+            for j in tl.static_range(KW):
+                xv = _input_row(x_ptr + channels, cmask, h0 + r - (KH - 1) // 2, w, H, W, sh, sw, j, KW, False)
+                for o in tl.static_range(ROWS):
+                    if r - o >= 0:
+                        if r - o < KH:
+                            accs = _add_to(accs, (r - o) * KW + j, grads[o] * xv)
+    for k in tl.static_range(KH * KW):
+        tl.store(dw_ptr + c * (KH * KW) + k, tl.sum(accs[k], axis=1), mask=cmask)
+    tl.store(db_ptr + c, tl.sum(acc_b, axis=1), mask=cmask)
+
+
+@triton.autotune(configs=WGRAD_ROW_CONFIGS, key=KEY + ['N'], prune_configs_by=PRUNE, do_bench=bench)
+@triton.jit
+def dwconv_wgrad_rows_kernel(g_ptr, x_ptr, dw_ptr, db_ptr, N, C, H, W, sn, sc, sh, sw, num_chunks,
+                             KH: tl.constexpr, KW: tl.constexpr,
+                             BLOCK_C: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
+    """``_dwconv_wgrad_kernel``'s partials, row-walked (:func:`_wgrad_rows_job`): program (cb, chunk)
+    writes ``dw[chunk, c, :]`` (num_chunks x C x KH*KW) and ``db[chunk, c]``, summed over the chunks by
+    the caller."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    chunk = tl.program_id(1)
+    _wgrad_rows_job(g_ptr, x_ptr, dw_ptr + chunk * C * (KH * KW), db_ptr + chunk * C, c, c < C, chunk, N, H, W,
+                    sn, sc, sh, sw, num_chunks, KH, KW, BLOCK_C, ROWS, BLOCK_W)
+
+
+@triton.autotune(configs=WGRAD_ROW_CONFIGS, key=KEY + ['N', 'ALONG_W'], prune_configs_by=PRUNE, do_bench=bench)
+@triton.jit
+def strip3_wgrad_rows_kernel(g0_ptr, g1_ptr, g2_ptr, x0_ptr, x1_ptr, x2_ptr, out_ptr, N, C, H, W, sn, sc, sh, sw,
+                             num_chunks, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+                             ALONG_W: tl.constexpr,
+                             BLOCK_C: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
+    """``_strip3_wgrad_kernel``'s packed partials, row-walked: job i (program id 2) the K_i x 1 conv (1 x K_i
+    if ALONG_W) of ``g_i`` and ``x_i``; each (chunk, entry) has one writer, so one sum over the chunks
+    finishes all six gradients. In channels_last the launcher runs the strips along W as strips along H
+    of the map with H and W swapped (coalesced there); ALONG_W serves NCHW."""
+    c, cmask, chunk, job, dw_row, db_row = packed_strip_slots(out_ptr, C, K0, K1, K2, BLOCK_C)
+    # (KH, KW) of job i: (K_i, 1) along H, (1, K_i) along W
+    if job == 0:
+        _wgrad_rows_job(g0_ptr, x0_ptr, dw_row, db_row, c, cmask, chunk, N, H, W, sn, sc, sh, sw, num_chunks,
+                        1 if ALONG_W else K0, K0 if ALONG_W else 1, BLOCK_C, ROWS, BLOCK_W)
+    elif job == 1:
+        _wgrad_rows_job(g1_ptr, x1_ptr, dw_row, db_row, c, cmask, chunk, N, H, W, sn, sc, sh, sw, num_chunks,
+                        1 if ALONG_W else K1, K1 if ALONG_W else 1, BLOCK_C, ROWS, BLOCK_W)
+    else:
+        _wgrad_rows_job(g2_ptr, x2_ptr, dw_row, db_row, c, cmask, chunk, N, H, W, sn, sc, sh, sw, num_chunks,
+                        1 if ALONG_W else K2, K2 if ALONG_W else 1, BLOCK_C, ROWS, BLOCK_W)
 
 
 def grid(n: int, c: int, h: int, w: int):
