@@ -33,7 +33,8 @@ from smmcl.kernels import triton_rows as rows
 
 def _cases(c: int, h: int, w: int):
     """(name, tile kernel, row kernel, constexprs, output tensors, channels) at stage-1 sizes. Along W the
-    row kernel walks the columns of a channels_last map (H and W swapped), as the launcher runs it."""
+    row kernel walks the columns of a channels_last map (H and W swapped), as the launcher runs it; in
+    NCHW it runs along the rows."""
     hidden = 4 * c
     conv = dict(TRANSPOSE=False, HAS_BIAS=True, EPILOGUE=0)
     strips = dict(K0=7, K1=11, K2=21, TRANSPOSE=False, HAS_BIAS=True)
@@ -90,7 +91,6 @@ def compile_config(kernel, meta: dict, config, ints: dict, arch: int, dtype: str
     """The cubin of ``kernel`` (an autotuned Triton kernel) for one config, specialised as Triton's JIT
     would for these integer arguments: 1 becomes a constant, multiples of 16 get the divisibility hint."""
     fn, _ = _jit(kernel)
-    # a row kernel has no ALONG_W: it runs along H only
     signature, attrs = {}, {}
     constexprs = {k: v for k, v in dict(meta, **config.kwargs).items() if k in fn.arg_names}
     for index, name in enumerate(fn.arg_names):
@@ -201,12 +201,9 @@ def main(argv=None):
         for channels_last in (False, True):
             for family, kernel, meta, repeats in families:
                 ints = dict(_ints(channels, args.height, args.width, channels_last), **extra)
-                along_w = meta.get('ALONG_W', False)
-                if family == 'rows' and along_w and not channels_last and repeats is None:
-                    continue  # the launcher keeps the tile kernel there (uncoalesced otherwise)
-                if family == 'rows' and along_w and channels_last:
+                if family == 'rows' and meta.get('ALONG_W') and channels_last:  # as the launchers run it
                     ints = dict(ints, H=ints['W'], W=ints['H'], sh=ints['sw'], sw=ints['sh'])
-                    meta = dict(meta, ALONG_W=False) if repeats is not None else meta
+                    meta = dict(meta, ALONG_W=False)
                 _, configs = _jit(kernel)
                 wanted = [c for c in configs if (c.kwargs['BLOCK_C'] >= 16) == channels_last]
                 wanted = wanted[:1] if args.first else wanted

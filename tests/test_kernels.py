@@ -172,8 +172,9 @@ def test_row_kernels_match_conv2d(monkeypatch, n, c, h, w, kh, kw, fmt):
 
 @pytest.mark.parametrize('n, c, h, w, fmt', [(2, 5, 9, 23, NCHW), (1, 3, 25, 4, NCHW), (1, 37, 5, 6, CL)])
 def test_row_kernels_in_the_strip_sum(monkeypatch, n, c, h, w, fmt):
-    """The attention's strips with the vertical ones on the row kernels (forward sum, backward's adjoint
-    strips); one map taller than the 21-tap strip."""
+    """The attention's strips on the row kernels (forward sum, backward's adjoint strips; along W in NCHW
+    each output row's shifts, in channels_last the walk with H and W swapped); one map taller and one
+    wider than the 21-tap strip."""
     _all_rows(monkeypatch)
     a, params = _tensor(n, c, h, w, fmt=fmt), _strip_params(c)
     ref_a, *ref_params = _fp32_copies(a, *params)
@@ -239,8 +240,8 @@ def test_bf16_row_kernels(monkeypatch):
 
 def test_depthwise_kernel_choice(monkeypatch):
     """Both families give one result; 'auto' is 'tiles' under the interpreter; a bad name stops with the
-    choices; along W the strips take the tile kernel in NCHW, and either in channels_last (the row kernel
-    walking the columns: H and W swapped)."""
+    choices; along W the strips take either kernel (the row kernel along the rows in NCHW, walking the
+    columns in channels_last: H and W swapped), the adjoint too."""
     from smmcl.kernels import triton_dwconv
     x, weight = torch.randn(1, 3, 9, 6, device=DEVICE), torch.randn(3, 1, 3, 3, device=DEVICE)
     outs = {impl: triton_dwconv.dwconv(x, weight, None, impl=impl) for impl in ('tiles', 'rows', 'auto')}
@@ -249,14 +250,16 @@ def test_depthwise_kernel_choice(monkeypatch):
         assert triton_dwconv._depthwise_impl(None, 'dwconv', x, (), {}) == 'tiles'
     horizontal = [torch.randn(3, 1, 1, k, device=DEVICE) for k in STRIP_LENGTHS]
     for x in (x, x.contiguous(memory_format=torch.channels_last)):
-        tiles = triton_dwconv.strip3(x, horizontal, None, along_w=True, impl='tiles')
+        for transpose in (False, True):
+            tiles = triton_dwconv.strip3(x, horizontal, None, along_w=True, transpose=transpose, impl='tiles')
+            across = triton_dwconv.strip3(x, horizontal, None, along_w=True, transpose=transpose, impl='rows')
+            assert all(rel(t, r) <= 1e-6 for t, r in zip(across, tiles))
+            summed = [triton_dwconv.strip3_sum(x, tiles, horizontal, None, along_w=True, transpose=transpose,
+                                               impl=impl) for impl in ('tiles', 'rows')]
+            assert rel(summed[1], summed[0]) <= 1e-6
         across = triton_dwconv.strip3(x, horizontal, None, along_w=True, impl='rows')
-        assert all(rel(t, r) <= 1e-6 for t, r in zip(across, tiles))
-        summed = [triton_dwconv.strip3_sum(x, tiles, horizontal, None, along_w=True, transpose=True, impl=impl)
-                  for impl in ('tiles', 'rows')]
-        assert rel(summed[1], summed[0]) <= 1e-6
-    ref = [F.conv2d(x, wt, padding=(0, wt.shape[-1] // 2), groups=3) for wt in horizontal]
-    assert all(rel(t, r) <= 1e-5 for t, r in zip(across, ref))  # the walk along W is the conv along W
+        ref = [F.conv2d(x, wt, padding=(0, wt.shape[-1] // 2), groups=3) for wt in horizontal]
+        assert all(rel(t, r) <= 1e-5 for t, r in zip(across, ref))  # the rows along W are the conv along W
     monkeypatch.setenv('SMMCL_TRITON_DEPTHWISE', 'fast')
     with pytest.raises(ValueError, match="SMMCL_TRITON_DEPTHWISE must be 'auto' or one of .*'tiles', 'rows'"):
         triton_dwconv.dwconv(x, weight, None)

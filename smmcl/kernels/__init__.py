@@ -18,7 +18,7 @@ accumulator per tap, ``torch`` = PyTorch's own, or ``auto``, the default: the fa
 timed once on the GPU). The strip pairs' six weight gradients are computed per direction in one launch
 (``SMMCL_TRITON_STRIP_WGRAD``: ``fused``, ``rows`` = the row-walked kernel, ``separate`` = three
 ``dwconv_wgrad`` calls, or ``auto``, the default: the fastest per shape, timed once on the GPU; not yet
-timed). Along H, each op runs on one of two kernel families (``SMMCL_TRITON_DEPTHWISE``: ``tiles``,
+timed). Each op runs on one of two kernel families (``SMMCL_TRITON_DEPTHWISE``: ``tiles``,
 ``rows`` = :mod:`smmcl.kernels.triton_rows`, each input row read once per tap column, or ``auto``, the
 default: the faster per shape, timed once on the GPU).
 

@@ -14,7 +14,7 @@ A tile is BLOCK_C channels x BLOCK_H*BLOCK_W pixels of one image. Convolution ta
 compile time; neighbouring taps re-read the same input lines from the cache, not from DRAM. Along H,
 the row-blocked kernels of :mod:`smmcl.kernels.triton_rows` compute the same functions with each input
 row read once per tap column; ``SMMCL_TRITON_DEPTHWISE`` (``tiles``, ``rows``, ``auto``: the faster per
-shape, timed once on the GPU) picks the family for the KxK convs and the strips (along W only in channels_last).
+shape, timed once on the GPU) picks the family for the KxK convs and the strips.
 """
 from __future__ import annotations
 
@@ -279,7 +279,7 @@ def _strip_tap(x_ptr, offs_c, cmask, h, w, H, W, sh, sw, j: tl.constexpr, K: tl.
                    other=0.0).to(tl.float32)
 
 
-@triton.autotune(configs=_CONFIGS, key=_KEY, prune_configs_by=_PRUNE, do_bench=_bench)
+@triton.autotune(configs=_CONFIGS, key=_KEY + ['ALONG_W'], prune_configs_by=_PRUNE, do_bench=_bench)
 @triton.jit
 def _strip3_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, o0_ptr, o1_ptr, o2_ptr,
                    C, H, W, sn, sc, sh, sw,
@@ -325,7 +325,7 @@ def _strip_accumulate(acc, t_ptr, w_ptr, offs_c, c, cmask, h, w, H, W, sh, sw,
     return acc
 
 
-@triton.autotune(configs=_CONFIGS, key=_KEY, prune_configs_by=_PRUNE, do_bench=_bench)
+@triton.autotune(configs=_CONFIGS, key=_KEY + ['ALONG_W'], prune_configs_by=_PRUNE, do_bench=_bench)
 @triton.jit
 def _strip3_sum_kernel(r_ptr, t0_ptr, t1_ptr, t2_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr,
                        out_ptr, C, H, W, sn, sc, sh, sw,
@@ -541,7 +541,7 @@ def _strip_lengths(weights: Sequence[torch.Tensor], along_w: bool) -> Tuple[int,
 def strip3(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Optional[Sequence[torch.Tensor]],
            along_w: bool, transpose: bool = False, impl: Optional[str] = None) -> Tuple[torch.Tensor, ...]:
     """Three 1-D depthwise convs (1xK if ``along_w`` else Kx1) of one N-C-H-W input, in one pass.
-    ``impl``: as :func:`dwconv`'s, along H; along W the tile kernel."""
+    ``impl``: as :func:`dwconv`'s (:func:`_strip_launch`)."""
     _check_device(x)
     k0, k1, k2 = _strip_lengths(weights, along_w)
     n, c, h, w = x.shape
@@ -579,20 +579,17 @@ def strip3_sum(r: torch.Tensor, ts: Sequence[torch.Tensor], weights: Sequence[to
 
 
 def _strip_launch(impl, op, along_w, x, args, meta, tile_kernel, row_kernel) -> None:
-    """One launch of a three-strip kernel: the tile or the row kernel (:func:`_depthwise_impl`). Along W
-    the row kernel walks the columns: it sees the map with H and W (and their strides) swapped. That
-    keeps its loads coalesced only where the channels are contiguous (channels_last): in NCHW the strips
-    along W always take the tile kernel."""
+    """One launch of a three-strip kernel: the tile or the row kernel (:func:`_depthwise_impl`). Along W in
+    channels_last the row kernel walks the columns: it sees the map with H and W (and their strides)
+    swapped, which keeps its loads coalesced (the channels are contiguous); in NCHW, where the rows are,
+    it runs along W as it is (each output row's shifts loaded once)."""
     n, c, h, w = x.shape
     launches = {'tiles': lambda: tile_kernel[_grid(n, c, h, w)](*args, ALONG_W=along_w, **meta)}
-    if along_w and _layout(x) != torch.channels_last:
-        launches['tiles']()
-        return
-    if along_w:  # ..., C, H, W, sn, sc, sh, sw -> ..., C, W, H, sn, sc, sw, sh
+    if along_w and _layout(x) == torch.channels_last:  # ..., C, H, W, sn, sc, sh, sw -> ..., C, W, H, sn, sc, sw, sh
         swapped = args[:-7] + (c, w, h, args[-4], args[-3], args[-1], args[-2])
-        launches['rows'] = lambda: row_kernel[row_grid(n, c, w, h)](*swapped, **meta)
+        launches['rows'] = lambda: row_kernel[row_grid(n, c, w, h)](*swapped, ALONG_W=False, **meta)
     else:
-        launches['rows'] = lambda: row_kernel[row_grid(n, c, h, w)](*args, **meta)
+        launches['rows'] = lambda: row_kernel[row_grid(n, c, h, w)](*args, ALONG_W=along_w, **meta)
     key = (along_w, meta['K0'], meta['K1'], meta['K2'], meta['TRANSPOSE'], meta['HAS_BIAS'])
     launches[_depthwise_impl(impl, op, x, key, launches)]()
 

@@ -1,4 +1,4 @@
-"""Row-blocked Triton kernels for MSCAN's depthwise convolutions along H (KxK, and the Kx1 strips).
+"""Row-blocked Triton kernels for MSCAN's depthwise convolutions (KxK, the strips, their weight gradients).
 
 The tile kernels of :mod:`smmcl.kernels.triton_dwconv` compute BLOCK_H x BLOCK_W output pixels and load
 every tap's input for each, so a K-row kernel reads each input row K times per tap column and computes
@@ -13,7 +13,9 @@ sm_90, ``bench/sass.py`` counts about half the tile kernels' instructions and a 
 per output.
 
 Along W the strips' launcher runs the same kernels with H and W swapped (the rows walked are then the
-columns) where the channels are contiguous (channels_last), which keeps the loads coalesced.
+columns) where the channels are contiguous (channels_last), which keeps the loads coalesced; in NCHW the
+strip kernels run along W as they are (``ALONG_W``: each output row's shifts loaded once for all three
+strips).
 
 The weight gradients walk bands of rows the same way (:func:`_wgrad_rows_job`): one accumulator per tap
 instead of per output row, each input row of a band loaded once per tap column and multiplied with every
@@ -176,26 +178,36 @@ def _sum_row(acc, r_ptr, b0_ptr, b1_ptr, b2_ptr, out_ptr, n, c, cmask, h, w, H, 
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=ROW_CONFIGS, key=KEY, prune_configs_by=PRUNE, do_bench=bench)
+@triton.jit
+def _walk_strip(a0, a1, a2, a3, t_c, w_ptr, c, cmask, h0, w, H, W, sh, sw, K: tl.constexpr,
+                ALONG_W: tl.constexpr, TRANSPOSE: tl.constexpr, ROWS: tl.constexpr):
+    """:func:`_walk` of one strip conv: K x 1 (the K + ROWS - 1 input rows walked once), or 1 x K
+    (ALONG_W: each output row's own input row, loaded once per tap)."""
+    if ALONG_W:
+        return _walk(a0, a1, a2, a3, t_c, w_ptr, c, cmask, h0, w, H, W, sh, sw, 0, 1, K, TRANSPOSE, ROWS)
+    return _walk(a0, a1, a2, a3, t_c, w_ptr, c, cmask, h0, w, H, W, sh, sw, (K - 1) // 2, K, 1, TRANSPOSE, ROWS)
+
+
+@triton.autotune(configs=ROW_CONFIGS, key=KEY + ['ALONG_W'], prune_configs_by=PRUNE, do_bench=bench)
 @triton.jit
 def strip3_sum_rows_kernel(r_ptr, t0_ptr, t1_ptr, t2_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr,
                            out_ptr, C, H, W, sn, sc, sh, sw,
-                           K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, TRANSPOSE: tl.constexpr,
-                           HAS_BIAS: tl.constexpr,
+                           K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, ALONG_W: tl.constexpr,
+                           TRANSPOSE: tl.constexpr, HAS_BIAS: tl.constexpr,
                            BLOCK_C: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
-    """``_strip3_sum_kernel``'s function along H, row-blocked: out = r + sum_i (conv(t_i, w_i) + b_i),
-    three K_i x 1 depthwise convs, each input walked once."""
+    """``_strip3_sum_kernel``'s function, row-blocked: out = r + sum_i (conv(t_i, w_i) + b_i), three K_i x 1
+    (1 x K_i if ALONG_W) depthwise convs, each input walked once."""
     tl.static_assert(ROWS <= 4)
     n, c, h0, w, cmask = _row_tile(tl.program_id(0), tl.program_id(1), C, H, W, BLOCK_C, ROWS, BLOCK_W)
     channels = n * sn + (c * sc)[:, None]
     a0 = tl.zeros((BLOCK_C, BLOCK_W), dtype=tl.float32)
     a1, a2, a3 = a0, a0, a0
-    a0, a1, a2, a3 = _walk(a0, a1, a2, a3, t0_ptr + channels, w0_ptr, c, cmask, h0, w, H, W, sh, sw,
-                           (K0 - 1) // 2, K0, 1, TRANSPOSE, ROWS)
-    a0, a1, a2, a3 = _walk(a0, a1, a2, a3, t1_ptr + channels, w1_ptr, c, cmask, h0, w, H, W, sh, sw,
-                           (K1 - 1) // 2, K1, 1, TRANSPOSE, ROWS)
-    a0, a1, a2, a3 = _walk(a0, a1, a2, a3, t2_ptr + channels, w2_ptr, c, cmask, h0, w, H, W, sh, sw,
-                           (K2 - 1) // 2, K2, 1, TRANSPOSE, ROWS)
+    a0, a1, a2, a3 = _walk_strip(a0, a1, a2, a3, t0_ptr + channels, w0_ptr, c, cmask, h0, w, H, W, sh, sw, K0,
+                                 ALONG_W, TRANSPOSE, ROWS)
+    a0, a1, a2, a3 = _walk_strip(a0, a1, a2, a3, t1_ptr + channels, w1_ptr, c, cmask, h0, w, H, W, sh, sw, K1,
+                                 ALONG_W, TRANSPOSE, ROWS)
+    a0, a1, a2, a3 = _walk_strip(a0, a1, a2, a3, t2_ptr + channels, w2_ptr, c, cmask, h0, w, H, W, sh, sw, K2,
+                                 ALONG_W, TRANSPOSE, ROWS)
     _sum_row(a0, r_ptr, b0_ptr, b1_ptr, b2_ptr, out_ptr, n, c, cmask, h0, w, H, W, sn, sc, sh, sw, HAS_BIAS)
     if ROWS > 1:
         _sum_row(a1, r_ptr, b0_ptr, b1_ptr, b2_ptr, out_ptr, n, c, cmask, h0 + 1, w, H, W, sn, sc, sh, sw, HAS_BIAS)
@@ -224,15 +236,29 @@ def _store_rows3(p, q, s, o0_ptr, o1_ptr, o2_ptr, b0_ptr, b1_ptr, b2_ptr, n, c, 
     _finish_row(s, o2_ptr, b2_ptr, b2_ptr, n, c, cmask, h, w, H, W, sn, sc, sh, sw, HAS_BIAS, 0)
 
 
-@triton.autotune(configs=STRIP_ROW_CONFIGS, key=KEY, prune_configs_by=PRUNE, do_bench=bench)
+@triton.jit
+def _row_along_w3(p, q, s, x_c, w0_ptr, w1_ptr, w2_ptr, c, cmask, h, w, H, W, sh, sw, K0: tl.constexpr,
+                  K1: tl.constexpr, K2: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """Output row ``h`` of the three 1 x K_i strips (p, q, s) from input row ``h``: each of its K2 shifts
+    loaded once and added to every strip it reaches (tap (j - SPAN) + (K_i - 1) // 2 of strip i; the
+    adjoint's mirror is in the shift, :func:`_input_row`)."""
+    SPAN: tl.constexpr = (K2 - 1) // 2
+    for j in tl.static_range(K2):
+        xv = _input_row(x_c, cmask, h, w, H, W, sh, sw, j, K2, TRANSPOSE)
+        p, q, s = _add_taps3(p, q, s, xv, w0_ptr, w1_ptr, w2_ptr, c, cmask, j, 0, SPAN, K0, K1, K2, False)
+    return p, q, s
+
+
+@triton.autotune(configs=STRIP_ROW_CONFIGS, key=KEY + ['ALONG_W'], prune_configs_by=PRUNE, do_bench=bench)
 @triton.jit
 def strip3_rows_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, o0_ptr, o1_ptr, o2_ptr,
                        C, H, W, sn, sc, sh, sw,
-                       K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, TRANSPOSE: tl.constexpr,
-                       HAS_BIAS: tl.constexpr,
+                       K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, ALONG_W: tl.constexpr,
+                       TRANSPOSE: tl.constexpr, HAS_BIAS: tl.constexpr,
                        BLOCK_C: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
-    """``_strip3_kernel``'s function along H, row-blocked: o_i = conv(x, w_i) + b_i, three K_i x 1
-    depthwise convs of one input (K0 <= K1 <= K2); each input row is loaded once for all three."""
+    """``_strip3_kernel``'s function, row-blocked: o_i = conv(x, w_i) + b_i, three K_i x 1 (1 x K_i if
+    ALONG_W) depthwise convs of one input (K0 <= K1 <= K2); each input row (along W: each shift of it) is
+    loaded once for all three."""
     tl.static_assert(ROWS <= 4)
     n, c, h0, w, cmask = _row_tile(tl.program_id(0), tl.program_id(1), C, H, W, BLOCK_C, ROWS, BLOCK_W)
     zero = tl.zeros((BLOCK_C, BLOCK_W), dtype=tl.float32)
@@ -240,8 +266,20 @@ def strip3_rows_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, o0
     q0, q1, q2, q3 = zero, zero, zero, zero  # strip 1's
     s0, s1, s2, s3 = zero, zero, zero, zero  # strip 2's
     x_c = x_ptr + n * sn + (c * sc)[:, None]
-    SPAN: tl.constexpr = (K2 - 1) // 2
-    for r in tl.static_range(ROWS + 2 * SPAN):
+    SPAN: tl.constexpr = 0 if ALONG_W else (K2 - 1) // 2
+    if ALONG_W:
+        p0, q0, s0 = _row_along_w3(p0, q0, s0, x_c, w0_ptr, w1_ptr, w2_ptr, c, cmask, h0, w, H, W, sh, sw, K0, K1,
+                                   K2, TRANSPOSE)
+        if ROWS > 1:
+            p1, q1, s1 = _row_along_w3(p1, q1, s1, x_c, w0_ptr, w1_ptr, w2_ptr, c, cmask, h0 + 1, w, H, W, sh, sw,
+                                       K0, K1, K2, TRANSPOSE)
+        if ROWS > 2:
+            p2, q2, s2 = _row_along_w3(p2, q2, s2, x_c, w0_ptr, w1_ptr, w2_ptr, c, cmask, h0 + 2, w, H, W, sh, sw,
+                                       K0, K1, K2, TRANSPOSE)
+        if ROWS > 3:
+            p3, q3, s3 = _row_along_w3(p3, q3, s3, x_c, w0_ptr, w1_ptr, w2_ptr, c, cmask, h0 + 3, w, H, W, sh, sw,
+                                       K0, K1, K2, TRANSPOSE)
+    for r in tl.static_range(0 if ALONG_W else ROWS + 2 * SPAN):
         xv = _input_row(x_c, cmask, h0 + r - SPAN, w, H, W, sh, sw, 0, 1, TRANSPOSE)
         p0, q0, s0 = _add_taps3(p0, q0, s0, xv, w0_ptr, w1_ptr, w2_ptr, c, cmask, r, 0, SPAN, K0, K1, K2, TRANSPOSE)
         if ROWS > 1:
