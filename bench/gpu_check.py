@@ -32,8 +32,9 @@ wanted first, each reported even if another fails; once ``--budget-s`` is spent 
 5. ``profile``: the top GPU kernels of a training step (the bench's: train.py's iteration) on each path
    (``--profile-paths``; the graphed NCHW fast + kernels step first), of an inference forward and of a
    whole evaluation of 64 images, their GPU time against the wall time of the same calls without the
-   profiler (far apart: the host bounds the step), the operators that take the host's time, and the
-   calls that make the host wait for the GPU (PyTorch's sync debug mode);
+   profiler (far apart: the host bounds the step), the operators that take the host's time, the device
+   time of the kernels each operator launched (which operator an anonymous element-wise kernel serves),
+   and the calls that make the host wait for the GPU (PyTorch's sync debug mode);
 6. ``brief``: 200 training steps (MSCAN-B, 240x320, batch 4, synthetic data) plain fp32 against fast
    bf16 + kernels, the loss curves compared; the argmax of the plain-trained model, fp32 against bf16;
 7. ``tests``: ``tests/test_kernels.py`` and ``tests/test_graphs.py`` on CUDA (tiny edge-case shapes, one
@@ -891,6 +892,24 @@ def _print_idle_attribution(prof, steps):
                 idle_ms={name: us / 1e3 / steps for name, us in idle.items()})
 
 
+def kernel_label(name: str, width: int = 110) -> str:
+    """A CUDA kernel's name without the namespaces and qualifiers that fill its first 100 characters, so
+    that a truncated line still shows the functor (an ATen element-wise kernel is named after the loop,
+    ``elementwise_kernel<128, 4, gpu_kernel_impl_nocast<...>>``, its operator only further in)."""
+    for noise in ('void ', 'at::native::', '(anonymous namespace)::', 'c10::', 'std::', 'at::cuda::', '__nv_'):
+        name = name.replace(noise, '')
+    return name[:width]
+
+
+def launching_operators(host_events, steps: int, top: int = 12):
+    """[(operator, calls per step, device ms per step)] of the host operators whose own kernels (not their
+    children's) take most device time: which ATen operator an anonymous element-wise kernel belongs to."""
+    def own(e):
+        return getattr(e, 'self_device_time_total', getattr(e, 'self_cuda_time_total', 0.0))
+    ranked = sorted((e for e in host_events if own(e) > 0), key=own, reverse=True)[:top]
+    return [(e.key, e.count // steps, own(e) / 1e3 / steps) for e in ranked]
+
+
 def _top_kernels(title, fn, device, steps):
     """Time ``steps`` calls of ``fn``, then profile as many; print and return the wall and device ms per
     call and the 12 kernels with most device time per call (on a GPU, also the host's top operators)."""
@@ -932,7 +951,7 @@ def _top_kernels(title, fn, device, steps):
            ('synchronizing calls per call', syncs, 1.0)]
     for e in sorted(events, key=device_us, reverse=True)[:12]:
         ms = device_us(e) / 1e3 / steps
-        print(f'  {ms:8.2f} ms {100 * device_us(e) / total:5.1f}%  {e.key[:90]}')
+        print(f'  {ms:8.2f} ms {100 * device_us(e) / total:5.1f}%  {kernel_label(e.key)}')
         out.append((e.key, ms, device_us(e) / total))
     if device.type == 'cuda':
         # where the host's time goes (inflated by the profiler itself, so read it as shares)
@@ -941,6 +960,11 @@ def _top_kernels(title, fn, device, steps):
         for e in sorted(host_events, key=lambda e: e.self_cpu_time_total, reverse=True)[:10]:
             print(f'  {e.self_cpu_time_total / 1e3 / steps:8.2f} ms {100 * e.self_cpu_time_total / host_total:5.1f}%  '
                   f'x{e.count // steps:<5d} {e.key[:80]}')
+        launchers = launching_operators(host_events, steps)
+        print('  device time by the operator that launched the kernels (a graph replay counts as one):')
+        for key, calls, ms in launchers:
+            print(f'  {ms:8.2f} ms  x{calls:<5d} {key[:80]}')
+        out.append(('device ms by launching operator', launchers, 1.0))
         try:  # the wall time between the GPU's work, by what the host did meanwhile
             out.append(('idle attribution', _print_idle_attribution(prof, steps), 1.0))
         except Exception as err:  # noqa: BLE001 - an older profiler's events: the table above stands
@@ -1167,6 +1191,9 @@ def summary(results):
             if idle.get('idle_ms'):
                 top = sorted(idle['idle_ms'].items(), key=lambda kv: kv[1], reverse=True)[:3]
                 line += '; GPU idle during ' + ', '.join(f'{what[:50]} {ms:.1f} ms' for what, ms in top)
+            launchers = got.get('device ms by launching operator') or []
+            if launchers:
+                line += '; GPU time of ' + ', '.join(f'{key[:40]} {ms:.1f} ms' for key, _, ms in launchers[:4])
             print(line)
     sweep = results.get('sweep')
     if isinstance(sweep, dict):

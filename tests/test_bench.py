@@ -138,3 +138,22 @@ def test_the_summary_states_each_profiled_calls_wall_gpu_time_syncs_and_idle_tim
     out = capsys.readouterr().out
     assert ('profile train fast+triton NCHW+graphs: wall 220.0 ms, GPU 140.0 ms, 0 syncs; GPU idle during '
             'cudaGraphLaunch 50.0 ms, (no host operator') in out
+
+
+def test_kernel_labels_and_launching_operators_name_the_element_wise_kernels():
+    """The profile's kernel lines keep the functor (ATen's loop name fills the first 100 characters), and
+    device time is also counted to the operator that launched each kernel, largest first."""
+    from types import SimpleNamespace
+    spec = importlib.util.spec_from_file_location('gpu_check', os.path.join(REPO_ROOT, 'bench', 'gpu_check.py'))
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    name = ('void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::'
+            '(anonymous namespace)::addcmul_cuda_kernel(at::TensorIteratorBase&, c10::Scalar const&)::'
+            '{lambda()#1}::operator()() const::{lambda(float, float, float)#1}>(at::TensorIteratorBase&, ...)')
+    label = gpu_check.kernel_label(name)
+    assert label.startswith('elementwise_kernel<128, 4, gpu_kernel_impl_nocast<addcmul_cuda_kernel')
+    assert len(label) == 110
+    events = [SimpleNamespace(key='aten::addcmul', count=84, self_device_time_total=2400.0),
+              SimpleNamespace(key='aten::copy_', count=20, self_device_time_total=600.0),
+              SimpleNamespace(key='aten::view', count=500, self_device_time_total=0.0)]
+    assert gpu_check.launching_operators(events, steps=2) == [('aten::addcmul', 42, 1.2), ('aten::copy_', 10, 0.3)]
