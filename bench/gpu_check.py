@@ -21,7 +21,8 @@ wanted first, each reported even if another fails; once ``--budget-s`` is spent 
    measured copy bandwidth (the floor) and each one's share of that bandwidth; then each weight-gradient
    implementation (gather, taps, rows, PyTorch's) per stage, kernel shape and layout, and the one ``auto``
    picks; then the attention's six strip weight gradients per direction, one fused launch (tiles or
-   rows) against three ``dwconv_wgrad`` calls (``SMMCL_TRITON_STRIP_WGRAD``);
+   rows) against three ``dwconv_wgrad`` calls (``SMMCL_TRITON_STRIP_WGRAD``); then the 1x1 convs' bias
+   gradients as ATen computes them, against their floor (the training profile's bf16 reductions);
 3. ``model``: the whole model, fp32, TF32 off, same seeds (anchor sampler, NMF, drop path): the kernels
    against the plain path on logits, each loss term and each gradient (target: 1e-4), also with every
    kernel of the row family forced (``ALL_ROWS``);
@@ -311,7 +312,8 @@ def step_kernels(args, device):
         print(f'  {label:<8} {piece:<11} {fmt_name:<9} {err:.1e}')
     print_kernel_table(rows)
     return dict(copy_TBps=bandwidth / 1e12, rows=rows, errors=errors, wgrad=wgrad_table(args, device, bandwidth),
-                strip_wgrad=strip_wgrad_table(args, device, bandwidth))
+                strip_wgrad=strip_wgrad_table(args, device, bandwidth),
+                bias_grad=bias_grad_table(args, device, bandwidth))
 
 
 @contextlib.contextmanager
@@ -415,6 +417,36 @@ def strip_wgrad_table(args, device, bandwidth=None):
                 print(f"  {label:<8} {fmt_name:<9} {direction}  {columns} {floor:7.3f}  {chosen:<8}  {diff:.1e}")
             del a, grad, grad_t, t
     return rows
+
+
+def bias_grad_table(args, device, bandwidth):
+    """ms of a 1x1 conv's bias gradient as ATen's convolution_backward computes it for cuDNN convs
+    (``grad.sum((0, 2, 3))``, bf16 in, float32 sums), per stage at the attention's and the MLP's widths,
+    channels_last and NCHW, against the floor (read the gradient once); and the whole MSCAN-B step's
+    total: per block four C-wide 1x1 convs (proj_1, conv3, proj_2, fc2) and one MLP-wide (fc1), in both
+    branches (the training profile's bf16 reductions: 9.2 ms on the H200)."""
+    import torch
+    from smmcl.models.mscan import mscan_b, mscan_t
+    n = 1 if args.smoke else args.batch
+    depths = (mscan_t() if args.smoke else mscan_b()).depths
+    rows, totals = [], {}
+    print(f"\nconv bias gradients (grad.sum((0, 2, 3)), bf16), ms:      NHWC    NCHW   floor")
+    for label, kind, c, h, w in mscan_b_sizes(args):
+        times = {}
+        for fmt, name in ((torch.channels_last, 'NHWC'), (torch.contiguous_format, 'NCHW')):
+            g = torch.randn(n, c, h, w, device=device).to(torch.bfloat16).contiguous(memory_format=fmt)
+            times[name] = time_ms(lambda g=g: g.sum((0, 2, 3)), device, args.smoke)
+            floor = g.numel() * g.element_size() / bandwidth * 1e3
+            del g
+        rows.append(dict(item=label, floor_ms=floor, **times))
+        print(f"  {label:<8} {c:>5} channels {h:>3}x{w:<3}              {times['NHWC']:7.3f} {times['NCHW']:7.3f} "
+              f"{floor:7.3f}")
+        stage = int(label[1]) - 1
+        for name in ('NHWC', 'NCHW', 'floor'):
+            per_call = floor if name == 'floor' else times[name]
+            totals[name] = totals.get(name, 0.0) + 2 * depths[stage] * per_call * (4 if kind == 'attn' else 1)
+    print('  whole step (both branches, every block): ' + ', '.join(f'{k} {v:.2f} ms' for k, v in totals.items()))
+    return dict(rows=rows, step_ms=totals)
 
 
 def print_kernel_table(rows, compact=False):
@@ -1143,6 +1175,9 @@ def summary(results):
             impls = [i for i in ('fused', 'rows', 'separate') if i in r]
             print(f"strip wgrad {r['item']:<8} {r['layout']} {r['direction']}: "
                   + ' '.join(f"{i} {r[i]:.3f}" for i in impls) + f" ms; floor {r['floor_ms']:.3f}; auto -> {r['auto']}")
+        if kern.get('bias_grad'):
+            print('conv bias gradients, whole step: ' + ', '.join(f'{k} {v:.2f} ms'
+                                                                   for k, v in kern['bias_grad']['step_ms'].items()))
         worst = max(kern['errors'], key=lambda e: e[3]) if kern['errors'] else None
         if worst:
             print(f'worst kernel error vs fp32 PyTorch: {worst[3]:.1e} ({worst[0]} {worst[1]} {worst[2]})')
