@@ -189,3 +189,24 @@ def test_sync_bn_on_cpu_ranks_is_refused():
     config.sync_bn = True
     with pytest.raises(ValueError, match='SyncBatchNorm has no CPU kernel.*--set sync_bn=False'):
         norm_layer_for(config, DistContext(rank=0, world_size=2, device=torch.device('cpu')))
+
+
+def test_ranks_leave_the_group_together_but_not_after_a_failure(monkeypatch):
+    """After the work every rank waits for the others before tearing the group down (a rank leaving while
+    rank 0 still wrote its checkpoint was seen to abort in gloo's teardown); after an exception it leaves
+    at once, as the other ranks may never arrive."""
+    from smmcl.engine import dist as dist_module
+    calls = []
+    monkeypatch.setattr(dist_module, 'init_from_env', lambda devices, timeout_s: 'ctx')
+    monkeypatch.setattr(dist_module.dist, 'is_initialized', lambda: True)
+    monkeypatch.setattr(dist_module.dist, 'barrier', lambda: calls.append('barrier'))
+    monkeypatch.setattr(dist_module.dist, 'destroy_process_group', lambda: calls.append('destroy'))
+    dist_module._run_in_group(lambda ctx: calls.append(ctx), [], 60, ())
+    assert calls == ['ctx', 'barrier', 'destroy']
+
+    def fails(ctx):
+        raise RuntimeError('rank failed')
+    calls.clear()
+    with pytest.raises(RuntimeError, match='rank failed'):
+        dist_module._run_in_group(fails, [], 60, ())
+    assert calls == ['destroy']

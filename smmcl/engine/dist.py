@@ -79,6 +79,11 @@ def _run_in_group(fn: Callable, devices: Sequence[int], timeout_s: float, args) 
     ctx = init_from_env(devices, timeout_s)
     try:
         fn(ctx, *args)
+        # The ranks leave the group together: a rank tearing gloo down while another still worked (rank 0
+        # writing the last checkpoint) was seen to abort ("terminate called without an active exception").
+        # Not after a failure, where the others may never arrive.
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
     finally:
         cleanup()
 
