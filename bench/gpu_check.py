@@ -1153,7 +1153,8 @@ def sweep_worker(args, device):
                 tile = dict(config.kwargs, num_warps=config.num_warps)
                 winners.append(dict(kernel=name, key=[str(k) for k in key], tile=tile,
                                     listed=getattr(config, 'listed', True)))
-                print(f"  {name:<28} {str(tuple(key)[:4]):<26} {tile} {'' if winners[-1]['listed'] else 'NEW'}")
+                shown = tuple(key)[:len(getattr(kernel, 'keys', key))]  # the key's values, without the dtypes
+                print(f"  {name:<28} {str(shown):<34} {tile} {'' if winners[-1]['listed'] else 'NEW'}")
     print('SWEEP ' + json.dumps(dict(winners=winners, new=sum(not w['listed'] for w in winners))))
 
 

@@ -63,7 +63,8 @@ def _tile(pid_nc, pid_hw, C, H, W, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
     return n, c, h, w, c < C, (h < H) & (w < W)
 
 
-@triton.autotune(configs=_CONFIGS, key=_KEY, prune_configs_by=_PRUNE, do_bench=_bench)
+# keyed by the kernel shape and epilogue too: one op's tuning must not pass to another on a map of one size
+@triton.autotune(configs=_CONFIGS, key=_KEY + ['KH', 'KW', 'EPILOGUE'], prune_configs_by=_PRUNE, do_bench=_bench)
 @triton.jit
 def _dwconv_kernel(x_ptr, w_ptr, b_ptr, g_ptr, out_ptr, C, H, W, sn, sc, sh, sw,
                    KH: tl.constexpr, KW: tl.constexpr, TRANSPOSE: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -147,7 +148,8 @@ def _dwconv_wgrad_kernel(g_ptr, x_ptr, dw_ptr, db_ptr, N, C, H, W, sn, sc, sh, s
     tl.store(db_ptr + chunk * C + c, acc_b, mask=cmask)
 
 
-@triton.autotune(configs=_WGRAD_TAPS_CONFIGS, key=_KEY + ['N'], prune_configs_by=_PRUNE, do_bench=_bench)
+@triton.autotune(configs=_WGRAD_TAPS_CONFIGS, key=_KEY + ['N', 'KH', 'KW'], prune_configs_by=_PRUNE,
+                 do_bench=_bench)
 @triton.jit
 def _dwconv_wgrad_taps_kernel(g_ptr, x_ptr, dw_ptr, db_ptr, N, C, H, W, sn, sc, sh, sw, num_chunks, KH, KW,
                               BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):

@@ -141,7 +141,8 @@ def _finish_row(acc, out_ptr, b_ptr, g_ptr, n, c, cmask, h, w, H, W, sn, sc, sh,
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=ROW_CONFIGS, key=KEY, prune_configs_by=PRUNE, do_bench=bench)
+# keyed by the kernel shape and epilogue too: one op's tuning must not pass to another on a map of one size
+@triton.autotune(configs=ROW_CONFIGS, key=KEY + ['KH', 'KW', 'EPILOGUE'], prune_configs_by=PRUNE, do_bench=bench)
 @triton.jit
 def dwconv_rows_kernel(x_ptr, w_ptr, b_ptr, g_ptr, out_ptr, C, H, W, sn, sc, sh, sw,
                        KH: tl.constexpr, KW: tl.constexpr, TRANSPOSE: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -365,7 +366,7 @@ def _wgrad_rows_job(g_ptr, x_ptr, dw_ptr, db_ptr, c, cmask, chunk, N, H, W, sn, 
     tl.store(db_ptr + c, tl.sum(acc_b, axis=1), mask=cmask)
 
 
-@triton.autotune(configs=WGRAD_ROW_CONFIGS, key=KEY + ['N'], prune_configs_by=PRUNE, do_bench=bench)
+@triton.autotune(configs=WGRAD_ROW_CONFIGS, key=KEY + ['N', 'KH', 'KW'], prune_configs_by=PRUNE, do_bench=bench)
 @triton.jit
 def dwconv_wgrad_rows_kernel(g_ptr, x_ptr, dw_ptr, db_ptr, N, C, H, W, sn, sc, sh, sw, num_chunks,
                              KH: tl.constexpr, KW: tl.constexpr,
