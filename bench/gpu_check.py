@@ -1141,11 +1141,13 @@ def sweep_worker(args, device):
                     with kernel_family(impl):
                         torch.autograd.grad(ours(x), [x] + weights, torch.ones_like(x))
         print(f'{label}: tuned', flush=True)
-    winners = []
+    winners, seen = [], set()
     for module in (triton_dwconv, triton_rows):
         for name, kernel in vars(module).items():
-            if not isinstance(kernel, triton.runtime.Autotuner):
+            # triton_dwconv imports the row kernels by name: each kernel once
+            if not isinstance(kernel, triton.runtime.Autotuner) or id(kernel) in seen:
                 continue
+            seen.add(id(kernel))
             # one candidate (the interpreter's) is never timed nor cached: reported as the winner of any shape
             tuned = kernel.cache.items() if kernel.cache else [(('any',), c) for c in kernel.configs[:1]
                                                                 if len(kernel.configs) == 1]
