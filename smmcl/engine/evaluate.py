@@ -90,8 +90,9 @@ def to_input(img, mean, std, device) -> torch.Tensor:
     """uint8 H-W-3 image (numpy or tensor) -> normalised 3-H-W float32 on ``device``.
 
     ``(img / 255 - mean) / std`` in float64, in that order, then float32: the authors' ``normalize``
-    (``SMMCL_LLRGBD/utils/transforms.py``) and cast, bit for bit (IEEE operations round the same on any device). The uint8 image travels to the
-    device (:func:`~smmcl.data.transforms.host_to_device`) and is normalised there.
+    (``SMMCL_LLRGBD/utils/transforms.py``) and cast, bit for bit (IEEE operations round the same on any
+    device). The uint8 image travels to the device (:func:`~smmcl.data.transforms.host_to_device`) and is
+    normalised there.
     """
     t = host_to_device(img, device).permute(2, 0, 1).double()  # 3-H-W
     mean, std = (channel_vector(v, t.device, torch.float64) for v in (mean, std))
@@ -206,8 +207,10 @@ def scaled_inputs(rgb, x, config, device) -> List[Tuple[torch.Tensor, torch.Tens
     x = x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     inputs = []
     for s in config.eval_scale_array:
-        # their scale_process_rgbX (SMMCL_LLRGBD/engine/evaluator.py) resizes at every scale; at scale 1
-        # OpenCV returns the same pixels (test), so that copy is skipped: host time, not a number
+        # their sliding_eval_rgbX (SMMCL_LLRGBD/engine/evaluator.py) resizes both images at every scale,
+        # INTER_LINEAR for a 3-channel modal_x (their RGBXDataset merges the one-channel X into three, so
+        # its INTER_NEAREST branch for a 2-D one never runs); at scale 1 OpenCV returns the same pixels
+        # (test), so that copy is skipped: host time, not a number
         pair = (img if s == 1 else cv2.resize(img, None, fx=s, fy=s, interpolation=cv2.INTER_LINEAR)
                 for img in (rgb, x))
         inputs.append(tuple(to_input(img, config.norm_mean, config.norm_std, device) for img in pair))

@@ -64,8 +64,8 @@ def check_label(label: Array, shape: Sequence[int], num_classes: int, ignore: in
     """Refuse a label that :func:`pixel_counts` cannot count: of another shape than the prediction's
     ``shape``, or holding values outside ``[0, K)`` other than ``ignore``.
 
-    Works on the label's own dtype and device (numpy arrays: on the host, without a copy), so evaluation
-    checks each label file before it goes to the device.
+    Works on the label's own dtype and device (a numpy array stays on the host), so evaluation checks
+    each label file where it was read, before it goes to the device.
 
     Raises:
         ValueError: naming the shapes, or the values.
