@@ -420,29 +420,38 @@ def strip_wgrad_table(args, device, bandwidth=None):
 
 
 def bias_grad_table(args, device, bandwidth):
-    """ms of a 1x1 conv's bias gradient as ATen's convolution_backward computes it for cuDNN convs
-    (``grad.sum((0, 2, 3))``, bf16 in, float32 sums), per stage at the attention's and the MLP's widths,
-    channels_last and NCHW, against the floor (read the gradient once); and the whole MSCAN-B step's
-    total: per block four C-wide 1x1 convs (proj_1, conv3, proj_2, fc2) and one MLP-wide (fc1), in both
-    branches (the training profile's bf16 reductions: 9.2 ms on the H200)."""
+    """ms of a 1x1 conv's bias gradient, per stage at the attention's and the MLP's widths, channels_last
+    and NCHW, against the floor (read the gradient once): ``aten`` as ATen's convolution_backward computes it
+    for cuDNN convs (``grad.sum((0, 2, 3))``, bf16 in, float32 sums), ``triton`` our column sum
+    (``smmcl.kernels.triton_bias``, what the blocks' ``PointwiseConv`` runs with the kernels on, by
+    ``auto``'s choice); and the whole MSCAN-B step's totals: per block four C-wide 1x1 convs (proj_1,
+    conv3, proj_2, fc2) and one MLP-wide (fc1), in both branches (the training profile's bf16 reductions:
+    9.2 ms on the H200)."""
     import torch
+    from smmcl.kernels import load_ops
+    from smmcl.kernels.triton_bias import bias_grad
     from smmcl.models.mscan import mscan_b, mscan_t
+    load_ops()
     n = 1 if args.smoke else args.batch
     depths = (mscan_t() if args.smoke else mscan_b()).depths
+    columns = [(layout, impl) for layout in ('NHWC', 'NCHW') for impl in ('aten', 'triton')]
     rows, totals = [], {}
-    print(f"\nconv bias gradients (grad.sum((0, 2, 3)), bf16), ms:      NHWC    NCHW   floor")
+    print('\nconv bias gradients (bf16), ms:' + ' ' * 27 + ''.join(f"{l + ' ' + i:>12}" for l, i in columns)
+          + f"{'floor':>8}")
     for label, kind, c, h, w in mscan_b_sizes(args):
         times = {}
-        for fmt, name in ((torch.channels_last, 'NHWC'), (torch.contiguous_format, 'NCHW')):
+        for fmt, layout in ((torch.channels_last, 'NHWC'), (torch.contiguous_format, 'NCHW')):
             g = torch.randn(n, c, h, w, device=device).to(torch.bfloat16).contiguous(memory_format=fmt)
-            times[name] = time_ms(lambda g=g: g.sum((0, 2, 3)), device, args.smoke)
+            bias = torch.zeros(c, device=device)
+            times[f'{layout} aten'] = time_ms(lambda g=g: g.sum((0, 2, 3)), device, args.smoke)
+            times[f'{layout} triton'] = time_ms(lambda g=g: bias_grad(g, bias, impl='triton'), device, args.smoke)
             floor = g.numel() * g.element_size() / bandwidth * 1e3
             del g
         rows.append(dict(item=label, floor_ms=floor, **times))
-        print(f"  {label:<8} {c:>5} channels {h:>3}x{w:<3}              {times['NHWC']:7.3f} {times['NCHW']:7.3f} "
-              f"{floor:7.3f}")
+        print(f"  {label:<8} {c:>5} channels {h:>3}x{w:<3}          "
+              + ''.join(f"{times[l + ' ' + i]:12.3f}" for l, i in columns) + f"{floor:8.3f}")
         stage = int(label[1]) - 1
-        for name in ('NHWC', 'NCHW', 'floor'):
+        for name in list(times) + ['floor']:
             per_call = floor if name == 'floor' else times[name]
             totals[name] = totals.get(name, 0.0) + 2 * depths[stage] * per_call * (4 if kind == 'attn' else 1)
     print('  whole step (both branches, every block): ' + ', '.join(f'{k} {v:.2f} ms' for k, v in totals.items()))
@@ -1130,10 +1139,12 @@ def sweep_worker(args, device):
     """Run in the sweep's own process: autotune everything once, then print the winners."""
     import torch
     import triton
-    from smmcl.kernels import triton_dwconv, triton_rows
+    from smmcl.kernels import triton_bias, triton_dwconv, triton_rows
     n = 1 if args.smoke else args.batch
     for label, kind, c, h, w in mscan_b_sizes(args):
         for fmt in (torch.channels_last, torch.contiguous_format):
+            g = torch.randn(n, c, h, w, device=device).to(torch.bfloat16).contiguous(memory_format=fmt)
+            triton_bias.bias_grad(g, torch.zeros(c, device=device), impl='triton')
             for piece, ours, _, weights in _pieces(kind, c, device, torch.bfloat16):
                 x = torch.randn(n, c, h, w, device=device).to(torch.bfloat16).contiguous(memory_format=fmt)
                 x.requires_grad_()
@@ -1142,7 +1153,7 @@ def sweep_worker(args, device):
                         torch.autograd.grad(ours(x), [x] + weights, torch.ones_like(x))
         print(f'{label}: tuned', flush=True)
     winners, seen = [], set()
-    for module in (triton_dwconv, triton_rows):
+    for module in (triton_dwconv, triton_rows, triton_bias):
         for name, kernel in vars(module).items():
             # triton_dwconv imports the row kernels by name: each kernel once
             if not isinstance(kernel, triton.runtime.Autotuner) or id(kernel) in seen:

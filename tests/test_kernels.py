@@ -310,6 +310,7 @@ def test_custom_op_registrations():
                           test_utils=quick)
     a, params = _tensor(1, 3, 4, 5, fmt=CL), _strip_params(3)
     torch.library.opcheck(ops().mscan_strip_sum, (a, *params))
+    torch.library.opcheck(ops().add_channel_bias, (a, b))
 
 
 def test_torch_compile_traces_the_ops_without_graph_breaks():
@@ -439,6 +440,82 @@ def test_weight_gradient_choice_through_the_ops(monkeypatch):
     monkeypatch.setenv('SMMCL_TRITON_WGRAD', 'fastest')
     with pytest.raises(ValueError, match='SMMCL_TRITON_WGRAD'):
         torch.autograd.grad(ops().dwconv2d_gelu(x, weight, bias).sum(), (weight,))
+
+
+# ---- the 1x1 convs' bias gradient as one column sum ---------------------------------------------------
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('n, c, h, w, fmt', [(2, 37, 5, 7, NCHW), (2, 37, 5, 7, CL), (1, 3, 1, 40, CL),
+                                             (3, 1, 9, 2, NCHW)])
+def test_bias_gradient_column_sum(n, c, h, w, fmt, dtype):
+    """Two channel blocks (32 under the interpreter), more pixels than a tile, one channel, batch 1: the
+    float32 sums of ``grad.sum((0, 2, 3))`` rounded once to grad's dtype, in bias's dtype."""
+    from smmcl.kernels import triton_bias
+    g = _tensor(n, c, h, w, fmt=fmt, dtype=dtype).detach()
+    want = g.double().sum((0, 2, 3))
+    got = triton_bias.bias_grad(g, torch.zeros(c, device=DEVICE), impl='triton')
+    assert got.dtype == torch.float32 and got.shape == (c,)
+    if dtype == torch.float32:
+        assert torch.allclose(got.double(), want, rtol=1e-6, atol=1e-5)
+    else:  # one rounding of the float32 sum: equal to the rounded exact sum or one bf16 step beside it
+        assert ((got.double() - want.to(dtype).double()).abs() <= want.abs() * 2 ** -7 + 1e-6).all()
+    aten = triton_bias.bias_grad(g, torch.zeros(c, device=DEVICE), impl='torch')
+    assert torch.allclose(got, aten, rtol=2 ** -7 if dtype == torch.bfloat16 else 1e-6, atol=1e-5)
+
+
+def test_bias_gradient_of_an_empty_batch_is_zero():
+    from smmcl.kernels import triton_bias
+    got = triton_bias.bias_grad(torch.zeros(0, 5, 3, 4, device=DEVICE), torch.ones(5, device=DEVICE), impl='triton')
+    assert got.shape == (5,) and not got.any()
+
+
+def test_bias_gradient_choice(monkeypatch):
+    """SMMCL_TRITON_BIAS_GRAD picks the implementation inside the op's backward; a bad name stops."""
+    from smmcl.kernels import triton_bias
+    called = []
+    for impl in ('torch', 'triton'):
+        monkeypatch.setitem(triton_bias._SUMS, impl, lambda g, impl=impl, f=triton_bias._SUMS[impl]:
+                            called.append(impl) or f(g))
+    y, b = _tensor(2, 5, 3, 4), _tensor(5, seed=1)
+    for impl in ('torch', 'triton') + (('auto',) if DEVICE == 'cpu' else ()):  # auto, interpreted: the kernel
+        monkeypatch.setenv('SMMCL_TRITON_BIAS_GRAD', impl)
+        torch.autograd.grad(ops().add_channel_bias(y, b).sum(), (b,))
+    assert called == (['torch', 'triton', 'triton'] if DEVICE == 'cpu' else ['torch', 'triton'])
+    monkeypatch.setenv('SMMCL_TRITON_BIAS_GRAD', 'ours')
+    with pytest.raises(ValueError, match="SMMCL_TRITON_BIAS_GRAD must be 'auto' or one of"):
+        torch.autograd.grad(ops().add_channel_bias(y, b).sum(), (b,))
+
+
+@pytest.mark.parametrize('fmt', [NCHW, CL])
+def test_pointwise_conv_with_kernels_is_conv2d(fmt):
+    """The blocks' 1x1 convs with the kernels on: nn.Conv2d's output and gradients (fp32), the same state
+    dict; without autograd recording, nn.Conv2d's own path (bit for bit)."""
+    from smmcl.models.mscan import PointwiseConv
+    torch.manual_seed(0)
+    plain = nn.Conv2d(6, 37, 1).to(DEVICE).to(memory_format=fmt)
+    conv = PointwiseConv(6, 37).to(DEVICE).to(memory_format=fmt)
+    conv.load_state_dict(plain.state_dict())
+    use_fused_kernels(conv)
+    assert conv.fused_kernels and list(conv.state_dict()) == ['weight', 'bias']
+    x = _tensor(2, 6, 5, 7, fmt=fmt)
+    out = conv(x)
+    assert out.grad_fn is not None and 'add_channel_bias' in type(out.grad_fn).__name__
+    assert out.is_contiguous(memory_format=fmt)
+    _check_grads(out, plain(x), [x, conv.weight, conv.bias], [x, plain.weight, plain.bias], 1e-6, 1e-6)
+    with torch.no_grad():
+        assert torch.equal(conv(x), plain(x))
+
+
+def test_add_channel_bias_under_autocast_rounds_as_a_conv_bias():
+    """y (bf16, a conv's output under autocast) + a float32 bias: the bias rounded to bf16 first, as
+    autocast rounds a conv's; the bias gradient comes back in float32."""
+    y = _tensor(2, 4, 3, 5, dtype=torch.bfloat16)
+    b = _tensor(4, seed=1)
+    out = ops().add_channel_bias(y, b)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, y + b.to(torch.bfloat16)[:, None, None])
+    gy, gb = torch.autograd.grad(out, (y, b), torch.ones_like(out))
+    assert gb.dtype == torch.float32 and torch.equal(gb, torch.full_like(gb, 30.0)) and torch.equal(gy, torch.ones_like(y))
 
 
 # ---- the three strips' weight gradients in one launch -------------------------------------------------

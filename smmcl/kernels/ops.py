@@ -7,7 +7,8 @@ them without a graph break. Backward passes are custom ops too.
 Memory: like PyTorch, each op keeps its input for the backward; unlike the unfused layers it keeps
 nothing else. ``mscan_strip_sum`` recomputes the three horizontal strip outputs in its backward
 (the plain path stores them), and ``dwconv2d_gelu`` recomputes the pre-GELU map (the plain path
-stores it: one hidden-width map per MLP).
+stores it: one hidden-width map per MLP). ``add_channel_bias`` keeps only the bias (its backward sums
+the gradient per channel).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import triton_dwconv as K
+from .triton_bias import bias_grad
 
 
 def _like(x: Tensor) -> Tensor:
@@ -175,3 +177,42 @@ def _strip_grad(ctx, grad):
 
 
 mscan_strip_sum.register_autograd(_strip_grad, setup_context=_strip_setup)
+
+
+# ---- a convolution's bias add, with the bias gradient as one column sum ----------------------------
+
+@torch.library.custom_op('smmcl::add_channel_bias', mutates_args=())
+def add_channel_bias(y: Tensor, bias: Tensor) -> Tensor:
+    """``y + bias`` per channel: y N-C-H-W (any layout, kept), bias C, rounded to y's dtype first as
+    autocast rounds a conv's bias. What ATen does after a cuDNN convolution without its bias."""
+    out = torch.empty_like(y)
+    return torch.add(y, bias.to(y.dtype).reshape(1, -1, 1, 1), out=out)
+
+
+@add_channel_bias.register_fake
+def _(y, bias):
+    return torch.empty_like(y)
+
+
+@torch.library.custom_op('smmcl::channel_bias_grad', mutates_args=())
+def channel_bias_grad(grad: Tensor, bias: Tensor) -> Tensor:
+    """The gradient of :func:`add_channel_bias`'s ``bias``: ``grad`` summed per channel
+    (``SMMCL_TRITON_BIAS_GRAD`` picks the Triton column sum or ATen's reduction)."""
+    return bias_grad(grad, bias)
+
+
+@channel_bias_grad.register_fake
+def _(grad, bias):
+    return bias.new_empty(bias.shape)
+
+
+def _save_bias(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _add_channel_bias_grad(ctx, grad):
+    bias, = ctx.saved_tensors
+    return grad, channel_bias_grad(grad, bias) if ctx.needs_input_grad[1] else None
+
+
+add_channel_bias.register_autograd(_add_channel_bias_grad, setup_context=_save_bias)

@@ -6,14 +6,16 @@ Blocks here work on N-C-H-W maps directly; SegNeXt flattens to tokens between bl
 function with extra reshapes.
 
 :func:`use_fused_kernels` switches the attention's depthwise convs and the MLP's depthwise conv + GELU to
-the Triton kernels of :mod:`smmcl.kernels` (the fast path's ``triton_kernels``); the parameters and the
-state dict stay the same.
+the Triton kernels of :mod:`smmcl.kernels` (the fast path's ``triton_kernels``), and the blocks' 1x1 convs'
+bias gradients to one Triton column sum each (:class:`PointwiseConv`); the parameters and the state dict
+stay the same.
 """
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
@@ -81,6 +83,25 @@ class OverlapPatchEmbed(nn.Module):
         return self.norm(self.proj(x))
 
 
+class PointwiseConv(nn.Conv2d):
+    """A 1x1 conv with bias, ``nn.Conv2d``'s parameters and state dict. With the kernels on
+    (:func:`use_fused_kernels`) and autograd recording, its bias is added by ``smmcl::add_channel_bias``,
+    whose backward sums the bias gradient in one Triton pass (:mod:`smmcl.kernels.triton_bias`) instead of
+    ATen's generic reduction in ``convolution_backward``: the same function, the sums in another order.
+    The forward is what ATen runs for a cuDNN conv anyway (the conv, then the bias added)."""
+
+    fused_kernels = False  # set per module by use_fused_kernels
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """N-Cin-H-W -> N-Cout-H-W."""
+        if self.fused_kernels and torch.is_grad_enabled() and kernels.runs_on(x):
+            return torch.ops.smmcl.add_channel_bias(F.conv2d(x, self.weight), self.bias)
+        return super().forward(x)
+
+
 class AttentionModule(nn.Module):
     """Multi-scale convolutional attention: 5x5 depthwise, three depthwise strip branches, 1x1, gating."""
 
@@ -95,7 +116,7 @@ class AttentionModule(nn.Module):
         self.conv1_2 = nn.Conv2d(dim, dim, (11, 1), padding=(5, 0), groups=dim)
         self.conv2_1 = nn.Conv2d(dim, dim, (1, 21), padding=(0, 10), groups=dim)
         self.conv2_2 = nn.Conv2d(dim, dim, (21, 1), padding=(10, 0), groups=dim)
-        self.conv3 = nn.Conv2d(dim, dim, 1)
+        self.conv3 = PointwiseConv(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # SegNeXt clones x first; nothing writes to it in place, so the clone is not needed.
@@ -116,10 +137,10 @@ class AttentionModule(nn.Module):
 class SpatialAttention(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
-        self.proj_1 = nn.Conv2d(dim, dim, 1)
+        self.proj_1 = PointwiseConv(dim, dim)
         self.activation = nn.GELU()
         self.spatial_gating_unit = AttentionModule(dim)
-        self.proj_2 = nn.Conv2d(dim, dim, 1)
+        self.proj_2 = PointwiseConv(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj_2(self.spatial_gating_unit(self.activation(self.proj_1(x)))) + x
@@ -139,10 +160,10 @@ class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        self.fc1 = nn.Conv2d(dim, hidden_dim, 1)
+        self.fc1 = PointwiseConv(dim, hidden_dim)
         self.dwconv = DWConv(hidden_dim)
         self.act = nn.GELU()
-        self.fc2 = nn.Conv2d(hidden_dim, dim, 1)
+        self.fc2 = PointwiseConv(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(x)
@@ -155,7 +176,8 @@ class Mlp(nn.Module):
 
 
 def use_fused_kernels(model: nn.Module, enabled: bool = True) -> nn.Module:
-    """Switch every MSCAN attention and MLP in ``model`` to the Triton kernels, or back (in place).
+    """Switch every MSCAN attention and MLP in ``model`` to the Triton kernels, and the blocks' 1x1 convs
+    (:class:`PointwiseConv`) to the Triton bias gradient, or back (in place).
 
     The kernels take over on CUDA tensors (and on the CPU under ``TRITON_INTERPRET=1``); elsewhere the
     modules keep their ``nn.Conv2d`` path. Stops with one message when Triton is missing.
@@ -166,7 +188,7 @@ def use_fused_kernels(model: nn.Module, enabled: bool = True) -> nn.Module:
         if isinstance(module, Mlp) and enabled and not (isinstance(module.act, nn.GELU)
                                                         and module.act.approximate == 'none'):
             raise ValueError(f'the fused MLP kernel computes the exact GELU, this MLP has {module.act}')
-        if isinstance(module, (AttentionModule, Mlp)):
+        if isinstance(module, (AttentionModule, Mlp, PointwiseConv)):
             module.fused_kernels = enabled
     return model
 
