@@ -313,7 +313,8 @@ def step_kernels(args, device):
     print_kernel_table(rows)
     return dict(copy_TBps=bandwidth / 1e12, rows=rows, errors=errors, wgrad=wgrad_table(args, device, bandwidth),
                 strip_wgrad=strip_wgrad_table(args, device, bandwidth),
-                bias_grad=bias_grad_table(args, device, bandwidth))
+                bias_grad=bias_grad_table(args, device, bandwidth),
+                residual_tail=residual_tail_table(args, device, bandwidth))
 
 
 @contextlib.contextmanager
@@ -420,40 +421,89 @@ def strip_wgrad_table(args, device, bandwidth=None):
 
 
 def bias_grad_table(args, device, bandwidth):
-    """ms of a 1x1 conv's bias gradient, per stage at the attention's and the MLP's widths, channels_last
-    and NCHW, against the floor (read the gradient once): ``aten`` as ATen's convolution_backward computes it
-    for cuDNN convs (``grad.sum((0, 2, 3))``, bf16 in, float32 sums), ``triton`` our column sum
-    (``smmcl.kernels.triton_bias``, what the blocks' ``PointwiseConv`` runs with the kernels on, by
-    ``auto``'s choice); and the whole MSCAN-B step's totals: per block four C-wide 1x1 convs (proj_1,
-    conv3, proj_2, fc2) and one MLP-wide (fc1), in both branches (the training profile's bf16 reductions:
-    9.2 ms on the H200)."""
+    """ms of a 1x1 conv's bias add and bias gradient, per stage at the attention's and the MLP's widths,
+    channels_last and NCHW, against their floors (the add reads and writes the map, the gradient reads
+    it): ``aten`` as ATen runs them for a cuDNN conv (the broadcast ``add_`` after the conv,
+    ``grad.sum((0, 2, 3))`` in ``convolution_backward``; bf16), ``triton`` our passes
+    (``smmcl.kernels.triton_channel``, what the blocks' ``PointwiseConv`` runs with the kernels on, by
+    ``auto``'s choice); and the whole MSCAN-B step's totals: per block four C-wide 1x1 convs (proj_1, conv3,
+    proj_2, fc2) and one MLP-wide (fc1), in both branches (the H200 profiles: ~5.1 ms of non-vectorised
+    bf16 element-wise kernels per forward, 9.2 ms of bf16 reductions per training step)."""
     import torch
     from smmcl.kernels import load_ops
-    from smmcl.kernels.triton_bias import bias_grad
+    from smmcl.kernels.triton_channel import bias_add, bias_grad
     from smmcl.models.mscan import mscan_b, mscan_t
     load_ops()
     n = 1 if args.smoke else args.batch
     depths = (mscan_t() if args.smoke else mscan_b()).depths
-    columns = [(layout, impl) for layout in ('NHWC', 'NCHW') for impl in ('aten', 'triton')]
+    columns = [f'{layout} {op} {impl}' for layout in ('NHWC', 'NCHW') for op in ('add', 'grad')
+               for impl in ('aten', 'triton')]
     rows, totals = [], {}
-    print('\nconv bias gradients (bf16), ms:' + ' ' * 27 + ''.join(f"{l + ' ' + i:>12}" for l, i in columns)
-          + f"{'floor':>8}")
+    print('\nconv bias add and gradient (bf16), ms:' + ' ' * 20 + ''.join(f'{c:>17}' for c in columns)
+          + f"{'floor add':>10}{'floor grad':>11}")
     for label, kind, c, h, w in mscan_b_sizes(args):
         times = {}
         for fmt, layout in ((torch.channels_last, 'NHWC'), (torch.contiguous_format, 'NCHW')):
             g = torch.randn(n, c, h, w, device=device).to(torch.bfloat16).contiguous(memory_format=fmt)
             bias = torch.zeros(c, device=device)
-            times[f'{layout} aten'] = time_ms(lambda g=g: g.sum((0, 2, 3)), device, args.smoke)
-            times[f'{layout} triton'] = time_ms(lambda g=g: bias_grad(g, bias, impl='triton'), device, args.smoke)
+            bias16 = bias.to(torch.bfloat16).reshape(1, -1, 1, 1)
+            times[f'{layout} add aten'] = time_ms(lambda g=g: g.add_(bias16), device, args.smoke)
+            times[f'{layout} add triton'] = time_ms(lambda g=g: bias_add(g, bias, impl='triton'), device, args.smoke)
+            times[f'{layout} grad aten'] = time_ms(lambda g=g: g.sum((0, 2, 3)), device, args.smoke)
+            times[f'{layout} grad triton'] = time_ms(lambda g=g: bias_grad(g, bias, impl='triton'), device,
+                                                     args.smoke)
             floor = g.numel() * g.element_size() / bandwidth * 1e3
             del g
-        rows.append(dict(item=label, floor_ms=floor, **times))
-        print(f"  {label:<8} {c:>5} channels {h:>3}x{w:<3}          "
-              + ''.join(f"{times[l + ' ' + i]:12.3f}" for l, i in columns) + f"{floor:8.3f}")
+        times.update({'floor add': 2 * floor, 'floor grad': floor})
+        rows.append(dict(item=label, **times))
+        print(f"  {label:<8} {c:>5} channels {h:>3}x{w:<3}             "
+              + ''.join(f'{times[c]:17.3f}' for c in columns) + f"{2 * floor:10.3f}{floor:11.3f}")
         stage = int(label[1]) - 1
-        for name in list(times) + ['floor']:
-            per_call = floor if name == 'floor' else times[name]
+        for name, per_call in times.items():
             totals[name] = totals.get(name, 0.0) + 2 * depths[stage] * per_call * (4 if kind == 'attn' else 1)
+    print('  whole step (both branches, every block): ' + ', '.join(f'{k} {v:.2f} ms' for k, v in totals.items()))
+    return dict(rows=rows, step_ms=totals)
+
+
+def residual_tail_table(args, device, bandwidth):
+    """ms of one training block tail ``x + y * f`` forward + backward (x float32, y bf16, f per channel),
+    per stage and layout, against its floor (forward reads x and y and writes the sum, backward reads the
+    gradient and y and writes y's gradient: 18 bytes an element): ``aten`` as autocast runs ``addcmul``
+    (y copied to float32 first, then the cast's backward), ``triton`` ``smmcl::scaled_residual`` (the
+    fast path's tails with the kernels on); and the whole MSCAN-B step's totals (two tails a block, both
+    branches)."""
+    import torch
+    from smmcl.kernels import load_ops
+    from smmcl.models.mscan import mscan_b, mscan_t
+    ops = load_ops()
+    n = 1 if args.smoke else args.batch
+    depths = (mscan_t() if args.smoke else mscan_b()).depths
+    columns = [f'{layout} {impl}' for layout in ('NHWC', 'NCHW') for impl in ('aten', 'triton')]
+    tails = {'aten': lambda x, y, f: torch.addcmul(x, y.float(), f), 'triton': ops.scaled_residual}
+    rows, totals = [], {}
+    print('\nblock tails x + y * f, forward + backward (y bf16), ms:' + ' ' * 6 + ''.join(f'{c:>13}' for c in columns)
+          + f"{'floor':>8}")
+    for label, kind, c, h, w in mscan_b_sizes(args):
+        if kind != 'attn':  # the tails add to the residual stream: the stage's width
+            continue
+        times = {}
+        for fmt, layout in ((torch.channels_last, 'NHWC'), (torch.contiguous_format, 'NCHW')):
+            x = torch.randn(n, c, h, w, device=device).contiguous(memory_format=fmt).requires_grad_()
+            y = torch.randn(n, c, h, w, device=device).to(torch.bfloat16).contiguous(memory_format=fmt)
+            y.requires_grad_()
+            f = torch.rand(c, 1, 1, device=device, requires_grad=True)
+            grad = torch.randn(n, c, h, w, device=device).contiguous(memory_format=fmt)
+            for impl, tail in tails.items():
+                times[f'{layout} {impl}'] = time_ms(
+                    lambda tail=tail: torch.autograd.grad(tail(x, y, f), (x, y, f), grad), device, args.smoke)
+            floor = x.numel() * 18 / bandwidth * 1e3
+            del x, y, grad
+        times['floor'] = floor
+        rows.append(dict(item=label, **times))
+        print(f"  {label[:2]:<4} {c:>5} channels {h:>3}x{w:<3}                          "
+              + ''.join(f'{times[c]:13.3f}' for c in columns) + f'{floor:8.3f}')
+        for name, per_call in times.items():
+            totals[name] = totals.get(name, 0.0) + 2 * depths[int(label[1]) - 1] * 2 * per_call
     print('  whole step (both branches, every block): ' + ', '.join(f'{k} {v:.2f} ms' for k, v in totals.items()))
     return dict(rows=rows, step_ms=totals)
 
@@ -1139,12 +1189,13 @@ def sweep_worker(args, device):
     """Run in the sweep's own process: autotune everything once, then print the winners."""
     import torch
     import triton
-    from smmcl.kernels import triton_bias, triton_dwconv, triton_rows
+    from smmcl.kernels import triton_channel, triton_dwconv, triton_rows
     n = 1 if args.smoke else args.batch
     for label, kind, c, h, w in mscan_b_sizes(args):
         for fmt in (torch.channels_last, torch.contiguous_format):
             g = torch.randn(n, c, h, w, device=device).to(torch.bfloat16).contiguous(memory_format=fmt)
-            triton_bias.bias_grad(g, torch.zeros(c, device=device), impl='triton')
+            triton_channel.bias_grad(g, torch.zeros(c, device=device), impl='triton')
+            triton_channel.bias_add(g, torch.zeros(c, device=device), impl='triton')
             for piece, ours, _, weights in _pieces(kind, c, device, torch.bfloat16):
                 x = torch.randn(n, c, h, w, device=device).to(torch.bfloat16).contiguous(memory_format=fmt)
                 x.requires_grad_()
@@ -1153,7 +1204,7 @@ def sweep_worker(args, device):
                         torch.autograd.grad(ours(x), [x] + weights, torch.ones_like(x))
         print(f'{label}: tuned', flush=True)
     winners, seen = [], set()
-    for module in (triton_dwconv, triton_rows, triton_bias):
+    for module in (triton_dwconv, triton_rows, triton_channel):
         for name, kernel in vars(module).items():
             # triton_dwconv imports the row kernels by name: each kernel once
             if not isinstance(kernel, triton.runtime.Autotuner) or id(kernel) in seen:
@@ -1189,9 +1240,9 @@ def summary(results):
             impls = [i for i in ('fused', 'rows', 'separate') if i in r]
             print(f"strip wgrad {r['item']:<8} {r['layout']} {r['direction']}: "
                   + ' '.join(f"{i} {r[i]:.3f}" for i in impls) + f" ms; floor {r['floor_ms']:.3f}; auto -> {r['auto']}")
-        if kern.get('bias_grad'):
-            print('conv bias gradients, whole step: ' + ', '.join(f'{k} {v:.2f} ms'
-                                                                   for k, v in kern['bias_grad']['step_ms'].items()))
+        for key, what in (('bias_grad', 'conv bias add and gradient'), ('residual_tail', 'block tails')):
+            if kern.get(key):
+                print(f'{what}, whole step: ' + ', '.join(f'{k} {v:.2f} ms' for k, v in kern[key]['step_ms'].items()))
         worst = max(kern['errors'], key=lambda e: e[3]) if kern['errors'] else None
         if worst:
             print(f'worst kernel error vs fp32 PyTorch: {worst[3]:.1e} ({worst[0]} {worst[1]} {worst[2]})')

@@ -8,7 +8,7 @@ Memory: like PyTorch, each op keeps its input for the backward; unlike the unfus
 nothing else. ``mscan_strip_sum`` recomputes the three horizontal strip outputs in its backward
 (the plain path stores them), and ``dwconv2d_gelu`` recomputes the pre-GELU map (the plain path
 stores it: one hidden-width map per MLP). ``add_channel_bias`` keeps only the bias (its backward sums
-the gradient per channel).
+the gradient per channel), ``scaled_residual`` the branch and the factor, as ``addcmul`` does.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import triton_dwconv as K
-from .triton_bias import bias_grad
+from . import triton_channel as CH
 
 
 def _like(x: Tensor) -> Tensor:
@@ -179,26 +179,24 @@ def _strip_grad(ctx, grad):
 mscan_strip_sum.register_autograd(_strip_grad, setup_context=_strip_setup)
 
 
-# ---- a convolution's bias add, with the bias gradient as one column sum ----------------------------
+# ---- a convolution's bias add, forward and backward as one Triton pass each ---------------------------
 
 @torch.library.custom_op('smmcl::add_channel_bias', mutates_args=())
 def add_channel_bias(y: Tensor, bias: Tensor) -> Tensor:
-    """``y + bias`` per channel: y N-C-H-W (any layout, kept), bias C, rounded to y's dtype first as
-    autocast rounds a conv's bias. What ATen does after a cuDNN convolution without its bias."""
-    out = torch.empty_like(y)
-    return torch.add(y, bias.to(y.dtype).reshape(1, -1, 1, 1), out=out)
+    """``y + bias`` per channel: y N-C-H-W (a conv's output without its bias), bias C, rounded to y's dtype
+    first as autocast rounds a conv's bias; in y's dtype and memory format."""
+    return CH.bias_add(y, bias)
 
 
 @add_channel_bias.register_fake
 def _(y, bias):
-    return torch.empty_like(y)
+    return _like(y)
 
 
 @torch.library.custom_op('smmcl::channel_bias_grad', mutates_args=())
 def channel_bias_grad(grad: Tensor, bias: Tensor) -> Tensor:
-    """The gradient of :func:`add_channel_bias`'s ``bias``: ``grad`` summed per channel
-    (``SMMCL_TRITON_BIAS_GRAD`` picks the Triton column sum or ATen's reduction)."""
-    return bias_grad(grad, bias)
+    """The gradient of :func:`add_channel_bias`'s ``bias``: ``grad`` summed per channel, in bias's dtype."""
+    return CH.bias_grad(grad, bias)
 
 
 @channel_bias_grad.register_fake
@@ -216,3 +214,51 @@ def _add_channel_bias_grad(ctx, grad):
 
 
 add_channel_bias.register_autograd(_add_channel_bias_grad, setup_context=_save_bias)
+
+
+# ---- a residual branch with a per-channel scale: x + y * f ---------------------------------------------
+
+def _residual_like(x: Tensor, y: Tensor, factor: Tensor) -> Tensor:
+    dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), factor.dtype)
+    return torch.empty_like(x, dtype=dtype, memory_format=K._layout(x))
+
+
+@torch.library.custom_op('smmcl::scaled_residual', mutates_args=())
+def scaled_residual(x: Tensor, y: Tensor, factor: Tensor) -> Tensor:
+    """``x + y * factor``: x, y N-C-H-W (x the residual stream, y the branch; any float dtypes), factor
+    C-1-1 or N-C-1-1; in the promoted dtype (float32 for the fast path's stream) and x's layout. Computed
+    in one pass with y converted as it is read (autocast's ``addcmul`` first copies a bf16 y to float32:
+    the same values); the backward is :func:`triton_channel.scaled_residual_grad`'s one pass."""
+    CH.check_factor(factor, y)
+    return torch.addcmul(x, y, factor, out=_residual_like(x, y, factor))  # the out= form: no autocast cast
+
+
+@scaled_residual.register_fake
+def _(x, y, factor):
+    return _residual_like(x, y, factor)
+
+
+@torch.library.custom_op('smmcl::scaled_residual_backward', mutates_args=())
+def scaled_residual_backward(grad: Tensor, y: Tensor, factor: Tensor) -> Tuple[Tensor, Tensor]:
+    """(grad y, grad factor) of :func:`scaled_residual`."""
+    return CH.scaled_residual_grad(grad, y, factor)
+
+
+@scaled_residual_backward.register_fake
+def _(grad, y, factor):
+    return _like(y), factor.new_empty(factor.shape)
+
+
+def _save_branch(ctx, inputs, output):
+    x, y, factor = inputs
+    ctx.save_for_backward(y, factor)
+    ctx.x_dtype = x.dtype
+
+
+def _scaled_residual_grad(ctx, grad):
+    y, factor = ctx.saved_tensors
+    grad_y, grad_factor = scaled_residual_backward(grad, y, factor)
+    return grad.to(ctx.x_dtype), grad_y, grad_factor
+
+
+scaled_residual.register_autograd(_scaled_residual_grad, setup_context=_save_branch)

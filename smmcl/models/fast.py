@@ -22,7 +22,7 @@ from typing import Tuple
 import torch
 from torch import nn
 
-from .mscan import Block, OverlapPatchEmbed, StemConv
+from .mscan import Block, OverlapPatchEmbed, StemConv, residual_add
 from .fusion import Projector
 
 
@@ -52,6 +52,8 @@ def _affine_then_conv(conv: nn.Conv2d, a: torch.Tensor, b: torch.Tensor) -> None
 class FoldedBlock(nn.Module):
     """An eval-mode MSCAN :class:`Block` with its norms and layer scales folded away."""
 
+    fused_kernels = False  # set by use_fused_kernels: the shortcut as smmcl::scaled_residual
+
     def __init__(self, block: Block):
         super().__init__()
         a1, b1 = _bn_affine(block.norm1)
@@ -69,7 +71,7 @@ class FoldedBlock(nn.Module):
         attn = self.attn
         # The attention's own residual is folded into the affine shortcut below.
         h = attn.proj_2(attn.spatial_gating_unit(attn.activation(attn.proj_1(x))))
-        x = torch.addcmul(h, x, self.shortcut_scale)
+        x = residual_add(self, x)(h, x, self.shortcut_scale)
         return x + self.mlp(x)
 
 

@@ -7,8 +7,9 @@ function with extra reshapes.
 
 :func:`use_fused_kernels` switches the attention's depthwise convs and the MLP's depthwise conv + GELU to
 the Triton kernels of :mod:`smmcl.kernels` (the fast path's ``triton_kernels``), and the blocks' 1x1 convs'
-bias gradients to one Triton column sum each (:class:`PointwiseConv`); the parameters and the state dict
-stay the same.
+bias add and bias gradient to one Triton pass each (:class:`PointwiseConv`), and the fast path's residual
+tails to one pass forward and backward (:func:`residual_add`); the parameters and the state dict stay the
+same.
 """
 from __future__ import annotations
 
@@ -85,10 +86,10 @@ class OverlapPatchEmbed(nn.Module):
 
 class PointwiseConv(nn.Conv2d):
     """A 1x1 conv with bias, ``nn.Conv2d``'s parameters and state dict. With the kernels on
-    (:func:`use_fused_kernels`) and autograd recording, its bias is added by ``smmcl::add_channel_bias``,
-    whose backward sums the bias gradient in one Triton pass (:mod:`smmcl.kernels.triton_bias`) instead of
-    ATen's generic reduction in ``convolution_backward``: the same function, the sums in another order.
-    The forward is what ATen runs for a cuDNN conv anyway (the conv, then the bias added)."""
+    (:func:`use_fused_kernels`) its bias is added by ``smmcl::add_channel_bias``: one Triton pass after the
+    conv, as ATen adds it after a cuDNN conv but vectorised, and a backward that sums the bias gradient in
+    one Triton pass too (:mod:`smmcl.kernels.triton_channel`): the same function, the gradient's sums in
+    another order."""
 
     fused_kernels = False  # set per module by use_fused_kernels
 
@@ -97,7 +98,7 @@ class PointwiseConv(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """N-Cin-H-W -> N-Cout-H-W."""
-        if self.fused_kernels and torch.is_grad_enabled() and kernels.runs_on(x):
+        if self.fused_kernels and kernels.runs_on(x):
             return torch.ops.smmcl.add_channel_bias(F.conv2d(x, self.weight), self.bias)
         return super().forward(x)
 
@@ -175,9 +176,19 @@ class Mlp(nn.Module):
         return self.fc2(h)
 
 
+def residual_add(module: nn.Module, x: torch.Tensor):
+    """``add(x, y, f) = x + y * f`` (f per channel, or per image and channel) for a block: with the kernels
+    on, ``smmcl::scaled_residual`` (one pass forward, one Triton pass backward:
+    :mod:`smmcl.kernels.triton_channel`), else ``torch.addcmul``; the same function."""
+    if module.fused_kernels and kernels.runs_on(x):
+        return torch.ops.smmcl.scaled_residual
+    return torch.addcmul
+
+
 def use_fused_kernels(model: nn.Module, enabled: bool = True) -> nn.Module:
-    """Switch every MSCAN attention and MLP in ``model`` to the Triton kernels, and the blocks' 1x1 convs
-    (:class:`PointwiseConv`) to the Triton bias gradient, or back (in place).
+    """Switch every MSCAN attention and MLP in ``model`` to the Triton kernels, the blocks' 1x1 convs
+    (:class:`PointwiseConv`) to the Triton bias add and gradient, and the blocks' residual tails to
+    :func:`residual_add`'s op, or back (in place).
 
     The kernels take over on CUDA tensors (and on the CPU under ``TRITON_INTERPRET=1``); elsewhere the
     modules keep their ``nn.Conv2d`` path. Stops with one message when Triton is missing.
@@ -188,7 +199,7 @@ def use_fused_kernels(model: nn.Module, enabled: bool = True) -> nn.Module:
         if isinstance(module, Mlp) and enabled and not (isinstance(module.act, nn.GELU)
                                                         and module.act.approximate == 'none'):
             raise ValueError(f'the fused MLP kernel computes the exact GELU, this MLP has {module.act}')
-        if isinstance(module, (AttentionModule, Mlp, PointwiseConv)):
+        if hasattr(module, 'fused_kernels'):  # attentions, MLPs, 1x1 convs, block tails
             module.fused_kernels = enabled
     return model
 
@@ -207,14 +218,16 @@ class Block(nn.Module):
         self.layer_scale_2 = nn.Parameter(1e-2 * torch.ones(dim))
 
     fused_tails = False  # set per module by use_fused_tails (the fast path)
+    fused_kernels = False  # set per module by use_fused_kernels: the tails' backward in one Triton pass
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """N-C-H-W -> N-C-H-W."""
         if self.fused_tails:  # each half's scale, drop path and residual add in one addcmul pass
+            add = residual_add(self, x)
             y = self.attn(self.norm1(x))
-            x = torch.addcmul(x, y, self._factor(self.layer_scale_1, y))
+            x = add(x, y, self._factor(self.layer_scale_1, y))
             y = self.mlp(self.norm2(x))
-            return torch.addcmul(x, y, self._factor(self.layer_scale_2, y))
+            return add(x, y, self._factor(self.layer_scale_2, y))
         x = x + self.drop_path(self.layer_scale_1[:, None, None] * self.attn(self.norm1(x)))
         x = x + self.drop_path(self.layer_scale_2[:, None, None] * self.mlp(self.norm2(x)))
         return x

@@ -1,0 +1,228 @@
+"""Per-channel passes over an N-C-H-W map, one Triton pass each: a convolution's bias add and bias
+gradient, and the backward of a residual branch's per-channel scale.
+
+After a cuDNN convolution ATen adds the bias with a broadcast ``add_`` (a generic element-wise kernel that
+cannot vectorise a broadcast operand; the likeliest source of the H200 profiles' ~5.1 ms of
+``elementwise_kernel<128, 4, gpu_kernel_impl_nocast<...>>`` per MSCAN-B forward, which on the CPU, where
+oneDNN adds the bias inside the conv, never shows), and its ``convolution_backward`` sums the bias
+gradient as ``grad.sum((0, 2, 3))``, one generic reduction per conv (bf16 in, float32 sums, bf16 out
+under autocast; the likeliest source of the training profile's 9.2 ms of bf16 reductions, whose floor,
+reading each gradient once, is ~0.8 ms). The fast path's block tails ``x + y * f`` (f the layer scale,
+per channel or, with drop path, per image and channel) run as ``addcmul``, whose backward under autocast
+is four passes over the map (``grad * f``, its cast to y's bf16, ``grad * y`` and its sum) and whose
+forward casts y to float32 first (autocast promotes ``addcmul``'s operands).
+
+Here every pass works on tiles of BLOCK_C channels x BLOCK_P pixels: :func:`bias_add` writes
+``y + bias`` (the bias rounded to y's dtype first, the sum in float32, as ATen's add); :func:`bias_grad`
+has each program walk a fixed share of the pixels and write one float32 partial per channel;
+:func:`scaled_residual_grad` writes ``grad * f`` in y's dtype and sums ``grad * y`` per image and channel
+the same way, reading grad and y once. Partials are summed once, so no result depends on the order in
+which programs run (no atomics). ``SMMCL_TRITON_CHANNEL``: ``triton``, ``torch`` (ATen's operators) or
+``auto``, the default: the faster per op and shape, timed once on the GPU.
+
+Importing this module needs Triton (see :mod:`smmcl.kernels.triton_common`).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_common import KEY, PRUNE, bench, check_device, configs, fastest, implementation
+from .triton_dwconv import _layout, _num_chunks, _same_layout
+
+# (BLOCK_C, BLOCK_P, warps): in NCHW a channel's pixels are contiguous, so few channels of long pixel runs;
+# in channels_last (BLOCK_C >= 16) the channels are, so 128-byte channel rows (bf16) of a few pixels.
+_NCHW_TILES = [(1, 1024, 4), (2, 512, 4), (4, 256, 4), (1, 2048, 8)]
+_NHWC_TILES = [(64, 16, 4), (128, 8, 4), (32, 32, 4), (64, 32, 8)]
+CHANNEL_TILE_CONFIGS = configs(_NCHW_TILES, _NHWC_TILES, (32, 16, 4), names=('BLOCK_C', 'BLOCK_P'))
+
+
+@triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N'], prune_configs_by=PRUNE, do_bench=bench)
+@triton.jit
+def bias_add_kernel(y_ptr, b_ptr, out_ptr, N, C, H, W, sn, sc, sw, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Program (image x pixel block, cb) writes ``out = y + bias`` on its tile: the bias rounded to y's
+    dtype, the sum in float32, stored in out's dtype (y's). Rows at ``W * sw``, as :func:`channel_sum_kernel`."""
+    blocks = tl.cdiv(H * W, BLOCK_P)
+    n = tl.program_id(0) // blocks
+    p = (tl.program_id(0) % blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    mask = cmask[:, None] & (p < H * W)[None, :]
+    offs = n * sn + c[:, None] * sc + p[None, :] * sw
+    bias = tl.load(b_ptr + c, mask=cmask, other=0.0).to(y_ptr.dtype.element_ty).to(tl.float32)
+    v = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32) + bias[:, None]
+    tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N'], prune_configs_by=PRUNE, do_bench=bench)
+@triton.jit
+def channel_sum_kernel(g_ptr, out_ptr, N, C, H, W, sn, sc, sw, num_chunks,
+                       BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Program (cb, chunk) writes ``out[chunk, c]`` (num_chunks x C, float32): the sum of ``g[n, c, :, :]``
+    over the pixel blocks chunk, chunk + num_chunks, ... of all images. The map's rows must follow each
+    other at ``W * sw`` (NCHW or channels_last), so that pixel p of an image sits at ``p * sw``."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    chunk = tl.program_id(1)
+    pixels = H * W
+    blocks = tl.cdiv(pixels, BLOCK_P)
+    acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+    for t in range(chunk, N * blocks, num_chunks):
+        p = (t % blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+        offs = (t // blocks) * sn + c[:, None] * sc + p[None, :] * sw
+        acc += tl.load(g_ptr + offs, mask=cmask[:, None] & (p < pixels)[None, :], other=0.0).to(tl.float32)
+    tl.store(out_ptr + chunk * C + c, tl.sum(acc, axis=1), mask=cmask)
+
+
+@triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'PER_IMAGE'], prune_configs_by=PRUNE, do_bench=bench)
+@triton.jit
+def scaled_residual_grad_kernel(g_ptr, y_ptr, f_ptr, gy_ptr, out_ptr, N, C, H, W, sn, sc, sw, chunks,
+                                PER_IMAGE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The backward of ``out = x + y * f`` for grad ``g``, f float32 C (or N x C if PER_IMAGE). Program
+    (cb, n * chunks + k) walks image n's pixel blocks k, k + chunks, ...: it writes ``gy = g * f`` (in
+    gy's dtype) and ``out[n * chunks + k, c]``, the float32 sum of ``g * y`` over its pixels. g, y and gy
+    share their strides, rows at ``W * sw`` (as :func:`channel_sum_kernel`)."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    n = tl.program_id(1) // chunks
+    pixels = H * W
+    f = tl.load(f_ptr + (n * C if PER_IMAGE else 0) + c, mask=cmask, other=0.0).to(tl.float32)
+    acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+    for b in range(tl.program_id(1) % chunks, tl.cdiv(pixels, BLOCK_P), chunks):
+        p = b * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask = cmask[:, None] & (p < pixels)[None, :]
+        offs = n * sn + c[:, None] * sc + p[None, :] * sw
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(gy_ptr + offs, (g * f[:, None]).to(gy_ptr.dtype.element_ty), mask=mask)
+        acc += g * tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + tl.program_id(1) * C + c, tl.sum(acc, axis=1), mask=cmask)
+
+
+def _chunks(grad: torch.Tensor) -> int:
+    """Programs along the pixels: as :func:`~smmcl.kernels.triton_dwconv._num_chunks`, for the layout's
+    channel blocks (NCHW tiles hold 1-4 channels, channels_last ones 32-128), each at least one tile."""
+    if _layout(grad) == torch.channels_last:
+        return _num_chunks(grad, channels=32, pixels=64)
+    return _num_chunks(grad, channels=2, pixels=1024)
+
+
+def _sums_triton(grad: torch.Tensor) -> torch.Tensor:
+    n, c, h, w = grad.shape
+    if grad.numel() == 0:
+        return grad.new_zeros(c, dtype=torch.float32)
+    chunks = _chunks(grad)
+    # every (chunk, channel) partial is written by its program: no zero-fill launch
+    partials = torch.empty(chunks, c, device=grad.device, dtype=torch.float32)
+    channel_sum_kernel[lambda m: (triton.cdiv(c, m['BLOCK_C']), chunks)](
+        grad, partials, n, c, h, w, grad.stride(0), grad.stride(1), grad.stride(3), chunks)
+    return partials.sum(0)
+
+
+def _sums_torch(grad: torch.Tensor) -> torch.Tensor:
+    """ATen's: what ``convolution_backward`` computes for a cuDNN conv's bias (float32 sums, in grad's dtype)."""
+    return grad.sum((0, 2, 3))
+
+
+def _add_triton(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    n, c, h, w = y.shape
+    out = torch.empty_like(y)
+    if out.numel():
+        bias_add_kernel[lambda m: (n * triton.cdiv(h * w, m['BLOCK_P']), triton.cdiv(c, m['BLOCK_C']))](
+            y, bias, out, n, c, h, w, y.stride(0), y.stride(1), y.stride(3))
+    return out
+
+
+def _add_torch(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """ATen's: the broadcast add that follows a cuDNN convolution, on the bias in y's dtype."""
+    return torch.add(y, bias.to(y.dtype).reshape(1, -1, 1, 1), out=torch.empty_like(y))
+
+
+def check_factor(factor: torch.Tensor, y: torch.Tensor) -> None:
+    """A residual factor must be per channel (C-1-1 or 1-C-1-1) or per image and channel (N-C-1-1)."""
+    n, c = y.shape[:2]
+    if tuple(factor.shape) not in ((c, 1, 1), (1, c, 1, 1), (n, c, 1, 1)):
+        raise ValueError(f'smmcl.kernels: a residual factor must be C-1-1 or N-C-1-1 for an N-C-H-W map of '
+                         f'shape {tuple(y.shape)}, got {tuple(factor.shape)}')
+
+
+def _residual_triton(grad: torch.Tensor, y: torch.Tensor, factor: torch.Tensor):
+    n, c, h, w = y.shape
+    rows = factor.reshape(-1, c).float().contiguous()  # 1 x C (per channel) or N x C (per image)
+    gy = torch.empty_like(y)
+    if y.numel() == 0:
+        return gy, torch.zeros_like(factor)
+    per_image = max(1, triton.cdiv(_chunks(y), n))
+    partials = torch.empty(n * per_image, c, device=y.device, dtype=torch.float32)
+    scaled_residual_grad_kernel[lambda m: (triton.cdiv(c, m['BLOCK_C']), n * per_image)](
+        grad, y, rows, gy, partials, n, c, h, w, y.stride(0), y.stride(1), y.stride(3), per_image,
+        PER_IMAGE=rows.shape[0] > 1)
+    sums = partials.reshape(n, per_image, c).sum(1)
+    return gy, (sums if rows.shape[0] > 1 else sums.sum(0)).reshape(factor.shape).to(factor.dtype)
+
+
+def _residual_torch(grad: torch.Tensor, y: torch.Tensor, factor: torch.Tensor):
+    """ATen's: addcmul's backward on autocast's float32 copy of y, then the copy's backward (a cast)."""
+    grad_factor = (grad * y.to(grad.dtype)).sum_to_size(factor.shape)
+    return (grad * factor).to(y.dtype), grad_factor.to(factor.dtype)
+
+
+_IMPLS = {'add': {'triton': _add_triton, 'torch': _add_torch}, 'grad': {'triton': _sums_triton, 'torch': _sums_torch},
+          'residual': {'triton': _residual_triton, 'torch': _residual_torch}}
+CHANNEL_IMPLS = ('triton', 'torch')
+_CHOICE = {}  # (op, device, every argument's shape, strides and dtype) -> the faster implementation
+
+
+def _impl(op: str, impl: Optional[str], *args) -> str:
+    """``impl``, else the environment's ``SMMCL_TRITON_CHANNEL``, else ``'auto'``: on a GPU the faster of the
+    two for this op, shape, layout and dtype, timed once; under the interpreter ``'triton'``."""
+    impl = implementation('SMMCL_TRITON_CHANNEL', impl, CHANNEL_IMPLS)
+    if impl != 'auto':
+        return impl
+    if not args[0].is_cuda:
+        return 'triton'
+    key = (op, args[0].device) + tuple((tuple(t.shape), t.stride(), t.dtype) for t in args)
+    return fastest(_CHOICE, key, _IMPLS[op], *args)
+
+
+def bias_add(y: torch.Tensor, bias: torch.Tensor, impl: Optional[str] = None) -> torch.Tensor:
+    """``y + bias`` per channel: y N-C-H-W (its layout kept), bias C rounded to y's dtype first, as autocast
+    rounds a conv's bias. ``impl``: ``'triton'`` (:func:`bias_add_kernel`), ``'torch'`` or ``'auto'``
+    (:func:`_impl`)."""
+    check_device(y)
+    y, = _same_layout(_layout(y), y)  # rows at W * sw: one of the two dense layouts
+    return _IMPLS['add'][_impl('add', impl, y, bias)](y, bias)
+
+
+def bias_grad(grad: torch.Tensor, bias: torch.Tensor, impl: Optional[str] = None) -> torch.Tensor:
+    """The gradient of ``bias`` (C) added per channel to an N-C-H-W map whose gradient is ``grad``.
+
+    Summed in float32, rounded to grad's dtype, then returned in bias's dtype: under autocast what
+    ATen's bias gradient of a bf16 conv is, followed by the cast back to the float32 parameter.
+    ``impl``: ``'triton'`` (:func:`channel_sum_kernel`), ``'torch'`` (``grad.sum((0, 2, 3))``) or
+    ``'auto'`` (:func:`_impl`).
+    """
+    check_device(grad)
+    grad, = _same_layout(_layout(grad), grad)
+    return _IMPLS['grad'][_impl('grad', impl, grad)](grad).to(grad.dtype).to(bias.dtype)
+
+
+def scaled_residual_grad(grad: torch.Tensor, y: torch.Tensor, factor: torch.Tensor, impl: Optional[str] = None):
+    """(grad y, grad factor) of ``out = x + y * factor`` for ``grad`` = d loss / d out.
+
+    Args:
+        grad: N-C-H-W, out's dtype (float32 for the fast path's residual stream).
+        y: N-C-H-W, any float dtype (bf16 under autocast); grad y comes in its dtype and layout, ``grad *
+            factor`` computed in float32 and rounded once, as autocast's ``addcmul`` and cast do.
+        factor: C-1-1 / 1-C-1-1 (a layer scale) or N-C-1-1 (with drop path's per-image mask), float32.
+        impl: ``'triton'`` (:func:`scaled_residual_grad_kernel`), ``'torch'`` or ``'auto'`` (:func:`_impl`).
+    Returns:
+        grad y (y's shape, dtype, layout); grad factor (factor's shape and dtype): float32 sums of
+        ``grad * y``.
+    """
+    check_device(y)
+    check_factor(factor, y)
+    grad, y = _same_layout(_layout(y), grad, y)
+    return _IMPLS['residual'][_impl('residual', impl, grad, y, factor)](grad, y, factor)
