@@ -1,4 +1,4 @@
-"""The depthwise kernels' machine code for a GPU, without the GPU: registers, spills and instructions per output.
+"""The Triton kernels' machine code for a GPU, without the GPU: registers, spills and instructions per output.
 
     python bench/sass.py                  # sm_90 (H100/H200), bf16, MSCAN-B's stage-1 shapes at 480x640
     python bench/sass.py --arch 80 --only dwconv3x3_gelu
@@ -27,6 +27,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from smmcl.kernels import triton_channel as channel
 from smmcl.kernels import triton_dwconv as tiles
 from smmcl.kernels import triton_rows as rows
 
@@ -78,6 +79,20 @@ def _wgrad_cases(c: int, h: int, w: int):
     ]
 
 
+def _channel_cases():
+    """(name, [(family, kernel, constexprs, loop repeats or None)], pointer dtypes) of the per-channel passes
+    (:mod:`smmcl.kernels.triton_channel`), as the fast bf16 training step runs them: the bias add on a
+    bf16 conv output, the bias gradient's sums of a bf16 gradient, the block tails' backward on the
+    float32 residual stream's gradient and a bf16 branch. Those two loop over pixel blocks: counted per
+    element of the loop body."""
+    return [
+        ('bias_add', [('triton', channel.bias_add_kernel, {}, None)], {}),
+        ('bias_grad', [('triton', channel.channel_sum_kernel, {}, 1)], dict(out_ptr='fp32')),
+        ('residual_grad', [('triton', channel.scaled_residual_grad_kernel, dict(PER_IMAGE=False), 1)],
+         dict(g_ptr='fp32', f_ptr='fp32', out_ptr='fp32')),
+    ]
+
+
 def _jit(kernel):
     """The JITFunction under the autotuner, and the autotuner's candidate configs."""
     return kernel.fn, list(kernel.configs)
@@ -87,9 +102,10 @@ def _weight_arg(name: str) -> bool:
     return re.fullmatch(r'[wb]\d?_ptr', name) is not None  # parameters stay float32 under autocast
 
 
-def compile_config(kernel, meta: dict, config, ints: dict, arch: int, dtype: str = 'bf16'):
+def compile_config(kernel, meta: dict, config, ints: dict, arch: int, dtype: str = 'bf16', pointers=None):
     """The cubin of ``kernel`` (an autotuned Triton kernel) for one config, specialised as Triton's JIT
-    would for these integer arguments: 1 becomes a constant, multiples of 16 get the divisibility hint."""
+    would for these integer arguments: 1 becomes a constant, multiples of 16 get the divisibility hint.
+    Pointers point to ``dtype`` (weights and biases to float32) unless ``pointers`` names another."""
     fn, _ = _jit(kernel)
     signature, attrs = {}, {}
     constexprs = {k: v for k, v in dict(meta, **config.kwargs).items() if k in fn.arg_names}
@@ -97,7 +113,7 @@ def compile_config(kernel, meta: dict, config, ints: dict, arch: int, dtype: str
         if name in constexprs:
             signature[name] = 'constexpr'
         elif name.endswith('_ptr'):
-            signature[name] = '*fp32' if _weight_arg(name) else f'*{dtype}'
+            signature[name] = '*' + (pointers or {}).get(name, 'fp32' if _weight_arg(name) else dtype)
             attrs[(index,)] = [['tt.divisibility', 16]]
         elif ints[name] == 1:
             signature[name] = 'constexpr'
@@ -163,7 +179,7 @@ def _loop_ops(stats: dict, repeats: int) -> collections.Counter:
 
 def _elements(config, outputs: int) -> int:
     kw = config.kwargs
-    return kw['BLOCK_C'] * kw.get('BLOCK_H', kw.get('ROWS', 1)) * kw['BLOCK_W'] * outputs
+    return kw['BLOCK_C'] * kw.get('BLOCK_H', kw.get('ROWS', 1)) * kw.get('BLOCK_W', kw.get('BLOCK_P')) * outputs
 
 
 def _ints(c: int, h: int, w: int, channels_last: bool) -> dict:
@@ -195,7 +211,11 @@ def main(argv=None):
                                                                                    args.width)]
     cases += [(name, families, 1, channels, dict(ints, N=8, num_chunks=33))
               for name, families, channels, ints in _wgrad_cases(args.channels, args.height, args.width)]
+    cases += [(name, families, 1, args.channels, dict(N=8, num_chunks=33, chunks=33, pointers=pointers))
+              for name, families, pointers in _channel_cases()]
     for name, families, outputs, channels, extra in cases:
+        extra = dict(extra)
+        pointers = extra.pop('pointers', None)
         if only and name not in only:
             continue
         for channels_last in (False, True):
@@ -209,7 +229,7 @@ def main(argv=None):
                 wanted = wanted[:1] if args.first else wanted
                 for config in wanted:
                     try:
-                        stats = sass_stats(compile_config(kernel, meta, config, ints, args.arch))
+                        stats = sass_stats(compile_config(kernel, meta, config, ints, args.arch, pointers=pointers))
                     except Exception as err:  # noqa: BLE001 - report the config and go on
                         print(f'{name:<20} {"NHWC" if channels_last else "NCHW":<6} {family:<6} '
                               f'{_describe(config):<22} failed: {type(err).__name__}: {str(err)[:80]}')

@@ -48,6 +48,12 @@ class Traffic(TorchDispatchMode):
         row = self.ops[f'{func.overloadpacket.__name__} ({dtype})']
         row[0] += 1
         row[1] += moved
+        if func.overloadpacket is torch.ops.aten.convolution and args[2] is not None and args[8] == 1:
+            # oneDNN adds a conv's bias inside the conv; on a GPU ATen adds it after cuDNN's dense conv,
+            # one more pass over the output (reading and writing it)
+            row = self.ops[f'bias add after a cuDNN convolution ({out.dtype})'.replace('torch.', '')]
+            row[0] += 1
+            row[1] += 2 * out.numel() * out.element_size()
         return out
 
 

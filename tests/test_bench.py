@@ -88,6 +88,9 @@ def test_traffic_extrapolates_each_operator_linearly_in_the_pixels():
     args = argparse.Namespace(backbone='mscan_t', kernels=False, train=False)
     ops = traffic.record(args, 32, 32)
     assert ops['convolution (bfloat16)'][1] > 0
+    # cuDNN's dense convs get their bias added in a pass of its own on a GPU: counted apart
+    bias_adds, moved = ops['bias add after a cuDNN convolution (bfloat16)']
+    assert 0 < bias_adds < ops['convolution (bfloat16)'][0] and moved > 0
     assert all(moved == 0 for name, (_, moved) in ops.items() if name.split()[0] in ('view', 'permute', 'transpose'))
 
 
@@ -123,6 +126,31 @@ def test_row_kernels_execute_fewer_instructions_than_tiles():
         else:
             tiles, = others
             assert row['instructions'] < 0.75 * tiles['instructions'] and row['loads'] < 0.75 * tiles['loads']
+
+
+@pytest.mark.skipif(importlib.util.find_spec('triton') is None, reason='needs Triton (its ptxas and cuobjdump)')
+def test_per_channel_passes_compile_to_wide_accesses_without_spills():
+    """The bias add, the bias gradient's sums and the block tails' backward, compiled for sm_90 by
+    bench/sass.py: no spills, 16-byte accesses (one load instruction per 8 bf16 or 4 float32 elements
+    a thread: bias sums 1/8, the tails' backward 3/8 with its float32 gradient), a handful of
+    instructions per element, in both layouts: memory-bound passes."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    env['TRITON_DEFAULT_FP_FUSION'] = '1'
+    out = subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'bench', 'sass.py'), '--first', '--only',
+                          'bias_add,bias_grad,residual_grad'], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {}
+    for line in out.stdout.splitlines():
+        f = line.split()
+        if len(f) == 10 and f[2] == 'triton':
+            rows[f[0], f[1]] = dict(spill=int(f[6]), instructions=float(f[7]), loads=float(f[8]))
+    assert len(rows) == 6, out.stdout
+    most_loads = {'bias_add': 0.38, 'bias_grad': 0.13, 'residual_grad': 0.38}  # as printed: 2 decimals
+    for (case, layout), row in rows.items():
+        assert row['spill'] == 0 and row['instructions'] <= 16, (case, layout, row)
+        assert row['loads'] <= most_loads[case], (case, layout, row)
 
 
 def test_the_summary_states_each_profiled_calls_wall_gpu_time_syncs_and_idle_time(capsys):
