@@ -330,11 +330,22 @@ def test_torch_compile_traces_the_ops_without_graph_breaks():
 
 
 def test_torch_compile_traces_a_block_with_kernels_in_one_graph():
-    block = use_fused_kernels(_tiny_block())
+    """One graph holding the depthwise ops; the per-channel passes (bias adds, tails) left to the compiler
+    as ATen's operators, which it fuses with their neighbours."""
+    from smmcl.models.mscan import use_fused_tails
+    block = use_fused_kernels(use_fused_tails(_tiny_block()))
     x = _tensor(1, 32, 4, 5)
-    compiled = torch.compile(block, fullgraph=True, backend='aot_eager')
+    traced = []
+
+    def backend(gm, example_inputs):
+        traced.extend(str(node.target) for node in gm.graph.nodes if node.op == 'call_function')
+        return gm.forward
+
+    compiled = torch.compile(block, fullgraph=True, backend=backend)
     got, want = compiled(x), block(x)
     assert rel(got, want) <= 1e-6
+    assert any('dwconv2d_gelu' in t for t in traced) and any('mscan_strip_sum' in t for t in traced)
+    assert not any('add_channel_bias' in t or 'scaled_residual' in t for t in traced)
 
 
 # ---- the modules: kernels on and off compute the same function --------------------------------------

@@ -98,7 +98,7 @@ class PointwiseConv(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """N-Cin-H-W -> N-Cout-H-W."""
-        if self.fused_kernels and kernels.runs_on(x):
+        if per_channel_passes(self, x):
             return torch.ops.smmcl.add_channel_bias(F.conv2d(x, self.weight), self.bias)
         return super().forward(x)
 
@@ -180,9 +180,16 @@ def residual_add(module: nn.Module, x: torch.Tensor):
     """``add(x, y, f) = x + y * f`` (f per channel, or per image and channel) for a block: with the kernels
     on, ``smmcl::scaled_residual`` (one pass forward, one Triton pass backward:
     :mod:`smmcl.kernels.triton_channel`), else ``torch.addcmul``; the same function."""
-    if module.fused_kernels and kernels.runs_on(x):
+    if per_channel_passes(module, x):
         return torch.ops.smmcl.scaled_residual
     return torch.addcmul
+
+
+def per_channel_passes(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``module`` runs its per-channel passes (a 1x1 conv's bias, a block tail) as our ops: with the
+    kernels on, except while ``torch.compile`` traces, as its generated code fuses such element-wise
+    passes with their neighbours, which an opaque op would stop (the depthwise ops stay ours)."""
+    return module.fused_kernels and kernels.runs_on(x) and not torch.compiler.is_compiling()
 
 
 def use_fused_kernels(model: nn.Module, enabled: bool = True) -> nn.Module:
