@@ -311,6 +311,8 @@ def test_custom_op_registrations():
     a, params = _tensor(1, 3, 4, 5, fmt=CL), _strip_params(3)
     torch.library.opcheck(ops().mscan_strip_sum, (a, *params))
     torch.library.opcheck(ops().add_channel_bias, (a, b))
+    torch.library.opcheck(ops().residual_pair, (a.detach().to(torch.bfloat16), a.detach(), _tensor(3, 1, 1).detach()),
+                          test_utils=('test_schema', 'test_faketensor'))
     torch.library.opcheck(ops().scaled_residual, (a, a.detach().to(torch.bfloat16).requires_grad_(), _tensor(3, 1, 1)))
 
 
@@ -511,7 +513,8 @@ def test_bias_implementation_choice(monkeypatch):
     for impl in ('torch', 'triton') + (('auto',) if DEVICE == 'cpu' else ()):  # auto, interpreted: the kernels
         monkeypatch.setenv('SMMCL_TRITON_CHANNEL', impl)
         torch.autograd.grad(ops().add_channel_bias(y, b).sum(), (b,))
-        assert called[-2:] == [('add', 'triton' if impl == 'auto' else impl), ('grad', 'triton' if impl == 'auto' else impl)]
+        chosen = 'triton' if impl == 'auto' else impl
+        assert called[-2:] == [('add', chosen), ('grad', chosen)]
     monkeypatch.setenv('SMMCL_TRITON_CHANNEL', 'ours')
     with pytest.raises(ValueError, match="SMMCL_TRITON_CHANNEL must be 'auto' or one of"):
         ops().add_channel_bias(y, b)
@@ -548,7 +551,8 @@ def test_add_channel_bias_under_autocast_rounds_as_a_conv_bias(monkeypatch):
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, y + b.to(torch.bfloat16)[:, None, None])
     gy, gb = torch.autograd.grad(out, (y, b), torch.ones_like(out))
-    assert gb.dtype == torch.float32 and torch.equal(gb, torch.full_like(gb, 30.0)) and torch.equal(gy, torch.ones_like(y))
+    assert gb.dtype == torch.float32 and torch.equal(gb, torch.full_like(gb, 30.0))
+    assert torch.equal(gy, torch.ones_like(y))
 
 
 # ---- the block tails: x + y * f, forward in one pass, backward in one Triton pass -----------------------
@@ -617,6 +621,50 @@ def test_folded_block_with_kernels_is_the_same_function():
     x = _tensor(2, 32, 5, 7, fmt=CL).detach()
     with torch.no_grad():
         assert rel(fused(x), plain(x)) <= 1e-5
+
+
+@pytest.mark.parametrize('fmt', [NCHW, CL])
+@pytest.mark.parametrize('with_factor', [True, False], ids=['shortcut', 'mlp-add'])
+def test_residual_pair_is_the_sum_and_its_cast(fmt, with_factor):
+    """The folded blocks' ``a + b * f`` (or ``a + b``) in float32 and its bf16 copy in one pass: ATen's sum
+    (to float32 rounding: the kernel may fuse the multiply-add) and the cast of it (within a bf16 step:
+    the interpreter truncates where compiled Triton rounds to nearest even)."""
+    a, b = _tensor(2, 37, 5, 9, fmt=fmt, dtype=torch.bfloat16).detach(), _tensor(2, 37, 5, 9, fmt=fmt, seed=1).detach()
+    f = _tensor(1, 37, 1, 1, seed=2).detach() if with_factor else None
+    out, low = ops().residual_pair(a, b, f)
+    want = a.float() + (b * f if with_factor else b)
+    assert out.dtype == torch.float32 and low.dtype == torch.bfloat16
+    assert out.is_contiguous(memory_format=fmt) and low.is_contiguous(memory_format=fmt)
+    assert rel(out, want) <= 1e-7 and (out - want).abs().max() <= 1e-6
+    assert ((low.float() - out).abs() <= out.abs() * 2 ** -7).all()
+    if DEVICE == 'cuda':
+        assert torch.equal(low, out.to(torch.bfloat16))
+
+
+def test_folded_blocks_hand_on_the_stream_with_its_copy():
+    """A stage of folded blocks under bf16 autocast with the kernels (each residual add writing the copy
+    the next 1x1 conv reads) against the same blocks without them: the same function, to bf16 rounding."""
+    from smmcl.models.fast import FoldedBlock
+    from smmcl.models.mscan import run_blocks
+    torch.manual_seed(0)
+    spec = mscan_t()
+    blocks = nn.ModuleList(Block(spec.embed_dims[0], spec.mlp_ratios[0], 0.0, nn.BatchNorm2d) for _ in range(2))
+    with torch.no_grad():
+        for blk in blocks:
+            blk.layer_scale_1.uniform_(0.2, 0.8)
+            blk.layer_scale_2.uniform_(0.2, 0.8)
+    with torch.no_grad():  # as fold_for_inference folds
+        plain = nn.ModuleList(FoldedBlock(b) for b in copy.deepcopy(blocks).eval()).to(DEVICE)
+    fused = use_fused_kernels(copy.deepcopy(plain))
+    calls = []
+    for blk in fused:
+        blk.forward_pair = lambda x, low, f=blk.forward_pair: calls.append(low is None) or f(x, low)
+    x = _tensor(2, 32, 5, 7, fmt=CL, dtype=torch.bfloat16).detach()  # a patch embedding's output
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        got, want = run_blocks(fused, x), run_blocks(plain, x)
+    assert calls == [True, False]  # the first block starts from the embedding, the second from its copy
+    assert got.dtype == want.dtype == torch.float32
+    assert rel(got, want) <= 5e-3
 
 
 # ---- the three strips' weight gradients in one launch -------------------------------------------------
@@ -772,6 +820,36 @@ def test_whole_model_with_kernels_in_nchw_is_the_plain_function(tiny_mscan, monk
     for name, ref in plain_grads.items():
         if torch.linalg.norm(ref) > 1e-6 * scale:  # conv biases before a norm: rounding noise only
             assert rel(grads[name], ref) <= 1e-4, name
+
+
+@pytest.mark.slow
+def test_whole_model_inference_with_kernels_under_autocast(tiny_mscan):
+    """The fast inference model (folded, channels_last) with the kernels under bf16 autocast, as evaluation
+    runs it: as close to the float32 function as the same model without the kernels under autocast (bf16
+    noise, which the NMF amplifies at these tiny widths: ~2 %), and every folded block of both branches
+    handing its stream on with the copy its next conv reads."""
+    from smmcl.engine.precision import inference_model
+    from smmcl.models import build_segmentor
+    from smmcl.models.fast import FoldedBlock
+    from conftest import tiny_config
+    cfg = tiny_config(backbone=tiny_mscan, num_classes=4, decoder_embed_dim=64)
+    torch.manual_seed(0)
+    model = build_segmentor(cfg).to(DEVICE)
+    g = torch.Generator().manual_seed(1)
+    rgb, x = (torch.randn(2, 3, 64, 64, generator=g).to(DEVICE) for _ in range(2))
+    logits, pairs = {}, []
+    for kernels_on, bf16 in ((False, False), (False, True), (True, True)):
+        cfg.update(fast_path=True, triton_kernels=kernels_on, amp=False)  # amp: the autocast below
+        net = inference_model(copy.deepcopy(model), cfg)
+        for blk in net.modules():
+            if isinstance(blk, FoldedBlock):
+                blk.forward_pair = lambda x, low, f=blk.forward_pair: pairs.append(kernels_on) or f(x, low)
+        torch.manual_seed(3)
+        with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=bf16):
+            logits[kernels_on, bf16] = net(rgb, x).float()
+    assert pairs == [True] * 8  # one block per stage and branch in the tiny backbone
+    reference = logits[False, False]
+    assert rel(logits[True, True], reference) <= 1.5 * rel(logits[False, True], reference) + 1e-3
 
 
 def test_tile_sweep_candidates():

@@ -262,3 +262,20 @@ def _scaled_residual_grad(ctx, grad):
 
 
 scaled_residual.register_autograd(_scaled_residual_grad, setup_context=_save_branch)
+
+
+# ---- inference: a residual stream and the copy its next conv reads, in one pass ------------------------
+
+@torch.library.custom_op('smmcl::residual_pair', mutates_args=())
+def residual_pair(a: Tensor, b: Tensor, factor: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """(``a + b * factor`` or ``a + b``, the same rounded to a's dtype): the folded blocks' stream (float32
+    under autocast) and its bf16 copy for the next 1x1 conv, which autocast would make in a pass of its
+    own (:func:`triton_channel.residual_pair`). Inference only: no backward."""
+    return CH.residual_pair(a, b, factor)
+
+
+@residual_pair.register_fake
+def _(a, b, factor):
+    fmt = K._layout(b)
+    return (torch.empty_like(b, dtype=CH.sum_dtype(a, b, factor), memory_format=fmt),
+            torch.empty_like(b, dtype=a.dtype, memory_format=fmt))

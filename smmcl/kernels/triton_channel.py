@@ -24,7 +24,7 @@ Importing this module needs Triton (see :mod:`smmcl.kernels.triton_common`).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -55,6 +55,32 @@ def bias_add_kernel(y_ptr, b_ptr, out_ptr, N, C, H, W, sn, sc, sw, BLOCK_C: tl.c
     bias = tl.load(b_ptr + c, mask=cmask, other=0.0).to(y_ptr.dtype.element_ty).to(tl.float32)
     v = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32) + bias[:, None]
     tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'HAS_FACTOR'], prune_configs_by=PRUNE, do_bench=bench)
+@triton.jit
+def residual_pair_kernel(a_ptr, b_ptr, f_ptr, out_ptr, low_ptr, N, C, H, W, sn, sc, sw, HAS_FACTOR: tl.constexpr,
+                         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Program (image x pixel block, cb) writes ``out = a + b * f`` (f float32 per channel; ``a + b``
+    without HAS_FACTOR) in float32 arithmetic, stored in out's dtype, and the stored value again rounded
+    to low's dtype: a residual stream and the copy its next conv reads, in one pass. a, b, out and low
+    share their strides (rows at ``W * sw``, as :func:`channel_sum_kernel`)."""
+    blocks = tl.cdiv(H * W, BLOCK_P)
+    n = tl.program_id(0) // blocks
+    p = (tl.program_id(0) % blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    mask = cmask[:, None] & (p < H * W)[None, :]
+    offs = n * sn + c[:, None] * sc + p[None, :] * sw
+    a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_FACTOR:
+        v = a + b * tl.load(f_ptr + c, mask=cmask, other=0.0).to(tl.float32)[:, None]
+    else:
+        v = a + b
+    v = v.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs, v, mask=mask)
+    tl.store(low_ptr + offs, v.to(low_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N'], prune_configs_by=PRUNE, do_bench=bench)
@@ -169,8 +195,32 @@ def _residual_torch(grad: torch.Tensor, y: torch.Tensor, factor: torch.Tensor):
     return (grad * factor).to(y.dtype), grad_factor.to(factor.dtype)
 
 
+def _pair_triton(a: torch.Tensor, b: torch.Tensor, factor: Optional[torch.Tensor] = None):
+    n, c, h, w = b.shape
+    out = torch.empty_like(b, dtype=sum_dtype(a, b, factor))
+    low = torch.empty_like(b, dtype=a.dtype)
+    if b.numel():
+        f = factor.reshape(c).float().contiguous() if factor is not None else out
+        residual_pair_kernel[lambda m: (n * triton.cdiv(h * w, m['BLOCK_P']), triton.cdiv(c, m['BLOCK_C']))](
+            a, b, f, out, low, n, c, h, w, b.stride(0), b.stride(1), b.stride(3), HAS_FACTOR=factor is not None)
+    return out, low
+
+
+def _pair_torch(a: torch.Tensor, b: torch.Tensor, factor: Optional[torch.Tensor] = None):
+    """ATen's: the promoted sum (one pass), then autocast's cast for the next conv (another)."""
+    out = torch.addcmul(a.to(sum_dtype(a, b, factor)), b, factor) if factor is not None else a + b
+    return out, out.to(a.dtype)
+
+
+def sum_dtype(a, b, factor) -> torch.dtype:
+    """The dtype of ``a + b * factor`` (factor may be None), as PyTorch promotes it."""
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    return dtype if factor is None else torch.promote_types(dtype, factor.dtype)
+
+
 _IMPLS = {'add': {'triton': _add_triton, 'torch': _add_torch}, 'grad': {'triton': _sums_triton, 'torch': _sums_torch},
-          'residual': {'triton': _residual_triton, 'torch': _residual_torch}}
+          'residual': {'triton': _residual_triton, 'torch': _residual_torch},
+          'pair': {'triton': _pair_triton, 'torch': _pair_torch}}
 CHANNEL_IMPLS = ('triton', 'torch')
 _CHOICE = {}  # (op, device, every argument's shape, strides and dtype) -> the faster implementation
 
@@ -226,3 +276,23 @@ def scaled_residual_grad(grad: torch.Tensor, y: torch.Tensor, factor: torch.Tens
     check_factor(factor, y)
     grad, y = _same_layout(_layout(y), grad, y)
     return _IMPLS['residual'][_impl('residual', impl, grad, y, factor)](grad, y, factor)
+
+
+def residual_pair(a: torch.Tensor, b: torch.Tensor, factor: Optional[torch.Tensor] = None,
+                  impl: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(``a + b * factor``, the same rounded to a's dtype): a residual stream (in the promoted dtype, float32
+    for the fast path's) and the copy its next conv reads under autocast, in one pass.
+
+    Args:
+        a: N-C-H-W, the branch (bf16 under autocast: a conv's output); b: N-C-H-W, the stream.
+        factor: C-1-1 / 1-C-1-1 per-channel float32, or None (``a + b``).
+        impl: ``'triton'`` (:func:`residual_pair_kernel`), ``'torch'`` or ``'auto'`` (:func:`_impl`).
+    Returns:
+        Both N-C-H-W in b's layout.
+    """
+    check_device(b)
+    if factor is not None and tuple(factor.shape) not in ((b.shape[1], 1, 1), (1, b.shape[1], 1, 1)):
+        raise ValueError(f'smmcl.kernels: residual_pair takes a per-channel factor C-1-1, got {tuple(factor.shape)}')
+    a, b = _same_layout(_layout(b), a, b)
+    args = (a, b) if factor is None else (a, b, factor)
+    return _IMPLS['pair'][_impl('pair', impl, *args)](a, b, factor)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .fusion import CrossModalModulation, FusionConv, Projector
-from .mscan import build_stage, drop_path_schedule, mscan_spec
+from .mscan import build_stage, drop_path_schedule, mscan_spec, run_blocks
 
 
 class DualMSCAN(nn.Module):
@@ -60,8 +60,7 @@ class DualMSCAN(nn.Module):
 
     def _branch_stage(self, x: torch.Tensor, stage: int, suffix: str) -> torch.Tensor:
         x = getattr(self, f'patch_embed{suffix}{stage}')(x)
-        for block in getattr(self, f'block{suffix}{stage}'):
-            x = block(x)
+        x = run_blocks(getattr(self, f'block{suffix}{stage}'), x)
         return getattr(self, f'norm{suffix}{stage}')(x)
 
     def forward(self, rgb: torch.Tensor, modal_x: torch.Tensor, with_embeddings: bool = True

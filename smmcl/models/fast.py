@@ -17,7 +17,7 @@ two on the CPU (fp32, 1e-5 relative).
 from __future__ import annotations
 
 import copy
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -68,11 +68,22 @@ class FoldedBlock(nn.Module):
         self.register_buffer('shortcut_scale', (1 + s1 * a1).reshape(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """N-C-H-W -> N-C-H-W."""
         attn = self.attn
         # The attention's own residual is folded into the affine shortcut below.
         h = attn.proj_2(attn.spatial_gating_unit(attn.activation(attn.proj_1(x))))
         x = residual_add(self, x)(h, x, self.shortcut_scale)
         return x + self.mlp(x)
+
+    def forward_pair(self, x: torch.Tensor, low: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` for the kernels under autocast without autograd (:func:`~smmcl.models.mscan.run_blocks`):
+        x the stream, ``low`` its copy in the autocast dtype (None: x is one already, as a patch
+        embedding's output). Each residual add also writes the copy the next 1x1 conv reads, which
+        autocast would otherwise cast in a pass of its own; returns both."""
+        attn, pair = self.attn, torch.ops.smmcl.residual_pair
+        h = attn.proj_2(attn.spatial_gating_unit(attn.activation(attn.proj_1(x if low is None else low))))
+        x, low = pair(h, x, self.shortcut_scale)
+        return pair(self.mlp(low), x, None)
 
 
 def _fold_sequential_conv_bn(seq: nn.Sequential) -> None:

@@ -185,6 +185,21 @@ def residual_add(module: nn.Module, x: torch.Tensor):
     return torch.addcmul
 
 
+def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """A stage's blocks in turn on N-C-H-W ``x``. Folded blocks (inference) with the kernels on, under
+    autocast and without autograd, hand on the residual stream with its copy in the autocast dtype, which
+    each residual add writes in the same pass (``forward_pair``): the next 1x1 conv reads it instead of
+    autocast casting the stream again. The same values."""
+    low = None
+    for block in blocks:
+        if hasattr(block, 'forward_pair') and per_channel_passes(block, x) and not torch.is_grad_enabled() \
+                and torch.is_autocast_enabled(x.device.type):
+            x, low = block.forward_pair(x, low)
+        else:
+            x, low = block(x), None
+    return x
+
+
 def per_channel_passes(module: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``module`` runs its per-channel passes (a 1x1 conv's bias, a block tail) as our ops: with the
     kernels on, except while ``torch.compile`` traces, as its generated code fuses such element-wise
