@@ -40,18 +40,24 @@ _NHWC_TILES = [(64, 16, 4), (128, 8, 4), (32, 32, 4), (64, 32, 8)]
 CHANNEL_TILE_CONFIGS = configs(_NCHW_TILES, _NHWC_TILES, (32, 16, 4), names=('BLOCK_C', 'BLOCK_P'))
 
 
+@triton.jit
+def _tile(C, H, W, sn, sc, sw, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Program (image x pixel block, cb) of an element-wise pass: its channels and their mask, and its
+    BLOCK_C x BLOCK_P elements' offsets and mask (rows at ``W * sw``, as :func:`channel_sum_kernel`)."""
+    blocks = tl.cdiv(H * W, BLOCK_P)
+    p = (tl.program_id(0) % blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    offs = (tl.program_id(0) // blocks) * sn + c[:, None] * sc + p[None, :] * sw
+    return c, cmask, offs, cmask[:, None] & (p < H * W)[None, :]
+
+
 @triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N'], prune_configs_by=PRUNE, do_bench=bench)
 @triton.jit
 def bias_add_kernel(y_ptr, b_ptr, out_ptr, N, C, H, W, sn, sc, sw, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """Program (image x pixel block, cb) writes ``out = y + bias`` on its tile: the bias rounded to y's
     dtype, the sum in float32, stored in out's dtype (y's). Rows at ``W * sw``, as :func:`channel_sum_kernel`."""
-    blocks = tl.cdiv(H * W, BLOCK_P)
-    n = tl.program_id(0) // blocks
-    p = (tl.program_id(0) % blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    mask = cmask[:, None] & (p < H * W)[None, :]
-    offs = n * sn + c[:, None] * sc + p[None, :] * sw
+    c, cmask, offs, mask = _tile(C, H, W, sn, sc, sw, BLOCK_C, BLOCK_P)
     bias = tl.load(b_ptr + c, mask=cmask, other=0.0).to(y_ptr.dtype.element_ty).to(tl.float32)
     v = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32) + bias[:, None]
     tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
@@ -65,13 +71,7 @@ def residual_pair_kernel(a_ptr, b_ptr, f_ptr, out_ptr, low_ptr, N, C, H, W, sn, 
     without HAS_FACTOR) in float32 arithmetic, stored in out's dtype, and the stored value again rounded
     to low's dtype: a residual stream and the copy its next conv reads, in one pass. a, b, out and low
     share their strides (rows at ``W * sw``, as :func:`channel_sum_kernel`)."""
-    blocks = tl.cdiv(H * W, BLOCK_P)
-    n = tl.program_id(0) // blocks
-    p = (tl.program_id(0) % blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    mask = cmask[:, None] & (p < H * W)[None, :]
-    offs = n * sn + c[:, None] * sc + p[None, :] * sw
+    c, cmask, offs, mask = _tile(C, H, W, sn, sc, sw, BLOCK_C, BLOCK_P)
     a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_FACTOR:
