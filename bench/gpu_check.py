@@ -1196,6 +1196,10 @@ def sweep_worker(args, device):
             g = torch.randn(n, c, h, w, device=device).to(torch.bfloat16).contiguous(memory_format=fmt)
             triton_channel.bias_grad(g, torch.zeros(c, device=device), impl='triton')
             triton_channel.bias_add(g, torch.zeros(c, device=device), impl='triton')
+            if kind == 'attn':  # the residual stream's width: the block tails' passes
+                stream, factor = g.float(), torch.ones(c, 1, 1, device=device)
+                triton_channel.scaled_residual_grad(stream, g, factor, impl='triton')
+                triton_channel.residual_pair(g, stream, factor, impl='triton')
             for piece, ours, _, weights in _pieces(kind, c, device, torch.bfloat16):
                 x = torch.randn(n, c, h, w, device=device).to(torch.bfloat16).contiguous(memory_format=fmt)
                 x.requires_grad_()

@@ -52,7 +52,7 @@ def _affine_then_conv(conv: nn.Conv2d, a: torch.Tensor, b: torch.Tensor) -> None
 class FoldedBlock(nn.Module):
     """An eval-mode MSCAN :class:`Block` with its norms and layer scales folded away."""
 
-    fused_kernels = False  # set by use_fused_kernels: the shortcut as smmcl::scaled_residual
+    fused_kernels = False  # set by use_fused_kernels: the residual adds as our ops (forward_pair too)
 
     def __init__(self, block: Block):
         super().__init__()
