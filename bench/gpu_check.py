@@ -314,7 +314,7 @@ def step_kernels(args, device):
     return dict(copy_TBps=bandwidth / 1e12, rows=rows, errors=errors, wgrad=wgrad_table(args, device, bandwidth),
                 strip_wgrad=strip_wgrad_table(args, device, bandwidth),
                 bias_grad=bias_grad_table(args, device, bandwidth),
-                residual_tail=residual_tail_table(args, device, bandwidth))
+                residual_tail=residual_tail_table(args, device, bandwidth), nmf=nmf_table(args, device))
 
 
 @contextlib.contextmanager
@@ -506,6 +506,44 @@ def residual_tail_table(args, device, bandwidth):
             totals[name] = totals.get(name, 0.0) + 2 * depths[int(label[1]) - 1] * 2 * per_call
     print('  whole step (both branches, every block): ' + ', '.join(f'{k} {v:.2f} ms' for k, v in totals.items()))
     return dict(rows=rows, step_ms=totals)
+
+
+def nmf_table(args, device):
+    """ms of the decoder's NMF (float32 by design, TF32 off; 3.2 ms of fp32 GEMMs with 32x32 tiles per H200
+    inference forward): its whole eval-mode forward (7 steps) against its arithmetic at the GPU's fp32
+    rate, and each of its large products as written (``x^T @ bases``: N x R outputs, ``x @ coef``:
+    D x R outputs over a reduction of N) and transposed (the same dot products as R x N and R x D
+    outputs), since cuBLAS picks its tiles by the output's shape: which formulation a faster path
+    should use."""
+    import torch
+    from smmcl.models.ham_head import NMF2D
+    n = 1 if args.smoke else args.batch
+    d, (h, w), rank = (64, (8, 12), 64) if args.smoke else (512, (60, 80), 64)  # MSCAN-B: 512 channels at 1/8
+    pixels = h * w
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        x = torch.rand(n, d, pixels, device=device)
+        bases = torch.rand(n, d, rank, device=device)
+        coef = torch.rand(n, pixels, rank, device=device)
+        products = {
+            'x^T @ bases': lambda: torch.bmm(x.transpose(1, 2), bases),
+            '(bases^T @ x)^T': lambda: torch.bmm(bases.transpose(1, 2), x).transpose(1, 2),
+            'x @ coef': lambda: torch.bmm(x, coef),
+            '(coef^T @ x^T)^T': lambda: torch.bmm(coef.transpose(1, 2), x.transpose(1, 2)).transpose(1, 2),
+            'bases @ coef^T': lambda: torch.bmm(bases, coef.transpose(1, 2)),
+        }
+        times = {name: time_ms(fn, device, args.smoke) for name, fn in products.items()}
+        nmf = NMF2D().eval().to(device)
+        whole = time_ms(lambda: nmf(x.reshape(n, d, h, w)), device, args.smoke)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    flops = 2 * n * d * pixels * rank  # one large product
+    print(f'\nNMF (float32, batch {n}, D {d}, N {pixels}, R {rank}), ms: whole eval forward {whole:.3f} '
+          f'(17 large products: the first coefficients, 7 steps of two, the last, the reconstruction; '
+          f'{flops * 17 / 1e9:.1f} GFLOP); each large product '
+          f'({flops / 1e9:.2f} GFLOP): ' + ', '.join(f'{k} {v:.3f}' for k, v in times.items()))
+    return dict(whole_ms=whole, gflop_per_product=flops / 1e9, **times)
 
 
 def print_kernel_table(rows, compact=False):
@@ -1244,6 +1282,8 @@ def summary(results):
             impls = [i for i in ('fused', 'rows', 'separate') if i in r]
             print(f"strip wgrad {r['item']:<8} {r['layout']} {r['direction']}: "
                   + ' '.join(f"{i} {r[i]:.3f}" for i in impls) + f" ms; floor {r['floor_ms']:.3f}; auto -> {r['auto']}")
+        if kern.get('nmf'):
+            print('NMF, ms: ' + ', '.join(f'{k} {v:.3f}' for k, v in kern['nmf'].items()))
         for key, what in (('bias_grad', 'conv bias add and gradient'), ('residual_tail', 'block tails')):
             if kern.get(key):
                 print(f'{what}, whole step: ' + ', '.join(f'{k} {v:.2f} ms' for k, v in kern[key]['step_ms'].items()))

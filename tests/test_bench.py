@@ -157,6 +157,21 @@ def test_per_channel_passes_compile_to_wide_accesses_without_spills():
         assert row['loads'] <= most_loads[case], (case, layout, row)
 
 
+def test_nmf_table_times_each_formulation_of_the_large_products(capsys):
+    """gpu_check's NMF table (no Triton needed): the whole forward and each large product as written and
+    transposed; the transposed formulations compute the same products."""
+    from types import SimpleNamespace
+    spec = importlib.util.spec_from_file_location('gpu_check', os.path.join(REPO_ROOT, 'bench', 'gpu_check.py'))
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    got = gpu_check.nmf_table(SimpleNamespace(smoke=True, batch=8), torch.device('cpu'))
+    assert {'whole_ms', 'x^T @ bases', '(bases^T @ x)^T', 'x @ coef', '(coef^T @ x^T)^T', 'bases @ coef^T'} <= set(got)
+    assert all(v > 0 for v in got.values())
+    assert 'NMF (float32' in capsys.readouterr().out
+    x, bases = torch.rand(2, 8, 12), torch.rand(2, 8, 4)
+    assert torch.allclose(torch.bmm(x.transpose(1, 2), bases), torch.bmm(bases.transpose(1, 2), x).transpose(1, 2))
+
+
 def test_the_summary_states_each_profiled_calls_wall_gpu_time_syncs_and_idle_time(capsys):
     spec = importlib.util.spec_from_file_location('gpu_check', os.path.join(REPO_ROOT, 'bench', 'gpu_check.py'))
     gpu_check = importlib.util.module_from_spec(spec)
