@@ -560,11 +560,14 @@ def test_add_channel_bias_under_autocast_rounds_as_a_conv_bias(monkeypatch):
 @pytest.mark.parametrize('fmt', [NCHW, CL])
 @pytest.mark.parametrize('per_image', [False, True], ids=['layer-scale', 'drop-path'])
 @pytest.mark.parametrize('y_dtype', [torch.float32, torch.bfloat16])
-def test_scaled_residual_is_addcmul(fmt, per_image, y_dtype):
+def test_scaled_residual_is_addcmul(fmt, per_image, y_dtype, monkeypatch):
     """``smmcl::scaled_residual(x, y, f)`` against autocast's ``addcmul`` (y copied to float32 first): the
     same output bit for bit, the same gradients (grad y rounded once to y's dtype; the interpreter
     truncates to bf16 where compiled Triton rounds to nearest even), f's gradient summed in another order;
-    two channel blocks and two chunks of pixels under the interpreter."""
+    two channel blocks, and two programs along each image's pixels (under the interpreter one walks two
+    of the three 16-pixel blocks)."""
+    from smmcl.kernels import triton_channel
+    monkeypatch.setattr(triton_channel, '_chunks', lambda t: 4)  # 2 per image of the 2
     x, y = _tensor(2, 37, 5, 9, fmt=fmt), _tensor(2, 37, 5, 9, fmt=fmt, dtype=y_dtype, seed=1)
     f = _tensor(*((2, 37, 1, 1) if per_image else (37, 1, 1)), seed=2)
     out = ops().scaled_residual(x, y, f)
