@@ -430,10 +430,8 @@ def bias_grad_table(args, device, bandwidth):
     proj_2, fc2) and one MLP-wide (fc1), in both branches (the H200 profiles: ~5.1 ms of non-vectorised
     bf16 element-wise kernels per forward, 9.2 ms of bf16 reductions per training step)."""
     import torch
-    from smmcl.kernels import load_ops
     from smmcl.kernels.triton_channel import bias_add, bias_grad
     from smmcl.models.mscan import mscan_b, mscan_t
-    load_ops()
     n = 1 if args.smoke else args.batch
     depths = (mscan_t() if args.smoke else mscan_b()).depths
     columns = [f'{layout} {op} {impl}' for layout in ('NHWC', 'NCHW') for op in ('add', 'grad')

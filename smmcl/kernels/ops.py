@@ -219,8 +219,7 @@ add_channel_bias.register_autograd(_add_channel_bias_grad, setup_context=_save_b
 # ---- a residual branch with a per-channel scale: x + y * f ---------------------------------------------
 
 def _residual_like(x: Tensor, y: Tensor, factor: Tensor) -> Tensor:
-    dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), factor.dtype)
-    return torch.empty_like(x, dtype=dtype, memory_format=K._layout(x))
+    return torch.empty_like(x, dtype=CH.sum_dtype(x, y, factor), memory_format=K._layout(x))
 
 
 @torch.library.custom_op('smmcl::scaled_residual', mutates_args=())

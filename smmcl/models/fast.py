@@ -67,12 +67,14 @@ class FoldedBlock(nn.Module):
         _conv_then_affine(self.mlp.fc2, s2, torch.zeros_like(s2))
         self.register_buffer('shortcut_scale', (1 + s1 * a1).reshape(1, -1, 1, 1))
 
+    def _attention(self, x: torch.Tensor) -> torch.Tensor:
+        # The attention's own residual is folded into the affine shortcut its callers add.
+        attn = self.attn
+        return attn.proj_2(attn.spatial_gating_unit(attn.activation(attn.proj_1(x))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """N-C-H-W -> N-C-H-W."""
-        attn = self.attn
-        # The attention's own residual is folded into the affine shortcut below.
-        h = attn.proj_2(attn.spatial_gating_unit(attn.activation(attn.proj_1(x))))
-        x = residual_add(self, x)(h, x, self.shortcut_scale)
+        x = residual_add(self, x)(self._attention(x), x, self.shortcut_scale)
         return x + self.mlp(x)
 
     def forward_pair(self, x: torch.Tensor, low: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -80,9 +82,8 @@ class FoldedBlock(nn.Module):
         x the stream, ``low`` its copy in the autocast dtype (None: x is one already, as a patch
         embedding's output). Each residual add also writes the copy the next 1x1 conv reads, which
         autocast would otherwise cast in a pass of its own; returns both."""
-        attn, pair = self.attn, torch.ops.smmcl.residual_pair
-        h = attn.proj_2(attn.spatial_gating_unit(attn.activation(attn.proj_1(x if low is None else low))))
-        x, low = pair(h, x, self.shortcut_scale)
+        pair = torch.ops.smmcl.residual_pair
+        x, low = pair(self._attention(x if low is None else low), x, self.shortcut_scale)
         return pair(self.mlp(low), x, None)
 
 
