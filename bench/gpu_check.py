@@ -314,7 +314,8 @@ def step_kernels(args, device):
     return dict(copy_TBps=bandwidth / 1e12, rows=rows, errors=errors, wgrad=wgrad_table(args, device, bandwidth),
                 strip_wgrad=strip_wgrad_table(args, device, bandwidth),
                 bias_grad=bias_grad_table(args, device, bandwidth),
-                residual_tail=residual_tail_table(args, device, bandwidth), nmf=nmf_table(args, device))
+                residual_tail=residual_tail_table(args, device, bandwidth),
+                bias_epilogue=bias_epilogue_table(args, device, bandwidth), nmf=nmf_table(args, device))
 
 
 @contextlib.contextmanager
@@ -463,6 +464,32 @@ def bias_grad_table(args, device, bandwidth):
     return dict(rows=rows, step_ms=totals)
 
 
+def _stream_width_table(args, title, columns, floors, measure, calls_per_block):
+    """A table per stage at the residual stream's width (the attention's), channels_last and NCHW:
+    ``measure(c, h, w, fmt, layout)`` gives one layout's ``{column: ms}`` and the ``floors`` (ms, the same
+    in both layouts); printed with the whole MSCAN-B step's totals (``calls_per_block`` calls a block, both
+    branches)."""
+    import torch
+    from smmcl.models.mscan import mscan_b, mscan_t
+    depths = (mscan_t() if args.smoke else mscan_b()).depths
+    width = max(len(c) for c in columns + floors) + 2
+    rows, totals = [], {}
+    print(f'\n{title}, ms:'.ljust(50) + ''.join(f'{c:>{width}}' for c in columns + floors))
+    for label, kind, c, h, w in mscan_b_sizes(args):
+        if kind != 'attn':
+            continue
+        times = {}
+        for fmt, layout in ((torch.channels_last, 'NHWC'), (torch.contiguous_format, 'NCHW')):
+            times.update(measure(c, h, w, fmt, layout))
+        rows.append(dict(item=label, **times))
+        print(f"  {label[:2]:<4} {c:>5} channels {h:>3}x{w:<3}".ljust(50)
+              + ''.join(f'{times[c]:{width}.3f}' for c in columns + floors))
+        for name, per_call in times.items():
+            totals[name] = totals.get(name, 0.0) + 2 * depths[int(label[1]) - 1] * calls_per_block * per_call
+    print('  whole step (both branches, every block): ' + ', '.join(f'{k} {v:.2f} ms' for k, v in totals.items()))
+    return dict(rows=rows, step_ms=totals)
+
+
 def residual_tail_table(args, device, bandwidth):
     """ms of one training block tail ``x + y * f`` forward + backward (x float32, y bf16, f per channel),
     per stage and layout, against its floor (forward reads x and y and writes the sum, backward reads the
@@ -472,38 +499,59 @@ def residual_tail_table(args, device, bandwidth):
     branches)."""
     import torch
     from smmcl.kernels import load_ops
-    from smmcl.models.mscan import mscan_b, mscan_t
     ops = load_ops()
     n = 1 if args.smoke else args.batch
-    depths = (mscan_t() if args.smoke else mscan_b()).depths
-    columns = [f'{layout} {impl}' for layout in ('NHWC', 'NCHW') for impl in ('aten', 'triton')]
     tails = {'aten': lambda x, y, f: torch.addcmul(x, y.float(), f), 'triton': ops.scaled_residual}
-    rows, totals = [], {}
-    print('\nblock tails x + y * f, forward + backward (y bf16), ms:' + ' ' * 6 + ''.join(f'{c:>13}' for c in columns)
-          + f"{'floor':>8}")
-    for label, kind, c, h, w in mscan_b_sizes(args):
-        if kind != 'attn':  # the tails add to the residual stream: the stage's width
-            continue
-        times = {}
-        for fmt, layout in ((torch.channels_last, 'NHWC'), (torch.contiguous_format, 'NCHW')):
-            x = torch.randn(n, c, h, w, device=device).contiguous(memory_format=fmt).requires_grad_()
-            y = torch.randn(n, c, h, w, device=device).to(torch.bfloat16).contiguous(memory_format=fmt)
-            y.requires_grad_()
-            f = torch.rand(c, 1, 1, device=device, requires_grad=True)
-            grad = torch.randn(n, c, h, w, device=device).contiguous(memory_format=fmt)
-            for impl, tail in tails.items():
-                times[f'{layout} {impl}'] = time_ms(
-                    lambda tail=tail: torch.autograd.grad(tail(x, y, f), (x, y, f), grad), device, args.smoke)
-            floor = x.numel() * 18 / bandwidth * 1e3
-            del x, y, grad
-        times['floor'] = floor
-        rows.append(dict(item=label, **times))
-        print(f"  {label[:2]:<4} {c:>5} channels {h:>3}x{w:<3}                          "
-              + ''.join(f'{times[c]:13.3f}' for c in columns) + f'{floor:8.3f}')
-        for name, per_call in times.items():
-            totals[name] = totals.get(name, 0.0) + 2 * depths[int(label[1]) - 1] * 2 * per_call
-    print('  whole step (both branches, every block): ' + ', '.join(f'{k} {v:.2f} ms' for k, v in totals.items()))
-    return dict(rows=rows, step_ms=totals)
+
+    def measure(c, h, w, fmt, layout):
+        x = torch.randn(n, c, h, w, device=device).contiguous(memory_format=fmt).requires_grad_()
+        y = torch.randn(n, c, h, w, device=device).to(torch.bfloat16).contiguous(memory_format=fmt)
+        y.requires_grad_()
+        f = torch.rand(c, 1, 1, device=device, requires_grad=True)
+        grad = torch.randn(n, c, h, w, device=device).contiguous(memory_format=fmt)
+        times = {f'{layout} {impl}': time_ms(lambda tail=tail: torch.autograd.grad(tail(x, y, f), (x, y, f), grad),
+                                             device, args.smoke) for impl, tail in tails.items()}
+        return dict(times, floor=x.numel() * 18 / bandwidth * 1e3)
+
+    columns = [f'{layout} {impl}' for layout in ('NHWC', 'NCHW') for impl in tails]
+    return _stream_width_table(args, 'block tails x + y * f, forward + backward (y bf16)', columns, ['floor'],
+                               measure, 2)
+
+
+def bias_epilogue_table(args, device, bandwidth):
+    """ms of proj_1's bias add + GELU and conv3's bias add + product with the gate, forward + backward
+    (bf16, after the conv), per stage and layout, against their floors (GELU: the forward reads y and
+    writes, the backward reads the gradient and y and writes: 10 bytes an element; the gate: 16, with u
+    read twice and its gradient written): ``aten`` the plain path's passes (the broadcast add, then
+    ``F.gelu`` or the product; their backward, then the bias sum), ``triton`` ``smmcl::add_channel_bias_gelu``
+    and ``smmcl::add_channel_bias_gate``; and the whole MSCAN-B step's totals (one of each a block, both
+    branches)."""
+    import torch
+    import torch.nn.functional as F
+    from smmcl.kernels import load_ops
+    ops = load_ops()
+    n = 1 if args.smoke else args.batch
+
+    def aten_add(y, b):
+        return y + b.to(y.dtype)[:, None, None]
+
+    cases = {'gelu aten': lambda y, b, u: F.gelu(aten_add(y, b)), 'gelu triton': lambda y, b, u: ops.add_channel_bias_gelu(y, b),
+             'gate aten': lambda y, b, u: aten_add(y, b) * u, 'gate triton': ops.add_channel_bias_gate}
+
+    def measure(c, h, w, fmt, layout):
+        y, u = (torch.randn(n, c, h, w, device=device).to(torch.bfloat16).contiguous(memory_format=fmt).requires_grad_()
+                for _ in range(2))
+        b = torch.rand(c, device=device, requires_grad=True)
+        grad = torch.randn(n, c, h, w, device=device).to(torch.bfloat16).contiguous(memory_format=fmt)
+        times = {f'{layout} {case}': time_ms(lambda f=f: torch.autograd.grad(f(y, b, u), (y, b, u), grad,
+                                                                             allow_unused=True), device, args.smoke)
+                 for case, f in cases.items()}
+        return dict(times, **{'floor gelu': y.numel() * 10 / bandwidth * 1e3,
+                              'floor gate': y.numel() * 16 / bandwidth * 1e3})
+
+    columns = [f'{layout} {case}' for layout in ('NHWC', 'NCHW') for case in cases]
+    return _stream_width_table(args, 'bias add + GELU, + gate, forward + backward (bf16)', columns,
+                               ['floor gelu', 'floor gate'], measure, 1)
 
 
 def nmf_table(args, device):
@@ -1232,6 +1280,10 @@ def sweep_worker(args, device):
             g = torch.randn(n, c, h, w, device=device).to(torch.bfloat16).contiguous(memory_format=fmt)
             triton_channel.bias_grad(g, torch.zeros(c, device=device), impl='triton')
             triton_channel.bias_add(g, torch.zeros(c, device=device), impl='triton')
+            if kind == 'attn':  # proj_1's GELU and conv3's gate
+                for epilogue, gate in (('gelu', None), ('gate', g)):
+                    triton_channel.bias_add(g, torch.zeros(c, device=device), 'triton', epilogue, gate)
+                    triton_channel.bias_epilogue_grad(g, g, torch.zeros(c, device=device), epilogue, gate, 'triton')
             if kind == 'attn':  # the residual stream's width: the block tails' passes
                 stream, factor = g.float(), torch.ones(c, 1, 1, device=device)
                 triton_channel.scaled_residual_grad(stream, g, factor, impl='triton')

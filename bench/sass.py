@@ -82,12 +82,18 @@ def _wgrad_cases(c: int, h: int, w: int):
 def _channel_cases():
     """(name, [(family, kernel, constexprs, loop repeats or None)], pointer dtypes) of the per-channel passes
     (:mod:`smmcl.kernels.triton_channel`), as the fast bf16 path runs them: the bias add on a bf16 conv
-    output, the bias gradient's sums of a bf16 gradient, the block tails' backward on the float32
-    residual stream's gradient and a bf16 branch (those two loop over pixel blocks: counted per element
+    output (alone, with proj_1's GELU, with conv3's gate) and its backward (the bias gradient's sums of a
+    bf16 gradient, and with each epilogue's backward), the block tails' backward on the float32 residual
+    stream's gradient and a bf16 branch (the backward passes loop over pixel blocks: counted per element
     of the loop body), the folded blocks' float32 stream and its bf16 copy."""
+    add, grad = channel.bias_add_kernel, channel.bias_grad_kernel
     return [
-        ('bias_add', [('triton', channel.bias_add_kernel, {}, None)], {}),
-        ('bias_grad', [('triton', channel.channel_sum_kernel, {}, 1)], dict(out_ptr='fp32')),
+        ('bias_add', [('triton', add, dict(EPILOGUE=0), None)], {}),
+        ('bias_gelu', [('triton', add, dict(EPILOGUE=1), None)], {}),
+        ('bias_gate', [('triton', add, dict(EPILOGUE=2), None)], {}),
+        ('bias_grad', [('triton', grad, dict(EPILOGUE=0), 1)], dict(out_ptr='fp32')),
+        ('bias_gelu_grad', [('triton', grad, dict(EPILOGUE=1), 1)], dict(out_ptr='fp32')),
+        ('bias_gate_grad', [('triton', grad, dict(EPILOGUE=2), 1)], dict(out_ptr='fp32')),
         ('residual_grad', [('triton', channel.scaled_residual_grad_kernel, dict(PER_IMAGE=False), 1)],
          dict(g_ptr='fp32', f_ptr='fp32', out_ptr='fp32')),
         ('residual_pair', [('triton', channel.residual_pair_kernel, dict(HAS_FACTOR=True), None)],

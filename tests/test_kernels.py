@@ -311,6 +311,8 @@ def test_custom_op_registrations():
     a, params = _tensor(1, 3, 4, 5, fmt=CL), _strip_params(3)
     torch.library.opcheck(ops().mscan_strip_sum, (a, *params))
     torch.library.opcheck(ops().add_channel_bias, (a, b))
+    torch.library.opcheck(ops().add_channel_bias_gelu, (a, b))
+    torch.library.opcheck(ops().add_channel_bias_gate, (a, b, _tensor(1, 3, 4, 5, fmt=CL, seed=3)))
     torch.library.opcheck(ops().residual_pair, (a.detach().to(torch.bfloat16), a.detach(), _tensor(3, 1, 1).detach()),
                           test_utils=('test_schema', 'test_faketensor'))
     torch.library.opcheck(ops().scaled_residual, (a, a.detach().to(torch.bfloat16).requires_grad_(), _tensor(3, 1, 1)))
@@ -508,7 +510,7 @@ def test_bias_implementation_choice(monkeypatch):
     called = []
     for op, impls in triton_channel._IMPLS.items():
         for impl, f in list(impls.items()):
-            monkeypatch.setitem(impls, impl, lambda *a, op=op, impl=impl, f=f: called.append((op, impl)) or f(*a))
+            monkeypatch.setitem(impls, impl, lambda *a, op=op, impl=impl, f=f, **k: called.append((op, impl)) or f(*a, **k))
     y, b = _tensor(2, 5, 3, 4), _tensor(5, seed=1)
     for impl in ('torch', 'triton') + (('auto',) if DEVICE == 'cpu' else ()):  # auto, interpreted: the kernels
         monkeypatch.setenv('SMMCL_TRITON_CHANNEL', impl)
@@ -553,6 +555,104 @@ def test_add_channel_bias_under_autocast_rounds_as_a_conv_bias(monkeypatch):
     gy, gb = torch.autograd.grad(out, (y, b), torch.ones_like(out))
     assert gb.dtype == torch.float32 and torch.equal(gb, torch.full_like(gb, 30.0))
     assert torch.equal(gy, torch.ones_like(y))
+
+
+# ---- the bias add with its one following op: proj_1's GELU, conv3's product with the gate ----------------
+
+def _like_compiled_triton(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float32 ``x`` rounded to ``dtype`` as the kernels round it here: to nearest even when compiled, by
+    truncation under Triton's (3.9) interpreter for bf16."""
+    if DEVICE == 'cpu' and dtype == torch.bfloat16:
+        return (x.float().contiguous().view(torch.int32) & -65536).view(torch.float32).to(dtype)
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('fmt', [NCHW, CL])
+@pytest.mark.parametrize('epilogue', ['gelu', 'gate'])
+def test_bias_epilogues_round_as_aten_does(epilogue, fmt, dtype, monkeypatch):
+    """``GELU(y + b)`` and ``(y + b) * u``, forward and backward, against what ATen computes in its passes
+    (y + b rounded to y's dtype; the GELU or the product, and each backward, in float32, rounded once;
+    the bias gradient the float32 sum of the rounded gradient, rounded to y's dtype): in float32 against
+    ATen's own passes, in bf16 bit for bit against that model with the kernels' rounding (the exact GELU
+    and its derivative to one bf16 step: erf's float32 implementations may differ in the last bit). Two
+    channel blocks, three pixel blocks walked by two programs."""
+    from smmcl.kernels import triton_channel
+    monkeypatch.setattr(triton_channel, '_chunks', lambda t: 2)
+    y = _tensor(2, 37, 5, 9, fmt=fmt, dtype=dtype).detach()
+    u = _tensor(2, 37, 5, 9, fmt=fmt, dtype=dtype, seed=1).detach()
+    bias, grad = _tensor(37, seed=2).detach(), _tensor(2, 37, 5, 9, fmt=fmt, dtype=dtype, seed=3).detach()
+    gate = u if epilogue == 'gate' else None
+    out = triton_channel.bias_add(y, bias, impl='triton', epilogue=epilogue, gate=gate)
+    gy, gu, gb = triton_channel.bias_epilogue_grad(grad, y, bias, epilogue, gate=gate, impl='triton')
+    assert out.dtype == gy.dtype == dtype and gb.dtype == torch.float32 and gb.shape == (37,)
+    assert out.is_contiguous(memory_format=fmt) and gy.is_contiguous(memory_format=fmt)
+    assert (gu is None) == (epilogue == 'gelu')
+    if dtype == torch.float32:
+        want = triton_channel.bias_add(y, bias, impl='torch', epilogue=epilogue, gate=gate)
+        want_grads = triton_channel.bias_epilogue_grad(grad, y, bias, epilogue, gate=gate, impl='torch')
+        assert rel(out, want) <= 1e-6 and rel(gy, want_grads[0]) <= 1e-6 and rel(gb, want_grads[2]) <= 1e-6
+        if gate is not None:
+            assert torch.equal(out, want) and torch.equal(gu, want_grads[1])
+        return
+    v = _like_compiled_triton(y.float() + _like_compiled_triton(bias, dtype).float()[:, None, None], dtype).float()
+    g = grad.float()
+    if epilogue == 'gate':
+        assert torch.equal(out, _like_compiled_triton(v * u.float(), dtype))
+        assert torch.equal(gu, _like_compiled_triton(g * v, dtype))
+        want_gy = _like_compiled_triton(g * u.float(), dtype)
+        assert torch.equal(gy, want_gy)
+    else:
+        want, want_gy = (_like_compiled_triton(t, dtype) for t in (F.gelu(v), torch.ops.aten.gelu_backward(g, v)))
+        assert ((out.float() - want.float()).abs() <= want.float().abs() * 2 ** -7).all()
+        assert ((gy.float() - want_gy.float()).abs() <= want_gy.float().abs() * 2 ** -7).all()
+        want_gy = gy  # the bias gradient sums the gradient as written
+    sums = want_gy.float().sum((0, 2, 3))
+    assert torch.allclose(gb, sums.to(dtype).float(), rtol=2 ** -7, atol=1e-5)
+
+
+def test_bias_epilogues_refuse_what_cannot_act():
+    from smmcl.kernels import triton_channel
+    y = _tensor(2, 5, 3, 4).detach()
+    with pytest.raises(ValueError, match="'gate' takes a gate shaped as the map"):
+        triton_channel.bias_add(y, y[0, :, 0, 0], epilogue='gate')
+    with pytest.raises(ValueError, match="'gate' takes a gate shaped as the map"):
+        triton_channel.bias_add(y, y[0, :, 0, 0], epilogue='gelu', gate=y)
+    with pytest.raises(ValueError, match='a bias epilogue is one of'):
+        triton_channel.bias_add(y, y[0, :, 0, 0], epilogue='relu')
+
+
+@pytest.mark.parametrize('fmt', [NCHW, CL])
+def test_pointwise_conv_epilogues_are_conv2d_then_the_op(fmt):
+    """proj_1's ``GELU(conv(x))`` and conv3's ``conv(x) * gate`` with the kernels on: nn.Conv2d followed by
+    F.gelu or the product, outputs and every gradient (gate's included), in fp32, in the input's layout."""
+    from smmcl.models.mscan import PointwiseConv
+    torch.manual_seed(0)
+    plain = nn.Conv2d(6, 37, 1).to(DEVICE).to(memory_format=fmt)
+    conv = PointwiseConv(6, 37).to(DEVICE).to(memory_format=fmt)
+    conv.load_state_dict(plain.state_dict())
+    use_fused_kernels(conv)
+    x, gate = _tensor(2, 6, 5, 7, fmt=fmt), _tensor(2, 37, 5, 7, fmt=fmt, seed=1)
+    out = conv.forward_gelu(x)
+    assert 'add_channel_bias_gelu' in type(out.grad_fn).__name__ and out.is_contiguous(memory_format=fmt)
+    _check_grads(out, F.gelu(plain(x)), [x, conv.weight, conv.bias], [x, plain.weight, plain.bias], 1e-6, 1e-6)
+    out = conv(x, gate=gate)
+    assert 'add_channel_bias_gate' in type(out.grad_fn).__name__ and out.is_contiguous(memory_format=fmt)
+    _check_grads(out, plain(x) * gate, [x, conv.weight, conv.bias, gate], [x, plain.weight, plain.bias, gate],
+                 1e-6, 1e-6)
+
+
+@pytest.mark.parametrize('name, attribute', [('SpatialAttention', 'activation'), ('Mlp', 'act')])
+def test_fused_kernels_refuse_another_activation(name, attribute):
+    """The fused proj_1 and MLP compute the exact GELU: a module with another activation is refused, not
+    run with the wrong one; the exact one is taken."""
+    from smmcl.models import mscan
+    module = getattr(mscan, name)(*((8,) if name == 'SpatialAttention' else (8, 16)))
+    use_fused_kernels(module)
+    setattr(module, attribute, nn.GELU(approximate='tanh'))
+    with pytest.raises(ValueError, match=f'exact GELU, this {name} has GELU'):
+        use_fused_kernels(module)
+    use_fused_kernels(module, enabled=False)  # switching off asks nothing
 
 
 # ---- the block tails: x + y * f, forward in one pass, backward in one Triton pass -----------------------

@@ -4,7 +4,7 @@ Off by default: ``fast_path=True`` and ``triton_kernels=True`` together switch t
 (``smmcl.models.mscan.use_fused_kernels``). H100 run (MSCAN-B, batch 8, 480x640,
 ``bench/gpu_check.py``, docs/speed.md): the forward kernels beat PyTorch's (inference 157 vs 80
 img/s on the fast path), the backward ones do not (training 20.0 vs 21.7 img/s), so the switch stays
-off by default and is recommended for inference and evaluation. Six custom ops, with their backward
+off by default and is recommended for inference and evaluation. Eight custom ops, with their backward
 where training needs one (:mod:`smmcl.kernels.ops`), computing the same function as the PyTorch layers
 and operators they replace:
 
@@ -13,11 +13,14 @@ and operators they replace:
 - ``smmcl::dwconv2d_gelu``: the MLP's 3x3 depthwise conv followed by the exact (erf) GELU;
 - ``smmcl::add_channel_bias``: a 1x1 conv's bias add (the blocks' ``PointwiseConv``), one vectorised
   pass where ATen's broadcast add is not, and its backward's bias gradient one column sum;
+  ``smmcl::add_channel_bias_gelu`` and ``smmcl::add_channel_bias_gate``: the same with the one op that
+  follows proj_1 (the exact GELU) and the attention's conv3 (the product with the gate) in its pass,
+  forward and backward;
 - ``smmcl::scaled_residual``: a block tail ``x + y * f`` (layer scale, drop path), one pass forward and
   one Triton pass backward where autocast's ``addcmul`` takes six;
 - ``smmcl::residual_pair`` (inference): a folded block's residual add writing the float32 stream and its
   copy in the autocast dtype, which the next 1x1 conv reads (:mod:`smmcl.kernels.triton_channel` for
-  these three: ``SMMCL_TRITON_CHANNEL``: ``triton``, ``torch`` = ATen's operators, or ``auto``, the
+  these five: ``SMMCL_TRITON_CHANNEL``: ``triton``, ``torch`` = ATen's operators, or ``auto``, the
   default: the faster per op and shape, timed once on the GPU).
 
 Their backward computes input gradients with Triton; weight and bias gradients with one of four

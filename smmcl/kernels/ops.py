@@ -8,7 +8,9 @@ Memory: like PyTorch, each op keeps its input for the backward; unlike the unfus
 nothing else. ``mscan_strip_sum`` recomputes the three horizontal strip outputs in its backward
 (the plain path stores them), and ``dwconv2d_gelu`` recomputes the pre-GELU map (the plain path
 stores it: one hidden-width map per MLP). ``add_channel_bias`` keeps only the bias (its backward sums
-the gradient per channel), ``scaled_residual`` the branch and the factor, as ``addcmul`` does.
+the gradient per channel), ``add_channel_bias_gelu`` the conv's output without its bias (the plain path:
+the GELU's input, the same size), ``add_channel_bias_gate`` that and the gate (the plain path: the
+product's two factors), ``scaled_residual`` the branch and the factor, as ``addcmul`` does.
 """
 from __future__ import annotations
 
@@ -214,6 +216,80 @@ def _add_channel_bias_grad(ctx, grad):
 
 
 add_channel_bias.register_autograd(_add_channel_bias_grad, setup_context=_save_bias)
+
+
+# ---- a convolution's bias add with the one op that follows it: GELU (proj_1), the gate (conv3) ---------
+
+@torch.library.custom_op('smmcl::add_channel_bias_gelu', mutates_args=())
+def add_channel_bias_gelu(y: Tensor, bias: Tensor) -> Tensor:
+    """The exact ``GELU(add_channel_bias(y, bias))`` in one pass (:func:`triton_channel.bias_add`), y's
+    dtype and memory format; its backward is one pass too, recomputing the biased map from y."""
+    return CH.bias_add(y, bias, epilogue='gelu')
+
+
+@add_channel_bias_gelu.register_fake
+def _(y, bias):
+    return _like(y)
+
+
+@torch.library.custom_op('smmcl::add_channel_bias_gelu_backward', mutates_args=())
+def add_channel_bias_gelu_backward(grad: Tensor, y: Tensor, bias: Tensor) -> Tuple[Tensor, Tensor]:
+    """(grad y, grad bias) of :func:`add_channel_bias_gelu`."""
+    gy, _, gb = CH.bias_epilogue_grad(grad, y, bias, 'gelu')
+    return gy, gb
+
+
+@add_channel_bias_gelu_backward.register_fake
+def _(grad, y, bias):
+    return _like(y), bias.new_empty(bias.shape)
+
+
+def _save_map_and_bias(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _add_channel_bias_gelu_grad(ctx, grad):
+    gy, gb = add_channel_bias_gelu_backward(grad, *ctx.saved_tensors)
+    return gy, gb if ctx.needs_input_grad[1] else None
+
+
+add_channel_bias_gelu.register_autograd(_add_channel_bias_gelu_grad, setup_context=_save_map_and_bias)
+
+
+def _gated_like(y: Tensor, gate: Tensor) -> Tensor:
+    return torch.empty_like(y, dtype=torch.promote_types(y.dtype, gate.dtype), memory_format=K._layout(y))
+
+
+@torch.library.custom_op('smmcl::add_channel_bias_gate', mutates_args=())
+def add_channel_bias_gate(y: Tensor, bias: Tensor, gate: Tensor) -> Tensor:
+    """``add_channel_bias(y, bias) * gate`` in one pass (:func:`triton_channel.bias_add`): gate N-C-H-W as
+    y; in the promoted dtype and y's memory format; its backward is one pass too."""
+    return CH.bias_add(y, bias, epilogue='gate', gate=gate)
+
+
+@add_channel_bias_gate.register_fake
+def _(y, bias, gate):
+    return _gated_like(y, gate)
+
+
+@torch.library.custom_op('smmcl::add_channel_bias_gate_backward', mutates_args=())
+def add_channel_bias_gate_backward(grad: Tensor, y: Tensor, bias: Tensor, gate: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """(grad y, grad bias, grad gate) of :func:`add_channel_bias_gate`."""
+    gy, gu, gb = CH.bias_epilogue_grad(grad, y, bias, 'gate', gate=gate)
+    return gy, gb, gu
+
+
+@add_channel_bias_gate_backward.register_fake
+def _(grad, y, bias, gate):
+    return _like(y), bias.new_empty(bias.shape), torch.empty_like(y, dtype=gate.dtype, memory_format=K._layout(y))
+
+
+def _add_channel_bias_gate_grad(ctx, grad):
+    gy, gb, gu = add_channel_bias_gate_backward(grad, *ctx.saved_tensors)
+    return gy, gb if ctx.needs_input_grad[1] else None, gu
+
+
+add_channel_bias_gate.register_autograd(_add_channel_bias_gate_grad, setup_context=_save_map_and_bias)
 
 
 # ---- a residual branch with a per-channel scale: x + y * f ---------------------------------------------

@@ -10,11 +10,16 @@ under autocast; the likeliest source of the training profile's 9.2 ms of bf16 re
 reading each gradient once, is ~0.8 ms). The fast path's block tails ``x + y * f`` (f the layer scale,
 per channel or, with drop path, per image and channel) run as ``addcmul``, whose backward under autocast
 is four passes over the map (``grad * f``, its cast to y's bf16, ``grad * y`` and its sum) and whose
-forward casts y to float32 first (autocast promotes ``addcmul``'s operands).
+forward casts y to float32 first (autocast promotes ``addcmul``'s operands). Two of MSCAN's 1x1 convs
+feed one element-wise op only: proj_1 the GELU, the attention's conv3 its product with the gate
+(``conv3(attn) * u``); under ATen each is a pass of its own after the bias add, and its backward
+another before the bias sum.
 
 Here every pass works on tiles of BLOCK_C channels x BLOCK_P pixels: :func:`bias_add` writes
-``y + bias`` (the bias rounded to y's dtype first, the sum in float32, as ATen's add); :func:`bias_grad`
-has each program walk a fixed share of the pixels and write one float32 partial per channel;
+``y + bias`` (the bias rounded to y's dtype first, the sum in float32, as ATen's add), or its GELU, or
+its product with a gate, in the same pass; :func:`bias_grad` has each program walk a fixed share of the
+pixels and write one float32 partial per channel (:func:`bias_epilogue_grad`: with the epilogue's
+backward in the same pass, writing the gradients it sums);
 :func:`scaled_residual_grad` writes ``grad * f`` in y's dtype and sums ``grad * y`` per image and channel
 the same way, reading grad and y once. Partials are summed once, so no result depends on the order in
 which programs run (no atomics). ``SMMCL_TRITON_CHANNEL``: ``triton``, ``torch`` (ATen's operators) or
@@ -24,13 +29,15 @@ Importing this module needs Triton (see :mod:`smmcl.kernels.triton_common`).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .triton_common import KEY, PRUNE, bench, check_device, configs, fastest, implementation
+from .triton_common import KEY, PRUNE, bench, check_device, configs, fastest, gelu, gelu_grad, implementation
 from .triton_dwconv import _layout, _num_chunks, _same_layout
 
 # (BLOCK_C, BLOCK_P, warps): in NCHW a channel's pixels are contiguous, so few channels of long pixel runs;
@@ -43,7 +50,7 @@ CHANNEL_TILE_CONFIGS = configs(_NCHW_TILES, _NHWC_TILES, (32, 16, 4), names=('BL
 @triton.jit
 def _tile(C, H, W, sn, sc, sw, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """Program (image x pixel block, cb) of an element-wise pass: its channels and their mask, and its
-    BLOCK_C x BLOCK_P elements' offsets and mask (rows at ``W * sw``, as :func:`channel_sum_kernel`)."""
+    BLOCK_C x BLOCK_P elements' offsets and mask (rows at ``W * sw``, as :func:`bias_grad_kernel`)."""
     blocks = tl.cdiv(H * W, BLOCK_P)
     p = (tl.program_id(0) % blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -52,14 +59,21 @@ def _tile(C, H, W, sn, sc, sw, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     return c, cmask, offs, cmask[:, None] & (p < H * W)[None, :]
 
 
-@triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N'], prune_configs_by=PRUNE, do_bench=bench)
+@triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'EPILOGUE'], prune_configs_by=PRUNE, do_bench=bench)
 @triton.jit
-def bias_add_kernel(y_ptr, b_ptr, out_ptr, N, C, H, W, sn, sc, sw, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Program (image x pixel block, cb) writes ``out = y + bias`` on its tile: the bias rounded to y's
-    dtype, the sum in float32, stored in out's dtype (y's). Rows at ``W * sw``, as :func:`channel_sum_kernel`."""
+def bias_add_kernel(y_ptr, b_ptr, u_ptr, out_ptr, N, C, H, W, sn, sc, sw, EPILOGUE: tl.constexpr,
+                    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Program (image x pixel block, cb) writes ``v = y + bias`` on its tile (the bias rounded to y's dtype,
+    the sum in float32), stored in out's dtype: v itself (EPILOGUE 0), ``GELU(v)`` (1, the exact GELU) or
+    ``v * u`` (2, u a map shaped as y); for 1 and 2, v rounded to y's dtype first, as the conv's biased
+    output is before the next op reads it. Rows at ``W * sw``, as :func:`bias_grad_kernel`."""
     c, cmask, offs, mask = _tile(C, H, W, sn, sc, sw, BLOCK_C, BLOCK_P)
     bias = tl.load(b_ptr + c, mask=cmask, other=0.0).to(y_ptr.dtype.element_ty).to(tl.float32)
     v = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32) + bias[:, None]
+    if EPILOGUE == 1:
+        v = gelu(v.to(y_ptr.dtype.element_ty).to(tl.float32))
+    elif EPILOGUE == 2:
+        v = v.to(y_ptr.dtype.element_ty).to(tl.float32) * tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -70,7 +84,7 @@ def residual_pair_kernel(a_ptr, b_ptr, f_ptr, out_ptr, low_ptr, N, C, H, W, sn, 
     """Program (image x pixel block, cb) writes ``out = a + b * f`` (f float32 per channel; ``a + b``
     without HAS_FACTOR) in float32 arithmetic, stored in out's dtype, and the stored value again rounded
     to low's dtype: a residual stream and the copy its next conv reads, in one pass. a, b, out and low
-    share their strides (rows at ``W * sw``, as :func:`channel_sum_kernel`)."""
+    share their strides (rows at ``W * sw``, as :func:`bias_grad_kernel`)."""
     c, cmask, offs, mask = _tile(C, H, W, sn, sc, sw, BLOCK_C, BLOCK_P)
     a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -83,23 +97,41 @@ def residual_pair_kernel(a_ptr, b_ptr, f_ptr, out_ptr, low_ptr, N, C, H, W, sn, 
     tl.store(low_ptr + offs, v.to(low_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N'], prune_configs_by=PRUNE, do_bench=bench)
+@triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'EPILOGUE'], prune_configs_by=PRUNE, do_bench=bench)
 @triton.jit
-def channel_sum_kernel(g_ptr, out_ptr, N, C, H, W, sn, sc, sw, num_chunks,
-                       BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Program (cb, chunk) writes ``out[chunk, c]`` (num_chunks x C, float32): the sum of ``g[n, c, :, :]``
-    over the pixel blocks chunk, chunk + num_chunks, ... of all images. The map's rows must follow each
-    other at ``W * sw`` (NCHW or channels_last), so that pixel p of an image sits at ``p * sw``."""
+def bias_grad_kernel(g_ptr, y_ptr, b_ptr, u_ptr, gy_ptr, gu_ptr, out_ptr, N, C, H, W, sn, sc, sw, num_chunks,
+                     EPILOGUE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The backward of :func:`bias_add_kernel` for the gradient ``g`` of its output. Program (cb, chunk)
+    walks the pixel blocks chunk, chunk + num_chunks, ... of all images and writes ``out[chunk, c]``
+    (num_chunks x C, float32): the sum of the biased map's gradient over them, which is g itself
+    (EPILOGUE 0: nothing else is read or written), or, recomputing ``v`` from y and the bias as the
+    forward rounds it, ``g * GELU'(v)`` (1) or ``g * u`` (2, also writing u's gradient ``g * v`` to gu),
+    written to gy in its dtype and summed as rounded. The maps share their strides; their rows must
+    follow each other at ``W * sw`` (NCHW or channels_last), so that pixel p of an image sits at ``p * sw``."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     chunk = tl.program_id(1)
     pixels = H * W
     blocks = tl.cdiv(pixels, BLOCK_P)
+    bias = tl.load(b_ptr + c, mask=cmask, other=0.0).to(y_ptr.dtype.element_ty).to(tl.float32)
     acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
     for t in range(chunk, N * blocks, num_chunks):
         p = (t % blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
         offs = (t // blocks) * sn + c[:, None] * sc + p[None, :] * sw
-        acc += tl.load(g_ptr + offs, mask=cmask[:, None] & (p < pixels)[None, :], other=0.0).to(tl.float32)
+        mask = cmask[:, None] & (p < pixels)[None, :]
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if EPILOGUE != 0:
+            v = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32) + bias[:, None]
+            v = v.to(y_ptr.dtype.element_ty).to(tl.float32)
+            if EPILOGUE == 1:
+                g = g * gelu_grad(v)
+            else:
+                tl.store(gu_ptr + offs, (g * v).to(gu_ptr.dtype.element_ty), mask=mask)
+                g = g * tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            g = g.to(gy_ptr.dtype.element_ty)
+            tl.store(gy_ptr + offs, g, mask=mask)
+            g = g.to(tl.float32)
+        acc += g
     tl.store(out_ptr + chunk * C + c, tl.sum(acc, axis=1), mask=cmask)
 
 
@@ -110,7 +142,7 @@ def scaled_residual_grad_kernel(g_ptr, y_ptr, f_ptr, gy_ptr, out_ptr, N, C, H, W
     """The backward of ``out = x + y * f`` for grad ``g``, f float32 C (or N x C if PER_IMAGE). Program
     (cb, n * chunks + k) walks image n's pixel blocks k, k + chunks, ...: it writes ``gy = g * f`` (in
     gy's dtype) and ``out[n * chunks + k, c]``, the float32 sum of ``g * y`` over its pixels. g, y and gy
-    share their strides, rows at ``W * sw`` (as :func:`channel_sum_kernel`)."""
+    share their strides, rows at ``W * sw`` (as :func:`bias_grad_kernel`)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     n = tl.program_id(1) // chunks
@@ -135,35 +167,65 @@ def _chunks(grad: torch.Tensor) -> int:
     return _num_chunks(grad, channels=2, pixels=1024)
 
 
-def _sums_triton(grad: torch.Tensor) -> torch.Tensor:
-    n, c, h, w = grad.shape
-    if grad.numel() == 0:
-        return grad.new_zeros(c, dtype=torch.float32)
-    chunks = _chunks(grad)
-    # every (chunk, channel) partial is written by its program: no zero-fill launch
-    partials = torch.empty(chunks, c, device=grad.device, dtype=torch.float32)
-    channel_sum_kernel[lambda m: (triton.cdiv(c, m['BLOCK_C']), chunks)](
-        grad, partials, n, c, h, w, grad.stride(0), grad.stride(1), grad.stride(3), chunks)
-    return partials.sum(0)
+EPILOGUES = ('none', 'gelu', 'gate')  # EPILOGUE of bias_add_kernel and bias_grad_kernel: v, GELU(v), v * u
 
 
-def _sums_torch(grad: torch.Tensor) -> torch.Tensor:
-    """ATen's: what ``convolution_backward`` computes for a cuDNN conv's bias (float32 sums, in grad's dtype)."""
-    return grad.sum((0, 2, 3))
-
-
-def _add_triton(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def _add_triton(y: torch.Tensor, bias: torch.Tensor, gate: Optional[torch.Tensor] = None,
+                epilogue: str = 'none') -> torch.Tensor:
     n, c, h, w = y.shape
-    out = torch.empty_like(y)
+    out = torch.empty_like(y, dtype=_gated_dtype(y, gate))
     if out.numel():
         bias_add_kernel[lambda m: (n * triton.cdiv(h * w, m['BLOCK_P']), triton.cdiv(c, m['BLOCK_C']))](
-            y, bias, out, n, c, h, w, y.stride(0), y.stride(1), y.stride(3))
+            y, bias, y if gate is None else gate, out, n, c, h, w, y.stride(0), y.stride(1), y.stride(3),
+            EPILOGUE=EPILOGUES.index(epilogue))
     return out
 
 
-def _add_torch(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """ATen's: the broadcast add that follows a cuDNN convolution, on the bias in y's dtype."""
-    return torch.add(y, bias.to(y.dtype).reshape(1, -1, 1, 1), out=torch.empty_like(y))
+def _add_torch(y: torch.Tensor, bias: torch.Tensor, gate: Optional[torch.Tensor] = None,
+               epilogue: str = 'none') -> torch.Tensor:
+    """ATen's: the broadcast add that follows a cuDNN convolution, on the bias in y's dtype; then the
+    exact GELU or the product with the gate, each a pass of its own."""
+    v = torch.add(y, bias.to(y.dtype).reshape(1, -1, 1, 1), out=torch.empty_like(y))
+    if epilogue == 'gelu':
+        return F.gelu(v)
+    return v * gate if epilogue == 'gate' else v
+
+
+def _grad_triton(grad: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, gate: Optional[torch.Tensor] = None,
+                 epilogue: str = 'none'):
+    n, c, h, w = grad.shape
+    gy = None if epilogue == 'none' else torch.empty_like(y)
+    gu = torch.empty_like(gate) if epilogue == 'gate' else None
+    if grad.numel() == 0:
+        return gy, gu, grad.new_zeros(c, dtype=torch.float32)
+    chunks = _chunks(grad)
+    # every (chunk, channel) partial is written by its program: no zero-fill launch
+    partials = torch.empty(chunks, c, device=grad.device, dtype=torch.float32)
+    bias_grad_kernel[lambda m: (triton.cdiv(c, m['BLOCK_C']), chunks)](
+        grad, y, bias, grad if gate is None else gate, grad if gy is None else gy, grad if gu is None else gu,
+        partials, n, c, h, w, grad.stride(0), grad.stride(1), grad.stride(3), chunks,
+        EPILOGUE=EPILOGUES.index(epilogue))
+    return gy, gu, partials.sum(0)
+
+
+def _grad_torch(grad: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, gate: Optional[torch.Tensor] = None,
+                epilogue: str = 'none'):
+    """ATen's: the epilogue's backward (``gelu_backward`` on the biased map, recomputed; or the product's
+    two), then what ``convolution_backward`` computes for a cuDNN conv's bias (float32 sums, in the
+    gradient's dtype)."""
+    if epilogue == 'none':
+        return None, None, grad.sum((0, 2, 3))
+    v = _add_torch(y, bias)
+    if epilogue == 'gelu':
+        gy, gu = torch.ops.aten.gelu_backward(grad, v), None
+    else:
+        gy, gu = (grad * gate).to(y.dtype), (grad * v).to(gate.dtype)
+    return gy, gu, gy.sum((0, 2, 3))
+
+
+def _gated_dtype(y: torch.Tensor, gate: Optional[torch.Tensor]) -> torch.dtype:
+    """The dtype of ``(y + bias) * gate`` (y's without a gate), as PyTorch promotes it."""
+    return y.dtype if gate is None else torch.promote_types(y.dtype, gate.dtype)
 
 
 def check_factor(factor: torch.Tensor, y: torch.Tensor) -> None:
@@ -218,32 +280,55 @@ def sum_dtype(a, b, factor) -> torch.dtype:
     return dtype if factor is None else torch.promote_types(dtype, factor.dtype)
 
 
-_IMPLS = {'add': {'triton': _add_triton, 'torch': _add_torch}, 'grad': {'triton': _sums_triton, 'torch': _sums_torch},
+_IMPLS = {'add': {'triton': _add_triton, 'torch': _add_torch}, 'grad': {'triton': _grad_triton, 'torch': _grad_torch},
           'residual': {'triton': _residual_triton, 'torch': _residual_torch},
           'pair': {'triton': _pair_triton, 'torch': _pair_torch}}
 CHANNEL_IMPLS = ('triton', 'torch')
 _CHOICE = {}  # (op, device, every argument's shape, strides and dtype) -> the faster implementation
 
 
-def _impl(op: str, impl: Optional[str], *args) -> str:
+def _impl(op: str, impl: Optional[str], *args, **options) -> str:
     """``impl``, else the environment's ``SMMCL_TRITON_CHANNEL``, else ``'auto'``: on a GPU the faster of the
-    two for this op, shape, layout and dtype, timed once; under the interpreter ``'triton'``."""
+    two for this op (with these keyword ``options``), shape, layout and dtype, timed once; under the
+    interpreter ``'triton'``."""
     impl = implementation('SMMCL_TRITON_CHANNEL', impl, CHANNEL_IMPLS)
     if impl != 'auto':
         return impl
     if not args[0].is_cuda:
         return 'triton'
-    key = (op, args[0].device) + tuple((tuple(t.shape), t.stride(), t.dtype) for t in args)
-    return fastest(_CHOICE, key, _IMPLS[op], *args)
+    key = (op, tuple(options.items()), args[0].device) + tuple((tuple(t.shape), t.stride(), t.dtype) for t in args)
+    impls = {name: functools.partial(fn, **options) for name, fn in _IMPLS[op].items()}
+    return fastest(_CHOICE, key, impls, *args)
 
 
-def bias_add(y: torch.Tensor, bias: torch.Tensor, impl: Optional[str] = None) -> torch.Tensor:
-    """``y + bias`` per channel: y N-C-H-W (its layout kept), bias C rounded to y's dtype first, as autocast
-    rounds a conv's bias. ``impl``: ``'triton'`` (:func:`bias_add_kernel`), ``'torch'`` or ``'auto'``
-    (:func:`_impl`)."""
+def _check_epilogue(epilogue: str, gate: Optional[torch.Tensor], y: torch.Tensor) -> None:
+    if epilogue not in EPILOGUES:
+        raise ValueError(f'smmcl.kernels: a bias epilogue is one of {EPILOGUES}, got {epilogue!r}')
+    if (gate is not None) != (epilogue == 'gate') or (gate is not None and gate.shape != y.shape):
+        raise ValueError(f"smmcl.kernels: the epilogue 'gate' takes a gate shaped as the map {tuple(y.shape)}, and "
+                         f"only it; got epilogue {epilogue!r} with gate {None if gate is None else tuple(gate.shape)}")
+
+
+def bias_add(y: torch.Tensor, bias: torch.Tensor, impl: Optional[str] = None, epilogue: str = 'none',
+             gate: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``v = y + bias`` per channel, then the epilogue: v (``'none'``), the exact ``GELU(v)`` (``'gelu'``)
+    or ``v * gate`` (``'gate'``), in one pass.
+
+    Args:
+        y: N-C-H-W, a conv's output without its bias (its layout is kept).
+        bias: C, rounded to y's dtype first, as autocast rounds a conv's bias; v is rounded to y's dtype
+            before an epilogue reads it, as the conv's output is.
+        gate: N-C-H-W with ``'gate'`` (else None).
+        impl: ``'triton'`` (:func:`bias_add_kernel`), ``'torch'`` (ATen's ops, a pass each) or ``'auto'``
+            (:func:`_impl`).
+    Returns:
+        N-C-H-W in y's layout, in y's dtype (promoted with gate's for ``'gate'``).
+    """
     check_device(y)
-    y, = _same_layout(_layout(y), y)  # rows at W * sw: one of the two dense layouts
-    return _IMPLS['add'][_impl('add', impl, y, bias)](y, bias)
+    _check_epilogue(epilogue, gate, y)
+    y, *gate = _same_layout(_layout(y), y, *([] if gate is None else [gate]))  # rows at W * sw: a dense layout
+    args = (y, bias, *gate)
+    return _IMPLS['add'][_impl('add', impl, *args, epilogue=epilogue)](*args, epilogue=epilogue)
 
 
 def bias_grad(grad: torch.Tensor, bias: torch.Tensor, impl: Optional[str] = None) -> torch.Tensor:
@@ -251,12 +336,38 @@ def bias_grad(grad: torch.Tensor, bias: torch.Tensor, impl: Optional[str] = None
 
     Summed in float32, rounded to grad's dtype, then returned in bias's dtype: under autocast what
     ATen's bias gradient of a bf16 conv is, followed by the cast back to the float32 parameter.
-    ``impl``: ``'triton'`` (:func:`channel_sum_kernel`), ``'torch'`` (``grad.sum((0, 2, 3))``) or
+    ``impl``: ``'triton'`` (:func:`bias_grad_kernel`), ``'torch'`` (``grad.sum((0, 2, 3))``) or
     ``'auto'`` (:func:`_impl`).
     """
     check_device(grad)
     grad, = _same_layout(_layout(grad), grad)
-    return _IMPLS['grad'][_impl('grad', impl, grad)](grad).to(grad.dtype).to(bias.dtype)
+    args = (grad, grad, bias)  # no epilogue: the map itself is not read
+    _, _, sums = _IMPLS['grad'][_impl('grad', impl, *args, epilogue='none')](*args, epilogue='none')
+    return sums.to(grad.dtype).to(bias.dtype)
+
+
+def bias_epilogue_grad(grad: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, epilogue: str,
+                       gate: Optional[torch.Tensor] = None, impl: Optional[str] = None):
+    """The gradients of :func:`bias_add` with ``epilogue`` ``'gelu'`` or ``'gate'`` for ``grad`` (its
+    output's), in one pass over the maps.
+
+    Args:
+        grad, y, gate: N-C-H-W; y and gate as given to :func:`bias_add` (v is recomputed from them).
+        impl: ``'triton'`` (:func:`bias_grad_kernel`), ``'torch'`` (ATen's backward ops, then the bias sum)
+            or ``'auto'`` (:func:`_impl`).
+    Returns:
+        (grad y: y's dtype and layout; grad gate: gate's dtype, or None for ``'gelu'``; grad bias: the
+        float32 sum of grad y as rounded, rounded to y's dtype as a bf16 conv's bias gradient is, in
+        bias's dtype).
+    """
+    check_device(y)
+    _check_epilogue(epilogue, gate, y)
+    if epilogue == 'none':
+        raise ValueError("smmcl.kernels: bias_epilogue_grad is for 'gelu' or 'gate'; bias_grad sums a plain bias's")
+    grad, y, *gate = _same_layout(_layout(y), grad, y, *([] if gate is None else [gate]))
+    args = (grad, y, bias, *gate)
+    gy, gu, sums = _IMPLS['grad'][_impl('grad', impl, *args, epilogue=epilogue)](*args, epilogue=epilogue)
+    return gy, gu, sums.to(y.dtype).to(bias.dtype)
 
 
 def scaled_residual_grad(grad: torch.Tensor, y: torch.Tensor, factor: torch.Tensor, impl: Optional[str] = None):

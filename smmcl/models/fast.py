@@ -67,14 +67,10 @@ class FoldedBlock(nn.Module):
         _conv_then_affine(self.mlp.fc2, s2, torch.zeros_like(s2))
         self.register_buffer('shortcut_scale', (1 + s1 * a1).reshape(1, -1, 1, 1))
 
-    def _attention(self, x: torch.Tensor) -> torch.Tensor:
-        # The attention's own residual is folded into the affine shortcut its callers add.
-        attn = self.attn
-        return attn.proj_2(attn.spatial_gating_unit(attn.activation(attn.proj_1(x))))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """N-C-H-W -> N-C-H-W."""
-        x = residual_add(self, x)(self._attention(x), x, self.shortcut_scale)
+        # the attention's own residual is folded into the affine shortcut
+        x = residual_add(self, x)(self.attn.branch(x), x, self.shortcut_scale)
         return x + self.mlp(x)
 
     def forward_pair(self, x: torch.Tensor, low: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -83,7 +79,7 @@ class FoldedBlock(nn.Module):
         embedding's output). Each residual add also writes the copy the next 1x1 conv reads, which
         autocast would otherwise cast in a pass of its own; returns both."""
         pair = torch.ops.smmcl.residual_pair
-        x, low = pair(self._attention(x if low is None else low), x, self.shortcut_scale)
+        x, low = pair(self.attn.branch(x if low is None else low), x, self.shortcut_scale)
         return pair(self.mlp(low), x, None)
 
 

@@ -7,13 +7,14 @@ function with extra reshapes.
 
 :func:`use_fused_kernels` switches the attention's depthwise convs and the MLP's depthwise conv + GELU to
 the Triton kernels of :mod:`smmcl.kernels` (the fast path's ``triton_kernels``), and the blocks' 1x1 convs'
-bias add and bias gradient to one Triton pass each (:class:`PointwiseConv`), and the fast path's residual
+bias add and bias gradient to one Triton pass each (:class:`PointwiseConv`; proj_1's GELU and conv3's product
+with the gate in the same passes), and the fast path's residual
 tails to one pass forward and backward (:func:`residual_add`); the parameters and the state dict stay the
 same.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -96,11 +97,23 @@ class PointwiseConv(nn.Conv2d):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(in_channels, out_channels, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """N-Cin-H-W -> N-Cout-H-W."""
+    def forward(self, x: torch.Tensor, gate: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """N-Cin-H-W -> N-Cout-H-W, times ``gate`` (N-Cout-H-W) when given: with the kernels on, in the
+        bias add's pass (``smmcl::add_channel_bias_gate``)."""
         if per_channel_passes(self, x):
-            return torch.ops.smmcl.add_channel_bias(F.conv2d(x, self.weight), self.bias)
-        return super().forward(x)
+            y = F.conv2d(x, self.weight)
+            if gate is None:
+                return torch.ops.smmcl.add_channel_bias(y, self.bias)
+            return torch.ops.smmcl.add_channel_bias_gate(y, self.bias, gate)
+        out = super().forward(x)
+        return out if gate is None else out * gate
+
+    def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
+        """The exact GELU of :meth:`forward`: with the kernels on, in the bias add's pass
+        (``smmcl::add_channel_bias_gelu``)."""
+        if per_channel_passes(self, x):
+            return torch.ops.smmcl.add_channel_bias_gelu(F.conv2d(x, self.weight), self.bias)
+        return F.gelu(super().forward(x))
 
 
 class AttentionModule(nn.Module):
@@ -132,7 +145,7 @@ class AttentionModule(nn.Module):
             attn = self.conv0(x)
             attn = (attn + self.conv0_2(self.conv0_1(attn)) + self.conv1_2(self.conv1_1(attn))
                     + self.conv2_2(self.conv2_1(attn)))
-        return self.conv3(attn) * x
+        return self.conv3(attn, gate=x)
 
 
 class SpatialAttention(nn.Module):
@@ -143,8 +156,17 @@ class SpatialAttention(nn.Module):
         self.spatial_gating_unit = AttentionModule(dim)
         self.proj_2 = PointwiseConv(dim, dim)
 
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention without its residual, N-C-H-W -> N-C-H-W. With the kernels on, proj_1's bias add
+        and GELU are one pass (:func:`use_fused_kernels` checks the activation is the exact GELU)."""
+        if per_channel_passes(self.proj_1, x):
+            u = self.proj_1.forward_gelu(x)
+        else:
+            u = self.activation(self.proj_1(x))
+        return self.proj_2(self.spatial_gating_unit(u))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj_2(self.spatial_gating_unit(self.activation(self.proj_1(x)))) + x
+        return self.branch(x) + x
 
 
 class DWConv(nn.Module):
@@ -218,9 +240,12 @@ def use_fused_kernels(model: nn.Module, enabled: bool = True) -> nn.Module:
     if enabled:
         kernels.load_ops()  # registers torch.ops.smmcl.*; a clear error when Triton is missing
     for module in model.modules():
-        if isinstance(module, Mlp) and enabled and not (isinstance(module.act, nn.GELU)
-                                                        and module.act.approximate == 'none'):
-            raise ValueError(f'the fused MLP kernel computes the exact GELU, this MLP has {module.act}')
+        activation = (module.act if isinstance(module, Mlp)
+                      else module.activation if isinstance(module, SpatialAttention) else None)
+        if enabled and activation is not None and not (isinstance(activation, nn.GELU)
+                                                       and activation.approximate == 'none'):
+            raise ValueError(f'the fused kernels compute the exact GELU, this {type(module).__name__} has '
+                             f'{activation}: leave triton_kernels off')
         if hasattr(module, 'fused_kernels'):  # attentions, MLPs, 1x1 convs, block tails
             module.fused_kernels = enabled
     return model
