@@ -556,12 +556,15 @@ def bias_epilogue_table(args, device, bandwidth):
 
 def nmf_table(args, device):
     """ms of the decoder's NMF (float32 by design, TF32 off; 3.2 ms of fp32 GEMMs with 32x32 tiles per H200
-    inference forward): its whole eval-mode forward (7 steps) against its arithmetic at the GPU's fp32
-    rate, and each of its large products as written (``x^T @ bases``: N x R outputs, ``x @ coef``:
-    D x R outputs over a reduction of N) and transposed (the same dot products as R x N and R x D
-    outputs), since cuBLAS picks its tiles by the output's shape: which formulation a faster path
-    should use."""
+    inference forward): its whole eval-mode forward (7 steps, given bases) with ``torch.bmm``, and each of
+    its large products as written (``x^T @ bases``: N x R outputs, ``x @ coef``: D x R outputs over a
+    reduction of N, the reconstruction ``bases @ coef^T``) and transposed (the same dot products as R x N
+    and R x D outputs: cuBLAS picks its tiles by the output's shape). Where the kernels run (a GPU, or the
+    interpreter), the same with the kernels' ``smmcl::bmm_tf32x3`` (float32's accuracy on the tensor
+    cores): the whole forward, its relative difference to ``torch.bmm``'s, each product (``triton``) and
+    what ``auto`` keeps for it."""
     import torch
+    from smmcl import kernels
     from smmcl.models.ham_head import NMF2D
     n = 1 if args.smoke else args.batch
     d, (h, w), rank = (64, (8, 12), 64) if args.smoke else (512, (60, 80), 64)  # MSCAN-B: 512 channels at 1/8
@@ -572,6 +575,8 @@ def nmf_table(args, device):
         x = torch.rand(n, d, pixels, device=device)
         bases = torch.rand(n, d, rank, device=device)
         coef = torch.rand(n, pixels, rank, device=device)
+        large = {'x^T @ bases': (x.transpose(1, 2), bases), 'x @ coef': (x, coef),
+                 'bases @ coef^T': (bases, coef.transpose(1, 2))}
         products = {
             'x^T @ bases': lambda: torch.bmm(x.transpose(1, 2), bases),
             '(bases^T @ x)^T': lambda: torch.bmm(bases.transpose(1, 2), x).transpose(1, 2),
@@ -579,17 +584,33 @@ def nmf_table(args, device):
             '(coef^T @ x^T)^T': lambda: torch.bmm(coef.transpose(1, 2), x.transpose(1, 2)).transpose(1, 2),
             'bases @ coef^T': lambda: torch.bmm(bases, coef.transpose(1, 2)),
         }
+        ours = kernels.available() and kernels.runs_on(x)
+        if ours:
+            bmm = kernels.load_ops().bmm_tf32x3
+            products.update({f'{name} triton': lambda ab=ab: bmm(*ab) for name, ab in large.items()})
         times = {name: time_ms(fn, device, args.smoke) for name, fn in products.items()}
         nmf = NMF2D().eval().to(device)
-        whole = time_ms(lambda: nmf(x.reshape(n, d, h, w)), device, args.smoke)
+        nmf.fixed_bases = nmf.draw_bases(n, d, device)
+        maps = x.reshape(n, d, h, w)
+        times['whole_ms'] = time_ms(lambda: nmf(maps), device, args.smoke)
+        if ours:
+            from smmcl.kernels import triton_matmul
+            plain = nmf(maps)
+            nmf.fused_kernels = True
+            times['rel_diff'] = rel(nmf(maps), plain)  # the first call also makes auto's choices
+            times['whole_tf32x3_ms'] = time_ms(lambda: nmf(maps), device, args.smoke)
+            auto = {name: triton_matmul._CHOICE.get((device, a.shape, a.stride(), b.shape, b.stride()), 'triton')
+                    for name, (a, b) in large.items()}
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     flops = 2 * n * d * pixels * rank  # one large product
-    print(f'\nNMF (float32, batch {n}, D {d}, N {pixels}, R {rank}), ms: whole eval forward {whole:.3f} '
-          f'(17 large products: the first coefficients, 7 steps of two, the last, the reconstruction; '
-          f'{flops * 17 / 1e9:.1f} GFLOP); each large product '
-          f'({flops / 1e9:.2f} GFLOP): ' + ', '.join(f'{k} {v:.3f}' for k, v in times.items()))
-    return dict(whole_ms=whole, gflop_per_product=flops / 1e9, **times)
+    print(f'\nNMF (float32, batch {n}, D {d}, N {pixels}, R {rank}), ms: whole eval forward {times["whole_ms"]:.3f}'
+          + (f', with smmcl::bmm_tf32x3 {times["whole_tf32x3_ms"]:.3f} (relative difference {times["rel_diff"]:.1e};'
+             f' auto keeps ' + ', '.join(f'{k}: {v}' for k, v in auto.items()) + ')' if ours else '')
+          + f' (17 large products: the first coefficients, 7 steps of two, the last, the reconstruction; '
+          f'{flops * 17 / 1e9:.1f} GFLOP); each large product ({flops / 1e9:.2f} GFLOP): '
+          + ', '.join(f'{k} {v:.3f}' for k, v in times.items() if k in products))
+    return dict(times, gflop_per_product=flops / 1e9, **({'auto': auto} if ours else {}))
 
 
 def print_kernel_table(rows, compact=False):
@@ -1273,7 +1294,7 @@ def sweep_worker(args, device):
     """Run in the sweep's own process: autotune everything once, then print the winners."""
     import torch
     import triton
-    from smmcl.kernels import triton_channel, triton_dwconv, triton_rows
+    from smmcl.kernels import triton_channel, triton_dwconv, triton_matmul, triton_rows
     n = 1 if args.smoke else args.batch
     for label, kind, c, h, w in mscan_b_sizes(args):
         for fmt in (torch.channels_last, torch.contiguous_format):
@@ -1295,8 +1316,12 @@ def sweep_worker(args, device):
                     with kernel_family(impl):
                         torch.autograd.grad(ours(x), [x] + weights, torch.ones_like(x))
         print(f'{label}: tuned', flush=True)
+    d, pixels = (64, 96) if args.smoke else (512, 60 * 80)  # the NMF's products (triton_matmul's tiles)
+    x, bases, coef = (torch.rand(n, *shape, device=device) for shape in ((d, pixels), (d, 64), (pixels, 64)))
+    for a, b in ((x.transpose(1, 2), bases), (x, coef), (bases, coef.transpose(1, 2)), (coef.transpose(1, 2), coef)):
+        triton_matmul.bmm(a, b, impl='triton')
     winners, seen = [], set()
-    for module in (triton_dwconv, triton_rows, triton_channel):
+    for module in (triton_dwconv, triton_rows, triton_channel, triton_matmul):
         for name, kernel in vars(module).items():
             # triton_dwconv imports the row kernels by name: each kernel once
             if not isinstance(kernel, triton.runtime.Autotuner) or id(kernel) in seen:
@@ -1333,8 +1358,10 @@ def summary(results):
             print(f"strip wgrad {r['item']:<8} {r['layout']} {r['direction']}: "
                   + ' '.join(f"{i} {r[i]:.3f}" for i in impls) + f" ms; floor {r['floor_ms']:.3f}; auto -> {r['auto']}")
         if kern.get('nmf'):
-            print('NMF, ms: ' + ', '.join(f'{k} {v:.3f}' for k, v in kern['nmf'].items()))
-        for key, what in (('bias_grad', 'conv bias add and gradient'), ('residual_tail', 'block tails')):
+            print('NMF, ms: ' + ', '.join(f'{k} {v:.3g}' if isinstance(v, float) else f'{k} {v}'
+                                          for k, v in kern['nmf'].items()))
+        for key, what in (('bias_grad', 'conv bias add and gradient'), ('residual_tail', 'block tails'),
+                          ('bias_epilogue', 'bias add + GELU, + gate')):
             if kern.get(key):
                 print(f'{what}, whole step: ' + ', '.join(f'{k} {v:.2f} ms' for k, v in kern[key]['step_ms'].items()))
         worst = max(kern['errors'], key=lambda e: e[3]) if kern['errors'] else None

@@ -28,6 +28,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from smmcl.kernels import triton_channel as channel
+from smmcl.kernels import triton_matmul as matmul
 from smmcl.kernels import triton_dwconv as tiles
 from smmcl.kernels import triton_rows as rows
 
@@ -99,6 +100,22 @@ def _channel_cases():
         ('residual_pair', [('triton', channel.residual_pair_kernel, dict(HAS_FACTOR=True), None)],
          dict(b_ptr='fp32', f_ptr='fp32', out_ptr='fp32')),
     ]
+
+
+def _matmul_cases(channels: int = 512, pixels: int = 60 * 80, rank: int = 64, batch: int = 8):
+    """(name, integer arguments) of the NMF's large products (:mod:`smmcl.kernels.triton_matmul`) at MSCAN-B's
+    decoder (512 channels, stride 8 of 480x640, rank 64) as the NMF writes them: ``x^T @ bases`` (x a
+    transposed view), ``x @ coef`` (its 4,800-long reduction split four ways) and the reconstruction
+    ``bases @ coef^T``. The strides of a B-M-K, B-K-N and (split) B-M-N float32 operand."""
+    d, n, r = channels, pixels, rank
+
+    def ints(m, cols, k, k_per_split, a, b, splits=1):
+        out = (batch * m * cols if splits > 1 else 0, m * cols, cols, 1)
+        return dict(M=m, N=cols, K=k, k_per_split=k_per_split, **dict(zip(('sab', 'sam', 'sak'), a)),
+                    **dict(zip(('sbb', 'sbk', 'sbn'), b)), **dict(zip(('scs', 'scb', 'scm', 'scn'), out)))
+    return [('bmm_xT_bases', ints(n, r, d, d, (d * n, 1, n), (d * r, r, 1))),
+            ('bmm_x_coef', ints(d, r, n, n // 4, (d * n, n, 1), (n * r, r, 1), splits=4)),
+            ('bmm_bases_coefT', ints(d, n, r, r, (d * r, r, 1), (n * r, 1, r)))]
 
 
 def _jit(kernel):
@@ -249,6 +266,20 @@ def main(argv=None):
                     results.append(row)
                     print(f"{row['case']:<20} {row['layout']:<6} {family:<6} {row['config']:<22} {row['regs']:>4} "
                           f"{row['spill']:>5} {row['instructions']:7.1f} {row['loads']:6.2f} {row['ffma']:6.2f}")
+    cases = [(name, ints) for name, ints in _matmul_cases() if not only or name in only]
+    if cases:
+        print('\nNMF products (float32 operands, 3xTF32): per program, static counts')
+        print(f"{'case':<20} {'config':<22} {'stages':>6} {'regs':>4} {'spill':>5} {'mma':>5} {'ffma':>5}")
+    for name, ints in cases:
+        for config in (matmul.MATMUL_CONFIGS[:1] if args.first else matmul.MATMUL_CONFIGS):
+            cubin = compile_config(matmul.bmm_kernel, dict(PRECISION='tf32x3'), config, ints, args.arch,
+                                   pointers=dict(a_ptr='fp32', b_ptr='fp32', c_ptr='fp32'))
+            stats = sass_stats(cubin)
+            row = dict(case=name, config=_describe(config), regs=stats['regs'], spill=stats['local'],
+                       mma=stats['ops']['HGMMA'] + stats['ops']['HMMA'], ffma=stats['ops']['FFMA'])
+            results.append(row)
+            print(f"{name:<20} {row['config']:<22} {config.num_stages:>6} {row['regs']:>4} {row['spill']:>5} "
+                  f"{row['mma']:>5} {row['ffma']:>5}")
     return results
 
 

@@ -161,6 +161,26 @@ def test_per_channel_passes_compile_to_wide_accesses_without_spills():
         assert row['loads'] <= most_loads[case], (case, layout, row)
 
 
+@pytest.mark.skipif(importlib.util.find_spec('triton') is None, reason='needs Triton (its ptxas and cuobjdump)')
+def test_nmf_products_compile_to_tensor_core_instructions_without_spills():
+    """smmcl::bmm_tf32x3's kernel for sm_90 at the NMF's three large products (bench/sass.py): every
+    configuration on the tensor cores (HGMMA, or HMMA for the narrowest tile: three TF32 products per
+    K step), no float32 FMAs left on the CUDA cores, no spills."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    env['TRITON_DEFAULT_FP_FUSION'] = '1'
+    cases = ('bmm_xT_bases', 'bmm_x_coef', 'bmm_bases_coefT')
+    out = subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'bench', 'sass.py'), '--only', ','.join(cases)],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line.split() for line in out.stdout.splitlines() if line.split()[:1] and line.split()[0] in cases]
+    assert len(rows) == 3 * 5, out.stdout
+    for case, config, warps, stages, regs, spill, mma, ffma in rows:
+        block_k = int(config.split('x')[2])
+        assert int(spill) == 0 and int(ffma) == 0 and int(mma) >= 3 * block_k // 8, (case, config, mma)
+
+
 def test_nmf_table_times_each_formulation_of_the_large_products(capsys):
     """gpu_check's NMF table (no Triton needed): the whole forward and each large product as written and
     transposed; the transposed formulations compute the same products."""

@@ -770,6 +770,92 @@ def test_folded_blocks_hand_on_the_stream_with_its_copy():
     assert rel(got, want) <= 5e-3
 
 
+# ---- the NMF's float32 products on the tensor cores (3xTF32) ------------------------------------------
+
+def _tf32(x: torch.Tensor) -> torch.Tensor:
+    """float32 rounded to TF32's 10-bit mantissa (to nearest)."""
+    return ((x.contiguous().view(torch.int32) + 0x1000) & -0x2000).view(torch.float32)
+
+
+def test_three_tf32_products_keep_the_nmf_at_float32_accuracy(monkeypatch):
+    """The method of smmcl::bmm_tf32x3, done in PyTorch (Triton's interpreter computes its tl.dot in
+    float32): each operand split into its TF32 part and the TF32 rest, three products summed, the rests'
+    product dropped. The NMF's output is then as close to the one with float64 products as float32's
+    own (MSCAN-B's widths, 2 images at 30x40), where plain TF32 is ~400x further."""
+    from smmcl.models.ham_head import NMF2D
+    bmm = torch.bmm
+
+    def tf32x3(a, b):
+        a_hi, b_hi = _tf32(a), _tf32(b)
+        return bmm(a_hi, b_hi) + (bmm(a_hi, _tf32(b - b_hi)) + bmm(_tf32(a - a_hi), b_hi))
+
+    x = torch.relu(torch.randn(2, 512, 30, 40, generator=torch.Generator().manual_seed(0)))
+    nmf = NMF2D().eval()
+    nmf.fixed_bases = nmf.draw_bases(2, 512, generator=torch.Generator().manual_seed(1))
+    outs = {}
+    for name, product in (('float32', bmm), ('float64', lambda a, b: bmm(a.double(), b.double()).float()),
+                          ('tf32x3', tf32x3), ('tf32', lambda a, b: bmm(_tf32(a), _tf32(b)))):
+        monkeypatch.setattr(torch, 'bmm', product)
+        outs[name] = nmf(x)
+    err = {name: rel(out, outs['float64']) for name, out in outs.items()}
+    assert err['float32'] < 1e-6 and err['tf32x3'] <= 1.5 * err['float32'] and err['tf32'] > 100 * err['float32']
+
+
+BMM_CASES = [  # batch, M, K, N, a given as a transposed view
+    (2, 40, 200, 64, True),   # a split reduction (two programs per tile under the interpreter), NMF's x^T
+    (3, 70, 64, 33, False),   # odd sizes, several tiles each way
+    (1, 5, 17, 7, True),      # smaller than a tile
+]
+
+
+@pytest.mark.parametrize('batch, m, k, n, transposed', BMM_CASES)
+def test_bmm_tf32x3_is_bmm(batch, m, k, n, transposed):
+    """Forward against float64 products, gradients against torch.bmm's autograd (themselves products of
+    transposed views), to float32's accuracy (float32's own products here: ~1-2e-7; plain TF32's ~5e-4)."""
+    a = _tensor(batch, k, m, seed=1).transpose(1, 2) if transposed else _tensor(batch, m, k, seed=1)
+    b = _tensor(batch, k, n, seed=2)
+    out = ops().bmm_tf32x3(a, b)
+    assert out.shape == (batch, m, n) and out.dtype == torch.float32 and out.is_contiguous()
+    assert rel(out, torch.bmm(a.double(), b.double())) <= 5e-7
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    got = torch.autograd.grad(out, (a, b), grad)
+    want = torch.autograd.grad(torch.bmm(a.double(), b.double()), (a, b), grad.double())
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and rel(g, w) <= 5e-7
+
+
+def test_bmm_tf32x3_edges_and_refusals():
+    from smmcl.kernels import triton_matmul
+    a, b = _tensor(2, 3, 0).detach(), _tensor(2, 0, 4).detach()
+    assert torch.equal(triton_matmul.bmm(a, b, impl='triton'), torch.zeros(2, 3, 4, device=DEVICE))
+    with pytest.raises(ValueError, match='float32 B-M-K and B-K-N'):
+        triton_matmul.bmm(_tensor(2, 3, 4).detach().double(), _tensor(2, 4, 5).detach())
+    with pytest.raises(ValueError, match='float32 B-M-K and B-K-N'):
+        triton_matmul.bmm(_tensor(2, 3, 4).detach(), _tensor(2, 5, 5).detach())
+    torch.library.opcheck(ops().bmm_tf32x3, (_tensor(2, 4, 3).transpose(1, 2), _tensor(2, 4, 5, seed=1)))
+
+
+@pytest.mark.parametrize('training', [False, True])
+def test_nmf_with_kernels_is_the_same_function(training):
+    """The decoder's Hamburger with the kernels (every NMF product smmcl::bmm_tf32x3) against it without:
+    the same bases, output and (training: the gradient through all 6 update steps) every gradient."""
+    from smmcl.models.ham_head import Hamburger
+    torch.manual_seed(0)
+    plain = Hamburger(channels=64, rank=16).to(DEVICE).train(training)
+    fused = use_fused_kernels(copy.deepcopy(plain))
+    assert fused.ham.fused_kernels and not plain.ham.fused_kernels
+    x = _tensor(2, 64, 6, 9)
+    results = []
+    for model in (plain, fused):
+        model.ham.fixed_bases = model.ham.draw_bases(2, 64, DEVICE, torch.Generator(DEVICE).manual_seed(3))
+        out = model(x)
+        results.append((out, torch.autograd.grad(out, [x] + list(model.parameters()), torch.ones_like(out))))
+    (ref, ref_grads), (out, grads) = results
+    assert rel(out, ref) <= 1e-6
+    for g, r in zip(grads, ref_grads):
+        assert rel(g, r) <= 1e-5
+
+
 # ---- the three strips' weight gradients in one launch -------------------------------------------------
 
 STRIP_LENGTHS = (7, 11, 21)

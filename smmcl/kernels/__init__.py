@@ -4,7 +4,7 @@ Off by default: ``fast_path=True`` and ``triton_kernels=True`` together switch t
 (``smmcl.models.mscan.use_fused_kernels``). H100 run (MSCAN-B, batch 8, 480x640,
 ``bench/gpu_check.py``, docs/speed.md): the forward kernels beat PyTorch's (inference 157 vs 80
 img/s on the fast path), the backward ones do not (training 20.0 vs 21.7 img/s), so the switch stays
-off by default and is recommended for inference and evaluation. Eight custom ops, with their backward
+off by default and is recommended for inference and evaluation. Nine custom ops, with their backward
 where training needs one (:mod:`smmcl.kernels.ops`), computing the same function as the PyTorch layers
 and operators they replace:
 
@@ -16,6 +16,9 @@ and operators they replace:
   ``smmcl::add_channel_bias_gelu`` and ``smmcl::add_channel_bias_gate``: the same with the one op that
   follows proj_1 (the exact GELU) and the attention's conv3 (the product with the gate) in its pass,
   forward and backward;
+- ``smmcl::bmm_tf32x3``: the decoder's NMF's float32 batched products at float32's accuracy on the tensor
+  cores (three TF32 products, :mod:`smmcl.kernels.triton_matmul`; ``SMMCL_TRITON_BMM``: ``triton``,
+  ``torch`` = ``torch.bmm``, or ``auto``, the default: the faster per shape, timed once on the GPU);
 - ``smmcl::scaled_residual``: a block tail ``x + y * f`` (layer scale, drop path), one pass forward and
   one Triton pass backward where autocast's ``addcmul`` takes six;
 - ``smmcl::residual_pair`` (inference): a folded block's residual add writing the float32 stream and its

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from . import triton_dwconv as K
 from . import triton_channel as CH
+from . import triton_matmul as MM
 
 
 def _like(x: Tensor) -> Tensor:
@@ -244,7 +245,7 @@ def _(grad, y, bias):
     return _like(y), bias.new_empty(bias.shape)
 
 
-def _save_map_and_bias(ctx, inputs, output):
+def _save_inputs(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
@@ -253,7 +254,7 @@ def _add_channel_bias_gelu_grad(ctx, grad):
     return gy, gb if ctx.needs_input_grad[1] else None
 
 
-add_channel_bias_gelu.register_autograd(_add_channel_bias_gelu_grad, setup_context=_save_map_and_bias)
+add_channel_bias_gelu.register_autograd(_add_channel_bias_gelu_grad, setup_context=_save_inputs)
 
 
 def _gated_like(y: Tensor, gate: Tensor) -> Tensor:
@@ -289,7 +290,7 @@ def _add_channel_bias_gate_grad(ctx, grad):
     return gy, gb if ctx.needs_input_grad[1] else None, gu
 
 
-add_channel_bias_gate.register_autograd(_add_channel_bias_gate_grad, setup_context=_save_map_and_bias)
+add_channel_bias_gate.register_autograd(_add_channel_bias_gate_grad, setup_context=_save_inputs)
 
 
 # ---- a residual branch with a per-channel scale: x + y * f ---------------------------------------------
@@ -354,3 +355,27 @@ def _(a, b, factor):
     fmt = K._layout(b)
     return (torch.empty_like(b, dtype=CH.sum_dtype(a, b, factor), memory_format=fmt),
             torch.empty_like(b, dtype=a.dtype, memory_format=fmt))
+
+
+# ---- the NMF's float32 products on the tensor cores (3xTF32) --------------------------------------------
+
+@torch.library.custom_op('smmcl::bmm_tf32x3', mutates_args=())
+def bmm_tf32x3(a: Tensor, b: Tensor) -> Tensor:
+    """``torch.bmm(a, b)`` for float32 B-M-K ``a`` and B-K-N ``b`` (any strides) at float32's accuracy on the
+    tensor cores (:func:`triton_matmul.bmm`); B-M-N, contiguous. Its backward is two such products."""
+    return MM.bmm(a, b)
+
+
+@bmm_tf32x3.register_fake
+def _(a, b):
+    return a.new_empty(a.shape[0], a.shape[1], b.shape[2])
+
+
+def _bmm_tf32x3_grad(ctx, grad):
+    a, b = ctx.saved_tensors
+    grad_a = bmm_tf32x3(grad, b.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+    grad_b = bmm_tf32x3(a.transpose(1, 2), grad) if ctx.needs_input_grad[1] else None
+    return grad_a, grad_b
+
+
+bmm_tf32x3.register_autograd(_bmm_tf32x3_grad, setup_context=_save_inputs)

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
+
 
 def init_like_conv_module(conv: nn.Conv2d, norm: Optional[nn.Module] = None) -> None:
     """The state mmcv's ``ConvModule`` leaves its layers in at construction.
@@ -62,7 +64,8 @@ class NMF2D(nn.Module):
     Bases (R of them, dimension D = C / S) are drawn fresh every forward from ``torch.rand`` and
     L2-normalised over D, as the authors' ``_build_bases`` (RAND_INIT=True). Gradients flow through
     all update steps: mmseg's port runs them without ``torch.no_grad`` and so do the authors.
-    The decomposition always runs in float32, also under autocast.
+    The decomposition always runs in float32, also under autocast; with the kernels on
+    (``use_fused_kernels``) its products run on the tensor cores at float32's accuracy (3xTF32).
 
     ``fixed_bases`` (None by default; a non-persistent buffer, so checkpoints do not change) replaces
     the draw with given (B*S)-D-R bases, for a graph export that cannot hold a random draw
@@ -84,24 +87,34 @@ class NMF2D(nn.Module):
         shape = (batch * self.spatial, channels // self.spatial, self.rank)
         return F.normalize(torch.rand(shape, device=device, generator=generator), dim=1)
 
-    def _update_coef(self, x, bases, coef):
+    fused_kernels = False  # set by use_fused_kernels: the products as smmcl::bmm_tf32x3
+
+    def _bmm(self, x: torch.Tensor):
+        """The batched product: ``torch.bmm``, or with the kernels on ``smmcl::bmm_tf32x3`` (float32's accuracy
+        on the tensor cores, :mod:`smmcl.kernels.triton_matmul`); the same function."""
+        if self.fused_kernels and kernels.runs_on(x):
+            return torch.ops.smmcl.bmm_tf32x3
+        return torch.bmm
+
+    def _update_coef(self, x, bases, coef, bmm=torch.bmm):
         # (B*S, D, N)^T @ (B*S, D, R) -> (B*S, N, R)
-        numerator = torch.bmm(x.transpose(1, 2), bases)
+        numerator = bmm(x.transpose(1, 2), bases)
         # (B*S, N, R) @ [(B*S, D, R)^T @ (B*S, D, R)] -> (B*S, N, R)
-        denominator = coef.bmm(bases.transpose(1, 2).bmm(bases))
+        denominator = bmm(coef, bmm(bases.transpose(1, 2), bases))
         return coef * numerator / (denominator + self.eps)
 
-    def _update_bases(self, x, bases, coef):
+    def _update_bases(self, x, bases, coef, bmm=torch.bmm):
         # (B*S, D, N) @ (B*S, N, R) -> (B*S, D, R)
-        numerator = torch.bmm(x, coef)
+        numerator = bmm(x, coef)
         # (B*S, D, R) @ [(B*S, N, R)^T @ (B*S, N, R)] -> (B*S, D, R)
-        denominator = bases.bmm(coef.transpose(1, 2).bmm(coef))
+        denominator = bmm(bases, bmm(coef.transpose(1, 2), coef))
         return bases * numerator / (denominator + self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """N-C-H-W (non-negative) -> its rank-R reconstruction, N-C-H-W, float32."""
         B, C, H, W = x.shape
         D, N = C // self.spatial, H * W
+        bmm = self._bmm(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float().reshape(B * self.spatial, D, N)
             if self.fixed_bases is None:
@@ -112,13 +125,13 @@ class NMF2D(nn.Module):
             else:
                 bases = self.fixed_bases.float()
             # (B*S, D, N)^T @ (B*S, D, R) -> (B*S, N, R)
-            coef = F.softmax(self.inv_t * torch.bmm(x.transpose(1, 2), bases), dim=-1)
+            coef = F.softmax(self.inv_t * bmm(x.transpose(1, 2), bases), dim=-1)
             for _ in range(self.train_steps if self.training else self.eval_steps):
-                coef = self._update_coef(x, bases, coef)
-                bases = self._update_bases(x, bases, coef)
-            coef = self._update_coef(x, bases, coef)
+                coef = self._update_coef(x, bases, coef, bmm)
+                bases = self._update_bases(x, bases, coef, bmm)
+            coef = self._update_coef(x, bases, coef, bmm)
             # (B*S, D, R) @ (B*S, N, R)^T -> (B*S, D, N)
-            return torch.bmm(bases, coef.transpose(1, 2)).reshape(B, C, H, W)
+            return bmm(bases, coef.transpose(1, 2)).reshape(B, C, H, W)
 
 
 class Hamburger(nn.Module):
