@@ -221,6 +221,9 @@ def main(argv=None):
     parser.add_argument('--height', type=int, default=120, help='stage 1 at 480x640: 120x160')
     parser.add_argument('--width', type=int, default=160)
     parser.add_argument('--first', action='store_true', help="each family's first config per layout only")
+    parser.add_argument('--largest', action='store_true',
+                        help="each family's config with the most elements a thread per layout only (the likeliest to spill)")
+    parser.add_argument('--family', default='', help='comma-separated families, e.g. rows')
     args = parser.parse_args(argv)
     if os.environ.get('TRITON_INTERPRET') == '1':
         sys.exit('bench/sass.py compiles the kernels: run it without TRITON_INTERPRET=1')
@@ -250,8 +253,12 @@ def main(argv=None):
                     ints = dict(ints, H=ints['W'], W=ints['H'], sh=ints['sw'], sw=ints['sh'])
                     meta = dict(meta, ALONG_W=False)
                 _, configs = _jit(kernel)
+                if args.family and family not in args.family.split(','):
+                    continue
                 wanted = [c for c in configs if (c.kwargs['BLOCK_C'] >= 16) == channels_last]
                 wanted = wanted[:1] if args.first else wanted
+                if args.largest:
+                    wanted = [max(wanted, key=lambda c: _elements(c, 1) / c.num_warps)]
                 for config in wanted:
                     try:
                         stats = sass_stats(compile_config(kernel, meta, config, ints, args.arch, pointers=pointers))

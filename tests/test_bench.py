@@ -129,6 +129,33 @@ def test_row_kernels_execute_fewer_instructions_than_tiles():
 
 
 @pytest.mark.skipif(importlib.util.find_spec('triton') is None, reason='needs Triton (its ptxas and cuobjdump)')
+def test_row_kernels_largest_tiles_fit_in_registers_and_save_instructions():
+    """Each row kernel's candidate tile with the most elements a thread (8 columns in NCHW, 4-8 channels
+    in channels_last), compiled for sm_90 by bench/sass.py: no spills in any forward or backward case, and
+    for the 5x5 conv about a third fewer lane instructions per output than the first candidate."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    env['TRITON_DEFAULT_FP_FUSION'] = '1'
+    cases = ('dwconv5x5,dwconv5x5_adjoint,dwconv3x3_gelu,dwconv3x3_gelu_grad,strip3_along_w,strip3_along_h,'
+             'strip3_sum_along_w,strip3_sum_along_h')
+    rows = {}
+    for pick, only in (('--largest', cases), ('--first', 'dwconv5x5')):
+        out = subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'bench', 'sass.py'), pick, '--family', 'rows',
+                              '--only', only], capture_output=True, text=True, env=env, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        for line in out.stdout.splitlines():
+            f = line.split()
+            if len(f) == 10 and f[2] == 'rows':
+                rows[f[0], f[1], pick] = dict(spill=int(f[6]), instructions=float(f[7]))
+    assert len(rows) == 2 * 8 + 2
+    assert all(row['spill'] == 0 for row in rows.values()), rows
+    for layout in ('NCHW', 'NHWC'):
+        largest, first = (rows['dwconv5x5', layout, pick]['instructions'] for pick in ('--largest', '--first'))
+        assert largest < 0.7 * first, (layout, largest, first)
+
+
+@pytest.mark.skipif(importlib.util.find_spec('triton') is None, reason='needs Triton (its ptxas and cuobjdump)')
 def test_per_channel_passes_compile_to_wide_accesses_without_spills():
     """The bias add (alone, with proj_1's GELU, with conv3's gate) and its backward (the bias gradient's
     sums, with each epilogue's backward), the block tails' backward and the folded blocks' stream pair,
