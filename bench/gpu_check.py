@@ -599,8 +599,7 @@ def nmf_table(args, device):
             nmf.fused_kernels = True
             times['rel_diff'] = rel(nmf(maps), plain)  # the first call also makes auto's choices
             times['whole_tf32x3_ms'] = time_ms(lambda: nmf(maps), device, args.smoke)
-            auto = {name: triton_matmul._CHOICE.get((device, a.shape, a.stride(), b.shape, b.stride()), 'triton')
-                    for name, (a, b) in large.items()}
+            auto = {name: triton_matmul.choice(a, b) for name, (a, b) in large.items()}
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     flops = 2 * n * d * pixels * rank  # one large product

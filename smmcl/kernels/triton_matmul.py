@@ -114,8 +114,15 @@ def bmm(a: torch.Tensor, b: torch.Tensor, impl: Optional[str] = None) -> torch.T
             or a.shape[0] != b.shape[0] or a.shape[2] != b.shape[1]:
         raise ValueError(f'smmcl.kernels: bmm takes float32 B-M-K and B-K-N tensors, got {tuple(a.shape)} '
                          f'{a.dtype} and {tuple(b.shape)} {b.dtype}')
+    return _IMPLS[choice(a, b, impl)](a, b)
+
+
+def choice(a: torch.Tensor, b: torch.Tensor, impl: Optional[str] = None) -> str:
+    """The implementation :func:`bmm` runs for these operands: ``impl``, else ``SMMCL_TRITON_BMM``, else
+    ``'auto'``'s (on a GPU the faster for these shapes and strides, timed on the first call)."""
     impl = implementation('SMMCL_TRITON_BMM', impl, tuple(_IMPLS))
-    if impl == 'auto':
-        impl = 'triton' if not a.is_cuda else fastest(
-            _CHOICE, (a.device, a.shape, a.stride(), b.shape, b.stride()), _IMPLS, a, b)
-    return _IMPLS[impl](a, b)
+    if impl != 'auto':
+        return impl
+    if not a.is_cuda:
+        return 'triton'
+    return fastest(_CHOICE, (a.device, a.shape, a.stride(), b.shape, b.stride()), _IMPLS, a, b)

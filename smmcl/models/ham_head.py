@@ -72,6 +72,8 @@ class NMF2D(nn.Module):
     (:mod:`smmcl.tools.export`); they fit one batch size only.
     """
 
+    fused_kernels = False  # set by use_fused_kernels: the products as smmcl::bmm_tf32x3
+
     def __init__(self, rank: int = 64, spatial: int = 1, train_steps: int = 6, eval_steps: int = 7,
                  eps: float = 1e-6):
         super().__init__()
@@ -86,8 +88,6 @@ class NMF2D(nn.Module):
         """(batch*S)-D-R uniform random bases, L2-normalised over D (the authors' ``_build_bases``)."""
         shape = (batch * self.spatial, channels // self.spatial, self.rank)
         return F.normalize(torch.rand(shape, device=device, generator=generator), dim=1)
-
-    fused_kernels = False  # set by use_fused_kernels: the products as smmcl::bmm_tf32x3
 
     def _bmm(self, x: torch.Tensor):
         """The batched product: ``torch.bmm``, or with the kernels on ``smmcl::bmm_tf32x3`` (float32's accuracy
