@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .triton_common import KEY, PRUNE, bench, check_device, configs, fastest, gelu, gelu_grad, implementation
+from .triton_common import KEY, PRUNE, bench, check_device, choose, configs, fastest, gelu, gelu_grad
 from .triton_dwconv import _layout, _num_chunks, _same_layout
 
 # (BLOCK_C, BLOCK_P, warps): in NCHW a channel's pixels are contiguous, so few channels of long pixel runs;
@@ -287,18 +287,15 @@ CHANNEL_IMPLS = ('triton', 'torch')
 _CHOICE = {}  # (op, device, every argument's shape, strides and dtype) -> the faster implementation
 
 
-def _impl(op: str, impl: Optional[str], *args, **options) -> str:
-    """``impl``, else the environment's ``SMMCL_TRITON_CHANNEL``, else ``'auto'``: on a GPU the faster of the
-    two for this op (with these keyword ``options``), shape, layout and dtype, timed once; under the
-    interpreter ``'triton'``."""
-    impl = implementation('SMMCL_TRITON_CHANNEL', impl, CHANNEL_IMPLS)
-    if impl != 'auto':
-        return impl
-    if not args[0].is_cuda:
-        return 'triton'
-    key = (op, tuple(options.items()), args[0].device) + tuple((tuple(t.shape), t.stride(), t.dtype) for t in args)
+def _run(op: str, impl: Optional[str], *args, **options):
+    """``op``'s implementation on ``args`` (keyword ``options`` passed on): ``impl``, else the environment's
+    ``SMMCL_TRITON_CHANNEL``, else ``'auto'``: on a GPU the faster of the two for this op, options,
+    shape, layout and dtype, timed once; under the interpreter ``'triton'``."""
     impls = {name: functools.partial(fn, **options) for name, fn in _IMPLS[op].items()}
-    return fastest(_CHOICE, key, impls, *args)
+    key = (op, tuple(options.items()), args[0].device) + tuple((tuple(t.shape), t.stride(), t.dtype) for t in args)
+    name = choose('SMMCL_TRITON_CHANNEL', impl, CHANNEL_IMPLS, args[0].device, 'triton',
+                  lambda: fastest(_CHOICE, key, impls, *args))
+    return impls[name](*args)
 
 
 def _check_epilogue(epilogue: str, gate: Optional[torch.Tensor], y: torch.Tensor) -> None:
@@ -320,15 +317,14 @@ def bias_add(y: torch.Tensor, bias: torch.Tensor, impl: Optional[str] = None, ep
             before an epilogue reads it, as the conv's output is.
         gate: N-C-H-W with ``'gate'`` (else None).
         impl: ``'triton'`` (:func:`bias_add_kernel`), ``'torch'`` (ATen's ops, a pass each) or ``'auto'``
-            (:func:`_impl`).
+            (:func:`_run`).
     Returns:
         N-C-H-W in y's layout, in y's dtype (promoted with gate's for ``'gate'``).
     """
     check_device(y)
     _check_epilogue(epilogue, gate, y)
     y, *gate = _same_layout(_layout(y), y, *([] if gate is None else [gate]))  # rows at W * sw: a dense layout
-    args = (y, bias, *gate)
-    return _IMPLS['add'][_impl('add', impl, *args, epilogue=epilogue)](*args, epilogue=epilogue)
+    return _run('add', impl, y, bias, *gate, epilogue=epilogue)
 
 
 def bias_grad(grad: torch.Tensor, bias: torch.Tensor, impl: Optional[str] = None) -> torch.Tensor:
@@ -337,12 +333,11 @@ def bias_grad(grad: torch.Tensor, bias: torch.Tensor, impl: Optional[str] = None
     Summed in float32, rounded to grad's dtype, then returned in bias's dtype: under autocast what
     ATen's bias gradient of a bf16 conv is, followed by the cast back to the float32 parameter.
     ``impl``: ``'triton'`` (:func:`bias_grad_kernel`), ``'torch'`` (``grad.sum((0, 2, 3))``) or
-    ``'auto'`` (:func:`_impl`).
+    ``'auto'`` (:func:`_run`).
     """
     check_device(grad)
     grad, = _same_layout(_layout(grad), grad)
-    args = (grad, grad, bias)  # no epilogue: the map itself is not read
-    _, _, sums = _IMPLS['grad'][_impl('grad', impl, *args, epilogue='none')](*args, epilogue='none')
+    _, _, sums = _run('grad', impl, grad, grad, bias, epilogue='none')  # no epilogue: the map is not read
     return sums.to(grad.dtype).to(bias.dtype)
 
 
@@ -354,7 +349,7 @@ def bias_epilogue_grad(grad: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, 
     Args:
         grad, y, gate: N-C-H-W; y and gate as given to :func:`bias_add` (v is recomputed from them).
         impl: ``'triton'`` (:func:`bias_grad_kernel`), ``'torch'`` (ATen's backward ops, then the bias sum)
-            or ``'auto'`` (:func:`_impl`).
+            or ``'auto'`` (:func:`_run`).
     Returns:
         (grad y: y's dtype and layout; grad gate: gate's dtype, or None for ``'gelu'``; grad bias: the
         float32 sum of grad y as rounded, rounded to y's dtype as a bf16 conv's bias gradient is, in
@@ -365,8 +360,7 @@ def bias_epilogue_grad(grad: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, 
     if epilogue == 'none':
         raise ValueError("smmcl.kernels: bias_epilogue_grad is for 'gelu' or 'gate'; bias_grad sums a plain bias's")
     grad, y, *gate = _same_layout(_layout(y), grad, y, *([] if gate is None else [gate]))
-    args = (grad, y, bias, *gate)
-    gy, gu, sums = _IMPLS['grad'][_impl('grad', impl, *args, epilogue=epilogue)](*args, epilogue=epilogue)
+    gy, gu, sums = _run('grad', impl, grad, y, bias, *gate, epilogue=epilogue)
     return gy, gu, sums.to(y.dtype).to(bias.dtype)
 
 
@@ -378,7 +372,7 @@ def scaled_residual_grad(grad: torch.Tensor, y: torch.Tensor, factor: torch.Tens
         y: N-C-H-W, any float dtype (bf16 under autocast); grad y comes in its dtype and layout, ``grad *
             factor`` computed in float32 and rounded once, as autocast's ``addcmul`` and cast do.
         factor: C-1-1 / 1-C-1-1 (a layer scale) or N-C-1-1 (with drop path's per-image mask), float32.
-        impl: ``'triton'`` (:func:`scaled_residual_grad_kernel`), ``'torch'`` or ``'auto'`` (:func:`_impl`).
+        impl: ``'triton'`` (:func:`scaled_residual_grad_kernel`), ``'torch'`` or ``'auto'`` (:func:`_run`).
     Returns:
         grad y (y's shape, dtype, layout); grad factor (factor's shape and dtype): float32 sums of
         ``grad * y``.
@@ -386,7 +380,7 @@ def scaled_residual_grad(grad: torch.Tensor, y: torch.Tensor, factor: torch.Tens
     check_device(y)
     check_factor(factor, y)
     grad, y = _same_layout(_layout(y), grad, y)
-    return _IMPLS['residual'][_impl('residual', impl, grad, y, factor)](grad, y, factor)
+    return _run('residual', impl, grad, y, factor)
 
 
 def residual_pair(a: torch.Tensor, b: torch.Tensor, factor: Optional[torch.Tensor] = None,
@@ -397,7 +391,7 @@ def residual_pair(a: torch.Tensor, b: torch.Tensor, factor: Optional[torch.Tenso
     Args:
         a: N-C-H-W, the branch (bf16 under autocast: a conv's output); b: N-C-H-W, the stream.
         factor: C-1-1 / 1-C-1-1 per-channel float32, or None (``a + b``).
-        impl: ``'triton'`` (:func:`residual_pair_kernel`), ``'torch'`` or ``'auto'`` (:func:`_impl`).
+        impl: ``'triton'`` (:func:`residual_pair_kernel`), ``'torch'`` or ``'auto'`` (:func:`_run`).
     Returns:
         Both N-C-H-W in b's layout.
     """
@@ -405,5 +399,4 @@ def residual_pair(a: torch.Tensor, b: torch.Tensor, factor: Optional[torch.Tenso
     if factor is not None and tuple(factor.shape) not in ((b.shape[1], 1, 1), (1, b.shape[1], 1, 1)):
         raise ValueError(f'smmcl.kernels: residual_pair takes a per-channel factor C-1-1, got {tuple(factor.shape)}')
     a, b = _same_layout(_layout(b), a, b)
-    args = (a, b) if factor is None else (a, b, factor)
-    return _IMPLS['pair'][_impl('pair', impl, *args)](a, b, factor)
+    return _run('pair', impl, *((a, b) if factor is None else (a, b, factor)))

@@ -121,6 +121,16 @@ def fastest(chosen: dict, key, impls: dict, *args) -> str:
     return chosen[key]
 
 
+def choose(env: str, impl, choices, device: torch.device, fallback: str, timed) -> str:
+    """``impl``, else the environment's ``env``, else ``'auto'`` (refused unless one of these): on a CUDA
+    ``device`` auto's choice is ``timed()`` (e.g. :func:`fastest`, timed once per key), elsewhere (the
+    interpreter) ``fallback``."""
+    impl = implementation(env, impl, choices)
+    if impl != 'auto':
+        return impl
+    return timed() if device.type == 'cuda' else fallback
+
+
 def implementation(env: str, impl, choices) -> str:
     """``impl``, else the environment's ``env``, else ``'auto'``; refused unless ``'auto'`` or in ``choices``."""
     impl = impl or os.environ.get(env, 'auto')

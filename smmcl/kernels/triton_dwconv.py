@@ -27,7 +27,7 @@ import triton.language as tl
 from .triton_rows import dwconv_rows_kernel, dwconv_wgrad_rows_kernel, grid as row_grid, strip3_rows_kernel
 from .triton_rows import strip3_sum_rows_kernel, strip3_wgrad_rows_kernel
 from .triton_common import KEY as _KEY, PRUNE as _PRUNE, bench as _bench, check_device as _check_device, configs
-from .triton_common import fastest as _fastest, gelu as _gelu, gelu_grad as _gelu_grad, implementation
+from .triton_common import choose, fastest as _fastest, gelu as _gelu, gelu_grad as _gelu_grad, implementation
 from .triton_common import packed_strip_slots as _packed_strip_slots
 
 
@@ -397,12 +397,9 @@ def _depthwise_impl(impl: Optional[str], op: str, x: torch.Tensor, key: tuple, l
     """The kernel family for one launch: ``impl``, else the environment's ``SMMCL_TRITON_DEPTHWISE``, else
     ``'auto'``: on a GPU the faster of ``launches`` (zero-argument calls) for this op, shape, layout,
     dtype and ``key``, timed once; under the interpreter ``'tiles'`` (the tests name ``'rows'``)."""
-    impl = implementation('SMMCL_TRITON_DEPTHWISE', impl, DEPTHWISE_IMPLS)
-    if impl != 'auto':
-        return impl
-    if not x.is_cuda:
-        return 'tiles'
-    return _fastest(_DEPTHWISE_CHOICE, (op, tuple(x.shape), x.stride(), x.dtype, x.device) + key, launches)
+    return choose('SMMCL_TRITON_DEPTHWISE', impl, DEPTHWISE_IMPLS, x.device, 'tiles',
+                  lambda: _fastest(_DEPTHWISE_CHOICE, (op, tuple(x.shape), x.stride(), x.dtype, x.device) + key,
+                                   launches))
 
 
 def dwconv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], *, transpose: bool = False,

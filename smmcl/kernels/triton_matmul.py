@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import INTERPRETED, bench, check_device, fastest, implementation
+from .triton_common import INTERPRETED, bench, check_device, choose, fastest
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); the NMF's outputs are N x 64 or 64-wide, its reductions 64,
 # 512 or 4,800 long. Under the interpreter one small tile (its cost is per program).
@@ -120,9 +120,5 @@ def bmm(a: torch.Tensor, b: torch.Tensor, impl: Optional[str] = None) -> torch.T
 def choice(a: torch.Tensor, b: torch.Tensor, impl: Optional[str] = None) -> str:
     """The implementation :func:`bmm` runs for these operands: ``impl``, else ``SMMCL_TRITON_BMM``, else
     ``'auto'``'s (on a GPU the faster for these shapes and strides, timed on the first call)."""
-    impl = implementation('SMMCL_TRITON_BMM', impl, tuple(_IMPLS))
-    if impl != 'auto':
-        return impl
-    if not a.is_cuda:
-        return 'triton'
-    return fastest(_CHOICE, (a.device, a.shape, a.stride(), b.shape, b.stride()), _IMPLS, a, b)
+    return choose('SMMCL_TRITON_BMM', impl, tuple(_IMPLS), a.device, 'triton',
+                  lambda: fastest(_CHOICE, (a.device, a.shape, a.stride(), b.shape, b.stride()), _IMPLS, a, b))
