@@ -253,6 +253,31 @@ def test_channels_last_switch_sets_the_layout_of_the_fast_path(tiny_mscan):
         validate(cfg)
 
 
+@pytest.mark.parametrize('fast, layout', [(False, None), (True, False), (True, True)])
+def test_every_stage_runs_in_the_configured_layout(tiny_mscan, fast, layout):
+    """Each stage's convolutions see maps in the configured memory format, as the authors' stages see
+    contiguous N-C-H-W maps (their ``.contiguous()`` after each stage's norm): NCHW on the plain path and
+    with ``channels_last=False``, channels_last on the fast path by default. (A permuted view after the
+    norm would hand the next stages channels_last strides whatever was configured.)"""
+    from smmcl.engine.precision import for_training, memory_format
+    cfg = tiny_config(backbone=tiny_mscan, num_classes=4)
+    cfg.update(fast_path=fast, channels_last=layout)
+    want = memory_format(cfg)
+    model = for_training(build_segmentor(cfg, with_loss=True), cfg).train()
+    seen = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Conv2d) and module.groups > 1:  # the blocks' depthwise convs
+            module.register_forward_pre_hook(lambda m, args, name=name: seen.append(
+                (name, args[0].is_contiguous(memory_format=want))))
+    rgb, x = (torch.randn(2, 3, 64, 64).contiguous(memory_format=want) for _ in range(2))
+    label = torch.randint(0, 4, (2, 64, 64))
+    model(rgb, x, label, return_terms=True)['loss'].backward()
+    stages = {name.split('.')[1] for name, _ in seen}
+    assert stages == {f'block{s}{i}' for s in ('', '_other') for i in range(1, 5)}
+    assert all(ok for _, ok in seen), [name for name, ok in seen if not ok]
+    assert all(f.is_contiguous(memory_format=want) for f in model.backbone(rgb, x)[0])
+
+
 def test_fused_block_tails_are_the_same_function():
     """The fast path's blocks (layer scale, drop path and residual add in one addcmul per half): the
     plain block's output and gradients in training (the same drop-path draws: a sample is dropped) and

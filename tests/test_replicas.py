@@ -145,11 +145,15 @@ def test_running_statistics_follow_chunk_zero_and_gradients_average_the_chunks(t
         if param.grad is not None:
             assert torch.allclose(param.grad, grads[name].grad, rtol=1e-5, atol=1e-7), name
     # One BatchNorm over the whole batch would have kept other statistics (all but a few whose inputs
-    # are still near zero at initialisation).
+    # are still near zero at initialisation). A first block's norm1 reads its patch embedding's
+    # BatchNorm output, whose batch mean is that norm's shift, 0 at initialisation, in exact arithmetic:
+    # its running mean is rounding noise either way, and is left out.
     chunk_forward(whole, (rgb, x, label), 7, 0)
-    means = [k for k in after_chunk0 if k.endswith('running_mean')]
-    same = [k for k in means if torch.allclose(dict(whole.named_buffers())[k], after_chunk0[k])]
-    assert len(same) < len(means) // 4, same
+    whole_buffers = dict(whole.named_buffers())
+    means = [k for k in after_chunk0 if k.endswith('running_mean')
+             and max(after_chunk0[k].abs().max(), whole_buffers[k].abs().max()) > 1e-6]
+    same = [k for k in means if torch.allclose(whole_buffers[k], after_chunk0[k])]
+    assert len(means) >= 20 and len(same) < len(means) // 4, same
 
 
 def test_chunk_streams_depend_on_step_and_chunk_only():

@@ -298,10 +298,17 @@ def use_fused_tails(model: nn.Module, enabled: bool = True) -> nn.Module:
 
 
 class ChannelLayerNorm(nn.LayerNorm):
-    """LayerNorm over the channels of an N-C-H-W map (SegNeXt applies it to N-HW-C tokens)."""
+    """LayerNorm over the channels of an N-C-H-W map (SegNeXt applies it to N-HW-C tokens), the result in
+    the input's memory format."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        # The authors make each stage's normed output a contiguous N-C-H-W map (MMSegNext.forward in
+        # SMMCL_LLRGBD/models/encoders/dual_segnext.py: ``.permute(0, 3, 1, 2).contiguous()``). The
+        # permuted view alone has channels_last strides, which the next stage's convolutions would follow
+        # whatever layout was configured; on the channels_last fast path it is already in place (no copy).
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        y = super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def mscan_spec(name: str) -> MSCANSpec:
