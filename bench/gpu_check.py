@@ -16,16 +16,19 @@ wanted first, each reported even if another fails; once ``--budget-s`` is spent 
 2. ``kernels``: at the sizes of MSCAN-B at 480x640 (batch 8; the four stages' widths, the MLPs' hidden
    widths): each custom op against PyTorch (relative error of the output and every gradient against
    float32 ``F.conv2d`` + autograd on the same values), and its time against PyTorch's for the same
-   work in fp32 NCHW (the plain path), bf16 NHWC (the fast path) and bf16 NCHW, both kernel families
-   (``SMMCL_TRITON_DEPTHWISE``: tiles, rows), with the time the bytes it must move would take at the
+   work in fp32 NCHW (the plain path), bf16 NHWC (the fast path) and bf16 NCHW, each kernel family
+   (``SMMCL_TRITON_DEPTHWISE``: tiles, rows; for the strips in NCHW also bands, the strips along W as
+   tensor-core products), with the time the bytes it must move would take at the
    measured copy bandwidth (the floor) and each one's share of that bandwidth; then each weight-gradient
    implementation (gather, taps, rows, PyTorch's) per stage, kernel shape and layout, and the one ``auto``
-   picks; then the attention's six strip weight gradients per direction, one fused launch (tiles or
-   rows) against three ``dwconv_wgrad`` calls (``SMMCL_TRITON_STRIP_WGRAD``); then the 1x1 convs' bias
+   picks; then the attention's six strip weight gradients per direction, one fused launch (tiles, rows,
+   or bands along W in NCHW) against three ``dwconv_wgrad`` calls (``SMMCL_TRITON_STRIP_WGRAD``); then the
+   1x1 convs' bias
    gradients as ATen computes them, against their floor (the training profile's bf16 reductions);
 3. ``model``: the whole model, fp32, TF32 off, same seeds (anchor sampler, NMF, drop path): the kernels
    against the plain path on logits, each loss term and each gradient (target: 1e-4), also with every
-   kernel of the row family forced (``ALL_ROWS``);
+   kernel of the row family forced (``ALL_ROWS``), and with the band kernels for the strips along W
+   (``ALL_BANDS``, NCHW);
 4. ``graphs``: the CUDA-graph replay against the eager forward of the same folded bf16 model, same
    random state (the NMF bases): relative error and argmax agreement of the logits, ms per forward;
    and a few training steps with the recorded forward and backward against eager ones (same seeds):
@@ -297,9 +300,11 @@ def step_kernels(args, device):
                         os.environ['SMMCL_TRITON_AUTOTUNE'] = tune
                 bytes_fwd = 2 * x.numel() * x.element_size()  # read the input, write the output
                 bytes_step = 5 * x.numel() * x.element_size()  # + read grad and input, write grad input
-                for impl, fn in (('tiles', ours), ('rows', ours), ('torch', ref)):
+                for impl, fn in (('tiles', ours), ('rows', ours), ('bands', ours), ('torch', ref)):
                     if impl != 'torch' and fmt_name == 'fp32 NCHW' and not args.smoke:
                         continue  # the kernels are for the fast path; fp32 NCHW is the plain reference
+                    if impl == 'bands' and (piece != 'strips+sum' or 'NCHW' not in fmt_name):
+                        continue  # the band kernels: the strips along W in NCHW (elsewhere the rows')
                     with kernel_family(impl):
                         fwd = time_ms(lambda: fn(x), device, args.smoke)
                         step = time_ms(lambda: torch.autograd.grad(fn(x), [x] + weights, grad), device, args.smoke)
@@ -333,12 +338,16 @@ def environment(**variables):
 
 
 def kernel_family(impl):
-    """SMMCL_TRITON_DEPTHWISE=impl within (for 'tiles' and 'rows'; anything else leaves it as it is)."""
-    return environment(SMMCL_TRITON_DEPTHWISE=impl if impl in ('tiles', 'rows') else None)
+    """SMMCL_TRITON_DEPTHWISE=impl within (for 'tiles', 'rows' and 'bands'; anything else leaves it as it is),
+    and for 'bands' SMMCL_TRITON_STRIP_WGRAD=bands too (the strips' weight gradients along W)."""
+    family = impl if impl in ('tiles', 'rows', 'bands') else None
+    return environment(SMMCL_TRITON_DEPTHWISE=family, SMMCL_TRITON_STRIP_WGRAD='bands' if impl == 'bands' else None)
 
 
 # every kernel of the row family: the convs along H, and the row-walked weight gradients
 ALL_ROWS = dict(SMMCL_TRITON_DEPTHWISE='rows', SMMCL_TRITON_WGRAD='rows', SMMCL_TRITON_STRIP_WGRAD='rows')
+# the band kernels for the strips along W in NCHW (forward, adjoint, weight gradients), the rows elsewhere
+ALL_BANDS = dict(SMMCL_TRITON_DEPTHWISE='bands', SMMCL_TRITON_WGRAD='rows', SMMCL_TRITON_STRIP_WGRAD='bands')
 
 
 def wgrad_table(args, device, bandwidth):
@@ -376,7 +385,8 @@ def wgrad_table(args, device, bandwidth):
 def strip_wgrad_table(args, device, bandwidth=None):
     """ms of an attention module's six strip weight and bias gradients, per direction (the three 1xK
     convs, then the three Kx1), MSCAN-B's stages at their real sizes, bf16 in channels_last and NCHW:
-    ``fused`` (one launch per direction), ``rows`` (one launch of the row-walked kernel) and ``separate``
+    ``fused`` (one launch per direction), ``rows`` (one launch of the row-walked kernel), ``bands`` (along
+    W in NCHW the band kernel's products; elsewhere the row-walked kernel again) and ``separate``
     (three ``dwconv_wgrad`` calls, each with its own ``SMMCL_TRITON_WGRAD=auto`` choice), the one
     ``SMMCL_TRITON_STRIP_WGRAD=auto`` picks, and the largest relative difference of the others from
     ``fused`` (the same sums, perhaps in another order); with ``bandwidth`` (bytes/s) also the floor:
@@ -621,7 +631,7 @@ def print_kernel_table(rows, compact=False):
             print(f"{r['item']:<8} {r['piece']:<11} {r['layout']:<9} {r['impl']:<6} | {r['fwd_ms']:>7.3f} "
                   f"{r['floor_fwd_ms']:>6.3f} | {r['fwd_bwd_ms']:>10.3f} {r['floor_fwd_bwd_ms']:>6.3f}")
     columns = [('fp32 NCHW', 'torch'), ('bf16 NHWC', 'torch'), ('bf16 NHWC', 'tiles'), ('bf16 NHWC', 'rows'),
-               ('bf16 NCHW', 'torch'), ('bf16 NCHW', 'tiles'), ('bf16 NCHW', 'rows')]
+               ('bf16 NCHW', 'torch'), ('bf16 NCHW', 'tiles'), ('bf16 NCHW', 'rows'), ('bf16 NCHW', 'bands')]
     cells, floors = {}, {}
     for r in rows:
         cells[(r['item'], r['piece'], r['layout'], r['impl'])] = (r['fwd_ms'], r['fwd_bwd_ms'])
@@ -654,11 +664,11 @@ def print_bandwidth_table(rows):
     """Per work item and bf16 layout, each Triton family's share of the copy bandwidth: the bytes the
     op must move (the floor's) over its time, forward and forward + backward (target: >= 50 %)."""
     print('\n% of the copy bandwidth (bf16 bytes moved / time), forward / forward+backward:')
-    print(f"{'item':<8} {'piece':<11} {'layout':<9} | {'tiles':>9} | {'rows':>9} | {'torch':>9}")
+    print(f"{'item':<8} {'piece':<11} {'layout':<9} | {'tiles':>9} | {'rows':>9} | {'bands':>9} | {'torch':>9}")
     cells = {(r['item'], r['piece'], r['layout'], r['impl']): r for r in rows if r['layout'].startswith('bf16')}
     for item, piece, layout in dict.fromkeys(k[:3] for k in cells):
         line = []
-        for impl in ('tiles', 'rows', 'torch'):
+        for impl in ('tiles', 'rows', 'bands', 'torch'):
             r = cells.get((item, piece, layout, impl))
             if r is None:
                 line.append('-')
@@ -699,7 +709,8 @@ def step_model(args, device):
         for name, fast, kernels, layout, env in (('plain', False, False, None, {}), ('fast', True, False, None, {}),
                                                  ('fast+triton', True, True, None, {}),
                                                  ('fast+triton NCHW', True, True, False, {}),
-                                                 ('fast+triton NCHW rows', True, True, False, ALL_ROWS)):
+                                                 ('fast+triton NCHW rows', True, True, False, ALL_ROWS),
+                                                 ('fast+triton NCHW bands', True, True, False, ALL_BANDS)):
             c = copy.deepcopy(cfg)
             c.update(fast_path=fast, triton_kernels=kernels, channels_last=layout)
             m = for_training(copy.deepcopy(model).train(), c)
@@ -718,7 +729,7 @@ def step_model(args, device):
             del m, inf
         out = {}
         # fast alone: the error of channels_last and folding; NCHW + kernels: the kernels' alone
-        for other in ('fast', 'fast+triton', 'fast+triton NCHW', 'fast+triton NCHW rows'):
+        for other in [name for name in paths if name != 'plain']:
             out.update({f'{other}: {k}': v for k, v in _path_errors(paths['plain'], paths[other]).items()})
         print('fp32, TF32 off: fast path (with and without the Triton kernels) vs plain, relative error '
               '(target <= 1e-4)')
@@ -1293,7 +1304,7 @@ def sweep_worker(args, device):
     """Run in the sweep's own process: autotune everything once, then print the winners."""
     import torch
     import triton
-    from smmcl.kernels import triton_channel, triton_dwconv, triton_matmul, triton_rows
+    from smmcl.kernels import triton_bands, triton_channel, triton_dwconv, triton_matmul, triton_rows
     n = 1 if args.smoke else args.batch
     for label, kind, c, h, w in mscan_b_sizes(args):
         for fmt in (torch.channels_last, torch.contiguous_format):
@@ -1311,7 +1322,7 @@ def sweep_worker(args, device):
             for piece, ours, _, weights in _pieces(kind, c, device, torch.bfloat16):
                 x = torch.randn(n, c, h, w, device=device).to(torch.bfloat16).contiguous(memory_format=fmt)
                 x.requires_grad_()
-                for impl in ('tiles', 'rows'):
+                for impl in ('tiles', 'rows') + (('bands',) if fmt == torch.contiguous_format else ()):
                     with kernel_family(impl):
                         torch.autograd.grad(ours(x), [x] + weights, torch.ones_like(x))
         print(f'{label}: tuned', flush=True)
@@ -1320,7 +1331,7 @@ def sweep_worker(args, device):
     for a, b in ((x.transpose(1, 2), bases), (x, coef), (bases, coef.transpose(1, 2)), (coef.transpose(1, 2), coef)):
         triton_matmul.bmm(a, b, impl='triton')
     winners, seen = [], set()
-    for module in (triton_dwconv, triton_rows, triton_channel, triton_matmul):
+    for module in (triton_dwconv, triton_rows, triton_bands, triton_channel, triton_matmul):
         for name, kernel in vars(module).items():
             # triton_dwconv imports the row kernels by name: each kernel once
             if not isinstance(kernel, triton.runtime.Autotuner) or id(kernel) in seen:
@@ -1353,7 +1364,7 @@ def summary(results):
             print(f"wgrad {r['item']:<8} {r.get('layout', '')} {r['kernel']:>5}: "
                   + ' '.join(f"{i} {r[i]:.3f}" for i in impls) + f" ms; floor {r['floor_ms']:.3f}; auto -> {r['auto']}")
         for r in kern.get('strip_wgrad', []):
-            impls = [i for i in ('fused', 'rows', 'separate') if i in r]
+            impls = [i for i in ('fused', 'rows', 'bands', 'separate') if i in r]
             print(f"strip wgrad {r['item']:<8} {r['layout']} {r['direction']}: "
                   + ' '.join(f"{i} {r[i]:.3f}" for i in impls) + f" ms; floor {r['floor_ms']:.3f}; auto -> {r['auto']}")
         if kern.get('nmf'):

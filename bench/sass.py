@@ -27,6 +27,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from smmcl.kernels import triton_bands as bands
 from smmcl.kernels import triton_channel as channel
 from smmcl.kernels import triton_matmul as matmul
 from smmcl.kernels import triton_dwconv as tiles
@@ -75,7 +76,9 @@ def _wgrad_cases(c: int, h: int, w: int):
          c, strips),
         # in channels_last the launcher runs the row kernel along H of the swapped map (as along_h's row)
         ('strip3_wgrad_along_w', [('tiles', tiles._strip3_wgrad_kernel, dict(ALONG_W=True, **taps), 1),
-                                  ('rows', rows.strip3_wgrad_rows_kernel, dict(ALONG_W=True, **strips), 1)],
+                                  ('rows', rows.strip3_wgrad_rows_kernel, dict(ALONG_W=True, **strips), 1),
+                                  ('bands', bands.strip3_wgrad_bands_kernel, dict(ONE_INPUT=True, PARTS=1, **strips),
+                                   1)],
          c, strips),
     ]
 
@@ -185,11 +188,13 @@ def sass_stats(cubin: bytes) -> dict:
 
 
 def per_output(stats: dict, config, outputs_per_program: int, ops=None) -> dict:
-    """Lane instructions, global loads and FFMAs per element written (static counts x threads); ``ops``:
-    other counts than the whole kernel's (a loop body's, for the outputs of one iteration)."""
+    """Lane instructions, global loads (to registers or to shared memory) and FFMAs per element written
+    (static counts x threads); ``ops``: other counts than the whole kernel's (a loop body's, for the
+    outputs of one iteration)."""
     lanes = 32 * config.num_warps / outputs_per_program
     ops = stats['ops'] if ops is None else ops
-    return dict(instructions=sum(ops.values()) * lanes, loads=ops['LDG'] * lanes,
+    # LDGSTS: the asynchronous copies to shared memory of the tensor-core kernels' pipelined loops
+    return dict(instructions=sum(ops.values()) * lanes, loads=(ops['LDG'] + ops['LDGSTS']) * lanes,
                 ffma=(ops['FFMA'] + ops['HFMA2']) * lanes)
 
 
@@ -204,13 +209,18 @@ def _loop_ops(stats: dict, repeats: int) -> collections.Counter:
 
 def _elements(config, outputs: int) -> int:
     kw = config.kwargs
-    return kw['BLOCK_C'] * kw.get('BLOCK_H', kw.get('ROWS', 1)) * kw.get('BLOCK_W', kw.get('BLOCK_P')) * outputs
+    return kw.get('BLOCK_C', 1) * kw.get('BLOCK_H', kw.get('ROWS', 1)) * kw.get('BLOCK_W', kw.get('BLOCK_P')) * outputs
 
 
 def _ints(c: int, h: int, w: int, channels_last: bool) -> dict:
     if channels_last:
-        return dict(C=c, H=h, W=w, sn=h * w * c, sc=1, sh=w * c, sw=c)
-    return dict(C=c, H=h, W=w, sn=c * h * w, sc=h * w, sh=w, sw=1)
+        return dict(N=8, C=c, H=h, W=w, sn=h * w * c, sc=1, sh=w * c, sw=c)
+    return dict(N=8, C=c, H=h, W=w, sn=c * h * w, sc=h * w, sh=w, sw=1)
+
+
+# the band kernels (NCHW, along W) of the forward strips and the backward's adjoint sum, as autocast runs
+# them: bfloat16 maps, float32 taps in three bfloat16 parts; counted per tile of their loop
+_BAND_KERNELS = {'strip3_along_w': bands.strip3_bands_kernel, 'strip3_sum_along_w': bands.strip3_sum_bands_kernel}
 
 
 def main(argv=None):
@@ -234,7 +244,9 @@ def main(argv=None):
     print(f"{'case':<20} {'layout':<6} {'family':<6} {'config':<22} {'regs':>4} {'spill':>5} "
           f"{'instr':>7} {'loads':>6} {'fma':>6}")
     # (name, [(family, kernel, constexprs, loop repeats or None: straight-line)], outputs, channels, ints)
-    cases = [(name, [('tiles', tile_kernel, meta, None), ('rows', row_kernel, meta, None)], outputs, channels, {})
+    cases = [(name, [('tiles', tile_kernel, meta, None), ('rows', row_kernel, meta, None)]
+              + ([('bands', _BAND_KERNELS[name], dict(meta, PARTS=3), 1)] if name in _BAND_KERNELS else []),
+              outputs, channels, {})
              for name, tile_kernel, row_kernel, meta, outputs, channels in _cases(args.channels, args.height,
                                                                                    args.width)]
     cases += [(name, families, 1, channels, dict(ints, N=8, num_chunks=33))
@@ -248,6 +260,8 @@ def main(argv=None):
             continue
         for channels_last in (False, True):
             for family, kernel, meta, repeats in families:
+                if family == 'bands' and channels_last:  # NCHW only
+                    continue
                 ints = dict(_ints(channels, args.height, args.width, channels_last), **extra)
                 if family == 'rows' and meta.get('ALONG_W') and channels_last:  # as the launchers run it
                     ints = dict(ints, H=ints['W'], W=ints['H'], sh=ints['sw'], sw=ints['sh'])
@@ -255,7 +269,7 @@ def main(argv=None):
                 _, configs = _jit(kernel)
                 if args.family and family not in args.family.split(','):
                     continue
-                wanted = [c for c in configs if (c.kwargs['BLOCK_C'] >= 16) == channels_last]
+                wanted = [c for c in configs if (c.kwargs.get('BLOCK_C', 1) >= 16) == channels_last]
                 wanted = wanted[:1] if args.first else wanted
                 if args.largest:
                     wanted = [max(wanted, key=lambda c: _elements(c, 1) / c.num_warps)]

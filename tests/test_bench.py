@@ -156,6 +156,36 @@ def test_row_kernels_largest_tiles_fit_in_registers_and_save_instructions():
 
 
 @pytest.mark.skipif(importlib.util.find_spec('triton') is None, reason='needs Triton (its ptxas and cuobjdump)')
+def test_band_kernels_run_the_strips_along_w_on_the_tensor_cores():
+    """The strips along W in NCHW as products with band matrices (smmcl/kernels/triton_bands.py), as
+    autocast runs them (bfloat16 maps, float32 taps in three bfloat16 parts), compiled for sm_90 by
+    bench/sass.py: every tile without spills and without a float32 FMA (the sums are tensor-core
+    products), under a quarter of the row kernels' lane instructions per output, first tiles compared:
+    the forward strips, the backward's adjoint sum (the row kernels' weakest: each output row's 39
+    shifts loaded unaligned) and the weight gradients along W (per position of the map)."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    env['TRITON_DEFAULT_FP_FUSION'] = '1'
+    cases = ('strip3_along_w', 'strip3_sum_along_w', 'strip3_wgrad_along_w')
+    rows = {}
+    for pick, options in (('', ['--family', 'bands']), ('--first', ['--first', '--family', 'rows,bands'])):
+        out = subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'bench', 'sass.py'), '--only', ','.join(cases)]
+                             + options, capture_output=True, text=True, env=env, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        for line in out.stdout.splitlines():
+            f = line.split()
+            if len(f) == 10 and f[1] == 'NCHW' and f[2] in ('rows', 'bands'):
+                rows.setdefault((f[0], f[2], pick), []).append(dict(spill=int(f[6]), instructions=float(f[7]),
+                                                                    ffma=float(f[9])))
+    every = [row for case in cases for row in rows[case, 'bands', '']]
+    assert len(every) == 5 + 5 + 4 and all(row['spill'] == 0 and row['ffma'] == 0 for row in every), rows
+    for case in cases:
+        (band,), (row,) = rows[case, 'bands', '--first'], rows[case, 'rows', '--first']
+        assert band['instructions'] < 0.25 * row['instructions'], (case, band, row)
+
+
+@pytest.mark.skipif(importlib.util.find_spec('triton') is None, reason='needs Triton (its ptxas and cuobjdump)')
 def test_per_channel_passes_compile_to_wide_accesses_without_spills():
     """The bias add (alone, with proj_1's GELU, with conv3's gate) and its backward (the bias gradient's
     sums, with each epilogue's backward), the block tails' backward and the folded blocks' stream pair,

@@ -228,6 +228,136 @@ def test_row_walked_weight_gradients_with_bands_of_any_height(monkeypatch, rows)
                            _strip_wgrad_reference(grads, xs, weights, along_w), weights, 1e-5)
 
 
+# ---- the band kernels: the strips along W in NCHW as tensor-core products (SMMCL_TRITON_DEPTHWISE=bands) -----
+
+def _band_launches(monkeypatch):
+    """Every launch of the three band kernels from now on: [(kernel name, PARTS)]."""
+    ops()
+    from smmcl.kernels import triton_bands
+    launches = []
+    for name in ('strip3_bands_kernel', 'strip3_sum_bands_kernel', 'strip3_wgrad_bands_kernel'):
+        kernel = getattr(triton_bands, name)
+        monkeypatch.setattr(kernel, 'run', lambda *a, _run=kernel.run, _name=name, **k: (
+            launches.append((_name, k['PARTS'])), _run(*a, **k))[1])
+    return launches
+
+
+@pytest.mark.parametrize('n, c, h, w, fmt', [
+    (2, 5, 9, 45, NCHW),   # 18 rows: 2 row tiles of 16 (the interpreter's), one across both images; 2 column
+                           # tiles; one program per channel walks the four (MIN_TILES)
+    (1, 37, 3, 5, NCHW),   # a map narrower than the strips, one tile
+    (1, 5, 6, 9, CL),      # channels_last: no band kernel (the row kernels walk the columns there)
+])
+def test_band_kernels_in_the_strip_sum(monkeypatch, n, c, h, w, fmt):
+    """The attention's strips with the band kernels (forward strips along W, the backward's adjoint sum
+    along W and its weight gradients) against the three branches in float32: one product of the rows
+    with each strip's band matrix per tile, float32 operands (3xTF32 on a GPU)."""
+    monkeypatch.setenv('SMMCL_TRITON_DEPTHWISE', 'bands')
+    monkeypatch.setenv('SMMCL_TRITON_STRIP_WGRAD', 'bands')
+    launches = _band_launches(monkeypatch)
+    a, params = _tensor(n, c, h, w, fmt=fmt), _strip_params(c)
+    ref_a, *ref_params = _fp32_copies(a, *params)
+    _check_grads(ops().mscan_strip_sum(a, *params), kernels.strip_sum_reference(ref_a, ref_params),
+                 [a] + params, [ref_a] + ref_params, 1e-5)
+    expected = [] if fmt == CL else [('strip3_bands_kernel', 0), ('strip3_sum_bands_kernel', 0),
+                                     ('strip3_bands_kernel', 0), ('strip3_wgrad_bands_kernel', 0)]
+    assert launches == expected  # backward: the adjoint sum, the recomputed strips, the 1xK weight gradients
+
+
+@pytest.mark.parametrize('weight_dtype, parts', [(torch.float32, 3), (torch.bfloat16, 1)],
+                         ids=['autocast-like', 'bf16-model'])
+@pytest.mark.parametrize('transpose', [False, True])
+def test_band_products_keep_float32_accuracy_on_bf16_maps(monkeypatch, weight_dtype, parts, transpose):
+    """bfloat16 maps take bfloat16 products, exact in float32: float32 taps split into three bfloat16
+    parts whose sum is the tap, bfloat16 taps as they are. With float32 outputs (the kernels round only
+    when storing) both sums equal float64's to float32 rounding, not bfloat16's: the band kernels compute
+    the row kernels' function (float32 taps, float32 sums) and not that of taps rounded to bfloat16."""
+    from smmcl.kernels import triton_bands
+    launches = _band_launches(monkeypatch)
+    n, c, h, w = 2, 3, 5, 45
+    x = _tensor(n, c, h, w, dtype=torch.bfloat16).detach()
+    weights = [wt.to(weight_dtype) for wt in _strip_weights(c, along_w=True)]
+    biases = [_tensor(c, dtype=weight_dtype, seed=80 + i).detach() for i in range(3)]
+    rows = [wt.reshape(c, -1).contiguous() for wt in weights]
+    meta = dict(K0=7, K1=11, K2=21, TRANSPOSE=transpose, HAS_BIAS=not transpose, PARTS=parts)
+    grid = triton_bands.programs(n, c, h, w, 2)
+
+    def strip(t, wt, b):
+        k = wt.shape[-1]
+        if transpose:
+            return F.conv_transpose2d(t.double(), wt.double(), None, padding=(0, k // 2), groups=c)
+        return F.conv2d(t.double(), wt.double(), b.double(), padding=(0, k // 2), groups=c)
+
+    outs = [torch.empty(n, c, h, w, device=DEVICE) for _ in range(3)]
+    triton_bands.strip3_bands_kernel[grid](x, *rows, *biases, *outs, n, c, h, w, *x.stride(), **meta)
+    for out, wt, b in zip(outs, weights, biases):
+        assert rel(out, strip(x, wt, b)) <= 1e-6
+    r, ts = _tensor(n, c, h, w, dtype=torch.bfloat16, seed=5).detach(), [
+        _tensor(n, c, h, w, dtype=torch.bfloat16, seed=6 + i).detach() for i in range(3)]
+    out = torch.empty(n, c, h, w, device=DEVICE)
+    triton_bands.strip3_sum_bands_kernel[grid](r, *ts, *rows, *biases, out, n, c, h, w, *r.stride(), **meta)
+    assert rel(out, r.double() + sum(strip(t, wt, b) for t, wt, b in zip(ts, weights, biases))) <= 1e-6
+    assert [p for _, p in launches] == [parts, parts]
+    if weight_dtype == torch.float32:  # the taps rounded to bfloat16 are ~1e-3 off: the split matters
+        rounded = [strip(x, wt.bfloat16().float(), b) for wt, b in zip(weights, biases)]
+        assert all(rel(o, ref) > 1e-4 for o, ref in zip(outs, rounded))
+
+
+def test_band_kernels_on_bf16_maps_round_as_the_other_families():
+    """Through the launchers (bfloat16 results): the band kernels and the tile kernels (the row kernels'
+    function, faster to interpret) round the same float32 sums, forward and adjoint strips and the
+    weight gradients along W."""
+    from smmcl.kernels import triton_dwconv
+    x = _tensor(2, 2, 9, 40, dtype=torch.bfloat16).detach()
+    horizontal = _strip_weights(2, along_w=True)
+    ts = [_tensor(2, 2, 9, 40, dtype=torch.bfloat16, seed=3 + i).detach() for i in range(3)]
+    for transpose in (False, True):
+        got, want = (triton_dwconv.strip3(x, horizontal, None, along_w=True, transpose=transpose, impl=impl)
+                     for impl in ('bands', 'tiles'))
+        assert all(g.dtype == torch.bfloat16 and rel(g, w_) <= 1e-3 for g, w_ in zip(got, want))
+        got, want = (triton_dwconv.strip3_sum(x, ts, horizontal, None, along_w=True, transpose=transpose,
+                                              impl=impl) for impl in ('bands', 'tiles'))
+        assert rel(got, want) <= 1e-3
+    got, want = (triton_dwconv.strip3_wgrad_packed(ts, (x, x, x), horizontal, along_w=True, impl=impl)
+                 for impl in ('bands', 'fused'))
+    assert rel(got, want) <= 1e-6
+
+
+def test_band_kernels_apply_only_where_they_can(monkeypatch):
+    """'bands' names the strips along W in NCHW: every other launch (the 5x5 conv, the strips along H,
+    channels_last, a strip longer than the widest band, inputs of two dtypes) runs the row kernels; on a
+    GPU before Ampere (no bfloat16 or TF32 tensor cores) auto never times them."""
+    from smmcl.kernels import triton_bands, triton_dwconv
+    launches = _band_launches(monkeypatch)
+    x = torch.randn(1, 3, 9, 6, device=DEVICE)
+    weight = torch.randn(3, 1, 5, 5, device=DEVICE)
+    assert rel(triton_dwconv.dwconv(x, weight, None, impl='bands'),
+               triton_dwconv.dwconv(x, weight, None, impl='rows')) == 0
+    vertical = _strip_weights(3, along_w=False)
+    assert all(rel(b, r) == 0 for b, r in zip(triton_dwconv.strip3(x, vertical, None, along_w=False, impl='bands'),
+                                               triton_dwconv.strip3(x, vertical, None, along_w=False, impl='rows')))
+    horizontal = _strip_weights(3, along_w=True)
+    cl = x.contiguous(memory_format=CL)
+    triton_dwconv.strip3(cl, horizontal, None, along_w=True, impl='bands')
+    triton_dwconv.strip3_sum(x, [x, x, x.bfloat16()], horizontal, None, along_w=True, impl='bands')
+    assert launches == []
+    longest = triton_bands.WIDEST + 1
+    assert triton_bands.fits(longest) and not triton_bands.fits(longest + 2)
+    import triton
+    tiles = [triton.Config(dict(ROWS=64, BLOCK_W=w), num_warps=4) for w in (32, 64)]
+    assert [c.kwargs['BLOCK_W'] for c in triton_bands._wide_enough(tiles, {}, K2=41)] == [64]  # the autotuner's pruning
+    too_long = [torch.randn(3, 1, 1, k, device=DEVICE) for k in (7, 11, longest + 2)]
+    got = triton_dwconv.strip3(x, too_long, None, along_w=True, impl='bands')
+    want = [F.conv2d(x, wt, padding=(0, wt.shape[-1] // 2), groups=3) for wt in too_long]
+    assert launches == [] and all(rel(g, w_) <= 1e-5 for g, w_ in zip(got, want))
+    triton_dwconv.strip3(x, horizontal, None, along_w=True, impl='bands')
+    assert launches == [('strip3_bands_kernel', 0)]
+    assert triton_dwconv._bands_apply(x, 21, [x]) and not triton_dwconv._bands_apply(cl, 21, [cl])
+    for capability, capable in (((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None, c=capability: c)
+        assert triton_dwconv._band_products(torch.device('cuda')) == capable
+
+
 def test_bf16_row_kernels(monkeypatch):
     _all_rows(monkeypatch)
     x, weight, bias = (_tensor(2, 37, 9, 7, fmt=CL, dtype=torch.bfloat16), _tensor(37, 1, 5, 5, seed=1),
@@ -247,7 +377,7 @@ def test_depthwise_kernel_choice(monkeypatch):
     outs = {impl: triton_dwconv.dwconv(x, weight, None, impl=impl) for impl in ('tiles', 'rows', 'auto')}
     assert rel(outs['rows'], outs['tiles']) <= 1e-6 and rel(outs['auto'], outs['tiles']) <= 1e-6
     if DEVICE == 'cpu':
-        assert triton_dwconv._depthwise_impl(None, 'dwconv', x, (), {}) == 'tiles'
+        assert triton_dwconv._depthwise_impl(None, 'dwconv', x, (), dict.fromkeys(('tiles', 'rows'))) == 'tiles'
     horizontal = [torch.randn(3, 1, 1, k, device=DEVICE) for k in STRIP_LENGTHS]
     for x in (x, x.contiguous(memory_format=torch.channels_last)):
         for transpose in (False, True):
@@ -261,7 +391,7 @@ def test_depthwise_kernel_choice(monkeypatch):
         ref = [F.conv2d(x, wt, padding=(0, wt.shape[-1] // 2), groups=3) for wt in horizontal]
         assert all(rel(t, r) <= 1e-5 for t, r in zip(across, ref))  # the rows along W are the conv along W
     monkeypatch.setenv('SMMCL_TRITON_DEPTHWISE', 'fast')
-    with pytest.raises(ValueError, match="SMMCL_TRITON_DEPTHWISE must be 'auto' or one of .*'tiles', 'rows'"):
+    with pytest.raises(ValueError, match="SMMCL_TRITON_DEPTHWISE must be 'auto' or one of .*'tiles', 'rows', 'bands'"):
         triton_dwconv.dwconv(x, weight, None)
 
 
@@ -889,11 +1019,12 @@ def _check_strip_wgrad(got, want, weights, tol):
         assert rel(dw, ref_w) <= tol and rel(db, ref_b) <= tol, f'strip {i}: {rel(dw, ref_w):.1e}, {rel(db, ref_b):.1e}'
 
 
-@pytest.mark.parametrize('impl', ['fused', 'rows'])
+@pytest.mark.parametrize('impl', ['fused', 'rows', 'bands'])
 @pytest.mark.parametrize('n, c, h, w, along_w, fmt', STRIP_WGRAD_CASES)
 def test_strip3_wgrad_matches_autograd(n, c, h, w, along_w, fmt, impl):
-    """Three convs with three gradients and three inputs of their own, in one launch of the tile or the
-    row-walked kernel (in channels_last along W: the map walked with H and W swapped)."""
+    """Three convs with three gradients and three inputs of their own, in one launch of the tile, the
+    row-walked (in channels_last along W: the map walked with H and W swapped) or the band kernel (along W
+    in NCHW; elsewhere the row-walked one)."""
     from smmcl.kernels import triton_dwconv
     grads = [_tensor(n, c, h, w, fmt=fmt, seed=60 + i).detach() for i in range(3)]
     xs = [_tensor(n, c, h, w, fmt=fmt, seed=70 + i).detach() for i in range(3)]
@@ -964,12 +1095,13 @@ def test_strip_weight_gradient_choice_through_the_op(monkeypatch):
         assert triton_dwconv._fastest_strip_wgrad([x] * 3, [x] * 3, horizontal, True) == 'fused'
     monkeypatch.setenv('SMMCL_TRITON_STRIP_WGRAD', 'one')
     with pytest.raises(ValueError,
-                       match="SMMCL_TRITON_STRIP_WGRAD must be 'auto' or one of .*'fused', 'rows', 'separate'"):
+                       match="SMMCL_TRITON_STRIP_WGRAD must be 'auto' or one of .*'fused', 'rows', 'bands', "
+                             "'separate'"):
         triton_dwconv.strip3_wgrad_packed([x] * 3, [x] * 3, horizontal, along_w=True)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('family', ['auto', 'rows'])
+@pytest.mark.parametrize('family', ['auto', 'rows', 'bands'])
 def test_whole_model_with_kernels_in_nchw_is_the_plain_function(tiny_mscan, monkeypatch, family):
     """The fast path in NCHW (``channels_last=False``) with the kernels against the plain path, fp32, one
     training forward + backward with the same seeds (drop path, anchors, NMF bases): the loss terms and
@@ -979,10 +1111,18 @@ def test_whole_model_with_kernels_in_nchw_is_the_plain_function(tiny_mscan, monk
     backward amplifies rounding differences of 1e-7 in the forward to gradients 5 % apart. ``rows``: the
     row-walked weight gradients (the convs along H on the row kernels too would triple this test's time
     under the interpreter; their own tests above cover them, and bench/gpu_check.py's model step runs the
-    whole row family on a GPU)."""
+    whole row family on a GPU). ``bands``: the strips along W on the band kernels, forward, adjoint and
+    weight gradients (the other launches on the tiles, as ``auto`` under the interpreter)."""
     if family == 'rows':
         monkeypatch.setenv('SMMCL_TRITON_WGRAD', 'rows')
         monkeypatch.setenv('SMMCL_TRITON_STRIP_WGRAD', 'rows')
+    if family == 'bands':
+        ops()
+        from smmcl.kernels import triton_dwconv
+        monkeypatch.setattr(triton_dwconv, '_depthwise_impl',
+                            lambda impl, op, x, key, launches: 'bands' if 'bands' in launches else 'tiles')
+        monkeypatch.setenv('SMMCL_TRITON_STRIP_WGRAD', 'bands')
+        launches = _band_launches(monkeypatch)
     from smmcl.engine.precision import for_training
     from smmcl.models import build_segmentor
     from conftest import tiny_config
@@ -1009,6 +1149,9 @@ def test_whole_model_with_kernels_in_nchw_is_the_plain_function(tiny_mscan, monk
     for name, ref in plain_grads.items():
         if torch.linalg.norm(ref) > 1e-6 * scale:  # conv biases before a norm: rounding noise only
             assert rel(grads[name], ref) <= 1e-4, name
+    if family == 'bands':  # per block and branch: forward strips; backward adjoint, strips again, weights
+        assert [name for name, _ in launches] == ['strip3_bands_kernel'] * 8 + [
+            'strip3_sum_bands_kernel', 'strip3_bands_kernel', 'strip3_wgrad_bands_kernel'] * 8
 
 
 @pytest.mark.slow

@@ -13,8 +13,10 @@ dtype (float32, bfloat16, float16); results are stored in the output's dtype.
 A tile is BLOCK_C channels x BLOCK_H*BLOCK_W pixels of one image. Convolution taps are unrolled at
 compile time; neighbouring taps re-read the same input lines from the cache, not from DRAM. Along H,
 the row-blocked kernels of :mod:`smmcl.kernels.triton_rows` compute the same functions with each input
-row read once per tap column; ``SMMCL_TRITON_DEPTHWISE`` (``tiles``, ``rows``, ``auto``: the faster per
-shape, timed once on the GPU) picks the family for the KxK convs and the strips.
+row read once per tap column; along W in NCHW, :mod:`smmcl.kernels.triton_bands` computes the strips as
+tensor-core products with band matrices. ``SMMCL_TRITON_DEPTHWISE`` (``tiles``, ``rows``, ``bands``,
+``auto``: the fastest per shape, timed once on the GPU) picks the family for the KxK convs and the
+strips; ``bands`` applies to the strips along W in NCHW, every other launch then runs ``rows``.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from .triton_rows import strip3_sum_rows_kernel, strip3_wgrad_rows_kernel
 from .triton_common import KEY as _KEY, PRUNE as _PRUNE, bench as _bench, check_device as _check_device, configs
 from .triton_common import choose, fastest as _fastest, gelu as _gelu, gelu_grad as _gelu_grad, implementation
 from .triton_common import packed_strip_slots as _packed_strip_slots
+from . import triton_bands as _bands
 
 
 # Tile shapes (BLOCK_C, BLOCK_H, BLOCK_W, warps) to try on a GPU. In NCHW a pixel row is contiguous,
@@ -389,17 +392,19 @@ def kernel_size(weight: torch.Tensor) -> Tuple[int, int]:
     return kh, kw
 
 
-DEPTHWISE_IMPLS = ('tiles', 'rows')
+DEPTHWISE_IMPLS = ('tiles', 'rows', 'bands')
 _DEPTHWISE_CHOICE = {}  # (op, shape, strides, kernel sizes, dtype, device, flags) -> the faster kernel
 
 
 def _depthwise_impl(impl: Optional[str], op: str, x: torch.Tensor, key: tuple, launches: dict) -> str:
     """The kernel family for one launch: ``impl``, else the environment's ``SMMCL_TRITON_DEPTHWISE``, else
-    ``'auto'``: on a GPU the faster of ``launches`` (zero-argument calls) for this op, shape, layout,
-    dtype and ``key``, timed once; under the interpreter ``'tiles'`` (the tests name ``'rows'``)."""
-    return choose('SMMCL_TRITON_DEPTHWISE', impl, DEPTHWISE_IMPLS, x.device, 'tiles',
-                  lambda: _fastest(_DEPTHWISE_CHOICE, (op, tuple(x.shape), x.stride(), x.dtype, x.device) + key,
-                                   launches))
+    ``'auto'``: on a GPU the fastest of ``launches`` (zero-argument calls) for this op, shape, layout,
+    dtype and ``key``, timed once; under the interpreter ``'tiles'`` (the tests name the others). A family
+    this launch does not have (``bands`` but for the strips along W in NCHW) runs as ``rows``."""
+    chosen = choose('SMMCL_TRITON_DEPTHWISE', impl, DEPTHWISE_IMPLS, x.device, 'tiles',
+                    lambda: _fastest(_DEPTHWISE_CHOICE, (op, tuple(x.shape), x.stride(), x.dtype, x.device) + key,
+                                     launches))
+    return chosen if chosen in launches else 'rows'
 
 
 def dwconv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], *, transpose: bool = False,
@@ -552,7 +557,8 @@ def strip3(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Optional[Se
         b = list(biases) if biases is not None else w_rows
         args = (x, *w_rows, *b, *outs, c, h, w, *x.stride())
         meta = dict(K0=k0, K1=k1, K2=k2, TRANSPOSE=transpose, HAS_BIAS=biases is not None)
-        _strip_launch(impl, 'strip3', along_w, x, args, meta, _strip3_kernel, strip3_rows_kernel)
+        _strip_launch(impl, 'strip3', along_w, x, args, meta, _strip3_kernel, strip3_rows_kernel,
+                      _bands.strip3_bands_kernel, [x], weights)
     return tuple(outs)
 
 
@@ -572,16 +578,18 @@ def strip3_sum(r: torch.Tensor, ts: Sequence[torch.Tensor], weights: Sequence[to
         b = list(biases) if biases is not None else w_rows
         args = (r, *ts, *w_rows, *b, out, c, h, w, *r.stride())
         meta = dict(K0=k0, K1=k1, K2=k2, TRANSPOSE=transpose, HAS_BIAS=biases is not None)
-        _strip_launch(impl, 'strip3_sum', along_w, r, args, meta, _strip3_sum_kernel,
-                      strip3_sum_rows_kernel)
+        _strip_launch(impl, 'strip3_sum', along_w, r, args, meta, _strip3_sum_kernel, strip3_sum_rows_kernel,
+                      _bands.strip3_sum_bands_kernel, ts, weights)
     return out
 
 
-def _strip_launch(impl, op, along_w, x, args, meta, tile_kernel, row_kernel) -> None:
-    """One launch of a three-strip kernel: the tile or the row kernel (:func:`_depthwise_impl`). Along W in
-    channels_last the row kernel walks the columns: it sees the map with H and W (and their strides)
-    swapped, which keeps its loads coalesced (the channels are contiguous); in NCHW, where the rows are,
-    it runs along W as it is (each output row's shifts loaded once)."""
+def _strip_launch(impl, op, along_w, x, args, meta, tile_kernel, row_kernel, band_kernel, inputs, weights) -> None:
+    """One launch of a three-strip kernel: the tile, the row or the band kernel (:func:`_depthwise_impl`).
+    Along W in channels_last the row kernel walks the columns: it sees the map with H and W (and their
+    strides) swapped, which keeps its loads coalesced (the channels are contiguous); in NCHW, where the
+    rows are, it runs along W as it is (each output row's shifts loaded once), and the band kernel
+    (:mod:`smmcl.kernels.triton_bands`) is a third choice there. ``inputs``: the tensors the strips
+    convolve (the band kernel's products take one dtype)."""
     n, c, h, w = x.shape
     launches = {'tiles': lambda: tile_kernel[_grid(n, c, h, w)](*args, ALONG_W=along_w, **meta)}
     if along_w and _layout(x) == torch.channels_last:  # ..., C, H, W, sn, sc, sh, sw -> ..., C, W, H, sn, sc, sw, sh
@@ -589,13 +597,35 @@ def _strip_launch(impl, op, along_w, x, args, meta, tile_kernel, row_kernel) -> 
         launches['rows'] = lambda: row_kernel[row_grid(n, c, w, h)](*swapped, ALONG_W=False, **meta)
     else:
         launches['rows'] = lambda: row_kernel[row_grid(n, c, h, w)](*args, ALONG_W=along_w, **meta)
+    if along_w and _bands_apply(x, meta['K2'], inputs):
+        parts = max(_bands.parts(inputs[0].dtype, wt.dtype) for wt in weights)
+        band_args = args[:-7] + (n,) + args[-7:]  # ..., out(s), N, C, H, W, strides
+        launches['bands'] = lambda: band_kernel[_bands.programs(n, c, h, w, _sms(x))](*band_args, PARTS=parts,
+                                                                                        **meta)
     key = (along_w, meta['K0'], meta['K1'], meta['K2'], meta['TRANSPOSE'], meta['HAS_BIAS'])
     launches[_depthwise_impl(impl, op, x, key, launches)]()
 
 
+def _bands_apply(x: torch.Tensor, k2: int, inputs: Sequence[torch.Tensor]) -> bool:
+    """Whether the band kernels can run the strips along W of NCHW ``x``: rows contiguous, the longest
+    strip within the widest band, inputs of one dtype, tensor cores with bfloat16 and TF32 (or the
+    interpreter)."""
+    return (_layout(x) == torch.contiguous_format and x.stride(-1) == 1 and _bands.fits(k2)
+            and len({t.dtype for t in inputs}) == 1 and _band_products(x.device))
+
+
+def _band_products(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 and TF32 on tensor cores (CUDA sm_80 on; the interpreter)."""
+    return device.type != 'cuda' or torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def _sms(x: torch.Tensor) -> int:
+    return torch.cuda.get_device_properties(x.device).multi_processor_count if x.device.type == 'cuda' else 2
+
+
 # ---- weight gradients of three strip convs -------------------------------------------------------------
 
-STRIP_WGRAD_IMPLS = ('fused', 'rows', 'separate')
+STRIP_WGRAD_IMPLS = ('fused', 'rows', 'bands', 'separate')
 
 
 def packed_strip_wgrad_length(channels: int, lengths: Sequence[int]) -> int:
@@ -634,9 +664,11 @@ def strip3_wgrad_packed(grads: Sequence[torch.Tensor], xs: Sequence[torch.Tensor
 
     ``impl`` (default: the environment's ``SMMCL_TRITON_STRIP_WGRAD``, else ``'auto'``): ``'fused'`` (one
     launch, :func:`strip3_wgrad`), ``'rows'`` (one launch of the row-walked kernel of
-    :mod:`smmcl.kernels.triton_rows`), ``'separate'`` (three :func:`dwconv_wgrad` calls, which follow
-    ``SMMCL_TRITON_WGRAD``), or ``'auto'``: on a GPU the fastest of the three for this shape, direction,
-    layout and dtype, timed once; under the interpreter ``'fused'``.
+    :mod:`smmcl.kernels.triton_rows`), ``'bands'`` (along W in NCHW, one launch of
+    :mod:`smmcl.kernels.triton_bands`' tensor-core products; elsewhere ``'rows'``), ``'separate'`` (three
+    :func:`dwconv_wgrad` calls, which follow ``SMMCL_TRITON_WGRAD``), or ``'auto'``: on a GPU the fastest
+    of those that apply, for this shape, direction, layout and dtype, timed once; under the interpreter
+    ``'fused'``.
     """
     impl = implementation('SMMCL_TRITON_STRIP_WGRAD', impl, STRIP_WGRAD_IMPLS)
     if impl == 'auto':
@@ -648,17 +680,21 @@ _STRIP_WGRAD_CHOICE = {}  # (shape, lengths, direction, layout, dtypes, device) 
 
 
 def _fastest_strip_wgrad(grads, xs, weights, along_w) -> str:
-    """'fused' or 'separate', whichever is faster for these tensors, timed once per key."""
+    """The fastest of the implementations that apply to these tensors, timed once per key."""
     x = xs[0]
     if not x.is_cuda:
         return 'fused'
-    key = (tuple(x.shape), _strip_lengths(weights, along_w), along_w, _layout(x), grads[0].dtype, x.dtype, x.device)
+    lengths = _strip_lengths(weights, along_w)
+    key = (tuple(x.shape), lengths, along_w, _layout(x), grads[0].dtype, x.dtype, x.device)
+    impls = {name: fn for name, fn in _STRIP_WGRAD.items()
+             if name != 'bands' or (along_w and _bands_apply(x, lengths[2], [*xs, *grads]))}
     # the separate path's own choices (SMMCL_TRITON_WGRAD=auto) are timed in do_bench's first call
-    return _fastest(_STRIP_WGRAD_CHOICE, key, _STRIP_WGRAD, grads, xs, weights, along_w)
+    return _fastest(_STRIP_WGRAD_CHOICE, key, impls, grads, xs, weights, along_w)
 
 
-def _strip3_wgrad_fused(grads, xs, weights, along_w, rows: bool = False) -> torch.Tensor:
-    """The packed partials of the tile kernel or (``rows``) of the row-walked one, summed."""
+def _strip3_wgrad_fused(grads, xs, weights, along_w, family: str = 'tiles') -> torch.Tensor:
+    """The packed partials of one launch, summed: the tile kernel, the row-walked one (``family='rows'``)
+    or the band products (``'bands'``, along W in NCHW; elsewhere as ``'rows'``)."""
     _check_device(xs[0])
     lengths = _strip_lengths(weights, along_w)
     n, c, h, w = xs[0].shape
@@ -669,11 +705,19 @@ def _strip3_wgrad_fused(grads, xs, weights, along_w, rows: bool = False) -> torc
     if xs[0].numel() == 0:
         return torch.zeros(packed_strip_wgrad_length(c, lengths), device=xs[0].device)
     *grads, x0, x1, x2 = _same_layout(_layout(xs[0]), *grads, *xs)
-    chunks = _row_chunks(x0) if rows else _num_chunks(x0)
+    if family == 'bands' and not (along_w and _bands_apply(x0, lengths[2], [x0, *grads])):
+        family = 'rows'
+    # bands: one channel a program, at least 4,096 positions each (its taps are read off once, at the end)
+    chunks = {'tiles': _num_chunks, 'rows': _row_chunks,
+              'bands': lambda t: _num_chunks(t, channels=1, pixels=4096)}[family](x0)
     # every entry is written by exactly one program: no zero-fill launch
     partials = torch.empty(chunks, packed_strip_wgrad_length(c, lengths), device=x0.device, dtype=torch.float32)
     grid = lambda m: (triton.cdiv(c, m['BLOCK_C']), chunks, 3)  # noqa: E731
-    if not rows:
+    if family == 'bands':
+        _bands.strip3_wgrad_bands_kernel[(c, chunks)](
+            *grads, x0, x1, x2, partials, n, c, h, w, *x0.stride(), chunks, *lengths,
+            ONE_INPUT=x0 is x1 and x1 is x2, PARTS=int(x0.dtype == torch.bfloat16))  # one dtype (_bands_apply)
+    elif family == 'tiles':
         _strip3_wgrad_kernel[grid](
             *grads, x0, x1, x2, partials, n, c, h, w, *x0.stride(), chunks, *lengths,
             TAPS0=triton.next_power_of_2(lengths[0]), TAPS1=triton.next_power_of_2(lengths[1]),
@@ -689,7 +733,11 @@ def _strip3_wgrad_fused(grads, xs, weights, along_w, rows: bool = False) -> torc
 
 
 def _strip3_wgrad_rows(grads, xs, weights, along_w) -> torch.Tensor:
-    return _strip3_wgrad_fused(grads, xs, weights, along_w, rows=True)
+    return _strip3_wgrad_fused(grads, xs, weights, along_w, family='rows')
+
+
+def _strip3_wgrad_bands(grads, xs, weights, along_w) -> torch.Tensor:
+    return _strip3_wgrad_fused(grads, xs, weights, along_w, family='bands')
 
 
 def _strip3_wgrad_separate(grads, xs, weights, along_w) -> torch.Tensor:
@@ -697,4 +745,5 @@ def _strip3_wgrad_separate(grads, xs, weights, along_w) -> torch.Tensor:
     return torch.cat([dw.reshape(-1) for dw, _ in pairs] + [db for _, db in pairs]).float()
 
 
-_STRIP_WGRAD = {'fused': _strip3_wgrad_fused, 'rows': _strip3_wgrad_rows, 'separate': _strip3_wgrad_separate}
+_STRIP_WGRAD = {'fused': _strip3_wgrad_fused, 'rows': _strip3_wgrad_rows, 'bands': _strip3_wgrad_bands,
+                'separate': _strip3_wgrad_separate}

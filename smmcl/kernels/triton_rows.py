@@ -24,7 +24,8 @@ kernels' instructions per position.
 
 Same function as the tile kernels (float32 accumulation, results in the output's dtype), same strides
 convention (N-C-H-W tensors of any strides, all of one launch alike, weights as contiguous C x KH*KW
-rows). :mod:`smmcl.kernels.triton_dwconv`'s launchers pick between the two (``SMMCL_TRITON_DEPTHWISE``).
+rows). :mod:`smmcl.kernels.triton_dwconv`'s launchers pick among these, the tile kernels and, along W in
+NCHW, the band kernels of :mod:`smmcl.kernels.triton_bands` (``SMMCL_TRITON_DEPTHWISE``).
 """
 from __future__ import annotations
 
