@@ -18,17 +18,17 @@ wanted first, each reported even if another fails; once ``--budget-s`` is spent 
    float32 ``F.conv2d`` + autograd on the same values), and its time against PyTorch's for the same
    work in fp32 NCHW (the plain path), bf16 NHWC (the fast path) and bf16 NCHW, each kernel family
    (``SMMCL_TRITON_DEPTHWISE``: tiles, rows; for the strips in NCHW also bands, the strips along W as
-   tensor-core products), with the time the bytes it must move would take at the
-   measured copy bandwidth (the floor) and each one's share of that bandwidth; then each weight-gradient
-   implementation (gather, taps, rows, PyTorch's) per stage, kernel shape and layout, and the one ``auto``
-   picks; then the attention's six strip weight gradients per direction, one fused launch (tiles, rows,
-   or bands along W in NCHW) against three ``dwconv_wgrad`` calls (``SMMCL_TRITON_STRIP_WGRAD``); then the
-   1x1 convs' bias
-   gradients as ATen computes them, against their floor (the training profile's bf16 reductions);
+   tensor-core products), with the time the bytes it must move would take at the measured copy
+   bandwidth (the floor) and each one's share of that bandwidth; then each weight-gradient
+   implementation (gather, taps, rows, bands in NCHW, PyTorch's) per stage, kernel shape and layout, and
+   the one ``auto`` picks; then the attention's six strip weight gradients per direction, one fused
+   launch (tiles, rows, or bands along W in NCHW) against three ``dwconv_wgrad`` calls
+   (``SMMCL_TRITON_STRIP_WGRAD``); then the 1x1 convs' bias gradients as ATen computes them, against
+   their floor (the training profile's bf16 reductions);
 3. ``model``: the whole model, fp32, TF32 off, same seeds (anchor sampler, NMF, drop path): the kernels
    against the plain path on logits, each loss term and each gradient (target: 1e-4), also with every
-   kernel of the row family forced (``ALL_ROWS``), and with the band kernels for the strips along W
-   (``ALL_BANDS``, NCHW);
+   kernel of the row family forced (``ALL_ROWS``), and with the band kernels for the strips along W and
+   the KxK weight gradients (``ALL_BANDS``, NCHW);
 4. ``graphs``: the CUDA-graph replay against the eager forward of the same folded bf16 model, same
    random state (the NMF bases): relative error and argmax agreement of the logits, ms per forward;
    and a few training steps with the recorded forward and backward against eager ones (same seeds):
@@ -346,8 +346,9 @@ def kernel_family(impl):
 
 # every kernel of the row family: the convs along H, and the row-walked weight gradients
 ALL_ROWS = dict(SMMCL_TRITON_DEPTHWISE='rows', SMMCL_TRITON_WGRAD='rows', SMMCL_TRITON_STRIP_WGRAD='rows')
-# the band kernels for the strips along W in NCHW (forward, adjoint, weight gradients), the rows elsewhere
-ALL_BANDS = dict(SMMCL_TRITON_DEPTHWISE='bands', SMMCL_TRITON_WGRAD='rows', SMMCL_TRITON_STRIP_WGRAD='bands')
+# the band kernels for the strips along W in NCHW (forward, adjoint, weight gradients) and the KxK weight
+# gradients in NCHW, the rows elsewhere
+ALL_BANDS = dict(SMMCL_TRITON_DEPTHWISE='bands', SMMCL_TRITON_WGRAD='bands', SMMCL_TRITON_STRIP_WGRAD='bands')
 
 
 def wgrad_table(args, device, bandwidth):
@@ -1360,7 +1361,7 @@ def summary(results):
         print(f"copy bandwidth {kern['copy_TBps']:.2f} TB/s")
         print_kernel_table(kern['rows'], compact=True)
         for r in kern.get('wgrad', []):
-            impls = [i for i in ('gather', 'taps', 'rows', 'torch') if i in r]
+            impls = [i for i in ('gather', 'taps', 'rows', 'bands', 'torch') if i in r]
             print(f"wgrad {r['item']:<8} {r.get('layout', '')} {r['kernel']:>5}: "
                   + ' '.join(f"{i} {r[i]:.3f}" for i in impls) + f" ms; floor {r['floor_ms']:.3f}; auto -> {r['auto']}")
         for r in kern.get('strip_wgrad', []):

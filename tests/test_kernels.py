@@ -235,7 +235,8 @@ def _band_launches(monkeypatch):
     ops()
     from smmcl.kernels import triton_bands
     launches = []
-    for name in ('strip3_bands_kernel', 'strip3_sum_bands_kernel', 'strip3_wgrad_bands_kernel'):
+    for name in ('strip3_bands_kernel', 'strip3_sum_bands_kernel', 'strip3_wgrad_bands_kernel',
+                 'dwconv_wgrad_bands_kernel'):
         kernel = getattr(triton_bands, name)
         monkeypatch.setattr(kernel, 'run', lambda *a, _run=kernel.run, _name=name, **k: (
             launches.append((_name, k['PARTS'])), _run(*a, **k))[1])
@@ -321,6 +322,24 @@ def test_band_kernels_on_bf16_maps_round_as_the_other_families():
     got, want = (triton_dwconv.strip3_wgrad_packed(ts, (x, x, x), horizontal, along_w=True, impl=impl)
                  for impl in ('bands', 'fused'))
     assert rel(got, want) <= 1e-6
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_band_weight_gradients_of_the_kxk_convs(monkeypatch, dtype):
+    """The 5x5 and 3x3 convs' weight gradients as band products (one per kernel row, of the gradient and
+    the input rows shifted within each image: tiles of 16 rows across both images here) against float32
+    autograd on the same values; up to 5 kernel rows (the 21x1 strip: the row-walked kernel)."""
+    from smmcl.kernels import triton_dwconv
+    launches = _band_launches(monkeypatch)
+    for kh, kw, tol in ((5, 5, 1e-5), (3, 3, 1e-5), (21, 1, 1e-5)):
+        x, weight, bias = _tensor(2, 3, 9, 21, dtype=dtype), _tensor(3, 1, kh, kw, seed=1), _tensor(3, seed=2)
+        rx, = _fp32_copies(x)
+        out = F.conv2d(rx, weight, bias, padding=(kh // 2, kw // 2), groups=3)
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE).to(dtype)
+        want_w, want_b = torch.autograd.grad(out, (weight, bias), grad.float())
+        got_w, got_b = triton_dwconv.dwconv_wgrad(grad, x.detach(), weight.detach(), impl='bands')
+        assert rel(got_w, want_w) <= tol and rel(got_b, want_b) <= tol, (kh, kw)
+    assert launches == [('dwconv_wgrad_bands_kernel', int(dtype == torch.bfloat16))] * 2
 
 
 def test_band_kernels_apply_only_where_they_can(monkeypatch):
@@ -548,7 +567,7 @@ def test_config_switch_reaches_the_modules():
 
 # ---- the weight-gradient implementations ----------------------------------------------------------
 
-@pytest.mark.parametrize('impl', ['gather', 'taps', 'rows', 'torch'])
+@pytest.mark.parametrize('impl', ['gather', 'taps', 'rows', 'bands', 'torch'])
 @pytest.mark.parametrize('n, c, h, w, kh, kw, fmt', [(2, 37, 9, 18, 5, 5, CL), (1, 9, 3, 4, 21, 1, NCHW),
                                                      (2, 7, 7, 17, 3, 3, NCHW), (1, 3, 6, 5, 1, 7, NCHW)])
 def test_each_weight_gradient_implementation(impl, n, c, h, w, kh, kw, fmt):
@@ -562,7 +581,7 @@ def test_each_weight_gradient_implementation(impl, n, c, h, w, kh, kw, fmt):
     assert rel(got_w, want_w) <= 1e-5 and rel(got_b, want_b) <= 1e-5
 
 
-@pytest.mark.parametrize('impl', ['gather', 'taps', 'rows', 'torch'])
+@pytest.mark.parametrize('impl', ['gather', 'taps', 'rows', 'bands', 'torch'])
 def test_weight_gradient_of_an_empty_batch_is_zero(impl):
     from smmcl.kernels import triton_dwconv
     x = torch.randn(0, 4, 5, 6, device=DEVICE)
@@ -1112,7 +1131,8 @@ def test_whole_model_with_kernels_in_nchw_is_the_plain_function(tiny_mscan, monk
     row-walked weight gradients (the convs along H on the row kernels too would triple this test's time
     under the interpreter; their own tests above cover them, and bench/gpu_check.py's model step runs the
     whole row family on a GPU). ``bands``: the strips along W on the band kernels, forward, adjoint and
-    weight gradients (the other launches on the tiles, as ``auto`` under the interpreter)."""
+    weight gradients, and the 5x5 and 3x3 weight gradients (the other launches on the tiles, as ``auto``
+    under the interpreter)."""
     if family == 'rows':
         monkeypatch.setenv('SMMCL_TRITON_WGRAD', 'rows')
         monkeypatch.setenv('SMMCL_TRITON_STRIP_WGRAD', 'rows')
@@ -1122,6 +1142,7 @@ def test_whole_model_with_kernels_in_nchw_is_the_plain_function(tiny_mscan, monk
         monkeypatch.setattr(triton_dwconv, '_depthwise_impl',
                             lambda impl, op, x, key, launches: 'bands' if 'bands' in launches else 'tiles')
         monkeypatch.setenv('SMMCL_TRITON_STRIP_WGRAD', 'bands')
+        monkeypatch.setenv('SMMCL_TRITON_WGRAD', 'bands')
         launches = _band_launches(monkeypatch)
     from smmcl.engine.precision import for_training
     from smmcl.models import build_segmentor
@@ -1149,9 +1170,11 @@ def test_whole_model_with_kernels_in_nchw_is_the_plain_function(tiny_mscan, monk
     for name, ref in plain_grads.items():
         if torch.linalg.norm(ref) > 1e-6 * scale:  # conv biases before a norm: rounding noise only
             assert rel(grads[name], ref) <= 1e-4, name
-    if family == 'bands':  # per block and branch: forward strips; backward adjoint, strips again, weights
-        assert [name for name, _ in launches] == ['strip3_bands_kernel'] * 8 + [
-            'strip3_sum_bands_kernel', 'strip3_bands_kernel', 'strip3_wgrad_bands_kernel'] * 8
+    if family == 'bands':  # 8 blocks: forward strips; backward adjoint, strips again, their and the KxK weights
+        import collections
+        assert collections.Counter(name for name, _ in launches) == {
+            'strip3_bands_kernel': 16, 'strip3_sum_bands_kernel': 8, 'strip3_wgrad_bands_kernel': 8,
+            'dwconv_wgrad_bands_kernel': 16}
 
 
 @pytest.mark.slow

@@ -26,10 +26,10 @@ and operators they replace:
   these five: ``SMMCL_TRITON_CHANNEL``: ``triton``, ``torch`` = ATen's operators, or ``auto``, the
   default: the faster per op and shape, timed once on the GPU).
 
-Their backward computes input gradients with Triton; weight and bias gradients with one of four
+Their backward computes input gradients with Triton; weight and bias gradients with one of five
 implementations (``SMMCL_TRITON_WGRAD``: ``gather``, ``taps``, ``rows`` = bands of rows walked once, one
-accumulator per tap, ``torch`` = PyTorch's own, or ``auto``, the default: the fastest for each shape,
-timed once on the GPU). The strip pairs' six weight gradients are computed per direction in one launch
+accumulator per tap, ``bands`` = in NCHW tensor-core products per kernel row, ``torch`` = PyTorch's
+own, or ``auto``, the default: the fastest for each shape, timed once on the GPU). The strip pairs' six weight gradients are computed per direction in one launch
 (``SMMCL_TRITON_STRIP_WGRAD``: ``fused``, ``rows`` = the row-walked kernel, ``bands`` = along W in NCHW
 the band kernel's tensor-core products, ``separate`` = three ``dwconv_wgrad`` calls, or ``auto``, the
 default: the fastest per shape, timed once on the GPU; not yet timed). Each op runs on one of three

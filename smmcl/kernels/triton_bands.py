@@ -18,9 +18,14 @@ of float32 operands (``PARTS = 0``; float16 is exact in TF32).
 One difference: a non-finite input reaches every output of its tile row (0 x inf in the band's zeros),
 not only the K nearest; such a step's loss is non-finite either way.
 
-Only NCHW and only along W: along H and in channels_last the row kernels already walk each input row
-once (:mod:`smmcl.kernels.triton_dwconv` offers this family where it applies, ``SMMCL_TRITON_DEPTHWISE``).
-Needs tensor cores with bfloat16 and TF32 (sm_80 on) on a GPU; the interpreter runs it anywhere.
+The weight gradients of the KxK convs (MSCAN's 5x5 and 3x3) take the same products, one per kernel row:
+``x_i^T @ g`` with the input rows shifted by that kernel row (within each image), its diagonals that
+row's taps (``SMMCL_TRITON_WGRAD=bands``).
+
+Only NCHW, and the convs only along W: along H and in channels_last the row kernels already walk each
+input row once (:mod:`smmcl.kernels.triton_dwconv` offers this family where it applies,
+``SMMCL_TRITON_DEPTHWISE``). Needs tensor cores with bfloat16 and TF32 (sm_80 on) on a GPU; the
+interpreter runs it anywhere.
 """
 from __future__ import annotations
 
@@ -35,6 +40,10 @@ from .triton_common import INTERPRETED, SWEEP, bench, neighbours
 # 2 * BLOCK_W x BLOCK_W per strip and part, are a program's fixed cost (built once, walked over its tiles).
 _TILES = [(64, 32, 4), (128, 32, 4), (64, 64, 4), (128, 64, 8), (32, 32, 4)]
 _WGRAD_TILES = [(64, 32, 4), (128, 32, 4), (64, 32, 8), (128, 64, 8)]
+# The KxK convs' weight gradients (MSCAN's 5x5 and 3x3): one 2*BLOCK_W x BLOCK_W accumulator per kernel row.
+# Bands of 16 columns waste less of the products on zeros but count more instructions for sm_90 (N = 16
+# products; bench/sass.py: 5x5 69 against 39 per position, 3x3 45 against 30).
+_KXK_WGRAD_TILES = [(64, 32, 4), (128, 32, 8), (128, 32, 4), (64, 16, 4)]
 
 
 def _configs(tiles):
@@ -52,13 +61,17 @@ def _configs(tiles):
 
 BAND_CONFIGS = _configs(_TILES)
 WGRAD_BAND_CONFIGS = _configs(_WGRAD_TILES)
+KXK_WGRAD_BAND_CONFIGS = _configs(_KXK_WGRAD_TILES)
+# a KxK weight gradient holds one accumulator per kernel row: at most this many rows (the launchers check)
+KXK_ROWS = 5
 # the widest band both kinds of kernel have (the launchers check that a strip fits before they launch)
 WIDEST = min(max(c.kwargs['BLOCK_W'] for c in configs) for configs in (BAND_CONFIGS, WGRAD_BAND_CONFIGS))
 
 
 def _wide_enough(configs, named_args, **constexprs):
-    """The tiles whose band reaches the longest strip's taps (K2 - 1 <= BLOCK_W; K2 comes as a constexpr)."""
-    return [c for c in configs if constexprs['K2'] - 1 <= c.kwargs['BLOCK_W']]
+    """The tiles whose band reaches the longest strip's taps (K2 - 1 <= BLOCK_W, or KW - 1 for a KxK
+    conv; the kernel sizes come as constexprs)."""
+    return [c for c in configs if constexprs.get('K2', constexprs.get('KW')) - 1 <= c.kwargs['BLOCK_W']]
 
 
 _KEY = ['N', 'C', 'H', 'W', 'sh', 'K0', 'K1', 'K2', 'PARTS']
@@ -81,6 +94,11 @@ def _dot_bf16(a, b, acc):
 def fits(k2: int) -> bool:
     """Whether a strip of ``k2`` taps fits the widest band tile."""
     return k2 - 1 <= WIDEST
+
+
+def fits_kxk(kh: int, kw: int) -> bool:
+    """Whether a KH x KW conv's weight gradient fits the band kernel (its rows and its band)."""
+    return kh <= KXK_ROWS and kw - 1 <= max(c.kwargs['BLOCK_W'] for c in KXK_WGRAD_BAND_CONFIGS)
 
 
 @triton.jit
@@ -206,8 +224,8 @@ def strip3_sum_bands_kernel(r_ptr, t0_ptr, t1_ptr, t2_ptr, w0_ptr, w1_ptr, w2_pt
 
 
 @triton.jit
-def _taps(p, dw_ptr, c, K: tl.constexpr, BLOCK_W: tl.constexpr):
-    """Store channel c's K tap gradients from ``p`` (2*BLOCK_W x BLOCK_W: the sums over rows of
+def _taps(p, dw_ptr, K: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Store K tap gradients at ``dw_ptr`` from ``p`` (2*BLOCK_W x BLOCK_W: the sums over rows of
     x[input column w0 - BLOCK_W/2 + u] * g[output column w0 + q]): tap j is the sum of the diagonal
     u - q - BLOCK_W/2 = j - (K - 1)/2. The diagonals become rows (entry (k, q) of ``p``'s column q moved to
     row k = u - q), then one sum along the rows gives them all."""
@@ -215,7 +233,7 @@ def _taps(p, dw_ptr, c, K: tl.constexpr, BLOCK_W: tl.constexpr):
     q = tl.arange(0, BLOCK_W)[None, :]
     diagonals = tl.sum(tl.gather(p, k + q, axis=0), axis=1)  # BLOCK_W: diagonal u - q = k
     tap = tl.arange(0, BLOCK_W) - BLOCK_W // 2 + (K - 1) // 2
-    tl.store(dw_ptr + c * K + tap, diagonals, mask=(tap >= 0) & (tap < K))
+    tl.store(dw_ptr + tap, diagonals, mask=(tap >= 0) & (tap < K))
 
 
 @triton.jit
@@ -260,13 +278,49 @@ def strip3_wgrad_bands_kernel(g0_ptr, g1_ptr, g2_ptr, x0_ptr, x1_ptr, x2_ptr, ou
         b1 += g1.to(tl.float32)
         b2 += g2.to(tl.float32)
     row = out_ptr + chunk * (C * (K0 + K1 + K2 + 3))
-    _taps(p0, row, c, K0, BLOCK_W)
-    _taps(p1, row + C * K0, c, K1, BLOCK_W)
-    _taps(p2, row + C * (K0 + K1), c, K2, BLOCK_W)
+    _taps(p0, row + c * K0, K0, BLOCK_W)
+    _taps(p1, row + C * K0 + c * K1, K1, BLOCK_W)
+    _taps(p2, row + C * (K0 + K1) + c * K2, K2, BLOCK_W)
     biases = row + C * (K0 + K1 + K2) + c
     tl.store(biases, tl.sum(tl.sum(b0, axis=1), axis=0))
     tl.store(biases + C, tl.sum(tl.sum(b1, axis=1), axis=0))
     tl.store(biases + 2 * C, tl.sum(tl.sum(b2, axis=1), axis=0))
+
+
+@triton.autotune(configs=KXK_WGRAD_BAND_CONFIGS, key=_KEY[:5] + ['KH', 'KW', 'PARTS'], prune_configs_by=_PRUNE,
+                 do_bench=bench)
+@triton.jit
+def dwconv_wgrad_bands_kernel(g_ptr, x_ptr, dw_ptr, db_ptr, N, C, H, W, sn, sc, sh, sw, num_chunks,
+                              KH: tl.constexpr, KW: tl.constexpr, PARTS: tl.constexpr,
+                              ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
+    """``dwconv_wgrad_rows_kernel``'s partials of a KH x KW depthwise conv (KH <= KXK_ROWS): program
+    (c, chunk) writes ``dw[chunk, c, :]`` (num_chunks x C x KH*KW) and ``db[chunk, c]`` from tiles chunk,
+    chunk + num_chunks, ...: per kernel row i the product ``x_i^T @ g`` of the tile's gradient and its
+    input rows shifted by i - (KH - 1)/2 (within each image), whose diagonals are that row's taps."""
+    c = tl.program_id(0)
+    chunk = tl.program_id(1)
+    zero = tl.zeros((2 * BLOCK_W, BLOCK_W), dtype=tl.float32)
+    accs = ()
+    for i in tl.static_range(KH):
+        accs = accs + (zero,)
+    acc_b = tl.zeros((ROWS, BLOCK_W), dtype=tl.float32)
+    channel = c * sc
+    num_wb = tl.cdiv(W, BLOCK_W)
+    for t in range(chunk, tl.cdiv(N * H, ROWS) * num_wb, num_chunks):
+        r = (t // num_wb) * ROWS + tl.arange(0, ROWS)
+        n, h, w0 = r // H, r % H, (t % num_wb) * BLOCK_W
+        offs, mask = _window(n * sn + h * sh, r < N * H, w0, W, sw, BLOCK_W)
+        g = tl.load(g_ptr + channel + offs, mask=mask, other=0.0)
+        acc_b += g.to(tl.float32)
+        shifted = ()
+        for i in tl.static_range(KH):
+            hh = h + (i - (KH - 1) // 2)
+            x = _span(x_ptr + channel, n * sn + hh * sh, (r < N * H) & (hh >= 0) & (hh < H), w0, W, sw, BLOCK_W)
+            shifted = shifted + (_outer(x, g, accs[i], PARTS),)
+        accs = shifted
+    for i in tl.static_range(KH):
+        _taps(accs[i], dw_ptr + (chunk * C + c) * (KH * KW) + i * KW, KW, BLOCK_W)
+    tl.store(db_ptr + chunk * C + c, tl.sum(tl.sum(acc_b, axis=1), axis=0))
 
 
 def parts(x_dtype: torch.dtype, weight_dtype: torch.dtype) -> int:

@@ -457,7 +457,7 @@ def _row_chunks(x: torch.Tensor) -> int:
     return _num_chunks(x, channels=2, pixels=512)
 
 
-WGRAD_IMPLS = ('gather', 'taps', 'rows', 'torch')
+WGRAD_IMPLS = ('gather', 'taps', 'rows', 'bands', 'torch')
 
 
 def dwconv_wgrad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
@@ -466,8 +466,10 @@ def dwconv_wgrad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
 
     ``impl`` (default: the environment's ``SMMCL_TRITON_WGRAD``, else ``'auto'``): ``'gather'`` (all taps
     at once), ``'taps'`` (tap by tap), ``'rows'`` (bands of rows walked once, one accumulator per tap:
-    :mod:`smmcl.kernels.triton_rows`), ``'torch'`` (PyTorch's own convolution backward, weight and bias
-    only), or ``'auto'``: on a GPU the fastest of the four for this shape, layout and dtype, timed once
+    :mod:`smmcl.kernels.triton_rows`), ``'bands'`` (in NCHW, up to 5 kernel rows: per kernel row one
+    tensor-core product of the shifted input rows and the gradient, :mod:`smmcl.kernels.triton_bands`;
+    elsewhere ``'rows'``), ``'torch'`` (PyTorch's own convolution backward, weight and bias only), or
+    ``'auto'``: on a GPU the fastest of those that apply, for this shape, layout and dtype, timed once
     (the first GPU run showed the gather kernel losing to PyTorch's); under the interpreter ``'gather'``
     (the cheapest to interpret; the tests name the others).
     """
@@ -487,7 +489,8 @@ def _fastest_wgrad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) ->
     if not x.is_cuda:
         return 'gather'
     key = (tuple(x.shape), tuple(weight.shape[-2:]), _layout(x), x.dtype, x.device)
-    return _fastest(_WGRAD_CHOICE, key, _WGRAD, grad, x, weight)
+    impls = {name: fn for name, fn in _WGRAD.items() if name != 'bands' or _kxk_bands_apply(grad, x, weight)}
+    return _fastest(_WGRAD_CHOICE, key, impls, grad, x, weight)
 
 
 def _wgrad_partials(kernel, grad, x, weight, chunks=None, **meta):
@@ -517,6 +520,27 @@ def _wgrad_rows(grad, x, weight):
     return _wgrad_partials(dwconv_wgrad_rows_kernel, grad, x, weight, chunks=_row_chunks(x))
 
 
+def _kxk_bands_apply(grad, x, weight) -> bool:
+    return _bands_apply(x, 1, [grad, x]) and _bands.fits_kxk(*kernel_size(weight))
+
+
+def _wgrad_bands(grad, x, weight):
+    """The band kernel's partials (one channel a program, at least 4,096 positions each), summed; the row
+    kernel's where it does not apply."""
+    if not _kxk_bands_apply(grad, x, weight):
+        return _wgrad_rows(grad, x, weight)
+    kh, kw = kernel_size(weight)
+    n, c, h, w = x.shape
+    if x.numel() == 0:
+        return weight.new_zeros(weight.shape), weight.new_zeros(c)
+    chunks = _num_chunks(x, channels=1, pixels=4096)
+    dw = torch.empty(chunks, c, kh * kw, device=x.device, dtype=torch.float32)
+    db = torch.empty(chunks, c, device=x.device, dtype=torch.float32)
+    _bands.dwconv_wgrad_bands_kernel[(c, chunks)](grad, x, dw, db, n, c, h, w, *x.stride(), chunks, KH=kh, KW=kw,
+                                                  PARTS=int(x.dtype == torch.bfloat16))
+    return dw.sum(0).reshape(weight.shape).to(weight.dtype), db.sum(0).to(weight.dtype)
+
+
 def _wgrad_torch(grad, x, weight):
     """PyTorch's depthwise weight and bias gradients (cuDNN or its native kernels), in x's dtype as an
     autocast conv would compute them, returned in weight's dtype."""
@@ -528,7 +552,8 @@ def _wgrad_torch(grad, x, weight):
     return dw.reshape(weight.shape).to(weight.dtype), db.to(weight.dtype)
 
 
-_WGRAD = {'gather': _wgrad_gather, 'taps': _wgrad_taps, 'rows': _wgrad_rows, 'torch': _wgrad_torch}
+_WGRAD = {'gather': _wgrad_gather, 'taps': _wgrad_taps, 'rows': _wgrad_rows, 'bands': _wgrad_bands,
+          'torch': _wgrad_torch}
 
 
 def _strip_lengths(weights: Sequence[torch.Tensor], along_w: bool) -> Tuple[int, int, int]:
