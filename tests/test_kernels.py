@@ -371,7 +371,7 @@ def test_band_kernels_apply_only_where_they_can(monkeypatch):
     assert launches == [] and all(rel(g, w_) <= 1e-5 for g, w_ in zip(got, want))
     triton_dwconv.strip3(x, horizontal, None, along_w=True, impl='bands')
     assert launches == [('strip3_bands_kernel', 0)]
-    assert triton_dwconv._bands_apply(x, 21, [x]) and not triton_dwconv._bands_apply(cl, 21, [cl])
+    assert triton_dwconv._bands_apply(x, [x]) and not triton_dwconv._bands_apply(cl, [cl])
     for capability, capable in (((7, 5), False), ((8, 0), True), ((9, 0), True)):
         monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None, c=capability: c)
         assert triton_dwconv._band_products(torch.device('cuda')) == capable

@@ -521,19 +521,24 @@ def _wgrad_rows(grad, x, weight):
 
 
 def _kxk_bands_apply(grad, x, weight) -> bool:
-    return _bands_apply(x, 1, [grad, x]) and _bands.fits_kxk(*kernel_size(weight))
+    return _bands_apply(x, [grad, x]) and _bands.fits_kxk(*kernel_size(weight))
+
+
+def _band_chunks(x: torch.Tensor) -> int:
+    """:func:`_num_chunks` for the band kernels' weight gradients: one channel a program, at least 4,096
+    positions each (a program reads its taps off once, at the end)."""
+    return _num_chunks(x, channels=1, pixels=4096)
 
 
 def _wgrad_bands(grad, x, weight):
-    """The band kernel's partials (one channel a program, at least 4,096 positions each), summed; the row
-    kernel's where it does not apply."""
+    """The band kernel's partials, summed; the row kernel's where it does not apply."""
     if not _kxk_bands_apply(grad, x, weight):
         return _wgrad_rows(grad, x, weight)
     kh, kw = kernel_size(weight)
     n, c, h, w = x.shape
     if x.numel() == 0:
         return weight.new_zeros(weight.shape), weight.new_zeros(c)
-    chunks = _num_chunks(x, channels=1, pixels=4096)
+    chunks = _band_chunks(x)
     dw = torch.empty(chunks, c, kh * kw, device=x.device, dtype=torch.float32)
     db = torch.empty(chunks, c, device=x.device, dtype=torch.float32)
     _bands.dwconv_wgrad_bands_kernel[(c, chunks)](grad, x, dw, db, n, c, h, w, *x.stride(), chunks, KH=kh, KW=kw,
@@ -622,7 +627,7 @@ def _strip_launch(impl, op, along_w, x, args, meta, tile_kernel, row_kernel, ban
         launches['rows'] = lambda: row_kernel[row_grid(n, c, w, h)](*swapped, ALONG_W=False, **meta)
     else:
         launches['rows'] = lambda: row_kernel[row_grid(n, c, h, w)](*args, ALONG_W=along_w, **meta)
-    if along_w and _bands_apply(x, meta['K2'], inputs):
+    if _strip_bands_apply(along_w, meta['K2'], x, inputs):
         parts = max(_bands.parts(inputs[0].dtype, wt.dtype) for wt in weights)
         band_args = args[:-7] + (n,) + args[-7:]  # ..., out(s), N, C, H, W, strides
         launches['bands'] = lambda: band_kernel[_bands.programs(n, c, h, w, _sms(x))](*band_args, PARTS=parts,
@@ -631,12 +636,17 @@ def _strip_launch(impl, op, along_w, x, args, meta, tile_kernel, row_kernel, ban
     launches[_depthwise_impl(impl, op, x, key, launches)]()
 
 
-def _bands_apply(x: torch.Tensor, k2: int, inputs: Sequence[torch.Tensor]) -> bool:
-    """Whether the band kernels can run the strips along W of NCHW ``x``: rows contiguous, the longest
-    strip within the widest band, inputs of one dtype, tensor cores with bfloat16 and TF32 (or the
-    interpreter)."""
-    return (_layout(x) == torch.contiguous_format and x.stride(-1) == 1 and _bands.fits(k2)
-            and len({t.dtype for t in inputs}) == 1 and _band_products(x.device))
+def _bands_apply(x: torch.Tensor, inputs: Sequence[torch.Tensor]) -> bool:
+    """Whether the band kernels can take ``x`` and ``inputs`` (whose kernel sizes the caller checks): NCHW
+    with contiguous rows, one dtype, tensor cores with bfloat16 and TF32 (or the interpreter)."""
+    return (_layout(x) == torch.contiguous_format and x.stride(-1) == 1 and len({t.dtype for t in inputs}) == 1
+            and _band_products(x.device))
+
+
+def _strip_bands_apply(along_w: bool, k2: int, x: torch.Tensor, tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether the band kernels run three strips of at most ``k2`` taps on ``x`` and ``tensors``: along W,
+    within the widest band, and :func:`_bands_apply`."""
+    return along_w and _bands.fits(k2) and _bands_apply(x, tensors)
 
 
 def _band_products(device: torch.device) -> bool:
@@ -712,7 +722,7 @@ def _fastest_strip_wgrad(grads, xs, weights, along_w) -> str:
     lengths = _strip_lengths(weights, along_w)
     key = (tuple(x.shape), lengths, along_w, _layout(x), grads[0].dtype, x.dtype, x.device)
     impls = {name: fn for name, fn in _STRIP_WGRAD.items()
-             if name != 'bands' or (along_w and _bands_apply(x, lengths[2], [*xs, *grads]))}
+             if name != 'bands' or _strip_bands_apply(along_w, lengths[2], x, [*xs, *grads])}
     # the separate path's own choices (SMMCL_TRITON_WGRAD=auto) are timed in do_bench's first call
     return _fastest(_STRIP_WGRAD_CHOICE, key, impls, grads, xs, weights, along_w)
 
@@ -730,11 +740,9 @@ def _strip3_wgrad_fused(grads, xs, weights, along_w, family: str = 'tiles') -> t
     if xs[0].numel() == 0:
         return torch.zeros(packed_strip_wgrad_length(c, lengths), device=xs[0].device)
     *grads, x0, x1, x2 = _same_layout(_layout(xs[0]), *grads, *xs)
-    if family == 'bands' and not (along_w and _bands_apply(x0, lengths[2], [x0, *grads])):
+    if family == 'bands' and not _strip_bands_apply(along_w, lengths[2], x0, [x0, *grads]):
         family = 'rows'
-    # bands: one channel a program, at least 4,096 positions each (its taps are read off once, at the end)
-    chunks = {'tiles': _num_chunks, 'rows': _row_chunks,
-              'bands': lambda t: _num_chunks(t, channels=1, pixels=4096)}[family](x0)
+    chunks = {'tiles': _num_chunks, 'rows': _row_chunks, 'bands': _band_chunks}[family](x0)
     # every entry is written by exactly one program: no zero-fill launch
     partials = torch.empty(chunks, packed_strip_wgrad_length(c, lengths), device=x0.device, dtype=torch.float32)
     grid = lambda m: (triton.cdiv(c, m['BLOCK_C']), chunks, 3)  # noqa: E731
