@@ -31,7 +31,9 @@ from .triton_rows import strip3_sum_rows_kernel, strip3_wgrad_rows_kernel
 from .triton_common import KEY as _KEY, PRUNE as _PRUNE, bench as _bench, check_device as _check_device, configs
 from .triton_common import choose, fastest as _fastest, gelu as _gelu, gelu_grad as _gelu_grad, implementation
 from .triton_common import packed_strip_slots as _packed_strip_slots
-from . import triton_bands as _bands
+from .triton_bands import dwconv_wgrad_bands_kernel, fits as _band_fits, fits_kxk as _band_fits_kxk
+from .triton_bands import parts as _band_parts, programs as _band_programs, strip3_bands_kernel
+from .triton_bands import strip3_sum_bands_kernel, strip3_wgrad_bands_kernel
 
 
 # Tile shapes (BLOCK_C, BLOCK_H, BLOCK_W, warps) to try on a GPU. In NCHW a pixel row is contiguous,
@@ -521,7 +523,7 @@ def _wgrad_rows(grad, x, weight):
 
 
 def _kxk_bands_apply(grad, x, weight) -> bool:
-    return _bands_apply(x, [grad, x]) and _bands.fits_kxk(*kernel_size(weight))
+    return _bands_apply(x, [grad, x]) and _band_fits_kxk(*kernel_size(weight))
 
 
 def _band_chunks(x: torch.Tensor) -> int:
@@ -541,8 +543,8 @@ def _wgrad_bands(grad, x, weight):
     chunks = _band_chunks(x)
     dw = torch.empty(chunks, c, kh * kw, device=x.device, dtype=torch.float32)
     db = torch.empty(chunks, c, device=x.device, dtype=torch.float32)
-    _bands.dwconv_wgrad_bands_kernel[(c, chunks)](grad, x, dw, db, n, c, h, w, *x.stride(), chunks, KH=kh, KW=kw,
-                                                  PARTS=int(x.dtype == torch.bfloat16))
+    dwconv_wgrad_bands_kernel[(c, chunks)](grad, x, dw, db, n, c, h, w, *x.stride(), chunks, KH=kh, KW=kw,
+                                           PARTS=int(x.dtype == torch.bfloat16))
     return dw.sum(0).reshape(weight.shape).to(weight.dtype), db.sum(0).to(weight.dtype)
 
 
@@ -588,7 +590,7 @@ def strip3(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Optional[Se
         args = (x, *w_rows, *b, *outs, c, h, w, *x.stride())
         meta = dict(K0=k0, K1=k1, K2=k2, TRANSPOSE=transpose, HAS_BIAS=biases is not None)
         _strip_launch(impl, 'strip3', along_w, x, args, meta, _strip3_kernel, strip3_rows_kernel,
-                      _bands.strip3_bands_kernel, [x], weights)
+                      strip3_bands_kernel, [x], weights)
     return tuple(outs)
 
 
@@ -609,7 +611,7 @@ def strip3_sum(r: torch.Tensor, ts: Sequence[torch.Tensor], weights: Sequence[to
         args = (r, *ts, *w_rows, *b, out, c, h, w, *r.stride())
         meta = dict(K0=k0, K1=k1, K2=k2, TRANSPOSE=transpose, HAS_BIAS=biases is not None)
         _strip_launch(impl, 'strip3_sum', along_w, r, args, meta, _strip3_sum_kernel, strip3_sum_rows_kernel,
-                      _bands.strip3_sum_bands_kernel, ts, weights)
+                      strip3_sum_bands_kernel, ts, weights)
     return out
 
 
@@ -628,10 +630,10 @@ def _strip_launch(impl, op, along_w, x, args, meta, tile_kernel, row_kernel, ban
     else:
         launches['rows'] = lambda: row_kernel[row_grid(n, c, h, w)](*args, ALONG_W=along_w, **meta)
     if _strip_bands_apply(along_w, meta['K2'], x, inputs):
-        parts = max(_bands.parts(inputs[0].dtype, wt.dtype) for wt in weights)
+        parts = max(_band_parts(inputs[0].dtype, wt.dtype) for wt in weights)
         band_args = args[:-7] + (n,) + args[-7:]  # ..., out(s), N, C, H, W, strides
-        launches['bands'] = lambda: band_kernel[_bands.programs(n, c, h, w, _sms(x))](*band_args, PARTS=parts,
-                                                                                        **meta)
+        launches['bands'] = lambda: band_kernel[_band_programs(n, c, h, w, _sms(x))](*band_args, PARTS=parts,
+                                                                                       **meta)
     key = (along_w, meta['K0'], meta['K1'], meta['K2'], meta['TRANSPOSE'], meta['HAS_BIAS'])
     launches[_depthwise_impl(impl, op, x, key, launches)]()
 
@@ -646,7 +648,7 @@ def _bands_apply(x: torch.Tensor, inputs: Sequence[torch.Tensor]) -> bool:
 def _strip_bands_apply(along_w: bool, k2: int, x: torch.Tensor, tensors: Sequence[torch.Tensor]) -> bool:
     """Whether the band kernels run three strips of at most ``k2`` taps on ``x`` and ``tensors``: along W,
     within the widest band, and :func:`_bands_apply`."""
-    return along_w and _bands.fits(k2) and _bands_apply(x, tensors)
+    return along_w and _band_fits(k2) and _bands_apply(x, tensors)
 
 
 def _band_products(device: torch.device) -> bool:
@@ -747,7 +749,7 @@ def _strip3_wgrad_fused(grads, xs, weights, along_w, family: str = 'tiles') -> t
     partials = torch.empty(chunks, packed_strip_wgrad_length(c, lengths), device=x0.device, dtype=torch.float32)
     grid = lambda m: (triton.cdiv(c, m['BLOCK_C']), chunks, 3)  # noqa: E731
     if family == 'bands':
-        _bands.strip3_wgrad_bands_kernel[(c, chunks)](
+        strip3_wgrad_bands_kernel[(c, chunks)](
             *grads, x0, x1, x2, partials, n, c, h, w, *x0.stride(), chunks, *lengths,
             ONE_INPUT=x0 is x1 and x1 is x2, PARTS=int(x0.dtype == torch.bfloat16))  # one dtype (_bands_apply)
     elif family == 'tiles':
