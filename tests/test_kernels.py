@@ -365,6 +365,7 @@ def test_band_kernels_apply_only_where_they_can(monkeypatch):
     import triton
     tiles = [triton.Config(dict(ROWS=64, BLOCK_W=w), num_warps=4) for w in (32, 64)]
     assert [c.kwargs['BLOCK_W'] for c in triton_bands._wide_enough(tiles, {}, K2=41)] == [64]  # the autotuner's pruning
+    assert [c.kwargs['BLOCK_W'] for c in triton_bands._wide_enough(tiles, {'KW': 21}, KH=3)] == [32, 64]
     too_long = [torch.randn(3, 1, 1, k, device=DEVICE) for k in (7, 11, longest + 2)]
     got = triton_dwconv.strip3(x, too_long, None, along_w=True, impl='bands')
     want = [F.conv2d(x, wt, padding=(0, wt.shape[-1] // 2), groups=3) for wt in too_long]

@@ -68,10 +68,11 @@ KXK_ROWS = 5
 WIDEST = min(max(c.kwargs['BLOCK_W'] for c in configs) for configs in (BAND_CONFIGS, WGRAD_BAND_CONFIGS))
 
 
-def _wide_enough(configs, named_args, **constexprs):
+def _wide_enough(configs, named_args, **keywords):
     """The tiles whose band reaches the longest strip's taps (K2 - 1 <= BLOCK_W, or KW - 1 for a KxK
-    conv; the kernel sizes come as constexprs)."""
-    return [c for c in configs if constexprs.get('K2', constexprs.get('KW')) - 1 <= c.kwargs['BLOCK_W']]
+    conv; the kernel sizes come by position or by keyword)."""
+    sizes = dict(named_args, **keywords)
+    return [c for c in configs if sizes.get('K2', sizes.get('KW')) - 1 <= c.kwargs['BLOCK_W']]
 
 
 _KEY = ['N', 'C', 'H', 'W', 'sh', 'K0', 'K1', 'K2', 'PARTS']
@@ -142,11 +143,22 @@ def _times(x, hi, mid, lo, acc, PARTS: tl.constexpr):
 
 
 @triton.jit
-def _tile(t, N, H, W, sn, sh, ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
-    """Tile ``t`` of a channel: its rows' offsets (ROWS of the N*H rows), their mask, its first output column."""
+def _tile(t, N, H, W, ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Tile ``t`` of a channel: its rows (ROWS of the N*H rows) as images and rows within them, their mask,
+    its first output column."""
     num_wb = tl.cdiv(W, BLOCK_W)
     r = (t // num_wb) * ROWS + tl.arange(0, ROWS)
-    return (r // H) * sn + (r % H) * sh, r < N * H, (t % num_wb) * BLOCK_W
+    return r // H, r % H, r < N * H, (t % num_wb) * BLOCK_W
+
+
+@triton.jit
+def _strip_bands(w0_ptr, w1_ptr, w2_ptr, c, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+                 TRANSPOSE: tl.constexpr, PARTS: tl.constexpr, BLOCK_W: tl.constexpr):
+    """The three strips' bands of channel c, each as its parts (:func:`_parts`): nine operands."""
+    p0, p1, p2 = _parts(_band(w0_ptr, c, K0, TRANSPOSE, BLOCK_W), PARTS)
+    q0, q1, q2 = _parts(_band(w1_ptr, c, K1, TRANSPOSE, BLOCK_W), PARTS)
+    s0, s1, s2 = _parts(_band(w2_ptr, c, K2, TRANSPOSE, BLOCK_W), PARTS)
+    return p0, p1, p2, q0, q1, q2, s0, s1, s2
 
 
 @triton.jit
@@ -174,9 +186,8 @@ def strip3_bands_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, o
     """``_strip3_kernel``'s function along W: o_i = conv(x, w_i) + b_i, three 1 x K_i depthwise convs of
     one input. Program (c, p) walks channel c's tiles p, p + P, ... (P programs per channel)."""
     c = tl.program_id(0)
-    p0, p1, p2 = _parts(_band(w0_ptr, c, K0, TRANSPOSE, BLOCK_W), PARTS)
-    q0, q1, q2 = _parts(_band(w1_ptr, c, K1, TRANSPOSE, BLOCK_W), PARTS)
-    s0, s1, s2 = _parts(_band(w2_ptr, c, K2, TRANSPOSE, BLOCK_W), PARTS)
+    p0, p1, p2, q0, q1, q2, s0, s1, s2 = _strip_bands(w0_ptr, w1_ptr, w2_ptr, c, K0, K1, K2, TRANSPOSE, PARTS,
+                                                      BLOCK_W)
     zero = tl.zeros((ROWS, BLOCK_W), dtype=tl.float32)
     bias0, bias1, bias2 = 0.0, 0.0, 0.0
     if HAS_BIAS:
@@ -185,7 +196,8 @@ def strip3_bands_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, o
         bias2 = tl.load(b2_ptr + c).to(tl.float32)
     x_c = x_ptr + c * sc
     for t in range(tl.program_id(1), tl.cdiv(N * H, ROWS) * tl.cdiv(W, BLOCK_W), tl.num_programs(1)):
-        rows, rmask, w0 = _tile(t, N, H, W, sn, sh, ROWS, BLOCK_W)
+        n, h, rmask, w0 = _tile(t, N, H, W, ROWS, BLOCK_W)
+        rows = n * sn + h * sh
         x = _span(x_c, rows, rmask, w0, W, sw, BLOCK_W)
         offs, mask = _window(rows, rmask, w0, W, sw, BLOCK_W)
         offs = offs + c * sc
@@ -204,16 +216,16 @@ def strip3_sum_bands_kernel(r_ptr, t0_ptr, t1_ptr, t2_ptr, w0_ptr, w1_ptr, w2_pt
     """``_strip3_sum_kernel``'s function along W: out = r + sum_i (conv(t_i, w_i) + b_i), three 1 x K_i
     depthwise convs (the backward's adjoint of :func:`strip3_bands_kernel`). Programs as there."""
     c = tl.program_id(0)
-    p0, p1, p2 = _parts(_band(w0_ptr, c, K0, TRANSPOSE, BLOCK_W), PARTS)
-    q0, q1, q2 = _parts(_band(w1_ptr, c, K1, TRANSPOSE, BLOCK_W), PARTS)
-    s0, s1, s2 = _parts(_band(w2_ptr, c, K2, TRANSPOSE, BLOCK_W), PARTS)
+    p0, p1, p2, q0, q1, q2, s0, s1, s2 = _strip_bands(w0_ptr, w1_ptr, w2_ptr, c, K0, K1, K2, TRANSPOSE, PARTS,
+                                                      BLOCK_W)
     bias = 0.0
     if HAS_BIAS:
         bias = (tl.load(b0_ptr + c).to(tl.float32) + tl.load(b1_ptr + c).to(tl.float32)
                 + tl.load(b2_ptr + c).to(tl.float32))
     channel = c * sc
     for t in range(tl.program_id(1), tl.cdiv(N * H, ROWS) * tl.cdiv(W, BLOCK_W), tl.num_programs(1)):
-        rows, rmask, w0 = _tile(t, N, H, W, sn, sh, ROWS, BLOCK_W)
+        n, h, rmask, w0 = _tile(t, N, H, W, ROWS, BLOCK_W)
+        rows = n * sn + h * sh
         acc = tl.zeros((ROWS, BLOCK_W), dtype=tl.float32)
         acc = _times(_span(t0_ptr + channel, rows, rmask, w0, W, sw, BLOCK_W), p0, p1, p2, acc, PARTS)
         acc = _times(_span(t1_ptr + channel, rows, rmask, w0, W, sw, BLOCK_W), q0, q1, q2, acc, PARTS)
@@ -261,7 +273,8 @@ def strip3_wgrad_bands_kernel(g0_ptr, g1_ptr, g2_ptr, x0_ptr, x1_ptr, x2_ptr, ou
     b1, b2 = b0, b0
     channel = c * sc
     for t in range(chunk, tl.cdiv(N * H, ROWS) * tl.cdiv(W, BLOCK_W), num_chunks):
-        rows, rmask, w0 = _tile(t, N, H, W, sn, sh, ROWS, BLOCK_W)
+        n, h, rmask, w0 = _tile(t, N, H, W, ROWS, BLOCK_W)
+        rows = n * sn + h * sh
         offs, mask = _window(rows, rmask, w0, W, sw, BLOCK_W)
         g0 = tl.load(g0_ptr + channel + offs, mask=mask, other=0.0)
         g1 = tl.load(g1_ptr + channel + offs, mask=mask, other=0.0)
@@ -305,17 +318,15 @@ def dwconv_wgrad_bands_kernel(g_ptr, x_ptr, dw_ptr, db_ptr, N, C, H, W, sn, sc, 
         accs = accs + (zero,)
     acc_b = tl.zeros((ROWS, BLOCK_W), dtype=tl.float32)
     channel = c * sc
-    num_wb = tl.cdiv(W, BLOCK_W)
-    for t in range(chunk, tl.cdiv(N * H, ROWS) * num_wb, num_chunks):
-        r = (t // num_wb) * ROWS + tl.arange(0, ROWS)
-        n, h, w0 = r // H, r % H, (t % num_wb) * BLOCK_W
-        offs, mask = _window(n * sn + h * sh, r < N * H, w0, W, sw, BLOCK_W)
+    for t in range(chunk, tl.cdiv(N * H, ROWS) * tl.cdiv(W, BLOCK_W), num_chunks):
+        n, h, rmask, w0 = _tile(t, N, H, W, ROWS, BLOCK_W)
+        offs, mask = _window(n * sn + h * sh, rmask, w0, W, sw, BLOCK_W)
         g = tl.load(g_ptr + channel + offs, mask=mask, other=0.0)
         acc_b += g.to(tl.float32)
         shifted = ()
         for i in tl.static_range(KH):
             hh = h + (i - (KH - 1) // 2)
-            x = _span(x_ptr + channel, n * sn + hh * sh, (r < N * H) & (hh >= 0) & (hh < H), w0, W, sw, BLOCK_W)
+            x = _span(x_ptr + channel, n * sn + hh * sh, rmask & (hh >= 0) & (hh < H), w0, W, sw, BLOCK_W)
             shifted = shifted + (_outer(x, g, accs[i], PARTS),)
         accs = shifted
     for i in tl.static_range(KH):

@@ -504,7 +504,8 @@ def _wgrad_partials(kernel, grad, x, weight, chunks=None, **meta):
     # every (chunk, channel, tap) partial is written by its program: no zero-fill launches
     dw = torch.empty(chunks, c, kh * kw, device=x.device, dtype=torch.float32)
     db = torch.empty(chunks, c, device=x.device, dtype=torch.float32)
-    kernel[lambda m: (triton.cdiv(c, m['BLOCK_C']), chunks)](
+    # a kernel without BLOCK_C (the band kernel's) owns one channel a program
+    kernel[lambda m: (triton.cdiv(c, m.get('BLOCK_C', 1)), chunks)](
         grad, x, dw, db, n, c, h, w, *x.stride(), chunks, kh, kw, **meta)
     return dw.sum(0).reshape(weight.shape).to(weight.dtype), db.sum(0).to(weight.dtype)
 
@@ -536,16 +537,8 @@ def _wgrad_bands(grad, x, weight):
     """The band kernel's partials, summed; the row kernel's where it does not apply."""
     if not _kxk_bands_apply(grad, x, weight):
         return _wgrad_rows(grad, x, weight)
-    kh, kw = kernel_size(weight)
-    n, c, h, w = x.shape
-    if x.numel() == 0:
-        return weight.new_zeros(weight.shape), weight.new_zeros(c)
-    chunks = _band_chunks(x)
-    dw = torch.empty(chunks, c, kh * kw, device=x.device, dtype=torch.float32)
-    db = torch.empty(chunks, c, device=x.device, dtype=torch.float32)
-    dwconv_wgrad_bands_kernel[(c, chunks)](grad, x, dw, db, n, c, h, w, *x.stride(), chunks, KH=kh, KW=kw,
-                                           PARTS=int(x.dtype == torch.bfloat16))
-    return dw.sum(0).reshape(weight.shape).to(weight.dtype), db.sum(0).to(weight.dtype)
+    return _wgrad_partials(dwconv_wgrad_bands_kernel, grad, x, weight, chunks=_band_chunks(x),
+                           PARTS=int(x.dtype == torch.bfloat16))
 
 
 def _wgrad_torch(grad, x, weight):
