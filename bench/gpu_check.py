@@ -260,9 +260,12 @@ def _pieces(kind, c, device, dtype):
             ('strips+sum', lambda x: ops.mscan_strip_sum(x, *strips),
              lambda x: kernels.strip_sum_reference(x, [torch_w(p) for p in strips]), strips),
         ]
-    w3, b3 = param(c, 1, 3, 3), param(c)
-    return [('dw3x3+gelu', lambda x: ops.dwconv2d_gelu(x, w3, b3),
-             lambda x: F.gelu(F.conv2d(x, torch_w(w3), torch_w(b3), padding=1, groups=c)), [w3, b3])]
+    # the MLP's as the model runs it: fc1's bias added as the 3x3 loads fc1's output (PyTorch: its own pass);
+    # in bf16 that sum is rounded, as the bias add stores it, which the float32 reference does not do
+    w3, b3, b1 = param(c, 1, 3, 3), param(c), param(c)
+    return [('dw3x3+gelu', lambda x: ops.dwconv2d_gelu(x, w3, b3, b1),
+             lambda x: F.gelu(F.conv2d(x + torch_w(b1)[:, None, None], torch_w(w3), torch_w(b3), padding=1, groups=c)),
+             [w3, b3, b1])]
 
 
 def step_kernels(args, device):

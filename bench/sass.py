@@ -39,16 +39,17 @@ def _cases(c: int, h: int, w: int):
     row kernel walks the columns of a channels_last map (H and W swapped), as the launcher runs it; in
     NCHW it runs along the rows."""
     hidden = 4 * c
-    conv = dict(TRANSPOSE=False, HAS_BIAS=True, EPILOGUE=0)
+    conv = dict(TRANSPOSE=False, HAS_BIAS=True, EPILOGUE=0, IN_BIAS=False)
     strips = dict(K0=7, K1=11, K2=21, TRANSPOSE=False, HAS_BIAS=True)
+    mlp = dict(KH=3, KW=3, TRANSPOSE=False, HAS_BIAS=True)  # fc1's bias added as the input is loaded
     return [
         ('dwconv5x5', tiles._dwconv_kernel, rows.dwconv_rows_kernel, dict(KH=5, KW=5, **conv), 1, c),
         ('dwconv5x5_adjoint', tiles._dwconv_kernel, rows.dwconv_rows_kernel,
-         dict(KH=5, KW=5, TRANSPOSE=True, HAS_BIAS=False, EPILOGUE=0), 1, c),
-        ('dwconv3x3_gelu', tiles._dwconv_kernel, rows.dwconv_rows_kernel,
-         dict(KH=3, KW=3, TRANSPOSE=False, HAS_BIAS=True, EPILOGUE=1), 1, hidden),
-        ('dwconv3x3_gelu_grad', tiles._dwconv_kernel, rows.dwconv_rows_kernel,
-         dict(KH=3, KW=3, TRANSPOSE=False, HAS_BIAS=True, EPILOGUE=2), 1, hidden),
+         dict(KH=5, KW=5, TRANSPOSE=True, HAS_BIAS=False, EPILOGUE=0, IN_BIAS=False), 1, c),
+        ('dwconv3x3_gelu', tiles._dwconv_kernel, rows.dwconv_rows_kernel, dict(EPILOGUE=1, IN_BIAS=True, **mlp), 1,
+         hidden),
+        ('dwconv3x3_gelu_grad', tiles._dwconv_kernel, rows.dwconv_rows_kernel, dict(EPILOGUE=2, IN_BIAS=True, **mlp),
+         1, hidden),
         ('strip3_along_w', tiles._strip3_kernel, rows.strip3_rows_kernel, dict(ALONG_W=True, **strips), 3, c),
         ('strip3_along_h', tiles._strip3_kernel, rows.strip3_rows_kernel, dict(ALONG_W=False, **strips), 3, c),
         ('strip3_sum_along_w', tiles._strip3_sum_kernel, rows.strip3_sum_rows_kernel, dict(ALONG_W=True, **strips),
@@ -130,7 +131,7 @@ def _jit(kernel):
 
 
 def _weight_arg(name: str) -> bool:
-    return re.fullmatch(r'[wb]\d?_ptr', name) is not None  # parameters stay float32 under autocast
+    return re.fullmatch(r'(?:[wb]|ib)\d?_ptr', name) is not None  # parameters stay float32 under autocast
 
 
 def compile_config(kernel, meta: dict, config, ints: dict, arch: int, dtype: str = 'bf16', pointers=None):

@@ -126,6 +126,79 @@ def test_dwconv_without_bias():
     _check_grads(out, F.conv2d(rx, rw, padding=1, groups=4), (x, weight), (rx, rw), 1e-5)
 
 
+# ---- the MLP's depthwise conv + GELU with fc1's bias added as its input is loaded ---------------------
+
+IN_BIAS_CASES = [(2, 5, 7, 9, NCHW), (1, 3, 2, 1, NCHW), (1, 4, 1, 3, CL), (2, 37, 6, 17, CL)]
+
+
+@pytest.mark.parametrize('family', ['tiles', 'rows'])
+@pytest.mark.parametrize('n, c, h, w, fmt', IN_BIAS_CASES)
+def test_dwconv_gelu_with_in_bias(monkeypatch, family, n, c, h, w, fmt):
+    """``dwconv2d_gelu(y, w, b, in_bias)`` is ``dwconv2d_gelu(add_channel_bias(y, in_bias), w, b)`` to the bit
+    (the bias added inside the map only: maps narrower and shorter than the kernel), and its four gradients
+    are the float64 conv's, the input bias's and the border-corrected weight gradient's included."""
+    monkeypatch.setenv('SMMCL_TRITON_DEPTHWISE', family)
+    y, weight, bias, in_bias = (_tensor(n, c, h, w, fmt=fmt), _tensor(c, 1, 3, 3, seed=1), _tensor(c, seed=2),
+                                _tensor(c, seed=3))
+    out = ops().dwconv2d_gelu(y, weight, bias, in_bias)
+    assert out.stride() == y.stride()
+    assert torch.equal(out, ops().dwconv2d_gelu(ops().add_channel_bias(y, in_bias), weight, bias))
+    ref_inputs = [t.detach().double().requires_grad_() for t in (y, weight, bias, in_bias)]
+    ry, rw, rb, rib = ref_inputs
+    ref = F.gelu(F.conv2d(ry + rib[:, None, None], rw, rb, padding=1, groups=c))
+    _check_grads(out, ref, (y, weight, bias, in_bias), ref_inputs, 1e-6)
+
+
+def test_bf16_dwconv_gelu_with_in_bias():
+    """bf16 maps: the forward is the bias add's rounding to the bit; the gradients are those of the
+    composition with the bias add, within bf16's rounding (the weight gradient takes y + in_bias unrounded,
+    in_bias's gradient is summed from the conv's, not from a bf16 input gradient)."""
+    y = _tensor(2, 37, 6, 17, fmt=CL, dtype=torch.bfloat16)
+    weight, bias, in_bias = _tensor(37, 1, 3, 3, seed=1), _tensor(37, seed=2), _tensor(37, seed=3)
+    out = ops().dwconv2d_gelu(y, weight, bias, in_bias)
+    want = ops().dwconv2d_gelu(ops().add_channel_bias(y, in_bias), weight, bias)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, want)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE, torch.bfloat16)
+    inputs = (y, weight, bias, in_bias)
+    for name, got, ref in zip('y weight bias in_bias'.split(), torch.autograd.grad(out, inputs, grad),
+                              torch.autograd.grad(want, inputs, grad)):
+        assert got.dtype == ref.dtype and rel(got, ref) <= BF16_TOL, name
+
+
+@pytest.mark.parametrize('kh, kw', [(3, 3), (5, 5), (1, 7), (21, 1)])
+@pytest.mark.parametrize('h, w', [(9, 11), (2, 3), (1, 1)])
+def test_inside_sums_are_the_weight_gradient_of_a_constant_input(kh, kw, h, w):
+    """``inside_sums`` reads only the border, and is the weight gradient of a map of ones (zero padded)."""
+    from smmcl.kernels import triton_dwconv
+    grad = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    got = triton_dwconv.inside_sums(grad, grad.sum((0, 2, 3)), kh, kw)
+    want = torch.nn.grad.conv2d_weight(torch.ones_like(grad), (3, 1, kh, kw), grad, padding=(kh // 2, kw // 2),
+                                       groups=3)[:, 0]
+    assert got.shape == (3, kh, kw) and got.dtype == torch.float32
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_dwconv_in_bias_is_for_the_forward_conv():
+    from smmcl.kernels import triton_dwconv
+    x, weight = _tensor(1, 3, 4, 5).detach(), _tensor(3, 1, 3, 3, seed=1).detach()
+    with pytest.raises(ValueError, match='in_bias is for the forward conv'):
+        triton_dwconv.dwconv(x, weight, None, transpose=True, in_bias=weight[:, 0, 0, 0])
+
+
+def test_mlp_adds_fc1s_bias_in_the_depthwise_conv(monkeypatch):
+    """With the kernels on, the MLP's only bias passes are fc2's, forward and backward; the same function."""
+    from smmcl.kernels import triton_channel
+    torch.manual_seed(0)
+    plain = Mlp(8, 32).to(DEVICE)
+    fused = use_fused_kernels(copy.deepcopy(plain))
+    calls = []
+    for name in ('bias_add', 'bias_grad'):
+        original = getattr(triton_channel, name)
+        monkeypatch.setattr(triton_channel, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    calls_of_plain = _assert_same_function(plain, fused, _tensor(2, 8, 5, 7, fmt=CL), 1e-5, calls)
+    assert calls_of_plain == [] and calls == ['bias_add', 'bias_grad']  # fc2's; fc1's is in smmcl::dwconv2d_gelu
+
+
 # ---- the attention's sum of strip pairs -------------------------------------------------------------
 
 def _strip_params(c, dtype=torch.float32):
@@ -458,6 +531,7 @@ def test_custom_op_registrations():
     w_cl = _tensor(3, 1, 3, 3, fmt=CL, seed=1)
     torch.library.opcheck(ops().dwconv2d_gelu, (x.detach().contiguous(memory_format=CL).requires_grad_(), w_cl, b),
                           test_utils=quick)
+    torch.library.opcheck(ops().dwconv2d_gelu, (x, w, b, _tensor(3, seed=3)))
     a, params = _tensor(1, 3, 4, 5, fmt=CL), _strip_params(3)
     torch.library.opcheck(ops().mscan_strip_sum, (a, *params))
     torch.library.opcheck(ops().add_channel_bias, (a, b))
@@ -521,18 +595,27 @@ def test_block_with_kernels_is_the_same_function(fmt):
     fused = use_fused_kernels(copy.deepcopy(plain))
     assert all(m.fused_kernels for m in fused.modules() if isinstance(m, (AttentionModule, Mlp)))
     assert list(fused.state_dict()) == list(plain.state_dict())  # same checkpoint layout
-    x = _tensor(2, 32, 7, 9, fmt=fmt)
-    outs = []
+    _assert_same_function(plain, fused, _tensor(2, 32, 7, 9, fmt=fmt), 1e-4)
+
+
+def _assert_same_function(plain, fused, x, tol, calls=None):
+    """``fused``'s output and every gradient (input, parameters) within ``tol`` of ``plain``'s; returns what
+    ``calls`` (a list the test's spies append to) held after the plain module's forward and backward, and
+    empties it for the fused module's."""
+    outs, calls_of_plain = [], None
     for model in (plain, fused):
         out = model(x)
         grads = torch.autograd.grad(out, [x] + list(model.parameters()),
                                     torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE))
         outs.append((out, grads))
+        if calls is not None and calls_of_plain is None:
+            calls_of_plain = list(calls)
+            calls.clear()
     (ref, ref_grads), (out, grads) = outs
-    assert rel(out, ref) <= 1e-4
-    names = ['input'] + [name for name, _ in plain.named_parameters()]
-    for name, g, r in zip(names, grads, ref_grads):
-        assert rel(g, r) <= 1e-4, name
+    assert rel(out, ref) <= tol
+    for name, g, r in zip(['input'] + [name for name, _ in plain.named_parameters()], grads, ref_grads):
+        assert rel(g, r) <= tol, name
+    return calls_of_plain
 
 
 def test_block_without_interpreter_on_cpu_keeps_conv2d(monkeypatch):

@@ -10,7 +10,8 @@ and operators they replace:
 
 - ``smmcl::dwconv2d``: depthwise KxK / 1xK / Kx1 conv with bias (MSCAN's 5x5 attention conv);
 - ``smmcl::mscan_strip_sum``: ``a + sum_k convKx1(conv1xK(a))`` for the attention's three strip pairs;
-- ``smmcl::dwconv2d_gelu``: the MLP's 3x3 depthwise conv followed by the exact (erf) GELU;
+- ``smmcl::dwconv2d_gelu``: the MLP's 3x3 depthwise conv followed by the exact (erf) GELU, fc1's bias
+  added as the conv loads fc1's output (its bias add and bias gradient need no pass of their own);
 - ``smmcl::add_channel_bias``: a 1x1 conv's bias add (the blocks' ``PointwiseConv``), one vectorised
   pass where ATen's broadcast add is not, and its backward's bias gradient one column sum;
   ``smmcl::add_channel_bias_gelu`` and ``smmcl::add_channel_bias_gate``: the same with the one op that

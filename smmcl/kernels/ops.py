@@ -7,7 +7,8 @@ them without a graph break. Backward passes are custom ops too.
 Memory: like PyTorch, each op keeps its input for the backward; unlike the unfused layers it keeps
 nothing else. ``mscan_strip_sum`` recomputes the three horizontal strip outputs in its backward
 (the plain path stores them), and ``dwconv2d_gelu`` recomputes the pre-GELU map (the plain path
-stores it: one hidden-width map per MLP). ``add_channel_bias`` keeps only the bias (its backward sums
+stores it: one hidden-width map per MLP); with fc1's bias as its ``in_bias`` it keeps fc1's output
+without the bias (the plain path: with it, the same size). ``add_channel_bias`` keeps only the bias (its backward sums
 the gradient per channel), ``add_channel_bias_gelu`` the conv's output without its bias (the plain path:
 the GELU's input, the same size), ``add_channel_bias_gate`` that and the gate (the plain path: the
 product's two factors), ``scaled_residual`` the branch and the factor, as ``addcmul`` does.
@@ -75,40 +76,66 @@ def _dwconv2d_grad(ctx, grad):
 dwconv2d.register_autograd(_dwconv2d_grad, setup_context=_save_input_and_weight)
 
 
-# ---- depthwise conv + exact GELU (the MLP) --------------------------------------------------------
+# ---- depthwise conv + exact GELU (the MLP), fc1's bias added as the input is loaded ---------------------
 
 @torch.library.custom_op('smmcl::dwconv2d_gelu', mutates_args=())
-def dwconv2d_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """``GELU(dwconv2d(x, weight, bias))`` with the exact (erf) GELU of ``nn.GELU()``."""
-    return K.dwconv(x, weight, bias, epilogue=1)
+def dwconv2d_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_bias: Optional[Tensor] = None) -> Tensor:
+    """``GELU(dwconv2d(x + in_bias, weight, bias))`` with the exact (erf) GELU of ``nn.GELU()``.
+
+    ``in_bias`` (C, or None): the bias of the 1x1 conv that made x (the MLP's fc1), added inside the map as
+    x is loaded and rounded to x's dtype as that conv's bias add stores it (:func:`triton_dwconv.dwconv`):
+    the same values without the bias add's pass over the hidden map, and none for its gradient either."""
+    return K.dwconv(x, weight, bias, epilogue=1, in_bias=in_bias)
 
 
 @dwconv2d_gelu.register_fake
-def _(x, weight, bias):
+def _(x, weight, bias, in_bias=None):
     return _like(x)
 
 
 @torch.library.custom_op('smmcl::dwconv2d_gelu_backward', mutates_args=())
-def dwconv2d_gelu_backward(grad: Tensor, x: Tensor, weight: Tensor,
-                           bias: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
-    """(grad x, grad weight, grad bias) of :func:`dwconv2d_gelu`; the pre-GELU map is recomputed."""
-    grad_z = K.dwconv(x, weight, bias, epilogue=2, grad=grad)
+def dwconv2d_gelu_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                           in_bias: Optional[Tensor] = None) -> List[Tensor]:
+    """[grad x, grad weight, grad bias] of :func:`dwconv2d_gelu`, and grad in_bias when it is given; the
+    pre-GELU map is recomputed.
+
+    The input the conv saw is ``x + in_bias`` inside the map (zeros outside), so its weight gradient is
+    the one against x plus ``in_bias`` times, per tap, the sum of the GELU's input gradient over the
+    positions where that tap reads inside the map (:func:`triton_dwconv.inside_sums`: the sum over all
+    positions, which the conv's own bias gradient is, less the border rows and columns); and in_bias's
+    gradient, the sum of x's gradient, is those sums against the taps. Neither reads a hidden-width map
+    again. The conv's weight gradient thus takes ``x + in_bias`` unrounded, a float32 rounding away from
+    the stored sum."""
+    grad_z = K.dwconv(x, weight, bias, epilogue=2, grad=grad, in_bias=in_bias)
     dw, db = K.dwconv_wgrad(grad_z, x, weight)
-    return K.dwconv(grad_z, weight, None, transpose=True), dw, db
+    grad_x = K.dwconv(grad_z, weight, None, transpose=True)
+    if in_bias is None:
+        return [grad_x, dw, db]
+    inside = K.inside_sums(grad_z, db, *K.kernel_size(weight))  # C-KH-KW, float32
+    dw = (dw.float() + in_bias.to(x.dtype).float()[:, None, None, None] * inside[:, None]).to(dw.dtype)
+    grad_in_bias = (weight.float().reshape(inside.shape) * inside).sum((1, 2))
+    # summed in float32 and rounded to the gradient's dtype, as the bias gradient of the conv that made x is
+    return [grad_x, dw, db, grad_in_bias.to(grad_z.dtype).to(in_bias.dtype)]
 
 
 @dwconv2d_gelu_backward.register_fake
-def _(grad, x, weight, bias):
-    return _like(x), _grad_like(weight), weight.new_empty(weight.shape[0])
+def _(grad, x, weight, bias, in_bias=None):
+    out = [_like(x), _grad_like(weight), weight.new_empty(weight.shape[0])]
+    return out if in_bias is None else out + [in_bias.new_empty(in_bias.shape)]
+
+
+def _save_gelu_inputs(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+    ctx.has_bias, ctx.has_in_bias = inputs[2] is not None, inputs[3] is not None
 
 
 def _dwconv2d_gelu_grad(ctx, grad):
-    x, weight, bias = ctx.saved_tensors
-    dx, dw, db = dwconv2d_gelu_backward(grad, x, weight, bias)
-    return dx, dw, db if ctx.has_bias else None
+    x, weight, bias, in_bias = ctx.saved_tensors
+    dx, dw, db, *d_in_bias = dwconv2d_gelu_backward(grad, x, weight, bias, in_bias)
+    return dx, dw, db if ctx.has_bias else None, d_in_bias[0] if ctx.has_in_bias else None
 
 
-dwconv2d_gelu.register_autograd(_dwconv2d_gelu_grad, setup_context=_save_input_and_weight)
+dwconv2d_gelu.register_autograd(_dwconv2d_gelu_grad, setup_context=_save_gelu_inputs)
 
 
 # ---- MSCAN attention: a + three strip pairs -------------------------------------------------------

@@ -1,6 +1,6 @@
 """What the Triton kernel modules share: whether kernels are interpreted, autotuning's timing and
-candidate pruning, the GELU pieces of the epilogues, and the once-per-shape choice between
-implementations.
+candidate pruning, the GELU pieces of the epilogues, a depthwise conv's input bias, and the once-per-shape
+choice between implementations.
 
 Importing this module needs Triton. The kernels run on CUDA tensors, or on CPU tensors when
 ``TRITON_INTERPRET=1`` was set before Triton was first imported (Triton decides at decoration time,
@@ -87,6 +87,27 @@ def gelu_grad(z):
     """d GELU(z) / dz."""
     cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
     return cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
+
+
+@triton.jit
+def input_bias(ib_ptr, c, cmask, x_ptr):
+    """BLOCK_C x 1 float32 bias added to a depthwise conv's input as it is loaded (:func:`load_input`),
+    rounded to the input's dtype first, as autocast rounds the bias of the conv that made the input."""
+    return tl.load(ib_ptr + c, mask=cmask, other=0.0).to(x_ptr.dtype.element_ty).to(tl.float32)[:, None]
+
+
+@triton.jit
+def load_input(ptrs, mask, ib, IN_BIAS: tl.constexpr):
+    """A depthwise conv's input at ``ptrs`` as float32, 0 outside ``mask`` (the zero padding); with IN_BIAS
+    plus ``ib`` (:func:`input_bias`) inside, the sum rounded to the input's dtype: the previous conv's
+    biased output value for value, as its bias add's own pass stores it
+    (:func:`~smmcl.kernels.triton_channel.bias_add`). Outside, the load gives ``-ib``, exact in the
+    input's dtype, so the sum is an exact 0 without a select."""
+    if IN_BIAS:
+        dtype = ptrs.dtype.element_ty
+        v = tl.load(ptrs, mask=mask, other=(-ib).to(dtype)).to(tl.float32) + ib
+        return v.to(dtype).to(tl.float32)
+    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit

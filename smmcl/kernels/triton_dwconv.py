@@ -30,6 +30,7 @@ from .triton_rows import dwconv_rows_kernel, dwconv_wgrad_rows_kernel, grid as r
 from .triton_rows import strip3_sum_rows_kernel, strip3_wgrad_rows_kernel
 from .triton_common import KEY as _KEY, PRUNE as _PRUNE, bench as _bench, check_device as _check_device, configs
 from .triton_common import choose, fastest as _fastest, gelu as _gelu, gelu_grad as _gelu_grad, implementation
+from .triton_common import input_bias as _input_bias, load_input as _load_input
 from .triton_common import packed_strip_slots as _packed_strip_slots
 from .triton_bands import dwconv_wgrad_bands_kernel, fits as _band_fits, fits_kxk as _band_fits_kxk
 from .triton_bands import parts as _band_parts, programs as _band_programs, strip3_bands_kernel
@@ -69,19 +70,25 @@ def _tile(pid_nc, pid_hw, C, H, W, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
 
 
 # keyed by the kernel shape and epilogue too: one op's tuning must not pass to another on a map of one size
-@triton.autotune(configs=_CONFIGS, key=_KEY + ['KH', 'KW', 'EPILOGUE'], prune_configs_by=_PRUNE, do_bench=_bench)
+@triton.autotune(configs=_CONFIGS, key=_KEY + ['KH', 'KW', 'EPILOGUE', 'IN_BIAS'], prune_configs_by=_PRUNE,
+                 do_bench=_bench)
 @triton.jit
-def _dwconv_kernel(x_ptr, w_ptr, b_ptr, g_ptr, out_ptr, C, H, W, sn, sc, sh, sw,
+def _dwconv_kernel(x_ptr, w_ptr, b_ptr, g_ptr, out_ptr, ib_ptr, C, H, W, sn, sc, sh, sw,
                    KH: tl.constexpr, KW: tl.constexpr, TRANSPOSE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   EPILOGUE: tl.constexpr,
+                   EPILOGUE: tl.constexpr, IN_BIAS: tl.constexpr,
                    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
     """out = epilogue(conv(x, w) + b), depthwise, "same" padding.
 
     TRANSPOSE: the adjoint convolution (grad input from grad output): taps at mirrored offsets.
     EPILOGUE: 0 none; 1 exact GELU; 2 ``g * GELU'(conv + b)`` (the GELU's backward, g = grad output).
+    IN_BIAS: the input is ``x + ib`` (ib per channel, the previous conv's bias), added as it is loaded,
+    inside the map only (:func:`~smmcl.kernels.triton_common.load_input`).
     """
     n, c, h, w, cmask, pmask = _tile(tl.program_id(0), tl.program_id(1), C, H, W, BLOCK_C, BLOCK_H, BLOCK_W)
     base = n * sn + c[:, None] * sc
+    ib = 0.0
+    if IN_BIAS:
+        ib = _input_bias(ib_ptr, c, cmask, x_ptr)
     acc = tl.zeros((BLOCK_C, BLOCK_H * BLOCK_W), dtype=tl.float32)
     for i in tl.static_range(KH):
         for j in tl.static_range(KW):
@@ -92,8 +99,8 @@ def _dwconv_kernel(x_ptr, w_ptr, b_ptr, g_ptr, out_ptr, C, H, W, sn, sc, sh, sw,
                 hh = h + (i - (KH - 1) // 2)
                 ww = w + (j - (KW - 1) // 2)
             inside = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-            xv = tl.load(x_ptr + base + (hh * sh + ww * sw)[None, :], mask=cmask[:, None] & inside[None, :],
-                         other=0.0).to(tl.float32)
+            xv = _load_input(x_ptr + base + (hh * sh + ww * sw)[None, :], cmask[:, None] & inside[None, :], ib,
+                             IN_BIAS)
             wv = tl.load(w_ptr + c * (KH * KW) + (i * KW + j), mask=cmask, other=0.0).to(tl.float32)
             acc += wv[:, None] * xv
     if HAS_BIAS:
@@ -410,14 +417,20 @@ def _depthwise_impl(impl: Optional[str], op: str, x: torch.Tensor, key: tuple, l
 
 
 def dwconv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], *, transpose: bool = False,
-           epilogue: int = 0, grad: Optional[torch.Tensor] = None, impl: Optional[str] = None) -> torch.Tensor:
+           epilogue: int = 0, grad: Optional[torch.Tensor] = None, in_bias: Optional[torch.Tensor] = None,
+           impl: Optional[str] = None) -> torch.Tensor:
     """Depthwise conv, stride 1, "same" padding: N-C-H-W -> N-C-H-W in x's dtype and memory format.
 
     ``transpose``: the adjoint (grad input from grad output, bias must be None). ``epilogue`` 1: exact
-    GELU; 2: ``grad * GELU'(conv + bias)``. ``impl``: ``'tiles'`` (:func:`_dwconv_kernel`), ``'rows'``
-    (:mod:`smmcl.kernels.triton_rows`) or ``'auto'`` (:func:`_depthwise_impl`).
+    GELU; 2: ``grad * GELU'(conv + bias)``. ``in_bias`` (C): the conv of ``x + in_bias`` instead, the
+    sum rounded to x's dtype, as the bias add of the conv that made x would store it, and the padding
+    still zeros: that conv's bias add without its pass over the map (not with ``transpose``).
+    ``impl``: ``'tiles'`` (:func:`_dwconv_kernel`), ``'rows'`` (:mod:`smmcl.kernels.triton_rows`) or
+    ``'auto'`` (:func:`_depthwise_impl`).
     """
     _check_device(x)
+    if in_bias is not None and transpose:
+        raise ValueError('smmcl.kernels.dwconv: in_bias is for the forward conv, not its adjoint')
     kh, kw = kernel_size(weight)
     n, c, h, w = x.shape
     fmt = _layout(x)
@@ -429,12 +442,44 @@ def dwconv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
         return out
     w_rows = _rows(weight)
     args = (x, w_rows, bias if bias is not None else w_rows, grad if grad is not None else x, out,
-            c, h, w, *x.stride())
-    meta = dict(KH=kh, KW=kw, TRANSPOSE=transpose, HAS_BIAS=bias is not None, EPILOGUE=epilogue)
+            in_bias if in_bias is not None else w_rows, c, h, w, *x.stride())
+    meta = dict(KH=kh, KW=kw, TRANSPOSE=transpose, HAS_BIAS=bias is not None, EPILOGUE=epilogue,
+                IN_BIAS=in_bias is not None)
     launches = {'tiles': lambda: _dwconv_kernel[_grid(n, c, h, w)](*args, **meta),
                 'rows': lambda: dwconv_rows_kernel[row_grid(n, c, h, w)](*args, **meta)}
-    launches[_depthwise_impl(impl, 'dwconv', x, (kh, kw, transpose, epilogue, bias is not None), launches)]()
+    flags = (kh, kw, transpose, epilogue, bias is not None, in_bias is not None)
+    launches[_depthwise_impl(impl, 'dwconv', x, flags, launches)]()
     return out
+
+
+def inside_sums(grad: torch.Tensor, total: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """Per channel and tap of a KH x KW "same" depthwise conv, the sum of ``grad`` (N-C-H-W, the
+    gradient of the conv's output) over the positions where that tap reads inside the map: float32
+    C-KH-KW. ``total`` (C) is grad's sum over all positions (the conv's bias gradient).
+
+    A per-channel constant added to the conv's input inside the map adds this times the constant to the
+    weight gradient. It is the total less the sums over the rows and the columns where the tap reads
+    outside, plus their crossings (taken away twice), so only the rows and columns within KH // 2 and
+    KW // 2 of the border are read."""
+    rows, outside_h = _border(grad.shape[2], kh, grad.device)
+    cols, outside_w = _border(grad.shape[3], kw, grad.device)
+    grad_rows = grad.index_select(2, rows)  # N-C-R-W
+    row_sums = grad_rows.sum((0, 3), dtype=torch.float32)  # C-R
+    col_sums = grad.index_select(3, cols).sum((0, 2), dtype=torch.float32)  # C-Q
+    crossings = grad_rows.index_select(3, cols).sum(0, dtype=torch.float32)  # C-R-Q
+    return (total.float()[:, None, None] - (row_sums @ outside_h.T)[:, :, None]
+            - (col_sums @ outside_w.T)[:, None, :] + torch.einsum('crq,ir,jq->cij', crossings, outside_h, outside_w))
+
+
+def _border(length: int, k: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The positions (R) within k // 2 of either end of an axis of ``length``, and the float32 K x R
+    indicator of the taps of a "same" conv that read outside the axis from them. Made on the device
+    (no host copy: the backward stays capturable in a CUDA graph)."""
+    pad = k // 2
+    head = min(pad, length)
+    index = torch.cat([torch.arange(head, device=device), torch.arange(max(length - pad, head), length, device=device)])
+    reach = index[None, :] + torch.arange(k, device=device)[:, None] - pad
+    return index, ((reach < 0) | (reach >= length)).float()
 
 
 def _num_chunks(x: torch.Tensor, channels: int = 32, pixels: int = 256) -> int:

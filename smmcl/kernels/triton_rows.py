@@ -32,7 +32,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import KEY, PRUNE, bench, configs, gelu, gelu_grad, packed_strip_slots
+from .triton_common import KEY, PRUNE, bench, configs, gelu, gelu_grad, input_bias, load_input, packed_strip_slots
 
 # (BLOCK_C, ROWS, BLOCK_W, warps). Each of the ROWS output rows is its own BLOCK_C x BLOCK_W accumulator,
 # so a row holds at least one element per thread (BLOCK_C * BLOCK_W >= 32 * warps: no thread repeats
@@ -74,8 +74,10 @@ def _row_tile(pid_nc, pid_hw, C, H, W, BLOCK_C: tl.constexpr, ROWS: tl.constexpr
 
 
 @triton.jit
-def _input_row(x_c, cmask, hh, w, H, W, sh, sw, j, KW: tl.constexpr, TRANSPOSE: tl.constexpr):
-    """BLOCK_C x BLOCK_W float32 input row ``hh`` at the columns tap column ``j`` reads, 0 outside."""
+def _input_row(x_c, cmask, hh, w, H, W, sh, sw, j, KW: tl.constexpr, TRANSPOSE: tl.constexpr, ib=0.0,
+               IN_BIAS: tl.constexpr = False):
+    """BLOCK_C x BLOCK_W float32 input row ``hh`` at the columns tap column ``j`` reads, 0 outside; with
+    IN_BIAS plus ``ib`` inside (:func:`~smmcl.kernels.triton_common.load_input`)."""
     if TRANSPOSE:
         ww = w - (j - (KW - 1) // 2)
     else:
@@ -83,8 +85,8 @@ def _input_row(x_c, cmask, hh, w, H, W, sh, sw, j, KW: tl.constexpr, TRANSPOSE: 
     # Row ``hh`` outside the map empties the column range: one scalar test per row (Triton's interpreter
     # cannot combine a scalar mask with a vector one, so it goes through the bound).
     width = tl.where((hh >= 0) & (hh < H), W, 0)
-    inside = (ww >= 0) & (ww < width)
-    return tl.load(x_c + hh * sh + (ww * sw)[None, :], mask=cmask[:, None] & inside[None, :], other=0.0).to(tl.float32)
+    mask = cmask[:, None] & ((ww >= 0) & (ww < width))[None, :]
+    return load_input(x_c + hh * sh + (ww * sw)[None, :], mask, ib, IN_BIAS)
 
 
 @triton.jit
@@ -103,14 +105,15 @@ def _add_tap(acc, xv, w_ptr, c, cmask, r: tl.constexpr, o: tl.constexpr, j: tl.c
 
 @triton.jit
 def _walk(a0, a1, a2, a3, x_c, w_ptr, c, cmask, h0, w, H, W, sh, sw, SPAN: tl.constexpr, K: tl.constexpr,
-          KW: tl.constexpr, TRANSPOSE: tl.constexpr, ROWS: tl.constexpr):
+          KW: tl.constexpr, TRANSPOSE: tl.constexpr, ROWS: tl.constexpr, ib=0.0, IN_BIAS: tl.constexpr = False):
     """The accumulators of output rows h0 .. h0 + ROWS - 1 (a0 .. a3, ROWS <= 4) plus the K x KW depthwise
-    conv (or its adjoint) of the input at ``x_c`` (BLOCK_C x 1 channel pointers of one image): the
-    ROWS + 2 * SPAN input rows are walked once, each loaded once per tap column and added to every
-    output row it reaches (SPAN: the half height of the widest kernel sharing the walk)."""
+    conv (or its adjoint) of the input at ``x_c`` (BLOCK_C x 1 channel pointers of one image; with
+    IN_BIAS plus ``ib`` inside the map): the ROWS + 2 * SPAN input rows are walked once, each loaded once
+    per tap column and added to every output row it reaches (SPAN: the half height of the widest kernel
+    sharing the walk)."""
     for r in tl.static_range(ROWS + 2 * SPAN):
         for j in tl.static_range(KW):
-            xv = _input_row(x_c, cmask, h0 + r - SPAN, w, H, W, sh, sw, j, KW, TRANSPOSE)
+            xv = _input_row(x_c, cmask, h0 + r - SPAN, w, H, W, sh, sw, j, KW, TRANSPOSE, ib, IN_BIAS)
             a0 = _add_tap(a0, xv, w_ptr, c, cmask, r, 0, j, SPAN, K, KW, TRANSPOSE)
             if ROWS > 1:
                 a1 = _add_tap(a1, xv, w_ptr, c, cmask, r, 1, j, SPAN, K, KW, TRANSPOSE)
@@ -149,20 +152,25 @@ def _finish_row(acc, out_ptr, b_ptr, g_ptr, n, c, cmask, h, w, H, W, sn, sc, sh,
 
 
 # keyed by the kernel shape and epilogue too: one op's tuning must not pass to another on a map of one size
-@triton.autotune(configs=ROW_CONFIGS, key=KEY + ['KH', 'KW', 'EPILOGUE'], prune_configs_by=PRUNE, do_bench=bench)
+@triton.autotune(configs=ROW_CONFIGS, key=KEY + ['KH', 'KW', 'EPILOGUE', 'IN_BIAS'], prune_configs_by=PRUNE,
+                 do_bench=bench)
 @triton.jit
-def dwconv_rows_kernel(x_ptr, w_ptr, b_ptr, g_ptr, out_ptr, C, H, W, sn, sc, sh, sw,
+def dwconv_rows_kernel(x_ptr, w_ptr, b_ptr, g_ptr, out_ptr, ib_ptr, C, H, W, sn, sc, sh, sw,
                        KH: tl.constexpr, KW: tl.constexpr, TRANSPOSE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       EPILOGUE: tl.constexpr,
+                       EPILOGUE: tl.constexpr, IN_BIAS: tl.constexpr,
                        BLOCK_C: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
     """``_dwconv_kernel``'s function, row-blocked: out = epilogue(conv(x, w) + b), depthwise, "same"
-    padding; TRANSPOSE the adjoint; EPILOGUE 0 none, 1 exact GELU, 2 ``g * GELU'(conv + b)``."""
+    padding; TRANSPOSE the adjoint; EPILOGUE 0 none, 1 exact GELU, 2 ``g * GELU'(conv + b)``; IN_BIAS
+    the input plus ``ib`` per channel inside the map."""
     tl.static_assert(ROWS <= 4)
     n, c, h0, w, cmask = _row_tile(tl.program_id(0), tl.program_id(1), C, H, W, BLOCK_C, ROWS, BLOCK_W)
     a0 = tl.zeros((BLOCK_C, BLOCK_W), dtype=tl.float32)
     a1, a2, a3 = a0, a0, a0
+    ib = 0.0
+    if IN_BIAS:
+        ib = input_bias(ib_ptr, c, cmask, x_ptr)
     a0, a1, a2, a3 = _walk(a0, a1, a2, a3, x_ptr + n * sn + (c * sc)[:, None], w_ptr, c, cmask, h0, w, H, W,
-                           sh, sw, (KH - 1) // 2, KH, KW, TRANSPOSE, ROWS)
+                           sh, sw, (KH - 1) // 2, KH, KW, TRANSPOSE, ROWS, ib, IN_BIAS)
     _finish_row(a0, out_ptr, b_ptr, g_ptr, n, c, cmask, h0, w, H, W, sn, sc, sh, sw, HAS_BIAS, EPILOGUE)
     if ROWS > 1:
         _finish_row(a1, out_ptr, b_ptr, g_ptr, n, c, cmask, h0 + 1, w, H, W, sn, sc, sh, sw, HAS_BIAS, EPILOGUE)

@@ -6,11 +6,11 @@ Blocks here work on N-C-H-W maps directly; SegNeXt flattens to tokens between bl
 function with extra reshapes.
 
 :func:`use_fused_kernels` switches the attention's depthwise convs and the MLP's depthwise conv + GELU to
-the Triton kernels of :mod:`smmcl.kernels` (the fast path's ``triton_kernels``), and the blocks' 1x1 convs'
-bias add and bias gradient to one Triton pass each (:class:`PointwiseConv`; proj_1's GELU and conv3's product
-with the gate in the same passes), and the fast path's residual
-tails to one pass forward and backward (:func:`residual_add`); the parameters and the state dict stay the
-same.
+the Triton kernels of :mod:`smmcl.kernels` (the fast path's ``triton_kernels``; fc1's bias added in the MLP's
+depthwise conv), and the blocks' other 1x1 convs' bias add and bias gradient to one Triton pass each
+(:class:`PointwiseConv`; proj_1's GELU and conv3's product with the gate in the same passes), and the fast
+path's residual tails to one pass forward and backward (:func:`residual_add`); the parameters and the state
+dict stay the same.
 """
 from __future__ import annotations
 
@@ -189,12 +189,14 @@ class Mlp(nn.Module):
         self.fc2 = PointwiseConv(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc1(x)
-        if self.fused_kernels and kernels.runs_on(h):
+        """N-C-H-W -> N-C-H-W. With the kernels on, fc1's bias is added as the depthwise conv loads fc1's
+        output (``smmcl::dwconv2d_gelu``'s ``in_bias``): the same values without a pass of its own over
+        the hidden map, forward or backward."""
+        if self.fused_kernels and kernels.runs_on(x):
             conv = self.dwconv.dwconv
-            h = torch.ops.smmcl.dwconv2d_gelu(h, conv.weight, conv.bias)
+            h = torch.ops.smmcl.dwconv2d_gelu(F.conv2d(x, self.fc1.weight), conv.weight, conv.bias, self.fc1.bias)
         else:
-            h = self.act(self.dwconv(h))
+            h = self.act(self.dwconv(self.fc1(x)))
         return self.fc2(h)
 
 
