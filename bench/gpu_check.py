@@ -1322,7 +1322,8 @@ def sweep_worker(args, device):
             if kind == 'attn':  # the residual stream's width: the block tails' passes
                 stream, factor = g.float(), torch.ones(c, 1, 1, device=device)
                 triton_channel.scaled_residual_grad(stream, g, factor, impl='triton')
-                triton_channel.residual_pair(g, stream, factor, impl='triton')
+                for shortcut in (factor, None):  # the attention's affine shortcut, the MLP's add; with the bias
+                    triton_channel.residual_pair(g, stream, shortcut, torch.zeros(c, device=device), impl='triton')
             for piece, ours, _, weights in _pieces(kind, c, device, torch.bfloat16):
                 x = torch.randn(n, c, h, w, device=device).to(torch.bfloat16).contiguous(memory_format=fmt)
                 x.requires_grad_()

@@ -93,7 +93,7 @@ def _channel_cases():
     output (alone, with proj_1's GELU, with conv3's gate) and its backward (the bias gradient's sums of a
     bf16 gradient, and with each epilogue's backward), the block tails' backward on the float32 residual
     stream's gradient and a bf16 branch (the backward passes loop over pixel blocks: counted per element
-    of the loop body), the folded blocks' float32 stream and its bf16 copy."""
+    of the loop body), the folded blocks' float32 stream and its bf16 copy (with the branch's last bias)."""
     add, grad = channel.bias_add_kernel, channel.bias_grad_kernel
     return [
         ('bias_add', [('triton', add, dict(EPILOGUE=0), None)], {}),
@@ -104,8 +104,8 @@ def _channel_cases():
         ('bias_gate_grad', [('triton', grad, dict(EPILOGUE=2), 1)], dict(out_ptr='fp32')),
         ('residual_grad', [('triton', channel.scaled_residual_grad_kernel, dict(PER_IMAGE=False), 1)],
          dict(g_ptr='fp32', f_ptr='fp32', out_ptr='fp32')),
-        ('residual_pair', [('triton', channel.residual_pair_kernel, dict(HAS_FACTOR=True), None)],
-         dict(b_ptr='fp32', f_ptr='fp32', out_ptr='fp32')),
+        ('residual_pair', [('triton', channel.residual_pair_kernel, dict(HAS_FACTOR=True, HAS_BIAS=True), None)],
+         dict(b_ptr='fp32', f_ptr='fp32', bias_ptr='fp32', out_ptr='fp32')),
     ]
 
 

@@ -537,8 +537,9 @@ def test_custom_op_registrations():
     torch.library.opcheck(ops().add_channel_bias, (a, b))
     torch.library.opcheck(ops().add_channel_bias_gelu, (a, b))
     torch.library.opcheck(ops().add_channel_bias_gate, (a, b, _tensor(1, 3, 4, 5, fmt=CL, seed=3)))
-    torch.library.opcheck(ops().residual_pair, (a.detach().to(torch.bfloat16), a.detach(), _tensor(3, 1, 1).detach()),
-                          test_utils=('test_schema', 'test_faketensor'))
+    for bias in (None, b.detach()):
+        torch.library.opcheck(ops().residual_pair, (a.detach().to(torch.bfloat16), a.detach(), _tensor(3, 1, 1).detach(),
+                                                    bias), test_utils=('test_schema', 'test_faketensor'))
     torch.library.opcheck(ops().scaled_residual, (a, a.detach().to(torch.bfloat16).requires_grad_(), _tensor(3, 1, 1)))
 
 
@@ -977,9 +978,26 @@ def test_residual_pair_is_the_sum_and_its_cast(fmt, with_factor):
         assert torch.equal(low, out.to(torch.bfloat16))
 
 
-def test_folded_blocks_hand_on_the_stream_with_its_copy():
+@pytest.mark.parametrize('fmt', [NCHW, CL])
+@pytest.mark.parametrize('with_factor', [True, False], ids=['shortcut', 'mlp-add'])
+def test_residual_pair_adds_the_branchs_bias_as_the_bias_add_would(fmt, with_factor):
+    """With the bias of the conv that made the branch: the bias add's pass and the pair's, to the bit."""
+    a, b = _tensor(2, 37, 5, 9, fmt=fmt, dtype=torch.bfloat16).detach(), _tensor(2, 37, 5, 9, fmt=fmt, seed=1).detach()
+    f = _tensor(1, 37, 1, 1, seed=2).detach() if with_factor else None
+    bias = _tensor(37, seed=3).detach()
+    got = ops().residual_pair(a, b, f, bias)
+    want = ops().residual_pair(ops().add_channel_bias(a, bias), b, f)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    with pytest.raises(ValueError, match='a bias of 37 channels'):
+        ops().residual_pair(a, b, f, bias[:5])
+
+
+def test_folded_blocks_hand_on_the_stream_with_its_copy(monkeypatch):
     """A stage of folded blocks under bf16 autocast with the kernels (each residual add writing the copy
-    the next 1x1 conv reads) against the same blocks without them: the same function, to bf16 rounding."""
+    the next 1x1 conv reads and adding the branch's last bias) against the same blocks without them: the
+    same function, to bf16 rounding; the only bias passes left are proj_1's and conv3's, with their GELU
+    and gate, and fc1's is in the MLP's depthwise conv."""
+    from smmcl.kernels import triton_channel
     from smmcl.models.fast import FoldedBlock
     from smmcl.models.mscan import run_blocks
     torch.manual_seed(0)
@@ -992,13 +1010,17 @@ def test_folded_blocks_hand_on_the_stream_with_its_copy():
     with torch.no_grad():  # as fold_for_inference folds
         plain = nn.ModuleList(FoldedBlock(b) for b in copy.deepcopy(blocks).eval()).to(DEVICE)
     fused = use_fused_kernels(copy.deepcopy(plain))
-    calls = []
+    calls, epilogues = [], []
     for blk in fused:
         blk.forward_pair = lambda x, low, f=blk.forward_pair: calls.append(low is None) or f(x, low)
+    bias_add = triton_channel.bias_add
+    monkeypatch.setattr(triton_channel, 'bias_add',
+                        lambda *a, epilogue='none', **k: epilogues.append(epilogue) or bias_add(*a, epilogue=epilogue, **k))
     x = _tensor(2, 32, 5, 7, fmt=CL, dtype=torch.bfloat16).detach()  # a patch embedding's output
     with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
         got, want = run_blocks(fused, x), run_blocks(plain, x)
     assert calls == [True, False]  # the first block starts from the embedding, the second from its copy
+    assert epilogues == ['gelu', 'gate'] * 2
     assert got.dtype == want.dtype == torch.float32
     assert rel(got, want) <= 5e-3
 

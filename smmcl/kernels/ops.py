@@ -370,15 +370,16 @@ scaled_residual.register_autograd(_scaled_residual_grad, setup_context=_save_bra
 # ---- inference: a residual stream and the copy its next conv reads, in one pass ------------------------
 
 @torch.library.custom_op('smmcl::residual_pair', mutates_args=())
-def residual_pair(a: Tensor, b: Tensor, factor: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+def residual_pair(a: Tensor, b: Tensor, factor: Optional[Tensor], bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """(``a + b * factor`` or ``a + b``, the same rounded to a's dtype): the folded blocks' stream (float32
     under autocast) and its bf16 copy for the next 1x1 conv, which autocast would make in a pass of its
-    own (:func:`triton_channel.residual_pair`). Inference only: no backward."""
-    return CH.residual_pair(a, b, factor)
+    own (:func:`triton_channel.residual_pair`); ``bias`` (C or None): that of the 1x1 conv that made a,
+    added to a first as ``add_channel_bias`` would, in the same pass. Inference only: no backward."""
+    return CH.residual_pair(a, b, factor, bias)
 
 
 @residual_pair.register_fake
-def _(a, b, factor):
+def _(a, b, factor, bias=None):
     fmt = K._layout(b)
     return (torch.empty_like(b, dtype=CH.sum_dtype(a, b, factor), memory_format=fmt),
             torch.empty_like(b, dtype=a.dtype, memory_format=fmt))

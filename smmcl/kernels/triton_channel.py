@@ -77,16 +77,22 @@ def bias_add_kernel(y_ptr, b_ptr, u_ptr, out_ptr, N, C, H, W, sn, sc, sw, EPILOG
     tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'HAS_FACTOR'], prune_configs_by=PRUNE, do_bench=bench)
+@triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'HAS_FACTOR', 'HAS_BIAS'], prune_configs_by=PRUNE,
+                 do_bench=bench)
 @triton.jit
-def residual_pair_kernel(a_ptr, b_ptr, f_ptr, out_ptr, low_ptr, N, C, H, W, sn, sc, sw, HAS_FACTOR: tl.constexpr,
-                         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+def residual_pair_kernel(a_ptr, b_ptr, f_ptr, bias_ptr, out_ptr, low_ptr, N, C, H, W, sn, sc, sw,
+                         HAS_FACTOR: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """Program (image x pixel block, cb) writes ``out = a + b * f`` (f float32 per channel; ``a + b``
     without HAS_FACTOR) in float32 arithmetic, stored in out's dtype, and the stored value again rounded
-    to low's dtype: a residual stream and the copy its next conv reads, in one pass. a, b, out and low
-    share their strides (rows at ``W * sw``, as :func:`bias_grad_kernel`)."""
+    to low's dtype: a residual stream and the copy its next conv reads, in one pass. With HAS_BIAS, a is a
+    conv's output without its bias: ``a + bias`` first, as :func:`bias_add_kernel` stores it (the bias
+    rounded to a's dtype, the sum too). a, b, out and low share their strides (rows at ``W * sw``, as
+    :func:`bias_grad_kernel`)."""
     c, cmask, offs, mask = _tile(C, H, W, sn, sc, sw, BLOCK_C, BLOCK_P)
     a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + c, mask=cmask, other=0.0).to(a_ptr.dtype.element_ty).to(tl.float32)
+        a = (a + bias[:, None]).to(a_ptr.dtype.element_ty).to(tl.float32)
     b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_FACTOR:
         v = a + b * tl.load(f_ptr + c, mask=cmask, other=0.0).to(tl.float32)[:, None]
@@ -257,19 +263,25 @@ def _residual_torch(grad: torch.Tensor, y: torch.Tensor, factor: torch.Tensor):
     return (grad * factor).to(y.dtype), grad_factor.to(factor.dtype)
 
 
-def _pair_triton(a: torch.Tensor, b: torch.Tensor, factor: Optional[torch.Tensor] = None):
+def _pair_triton(a: torch.Tensor, b: torch.Tensor, factor: Optional[torch.Tensor] = None,
+                 bias: Optional[torch.Tensor] = None):
     n, c, h, w = b.shape
     out = torch.empty_like(b, dtype=sum_dtype(a, b, factor))
     low = torch.empty_like(b, dtype=a.dtype)
     if b.numel():
         f = factor.reshape(c).float().contiguous() if factor is not None else out
         residual_pair_kernel[lambda m: (n * triton.cdiv(h * w, m['BLOCK_P']), triton.cdiv(c, m['BLOCK_C']))](
-            a, b, f, out, low, n, c, h, w, b.stride(0), b.stride(1), b.stride(3), HAS_FACTOR=factor is not None)
+            a, b, f, out if bias is None else bias, out, low, n, c, h, w, b.stride(0), b.stride(1), b.stride(3),
+            HAS_FACTOR=factor is not None, HAS_BIAS=bias is not None)
     return out, low
 
 
-def _pair_torch(a: torch.Tensor, b: torch.Tensor, factor: Optional[torch.Tensor] = None):
-    """ATen's: the promoted sum (one pass), then autocast's cast for the next conv (another)."""
+def _pair_torch(a: torch.Tensor, b: torch.Tensor, factor: Optional[torch.Tensor] = None,
+                bias: Optional[torch.Tensor] = None):
+    """ATen's: the bias add after a cuDNN conv (one pass, :func:`_add_torch`), the promoted sum (one
+    pass), then autocast's cast for the next conv (another)."""
+    if bias is not None:
+        a = _add_torch(a, bias)
     out = torch.addcmul(a.to(sum_dtype(a, b, factor)), b, factor) if factor is not None else a + b
     return out, out.to(a.dtype)
 
@@ -292,7 +304,8 @@ def _run(op: str, impl: Optional[str], *args, **options):
     ``SMMCL_TRITON_CHANNEL``, else ``'auto'``: on a GPU the faster of the two for this op, options,
     shape, layout and dtype, timed once; under the interpreter ``'triton'``."""
     impls = {name: functools.partial(fn, **options) for name, fn in _IMPLS[op].items()}
-    key = (op, tuple(options.items()), args[0].device) + tuple((tuple(t.shape), t.stride(), t.dtype) for t in args)
+    key = (op, tuple(options.items()), args[0].device) + tuple(
+        None if t is None else (tuple(t.shape), t.stride(), t.dtype) for t in args)
     name = choose('SMMCL_TRITON_CHANNEL', impl, CHANNEL_IMPLS, args[0].device, 'triton',
                   lambda: fastest(_CHOICE, key, impls, *args))
     return impls[name](*args)
@@ -384,13 +397,15 @@ def scaled_residual_grad(grad: torch.Tensor, y: torch.Tensor, factor: torch.Tens
 
 
 def residual_pair(a: torch.Tensor, b: torch.Tensor, factor: Optional[torch.Tensor] = None,
-                  impl: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                  bias: Optional[torch.Tensor] = None, impl: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(``a + b * factor``, the same rounded to a's dtype): a residual stream (in the promoted dtype, float32
     for the fast path's) and the copy its next conv reads under autocast, in one pass.
 
     Args:
         a: N-C-H-W, the branch (bf16 under autocast: a conv's output); b: N-C-H-W, the stream.
         factor: C-1-1 / 1-C-1-1 per-channel float32, or None (``a + b``).
+        bias: C or None: the bias of the conv that made a, added to a first as :func:`bias_add` would
+            (rounded to a's dtype, the sum too), in the same pass.
         impl: ``'triton'`` (:func:`residual_pair_kernel`), ``'torch'`` or ``'auto'`` (:func:`_run`).
     Returns:
         Both N-C-H-W in b's layout.
@@ -398,5 +413,7 @@ def residual_pair(a: torch.Tensor, b: torch.Tensor, factor: Optional[torch.Tenso
     check_device(b)
     if factor is not None and tuple(factor.shape) not in ((b.shape[1], 1, 1), (1, b.shape[1], 1, 1)):
         raise ValueError(f'smmcl.kernels: residual_pair takes a per-channel factor C-1-1, got {tuple(factor.shape)}')
+    if bias is not None and tuple(bias.shape) != (b.shape[1],):
+        raise ValueError(f'smmcl.kernels: residual_pair takes a bias of {b.shape[1]} channels, got {tuple(bias.shape)}')
     a, b = _same_layout(_layout(b), a, b)
-    return _run('pair', impl, *((a, b) if factor is None else (a, b, factor)))
+    return _run('pair', impl, a, b, factor, bias)

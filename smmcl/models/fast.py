@@ -77,10 +77,12 @@ class FoldedBlock(nn.Module):
         """:meth:`forward` for the kernels under autocast without autograd (:func:`~smmcl.models.mscan.run_blocks`):
         x the stream, ``low`` its copy in the autocast dtype (None: x is one already, as a patch
         embedding's output). Each residual add also writes the copy the next 1x1 conv reads, which
-        autocast would otherwise cast in a pass of its own; returns both."""
+        autocast would otherwise cast in a pass of its own, and adds the branch's last bias (proj_2's,
+        fc2's), which would otherwise take a pass of its own too; returns both."""
         pair = torch.ops.smmcl.residual_pair
-        x, low = pair(self.attn.branch(x if low is None else low), x, self.shortcut_scale)
-        return pair(self.mlp(low), x, None)
+        attn, mlp = self.attn, self.mlp
+        x, low = pair(attn.branch(x if low is None else low, add_bias=False), x, self.shortcut_scale, attn.proj_2.bias)
+        return pair(mlp(low, add_bias=False), x, None, mlp.fc2.bias)
 
 
 def _fold_sequential_conv_bn(seq: nn.Sequential) -> None:

@@ -101,18 +101,23 @@ class PointwiseConv(nn.Conv2d):
         """N-Cin-H-W -> N-Cout-H-W, times ``gate`` (N-Cout-H-W) when given: with the kernels on, in the
         bias add's pass (``smmcl::add_channel_bias_gate``)."""
         if per_channel_passes(self, x):
-            y = F.conv2d(x, self.weight)
+            y = self.forward_without_bias(x)
             if gate is None:
                 return torch.ops.smmcl.add_channel_bias(y, self.bias)
             return torch.ops.smmcl.add_channel_bias_gate(y, self.bias, gate)
         out = super().forward(x)
         return out if gate is None else out * gate
 
+    def forward_without_bias(self, x: torch.Tensor) -> torch.Tensor:
+        """The conv without its bias, N-Cin-H-W -> N-Cout-H-W, for an op that adds the bias in a pass of its
+        own (``smmcl::residual_pair``, ``smmcl::dwconv2d_gelu``'s ``in_bias``)."""
+        return F.conv2d(x, self.weight)
+
     def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
         """The exact GELU of :meth:`forward`: with the kernels on, in the bias add's pass
         (``smmcl::add_channel_bias_gelu``)."""
         if per_channel_passes(self, x):
-            return torch.ops.smmcl.add_channel_bias_gelu(F.conv2d(x, self.weight), self.bias)
+            return torch.ops.smmcl.add_channel_bias_gelu(self.forward_without_bias(x), self.bias)
         return F.gelu(super().forward(x))
 
 
@@ -156,14 +161,16 @@ class SpatialAttention(nn.Module):
         self.spatial_gating_unit = AttentionModule(dim)
         self.proj_2 = PointwiseConv(dim, dim)
 
-    def branch(self, x: torch.Tensor) -> torch.Tensor:
-        """The attention without its residual, N-C-H-W -> N-C-H-W. With the kernels on, proj_1's bias add
-        and GELU are one pass (:func:`use_fused_kernels` checks the activation is the exact GELU)."""
+    def branch(self, x: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
+        """The attention without its residual, N-C-H-W -> N-C-H-W (without proj_2's bias if not
+        ``add_bias``: for the residual add to add). With the kernels on, proj_1's bias add and GELU are one
+        pass (:func:`use_fused_kernels` checks the activation is the exact GELU)."""
         if per_channel_passes(self.proj_1, x):
             u = self.proj_1.forward_gelu(x)
         else:
             u = self.activation(self.proj_1(x))
-        return self.proj_2(self.spatial_gating_unit(u))
+        attn = self.spatial_gating_unit(u)
+        return self.proj_2(attn) if add_bias else self.proj_2.forward_without_bias(attn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.branch(x) + x
@@ -188,16 +195,17 @@ class Mlp(nn.Module):
         self.act = nn.GELU()
         self.fc2 = PointwiseConv(hidden_dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """N-C-H-W -> N-C-H-W. With the kernels on, fc1's bias is added as the depthwise conv loads fc1's
-        output (``smmcl::dwconv2d_gelu``'s ``in_bias``): the same values without a pass of its own over
-        the hidden map, forward or backward."""
+    def forward(self, x: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
+        """N-C-H-W -> N-C-H-W (without fc2's bias if not ``add_bias``: for the residual add to add). With the
+        kernels on, fc1's bias is added as the depthwise conv loads fc1's output (``smmcl::dwconv2d_gelu``'s
+        ``in_bias``): the same values without a pass of its own over the hidden map, forward or backward."""
         if self.fused_kernels and kernels.runs_on(x):
             conv = self.dwconv.dwconv
-            h = torch.ops.smmcl.dwconv2d_gelu(F.conv2d(x, self.fc1.weight), conv.weight, conv.bias, self.fc1.bias)
+            h = torch.ops.smmcl.dwconv2d_gelu(self.fc1.forward_without_bias(x), conv.weight, conv.bias,
+                                              self.fc1.bias)
         else:
             h = self.act(self.dwconv(self.fc1(x)))
-        return self.fc2(h)
+        return self.fc2(h) if add_bias else self.fc2.forward_without_bias(h)
 
 
 def residual_add(module: nn.Module, x: torch.Tensor):
