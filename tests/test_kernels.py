@@ -538,8 +538,8 @@ def test_custom_op_registrations():
     torch.library.opcheck(ops().add_channel_bias_gelu, (a, b))
     torch.library.opcheck(ops().add_channel_bias_gate, (a, b, _tensor(1, 3, 4, 5, fmt=CL, seed=3)))
     for bias in (None, b.detach()):
-        torch.library.opcheck(ops().residual_pair, (a.detach().to(torch.bfloat16), a.detach(), _tensor(3, 1, 1).detach(),
-                                                    bias), test_utils=('test_schema', 'test_faketensor'))
+        args = (a.detach().to(torch.bfloat16), a.detach(), _tensor(3, 1, 1).detach(), bias)
+        torch.library.opcheck(ops().residual_pair, args, test_utils=('test_schema', 'test_faketensor'))
     torch.library.opcheck(ops().scaled_residual, (a, a.detach().to(torch.bfloat16).requires_grad_(), _tensor(3, 1, 1)))
 
 
@@ -1014,8 +1014,11 @@ def test_folded_blocks_hand_on_the_stream_with_its_copy(monkeypatch):
     for blk in fused:
         blk.forward_pair = lambda x, low, f=blk.forward_pair: calls.append(low is None) or f(x, low)
     bias_add = triton_channel.bias_add
-    monkeypatch.setattr(triton_channel, 'bias_add',
-                        lambda *a, epilogue='none', **k: epilogues.append(epilogue) or bias_add(*a, epilogue=epilogue, **k))
+
+    def spy(*args, epilogue='none', **kwargs):
+        epilogues.append(epilogue)
+        return bias_add(*args, epilogue=epilogue, **kwargs)
+    monkeypatch.setattr(triton_channel, 'bias_add', spy)
     x = _tensor(2, 32, 5, 7, fmt=CL, dtype=torch.bfloat16).detach()  # a patch embedding's output
     with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
         got, want = run_blocks(fused, x), run_blocks(plain, x)

@@ -370,7 +370,8 @@ scaled_residual.register_autograd(_scaled_residual_grad, setup_context=_save_bra
 # ---- inference: a residual stream and the copy its next conv reads, in one pass ------------------------
 
 @torch.library.custom_op('smmcl::residual_pair', mutates_args=())
-def residual_pair(a: Tensor, b: Tensor, factor: Optional[Tensor], bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def residual_pair(a: Tensor, b: Tensor, factor: Optional[Tensor],
+                  bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """(``a + b * factor`` or ``a + b``, the same rounded to a's dtype): the folded blocks' stream (float32
     under autocast) and its bf16 copy for the next 1x1 conv, which autocast would make in a pass of its
     own (:func:`triton_channel.residual_pair`); ``bias`` (C or None): that of the 1x1 conv that made a,

@@ -81,7 +81,8 @@ def bias_add_kernel(y_ptr, b_ptr, u_ptr, out_ptr, N, C, H, W, sn, sc, sw, EPILOG
                  do_bench=bench)
 @triton.jit
 def residual_pair_kernel(a_ptr, b_ptr, f_ptr, bias_ptr, out_ptr, low_ptr, N, C, H, W, sn, sc, sw,
-                         HAS_FACTOR: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+                         HAS_FACTOR: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """Program (image x pixel block, cb) writes ``out = a + b * f`` (f float32 per channel; ``a + b``
     without HAS_FACTOR) in float32 arithmetic, stored in out's dtype, and the stored value again rounded
     to low's dtype: a residual stream and the copy its next conv reads, in one pass. With HAS_BIAS, a is a
