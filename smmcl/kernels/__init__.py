@@ -29,15 +29,16 @@ and operators they replace:
 
 Their backward computes input gradients with Triton; weight and bias gradients with one of five
 implementations (``SMMCL_TRITON_WGRAD``: ``gather``, ``taps``, ``rows`` = bands of rows walked once, one
-accumulator per tap, ``bands`` = in NCHW tensor-core products per kernel row, ``torch`` = PyTorch's
-own, or ``auto``, the default: the fastest for each shape, timed once on the GPU). The strip pairs' six weight gradients are computed per direction in one launch
-(``SMMCL_TRITON_STRIP_WGRAD``: ``fused``, ``rows`` = the row-walked kernel, ``bands`` = along W in NCHW
-the band kernel's tensor-core products, ``separate`` = three ``dwconv_wgrad`` calls, or ``auto``, the
-default: the fastest per shape, timed once on the GPU; not yet timed). Each op runs on one of three
-kernel families (``SMMCL_TRITON_DEPTHWISE``: ``tiles``, ``rows`` = :mod:`smmcl.kernels.triton_rows`, each
-input row read once per tap column, ``bands`` = :mod:`smmcl.kernels.triton_bands` for the strips along W
-in NCHW, each row times a band matrix of the taps on the tensor cores (the other launches then run
-``rows``), or ``auto``, the default: the fastest per shape, timed once on the GPU).
+accumulator per tap, ``bands`` = in NCHW tensor-core products per kernel row, ``torch`` = PyTorch's own, or
+``auto``, the default: the fastest for each shape, timed once on the GPU). The strip pairs' six weight
+gradients are computed per direction in one launch (``SMMCL_TRITON_STRIP_WGRAD``: ``fused``, ``rows`` = the
+row-walked kernel, ``bands`` = along W in NCHW the band kernel's tensor-core products, ``separate`` = three
+``dwconv_wgrad`` calls, or ``auto``, the default: the fastest per shape, timed once on the GPU; not yet
+timed). Each op runs on one of three kernel families (``SMMCL_TRITON_DEPTHWISE``: ``tiles``, ``rows`` =
+:mod:`smmcl.kernels.triton_rows`, each input row read once per tap column, ``bands`` =
+:mod:`smmcl.kernels.triton_bands` for the strips along W in NCHW, each row times a band matrix of the taps on
+the tensor cores (the other launches then run ``rows``), or ``auto``, the default: the fastest per shape,
+timed once on the GPU).
 
 Triton is a development dependency only: this package imports it lazily, training never needs it,
 and asking for the kernels without it stops with one message. The kernels run on CUDA tensors; on

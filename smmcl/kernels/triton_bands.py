@@ -335,7 +335,8 @@ def dwconv_wgrad_bands_kernel(g_ptr, x_ptr, dw_ptr, db_ptr, N, C, H, W, sn, sc, 
 
 
 def parts(x_dtype: torch.dtype, weight_dtype: torch.dtype) -> int:
-    """PARTS of the strips for inputs of ``x_dtype`` and taps of ``weight_dtype`` (the module's docstring)."""
+    """PARTS of the products of ``x_dtype`` inputs by ``weight_dtype`` operands (the module's docstring): the
+    strips' taps, or, for the weight gradients, the gradient (of x's dtype: ``parts(x, x)``)."""
     if x_dtype != torch.bfloat16:
         return 0
     return 1 if weight_dtype == torch.bfloat16 else 3

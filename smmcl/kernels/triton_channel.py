@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .triton_common import KEY, PRUNE, bench, check_device, choose, configs, fastest, gelu, gelu_grad
+from .triton_common import KEY, PRUNE, bench, check_device, choose, configs, conv_bias, fastest, gelu, gelu_grad
 from .triton_dwconv import _layout, _num_chunks, _same_layout
 
 # (BLOCK_C, BLOCK_P, warps): in NCHW a channel's pixels are contiguous, so few channels of long pixel runs;
@@ -68,7 +68,7 @@ def bias_add_kernel(y_ptr, b_ptr, u_ptr, out_ptr, N, C, H, W, sn, sc, sw, EPILOG
     ``v * u`` (2, u a map shaped as y); for 1 and 2, v rounded to y's dtype first, as the conv's biased
     output is before the next op reads it. Rows at ``W * sw``, as :func:`bias_grad_kernel`."""
     c, cmask, offs, mask = _tile(C, H, W, sn, sc, sw, BLOCK_C, BLOCK_P)
-    bias = tl.load(b_ptr + c, mask=cmask, other=0.0).to(y_ptr.dtype.element_ty).to(tl.float32)
+    bias = conv_bias(b_ptr, c, cmask, y_ptr)
     v = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32) + bias[:, None]
     if EPILOGUE == 1:
         v = gelu(v.to(y_ptr.dtype.element_ty).to(tl.float32))
@@ -92,8 +92,7 @@ def residual_pair_kernel(a_ptr, b_ptr, f_ptr, bias_ptr, out_ptr, low_ptr, N, C, 
     c, cmask, offs, mask = _tile(C, H, W, sn, sc, sw, BLOCK_C, BLOCK_P)
     a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + c, mask=cmask, other=0.0).to(a_ptr.dtype.element_ty).to(tl.float32)
-        a = (a + bias[:, None]).to(a_ptr.dtype.element_ty).to(tl.float32)
+        a = (a + conv_bias(bias_ptr, c, cmask, a_ptr)[:, None]).to(a_ptr.dtype.element_ty).to(tl.float32)
     b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_FACTOR:
         v = a + b * tl.load(f_ptr + c, mask=cmask, other=0.0).to(tl.float32)[:, None]
@@ -120,7 +119,7 @@ def bias_grad_kernel(g_ptr, y_ptr, b_ptr, u_ptr, gy_ptr, gu_ptr, out_ptr, N, C, 
     chunk = tl.program_id(1)
     pixels = H * W
     blocks = tl.cdiv(pixels, BLOCK_P)
-    bias = tl.load(b_ptr + c, mask=cmask, other=0.0).to(y_ptr.dtype.element_ty).to(tl.float32)
+    bias = conv_bias(b_ptr, c, cmask, y_ptr)
     acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
     for t in range(chunk, N * blocks, num_chunks):
         p = (t % blocks) * BLOCK_P + tl.arange(0, BLOCK_P)

@@ -90,16 +90,17 @@ def gelu_grad(z):
 
 
 @triton.jit
-def input_bias(ib_ptr, c, cmask, x_ptr):
-    """BLOCK_C x 1 float32 bias added to a depthwise conv's input as it is loaded (:func:`load_input`),
-    rounded to the input's dtype first, as autocast rounds the bias of the conv that made the input."""
-    return tl.load(ib_ptr + c, mask=cmask, other=0.0).to(x_ptr.dtype.element_ty).to(tl.float32)[:, None]
+def conv_bias(b_ptr, c, cmask, y_ptr):
+    """A conv's bias at channels ``c`` (BLOCK_C, float32) for its output at ``y_ptr`` (without the bias),
+    rounded to that output's dtype first, as autocast rounds a conv's bias: what the bias add's pass adds
+    (:func:`~smmcl.kernels.triton_channel.bias_add_kernel`), and the passes that add it for it."""
+    return tl.load(b_ptr + c, mask=cmask, other=0.0).to(y_ptr.dtype.element_ty).to(tl.float32)
 
 
 @triton.jit
 def load_input(ptrs, mask, ib, IN_BIAS: tl.constexpr):
     """A depthwise conv's input at ``ptrs`` as float32, 0 outside ``mask`` (the zero padding); with IN_BIAS
-    plus ``ib`` (:func:`input_bias`) inside, the sum rounded to the input's dtype: the previous conv's
+    plus ``ib`` (BLOCK_C x 1, :func:`conv_bias`) inside, the sum rounded to the input's dtype: the previous conv's
     biased output value for value, as its bias add's own pass stores it
     (:func:`~smmcl.kernels.triton_channel.bias_add`). Outside, the load gives ``-ib``, exact in the
     input's dtype, so the sum is an exact 0 without a select."""

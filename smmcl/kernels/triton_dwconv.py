@@ -30,7 +30,7 @@ from .triton_rows import dwconv_rows_kernel, dwconv_wgrad_rows_kernel, grid as r
 from .triton_rows import strip3_sum_rows_kernel, strip3_wgrad_rows_kernel
 from .triton_common import KEY as _KEY, PRUNE as _PRUNE, bench as _bench, check_device as _check_device, configs
 from .triton_common import choose, fastest as _fastest, gelu as _gelu, gelu_grad as _gelu_grad, implementation
-from .triton_common import input_bias as _input_bias, load_input as _load_input
+from .triton_common import conv_bias as _conv_bias, load_input as _load_input
 from .triton_common import packed_strip_slots as _packed_strip_slots
 from .triton_bands import dwconv_wgrad_bands_kernel, fits as _band_fits, fits_kxk as _band_fits_kxk
 from .triton_bands import parts as _band_parts, programs as _band_programs, strip3_bands_kernel
@@ -88,7 +88,7 @@ def _dwconv_kernel(x_ptr, w_ptr, b_ptr, g_ptr, out_ptr, ib_ptr, C, H, W, sn, sc,
     base = n * sn + c[:, None] * sc
     ib = 0.0
     if IN_BIAS:
-        ib = _input_bias(ib_ptr, c, cmask, x_ptr)
+        ib = _conv_bias(ib_ptr, c, cmask, x_ptr)[:, None]
     acc = tl.zeros((BLOCK_C, BLOCK_H * BLOCK_W), dtype=tl.float32)
     for i in tl.static_range(KH):
         for j in tl.static_range(KW):
@@ -583,7 +583,7 @@ def _wgrad_bands(grad, x, weight):
     if not _kxk_bands_apply(grad, x, weight):
         return _wgrad_rows(grad, x, weight)
     return _wgrad_partials(dwconv_wgrad_bands_kernel, grad, x, weight, chunks=_band_chunks(x),
-                           PARTS=int(x.dtype == torch.bfloat16))
+                           PARTS=_band_parts(x.dtype, x.dtype))
 
 
 def _wgrad_torch(grad, x, weight):
@@ -789,7 +789,7 @@ def _strip3_wgrad_fused(grads, xs, weights, along_w, family: str = 'tiles') -> t
     if family == 'bands':
         strip3_wgrad_bands_kernel[(c, chunks)](
             *grads, x0, x1, x2, partials, n, c, h, w, *x0.stride(), chunks, *lengths,
-            ONE_INPUT=x0 is x1 and x1 is x2, PARTS=int(x0.dtype == torch.bfloat16))  # one dtype (_bands_apply)
+            ONE_INPUT=x0 is x1 and x1 is x2, PARTS=_band_parts(x0.dtype, x0.dtype))  # one dtype (_bands_apply)
     elif family == 'tiles':
         _strip3_wgrad_kernel[grid](
             *grads, x0, x1, x2, partials, n, c, h, w, *x0.stride(), chunks, *lengths,

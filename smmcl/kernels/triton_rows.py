@@ -32,7 +32,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import KEY, PRUNE, bench, configs, gelu, gelu_grad, input_bias, load_input, packed_strip_slots
+from .triton_common import KEY, PRUNE, bench, configs, conv_bias, gelu, gelu_grad, load_input, packed_strip_slots
 
 # (BLOCK_C, ROWS, BLOCK_W, warps). Each of the ROWS output rows is its own BLOCK_C x BLOCK_W accumulator,
 # so a row holds at least one element per thread (BLOCK_C * BLOCK_W >= 32 * warps: no thread repeats
@@ -168,7 +168,7 @@ def dwconv_rows_kernel(x_ptr, w_ptr, b_ptr, g_ptr, out_ptr, ib_ptr, C, H, W, sn,
     a1, a2, a3 = a0, a0, a0
     ib = 0.0
     if IN_BIAS:
-        ib = input_bias(ib_ptr, c, cmask, x_ptr)
+        ib = conv_bias(ib_ptr, c, cmask, x_ptr)[:, None]
     a0, a1, a2, a3 = _walk(a0, a1, a2, a3, x_ptr + n * sn + (c * sc)[:, None], w_ptr, c, cmask, h0, w, H, W,
                            sh, sw, (KH - 1) // 2, KH, KW, TRANSPOSE, ROWS, ib, IN_BIAS)
     _finish_row(a0, out_ptr, b_ptr, g_ptr, n, c, cmask, h0, w, H, W, sn, sc, sh, sw, HAS_BIAS, EPILOGUE)
