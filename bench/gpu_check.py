@@ -505,31 +505,47 @@ def _stream_width_table(args, title, columns, floors, measure, calls_per_block):
 
 
 def residual_tail_table(args, device, bandwidth):
-    """ms of one training block tail ``x + y * f`` forward + backward (x float32, y bf16, f per channel),
-    per stage and layout, against its floor (forward reads x and y and writes the sum, backward reads the
-    gradient and y and writes y's gradient: 18 bytes an element): ``aten`` as autocast runs ``addcmul``
-    (y copied to float32 first, then the cast's backward), ``triton`` ``smmcl::scaled_residual`` (the
-    fast path's tails with the kernels on); and the whole MSCAN-B step's totals (two tails a block, both
-    branches)."""
+    """ms of a training block's two tails forward + backward (x the float32 stream, y the bf16 output of the
+    branch's last 1x1 conv without its bias b, f per channel), per stage and layout, against their floors:
+    the attention's ``x + ((y + b) + s) * f`` (s its float32 input: forward reads x, y and s and writes
+    the sum and the float32 branch the backward keeps, backward reads the gradient and that branch and
+    writes y's and s's gradients: 32 bytes an element) and the MLP's ``x + (y + b) * f`` (18). ``aten``:
+    the plain fast path's passes (the bias add after the conv, the shortcut's add, autocast's ``addcmul``
+    and their backward with the bias sum), ``triton``: ``smmcl::shortcut_residual`` and
+    ``smmcl::scaled_residual`` with the bias (the fast path's tails with the kernels on); and the whole
+    MSCAN-B step's totals (one of each a block, both branches)."""
     import torch
     from smmcl.kernels import load_ops
     ops = load_ops()
     n = 1 if args.smoke else args.batch
-    tails = {'aten': lambda x, y, f: torch.addcmul(x, y.float(), f), 'triton': ops.scaled_residual}
+
+    def aten(x, y, f, b, s=None):
+        v = y + b.to(y.dtype)[:, None, None]
+        return torch.addcmul(x, (v if s is None else v + s).float(), f)
+
+    tails = {'attn aten': aten, 'attn triton': lambda x, y, f, b, s: ops.shortcut_residual(x, y, f, b, s)[0],
+             'mlp aten': lambda x, y, f, b, s: aten(x, y, f, b),
+             'mlp triton': lambda x, y, f, b, s: ops.scaled_residual(x, y, f, b)}
 
     def measure(c, h, w, fmt, layout):
-        x = torch.randn(n, c, h, w, device=device).contiguous(memory_format=fmt).requires_grad_()
+        x, s = (torch.randn(n, c, h, w, device=device).contiguous(memory_format=fmt).requires_grad_()
+                for _ in range(2))
         y = torch.randn(n, c, h, w, device=device).to(torch.bfloat16).contiguous(memory_format=fmt)
         y.requires_grad_()
         f = torch.rand(c, 1, 1, device=device, requires_grad=True)
+        b = torch.rand(c, device=device, requires_grad=True)
         grad = torch.randn(n, c, h, w, device=device).contiguous(memory_format=fmt)
-        times = {f'{layout} {impl}': time_ms(lambda tail=tail: torch.autograd.grad(tail(x, y, f), (x, y, f), grad),
-                                             device, args.smoke) for impl, tail in tails.items()}
-        return dict(times, floor=x.numel() * 18 / bandwidth * 1e3)
+        times = {}
+        for name, tail in tails.items():
+            inputs = (x, y, f, b) + ((s,) if name.startswith('attn') else ())
+            times[f'{layout} {name}'] = time_ms(lambda tail=tail, inputs=inputs: torch.autograd.grad(
+                tail(x, y, f, b, s), inputs, grad), device, args.smoke)
+        floors = {'attn floor': 32, 'mlp floor': 18}  # bytes an element
+        return dict(times, **{name: x.numel() * size / bandwidth * 1e3 for name, size in floors.items()})
 
-    columns = [f'{layout} {impl}' for layout in ('NHWC', 'NCHW') for impl in tails]
-    return _stream_width_table(args, 'block tails x + y * f, forward + backward (y bf16)', columns, ['floor'],
-                               measure, 2)
+    columns = [f'{layout} {name}' for layout in ('NHWC', 'NCHW') for name in tails]
+    return _stream_width_table(args, 'block tails x + v * f, forward + backward (y bf16)', columns,
+                               ['attn floor', 'mlp floor'], measure, 1)
 
 
 def bias_epilogue_table(args, device, bandwidth):
@@ -1320,8 +1336,11 @@ def sweep_worker(args, device):
                     triton_channel.bias_add(g, torch.zeros(c, device=device), 'triton', epilogue, gate)
                     triton_channel.bias_epilogue_grad(g, g, torch.zeros(c, device=device), epilogue, gate, 'triton')
             if kind == 'attn':  # the residual stream's width: the block tails' passes
-                stream, factor = g.float(), torch.ones(c, 1, 1, device=device)
-                triton_channel.scaled_residual_grad(stream, g, factor, impl='triton')
+                stream, factor, bias = g.float(), torch.ones(c, 1, 1, device=device), torch.zeros(c, device=device)
+                for shortcut in (None, stream):  # the MLP's tail, the attention's with its own shortcut
+                    _, branch = triton_channel.scaled_residual(stream, g, factor, bias, shortcut, impl='triton')
+                    triton_channel.scaled_residual_grad(stream, g if branch is None else branch, factor, bias,
+                                                        None if branch is None else g.dtype, impl='triton')
                 for shortcut in (factor, None):  # the attention's affine shortcut, the MLP's add; with the bias
                     triton_channel.residual_pair(g, stream, shortcut, torch.zeros(c, device=device), impl='triton')
             for piece, ours, _, weights in _pieces(kind, c, device, torch.bfloat16):

@@ -91,10 +91,12 @@ def _channel_cases():
     """(name, [(family, kernel, constexprs, loop repeats or None)], pointer dtypes) of the per-channel passes
     (:mod:`smmcl.kernels.triton_channel`), as the fast bf16 path runs them: the bias add on a bf16 conv
     output (alone, with proj_1's GELU, with conv3's gate) and its backward (the bias gradient's sums of a
-    bf16 gradient, and with each epilogue's backward), the block tails' backward on the float32 residual
-    stream's gradient and a bf16 branch (the backward passes loop over pixel blocks: counted per element
-    of the loop body), the folded blocks' float32 stream and its bf16 copy (with the branch's last bias)."""
+    bf16 gradient, and with each epilogue's backward), the training block tails on the float32 residual
+    stream and a bf16 branch with its conv's bias, the MLP's and the attention's with its float32 shortcut,
+    forward and backward (the backward passes loop over pixel blocks: counted per element of the loop
+    body), the folded blocks' float32 stream and its bf16 copy (with the branch's last bias)."""
     add, grad = channel.bias_add_kernel, channel.bias_grad_kernel
+    tail, tail_grad = channel.scaled_residual_kernel, channel.scaled_residual_grad_kernel
     return [
         ('bias_add', [('triton', add, dict(EPILOGUE=0), None)], {}),
         ('bias_gelu', [('triton', add, dict(EPILOGUE=1), None)], {}),
@@ -102,8 +104,15 @@ def _channel_cases():
         ('bias_grad', [('triton', grad, dict(EPILOGUE=0), 1)], dict(out_ptr='fp32')),
         ('bias_gelu_grad', [('triton', grad, dict(EPILOGUE=1), 1)], dict(out_ptr='fp32')),
         ('bias_gate_grad', [('triton', grad, dict(EPILOGUE=2), 1)], dict(out_ptr='fp32')),
-        ('residual_grad', [('triton', channel.scaled_residual_grad_kernel, dict(PER_IMAGE=False), 1)],
-         dict(g_ptr='fp32', f_ptr='fp32', out_ptr='fp32')),
+        ('residual', [('triton', tail, dict(PER_IMAGE=False, HAS_BIAS=True, HAS_SHORTCUT=False), None)],
+         dict(x_ptr='fp32', f_ptr='fp32', bias_ptr='fp32', out_ptr='fp32')),
+        ('residual_grad', [('triton', tail_grad, dict(PER_IMAGE=False, HAS_BIAS=True, HAS_SHORTCUT=False), 1)],
+         dict(g_ptr='fp32', f_ptr='fp32', bias_ptr='fp32', out_ptr='fp32', bias_out_ptr='fp32')),
+        ('shortcut_residual', [('triton', tail, dict(PER_IMAGE=False, HAS_BIAS=True, HAS_SHORTCUT=True), None)],
+         dict(x_ptr='fp32', f_ptr='fp32', bias_ptr='fp32', s_ptr='fp32', out_ptr='fp32', v_ptr='fp32')),
+        ('shortcut_residual_grad', [('triton', tail_grad, dict(PER_IMAGE=False, HAS_BIAS=True, HAS_SHORTCUT=True), 1)],
+         dict(g_ptr='fp32', v_ptr='fp32', f_ptr='fp32', bias_ptr='fp32', gs_ptr='fp32', out_ptr='fp32',
+              bias_out_ptr='fp32')),
         ('residual_pair', [('triton', channel.residual_pair_kernel, dict(HAS_FACTOR=True, HAS_BIAS=True), None)],
          dict(b_ptr='fp32', f_ptr='fp32', bias_ptr='fp32', out_ptr='fp32')),
     ]

@@ -191,9 +191,10 @@ def test_band_kernels_run_on_the_tensor_cores():
 @pytest.mark.skipif(importlib.util.find_spec('triton') is None, reason='needs Triton (its ptxas and cuobjdump)')
 def test_per_channel_passes_compile_to_wide_accesses_without_spills():
     """The bias add (alone, with proj_1's GELU, with conv3's gate) and its backward (the bias gradient's
-    sums, with each epilogue's backward), the block tails' backward and the folded blocks' stream pair,
-    compiled for sm_90 by bench/sass.py: no spills, 16-byte accesses (one load instruction per 8 bf16 or
-    4 float32 elements a thread: bias sums 1/8, the tails' backward 3/8 with its float32 gradient), a
+    sums, with each epilogue's backward), the training block tails (with the branch's bias; the attention's
+    with its shortcut) forward and backward, and the folded blocks' stream pair, compiled for sm_90 by
+    bench/sass.py: no spills, 16-byte accesses (one load instruction per 8 bf16 or 4 float32 elements a
+    thread: bias sums 1/8, the MLP tail's backward 3/8 with its float32 gradient), a
     handful of instructions per element where there is no GELU, in both layouts: memory-bound passes.
     The exact GELU's erf costs ~35 instructions an element (ATen's GELU pays the same): those passes are
     about as bound by instructions as by memory on an H200, and stay under 64."""
@@ -204,10 +205,14 @@ def test_per_channel_passes_compile_to_wide_accesses_without_spills():
     # as printed (2 decimals); the stream pair reads a bf16 and a float32 map, the factor and the branch's
     # bias, and writes both maps (12 bytes an element: still ~5x more time in memory than in instructions on
     # an H200; in channels_last the two per-channel vectors take a quarter of a load instruction an element)
+    # the training tails' forward reads x (float32), y (bf16) and the attention's float32 shortcut, with
+    # the factor and bias vectors, and writes the sum and the attention's float32 branch; their backward
+    # reads the gradient and y (0.38) or the float32 branch (0.5) and the bias only once
     most_loads = {'bias_add': 0.38, 'bias_gelu': 0.38, 'bias_gate': 0.5, 'bias_grad': 0.13, 'bias_gelu_grad': 0.25,
-                  'bias_gate_grad': 0.38, 'residual_grad': 0.38, 'residual_pair': 0.88}
+                  'bias_gate_grad': 0.38, 'residual': 0.88, 'residual_grad': 0.38, 'shortcut_residual': 1.13,
+                  'shortcut_residual_grad': 0.5, 'residual_pair': 0.88}
     most_instructions = dict.fromkeys(most_loads, 16)
-    most_instructions.update(residual_pair=24, bias_gelu=64, bias_gelu_grad=64)
+    most_instructions.update(residual=24, shortcut_residual=24, residual_pair=24, bias_gelu=64, bias_gelu_grad=64)
     out = subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'bench', 'sass.py'), '--first', '--only',
                           ','.join(most_loads)], capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]

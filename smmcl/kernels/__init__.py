@@ -21,10 +21,12 @@ and operators they replace:
   cores (three TF32 products, :mod:`smmcl.kernels.triton_matmul`; ``SMMCL_TRITON_BMM``: ``triton``,
   ``torch`` = ``torch.bmm``, or ``auto``, the default: the faster per shape, timed once on the GPU);
 - ``smmcl::scaled_residual``: a block tail ``x + y * f`` (layer scale, drop path), one pass forward and
-  one Triton pass backward where autocast's ``addcmul`` takes six;
+  one Triton pass backward where autocast's ``addcmul`` takes six, with the bias of the conv that made y
+  (fc2's) in the same passes; ``smmcl::shortcut_residual`` the same with the branch's own shortcut too
+  (the attention's ``proj_2(...) + x``);
 - ``smmcl::residual_pair`` (inference): a folded block's residual add writing the float32 stream and its
   copy in the autocast dtype, which the next 1x1 conv reads (:mod:`smmcl.kernels.triton_channel` for
-  these five: ``SMMCL_TRITON_CHANNEL``: ``triton``, ``torch`` = ATen's operators, or ``auto``, the
+  these six: ``SMMCL_TRITON_CHANNEL``: ``triton``, ``torch`` = ATen's operators, or ``auto``, the
   default: the faster per op and shape, timed once on the GPU).
 
 Their backward computes input gradients with Triton; weight and bias gradients with one of five

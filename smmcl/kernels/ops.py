@@ -8,10 +8,12 @@ Memory: like PyTorch, each op keeps its input for the backward; unlike the unfus
 nothing else. ``mscan_strip_sum`` recomputes the three horizontal strip outputs in its backward
 (the plain path stores them), and ``dwconv2d_gelu`` recomputes the pre-GELU map (the plain path
 stores it: one hidden-width map per MLP); with fc1's bias as its ``in_bias`` it keeps fc1's output
-without the bias (the plain path: with it, the same size). ``add_channel_bias`` keeps only the bias (its backward sums
-the gradient per channel), ``add_channel_bias_gelu`` the conv's output without its bias (the plain path:
-the GELU's input, the same size), ``add_channel_bias_gate`` that and the gate (the plain path: the
-product's two factors), ``scaled_residual`` the branch and the factor, as ``addcmul`` does.
+without the bias (the plain path: with it, the same size). ``add_channel_bias`` keeps only the bias
+(its backward sums the gradient per channel), ``add_channel_bias_gelu`` the conv's output without its
+bias (the plain path: the GELU's input, the same size), ``add_channel_bias_gate`` that and the gate
+(the plain path: the product's two factors), ``scaled_residual`` the branch and the factor, as
+``addcmul`` does (with the bias of the conv that made the branch, the branch without it: the same size);
+``shortcut_residual`` its branch, the sum with the shortcut, as the unfused ops keep it for ``addcmul``.
 """
 from __future__ import annotations
 
@@ -301,7 +303,8 @@ def _(y, bias, gate):
 
 
 @torch.library.custom_op('smmcl::add_channel_bias_gate_backward', mutates_args=())
-def add_channel_bias_gate_backward(grad: Tensor, y: Tensor, bias: Tensor, gate: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+def add_channel_bias_gate_backward(grad: Tensor, y: Tensor, bias: Tensor,
+                                  gate: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """(grad y, grad bias, grad gate) of :func:`add_channel_bias_gate`."""
     gy, gu, gb = CH.bias_epilogue_grad(grad, y, bias, 'gate', gate=gate)
     return gy, gb, gu
@@ -320,51 +323,91 @@ def _add_channel_bias_gate_grad(ctx, grad):
 add_channel_bias_gate.register_autograd(_add_channel_bias_gate_grad, setup_context=_save_inputs)
 
 
-# ---- a residual branch with a per-channel scale: x + y * f ---------------------------------------------
+# ---- a residual branch with a per-channel scale: x + v * f, v = y (+ bias) (+ shortcut) ------------------
 
-def _residual_like(x: Tensor, y: Tensor, factor: Tensor) -> Tensor:
-    return torch.empty_like(x, dtype=CH.sum_dtype(x, y, factor), memory_format=K._layout(x))
+def _residual_like(x: Tensor, y: Tensor, factor: Tensor, shortcut: Optional[Tensor] = None) -> Tensor:
+    return torch.empty_like(x, dtype=CH.tail_dtype(x, y, factor, shortcut), memory_format=K._layout(x))
 
 
 @torch.library.custom_op('smmcl::scaled_residual', mutates_args=())
-def scaled_residual(x: Tensor, y: Tensor, factor: Tensor) -> Tensor:
-    """``x + y * factor``: x, y N-C-H-W (x the residual stream, y the branch; any float dtypes), factor
-    C-1-1 or N-C-1-1; in the promoted dtype (float32 for the fast path's stream) and x's layout. Computed
-    in one pass with y converted as it is read (autocast's ``addcmul`` first copies a bf16 y to float32:
-    the same values); the backward is :func:`triton_channel.scaled_residual_grad`'s one pass."""
-    CH.check_factor(factor, y)
-    return torch.addcmul(x, y, factor, out=_residual_like(x, y, factor))  # the out= form: no autocast cast
+def scaled_residual(x: Tensor, y: Tensor, factor: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``x + v * factor``: x, y N-C-H-W (x the residual stream, y the branch; any float dtypes), factor
+    C-1-1 or N-C-1-1, v = y, plus ``bias`` (C or None: that of the conv that made y, as ``add_channel_bias``
+    adds it); in the promoted dtype (float32 for the fast path's stream) and x's layout. One pass
+    (:func:`triton_channel.scaled_residual`), y converted as it is read (autocast's ``addcmul`` first
+    copies a bf16 y to float32: the same values); the backward is one pass too
+    (:func:`triton_channel.scaled_residual_grad`), adding the bias again."""
+    return CH.scaled_residual(x, y, factor, bias)[0]
 
 
 @scaled_residual.register_fake
-def _(x, y, factor):
+def _(x, y, factor, bias=None):
     return _residual_like(x, y, factor)
 
 
+@torch.library.custom_op('smmcl::shortcut_residual', mutates_args=())
+def shortcut_residual(x: Tensor, y: Tensor, factor: Tensor, bias: Optional[Tensor],
+                      shortcut: Tensor) -> Tuple[Tensor, Tensor]:
+    """(``x + v * factor``, v) as :func:`scaled_residual`, with the branch's own shortcut in v: ``v = y (+
+    bias) + shortcut`` (N-C-H-W, a dtype at least as wide as y's: the attention's ``proj_2(...) + x``, x
+    its input). v (the shortcut's dtype) is for the backward, which keeps it as the unfused ops keep the
+    float32 sum for ``addcmul``; it takes no gradient."""
+    return CH.scaled_residual(x, y, factor, bias, shortcut)
+
+
+@shortcut_residual.register_fake
+def _(x, y, factor, bias, shortcut):
+    return _residual_like(x, y, factor, shortcut), _like(shortcut)
+
+
 @torch.library.custom_op('smmcl::scaled_residual_backward', mutates_args=())
-def scaled_residual_backward(grad: Tensor, y: Tensor, factor: Tensor) -> Tuple[Tensor, Tensor]:
-    """(grad y, grad factor) of :func:`scaled_residual`."""
-    return CH.scaled_residual_grad(grad, y, factor)
+def scaled_residual_backward(grad: Tensor, branch: Tensor, factor: Tensor, bias: Optional[Tensor] = None,
+                             y_dtype: Optional[torch.dtype] = None) -> List[Tensor]:
+    """[grad y, grad factor], then grad bias with a bias, then grad shortcut with ``y_dtype`` (y's dtype:
+    ``branch`` is :func:`shortcut_residual`'s v; without it, y as given to :func:`scaled_residual`)."""
+    return [g for g in CH.scaled_residual_grad(grad, branch, factor, bias, y_dtype) if g is not None]
 
 
 @scaled_residual_backward.register_fake
-def _(grad, y, factor):
-    return _like(y), factor.new_empty(factor.shape)
+def _(grad, branch, factor, bias=None, y_dtype=None):
+    return ([torch.empty_like(branch, dtype=y_dtype or branch.dtype, memory_format=K._layout(branch)),
+             factor.new_empty(factor.shape)] + ([] if bias is None else [bias.new_empty(bias.shape)])
+            + ([] if y_dtype is None else [_like(branch)]))
+
+
+def _residual_grads(ctx, grad, branch, y_dtype):
+    """grad x, y, factor, bias and (with ``y_dtype``) the shortcut, from the saved branch."""
+    factor, bias = ctx.saved_tensors[1:]
+    grads = iter(scaled_residual_backward(grad, branch, factor, bias, y_dtype))
+    grad_y, grad_factor = next(grads), next(grads)
+    return (grad.to(ctx.x_dtype), grad_y, grad_factor) + ((None if bias is None else next(grads)),) + tuple(grads)
 
 
 def _save_branch(ctx, inputs, output):
-    x, y, factor = inputs
-    ctx.save_for_backward(y, factor)
+    x, y, factor, bias = inputs
+    ctx.save_for_backward(y, factor, bias)
     ctx.x_dtype = x.dtype
 
 
 def _scaled_residual_grad(ctx, grad):
-    y, factor = ctx.saved_tensors
-    grad_y, grad_factor = scaled_residual_backward(grad, y, factor)
-    return grad.to(ctx.x_dtype), grad_y, grad_factor
+    return _residual_grads(ctx, grad, ctx.saved_tensors[0], None)
 
 
 scaled_residual.register_autograd(_scaled_residual_grad, setup_context=_save_branch)
+
+
+def _save_sum(ctx, inputs, output):
+    x, y, factor, bias, _ = inputs
+    ctx.save_for_backward(output[1], factor, bias)
+    ctx.mark_non_differentiable(output[1])
+    ctx.x_dtype, ctx.y_dtype = x.dtype, y.dtype
+
+
+def _shortcut_residual_grad(ctx, grad, _):
+    return _residual_grads(ctx, grad, ctx.saved_tensors[0], ctx.y_dtype)
+
+
+shortcut_residual.register_autograd(_shortcut_residual_grad, setup_context=_save_sum)
 
 
 # ---- inference: a residual stream and the copy its next conv reads, in one pass ------------------------

@@ -1,5 +1,5 @@
 """Per-channel passes over an N-C-H-W map, one Triton pass each: a convolution's bias add and bias
-gradient, and the backward of a residual branch's per-channel scale.
+gradient, and a block tail (a residual branch's per-channel scale and add) with its backward.
 
 After a cuDNN convolution ATen adds the bias with a broadcast ``add_`` (a generic element-wise kernel that
 cannot vectorise a broadcast operand; the likeliest source of the H200 profiles' ~5.1 ms of
@@ -10,20 +10,24 @@ under autocast; the likeliest source of the training profile's 9.2 ms of bf16 re
 reading each gradient once, is ~0.8 ms). The fast path's block tails ``x + y * f`` (f the layer scale,
 per channel or, with drop path, per image and channel) run as ``addcmul``, whose backward under autocast
 is four passes over the map (``grad * f``, its cast to y's bf16, ``grad * y`` and its sum) and whose
-forward casts y to float32 first (autocast promotes ``addcmul``'s operands). Two of MSCAN's 1x1 convs
+forward casts y to float32 first (autocast promotes ``addcmul``'s operands); y itself is the branch's
+last 1x1 conv's output after its bias add (proj_2's, fc2's), and the attention's also after its own
+shortcut's add (``proj_2(...) + x``, bf16 + float32: a non-vectorised pass). Two of MSCAN's 1x1 convs
 feed one element-wise op only: proj_1 the GELU, the attention's conv3 its product with the gate
 (``conv3(attn) * u``); under ATen each is a pass of its own after the bias add, and its backward
 another before the bias sum.
 
-Here every pass works on tiles of BLOCK_C channels x BLOCK_P pixels: :func:`bias_add` writes
-``y + bias`` (the bias rounded to y's dtype first, the sum in float32, as ATen's add), or its GELU, or
-its product with a gate, in the same pass; :func:`bias_grad` has each program walk a fixed share of the
-pixels and write one float32 partial per channel (:func:`bias_epilogue_grad`: with the epilogue's
-backward in the same pass, writing the gradients it sums);
-:func:`scaled_residual_grad` writes ``grad * f`` in y's dtype and sums ``grad * y`` per image and channel
-the same way, reading grad and y once. Partials are summed once, so no result depends on the order in
-which programs run (no atomics). ``SMMCL_TRITON_CHANNEL``: ``triton``, ``torch`` (ATen's operators) or
-``auto``, the default: the faster per op and shape, timed once on the GPU.
+Here every pass works on tiles of BLOCK_C channels x BLOCK_P pixels: :func:`bias_add` writes ``y + bias``
+(the bias rounded to y's dtype first, the sum in float32, as ATen's add), or its GELU, or its product with
+a gate, in the same pass; :func:`bias_grad` has each program walk a fixed share of the pixels and write
+one float32 partial per channel (:func:`bias_epilogue_grad`: with the epilogue's backward in the same
+pass, writing the gradients it sums); :func:`scaled_residual` adds the conv's bias and the shortcut to y
+as it reads them (keeping, with a shortcut, the float32 branch for the backward, as ``addcmul`` keeps its
+operand) and writes the tail's sum; :func:`scaled_residual_grad` writes ``grad * f`` in y's dtype (and the
+shortcut's), and sums ``grad * v`` per image and channel and y's gradient per channel the same way,
+reading grad and the branch once. Partials are summed once, so no result depends on the order in which
+programs run (no atomics). ``SMMCL_TRITON_CHANNEL``: ``triton``, ``torch`` (ATen's operators) or ``auto``,
+the default: the faster per op and shape, timed once on the GPU.
 
 Importing this module needs Triton (see :mod:`smmcl.kernels.triton_common`).
 """
@@ -77,6 +81,21 @@ def bias_add_kernel(y_ptr, b_ptr, u_ptr, out_ptr, N, C, H, W, sn, sc, sw, EPILOG
     tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _branch(y_ptr, bias, s_ptr, offs, mask, HAS_BIAS: tl.constexpr, HAS_SHORTCUT: tl.constexpr):
+    """A residual branch's value at ``offs`` as float32, as the ops that make it store it: y (a conv's output)
+    plus, with HAS_BIAS, the conv's ``bias`` (BLOCK_C, :func:`conv_bias`; the sum rounded to y's dtype, as
+    :func:`bias_add_kernel` stores it), plus, with HAS_SHORTCUT, the branch's own shortcut s (the sum rounded
+    to s's dtype, which the callers make the promoted one: the attention's ``proj_2(...) + x``)."""
+    v = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        v = (v + bias[:, None]).to(y_ptr.dtype.element_ty).to(tl.float32)
+    if HAS_SHORTCUT:
+        v = (v + tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(s_ptr.dtype.element_ty)
+        v = v.to(tl.float32)
+    return v
+
+
 @triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'HAS_FACTOR', 'HAS_BIAS'], prune_configs_by=PRUNE,
                  do_bench=bench)
 @triton.jit
@@ -90,9 +109,8 @@ def residual_pair_kernel(a_ptr, b_ptr, f_ptr, bias_ptr, out_ptr, low_ptr, N, C, 
     rounded to a's dtype, the sum too). a, b, out and low share their strides (rows at ``W * sw``, as
     :func:`bias_grad_kernel`)."""
     c, cmask, offs, mask = _tile(C, H, W, sn, sc, sw, BLOCK_C, BLOCK_P)
-    a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        a = (a + conv_bias(bias_ptr, c, cmask, a_ptr)[:, None]).to(a_ptr.dtype.element_ty).to(tl.float32)
+    bias = conv_bias(bias_ptr, c, cmask, a_ptr) if HAS_BIAS else None
+    a = _branch(a_ptr, bias, a_ptr, offs, mask, HAS_BIAS, False)
     b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_FACTOR:
         v = a + b * tl.load(f_ptr + c, mask=cmask, other=0.0).to(tl.float32)[:, None]
@@ -141,28 +159,67 @@ def bias_grad_kernel(g_ptr, y_ptr, b_ptr, u_ptr, gy_ptr, gu_ptr, out_ptr, N, C, 
     tl.store(out_ptr + chunk * C + c, tl.sum(acc, axis=1), mask=cmask)
 
 
-@triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'PER_IMAGE'], prune_configs_by=PRUNE, do_bench=bench)
+@triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'PER_IMAGE', 'HAS_BIAS', 'HAS_SHORTCUT'],
+                 prune_configs_by=PRUNE, do_bench=bench)
 @triton.jit
-def scaled_residual_grad_kernel(g_ptr, y_ptr, f_ptr, gy_ptr, out_ptr, N, C, H, W, sn, sc, sw, chunks,
-                                PER_IMAGE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """The backward of ``out = x + y * f`` for grad ``g``, f float32 C (or N x C if PER_IMAGE). Program
-    (cb, n * chunks + k) walks image n's pixel blocks k, k + chunks, ...: it writes ``gy = g * f`` (in
-    gy's dtype) and ``out[n * chunks + k, c]``, the float32 sum of ``g * y`` over its pixels. g, y and gy
-    share their strides, rows at ``W * sw`` (as :func:`bias_grad_kernel`)."""
+def scaled_residual_kernel(x_ptr, y_ptr, f_ptr, bias_ptr, s_ptr, out_ptr, v_ptr, N, C, H, W, sn, sc, sw,
+                           PER_IMAGE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SHORTCUT: tl.constexpr,
+                           BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Program (image x pixel block, cb) writes ``out = x + v * f`` in float32 arithmetic, stored in out's
+    dtype: v the branch (:func:`_branch`: y, with the bias, with the shortcut s), f float32 C (or N x C if
+    PER_IMAGE). With HAS_SHORTCUT it also writes v (in s's dtype, as :func:`_branch` rounds it) for the
+    backward, which cannot recompute it without s. x, y, s, out and v share their strides (rows at
+    ``W * sw``, as :func:`bias_grad_kernel`)."""
+    c, cmask, offs, mask = _tile(C, H, W, sn, sc, sw, BLOCK_C, BLOCK_P)
+    n = tl.program_id(0) // tl.cdiv(H * W, BLOCK_P)
+    f = tl.load(f_ptr + (n * C if PER_IMAGE else 0) + c, mask=cmask, other=0.0).to(tl.float32)
+    bias = conv_bias(bias_ptr, c, cmask, y_ptr) if HAS_BIAS else None
+    v = _branch(y_ptr, bias, s_ptr, offs, mask, HAS_BIAS, HAS_SHORTCUT)
+    if HAS_SHORTCUT:
+        tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
+    out = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) + v * f[:, None]
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'PER_IMAGE', 'HAS_BIAS', 'HAS_SHORTCUT'],
+                 prune_configs_by=PRUNE, do_bench=bench)
+@triton.jit
+def scaled_residual_grad_kernel(g_ptr, v_ptr, f_ptr, bias_ptr, gy_ptr, gs_ptr, out_ptr, bias_out_ptr,
+                                N, C, H, W, sn, sc, sw, chunks, PER_IMAGE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                HAS_SHORTCUT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The backward of :func:`scaled_residual_kernel` for grad ``g``. Program (cb, n * chunks + k) walks image
+    n's pixel blocks k, k + chunks, ...: it writes ``gy = g * f`` (in gy's dtype: y's gradient, and the
+    bias add's), with HAS_SHORTCUT the same in gs's dtype (the shortcut's gradient), and at row
+    ``n * chunks + k`` of out the float32 sums of ``g * v`` over its pixels, with HAS_BIAS at that of
+    bias_out those of gy as rounded. v: with HAS_SHORTCUT the branch the forward wrote, else y, the bias
+    added again with HAS_BIAS. g, v, gy and gs share their strides, rows at ``W * sw`` (as
+    :func:`bias_grad_kernel`)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     n = tl.program_id(1) // chunks
     pixels = H * W
     f = tl.load(f_ptr + (n * C if PER_IMAGE else 0) + c, mask=cmask, other=0.0).to(tl.float32)
+    # the branch's bias is read by the backward's recomputation only without a shortcut (then the saved
+    # branch has it already); the rounding to y's dtype is gy's (y's gradient has y's dtype)
+    bias = conv_bias(bias_ptr, c, cmask, gy_ptr) if HAS_BIAS and not HAS_SHORTCUT else None
     acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+    bias_acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
     for b in range(tl.program_id(1) % chunks, tl.cdiv(pixels, BLOCK_P), chunks):
         p = b * BLOCK_P + tl.arange(0, BLOCK_P)
         mask = cmask[:, None] & (p < pixels)[None, :]
         offs = n * sn + c[:, None] * sc + p[None, :] * sw
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(gy_ptr + offs, (g * f[:, None]).to(gy_ptr.dtype.element_ty), mask=mask)
-        acc += g * tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        gv = g * f[:, None]
+        gy = gv.to(gy_ptr.dtype.element_ty)
+        tl.store(gy_ptr + offs, gy, mask=mask)
+        if HAS_SHORTCUT:
+            tl.store(gs_ptr + offs, gv.to(gs_ptr.dtype.element_ty), mask=mask)
+        if HAS_BIAS:
+            bias_acc += gy.to(tl.float32)
+        acc += g * _branch(v_ptr, bias, v_ptr, offs, mask, HAS_BIAS and not HAS_SHORTCUT, False)
     tl.store(out_ptr + tl.program_id(1) * C + c, tl.sum(acc, axis=1), mask=cmask)
+    if HAS_BIAS:
+        tl.store(bias_out_ptr + tl.program_id(1) * C + c, tl.sum(bias_acc, axis=1), mask=cmask)
 
 
 def _chunks(grad: torch.Tensor) -> int:
@@ -234,33 +291,92 @@ def _gated_dtype(y: torch.Tensor, gate: Optional[torch.Tensor]) -> torch.dtype:
     return y.dtype if gate is None else torch.promote_types(y.dtype, gate.dtype)
 
 
-def check_factor(factor: torch.Tensor, y: torch.Tensor) -> None:
-    """A residual factor must be per channel (C-1-1 or 1-C-1-1) or per image and channel (N-C-1-1)."""
+def check_residual(y: torch.Tensor, factor: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                   shortcut: Optional[torch.Tensor] = None) -> None:
+    """A residual factor must be per channel (C-1-1 or 1-C-1-1) or per image and channel (N-C-1-1); a bias
+    C; a shortcut shaped as the branch y, in a dtype at least as wide as y's (the sum's)."""
     n, c = y.shape[:2]
     if tuple(factor.shape) not in ((c, 1, 1), (1, c, 1, 1), (n, c, 1, 1)):
         raise ValueError(f'smmcl.kernels: a residual factor must be C-1-1 or N-C-1-1 for an N-C-H-W map of '
                          f'shape {tuple(y.shape)}, got {tuple(factor.shape)}')
+    if bias is not None and tuple(bias.shape) != (c,):
+        raise ValueError(f'smmcl.kernels: a residual branch takes a bias of {c} channels, got {tuple(bias.shape)}')
+    if shortcut is not None and (shortcut.shape != y.shape
+                                 or torch.promote_types(y.dtype, shortcut.dtype) != shortcut.dtype):
+        raise ValueError(f'smmcl.kernels: a residual branch\'s shortcut is shaped as the branch {tuple(y.shape)} '
+                         f'in a dtype at least as wide as its {y.dtype}, got {tuple(shortcut.shape)} {shortcut.dtype}')
 
 
-def _residual_triton(grad: torch.Tensor, y: torch.Tensor, factor: torch.Tensor):
+def branch_dtype(y: torch.Tensor, shortcut: Optional[torch.Tensor]) -> torch.dtype:
+    """The dtype of the branch ``y (+ bias) (+ shortcut)``, as PyTorch promotes it."""
+    return y.dtype if shortcut is None else torch.promote_types(y.dtype, shortcut.dtype)
+
+
+def tail_dtype(x: torch.Tensor, y: torch.Tensor, factor: torch.Tensor,
+               shortcut: Optional[torch.Tensor] = None) -> torch.dtype:
+    """The dtype of :func:`scaled_residual`'s ``x + v * factor``, as PyTorch promotes it."""
+    return torch.promote_types(torch.promote_types(x.dtype, branch_dtype(y, shortcut)), factor.dtype)
+
+
+def _factor_rows(factor: torch.Tensor, c: int) -> torch.Tensor:
+    return factor.reshape(-1, c).float().contiguous()  # 1 x C (per channel) or N x C (per image)
+
+
+def _tail_triton(x: torch.Tensor, y: torch.Tensor, factor: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                 shortcut: Optional[torch.Tensor] = None):
     n, c, h, w = y.shape
-    rows = factor.reshape(-1, c).float().contiguous()  # 1 x C (per channel) or N x C (per image)
-    gy = torch.empty_like(y)
-    if y.numel() == 0:
-        return gy, torch.zeros_like(factor)
-    per_image = max(1, triton.cdiv(_chunks(y), n))
-    partials = torch.empty(n * per_image, c, device=y.device, dtype=torch.float32)
+    out = torch.empty_like(x, dtype=tail_dtype(x, y, factor, shortcut))
+    v = None if shortcut is None else torch.empty_like(shortcut)
+    if out.numel():
+        rows = _factor_rows(factor, c)
+        scaled_residual_kernel[lambda m: (n * triton.cdiv(h * w, m['BLOCK_P']), triton.cdiv(c, m['BLOCK_C']))](
+            x, y, rows, rows if bias is None else bias, y if shortcut is None else shortcut, out,
+            out if v is None else v, n, c, h, w, y.stride(0), y.stride(1), y.stride(3),
+            PER_IMAGE=rows.shape[0] > 1, HAS_BIAS=bias is not None, HAS_SHORTCUT=shortcut is not None)
+    return out, v
+
+
+def _tail_torch(x: torch.Tensor, y: torch.Tensor, factor: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                shortcut: Optional[torch.Tensor] = None):
+    """ATen's: the bias add after the conv (:func:`_add_torch`), the shortcut's add (promoting), then
+    ``addcmul`` (the ``out=`` form, which reads a bf16 branch as autocast's float32 copy of it would be:
+    the same values)."""
+    v = y if bias is None else _add_torch(y, bias)
+    v = v if shortcut is None else v + shortcut
+    out = torch.addcmul(x, v, factor, out=torch.empty_like(x, dtype=tail_dtype(x, y, factor, shortcut)))
+    return out, None if shortcut is None else v
+
+
+def _residual_triton(grad: torch.Tensor, branch: torch.Tensor, factor: torch.Tensor,
+                     bias: Optional[torch.Tensor] = None, y_dtype: Optional[torch.dtype] = None):
+    n, c, h, w = branch.shape
+    rows = _factor_rows(factor, c)
+    gy = torch.empty_like(branch, dtype=y_dtype or branch.dtype)
+    gs = None if y_dtype is None else torch.empty_like(branch)
+    if branch.numel() == 0:
+        return gy, torch.zeros_like(factor), None if bias is None else gy.new_zeros(c, dtype=torch.float32), gs
+    per_image = max(1, triton.cdiv(_chunks(branch), n))
+    # every (chunk, channel) partial is written by its program: no zero-fill launch
+    partials = torch.empty(1 + (bias is not None), n * per_image, c, device=branch.device, dtype=torch.float32)
     scaled_residual_grad_kernel[lambda m: (triton.cdiv(c, m['BLOCK_C']), n * per_image)](
-        grad, y, rows, gy, partials, n, c, h, w, y.stride(0), y.stride(1), y.stride(3), per_image,
-        PER_IMAGE=rows.shape[0] > 1)
-    sums = partials.reshape(n, per_image, c).sum(1)
-    return gy, (sums if rows.shape[0] > 1 else sums.sum(0)).reshape(factor.shape).to(factor.dtype)
+        grad, branch, rows, rows if bias is None else bias, gy, gy if gs is None else gs, partials[0], partials[-1],
+        n, c, h, w, branch.stride(0), branch.stride(1), branch.stride(3), per_image, PER_IMAGE=rows.shape[0] > 1,
+        HAS_BIAS=bias is not None, HAS_SHORTCUT=gs is not None)
+    sums = partials[0].reshape(n, per_image, c).sum(1)
+    grad_factor = (sums if rows.shape[0] > 1 else sums.sum(0)).reshape(factor.shape).to(factor.dtype)
+    return gy, grad_factor, None if bias is None else partials[1].sum(0), gs
 
 
-def _residual_torch(grad: torch.Tensor, y: torch.Tensor, factor: torch.Tensor):
-    """ATen's: addcmul's backward on autocast's float32 copy of y, then the copy's backward (a cast)."""
-    grad_factor = (grad * y.to(grad.dtype)).sum_to_size(factor.shape)
-    return (grad * factor).to(y.dtype), grad_factor.to(factor.dtype)
+def _residual_torch(grad: torch.Tensor, branch: torch.Tensor, factor: torch.Tensor,
+                    bias: Optional[torch.Tensor] = None, y_dtype: Optional[torch.dtype] = None):
+    """ATen's: addcmul's backward on autocast's float32 copy of the branch, then the copy's backward (a cast)
+    or the shortcut add's (a cast for y, the gradient itself for the shortcut), and the bias sum."""
+    v = branch if bias is None or y_dtype is not None else _add_torch(branch, bias)
+    grad_factor = (grad * v.to(grad.dtype)).sum_to_size(factor.shape)
+    grad_v = grad * factor
+    gy = grad_v.to(y_dtype or branch.dtype)
+    return (gy, grad_factor.to(factor.dtype), None if bias is None else gy.sum((0, 2, 3), dtype=torch.float32),
+            None if y_dtype is None else grad_v.to(branch.dtype))
 
 
 def _pair_triton(a: torch.Tensor, b: torch.Tensor, factor: Optional[torch.Tensor] = None,
@@ -293,6 +409,7 @@ def sum_dtype(a, b, factor) -> torch.dtype:
 
 
 _IMPLS = {'add': {'triton': _add_triton, 'torch': _add_torch}, 'grad': {'triton': _grad_triton, 'torch': _grad_torch},
+          'tail': {'triton': _tail_triton, 'torch': _tail_torch},
           'residual': {'triton': _residual_triton, 'torch': _residual_torch},
           'pair': {'triton': _pair_triton, 'torch': _pair_torch}}
 CHANNEL_IMPLS = ('triton', 'torch')
@@ -377,23 +494,55 @@ def bias_epilogue_grad(grad: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, 
     return gy, gu, sums.to(y.dtype).to(bias.dtype)
 
 
-def scaled_residual_grad(grad: torch.Tensor, y: torch.Tensor, factor: torch.Tensor, impl: Optional[str] = None):
-    """(grad y, grad factor) of ``out = x + y * factor`` for ``grad`` = d loss / d out.
+def scaled_residual(x: torch.Tensor, y: torch.Tensor, factor: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                    shortcut: Optional[torch.Tensor] = None, impl: Optional[str] = None):
+    """A block tail ``x + v * factor`` in one pass, v the residual branch: y, plus (with ``bias``) the bias of
+    the conv that made y, as :func:`bias_add` adds it, plus (with ``shortcut``) the branch's own shortcut
+    (the attention's ``proj_2(...) + x``).
+
+    Args:
+        x: N-C-H-W, the residual stream (float32 on the fast path).
+        y: N-C-H-W, any float dtype (bf16 under autocast: a conv's output, without its bias if ``bias``).
+        factor: C-1-1 / 1-C-1-1 (a layer scale) or N-C-1-1 (with drop path's per-image mask), float32.
+        bias: C or None; shortcut: N-C-H-W or None, in a dtype at least as wide as y's.
+        impl: ``'triton'`` (:func:`scaled_residual_kernel`), ``'torch'`` (ATen's passes) or ``'auto'``
+            (:func:`_run`).
+    Returns:
+        The sum, N-C-H-W in x's layout and the promoted dtype of x, v and the factor (float32 arithmetic,
+        the multiply-add possibly fused: the composition's to float32 rounding); with a shortcut v too
+        (the shortcut's dtype, x's layout: the backward's branch, as ``addcmul`` keeps its float32 v),
+        else None.
+    """
+    check_device(x)
+    check_residual(y, factor, bias, shortcut)
+    x, y, *shortcut = _same_layout(_layout(x), x, y, *([] if shortcut is None else [shortcut]))
+    return _run('tail', impl, x, y, factor, bias, *shortcut)
+
+
+def scaled_residual_grad(grad: torch.Tensor, branch: torch.Tensor, factor: torch.Tensor,
+                         bias: Optional[torch.Tensor] = None, y_dtype: Optional[torch.dtype] = None,
+                         impl: Optional[str] = None):
+    """The gradients of :func:`scaled_residual`'s inputs but x (whose is ``grad``) for ``grad`` = d loss / d out,
+    in one pass.
 
     Args:
         grad: N-C-H-W, out's dtype (float32 for the fast path's residual stream).
-        y: N-C-H-W, any float dtype (bf16 under autocast); grad y comes in its dtype and layout, ``grad *
-            factor`` computed in float32 and rounded once, as autocast's ``addcmul`` and cast do.
-        factor: C-1-1 / 1-C-1-1 (a layer scale) or N-C-1-1 (with drop path's per-image mask), float32.
+        branch: without a shortcut, y as given to :func:`scaled_residual` (the bias added again); with one,
+            the v it returned, and ``y_dtype`` y's dtype.
+        factor, bias: as given to :func:`scaled_residual`.
         impl: ``'triton'`` (:func:`scaled_residual_grad_kernel`), ``'torch'`` or ``'auto'`` (:func:`_run`).
     Returns:
-        grad y (y's shape, dtype, layout); grad factor (factor's shape and dtype): float32 sums of
-        ``grad * y``.
+        grad y (y's dtype, branch's shape and layout: ``grad * factor`` computed in float32 and rounded
+        once, as autocast's ``addcmul`` and the cast or add before it do); grad factor (factor's shape and
+        dtype: float32 sums of ``grad * v``); grad bias (None without a bias: the float32 sum of grad y as
+        rounded, rounded to y's dtype as a bf16 conv's bias gradient is, in bias's dtype); grad shortcut
+        (None without one: ``grad * factor`` in its dtype, branch's layout).
     """
-    check_device(y)
-    check_factor(factor, y)
-    grad, y = _same_layout(_layout(y), grad, y)
-    return _run('residual', impl, grad, y, factor)
+    check_device(branch)
+    check_residual(branch, factor, bias)
+    grad, branch = _same_layout(_layout(branch), grad, branch)
+    gy, grad_factor, sums, gs = _run('residual', impl, grad, branch, factor, bias, y_dtype=y_dtype)
+    return gy, grad_factor, None if sums is None else sums.to(gy.dtype).to(bias.dtype), gs
 
 
 def residual_pair(a: torch.Tensor, b: torch.Tensor, factor: Optional[torch.Tensor] = None,

@@ -209,8 +209,8 @@ class Mlp(nn.Module):
 
 
 def residual_add(module: nn.Module, x: torch.Tensor):
-    """``add(x, y, f) = x + y * f`` (f per channel, or per image and channel) for a block: with the kernels
-    on, ``smmcl::scaled_residual`` (one pass forward, one Triton pass backward:
+    """``add(x, y, f) = x + y * f`` (f per channel, or per image and channel) for a folded block: with the
+    kernels on, ``smmcl::scaled_residual`` (one pass forward, one Triton pass backward:
     :mod:`smmcl.kernels.triton_channel`), else ``torch.addcmul``; the same function."""
     if per_channel_passes(module, x):
         return torch.ops.smmcl.scaled_residual
@@ -276,16 +276,24 @@ class Block(nn.Module):
         self.layer_scale_2 = nn.Parameter(1e-2 * torch.ones(dim))
 
     fused_tails = False  # set per module by use_fused_tails (the fast path)
-    fused_kernels = False  # set per module by use_fused_kernels: the tails' backward in one Triton pass
+    fused_kernels = False  # set per module by use_fused_kernels: each tail with its last bias as one Triton pass
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """N-C-H-W -> N-C-H-W."""
+        if self.fused_tails and per_channel_passes(self, x):
+            # each half's tail in one pass (smmcl::shortcut_residual, smmcl::scaled_residual), with the
+            # branch's last bias (proj_2's, fc2's) and the attention's own shortcut: no pass of their own,
+            # forward or backward
+            ops, xn = torch.ops.smmcl, self.norm1(x)
+            y = self.attn.branch(xn, add_bias=False)
+            x, _ = ops.shortcut_residual(x, y, self._factor(self.layer_scale_1, y), self.attn.proj_2.bias, xn)
+            y = self.mlp(self.norm2(x), add_bias=False)
+            return ops.scaled_residual(x, y, self._factor(self.layer_scale_2, y), self.mlp.fc2.bias)
         if self.fused_tails:  # each half's scale, drop path and residual add in one addcmul pass
-            add = residual_add(self, x)
             y = self.attn(self.norm1(x))
-            x = add(x, y, self._factor(self.layer_scale_1, y))
+            x = torch.addcmul(x, y, self._factor(self.layer_scale_1, y))
             y = self.mlp(self.norm2(x))
-            return add(x, y, self._factor(self.layer_scale_2, y))
+            return torch.addcmul(x, y, self._factor(self.layer_scale_2, y))
         x = x + self.drop_path(self.layer_scale_1[:, None, None] * self.attn(self.norm1(x)))
         x = x + self.drop_path(self.layer_scale_2[:, None, None] * self.mlp(self.norm2(x)))
         return x
