@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
 # Triton reads TRITON_INTERPRET when a kernel is decorated, its own library (tl.cdiv, ...) included,
@@ -920,6 +921,20 @@ def test_scaled_residual_is_addcmul(fmt, per_image, y_dtype, monkeypatch):
     assert got[2].shape == f.shape and rel(got[2], ref[2]) <= 1e-6
 
 
+class _MapsMade(TorchDispatchMode):
+    """Counts the maps of zeros (any ``zeros``/``zeros_like``/``new_zeros`` of 4 dims) made while on."""
+
+    def __init__(self):
+        super().__init__()
+        self.zeros = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if 'zero' in func.overloadpacket.__name__ and isinstance(out, torch.Tensor) and out.dim() == 4:
+            self.zeros += 1
+        return out
+
+
 @pytest.mark.parametrize('fmt', [NCHW, CL])
 @pytest.mark.parametrize('per_image', [False, True], ids=['layer-scale', 'drop-path'])
 @pytest.mark.parametrize('shortcut', [False, True], ids=['mlp', 'attention'])
@@ -945,9 +960,12 @@ def test_scaled_residual_adds_the_branchs_bias_and_shortcut(fmt, per_image, shor
     assert rel(out, want) <= 1e-7 and (out - want).abs().max() <= 1e-6
     if shortcut:  # what the backward keeps: the float32 branch, as the unfused ops keep it for addcmul
         assert torch.equal(branch, v) and not branch.requires_grad and branch.is_contiguous(memory_format=fmt)
+        assert [t.data_ptr() for t in out.grad_fn.saved_tensors if t.shape == y.shape] == [branch.data_ptr()]
     inputs = [x, y, f, b] + ([s] if shortcut else [])
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE)
-    got = torch.autograd.grad(out, inputs, grad)
+    with _MapsMade() as made:
+        got = torch.autograd.grad(out, inputs, grad)
+    assert made.zeros == 0  # none for the branch output, which takes no gradient
     ref = torch.autograd.grad(want, inputs, grad)
     assert torch.equal(got[0], ref[0])
     assert got[1].dtype == torch.bfloat16 and got[1].is_contiguous(memory_format=fmt)

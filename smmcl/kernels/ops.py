@@ -400,6 +400,7 @@ def _save_sum(ctx, inputs, output):
     x, y, factor, bias, _ = inputs
     ctx.save_for_backward(output[1], factor, bias)
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # the branch takes no gradient: no map of zeros made for it
     ctx.x_dtype, ctx.y_dtype = x.dtype, y.dtype
 
 
