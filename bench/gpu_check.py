@@ -323,6 +323,7 @@ def step_kernels(args, device):
                 strip_wgrad=strip_wgrad_table(args, device, bandwidth),
                 bias_grad=bias_grad_table(args, device, bandwidth),
                 residual_tail=residual_tail_table(args, device, bandwidth),
+                batch_norm=batch_norm_table(args, device, bandwidth),
                 bias_epilogue=bias_epilogue_table(args, device, bandwidth), nmf=nmf_table(args, device))
 
 
@@ -546,6 +547,48 @@ def residual_tail_table(args, device, bandwidth):
     columns = [f'{layout} {name}' for layout in ('NHWC', 'NCHW') for name in tails]
     return _stream_width_table(args, 'block tails x + v * f, forward + backward (y bf16)', columns,
                                ['attn floor', 'mlp floor'], measure, 1)
+
+
+def batch_norm_table(args, device, bandwidth):
+    """ms of a training block's two BatchNorms forward + backward under autocast (x the float32 stream), per
+    stage and layout, against their floors: the attention's norm1, whose float32 output feeds the
+    attention's shortcut and whose bf16 copy proj_1 (forward: x read twice, both written; backward: x and
+    both gradients read twice, x's gradient written: 30 bytes an element), and the MLP's norm2, whose
+    copy alone feeds fc1 (22). ``aten``: ``nn.BatchNorm2d`` and autocast's cast (and the cast's backward,
+    the two gradients' sum), ``triton``: ``smmcl::batch_norm_stats`` and ``smmcl::batch_norm_apply``
+    (``normed_pair``); and the whole MSCAN-B step's totals (one of each a block, both branches)."""
+    import torch
+    from torch import nn
+    from smmcl.kernels import load_ops
+    from smmcl.models.mscan import normed_pair
+    load_ops()  # normed_pair's ops
+    n = 1 if args.smoke else args.batch
+
+    def run(norm, x, g_full, g_low, full, fused):  # one training step of the norm and its copy
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            if fused:
+                out, low = normed_pair(norm, x, full)
+            else:
+                out = norm(x)
+                low = out.to(torch.bfloat16)
+        outputs, grads = ([out, low], [g_full, g_low]) if full else ([low], [g_low])
+        return torch.autograd.grad(outputs, [x, norm.weight, norm.bias], grads)
+
+    def measure(c, h, w, fmt, layout):
+        norm = nn.BatchNorm2d(c).to(device).train()
+        x = torch.randn(n, c, h, w, device=device).contiguous(memory_format=fmt).requires_grad_()
+        g_full = torch.randn(n, c, h, w, device=device).contiguous(memory_format=fmt)
+        g_low = g_full.to(torch.bfloat16)
+        times = {f'{layout} {name} {impl}': time_ms(lambda full=full, fused=impl == 'triton': run(
+            norm, x, g_full, g_low, full, fused), device, args.smoke)
+            for name, full in (('norm1', True), ('norm2', False)) for impl in ('aten', 'triton')}
+        floors = {'norm1 floor': 30, 'norm2 floor': 22}  # bytes an element
+        return dict(times, **{name: x.numel() * size / bandwidth * 1e3 for name, size in floors.items()})
+
+    columns = [f'{layout} {name} {impl}' for layout in ('NHWC', 'NCHW') for name in ('norm1', 'norm2')
+               for impl in ('aten', 'triton')]
+    return _stream_width_table(args, 'block BatchNorms + the bf16 copy, forward + backward', columns,
+                               ['norm1 floor', 'norm2 floor'], measure, 1)
 
 
 def bias_epilogue_table(args, device, bandwidth):
@@ -1337,6 +1380,13 @@ def sweep_worker(args, device):
                     triton_channel.bias_epilogue_grad(g, g, torch.zeros(c, device=device), epilogue, gate, 'triton')
             if kind == 'attn':  # the residual stream's width: the block tails' passes
                 stream, factor, bias = g.float(), torch.ones(c, 1, 1, device=device), torch.zeros(c, device=device)
+                bn = torch.nn.BatchNorm2d(c).to(device)
+                coef = triton_channel.batch_norm_stats(stream, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                                       0.1, 1e-5, impl='triton')
+                for full in (True, False):  # norm1 (the shortcut's float32 too), norm2
+                    triton_channel.batch_norm_apply(stream, coef, torch.bfloat16, full, impl='triton')
+                    triton_channel.batch_norm_grad(g, stream if full else None, stream, bn.weight, coef[0], coef[1],
+                                                   impl='triton')
                 for shortcut in (None, stream):  # the MLP's tail, the attention's with its own shortcut
                     _, branch = triton_channel.scaled_residual(stream, g, factor, bias, shortcut, impl='triton')
                     triton_channel.scaled_residual_grad(stream, g if branch is None else branch, factor, bias,
@@ -1395,6 +1445,7 @@ def summary(results):
             print('NMF, ms: ' + ', '.join(f'{k} {v:.3g}' if isinstance(v, float) else f'{k} {v}'
                                           for k, v in kern['nmf'].items()))
         for key, what in (('bias_grad', 'conv bias add and gradient'), ('residual_tail', 'block tails'),
+                          ('batch_norm', 'block BatchNorms'),
                           ('bias_epilogue', 'bias add + GELU, + gate')):
             if kern.get(key):
                 print(f'{what}, whole step: ' + ', '.join(f'{k} {v:.2f} ms' for k, v in kern[key]['step_ms'].items()))

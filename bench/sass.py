@@ -94,9 +94,12 @@ def _channel_cases():
     bf16 gradient, and with each epilogue's backward), the training block tails on the float32 residual
     stream and a bf16 branch with its conv's bias, the MLP's and the attention's with its float32 shortcut,
     forward and backward (the backward passes loop over pixel blocks: counted per element of the loop
-    body), the folded blocks' float32 stream and its bf16 copy (with the branch's last bias)."""
+    body), the blocks' BatchNorm in training (the statistics' sums of the float32 stream, the float32
+    output with its bf16 copy, and their backward's sums and apply, the copy's gradient bf16), the folded
+    blocks' float32 stream and its bf16 copy (with the branch's last bias)."""
     add, grad = channel.bias_add_kernel, channel.bias_grad_kernel
     tail, tail_grad = channel.scaled_residual_kernel, channel.scaled_residual_grad_kernel
+    sums, apply = channel.norm_sums_kernel, channel.norm_apply_kernel
     return [
         ('bias_add', [('triton', add, dict(EPILOGUE=0), None)], {}),
         ('bias_gelu', [('triton', add, dict(EPILOGUE=1), None)], {}),
@@ -113,6 +116,14 @@ def _channel_cases():
         ('shortcut_residual_grad', [('triton', tail_grad, dict(PER_IMAGE=False, HAS_BIAS=True, HAS_SHORTCUT=True), 1)],
          dict(g_ptr='fp32', v_ptr='fp32', f_ptr='fp32', bias_ptr='fp32', gs_ptr='fp32', out_ptr='fp32',
               bias_out_ptr='fp32')),
+        ('norm_sums', [('triton', sums, dict(BACKWARD=False, HAS_G=False, HAS_H=False), 1)],
+         dict(x_ptr='fp32', mean_ptr='fp32', out_ptr='fp32')),
+        ('norm_apply', [('triton', apply, dict(HAS_G=False, HAS_H=False, HAS_LOW=True, HAS_FULL=True), None)],
+         dict(x_ptr='fp32', coef_ptr='fp32', full_ptr='fp32')),
+        ('norm_grad_sums', [('triton', sums, dict(BACKWARD=True, HAS_G=True, HAS_H=True), 1)],
+         dict(x_ptr='fp32', g_ptr='fp32', mean_ptr='fp32', out_ptr='fp32')),
+        ('norm_grad_apply', [('triton', apply, dict(HAS_G=True, HAS_H=True, HAS_LOW=False, HAS_FULL=True), None)],
+         dict(x_ptr='fp32', g_ptr='fp32', coef_ptr='fp32', full_ptr='fp32')),
         ('residual_pair', [('triton', channel.residual_pair_kernel, dict(HAS_FACTOR=True, HAS_BIAS=True), None)],
          dict(b_ptr='fp32', f_ptr='fp32', bias_ptr='fp32', out_ptr='fp32')),
     ]

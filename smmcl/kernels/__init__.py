@@ -24,9 +24,12 @@ and operators they replace:
   one Triton pass backward where autocast's ``addcmul`` takes six, with the bias of the conv that made y
   (fc2's) in the same passes; ``smmcl::shortcut_residual`` the same with the branch's own shortcut too
   (the attention's ``proj_2(...) + x``);
+- ``smmcl::batch_norm_stats`` and ``smmcl::batch_norm_apply`` (training under autocast): a block's
+  BatchNorm writing its output and the next conv's bf16 copy in one pass, its backward reading both
+  outputs' gradients as they are (autocast: a cast, its backward and a sum, each a pass of its own);
 - ``smmcl::residual_pair`` (inference): a folded block's residual add writing the float32 stream and its
   copy in the autocast dtype, which the next 1x1 conv reads (:mod:`smmcl.kernels.triton_channel` for
-  these six: ``SMMCL_TRITON_CHANNEL``: ``triton``, ``torch`` = ATen's operators, or ``auto``, the
+  these eight: ``SMMCL_TRITON_CHANNEL``: ``triton``, ``torch`` = ATen's operators, or ``auto``, the
   default: the faster per op and shape, timed once on the GPU).
 
 Their backward computes input gradients with Triton; weight and bias gradients with one of five

@@ -13,7 +13,8 @@ without the bias (the plain path: with it, the same size). ``add_channel_bias`` 
 bias (the plain path: the GELU's input, the same size), ``add_channel_bias_gate`` that and the gate
 (the plain path: the product's two factors), ``scaled_residual`` the branch and the factor, as
 ``addcmul`` does (with the bias of the conv that made the branch, the branch without it: the same size);
-``shortcut_residual`` its branch, the sum with the shortcut, as the unfused ops keep it for ``addcmul``.
+``shortcut_residual`` its branch, the sum with the shortcut, as the unfused ops keep it for ``addcmul``;
+``batch_norm_apply`` its input and the statistics, as ``native_batch_norm`` does.
 """
 from __future__ import annotations
 
@@ -409,6 +410,70 @@ def _shortcut_residual_grad(ctx, grad, _):
 
 
 shortcut_residual.register_autograd(_shortcut_residual_grad, setup_context=_save_sum)
+
+
+# ---- a block's BatchNorm in training, writing the next conv's copy in the same pass ---------------------------
+
+@torch.library.custom_op('smmcl::batch_norm_stats', mutates_args=('running_mean', 'running_var'))
+def batch_norm_stats(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor,
+                     momentum: float, eps: float) -> Tensor:
+    """A training-mode batch normalisation's statistics of N-C-H-W x (running ones updated in place): 4 x C
+    float32 (mean, invstd, weight * invstd, bias; :func:`triton_channel.batch_norm_stats`). No autograd:
+    :func:`batch_norm_apply`'s backward is the whole batch norm's, through these statistics too."""
+    return CH.batch_norm_stats(x, weight, bias, running_mean, running_var, momentum, eps)
+
+
+@batch_norm_stats.register_fake
+def _(x, weight, bias, running_mean, running_var, momentum, eps):
+    return x.new_empty(4, x.shape[1], dtype=torch.float32)
+
+
+@torch.library.custom_op('smmcl::batch_norm_apply', mutates_args=())
+def batch_norm_apply(x: Tensor, weight: Tensor, bias: Tensor, coef: Tensor, low_dtype: torch.dtype,
+                     full: bool) -> Tuple[Tensor, Tensor]:
+    """The training-mode batch norm of x with the statistics of x in ``coef`` (from :func:`batch_norm_stats`
+    on x; weight and bias as given there) in ``low_dtype`` (the next conv's under autocast) and, with
+    ``full``, in x's dtype (else an empty tensor), in one pass. Its backward is the batch norm's with
+    respect to x, weight and bias, the statistics' dependence on x included (so coef takes no gradient)."""
+    low, out = CH.batch_norm_apply(x, coef, low_dtype, full)
+    return low, x.new_empty(0) if out is None else out
+
+
+@batch_norm_apply.register_fake
+def _(x, weight, bias, coef, low_dtype, full):
+    return torch.empty_like(x, dtype=low_dtype, memory_format=K._layout(x)), _like(x) if full else x.new_empty(0)
+
+
+@torch.library.custom_op('smmcl::batch_norm_backward', mutates_args=())
+def batch_norm_backward(grad_low: Optional[Tensor], grad_full: Optional[Tensor], x: Tensor, weight: Tensor,
+                        coef: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """(grad x, grad weight, grad bias) of :func:`batch_norm_apply` for its two outputs' gradients (either may
+    be None), summed as they are read."""
+    return CH.batch_norm_grad(grad_low, grad_full, x, weight, coef[0], coef[1])
+
+
+@batch_norm_backward.register_fake
+def _(grad_low, grad_full, x, weight, coef):
+    return _like(x), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+
+
+def _save_norm(ctx, inputs, output):
+    x, weight, _, coef = inputs[:4]
+    ctx.save_for_backward(x, weight, coef)
+    ctx.set_materialize_grads(False)  # an output the caller does not use takes no gradient: no map of zeros
+
+
+def _batch_norm_grad(ctx, grad_low, grad_full):
+    x, weight, coef = ctx.saved_tensors
+    if grad_full is not None and grad_full.shape != x.shape:  # the empty stand-in output when not ``full``
+        grad_full = None
+    if grad_low is None and grad_full is None:
+        return (None,) * 6
+    grad_x, grad_weight, grad_bias = batch_norm_backward(grad_low, grad_full, x, weight, coef)
+    return grad_x, grad_weight, grad_bias, None, None, None
+
+
+batch_norm_apply.register_autograd(_batch_norm_grad, setup_context=_save_norm)
 
 
 # ---- inference: a residual stream and the copy its next conv reads, in one pass ------------------------

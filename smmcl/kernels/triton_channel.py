@@ -1,5 +1,6 @@
 """Per-channel passes over an N-C-H-W map, one Triton pass each: a convolution's bias add and bias
-gradient, and a block tail (a residual branch's per-channel scale and add) with its backward.
+gradient, a block tail (a residual branch's per-channel scale and add) with its backward, and a block's
+BatchNorm in training with its backward.
 
 After a cuDNN convolution ATen adds the bias with a broadcast ``add_`` (a generic element-wise kernel that
 cannot vectorise a broadcast operand; the likeliest source of the H200 profiles' ~5.1 ms of
@@ -25,9 +26,13 @@ pass, writing the gradients it sums); :func:`scaled_residual` adds the conv's bi
 as it reads them (keeping, with a shortcut, the float32 branch for the backward, as ``addcmul`` keeps its
 operand) and writes the tail's sum; :func:`scaled_residual_grad` writes ``grad * f`` in y's dtype (and the
 shortcut's), and sums ``grad * v`` per image and channel and y's gradient per channel the same way,
-reading grad and the branch once. Partials are summed once, so no result depends on the order in which
-programs run (no atomics). ``SMMCL_TRITON_CHANNEL``: ``triton``, ``torch`` (ATen's operators) or ``auto``,
-the default: the faster per op and shape, timed once on the GPU.
+reading grad and the branch once. :func:`batch_norm_stats` sums each channel's values and squares the same
+way (shifted by the channel's first value), and :func:`batch_norm_apply` writes the normalised map in the
+stream's float32 and, in the same pass, in the bf16 the next conv reads, where autocast casts it in a pass
+of its own (and in the backward casts the copy's gradient and adds it to the other's in two more);
+:func:`batch_norm_grad` reads both gradients as they are. Partials are summed once, so no result depends
+on the order in which programs run (no atomics). ``SMMCL_TRITON_CHANNEL``: ``triton``, ``torch`` (ATen's
+operators) or ``auto``, the default: the faster per op and shape, timed once on the GPU.
 
 Importing this module needs Triton (see :mod:`smmcl.kernels.triton_common`).
 """
@@ -408,23 +413,234 @@ def sum_dtype(a, b, factor) -> torch.dtype:
     return dtype if factor is None else torch.promote_types(dtype, factor.dtype)
 
 
+# ---- a block's BatchNorm in training: its statistics, the normalised map in two dtypes, the backward ---
+
+@triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'BACKWARD', 'HAS_G', 'HAS_H'],
+                 prune_configs_by=PRUNE, do_bench=bench)
+@triton.jit
+def norm_sums_kernel(x_ptr, g_ptr, h_ptr, mean_ptr, out_ptr, N, C, H, W, sn, sc, sw, num_chunks,
+                     BACKWARD: tl.constexpr, HAS_G: tl.constexpr, HAS_H: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Program (cb, chunk) walks the pixel blocks chunk, chunk + num_chunks, ... of all images (as
+    :func:`bias_grad_kernel`) and writes two float32 partial sums per channel, at ``out[0, chunk, c]`` and
+    ``out[1, chunk, c]``. Forward: the sums of ``d`` and ``d * d`` for ``d = x - x[0, c, 0, 0]`` (shifted
+    by the channel's first value, so that the variance taken from them does not cancel where the mean
+    is large against the spread). BACKWARD: of ``dy`` and ``dy * (x - mean)``, dy the sum of g and h (the
+    gradients of the two outputs; either may be absent), mean float32 C. The maps share their strides."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    chunk = tl.program_id(1)
+    pixels = H * W
+    blocks = tl.cdiv(pixels, BLOCK_P)
+    if BACKWARD:
+        centre = tl.load(mean_ptr + c, mask=cmask, other=0.0)
+    else:
+        centre = tl.load(x_ptr + c * sc, mask=cmask, other=0.0).to(tl.float32)
+    first = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+    second = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+    for t in range(chunk, N * blocks, num_chunks):
+        p = (t % blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+        offs = (t // blocks) * sn + c[:, None] * sc + p[None, :] * sw
+        mask = cmask[:, None] & (p < pixels)[None, :]
+        d = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - centre[:, None], 0.0)
+        if BACKWARD:
+            dy = _norm_grad(g_ptr, h_ptr, offs, mask, HAS_G, HAS_H)
+            first += dy
+            second += dy * d
+        else:
+            first += d
+            second += d * d
+    tl.store(out_ptr + chunk * C + c, tl.sum(first, axis=1), mask=cmask)
+    tl.store(out_ptr + (num_chunks + chunk) * C + c, tl.sum(second, axis=1), mask=cmask)
+
+
+@triton.jit
+def _norm_grad(g_ptr, h_ptr, offs, mask, HAS_G: tl.constexpr, HAS_H: tl.constexpr):
+    """The normalised map's gradient as float32: the sum of its two outputs' (either may be absent)."""
+    dy = tl.zeros(offs.shape, dtype=tl.float32)
+    if HAS_G:
+        dy += tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_H:
+        dy += tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return dy
+
+
+@triton.jit
+def norm_finalize_kernel(sums_ptr, x_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, mean_ptr, invstd_ptr, coef_ptr, gw_ptr, gb_ptr,
+                         C, sc, num_chunks, count, momentum, eps, BACKWARD: tl.constexpr, BLOCK: tl.constexpr):
+    """Program cb adds up :func:`norm_sums_kernel`'s partials of BLOCK channels and writes, as float32 rows
+    of C, the coefficients ``coef`` (mean, p, q, r) of :func:`norm_apply_kernel`'s ``p * dy + q * (x -
+    mean) + r``. Forward (x's sums): the batch mean and the biased variance, p the invstd (which the
+    forward's apply does not read), ``q = weight * invstd``, ``r = bias``, and the running statistics
+    updated in place as ``nn.BatchNorm2d`` does (the unbiased variance, ``momentum``). BACKWARD (the
+    forward's mean and invstd at mean_ptr and invstd_ptr): grad weight and grad bias at gw_ptr and gb_ptr, ``p = weight
+    * invstd``, ``q = -p * invstd * grad weight / count``, ``r = -p * grad bias / count``: the batch-norm
+    gradient ``p * (dy - mean(dy) - x̂ * mean(dy * x̂))``, x̂ the normalised input."""
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cmask = c < C
+    first = tl.zeros((BLOCK,), dtype=tl.float32)
+    second = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k in range(num_chunks):
+        first += tl.load(sums_ptr + k * C + c, mask=cmask, other=0.0)
+        second += tl.load(sums_ptr + (num_chunks + k) * C + c, mask=cmask, other=0.0)
+    w = tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    if BACKWARD:
+        mean = tl.load(mean_ptr + c, mask=cmask, other=0.0)
+        invstd = tl.load(invstd_ptr + c, mask=cmask, other=0.0)
+        grad_w = second * invstd
+        p = w * invstd
+        tl.store(coef_ptr + c, mean, mask=cmask)
+        tl.store(gw_ptr + c, grad_w, mask=cmask)
+        tl.store(gb_ptr + c, first, mask=cmask)
+        tl.store(coef_ptr + C + c, p, mask=cmask)
+        tl.store(coef_ptr + 2 * C + c, -p * invstd * grad_w / count, mask=cmask)
+        tl.store(coef_ptr + 3 * C + c, -p * first / count, mask=cmask)
+    else:
+        shifted = first / count
+        var = tl.maximum(second / count - shifted * shifted, 0.0)
+        mean = tl.load(x_ptr + c * sc, mask=cmask, other=0.0).to(tl.float32) + shifted
+        invstd = 1.0 / tl.sqrt(var + eps)
+        tl.store(coef_ptr + c, mean, mask=cmask)
+        tl.store(coef_ptr + C + c, invstd, mask=cmask)
+        tl.store(coef_ptr + 2 * C + c, w * invstd, mask=cmask)
+        tl.store(coef_ptr + 3 * C + c, tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32), mask=cmask)
+        rm = tl.load(rm_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+        rv = tl.load(rv_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+        tl.store(rm_ptr + c, ((1.0 - momentum) * rm + momentum * mean).to(rm_ptr.dtype.element_ty), mask=cmask)
+        unbiased = var * (count / (count - 1.0))
+        tl.store(rv_ptr + c, ((1.0 - momentum) * rv + momentum * unbiased).to(rv_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'HAS_G', 'HAS_H', 'HAS_LOW', 'HAS_FULL'],
+                 prune_configs_by=PRUNE, do_bench=bench)
+@triton.jit
+def norm_apply_kernel(x_ptr, g_ptr, h_ptr, coef_ptr, low_ptr, full_ptr, N, C, H, W, sn, sc, sw,
+                      HAS_G: tl.constexpr, HAS_H: tl.constexpr, HAS_LOW: tl.constexpr, HAS_FULL: tl.constexpr,
+                      BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Program (image x pixel block, cb) writes ``v = p * dy + q * (x - mean) + r`` (coef's four float32
+    rows of C; dy the sum of g and h, as :func:`norm_sums_kernel`, or absent) to full in its dtype and,
+    rounded once from the float32 value, to low: forward the normalised map in the stream's dtype and in
+    the next conv's, backward x's gradient. The maps share their strides."""
+    c, cmask, offs, mask = _tile(C, H, W, sn, sc, sw, BLOCK_C, BLOCK_P)
+    mean = tl.load(coef_ptr + c, mask=cmask, other=0.0)
+    q = tl.load(coef_ptr + 2 * C + c, mask=cmask, other=0.0)
+    r = tl.load(coef_ptr + 3 * C + c, mask=cmask, other=0.0)
+    v = (tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - mean[:, None]) * q[:, None] + r[:, None]
+    if HAS_G or HAS_H:
+        p = tl.load(coef_ptr + C + c, mask=cmask, other=0.0)
+        v += _norm_grad(g_ptr, h_ptr, offs, mask, HAS_G, HAS_H) * p[:, None]
+    if HAS_FULL:
+        tl.store(full_ptr + offs, v.to(full_ptr.dtype.element_ty), mask=mask)
+    if HAS_LOW:
+        tl.store(low_ptr + offs, v.to(low_ptr.dtype.element_ty), mask=mask)
+
+
+def _norm_launch(x: torch.Tensor, g: Optional[torch.Tensor], h: Optional[torch.Tensor], coef: torch.Tensor,
+                 low: Optional[torch.Tensor], full: Optional[torch.Tensor]) -> None:
+    n, c, height, width = x.shape
+    norm_apply_kernel[lambda m: (n * triton.cdiv(height * width, m['BLOCK_P']), triton.cdiv(c, m['BLOCK_C']))](
+        x, x if g is None else g, x if h is None else h, coef, x if low is None else low, x if full is None else full,
+        n, c, height, width, x.stride(0), x.stride(1), x.stride(3), HAS_G=g is not None, HAS_H=h is not None,
+        HAS_LOW=low is not None, HAS_FULL=full is not None)
+
+
+def _norm_sums(x: torch.Tensor, g: Optional[torch.Tensor], h: Optional[torch.Tensor],
+               mean: Optional[torch.Tensor]) -> Tuple[torch.Tensor, int]:
+    n, c, height, width = x.shape
+    chunks = _chunks(x)
+    sums = torch.empty(2, chunks, c, device=x.device, dtype=torch.float32)  # every partial written: no fill
+    norm_sums_kernel[lambda m: (triton.cdiv(c, m['BLOCK_C']), chunks)](
+        x, x if g is None else g, x if h is None else h, x if mean is None else mean, sums, n, c, height, width,
+        x.stride(0), x.stride(1), x.stride(3), chunks, BACKWARD=mean is not None, HAS_G=g is not None,
+        HAS_H=h is not None)
+    return sums, chunks
+
+
+_FINALIZE_BLOCK = 128
+
+
+def _stats_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor,
+                  running_var: torch.Tensor, momentum: float, eps: float) -> torch.Tensor:
+    n, c, height, width = x.shape
+    sums, chunks = _norm_sums(x, None, None, None)
+    coef = torch.empty(4, c, device=x.device, dtype=torch.float32)
+    norm_finalize_kernel[(triton.cdiv(c, _FINALIZE_BLOCK),)](
+        sums, x, weight, bias, running_mean, running_var, coef, coef, coef, coef, coef, c, x.stride(1), chunks,
+        float(n * height * width), momentum, eps, BACKWARD=False, BLOCK=_FINALIZE_BLOCK)
+    return coef
+
+
+def _stats_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor,
+                 running_var: torch.Tensor, momentum: float, eps: float) -> torch.Tensor:
+    """ATen's: ``var_mean`` over the batch and pixels, the running statistics' updates as ``nn.BatchNorm2d``'s."""
+    var, mean = torch.var_mean(x.float(), dim=(0, 2, 3), correction=0)
+    count = x.numel() // x.shape[1]
+    with torch.no_grad():
+        running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+        running_var.mul_(1 - momentum).add_(var * (count / (count - 1)), alpha=momentum)
+    invstd = torch.rsqrt(var + eps)
+    return torch.stack((mean, invstd, weight.float() * invstd, bias.float()))
+
+
+def _apply_triton(x: torch.Tensor, coef: torch.Tensor, low_dtype: torch.dtype, full: bool):
+    low, out = torch.empty_like(x, dtype=low_dtype), torch.empty_like(x) if full else None
+    _norm_launch(x, None, None, coef, low, out)
+    return low, out
+
+
+def _apply_torch(x: torch.Tensor, coef: torch.Tensor, low_dtype: torch.dtype, full: bool):
+    """ATen's: the normalised map in x's dtype (one pass), then autocast's cast for the next conv."""
+    mean, _, scale, shift = (row[:, None, None] for row in coef)
+    out = (x - mean) * scale + shift
+    return out.to(low_dtype), out if full else None
+
+
+def _norm_grad_triton(grad_low: Optional[torch.Tensor], grad_full: Optional[torch.Tensor], x: torch.Tensor,
+                      weight: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor):
+    n, c, height, width = x.shape
+    sums, chunks = _norm_sums(x, grad_full, grad_low, mean)
+    coef = torch.empty(4, c, device=x.device, dtype=torch.float32)
+    grad_weight, grad_bias = (torch.empty(c, device=x.device, dtype=torch.float32) for _ in range(2))
+    norm_finalize_kernel[(triton.cdiv(c, _FINALIZE_BLOCK),)](
+        sums, x, weight, weight, mean, mean, mean, invstd, coef, grad_weight, grad_bias, c, x.stride(1), chunks,
+        float(n * height * width), 0.0, 0.0, BACKWARD=True, BLOCK=_FINALIZE_BLOCK)
+    grad_x = torch.empty_like(x)
+    _norm_launch(x, grad_full, grad_low, coef, None, grad_x)
+    return grad_x, grad_weight, grad_bias
+
+
+def _norm_grad_torch(grad_low: Optional[torch.Tensor], grad_full: Optional[torch.Tensor], x: torch.Tensor,
+                     weight: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor):
+    """ATen's: the cast's backward and the sum of the two outputs' gradients, then
+    ``native_batch_norm_backward`` (training mode: the batch's mean and invstd, eps unused)."""
+    dy = [g.to(x.dtype) for g in (grad_full, grad_low) if g is not None]
+    dy = dy[0] if len(dy) == 1 else dy[0] + dy[1]
+    return torch.ops.aten.native_batch_norm_backward(dy, x, weight, None, None, mean, invstd, True, 1e-5,
+                                                     [True, True, True])
+
+
 _IMPLS = {'add': {'triton': _add_triton, 'torch': _add_torch}, 'grad': {'triton': _grad_triton, 'torch': _grad_torch},
           'tail': {'triton': _tail_triton, 'torch': _tail_torch},
           'residual': {'triton': _residual_triton, 'torch': _residual_torch},
-          'pair': {'triton': _pair_triton, 'torch': _pair_torch}}
+          'pair': {'triton': _pair_triton, 'torch': _pair_torch},
+          'stats': {'triton': _stats_triton, 'torch': _stats_torch},
+          'apply': {'triton': _apply_triton, 'torch': _apply_torch},
+          'norm_grad': {'triton': _norm_grad_triton, 'torch': _norm_grad_torch}}
 CHANNEL_IMPLS = ('triton', 'torch')
 _CHOICE = {}  # (op, device, every argument's shape, strides and dtype) -> the faster implementation
 
 
-def _run(op: str, impl: Optional[str], *args, **options):
+def _run(op: str, impl: Optional[str], *args, timing_args=None, **options):
     """``op``'s implementation on ``args`` (keyword ``options`` passed on): ``impl``, else the environment's
     ``SMMCL_TRITON_CHANNEL``, else ``'auto'``: on a GPU the faster of the two for this op, options,
-    shape, layout and dtype, timed once; under the interpreter ``'triton'``."""
+    shape, layout and dtype, timed once (on ``timing_args`` if given: an op that updates a state in
+    place is timed on a copy of it); under the interpreter ``'triton'``."""
     impls = {name: functools.partial(fn, **options) for name, fn in _IMPLS[op].items()}
-    key = (op, tuple(options.items()), args[0].device) + tuple(
-        None if t is None else (tuple(t.shape), t.stride(), t.dtype) for t in args)
-    name = choose('SMMCL_TRITON_CHANNEL', impl, CHANNEL_IMPLS, args[0].device, 'triton',
-                  lambda: fastest(_CHOICE, key, impls, *args))
+    key = (op, tuple(options.items())) + tuple(
+        (tuple(t.shape), t.stride(), t.dtype, t.device) if isinstance(t, torch.Tensor) else t for t in args)
+    device = next(t.device for t in args if isinstance(t, torch.Tensor))
+    name = choose('SMMCL_TRITON_CHANNEL', impl, CHANNEL_IMPLS, device, 'triton',
+                  lambda: fastest(_CHOICE, key, impls, *(timing_args or args)))
     return impls[name](*args)
 
 
@@ -566,3 +782,42 @@ def residual_pair(a: torch.Tensor, b: torch.Tensor, factor: Optional[torch.Tenso
         raise ValueError(f'smmcl.kernels: residual_pair takes a bias of {b.shape[1]} channels, got {tuple(bias.shape)}')
     a, b = _same_layout(_layout(b), a, b)
     return _run('pair', impl, a, b, factor, bias)
+
+
+def batch_norm_stats(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor,
+                     running_var: torch.Tensor, momentum: float, eps: float,
+                     impl: Optional[str] = None) -> torch.Tensor:
+    """A training-mode batch normalisation's statistics of N-C-H-W ``x``, the running ones updated in place as
+    ``nn.BatchNorm2d`` updates them (``momentum``, the unbiased variance): float32 4 x C rows (mean,
+    invstd, ``weight * invstd``, bias) for :func:`batch_norm_apply`. ``impl``: ``'triton'``
+    (:func:`norm_sums_kernel`, :func:`norm_finalize_kernel`: shifted sums in float32), ``'torch'``
+    (``var_mean``) or ``'auto'`` (:func:`_run`, timed on copies of the running statistics)."""
+    check_device(x)
+    x, = _same_layout(_layout(x), x)
+    timing = (x, weight, bias, running_mean.clone(), running_var.clone(), momentum, eps) if x.is_cuda else None
+    return _run('stats', impl, x, weight, bias, running_mean, running_var, momentum, eps, timing_args=timing)
+
+
+def batch_norm_apply(x: torch.Tensor, coef: torch.Tensor, low_dtype: torch.dtype, full: bool = True,
+                     impl: Optional[str] = None):
+    """The normalised map ``(x - mean) * weight * invstd + bias`` (coef from :func:`batch_norm_stats`) in
+    ``low_dtype`` (the next conv's under autocast) and, with ``full``, in x's dtype too (a residual
+    shortcut's), each rounded once from the same float32 value, in one pass: what ATen's batch norm and
+    autocast's cast compute in two. Returns (low, full or None), x's layout. ``impl``: ``'triton'``
+    (:func:`norm_apply_kernel`), ``'torch'`` or ``'auto'`` (:func:`_run`)."""
+    check_device(x)
+    x, = _same_layout(_layout(x), x)
+    return _run('apply', impl, x, coef, low_dtype=low_dtype, full=full)
+
+
+def batch_norm_grad(grad_low: Optional[torch.Tensor], grad_full: Optional[torch.Tensor], x: torch.Tensor,
+                    weight: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, impl: Optional[str] = None):
+    """The gradients of a training-mode batch normalisation (:func:`batch_norm_stats` then
+    :func:`batch_norm_apply`, through the statistics too) for its two outputs' (either may be None), in two
+    passes over the maps: (grad x in x's dtype and layout, grad weight, grad bias in float32). The two
+    gradients are summed as they are read (ATen: the cast's backward, their sum, then
+    ``native_batch_norm_backward``)."""
+    check_device(x)
+    x, *grads = _same_layout(_layout(x), x, *[g for g in (grad_low, grad_full) if g is not None])
+    grad_low, grad_full = (grads.pop(0) if g is not None else None for g in (grad_low, grad_full))
+    return _run('norm_grad', impl, grad_low, grad_full, x, weight, mean, invstd)
