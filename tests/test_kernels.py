@@ -1445,6 +1445,20 @@ def test_strip_weight_gradient_choice_through_the_op(monkeypatch):
         triton_dwconv.strip3_wgrad_packed([x] * 3, [x] * 3, horizontal, along_w=True)
 
 
+def _tiny_training_model(backbone: str):
+    """The whole-model tests' config, segmentor (with its loss, training mode) and batch (rgb, x, labels of
+    2x2 blocks): a 64-channel decoder, 4 classes, 64x64 images."""
+    from smmcl.models import build_segmentor
+    from conftest import tiny_config
+    cfg = tiny_config(backbone=backbone, num_classes=4, decoder_embed_dim=64, min_views_per_class=2)
+    torch.manual_seed(0)
+    model = build_segmentor(cfg, with_loss=True).to(DEVICE).train()
+    g = torch.Generator().manual_seed(1)
+    rgb, x = (torch.randn(2, 3, 64, 64, generator=g).to(DEVICE) for _ in range(2))
+    label = torch.randint(0, 4, (2, 2, 2), generator=g).repeat_interleave(32, 1).repeat_interleave(32, 2).to(DEVICE)
+    return cfg, model, (rgb, x, label)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('family', ['auto', 'rows', 'bands'])
 def test_whole_model_with_kernels_in_nchw_is_the_plain_function(tiny_mscan, monkeypatch, family):
@@ -1471,14 +1485,7 @@ def test_whole_model_with_kernels_in_nchw_is_the_plain_function(tiny_mscan, monk
         monkeypatch.setenv('SMMCL_TRITON_WGRAD', 'bands')
         launches = _band_launches(monkeypatch)
     from smmcl.engine.precision import for_training
-    from smmcl.models import build_segmentor
-    from conftest import tiny_config
-    cfg = tiny_config(backbone=tiny_mscan, num_classes=4, decoder_embed_dim=64, min_views_per_class=2)
-    torch.manual_seed(0)
-    model = build_segmentor(cfg, with_loss=True).to(DEVICE).train()
-    g = torch.Generator().manual_seed(1)
-    rgb, x = (torch.randn(2, 3, 64, 64, generator=g).to(DEVICE) for _ in range(2))
-    label = torch.randint(0, 4, (2, 2, 2), generator=g).repeat_interleave(32, 1).repeat_interleave(32, 2).to(DEVICE)
+    cfg, model, (rgb, x, label) = _tiny_training_model(tiny_mscan)
     results = []
     for fast in (False, True):
         cfg.update(fast_path=fast, triton_kernels=fast, channels_last=False)
@@ -1541,14 +1548,7 @@ def test_whole_model_training_with_kernels_under_autocast(tiny_mscan, monkeypatc
     block's BatchNorms on the fused ops and each attention's tail with its shortcut in one pass."""
     from smmcl.engine.precision import for_training
     from smmcl.kernels import triton_channel
-    from smmcl.models import build_segmentor
-    from conftest import tiny_config
-    cfg = tiny_config(backbone=tiny_mscan, num_classes=4, decoder_embed_dim=64, min_views_per_class=2)
-    torch.manual_seed(0)
-    model = build_segmentor(cfg, with_loss=True).to(DEVICE).train()
-    g = torch.Generator().manual_seed(1)
-    rgb, x = (torch.randn(2, 3, 64, 64, generator=g).to(DEVICE) for _ in range(2))
-    label = torch.randint(0, 4, (2, 2, 2), generator=g).repeat_interleave(32, 1).repeat_interleave(32, 2).to(DEVICE)
+    cfg, model, (rgb, x, label) = _tiny_training_model(tiny_mscan)
     calls = []
     for name in ('batch_norm_apply', 'scaled_residual'):
         monkeypatch.setattr(triton_channel, name, lambda *a, name=name, f=getattr(triton_channel, name), **k:
