@@ -1152,6 +1152,32 @@ def test_batch_norm_torch_and_triton_agree():
         assert got.dtype == want.dtype and rel(got, want) <= 2e-6
 
 
+def test_batch_norm_auto_choice_times_on_copies_of_the_running_statistics(monkeypatch):
+    """``auto`` times both implementations once per shape (on a GPU; simulated here by running each once):
+    on copies of the running statistics, so the module's are updated once a step, as nn.BatchNorm2d's are;
+    a second call of the same shape neither times nor copies again."""
+    from smmcl.kernels import triton_channel
+    timed = []
+
+    def fastest(chosen, key, impls, *args):
+        for fn in impls.values():
+            fn(*args)
+        timed.append(key)
+        chosen[key] = 'triton'
+        return 'triton'
+    monkeypatch.setattr(triton_channel, 'fastest', fastest)
+    monkeypatch.setattr(triton_channel, 'choose', lambda env, impl, choices, device, fallback, timed: timed())
+    monkeypatch.setattr(triton_channel, '_CHOICE', {})
+    x, weight, bias, running = _batch_norm_inputs(NCHW, offset=1.0)
+    ref_running = [r.clone() for r in running]
+    for _ in range(2):
+        triton_channel.batch_norm_stats(x.detach(), weight.detach(), bias.detach(), *running, 0.1, 1e-5)
+        F.batch_norm(x.detach(), *ref_running, weight.detach(), bias.detach(), True, 0.1, 1e-5)
+    assert len(timed) == 1
+    for got, ref in zip(running, ref_running):
+        assert rel(got, ref) <= 1e-6
+
+
 def test_normed_pair_runs_the_fused_batch_norm_only_where_it_is_the_module():
     """A block's BatchNorm with the kernels: the fused ops in training under autocast (the module's running
     statistics and batch count updated, the same outputs); the module itself in eval mode, without

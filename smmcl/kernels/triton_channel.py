@@ -633,14 +633,14 @@ _CHOICE = {}  # (op, device, every argument's shape, strides and dtype) -> the f
 def _run(op: str, impl: Optional[str], *args, timing_args=None, **options):
     """``op``'s implementation on ``args`` (keyword ``options`` passed on): ``impl``, else the environment's
     ``SMMCL_TRITON_CHANNEL``, else ``'auto'``: on a GPU the faster of the two for this op, options,
-    shape, layout and dtype, timed once (on ``timing_args`` if given: an op that updates a state in
-    place is timed on a copy of it); under the interpreter ``'triton'``."""
+    shape, layout and dtype, timed once (on the arguments ``timing_args()`` gives, if given: an op that
+    updates a state in place is timed on a copy of it); under the interpreter ``'triton'``."""
     impls = {name: functools.partial(fn, **options) for name, fn in _IMPLS[op].items()}
     key = (op, tuple(options.items())) + tuple(
         (tuple(t.shape), t.stride(), t.dtype, t.device) if isinstance(t, torch.Tensor) else t for t in args)
     device = next(t.device for t in args if isinstance(t, torch.Tensor))
     name = choose('SMMCL_TRITON_CHANNEL', impl, CHANNEL_IMPLS, device, 'triton',
-                  lambda: fastest(_CHOICE, key, impls, *(timing_args or args)))
+                  lambda: _CHOICE.get(key) or fastest(_CHOICE, key, impls, *(timing_args() if timing_args else args)))
     return impls[name](*args)
 
 
@@ -794,8 +794,8 @@ def batch_norm_stats(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     (``var_mean``) or ``'auto'`` (:func:`_run`, timed on copies of the running statistics)."""
     check_device(x)
     x, = _same_layout(_layout(x), x)
-    timing = (x, weight, bias, running_mean.clone(), running_var.clone(), momentum, eps) if x.is_cuda else None
-    return _run('stats', impl, x, weight, bias, running_mean, running_var, momentum, eps, timing_args=timing)
+    return _run('stats', impl, x, weight, bias, running_mean, running_var, momentum, eps,
+                timing_args=lambda: (x, weight, bias, running_mean.clone(), running_var.clone(), momentum, eps))
 
 
 def batch_norm_apply(x: torch.Tensor, coef: torch.Tensor, low_dtype: torch.dtype, full: bool = True,
