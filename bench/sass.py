@@ -95,7 +95,8 @@ def _channel_cases():
     stream and a bf16 branch with its conv's bias, the MLP's and the attention's with its float32 shortcut,
     forward and backward (the backward passes loop over pixel blocks: counted per element of the loop
     body), the blocks' BatchNorm in training (the statistics' sums of the float32 stream, the float32
-    output with its bf16 copy, and their backward's sums and apply, the copy's gradient bf16), the folded
+    output with its bf16 copy, and their backward's sums and apply, the copy's gradient bf16, the stream's
+    from the shortcut added), the folded
     blocks' float32 stream and its bf16 copy (with the branch's last bias)."""
     add, grad = channel.bias_add_kernel, channel.bias_grad_kernel
     tail, tail_grad = channel.scaled_residual_kernel, channel.scaled_residual_grad_kernel
@@ -118,12 +119,14 @@ def _channel_cases():
               bias_out_ptr='fp32')),
         ('norm_sums', [('triton', sums, dict(BACKWARD=False, HAS_G=False, HAS_H=False), 1)],
          dict(x_ptr='fp32', mean_ptr='fp32', out_ptr='fp32')),
-        ('norm_apply', [('triton', apply, dict(HAS_G=False, HAS_H=False, HAS_LOW=True, HAS_FULL=True), None)],
+        ('norm_apply', [('triton', apply, dict(HAS_G=False, HAS_H=False, HAS_E=False, HAS_LOW=True, HAS_FULL=True),
+                         None)],
          dict(x_ptr='fp32', coef_ptr='fp32', full_ptr='fp32')),
         ('norm_grad_sums', [('triton', sums, dict(BACKWARD=True, HAS_G=True, HAS_H=True), 1)],
          dict(x_ptr='fp32', g_ptr='fp32', mean_ptr='fp32', out_ptr='fp32')),
-        ('norm_grad_apply', [('triton', apply, dict(HAS_G=True, HAS_H=True, HAS_LOW=False, HAS_FULL=True), None)],
-         dict(x_ptr='fp32', g_ptr='fp32', coef_ptr='fp32', full_ptr='fp32')),
+        ('norm_grad_apply', [('triton', apply, dict(HAS_G=True, HAS_H=True, HAS_E=True, HAS_LOW=False, HAS_FULL=True),
+                              None)],
+         dict(x_ptr='fp32', g_ptr='fp32', e_ptr='fp32', coef_ptr='fp32', full_ptr='fp32')),
         ('residual_pair', [('triton', channel.residual_pair_kernel, dict(HAS_FACTOR=True, HAS_BIAS=True), None)],
          dict(b_ptr='fp32', f_ptr='fp32', bias_ptr='fp32', out_ptr='fp32')),
     ]

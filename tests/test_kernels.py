@@ -1146,7 +1146,8 @@ def test_batch_norm_torch_and_triton_agree():
         low, out = _fused_batch_norm(x, weight, bias, running, torch.bfloat16, True, impl)
         coef = triton_channel.batch_norm_stats(x.detach(), weight, bias, *[r.clone() for r in running], 0.1, 1e-5, impl)
         g_low, g_out = _tensor(*x.shape, fmt=CL, seed=8).detach().to(torch.bfloat16), _tensor(*x.shape, fmt=CL, seed=9)
-        grads = triton_channel.batch_norm_grad(g_low, g_out.detach(), x.detach(), weight, coef[0], coef[1], impl)
+        grads = triton_channel.batch_norm_grad(g_low, g_out.detach(), x.detach(), weight, coef[0], coef[1],
+                                               _tensor(*x.shape, fmt=CL, seed=10).detach(), impl=impl)
         results.append((coef, *running, out, *grads))
     for got, want in zip(*results):
         assert got.dtype == want.dtype and rel(got, want) <= 2e-6
@@ -1180,27 +1181,37 @@ def test_batch_norm_auto_choice_times_on_copies_of_the_running_statistics(monkey
 
 def test_normed_pair_runs_the_fused_batch_norm_only_where_it_is_the_module():
     """A block's BatchNorm with the kernels: the fused ops in training under autocast (the module's running
-    statistics and batch count updated, the same outputs); the module itself in eval mode, without
-    autocast and for another norm class."""
+    statistics and batch count updated, the same outputs, and x's gradient the sum of the norm's and the
+    one its handed-on stream gets, added in the norm's last pass); the module itself in eval mode, without
+    autocast and for another norm class, with x itself handed on."""
     from smmcl.models.mscan import normed_pair
     torch.manual_seed(0)
     norm = nn.BatchNorm2d(37).to(DEVICE).train()
     ref = copy.deepcopy(norm)
     x = _tensor(3, 37, 5, 7, fmt=CL)
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        full, low = normed_pair(norm, x)
-        none, low_only = normed_pair(norm, x, full=False)
+        full, low, stream = normed_pair(norm, x)
+        none, low_only, _ = normed_pair(norm, x, full=False)
         want = ref(x)
         ref(x)
     assert none is None and low.dtype == low_only.dtype == torch.bfloat16 and full.dtype == torch.float32
-    assert full.grad_fn is not None and 'batch_norm_apply' in type(full.grad_fn).__name__
+    assert full.grad_fn is not None and 'BatchNormStream' in type(full.grad_fn).__name__
+    assert stream.grad_fn is full.grad_fn and torch.equal(stream, x) and stream.data_ptr() == x.data_ptr()
     assert rel(full, want) <= 1e-6 and int(norm.num_batches_tracked) == 2
     for got, r in zip(norm.buffers(), ref.buffers()):
         assert rel(got.float(), r.float()) <= 1e-6
+    g_full, g_low, g_pass = (_tensor(3, 37, 5, 7, fmt=CL, seed=k).detach() for k in (5, 6, 7))
+    got = torch.autograd.grad([full, low, stream], [x, norm.weight], [g_full, g_low.to(torch.bfloat16), g_pass])
+    wanted = torch.autograd.grad([want, want, x], [x, ref.weight], [g_full, g_low.to(torch.bfloat16).float(), g_pass])
+    assert all(rel(g, w) <= 2e-6 for g, w in zip(got, wanted))
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        _, low, stream = normed_pair(norm, x, full=False)
+    grad_x, = torch.autograd.grad([stream], [x], [g_pass])  # the norm's outputs unused: the stream's alone
+    assert torch.equal(grad_x, g_pass)
     for module, autocast in ((copy.deepcopy(norm).eval(), True), (norm, False), (nn.GroupNorm(1, 37).to(DEVICE), True)):
         with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
-            full, low = normed_pair(module, x)
-        assert full is low and full.dtype == torch.float32
+            full, low, stream = normed_pair(module, x)
+        assert full is low and full.dtype == torch.float32 and stream is x
 
 
 @pytest.mark.parametrize('fmt', [NCHW, CL])

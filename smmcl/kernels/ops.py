@@ -446,14 +446,14 @@ def _(x, weight, bias, coef, low_dtype, full):
 
 @torch.library.custom_op('smmcl::batch_norm_backward', mutates_args=())
 def batch_norm_backward(grad_low: Optional[Tensor], grad_full: Optional[Tensor], x: Tensor, weight: Tensor,
-                        coef: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+                        coef: Tensor, grad_pass: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """(grad x, grad weight, grad bias) of :func:`batch_norm_apply` for its two outputs' gradients (either may
-    be None), summed as they are read."""
-    return CH.batch_norm_grad(grad_low, grad_full, x, weight, coef[0], coef[1])
+    be None), summed as they are read; ``grad_pass`` (or None) added to x's in the same pass."""
+    return CH.batch_norm_grad(grad_low, grad_full, x, weight, coef[0], coef[1], grad_pass)
 
 
 @batch_norm_backward.register_fake
-def _(grad_low, grad_full, x, weight, coef):
+def _(grad_low, grad_full, x, weight, coef, grad_pass=None):
     return _like(x), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
 
 
@@ -463,17 +463,40 @@ def _save_norm(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # an output the caller does not use takes no gradient: no map of zeros
 
 
-def _batch_norm_grad(ctx, grad_low, grad_full):
+def _norm_grads(ctx, grad_low, grad_full, grad_pass=None):
+    """(grad x, grad weight, grad bias) from the saved x, weight and coef, for the outputs' gradients."""
     x, weight, coef = ctx.saved_tensors
     if grad_full is not None and grad_full.shape != x.shape:  # the empty stand-in output when not ``full``
         grad_full = None
     if grad_low is None and grad_full is None:
-        return (None,) * 6
-    grad_x, grad_weight, grad_bias = batch_norm_backward(grad_low, grad_full, x, weight, coef)
-    return grad_x, grad_weight, grad_bias, None, None, None
+        return grad_pass, None, None
+    return batch_norm_backward(grad_low, grad_full, x, weight, coef, grad_pass)
+
+
+def _batch_norm_grad(ctx, grad_low, grad_full):
+    return (*_norm_grads(ctx, grad_low, grad_full), None, None, None)
 
 
 batch_norm_apply.register_autograd(_batch_norm_grad, setup_context=_save_norm)
+
+
+class BatchNormStream(torch.autograd.Function):
+    """:func:`batch_norm_apply` that also hands x on, as a view: (low, full, stream). A block's stream x
+    feeds its BatchNorm and its residual shortcut; autograd would add the two gradients in a pass of its
+    own, which here the batch norm's backward does in its last pass instead, the stream's gradient
+    arriving as that of the view (the residual tail reads the view, not x). Not for ``torch.compile``
+    (the blocks keep ATen's operators there)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, coef, low_dtype, full):
+        low, out = batch_norm_apply(x, weight, bias, coef, low_dtype, full)
+        ctx.save_for_backward(x, weight, coef)
+        ctx.set_materialize_grads(False)
+        return low, out, x
+
+    @staticmethod
+    def backward(ctx, grad_low, grad_full, grad_pass):
+        return (*_norm_grads(ctx, grad_low, grad_full, grad_pass), None, None, None)
 
 
 # ---- inference: a residual stream and the copy its next conv reads, in one pass ------------------------

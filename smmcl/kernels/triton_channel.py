@@ -511,16 +511,17 @@ def norm_finalize_kernel(sums_ptr, x_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, mean_ptr
         tl.store(rv_ptr + c, ((1.0 - momentum) * rv + momentum * unbiased).to(rv_ptr.dtype.element_ty), mask=cmask)
 
 
-@triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'HAS_G', 'HAS_H', 'HAS_LOW', 'HAS_FULL'],
+@triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'HAS_G', 'HAS_H', 'HAS_E', 'HAS_LOW', 'HAS_FULL'],
                  prune_configs_by=PRUNE, do_bench=bench)
 @triton.jit
-def norm_apply_kernel(x_ptr, g_ptr, h_ptr, coef_ptr, low_ptr, full_ptr, N, C, H, W, sn, sc, sw,
-                      HAS_G: tl.constexpr, HAS_H: tl.constexpr, HAS_LOW: tl.constexpr, HAS_FULL: tl.constexpr,
-                      BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Program (image x pixel block, cb) writes ``v = p * dy + q * (x - mean) + r`` (coef's four float32
-    rows of C; dy the sum of g and h, as :func:`norm_sums_kernel`, or absent) to full in its dtype and,
-    rounded once from the float32 value, to low: forward the normalised map in the stream's dtype and in
-    the next conv's, backward x's gradient. The maps share their strides."""
+def norm_apply_kernel(x_ptr, g_ptr, h_ptr, e_ptr, coef_ptr, low_ptr, full_ptr, N, C, H, W, sn, sc, sw,
+                      HAS_G: tl.constexpr, HAS_H: tl.constexpr, HAS_E: tl.constexpr, HAS_LOW: tl.constexpr,
+                      HAS_FULL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Program (image x pixel block, cb) writes ``v = p * dy + q * (x - mean) + r (+ e)`` (coef's four
+    float32 rows of C; dy the sum of g and h, as :func:`norm_sums_kernel`, or absent; e a map added as it
+    is) to full in its dtype and, rounded once from the float32 value, to low: forward the normalised map
+    in the stream's dtype and in the next conv's, backward x's gradient (e: the gradient x gets from
+    elsewhere, which autograd would add in a pass of its own). The maps share their strides."""
     c, cmask, offs, mask = _tile(C, H, W, sn, sc, sw, BLOCK_C, BLOCK_P)
     mean = tl.load(coef_ptr + c, mask=cmask, other=0.0)
     q = tl.load(coef_ptr + 2 * C + c, mask=cmask, other=0.0)
@@ -529,6 +530,8 @@ def norm_apply_kernel(x_ptr, g_ptr, h_ptr, coef_ptr, low_ptr, full_ptr, N, C, H,
     if HAS_G or HAS_H:
         p = tl.load(coef_ptr + C + c, mask=cmask, other=0.0)
         v += _norm_grad(g_ptr, h_ptr, offs, mask, HAS_G, HAS_H) * p[:, None]
+    if HAS_E:
+        v += tl.load(e_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_FULL:
         tl.store(full_ptr + offs, v.to(full_ptr.dtype.element_ty), mask=mask)
     if HAS_LOW:
@@ -536,12 +539,13 @@ def norm_apply_kernel(x_ptr, g_ptr, h_ptr, coef_ptr, low_ptr, full_ptr, N, C, H,
 
 
 def _norm_launch(x: torch.Tensor, g: Optional[torch.Tensor], h: Optional[torch.Tensor], coef: torch.Tensor,
-                 low: Optional[torch.Tensor], full: Optional[torch.Tensor]) -> None:
+                 low: Optional[torch.Tensor], full: Optional[torch.Tensor], e: Optional[torch.Tensor] = None) -> None:
     n, c, height, width = x.shape
+    maps = [x if t is None else t for t in (g, h, e, low, full)]
     norm_apply_kernel[lambda m: (n * triton.cdiv(height * width, m['BLOCK_P']), triton.cdiv(c, m['BLOCK_C']))](
-        x, x if g is None else g, x if h is None else h, coef, x if low is None else low, x if full is None else full,
-        n, c, height, width, x.stride(0), x.stride(1), x.stride(3), HAS_G=g is not None, HAS_H=h is not None,
-        HAS_LOW=low is not None, HAS_FULL=full is not None)
+        x, *maps[:3], coef, *maps[3:], n, c, height, width, x.stride(0), x.stride(1), x.stride(3),
+        HAS_G=g is not None, HAS_H=h is not None, HAS_E=e is not None, HAS_LOW=low is not None,
+        HAS_FULL=full is not None)
 
 
 def _norm_sums(x: torch.Tensor, g: Optional[torch.Tensor], h: Optional[torch.Tensor],
@@ -596,7 +600,8 @@ def _apply_torch(x: torch.Tensor, coef: torch.Tensor, low_dtype: torch.dtype, fu
 
 
 def _norm_grad_triton(grad_low: Optional[torch.Tensor], grad_full: Optional[torch.Tensor], x: torch.Tensor,
-                      weight: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor):
+                      weight: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                      grad_pass: Optional[torch.Tensor] = None):
     n, c, height, width = x.shape
     sums, chunks = _norm_sums(x, grad_full, grad_low, mean)
     coef = torch.empty(4, c, device=x.device, dtype=torch.float32)
@@ -605,18 +610,21 @@ def _norm_grad_triton(grad_low: Optional[torch.Tensor], grad_full: Optional[torc
         sums, x, weight, weight, mean, mean, mean, invstd, coef, grad_weight, grad_bias, c, x.stride(1), chunks,
         float(n * height * width), 0.0, 0.0, BACKWARD=True, BLOCK=_FINALIZE_BLOCK)
     grad_x = torch.empty_like(x)
-    _norm_launch(x, grad_full, grad_low, coef, None, grad_x)
+    _norm_launch(x, grad_full, grad_low, coef, None, grad_x, grad_pass)
     return grad_x, grad_weight, grad_bias
 
 
 def _norm_grad_torch(grad_low: Optional[torch.Tensor], grad_full: Optional[torch.Tensor], x: torch.Tensor,
-                     weight: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor):
+                     weight: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                     grad_pass: Optional[torch.Tensor] = None):
     """ATen's: the cast's backward and the sum of the two outputs' gradients, then
-    ``native_batch_norm_backward`` (training mode: the batch's mean and invstd, eps unused)."""
+    ``native_batch_norm_backward`` (training mode: the batch's mean and invstd, eps unused), then
+    autograd's sum with the gradient x gets from elsewhere."""
     dy = [g.to(x.dtype) for g in (grad_full, grad_low) if g is not None]
     dy = dy[0] if len(dy) == 1 else dy[0] + dy[1]
-    return torch.ops.aten.native_batch_norm_backward(dy, x, weight, None, None, mean, invstd, True, 1e-5,
-                                                     [True, True, True])
+    grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+        dy, x, weight, None, None, mean, invstd, True, 1e-5, [True, True, True])
+    return grad_x if grad_pass is None else grad_x + grad_pass, grad_weight, grad_bias
 
 
 _IMPLS = {'add': {'triton': _add_triton, 'torch': _add_torch}, 'grad': {'triton': _grad_triton, 'torch': _grad_torch},
@@ -811,13 +819,17 @@ def batch_norm_apply(x: torch.Tensor, coef: torch.Tensor, low_dtype: torch.dtype
 
 
 def batch_norm_grad(grad_low: Optional[torch.Tensor], grad_full: Optional[torch.Tensor], x: torch.Tensor,
-                    weight: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, impl: Optional[str] = None):
+                    weight: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                    grad_pass: Optional[torch.Tensor] = None, impl: Optional[str] = None):
     """The gradients of a training-mode batch normalisation (:func:`batch_norm_stats` then
     :func:`batch_norm_apply`, through the statistics too) for its two outputs' (either may be None), in two
     passes over the maps: (grad x in x's dtype and layout, grad weight, grad bias in float32). The two
     gradients are summed as they are read (ATen: the cast's backward, their sum, then
-    ``native_batch_norm_backward``)."""
+    ``native_batch_norm_backward``), and ``grad_pass`` (N-C-H-W or None: the gradient x gets from another
+    consumer, the residual stream's shortcut) is added to x's in the same pass (autograd: a pass of its
+    own)."""
     check_device(x)
-    x, *grads = _same_layout(_layout(x), x, *[g for g in (grad_low, grad_full) if g is not None])
-    grad_low, grad_full = (grads.pop(0) if g is not None else None for g in (grad_low, grad_full))
-    return _run('norm_grad', impl, grad_low, grad_full, x, weight, mean, invstd)
+    given = [g for g in (grad_low, grad_full, grad_pass) if g is not None]
+    x, *given = _same_layout(_layout(x), x, *given)
+    grad_low, grad_full, grad_pass = (given.pop(0) if g is not None else None for g in (grad_low, grad_full, grad_pass))
+    return _run('norm_grad', impl, grad_low, grad_full, x, weight, mean, invstd, grad_pass)

@@ -285,10 +285,11 @@ class Block(nn.Module):
             # branch's last bias (proj_2's, fc2's) and the attention's own shortcut: no pass of their own,
             # forward or backward
             ops = torch.ops.smmcl
-            xn, low = normed_pair(self.norm1, x)
+            xn, low, x = normed_pair(self.norm1, x)
             y = self.attn.branch(low, add_bias=False)
             x, _ = ops.shortcut_residual(x, y, self._factor(self.layer_scale_1, y), self.attn.proj_2.bias, xn)
-            y = self.mlp(normed_pair(self.norm2, x, full=False)[1], add_bias=False)
+            _, low, x = normed_pair(self.norm2, x, full=False)
+            y = self.mlp(low, add_bias=False)
             return ops.scaled_residual(x, y, self._factor(self.layer_scale_2, y), self.mlp.fc2.bias)
         if self.fused_tails:  # each half's scale, drop path and residual add in one addcmul pass
             y = self.attn(self.norm1(x))
@@ -306,24 +307,27 @@ class Block(nn.Module):
 
 
 def normed_pair(norm: nn.Module, x: torch.Tensor, full: bool = True):
-    """(``norm(x)``, the same in the autocast dtype the next conv reads it in) for a block's BatchNorm with
-    the kernels on. A plain ``nn.BatchNorm2d`` in training under autocast runs as ``smmcl::batch_norm_stats``
-    and ``smmcl::batch_norm_apply``: its statistics (the running ones updated, ``num_batches_tracked`` too,
-    as the module does), then both outputs in one pass (without ``full`` only the low one: None, x's
-    dtype), and a backward that reads the two outputs' gradients as they are, where autocast would cast
-    the copy's gradient and add it to the other's in two passes of their own. Otherwise the module, its
-    output given twice (autocast casts it where the conv reads it)."""
+    """(``norm(x)``, the same in the autocast dtype the next conv reads it in, x for the residual shortcut)
+    for a block's BatchNorm with the kernels on. A plain ``nn.BatchNorm2d`` in training under autocast
+    runs as ``smmcl::batch_norm_stats`` and ``smmcl::batch_norm_apply``: its statistics (the running ones
+    updated, ``num_batches_tracked`` too, as the module does), then both outputs in one pass (without
+    ``full`` only the low one: None, x's dtype). Its backward reads the two outputs' gradients as they
+    are, where autocast would cast the copy's gradient and add it to the other's in two passes of their
+    own, and adds the stream's gradient from the shortcut, for which x is handed on as a view
+    (:class:`~smmcl.kernels.ops.BatchNormStream`), where autograd would add it in a pass of its own.
+    Otherwise the module, its output given twice (autocast casts it where the conv reads it), and x."""
     if (type(norm) is nn.BatchNorm2d and norm.training and norm.track_running_stats and norm.affine
             and norm.momentum is not None and torch.is_autocast_enabled(x.device.type)
             and x.numel() > x.shape[1]):  # one value per channel: the module's own error
-        ops = torch.ops.smmcl
+        from ..kernels.ops import BatchNormStream  # loaded with the kernels (use_fused_kernels)
         norm.num_batches_tracked.add_(1)
-        coef = ops.batch_norm_stats(x.detach(), norm.weight.detach(), norm.bias.detach(), norm.running_mean,
-                                    norm.running_var, norm.momentum, norm.eps)
-        low, out = ops.batch_norm_apply(x, norm.weight, norm.bias, coef, torch.get_autocast_dtype(x.device.type), full)
-        return out if full else None, low
+        coef = torch.ops.smmcl.batch_norm_stats(x.detach(), norm.weight.detach(), norm.bias.detach(),
+                                                norm.running_mean, norm.running_var, norm.momentum, norm.eps)
+        low, out, stream = BatchNormStream.apply(x, norm.weight, norm.bias, coef,
+                                                 torch.get_autocast_dtype(x.device.type), full)
+        return out if full else None, low, stream
     out = norm(x)
-    return out, out
+    return out, out, x
 
 
 def use_fused_tails(model: nn.Module, enabled: bool = True) -> nn.Module:
