@@ -283,7 +283,8 @@ class Block(nn.Module):
         if self.fused_tails and per_channel_passes(self, x):
             # each half's tail in one pass (smmcl::shortcut_residual, smmcl::scaled_residual), with the
             # branch's last bias (proj_2's, fc2's) and the attention's own shortcut: no pass of their own,
-            # forward or backward
+            # forward or backward; each norm writes its conv's bf16 copy itself and hands the stream on,
+            # adding the stream's two gradients in its backward (normed_pair)
             ops = torch.ops.smmcl
             xn, low, x = normed_pair(self.norm1, x)
             y = self.attn.branch(low, add_bias=False)
