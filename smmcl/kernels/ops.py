@@ -327,7 +327,7 @@ add_channel_bias_gate.register_autograd(_add_channel_bias_gate_grad, setup_conte
 # ---- a residual branch with a per-channel scale: x + v * f, v = y (+ bias) (+ shortcut) ------------------
 
 def _residual_like(x: Tensor, y: Tensor, factor: Tensor, shortcut: Optional[Tensor] = None) -> Tensor:
-    return torch.empty_like(x, dtype=CH.tail_dtype(x, y, factor, shortcut), memory_format=K._layout(x))
+    return torch.empty_like(x, dtype=CH.sum_dtype(x, y, factor, shortcut), memory_format=K._layout(x))
 
 
 @torch.library.custom_op('smmcl::scaled_residual', mutates_args=())

@@ -312,17 +312,6 @@ def check_residual(y: torch.Tensor, factor: torch.Tensor, bias: Optional[torch.T
                          f'in a dtype at least as wide as its {y.dtype}, got {tuple(shortcut.shape)} {shortcut.dtype}')
 
 
-def branch_dtype(y: torch.Tensor, shortcut: Optional[torch.Tensor]) -> torch.dtype:
-    """The dtype of the branch ``y (+ bias) (+ shortcut)``, as PyTorch promotes it."""
-    return y.dtype if shortcut is None else torch.promote_types(y.dtype, shortcut.dtype)
-
-
-def tail_dtype(x: torch.Tensor, y: torch.Tensor, factor: torch.Tensor,
-               shortcut: Optional[torch.Tensor] = None) -> torch.dtype:
-    """The dtype of :func:`scaled_residual`'s ``x + v * factor``, as PyTorch promotes it."""
-    return torch.promote_types(torch.promote_types(x.dtype, branch_dtype(y, shortcut)), factor.dtype)
-
-
 def _factor_rows(factor: torch.Tensor, c: int) -> torch.Tensor:
     return factor.reshape(-1, c).float().contiguous()  # 1 x C (per channel) or N x C (per image)
 
@@ -330,7 +319,7 @@ def _factor_rows(factor: torch.Tensor, c: int) -> torch.Tensor:
 def _tail_triton(x: torch.Tensor, y: torch.Tensor, factor: torch.Tensor, bias: Optional[torch.Tensor] = None,
                  shortcut: Optional[torch.Tensor] = None):
     n, c, h, w = y.shape
-    out = torch.empty_like(x, dtype=tail_dtype(x, y, factor, shortcut))
+    out = torch.empty_like(x, dtype=sum_dtype(x, y, factor, shortcut))
     v = None if shortcut is None else torch.empty_like(shortcut)
     if out.numel():
         rows = _factor_rows(factor, c)
@@ -348,7 +337,7 @@ def _tail_torch(x: torch.Tensor, y: torch.Tensor, factor: torch.Tensor, bias: Op
     the same values)."""
     v = y if bias is None else _add_torch(y, bias)
     v = v if shortcut is None else v + shortcut
-    out = torch.addcmul(x, v, factor, out=torch.empty_like(x, dtype=tail_dtype(x, y, factor, shortcut)))
+    out = torch.addcmul(x, v, factor, out=torch.empty_like(x, dtype=sum_dtype(x, y, factor, shortcut)))
     return out, None if shortcut is None else v
 
 
@@ -407,10 +396,10 @@ def _pair_torch(a: torch.Tensor, b: torch.Tensor, factor: Optional[torch.Tensor]
     return out, out.to(a.dtype)
 
 
-def sum_dtype(a, b, factor) -> torch.dtype:
-    """The dtype of ``a + b * factor`` (factor may be None), as PyTorch promotes it."""
-    dtype = torch.promote_types(a.dtype, b.dtype)
-    return dtype if factor is None else torch.promote_types(dtype, factor.dtype)
+def sum_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
+    """The dtype of a sum or product of ``tensors`` (None ones left out: ``a + b * factor`` without a factor,
+    a tail without a shortcut), as PyTorch promotes it."""
+    return functools.reduce(torch.promote_types, [t.dtype for t in tensors if t is not None])
 
 
 # ---- a block's BatchNorm in training: its statistics, the normalised map in two dtypes, the backward ---
