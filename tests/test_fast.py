@@ -330,3 +330,85 @@ def test_fused_modulation_is_the_same_function():
         results.append((outs, torch.autograd.grad(sum(o.sum() for o in outs), inputs + list(module.parameters()))))
     for a, b in zip(results[0][0] + results[0][1], results[1][0] + results[1][1]):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_nmf_backward_by_hand_is_autograds():
+    """NMFSteps (the fast path's NMF: its backward written out, x's gradient from all 2T+2 uses in one
+    product) against autograd through decompose: the same output bits, and in float64 the same gradient
+    to rounding (the drawn bases take none); in float32 within float32's noise; gradcheck passes."""
+    from smmcl.models.ham_head import NMF2D, NMFSteps, decompose
+    bases = NMF2D(rank=8).draw_bases(2, 32, generator=torch.Generator().manual_seed(1))
+    grad = torch.randn(2, 32, 35, generator=torch.Generator().manual_seed(2))
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-6)):
+        x = torch.relu(torch.randn(2, 32, 35, dtype=dtype, generator=torch.Generator().manual_seed(0)))
+        x.requires_grad_()
+        results = []
+        for out in (decompose(x, bases.to(dtype), 6, 1e-6), NMFSteps.apply(x, bases.to(dtype), 6, 1e-6, 1, torch.bmm)):
+            results.append((out, torch.autograd.grad(out, x, grad.to(dtype))[0]))
+        (want, want_grad), (got, got_grad) = results
+        assert torch.equal(got, want)
+        assert torch.linalg.norm(got_grad - want_grad) <= tol * torch.linalg.norm(want_grad)
+    x = torch.relu(torch.randn(1, 6, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(3)))
+    start = NMF2D(rank=3).draw_bases(1, 6, generator=torch.Generator().manual_seed(4)).double()
+    for inv_t in (1, 2.5):
+        assert torch.autograd.gradcheck(lambda x: NMFSteps.apply(x, start, 2, 1e-6, inv_t, torch.bmm),
+                                        (x.requires_grad_(),))
+
+
+def test_fast_nmf_writes_xs_gradient_once():
+    """The fast path's Hamburger (use_fused_tails): the plain one's output bits and gradients; its backward
+    writes one float32 map of x's size (x's gradient) where autograd writes one per use of x and adds
+    them (2T+2 = 14 uses in training)."""
+    import copy
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+    from smmcl.models.ham_head import Hamburger
+    from smmcl.models.mscan import use_fused_tails
+
+    class MapWrites(TorchDispatchMode):
+        def __init__(self, shapes):
+            super().__init__()
+            self.shapes, self.count = shapes, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not func.is_view:
+                self.count += sum(isinstance(t, torch.Tensor) and t.shape in self.shapes for t in tree_leaves(out))
+            return out
+
+    torch.manual_seed(0)
+    plain = Hamburger(channels=32, rank=8).train()
+    fast = use_fused_tails(copy.deepcopy(plain))
+    assert fast.ham.fused_tails and not plain.ham.fused_tails
+    x = torch.randn(2, 32, 5, 7)
+    results, writes = [], []
+    for model in (plain, fast):
+        model.ham.fixed_bases = model.ham.draw_bases(2, 32, generator=torch.Generator().manual_seed(3))
+        leaf = x.clone().requires_grad_()
+        out = model(leaf)
+        with MapWrites([(2, 32, 35), (2, 35, 32)]) as mode:  # the NMF's x, (B*S)-D-N, and its transpose
+            grads = torch.autograd.grad(out, [leaf] + list(model.parameters()), torch.ones_like(out))
+        results.append((out, grads))
+        writes.append(mode.count)
+    (want, want_grads), (got, got_grads) = results
+    assert torch.equal(got, want)
+    for g, w in zip(got_grads, want_grads):
+        assert torch.linalg.norm(g - w) <= 1e-5 * torch.linalg.norm(w)
+    assert writes == [14 + 13, 1]  # autograd: 14 products and 13 sums; by hand: one product
+    with torch.no_grad():  # no gradient: the plain loop
+        assert torch.equal(fast.eval()(x), plain.eval()(x))
+
+
+def test_fast_nmf_traces_in_one_graph():
+    """torch.compile traces the fast path's NMF, its backward by hand included, without a graph break
+    (fullgraph), and the compiled module computes the same output and gradient."""
+    from smmcl.models.ham_head import Hamburger
+    from smmcl.models.mscan import use_fused_tails
+    torch.manual_seed(0)
+    model = use_fused_tails(Hamburger(channels=32, rank=8).train())
+    model.ham.fixed_bases = model.ham.draw_bases(2, 32, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(2, 32, 5, 7, requires_grad=True)
+    compiled = torch.compile(model, fullgraph=True, backend='aot_eager')
+    (want, want_grad), (got, got_grad) = [(out, torch.autograd.grad(out.sum(), x)[0])
+                                          for out in (model(x), compiled(x))]
+    assert torch.equal(got, want) and torch.equal(got_grad, want_grad)

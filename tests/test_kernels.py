@@ -1349,13 +1349,15 @@ def test_bmm_tf32x3_edges_and_refusals():
 
 @pytest.mark.parametrize('training', [False, True])
 def test_nmf_with_kernels_is_the_same_function(training):
-    """The decoder's Hamburger with the kernels (every NMF product smmcl::bmm_tf32x3) against it without:
-    the same bases, output and (training: the gradient through all 6 update steps) every gradient."""
+    """The decoder's Hamburger with the kernels (every NMF product smmcl::bmm_tf32x3, also those of the fast
+    path's backward by hand, on strided views) against it without: the same bases, output and (training:
+    the gradient through all 6 update steps) every gradient."""
     from smmcl.models.ham_head import Hamburger
+    from smmcl.models.mscan import use_fused_tails
     torch.manual_seed(0)
     plain = Hamburger(channels=64, rank=16).to(DEVICE).train(training)
-    fused = use_fused_kernels(copy.deepcopy(plain))
-    assert fused.ham.fused_kernels and not plain.ham.fused_kernels
+    fused = use_fused_tails(use_fused_kernels(copy.deepcopy(plain)))
+    assert fused.ham.fused_kernels and fused.ham.fused_tails and not plain.ham.fused_kernels
     x = _tensor(2, 64, 6, 9)
     results = []
     for model in (plain, fused):

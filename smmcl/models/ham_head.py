@@ -58,6 +58,147 @@ class Conv1x1(nn.Module):
         return self.conv(x)
 
 
+def _multiplicative_update(factor, numerator, other, eps: float, bmm=torch.bmm):
+    """One NMF update of ``factor`` (the coefficients N-R or the bases D-R of each image) with the other
+    factor held: ``factor * numerator / (factor @ (other^T @ other) + eps)``.
+
+    Returns the updated factor and its denominator (the backward by hand, :class:`NMFSteps`, keeps it).
+    """
+    # (B*S, ., R) @ [(B*S, ., R)^T @ (B*S, ., R)] -> (B*S, ., R)
+    denominator = bmm(factor, bmm(other.transpose(1, 2), other)) + eps
+    return factor * numerator / denominator, denominator
+
+
+def _mul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out[...] = a * b`` for a view ``out``: in one pass in eager mode; under ``torch.compile``, whose
+    tracing refuses a strided ``out=``, as a product and a copy (which inductor fuses)."""
+    if torch.compiler.is_compiling():
+        out.copy_(a * b)
+    else:
+        torch.mul(a, b, out=out)
+
+
+def _update_backward(grad, factor, other, numerator, denominator, updated, grad_numerator, bmm=torch.bmm):
+    """The gradients of :func:`_multiplicative_update`'s inputs from ``grad``, that of ``updated``.
+
+    Writes the numerator's into ``grad_numerator`` (a view, shaped as the numerator); returns the
+    factor's and the other's (through the Gram matrix), float32, shaped as those.
+    """
+    ratio = grad / denominator
+    _mul_into(grad_numerator, ratio, factor)
+    # d(updated)/d(denominator) = -updated / denominator
+    grad_denominator = -(ratio * updated)
+    # (B*S, R, .) @ (B*S, ., R) -> (B*S, R, R)
+    gram = bmm(other.transpose(1, 2), other)
+    grad_factor = ratio * numerator + bmm(grad_denominator, gram.transpose(1, 2))
+    # (B*S, R, .) @ (B*S, ., R) -> (B*S, R, R), then (B*S, ., R) @ (B*S, R, R) -> (B*S, ., R)
+    grad_gram = bmm(factor.transpose(1, 2), grad_denominator)
+    return grad_factor, bmm(other, grad_gram + grad_gram.transpose(1, 2))
+
+
+def decompose(x: torch.Tensor, bases: torch.Tensor, steps: int, eps: float, inv_t: float = 1,
+              bmm=torch.bmm, keep: Optional[list] = None) -> torch.Tensor:
+    """NMF of each image's x by multiplicative updates from the given bases: a softmax start, ``steps``
+    pairs of updates (coefficients, then bases), a last coefficient update, the reconstruction.
+
+    Args:
+        x: (B*S)-D-N, non-negative, float32.
+        bases: (B*S)-D-R starting bases.
+        keep: if a list, it receives what the backward by hand needs (:class:`NMFSteps`): the start's
+            coefficients, then the numerator, denominator and result of each update in order.
+    Returns:
+        (B*S)-D-N, the rank-R reconstruction.
+    """
+    # (B*S, D, N)^T @ (B*S, D, R) -> (B*S, N, R)
+    coef = F.softmax(inv_t * bmm(x.transpose(1, 2), bases), dim=-1)
+    if keep is not None:
+        keep.append(coef)
+    for step in range(steps + 1):
+        # (B*S, D, N)^T @ (B*S, D, R) -> (B*S, N, R)
+        numerator = bmm(x.transpose(1, 2), bases)
+        coef, denominator = _multiplicative_update(coef, numerator, bases, eps, bmm)
+        if keep is not None:
+            keep += [numerator, denominator, coef]
+        if step == steps:
+            break
+        # (B*S, D, N) @ (B*S, N, R) -> (B*S, D, R)
+        numerator = bmm(x, coef)
+        bases, denominator = _multiplicative_update(bases, numerator, coef, eps, bmm)
+        if keep is not None:
+            keep += [numerator, denominator, bases]
+    # (B*S, D, R) @ (B*S, N, R)^T -> (B*S, D, N)
+    return bmm(bases, coef.transpose(1, 2))
+
+
+class NMFSteps(torch.autograd.Function):
+    """:func:`decompose` with its backward written out: the same function, float32 rounded in another
+    order.
+
+    Each of the 2T+2 products with x (the start, T+1 coefficient and T bases updates) gives x a gradient
+    that is a product of two rank-R factors, D-R times (N-R)^T. Autograd writes each as a float32 D-N
+    map and adds them one by one: 2T+2 writes and 2T+1 additions of the largest maps of the decoder
+    (~4 GB a training step at MSCAN-B's batch 8, 480x640). Here the factors are kept side by side, and
+    one product of the stacked factors, D-(2T+2)R times ((2T+2)R)-N, writes the sum once.
+    """
+
+    @staticmethod
+    def forward(ctx, x, bases, steps: int, eps: float, inv_t: float, bmm):
+        """x: (B*S)-D-N float32, bases: (B*S)-D-R (no gradient) -> (B*S)-D-N reconstruction."""
+        keep = []
+        out = decompose(x, bases, steps, eps, inv_t, bmm, keep)
+        ctx.steps, ctx.inv_t, ctx.bmm = steps, inv_t, bmm
+        ctx.save_for_backward(x, bases, *keep)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        steps, bmm = ctx.steps, ctx.bmm
+        x, start_bases, start, *updates = ctx.saved_tensors
+        # the updates alternate, coefficients first: (numerator, denominator, result) each
+        coef_updates = [updates[i:i + 2] for i in range(0, len(updates), 6)]
+        bases_updates = [updates[i:i + 2] for i in range(3, len(updates), 6)]
+        coefs = [start] + updates[2::6]
+        bases = [start_bases] + updates[5::6]
+        rank, uses = bases[0].shape[-1], 2 * steps + 2
+        # x's gradient is sum_k lefts_k @ rights_k^T over its 2T+2 uses: each use's factors are written
+        # side by side, into a rank-wide slot of these
+        lefts = x.new_empty(*bases[0].shape[:2], uses * rank)  # (B*S, D, (2T+2)R)
+        rights = x.new_empty(*coefs[0].shape[:2], uses * rank)  # (B*S, N, (2T+2)R)
+        slots = ((lefts[..., k:k + rank], rights[..., k:k + rank]) for k in range(0, uses * rank, rank))
+
+        with torch.autocast(device_type=grad.device.type, enabled=False):
+            # out = B_T @ C^T: (B*S, D, N) @ (B*S, N, R) and (B*S, D, N)^T @ (B*S, D, R)
+            grad_bases = bmm(grad, coefs[-1])
+            grad_coef = bmm(grad.transpose(1, 2), bases[-1])
+            for step in range(steps, -1, -1):
+                # the coefficient update coefs[step] -> coefs[step + 1] with bases[step]; numerator = x^T @ B
+                left, grad_numerator = next(slots)
+                left.copy_(bases[step])
+                grad_coef, grad_other = _update_backward(grad_coef, coefs[step], bases[step], *coef_updates[step],
+                                                         coefs[step + 1], grad_numerator, bmm)
+                if step == 0:
+                    break  # the drawn bases take no gradient
+                # (B*S, D, N) @ (B*S, N, R) -> (B*S, D, R)
+                grad_bases = grad_bases + grad_other + bmm(x, grad_numerator)
+                # the bases update bases[step - 1] -> bases[step] with coefs[step]; numerator = x @ C
+                grad_numerator, right = next(slots)
+                right.copy_(coefs[step])
+                grad_bases, grad_other = _update_backward(grad_bases, bases[step - 1], coefs[step],
+                                                          *bases_updates[step - 1], bases[step], grad_numerator, bmm)
+                # (B*S, D, N)^T @ (B*S, D, R) -> (B*S, N, R)
+                grad_coef = grad_coef + grad_other + bmm(x.transpose(1, 2), grad_numerator)
+            # the start: coefs[0] = softmax(inv_t * x^T @ bases[0])
+            left, grad_scores = next(slots)
+            left.copy_(bases[0])
+            _mul_into(grad_scores, start, grad_coef - (grad_coef * start).sum(-1, keepdim=True))
+            if ctx.inv_t != 1:
+                grad_scores.mul_(ctx.inv_t)
+            # (B*S, D, (2T+2)R) @ (B*S, N, (2T+2)R)^T -> (B*S, D, N)
+            grad_x = bmm(lefts, rights.transpose(1, 2))
+        return grad_x, None, None, None, None, None
+
+
 class NMF2D(nn.Module):
     """Non-negative matrix factorisation by multiplicative updates, one factorisation per image.
 
@@ -65,7 +206,8 @@ class NMF2D(nn.Module):
     L2-normalised over D, as the authors' ``_build_bases`` (RAND_INIT=True). Gradients flow through
     all update steps: mmseg's port runs them without ``torch.no_grad`` and so do the authors.
     The decomposition always runs in float32, also under autocast; with the kernels on
-    (``use_fused_kernels``) its products run on the tensor cores at float32's accuracy (3xTF32).
+    (``use_fused_kernels``) its products run on the tensor cores at float32's accuracy (3xTF32). On the
+    fast path (``use_fused_tails``) its backward is :class:`NMFSteps`: x's gradient in one product.
 
     ``fixed_bases`` (None by default; a non-persistent buffer, so checkpoints do not change) replaces
     the draw with given (B*S)-D-R bases, for a graph export that cannot hold a random draw
@@ -73,6 +215,7 @@ class NMF2D(nn.Module):
     """
 
     fused_kernels = False  # set by use_fused_kernels: the products as smmcl::bmm_tf32x3
+    fused_tails = False  # set by use_fused_tails (the fast path): the backward by hand, NMFSteps
 
     def __init__(self, rank: int = 64, spatial: int = 1, train_steps: int = 6, eval_steps: int = 7,
                  eps: float = 1e-6):
@@ -96,25 +239,12 @@ class NMF2D(nn.Module):
             return torch.ops.smmcl.bmm_tf32x3
         return torch.bmm
 
-    def _update_coef(self, x, bases, coef, bmm=torch.bmm):
-        # (B*S, D, N)^T @ (B*S, D, R) -> (B*S, N, R)
-        numerator = bmm(x.transpose(1, 2), bases)
-        # (B*S, N, R) @ [(B*S, D, R)^T @ (B*S, D, R)] -> (B*S, N, R)
-        denominator = bmm(coef, bmm(bases.transpose(1, 2), bases))
-        return coef * numerator / (denominator + self.eps)
-
-    def _update_bases(self, x, bases, coef, bmm=torch.bmm):
-        # (B*S, D, N) @ (B*S, N, R) -> (B*S, D, R)
-        numerator = bmm(x, coef)
-        # (B*S, D, R) @ [(B*S, N, R)^T @ (B*S, N, R)] -> (B*S, D, R)
-        denominator = bmm(bases, bmm(coef.transpose(1, 2), coef))
-        return bases * numerator / (denominator + self.eps)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """N-C-H-W (non-negative) -> its rank-R reconstruction, N-C-H-W, float32."""
         B, C, H, W = x.shape
         D, N = C // self.spatial, H * W
         bmm = self._bmm(x)
+        steps = self.train_steps if self.training else self.eval_steps
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float().reshape(B * self.spatial, D, N)
             if self.fixed_bases is None:
@@ -124,14 +254,9 @@ class NMF2D(nn.Module):
                                  f'batch of {B}: expected {(B * self.spatial, D, self.rank)}')
             else:
                 bases = self.fixed_bases.float()
-            # (B*S, D, N)^T @ (B*S, D, R) -> (B*S, N, R)
-            coef = F.softmax(self.inv_t * bmm(x.transpose(1, 2), bases), dim=-1)
-            for _ in range(self.train_steps if self.training else self.eval_steps):
-                coef = self._update_coef(x, bases, coef, bmm)
-                bases = self._update_bases(x, bases, coef, bmm)
-            coef = self._update_coef(x, bases, coef, bmm)
-            # (B*S, D, R) @ (B*S, N, R)^T -> (B*S, D, N)
-            return bmm(bases, coef.transpose(1, 2)).reshape(B, C, H, W)
+            if self.fused_tails and torch.is_grad_enabled() and x.requires_grad and not bases.requires_grad:
+                return NMFSteps.apply(x, bases, steps, self.eps, self.inv_t, bmm).reshape(B, C, H, W)
+            return decompose(x, bases, steps, self.eps, self.inv_t, bmm).reshape(B, C, H, W)
 
 
 class Hamburger(nn.Module):
