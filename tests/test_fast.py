@@ -312,9 +312,21 @@ def test_fused_block_tails_are_the_same_function():
             assert not torch.allclose(probe(x), out_p)
 
 
-def test_fused_modulation_is_the_same_function():
-    """The fast path's cross-modal modulation (each output one addcmul): the plain one's outputs and
-    gradients, to float rounding."""
+def _modulation_inputs(layout, seed=0):
+    """rgb, x: 2-6-5-7, each channel's maximum reached at 4 positions (amax shares its gradient)."""
+    g = torch.Generator().manual_seed(seed)
+    rgb, x = torch.randn(2, 2, 6, 5, 7, generator=g)
+    rgb[..., 1:3, 2:4] = rgb.amax() + 1
+    x[..., :2, :2] = rgb.amax() + 1
+    return [t.contiguous(memory_format=layout) for t in (rgb, x)]
+
+
+@pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])
+def test_fused_modulation_is_the_same_function(layout):
+    """The fast path's cross-modal modulation (ModulationInputs, ModulationTails: the concat written once,
+    each modality's gradients summed in one expression, the tails' gradients in one pass each): the plain
+    one's outputs and gradients (inputs' and parameters'), to float rounding, with ties at the pooled
+    maxima, from random output gradients, and with one output unused."""
     import copy
     from smmcl.models.fusion import CrossModalModulation
     from smmcl.models.mscan import use_fused_tails
@@ -322,14 +334,43 @@ def test_fused_modulation_is_the_same_function():
     plain = CrossModalModulation(6)
     fused = use_fused_tails(copy.deepcopy(plain))
     assert fused.fused_tails and not plain.fused_tails
-    rgb, x = torch.randn(2, 6, 5, 7), torch.randn(2, 6, 5, 7)
+    rgb, x = _modulation_inputs(layout)
+    grads_out = torch.randn(2, 2, 6, 5, 7, generator=torch.Generator().manual_seed(1))
+    for used in (2, 1):
+        results = []
+        for module in (plain, fused):
+            inputs = [rgb.clone().requires_grad_(), x.clone().requires_grad_()]
+            outs = module(*inputs)
+            grads = torch.autograd.grad(outs[:used], inputs + list(module.parameters()), list(grads_out[:used]))
+            results.append((outs, grads))
+        (want, want_grads), (got, got_grads) = results
+        assert all(o.is_contiguous(memory_format=layout) for o in got)
+        for a, b in zip(want + want_grads, got + got_grads):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_modulation_under_autocast_is_as_close_as_the_plain():
+    """Under bf16 autocast the fast modulation's concat is written in bf16 directly (the spatial MLP's
+    conv reads it so) and the gate's gradient summed in float32: against the float32 plain module, its
+    outputs and gradients are as close as the plain module's under autocast."""
+    import copy
+    from smmcl.models.fusion import CrossModalModulation
+    from smmcl.models.mscan import use_fused_tails
+    torch.manual_seed(0)
+    plain = CrossModalModulation(6)
+    fused = use_fused_tails(copy.deepcopy(plain))
+    rgb, x = _modulation_inputs(torch.contiguous_format)
+    grads_out = list(torch.randn(2, 2, 6, 5, 7, generator=torch.Generator().manual_seed(1)))
     results = []
-    for module in (plain, fused):
+    for module, amp in ((plain, False), (plain, True), (fused, True)):
         inputs = [rgb.clone().requires_grad_(), x.clone().requires_grad_()]
-        outs = module(*inputs)
-        results.append((outs, torch.autograd.grad(sum(o.sum() for o in outs), inputs + list(module.parameters()))))
-    for a, b in zip(results[0][0] + results[0][1], results[1][0] + results[1][1]):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp):
+            outs = module(*inputs)
+        grads = torch.autograd.grad(outs, inputs + list(module.parameters()), grads_out)
+        results.append(torch.cat([t.float().flatten() for t in outs + grads]))
+    want, plain_amp, fused_amp = results
+    plain_err, fused_err = (torch.linalg.norm(r - want) / torch.linalg.norm(want) for r in (plain_amp, fused_amp))
+    assert 0 < plain_err < 2e-2 and fused_err <= 1.5 * plain_err
 
 
 def test_nmf_backward_by_hand_is_autograds():
@@ -399,16 +440,23 @@ def test_fast_nmf_writes_xs_gradient_once():
         assert torch.equal(fast.eval()(x), plain.eval()(x))
 
 
-def test_fast_nmf_traces_in_one_graph():
-    """torch.compile traces the fast path's NMF, its backward by hand included, without a graph break
-    (fullgraph), and the compiled module computes the same output and gradient."""
+def test_fast_backwards_by_hand_trace_in_one_graph():
+    """torch.compile traces the fast path's NMF and cross-modal modulation, their backwards by hand
+    included, without a graph break (fullgraph), and the compiled modules compute the same outputs and
+    gradients."""
+    from smmcl.models.fusion import CrossModalModulation
     from smmcl.models.ham_head import Hamburger
     from smmcl.models.mscan import use_fused_tails
     torch.manual_seed(0)
-    model = use_fused_tails(Hamburger(channels=32, rank=8).train())
-    model.ham.fixed_bases = model.ham.draw_bases(2, 32, generator=torch.Generator().manual_seed(3))
-    x = torch.randn(2, 32, 5, 7, requires_grad=True)
-    compiled = torch.compile(model, fullgraph=True, backend='aot_eager')
-    (want, want_grad), (got, got_grad) = [(out, torch.autograd.grad(out.sum(), x)[0])
-                                          for out in (model(x), compiled(x))]
-    assert torch.equal(got, want) and torch.equal(got_grad, want_grad)
+    hamburger = use_fused_tails(Hamburger(channels=32, rank=8).train())
+    hamburger.ham.fixed_bases = hamburger.ham.draw_bases(2, 32, generator=torch.Generator().manual_seed(3))
+    modulation = use_fused_tails(CrossModalModulation(6))
+    for model, shapes in ((hamburger, [(2, 32, 5, 7)]), (modulation, [(2, 6, 5, 7)] * 2)):
+        inputs = [torch.randn(shape, requires_grad=True) for shape in shapes]
+        compiled = torch.compile(model, fullgraph=True, backend='aot_eager')
+        results = []
+        for module in (model, compiled):
+            outs = module(*inputs)
+            outs = [outs] if isinstance(outs, torch.Tensor) else list(outs)
+            results.append(outs + list(torch.autograd.grad(sum(o.sum() for o in outs), inputs)))
+        assert all(torch.equal(a, b) for a, b in zip(*results))

@@ -84,6 +84,13 @@ def require() -> None:
                            f'{torch.__version__}: upgrade it, or set triton_kernels=False')
 
 
+def layout(x: torch.Tensor) -> torch.memory_format:
+    """channels_last when x is stored that way (and not also plain contiguous), else NCHW."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def load_ops():
     """The custom-op module (imports Triton on first call)."""
     require()

@@ -31,6 +31,7 @@ from .triton_rows import strip3_sum_rows_kernel, strip3_wgrad_rows_kernel
 from .triton_common import KEY as _KEY, PRUNE as _PRUNE, bench as _bench, check_device as _check_device, configs
 from .triton_common import choose, fastest as _fastest, gelu as _gelu, gelu_grad as _gelu_grad, implementation
 from .triton_common import conv_bias as _conv_bias, load_input as _load_input
+from . import layout
 from .triton_common import packed_strip_slots as _packed_strip_slots
 from .triton_bands import dwconv_wgrad_bands_kernel, fits as _band_fits, fits_kxk as _band_fits_kxk
 from .triton_bands import parts as _band_parts, programs as _band_programs, strip3_bands_kernel
@@ -367,11 +368,7 @@ def _strip3_sum_kernel(r_ptr, t0_ptr, t1_ptr, t2_ptr, w0_ptr, w1_ptr, w2_ptr, b0
 # Launchers (plain functions of tensors; no autograd here)
 # ------------------------------------------------------------------------------------------------
 
-def _layout(x: torch.Tensor) -> torch.memory_format:
-    """channels_last when x is stored that way (and not also plain contiguous), else NCHW."""
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
+_layout = layout  # channels_last or NCHW, as x is stored
 
 
 def _same_layout(fmt: torch.memory_format, *tensors: torch.Tensor):

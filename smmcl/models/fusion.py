@@ -9,6 +9,8 @@ from typing import Callable, Tuple
 import torch
 from torch import nn
 
+from ..kernels import layout
+
 
 def _gelu_mlp(in_channels: int, hidden: int, out_channels: int) -> nn.Sequential:
     """1x1 conv, GELU, 1x1 conv, GELU, 1x1 conv (indices 0, 2, 4 hold the weights)."""
@@ -38,7 +40,78 @@ class ChannelCoefficients(nn.Module):
 
     def forward(self, both: torch.Tensor) -> torch.Tensor:
         pooled = torch.cat([both.mean(dim=(2, 3), keepdim=True), both.amax(dim=(2, 3), keepdim=True)], 1)
+        return self.from_pooled(pooled)
+
+    def from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """N-4C-1-1 (means, then maxima, of the concat's channels) -> N-C-1-1 coefficients."""
         return torch.sigmoid(self.encode(pooled))
+
+
+class ModulationInputs(torch.autograd.Function):
+    """The fast path's inputs of the two coefficient MLPs: (rgb, x), N-C-H-W each -> (both, pooled, rgb, x).
+
+    ``both`` is the N-2C-H-W concat stored in ``dtype`` (under autocast the dtype the spatial MLP's first
+    conv casts it to: one pass where the concat and the cast took two), ``pooled`` the float32 N-4C-1-1
+    means and maxima of its channels, and rgb and x are handed on as they are, for the modulation's
+    tails. Each modality feeds the concat, the pooling and the tails; autograd would add those gradients
+    in passes over 2C-wide and C-wide float32 maps (two each). Here the backward sums all of a modality's
+    in one expression, the tails' arriving as that of the handed-on input.
+    """
+
+    @staticmethod
+    def forward(ctx, rgb, x, dtype: torch.dtype):
+        channels = rgb.shape[1]
+        both = torch.empty((rgb.shape[0], 2 * channels, *rgb.shape[2:]), dtype=dtype, device=rgb.device,
+                           memory_format=layout(rgb))
+        both[:, :channels] = rgb
+        both[:, channels:] = x
+        maxima = [rgb.amax(dim=(2, 3), keepdim=True), x.amax(dim=(2, 3), keepdim=True)]
+        pooled = torch.cat([rgb.mean(dim=(2, 3), keepdim=True), x.mean(dim=(2, 3), keepdim=True)] + maxima, 1)
+        ctx.save_for_backward(rgb, x, *maxima)
+        ctx.set_materialize_grads(False)
+        return both, pooled, rgb, x
+
+    @staticmethod
+    def backward(ctx, grad_both, grad_pooled, grad_rgb, grad_x):
+        rgb, x, *maxima = ctx.saved_tensors
+        channels = rgb.shape[1]
+        grads = []
+        for i, (value, maximum, handed_on) in enumerate(zip((rgb, x), maxima, (grad_rgb, grad_x))):
+            grad = torch.zeros_like(value) if handed_on is None else handed_on
+            if grad_both is not None:
+                grad = grad + grad_both[:, i * channels:(i + 1) * channels]
+            if grad_pooled is not None:
+                if grad is handed_on:  # a gradient handed to a backward is not its to change
+                    grad = grad.clone()
+                # the mean's gradient, and the maximum's shared by the positions that reach it, as amax's
+                grad += grad_pooled[:, i * channels:(i + 1) * channels] / value[0, 0].numel()
+                reached = value == maximum
+                share = grad_pooled[:, (i + 2) * channels:(i + 3) * channels] / reached.sum(dim=(2, 3), keepdim=True)
+                grad.addcmul_(reached, share)
+            grads.append(grad)
+        return grads[0], grads[1], None
+
+
+class ModulationTails(torch.autograd.Function):
+    """The fast path's modulation outputs: (rgb, x, s, c) -> (rgb + x * gate, x + rgb * gate), the gate
+    ``0.5 * s + 0.5 * c`` from N-1-H-W spatial and N-C-1-1 channel coefficients, rounded as the separate
+    ops round it. The backward writes each modality's gradient in one pass (autograd: a product, then a
+    sum with the pass-through gradient) and the gate's in float32, reduced to those of s and c."""
+
+    @staticmethod
+    def forward(ctx, rgb, x, spatial, channel):
+        gate = 0.5 * spatial + 0.5 * channel
+        ctx.save_for_backward(rgb, x, gate)
+        ctx.dtypes = spatial.dtype, channel.dtype
+        return torch.addcmul(rgb, x, gate), torch.addcmul(x, rgb, gate)
+
+    @staticmethod
+    def backward(ctx, grad_rgb, grad_x):
+        rgb, x, gate = ctx.saved_tensors
+        grad_gate = torch.addcmul(grad_rgb * x, grad_x, rgb)
+        grad_spatial = (0.5 * grad_gate.sum(dim=1, keepdim=True)).to(ctx.dtypes[0])
+        grad_channel = (0.5 * grad_gate.sum(dim=(2, 3), keepdim=True)).to(ctx.dtypes[1])
+        return torch.addcmul(grad_rgb, grad_x, gate), torch.addcmul(grad_x, grad_rgb, gate), grad_spatial, grad_channel
 
 
 class CrossModalModulation(nn.Module):
@@ -53,12 +126,15 @@ class CrossModalModulation(nn.Module):
 
     def forward(self, rgb: torch.Tensor, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """rgb, x: N-C-H-W -> modulated (rgb', x'), N-C-H-W each."""
+        if self.fused_tails:
+            dtype = torch.get_autocast_dtype(rgb.device.type) if torch.is_autocast_enabled(rgb.device.type) \
+                else rgb.dtype
+            both, pooled, rgb, x = ModulationInputs.apply(rgb, x, dtype)
+            return ModulationTails.apply(rgb, x, self.Spatial(both), self.Channel.from_pooled(pooled))
         both = torch.cat([rgb, x], dim=1)
         # 0.5 * m * s + 0.5 * m * c == m * (0.5 * s + 0.5 * c): one gate, broadcast N-1-H-W + N-C-1-1; the
         # halving on the small factors (exact in binary floating point), so one full-size pass makes the gate.
         gate = 0.5 * self.Spatial(both) + 0.5 * self.Channel(both)
-        if self.fused_tails:
-            return torch.addcmul(rgb, x, gate), torch.addcmul(x, rgb, gate)
         return rgb + x * gate, x + rgb * gate
 
 

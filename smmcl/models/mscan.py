@@ -334,9 +334,10 @@ def normed_pair(norm: nn.Module, x: torch.Tensor, full: bool = True):
 def use_fused_tails(model: nn.Module, enabled: bool = True) -> nn.Module:
     """The fast path's element-wise tails (in place): every MSCAN block of ``model`` with its layer scale,
     drop path and residual add in one ``torch.addcmul`` per half, every cross-modal modulation with each
-    output in one, the decoder's NMF with its backward by hand (:class:`~smmcl.models.ham_head.NMFSteps`:
-    x's gradient in one product) (``fused_tails`` of those modules); or back to the separate ops. The
-    same function, rounded differently; the same random draws."""
+    output in one and its backward by hand (:class:`~smmcl.models.fusion.ModulationInputs`), the decoder's
+    NMF with its backward by hand (:class:`~smmcl.models.ham_head.NMFSteps`: x's gradient in one product)
+    (``fused_tails`` of those modules); or back to the separate ops. The same function, rounded
+    differently; the same random draws."""
     for module in model.modules():
         if hasattr(module, 'fused_tails'):
             module.fused_tails = enabled
