@@ -86,14 +86,16 @@ def _update_backward(grad, factor, other, numerator, denominator, updated, grad_
     """
     ratio = grad / denominator
     _mul_into(grad_numerator, ratio, factor)
-    # d(updated)/d(denominator) = -updated / denominator
-    grad_denominator = -(ratio * updated)
+    # d(updated)/d(denominator) = -updated / denominator: the denominator's gradient is -minus_grad, its
+    # sign carried by the R-R matrices (exact), so no pass negates a map and one addcmul ends the factor's
+    minus_grad = ratio * updated
     # (B*S, R, .) @ (B*S, ., R) -> (B*S, R, R)
     gram = bmm(other.transpose(1, 2), other)
-    grad_factor = ratio * numerator + bmm(grad_denominator, gram.transpose(1, 2))
+    # (B*S, ., R) @ (B*S, R, R) -> (B*S, ., R)
+    grad_factor = torch.addcmul(bmm(minus_grad, -gram.transpose(1, 2)), ratio, numerator)
     # (B*S, R, .) @ (B*S, ., R) -> (B*S, R, R), then (B*S, ., R) @ (B*S, R, R) -> (B*S, ., R)
-    grad_gram = bmm(factor.transpose(1, 2), grad_denominator)
-    return grad_factor, bmm(other, grad_gram + grad_gram.transpose(1, 2))
+    minus_grad_gram = bmm(factor.transpose(1, 2), minus_grad)
+    return grad_factor, bmm(other, -(minus_grad_gram + minus_grad_gram.transpose(1, 2)))
 
 
 def decompose(x: torch.Tensor, bases: torch.Tensor, steps: int, eps: float, inv_t: float = 1,
