@@ -1475,8 +1475,12 @@ def test_strip_weight_gradient_choice_through_the_op(monkeypatch):
         for g, w in zip(grads['fused'], grads[other]):
             assert rel(g, w) <= 1e-6
     x, horizontal = a.detach(), [p.detach() for p in params[0::4]]
-    if DEVICE == 'cpu':  # a GPU times both and may pick either
-        assert triton_dwconv._fastest_strip_wgrad([x] * 3, [x] * 3, horizontal, True) == 'fused'
+    if DEVICE == 'cpu':  # 'auto' under the interpreter: the fused kernel (a GPU times them all)
+        fused, called = triton_dwconv._STRIP_WGRAD['fused'], []
+        monkeypatch.setitem(triton_dwconv._STRIP_WGRAD, 'fused', lambda *args: called.append(args) or fused(*args))
+        monkeypatch.setenv('SMMCL_TRITON_STRIP_WGRAD', 'auto')
+        triton_dwconv.strip3_wgrad_packed([x] * 3, [x] * 3, horizontal, along_w=True)
+        assert len(called) == 1
     monkeypatch.setenv('SMMCL_TRITON_STRIP_WGRAD', 'one')
     with pytest.raises(ValueError,
                        match="SMMCL_TRITON_STRIP_WGRAD must be 'auto' or one of .*'fused', 'rows', 'bands', "

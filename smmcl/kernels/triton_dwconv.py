@@ -29,7 +29,7 @@ import triton.language as tl
 from .triton_rows import dwconv_rows_kernel, dwconv_wgrad_rows_kernel, grid as row_grid, strip3_rows_kernel
 from .triton_rows import strip3_sum_rows_kernel, strip3_wgrad_rows_kernel
 from .triton_common import KEY as _KEY, PRUNE as _PRUNE, bench as _bench, check_device as _check_device, configs
-from .triton_common import choose, fastest as _fastest, gelu as _gelu, gelu_grad as _gelu_grad, implementation
+from .triton_common import choose, fastest as _fastest, gelu as _gelu, gelu_grad as _gelu_grad
 from .triton_common import conv_bias as _conv_bias, load_input as _load_input
 from . import layout
 from .triton_common import packed_strip_slots as _packed_strip_slots
@@ -519,9 +519,8 @@ def dwconv_wgrad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     """
     _check_device(x)
     x, grad = _same_layout(_layout(x), x, grad)
-    impl = implementation('SMMCL_TRITON_WGRAD', impl, WGRAD_IMPLS)
-    if impl == 'auto':
-        impl = _fastest_wgrad(grad, x, weight)
+    impl = choose('SMMCL_TRITON_WGRAD', impl, WGRAD_IMPLS, x.device, 'gather',
+                  lambda: _fastest_wgrad(grad, x, weight))
     return _WGRAD[impl](grad, x, weight)
 
 
@@ -529,9 +528,7 @@ _WGRAD_CHOICE = {}  # (shape, kernel, layout, dtype) -> the fastest implementati
 
 
 def _fastest_wgrad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> str:
-    """The fastest implementation for ``grad`` and ``x`` (already in one memory layout), timed once."""
-    if not x.is_cuda:
-        return 'gather'
+    """The fastest implementation for ``grad`` and ``x`` (already in one memory layout, on a GPU), timed once."""
     key = (tuple(x.shape), tuple(weight.shape[-2:]), _layout(x), x.dtype, x.device)
     impls = {name: fn for name, fn in _WGRAD.items() if name != 'bands' or _kxk_bands_apply(grad, x, weight)}
     return _fastest(_WGRAD_CHOICE, key, impls, grad, x, weight)
@@ -742,9 +739,8 @@ def strip3_wgrad_packed(grads: Sequence[torch.Tensor], xs: Sequence[torch.Tensor
     of those that apply, for this shape, direction, layout and dtype, timed once; under the interpreter
     ``'fused'``.
     """
-    impl = implementation('SMMCL_TRITON_STRIP_WGRAD', impl, STRIP_WGRAD_IMPLS)
-    if impl == 'auto':
-        impl = _fastest_strip_wgrad(grads, xs, weights, along_w)
+    impl = choose('SMMCL_TRITON_STRIP_WGRAD', impl, STRIP_WGRAD_IMPLS, xs[0].device, 'fused',
+                  lambda: _fastest_strip_wgrad(grads, xs, weights, along_w))
     return _STRIP_WGRAD[impl](grads, xs, weights, along_w)
 
 
@@ -752,10 +748,8 @@ _STRIP_WGRAD_CHOICE = {}  # (shape, lengths, direction, layout, dtypes, device) 
 
 
 def _fastest_strip_wgrad(grads, xs, weights, along_w) -> str:
-    """The fastest of the implementations that apply to these tensors, timed once per key."""
+    """The fastest of the implementations that apply to these tensors (on a GPU), timed once per key."""
     x = xs[0]
-    if not x.is_cuda:
-        return 'fused'
     lengths = _strip_lengths(weights, along_w)
     key = (tuple(x.shape), lengths, along_w, _layout(x), grads[0].dtype, x.dtype, x.device)
     impls = {name: fn for name, fn in _STRIP_WGRAD.items()
