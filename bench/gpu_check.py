@@ -324,7 +324,8 @@ def step_kernels(args, device):
                 bias_grad=bias_grad_table(args, device, bandwidth),
                 residual_tail=residual_tail_table(args, device, bandwidth),
                 batch_norm=batch_norm_table(args, device, bandwidth),
-                bias_epilogue=bias_epilogue_table(args, device, bandwidth), nmf=nmf_table(args, device))
+                bias_epilogue=bias_epilogue_table(args, device, bandwidth),
+                modulation=modulation_table(args, device, bandwidth), nmf=nmf_table(args, device))
 
 
 @contextlib.contextmanager
@@ -592,6 +593,53 @@ def batch_norm_table(args, device, bandwidth):
                for impl in ('aten', 'triton')]
     return _stream_width_table(args, 'block BatchNorms + the bf16 copy, forward + backward', columns,
                                ['norm1 floor', 'norm2 floor'], measure, 1)
+
+
+def modulation_table(args, device, bandwidth):
+    """ms of one stage's cross-modal modulation forward + backward under autocast (rgb, x the float32 stage
+    outputs; the two coefficient MLPs included, the same in both), per stage and layout: ``aten`` the fast
+    path's pure-PyTorch passes (``ModulationInputs``, ``ModulationTails``), ``triton`` with the kernels
+    (``smmcl::modulation_inputs``, ``smmcl::modulation`` forward and backward, ``smmcl::pooled_input_grad``);
+    against the floor of the element-wise part (forward: rgb and x read for the concat and again for the
+    tails, the bf16 concat and both outputs written; backward: both outputs' gradients, rgb and x read,
+    both gradients written, and per modality its gradient, half the concat's and itself read, its gradient
+    written: 72 bytes an element of one modality) and the step's total (both modalities, every stage)."""
+    import copy
+    import torch
+    from smmcl.kernels import load_ops
+    from smmcl.models.fusion import CrossModalModulation
+    from smmcl.models.mscan import use_fused_kernels, use_fused_tails
+    load_ops()
+    n = 1 if args.smoke else args.batch
+    rows, totals = [], {}
+    columns = [f'{layout} {impl}' for layout in ('NHWC', 'NCHW') for impl in ('aten', 'triton')] + ['floor']
+    print('\ncross-modal modulation, forward + backward (autocast), ms:'.ljust(50)
+          + ''.join(f'{c:>14}' for c in columns))
+    for label, kind, c, h, w in mscan_b_sizes(args):
+        if kind != 'attn':
+            continue
+        plain = use_fused_tails(CrossModalModulation(c)).to(device)
+        modules = {'aten': plain, 'triton': use_fused_kernels(copy.deepcopy(plain))}
+        times = {}
+        for fmt, layout in ((torch.channels_last, 'NHWC'), (torch.contiguous_format, 'NCHW')):
+            rgb, x, g_rgb, g_x = (torch.randn(n, c, h, w, device=device).contiguous(memory_format=fmt)
+                                  for _ in range(4))
+            rgb.requires_grad_()
+            x.requires_grad_()
+            for impl, module in modules.items():
+                def step(module=module):
+                    with torch.autocast(device.type, dtype=torch.bfloat16):
+                        outs = module(rgb, x)
+                    return torch.autograd.grad(outs, [rgb, x] + list(module.parameters()), [g_rgb, g_x])
+                times[f'{layout} {impl}'] = time_ms(step, device, args.smoke)
+        times['floor'] = n * c * h * w * 72 / bandwidth * 1e3
+        rows.append(dict(item=label[:2], **times))
+        print(f"  {label[:2]:<4} {c:>5} channels {h:>3}x{w:<3}".ljust(50)
+              + ''.join(f'{times[k]:14.3f}' for k in columns))
+        for name, ms in times.items():
+            totals[name] = totals.get(name, 0.0) + ms
+    print('  whole step (every stage): ' + ', '.join(f'{k} {v:.2f} ms' for k, v in totals.items()))
+    return dict(rows=rows, step_ms=totals)
 
 
 def bias_epilogue_table(args, device, bandwidth):
@@ -1396,6 +1444,14 @@ def sweep_worker(args, device):
                                                         None if branch is None else g.dtype, impl='triton')
                 for shortcut in (factor, None):  # the attention's affine shortcut, the MLP's add; with the bias
                     triton_channel.residual_pair(g, stream, shortcut, torch.zeros(c, device=device), impl='triton')
+                # the stage's cross-modal modulation: its outputs, their backward, its inputs' gradient sums
+                spatial, channel = g[:, :1].contiguous(), g[:, :, :1, :1].contiguous()
+                triton_channel.modulation(stream, stream, spatial, channel, impl='triton')
+                triton_channel.modulation_grad(stream, stream, stream, stream, spatial, channel, impl='triton')
+                stat = stream[:, :, :1, :1].contiguous()
+                triton_channel.pooled_input_grad(stream, torch.cat([g, g], 1), c, stream, stat, stat, stat, stat,
+                                                 impl='triton')
+                triton_channel.modulation_inputs(stream, stream, torch.bfloat16, impl='triton')
             for piece, ours, _, weights in _pieces(kind, c, device, torch.bfloat16):
                 x = torch.randn(n, c, h, w, device=device).to(torch.bfloat16).contiguous(memory_format=fmt)
                 x.requires_grad_()

@@ -97,7 +97,10 @@ def _channel_cases():
     body), the blocks' BatchNorm in training (the statistics' sums of the float32 stream, the float32
     output with its bf16 copy, and their backward's sums and apply, the copy's gradient bf16, the stream's
     from the shortcut added), the folded
-    blocks' float32 stream and its bf16 copy (with the branch's last bias)."""
+    blocks' float32 stream and its bf16 copy (with the branch's last bias), the cross-modal modulation's
+    float32 outputs from bf16 coefficients, their backward (its loop over the channels, per element), its
+    inputs' gradient sums (a float32 gradient, a bf16 concat's half, the pooled gradients) and its inputs'
+    pass (a float32 map into the bf16 concat, with its channels' sums, maxima and their counts)."""
     add, grad = channel.bias_add_kernel, channel.bias_grad_kernel
     tail, tail_grad = channel.scaled_residual_kernel, channel.scaled_residual_grad_kernel
     sums, apply = channel.norm_sums_kernel, channel.norm_apply_kernel
@@ -129,6 +132,15 @@ def _channel_cases():
          dict(x_ptr='fp32', g_ptr='fp32', e_ptr='fp32', coef_ptr='fp32', full_ptr='fp32')),
         ('residual_pair', [('triton', channel.residual_pair_kernel, dict(HAS_FACTOR=True, HAS_BIAS=True), None)],
          dict(b_ptr='fp32', f_ptr='fp32', bias_ptr='fp32', out_ptr='fp32')),
+        ('modulation', [('triton', channel.modulation_kernel, {}, None)],
+         dict(r_ptr='fp32', x_ptr='fp32', ro_ptr='fp32', xo_ptr='fp32')),
+        ('modulation_grad', [('triton', channel.modulation_grad_kernel, {}, 1)],
+         dict(ga_ptr='fp32', gb_ptr='fp32', r_ptr='fp32', x_ptr='fp32', gr_ptr='fp32', gx_ptr='fp32', gs_ptr='fp32',
+              gc_ptr='fp32')),
+        ('pooled_grad', [('triton', channel.pooled_grad_kernel, dict(HAS_PASS=True, HAS_HALF=True, HAS_POOLED=True),
+                          None)],
+         dict(gp_ptr='fp32', v_ptr='fp32', gm_ptr='fp32', mx_ptr='fp32', share_ptr='fp32', out_ptr='fp32')),
+        ('pool_concat', [('triton', channel.pool_concat_kernel, {}, 1)], dict(v_ptr='fp32', out_ptr='fp32')),
     ]
 
 
@@ -240,9 +252,12 @@ def _elements(config, outputs: int) -> int:
 
 
 def _ints(c: int, h: int, w: int, channels_last: bool) -> dict:
+    """A map's sizes and strides; hn, hc, hw those of a concat of two such maps (the modulation's inputs'
+    gradient pass reads one half), rows the modulation backward's partial rows per image."""
+    concat = dict(hn=2 * h * w * c, hc=1, hw=2 * c) if channels_last else dict(hn=2 * c * h * w, hc=h * w, hw=1)
     if channels_last:
-        return dict(N=8, C=c, H=h, W=w, sn=h * w * c, sc=1, sh=w * c, sw=c)
-    return dict(N=8, C=c, H=h, W=w, sn=c * h * w, sc=h * w, sh=w, sw=1)
+        return dict(N=8, C=c, H=h, W=w, sn=h * w * c, sc=1, sh=w * c, sw=c, rows=h * w // 4, **concat)
+    return dict(N=8, C=c, H=h, W=w, sn=c * h * w, sc=h * w, sh=w, sw=1, rows=h * w // 4, **concat)
 
 
 # the band kernels (NCHW, along W) of the forward strips and the backward's adjoint sum, as autocast runs

@@ -194,8 +194,12 @@ def test_per_channel_passes_compile_to_wide_accesses_without_spills():
     sums, with each epilogue's backward), the training block tails (with the branch's bias; the attention's
     with its shortcut) forward and backward, the blocks' BatchNorm in training (the statistics' sums, the
     output with its bf16 copy, and their backward, whose apply pass also reads the stream's gradient and
-    four per-channel vectors, up to half a load instruction an element in channels_last), and the folded
-    blocks' stream pair, compiled for sm_90 by bench/sass.py: no spills, 16-byte accesses (one load
+    four per-channel vectors, up to half a load instruction an element in channels_last), the folded
+    blocks' stream pair, and the cross-modal modulation's outputs (two float32 maps read and written, 19-21
+    instructions an element), their backward (four read, two written, the gate's sums: 22-26), its
+    inputs' gradient sums (three maps and three per-channel vectors: 24-26) and its inputs' pass (a map
+    copied into the bf16 concat, its sums, maxima and their counts kept per lane: 10-11), compiled for sm_90 by
+    bench/sass.py: no spills, 16-byte accesses (one load
     instruction per 8 bf16 or 4 float32 elements a thread: bias sums 1/8, the MLP tail's backward 3/8 with
     its float32 gradient), a
     handful of instructions per element where there is no GELU, in both layouts: memory-bound passes.
@@ -214,10 +218,11 @@ def test_per_channel_passes_compile_to_wide_accesses_without_spills():
     most_loads = {'bias_add': 0.38, 'bias_gelu': 0.38, 'bias_gate': 0.5, 'bias_grad': 0.13, 'bias_gelu_grad': 0.25,
                   'bias_gate_grad': 0.38, 'residual': 0.88, 'residual_grad': 0.38, 'shortcut_residual': 1.13,
                   'shortcut_residual_grad': 0.5, 'norm_sums': 0.25, 'norm_apply': 1.0, 'norm_grad_sums': 0.63,
-                  'norm_grad_apply': 1.88, 'residual_pair': 0.88}
+                  'norm_grad_apply': 1.88, 'residual_pair': 0.88, 'modulation': 0.88, 'modulation_grad': 1.38,
+                  'pooled_grad': 1.38, 'pool_concat': 0.25}
     most_instructions = dict.fromkeys(most_loads, 16)
     most_instructions.update(residual=24, shortcut_residual=24, residual_pair=24, bias_gelu=64, bias_gelu_grad=64,
-                             norm_apply=24, norm_grad_apply=32)
+                             norm_apply=24, norm_grad_apply=32, modulation=24, modulation_grad=32, pooled_grad=32)
     out = subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'bench', 'sass.py'), '--first', '--only',
                           ','.join(most_loads)], capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]

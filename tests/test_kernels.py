@@ -1282,6 +1282,153 @@ def test_folded_blocks_hand_on_the_stream_with_its_copy(monkeypatch):
     assert rel(got, want) <= 5e-3
 
 
+# ---- the cross-modal modulation: outputs and their backward in one pass each, the inputs' gradient sums -------
+
+def _modulation_operands(fmt, dtype, seed=0):
+    """rgb, x: 2-37-5-9 float32 (two channel blocks, three pixel blocks under the interpreter); spatial
+    2-1-5-9 and channel 2-37-1-1 coefficients in (0, 1), in ``dtype``."""
+    rgb, x = (_tensor(2, 37, 5, 9, fmt=fmt, seed=seed + k).detach() for k in (0, 1))
+    spatial = torch.sigmoid(_tensor(2, 1, 5, 9, seed=seed + 2).detach()).to(dtype)
+    channel = torch.sigmoid(_tensor(2, 37, 1, 1, seed=seed + 3).detach()).to(dtype)
+    return rgb, x, spatial, channel
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('fmt', [NCHW, CL])
+def test_modulation_is_the_reference(fmt, dtype):
+    """triton_channel.modulation and modulation_grad against smmcl.kernels' references (the ATen ops of the
+    fast path), the gate rounded as the kernels round it: outputs and the maps' gradients to float32's
+    rounding, the coefficients' gradients (float32 sums in another order, then their dtype) to that or a
+    bf16 step; both implementations agree; wrong operands are refused."""
+    from smmcl.kernels import modulation_grad_reference, modulation_reference, triton_channel
+    rgb, x, spatial, channel = _modulation_operands(fmt, dtype)
+    # the gate's rounding as the kernels do it: the references then take its two halves as 0 and the gate
+    gate = _like_compiled_triton(0.5 * spatial.float() + 0.5 * channel.float(), dtype)
+    as_kernels = (torch.zeros_like(spatial), gate / 0.5)
+    got = triton_channel.modulation(rgb, x, spatial, channel, impl='triton')
+    for g, w in zip(got, modulation_reference(rgb, x, *as_kernels)):
+        assert g.dtype == torch.float32 and g.is_contiguous(memory_format=fmt) and rel(g, w) <= 1e-6
+    grads = [_tensor(2, 37, 5, 9, fmt=fmt, seed=5 + k).detach() for k in (0, 1)]
+    got = triton_channel.modulation_grad(*grads, rgb, x, spatial, channel, impl='triton')
+    want = modulation_grad_reference(*grads, rgb, x, spatial, channel)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        tol = 1e-6 if i < 2 and dtype == torch.float32 else 1e-5 if dtype == torch.float32 else 1e-2
+        assert rel(g, w) <= tol, i
+    for g, w in zip(triton_channel.modulation_grad(*grads, rgb, x, spatial, channel, impl='torch'), want):
+        assert torch.equal(g, w)
+    with pytest.raises(ValueError, match='N-1-H-W spatial and N-C-1-1 channel'):
+        triton_channel.modulation(rgb, x, channel, spatial)
+    with pytest.raises(ValueError, match='of one dtype'):
+        triton_channel.modulation(rgb, x, spatial.double(), channel)
+
+
+@pytest.mark.parametrize('fmt', [NCHW, CL])
+def test_pooled_input_grad_is_the_reference(fmt):
+    """triton_channel.pooled_input_grad (a map's gradient from a handed-on use, its half of a concat, its
+    channels' means and maxima) bit for bit against the reference, with ties at the maxima (amax's
+    gradient shared) and a bf16 concat gradient in the other layout, for each combination of the parts;
+    wrong shapes are refused."""
+    from smmcl.kernels import pooled_input_grad_reference, triton_channel
+    value = _tensor(2, 37, 5, 9, fmt=fmt).detach()
+    value[..., 1:3, 2:4] = value.amax() + 1
+    # the maxima and counts as the module passes them: slices of the pooled vectors
+    maximum = torch.cat([value.amax(dim=(2, 3), keepdim=True)] * 2, 1)[:, 37:]
+    count = torch.full((2, 74, 1, 1), 4.0, device=DEVICE)[:, :37]
+    grad_pass = _tensor(2, 37, 5, 9, fmt=fmt, seed=1).detach()
+    grad_both = _tensor(2, 74, 5, 9, fmt=CL if fmt == NCHW else NCHW, dtype=torch.bfloat16, seed=2).detach()
+    grad_mean, grad_max = (_tensor(2, 37, 1, 1, seed=3 + k).detach() for k in (0, 1))
+    results = []
+    for parts in ((grad_pass, grad_both, 37, grad_mean, grad_max), (None, grad_both, 0, grad_mean, grad_max),
+                  (grad_pass, None, 0, grad_mean, grad_max), (grad_pass, grad_both, 37, None, None)):
+        handed_on, both, offset, mean, top = parts
+        got = triton_channel.pooled_input_grad(handed_on, both, offset, value, mean, maximum, top, count,
+                                               impl='triton')
+        half = None if both is None else both[:, offset:offset + 37]
+        want = pooled_input_grad_reference(handed_on, half, value, mean, maximum, top, count)
+        assert got.dtype == torch.float32 and got.is_contiguous(memory_format=fmt) and torch.equal(got, want)
+        results.append(got)
+    pooled = results[0] - results[3]  # the means' gradient everywhere, the maxima's a quarter at each of 4 ties
+    torch.testing.assert_close(pooled[..., 0, 0], grad_mean[..., 0, 0] / 45)
+    torch.testing.assert_close(pooled[..., 1, 2], grad_mean[..., 0, 0] / 45 + grad_max[..., 0, 0] / 4)
+    with pytest.raises(ValueError, match='are N-C-1-1, the two gradients given together'):
+        triton_channel.pooled_input_grad(None, None, 0, value, grad_mean, maximum, None, count)
+    with pytest.raises(ValueError, match='holds no 37 channels'):
+        triton_channel.pooled_input_grad(None, grad_both, 40, value, None, maximum, None, count)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('fmt', [NCHW, CL])
+def test_modulation_inputs_are_the_reference(fmt, dtype):
+    """triton_channel.modulation_inputs (per modality one pass: its half of the concat, its channels'
+    sums, maxima and the count of each maximum, partials over two programs an image merged once) against
+    the reference: the concat as the kernels round it, the maxima and their counts exactly (ties within a
+    program's pixels and across programs' blocks), the means to float32 rounding; mismatched maps are
+    refused."""
+    from smmcl.kernels import modulation_inputs_reference, triton_channel
+    rgb, x = _modulation_operands(fmt, torch.float32)[:2]
+    rgb[..., 1:3, 2:4] = rgb.amax() + 1  # 4 ties in one block
+    x[0, :, 0, 0] = x.amax() + 2  # 2 ties, in the first and the last pixel block (two programs)
+    x[0, :, 4, 8] = x[0, 0, 0, 0]
+    both, pooled, counts = triton_channel.modulation_inputs(rgb, x, dtype, impl='triton')
+    want = modulation_inputs_reference(rgb, x, dtype)
+    assert both.dtype == dtype and both.is_contiguous(memory_format=fmt)
+    assert torch.equal(both, _like_compiled_triton(torch.cat([rgb, x], 1), dtype))
+    assert torch.equal(pooled[:, 74:], want[1][:, 74:]) and rel(pooled[:, :74], want[1][:, :74]) <= 1e-6
+    assert torch.equal(counts, want[2]) and counts[0, :37].eq(4).all() and counts[0, 37:].eq(2).all()
+    with pytest.raises(ValueError, match='two maps of one shape and dtype'):
+        triton_channel.modulation_inputs(rgb, x.double(), dtype)
+
+
+def test_modulation_ops_register_fake_and_autograd():
+    rgb, x, spatial, channel = _modulation_operands(CL, torch.bfloat16)
+    torch.library.opcheck(ops().modulation, (rgb.requires_grad_(), x.requires_grad_(), spatial, channel))
+    grads = [_tensor(2, 37, 5, 9, fmt=CL, seed=5 + k).detach() for k in (0, 1)]
+    torch.library.opcheck(ops().modulation_backward, (*grads, rgb.detach(), x.detach(), spatial, channel))
+    value = rgb.detach()
+    grad_both = _tensor(2, 74, 5, 9, dtype=torch.bfloat16, seed=2).detach()
+    torch.library.opcheck(ops().pooled_input_grad, (grads[0], grad_both, 37, value, channel.float(),
+                                                    value.amax(dim=(2, 3), keepdim=True), channel.float(),
+                                                    torch.ones_like(channel, dtype=torch.float32)))
+    torch.library.opcheck(ops().modulation_inputs, (value, x.detach(), torch.bfloat16))
+
+
+@pytest.mark.parametrize('amp', [False, True])
+def test_modulation_with_kernels_is_the_same_function(amp, monkeypatch):
+    """The fast path's cross-modal modulation with the kernels (smmcl::modulation_inputs, smmcl::modulation,
+    its backward, and smmcl::pooled_input_grad for each input) against it without: outputs and every gradient, to float32
+    rounding, and under bf16 autocast to the rounding of the gate and the concat (the interpreter truncates
+    both to bf16 where ATen rounds: up to 5.9e-3 measured, in the spatial MLP's weight gradient)."""
+    from smmcl.kernels import triton_channel
+    from smmcl.models.fusion import CrossModalModulation
+    from smmcl.models.mscan import use_fused_tails
+    calls = []
+    for name in ('modulation_inputs', 'modulation', 'modulation_grad', 'pooled_input_grad'):
+        def spy(*args, name=name, fn=getattr(triton_channel, name), **kwargs):
+            calls.append(name)
+            return fn(*args, **kwargs)
+        monkeypatch.setattr(triton_channel, name, spy)
+    torch.manual_seed(0)
+    plain = use_fused_tails(CrossModalModulation(37)).to(DEVICE)
+    fused = use_fused_kernels(copy.deepcopy(plain))
+    rgb, x = _modulation_operands(CL, torch.float32)[:2]
+    rgb[..., 1:3, 2:4] = rgb.amax() + 1  # ties at the pooled maxima
+    grads_out = [_tensor(2, 37, 5, 9, fmt=CL, seed=5 + k).detach() for k in (0, 1)]
+    results = []
+    for module in (plain, fused):
+        inputs = [rgb.clone().requires_grad_(), x.clone().requires_grad_()]
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=amp):
+            outs = module(*inputs)
+        results.append(list(outs) + list(torch.autograd.grad(outs, inputs + list(module.parameters()), grads_out)))
+    assert calls == ['modulation_inputs', 'modulation', 'modulation_grad', 'pooled_input_grad', 'pooled_input_grad']
+    for i, (w, g) in enumerate(zip(*results)):
+        assert g.dtype == w.dtype and rel(g, w) <= (1e-2 if amp else 1e-5), i
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=amp):  # inference: no counts
+        for w, g in zip(plain(rgb, x), fused(rgb, x)):
+            assert rel(g, w) <= (1e-2 if amp else 1e-5)
+    assert calls[5:] == ['modulation_inputs', 'modulation']
+
+
 # ---- the NMF's float32 products on the tensor cores (3xTF32) ------------------------------------------
 
 def _tf32(x: torch.Tensor) -> torch.Tensor:

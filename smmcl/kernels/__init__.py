@@ -4,7 +4,7 @@ Off by default: ``fast_path=True`` and ``triton_kernels=True`` together switch t
 (``smmcl.models.mscan.use_fused_kernels``). H100 run (MSCAN-B, batch 8, 480x640,
 ``bench/gpu_check.py``, docs/speed.md): the forward kernels beat PyTorch's (inference 157 vs 80
 img/s on the fast path), the backward ones do not (training 20.0 vs 21.7 img/s), so the switch stays
-off by default and is recommended for inference and evaluation. Nine custom ops, with their backward
+off by default and is recommended for inference and evaluation. Custom ops, with their backward
 where training needs one (:mod:`smmcl.kernels.ops`), computing the same function as the PyTorch layers
 and operators they replace:
 
@@ -28,9 +28,14 @@ and operators they replace:
   BatchNorm writing its output and the next conv's bf16 copy in one pass, its backward reading both
   outputs' gradients as they are (autocast: a cast, its backward and a sum, each a pass of its own);
 - ``smmcl::residual_pair`` (inference): a folded block's residual add writing the float32 stream and its
-  copy in the autocast dtype, which the next 1x1 conv reads (:mod:`smmcl.kernels.triton_channel` for
-  these eight: ``SMMCL_TRITON_CHANNEL``: ``triton``, ``torch`` = ATen's operators, or ``auto``, the
-  default: the faster per op and shape, timed once on the GPU).
+  copy in the autocast dtype, which the next 1x1 conv reads;
+- ``smmcl::modulation``: the cross-modal modulation's two outputs in one pass, its backward one pass with
+  the gate's sums; ``smmcl::modulation_inputs``: the coefficient MLPs' inputs, the bf16 concat and the
+  channels' means, maxima and the maxima's counts, one pass per modality; ``smmcl::pooled_input_grad``:
+  each modality's gradient from the tails, its half of the concat and the pooled means and maxima, summed
+  in one pass (:mod:`smmcl.kernels.triton_channel` for
+  these and the eight above: ``SMMCL_TRITON_CHANNEL``: ``triton``, ``torch`` = ATen's operators, or
+  ``auto``, the default: the faster per op and shape, timed once on the GPU).
 
 Their backward computes input gradients with Triton; weight and bias gradients with one of five
 implementations (``SMMCL_TRITON_WGRAD``: ``gather``, ``taps``, ``rows`` = bands of rows walked once, one
@@ -117,3 +122,72 @@ def strip_sum_reference(a: torch.Tensor, params) -> torch.Tensor:
         out = out + F.conv2d(F.conv2d(a, wh, bh, padding=(0, k // 2), groups=channels), wv, bv,
                              padding=(k // 2, 0), groups=channels)
     return out
+
+
+def modulation_reference(rgb: torch.Tensor, x: torch.Tensor, spatial: torch.Tensor, channel: torch.Tensor):
+    """What ``smmcl::modulation`` computes: the cross-modal modulation's outputs ``(rgb + x * gate,
+    x + rgb * gate)``, each one ``addcmul``, the gate ``0.5 * spatial + 0.5 * channel`` in their dtype (the
+    halving on the small factors is exact, so one rounding makes it).
+
+    Args:
+        rgb, x: N-C-H-W (float32 on the fast path); spatial: N-1-H-W; channel: N-C-1-1 coefficients.
+    Returns:
+        Two N-C-H-W maps in the promoted dtype.
+    """
+    gate = 0.5 * spatial + 0.5 * channel
+    return torch.addcmul(rgb, x, gate), torch.addcmul(x, rgb, gate)
+
+
+def modulation_grad_reference(grad_rgb: torch.Tensor, grad_x: torch.Tensor, rgb: torch.Tensor, x: torch.Tensor,
+                              spatial: torch.Tensor, channel: torch.Tensor):
+    """The gradients of :func:`modulation_reference`'s inputs for its outputs' ``grad_rgb`` and ``grad_x``:
+    (rgb's ``grad_rgb + grad_x * gate``, x's ``grad_x + grad_rgb * gate``, spatial's and channel's: half the
+    gate's, ``grad_rgb * x + grad_x * rgb`` in float32, summed over the channels and over the pixels, in
+    their dtypes)."""
+    gate = 0.5 * spatial + 0.5 * channel
+    grad_gate = torch.addcmul(grad_rgb * x, grad_x, rgb)
+    return (torch.addcmul(grad_rgb, grad_x, gate), torch.addcmul(grad_x, grad_rgb, gate),
+            (0.5 * grad_gate.sum(dim=1, keepdim=True)).to(spatial.dtype),
+            (0.5 * grad_gate.sum(dim=(2, 3), keepdim=True)).to(channel.dtype))
+
+
+def modulation_inputs_reference(rgb: torch.Tensor, x: torch.Tensor, dtype: torch.dtype, counts: bool = True):
+    """What ``smmcl::modulation_inputs`` computes: the cross-modal modulation's coefficient MLPs' inputs.
+
+    Args:
+        rgb, x: N-C-H-W, one shape, dtype and layout.
+        dtype: the concat's (under autocast the dtype its first conv casts it to).
+        counts: whether to count the maxima (only a backward needs them).
+    Returns:
+        (the N-2C-H-W concat of rgb and x in ``dtype`` and their layout; N-4C-1-1 float32: rgb's and x's
+        channels' means, then their maxima; N-2C-1-1 float32: how many positions reach each maximum, or
+        None without ``counts``).
+    """
+    channels = rgb.shape[1]
+    both = torch.empty((rgb.shape[0], 2 * channels, *rgb.shape[2:]), dtype=dtype, device=rgb.device,
+                       memory_format=layout(rgb))
+    both[:, :channels] = rgb
+    both[:, channels:] = x
+    maxima = [rgb.amax(dim=(2, 3), keepdim=True), x.amax(dim=(2, 3), keepdim=True)]
+    pooled = torch.cat([rgb.mean(dim=(2, 3), keepdim=True), x.mean(dim=(2, 3), keepdim=True)] + maxima, 1)
+    if not counts:
+        return both, pooled, None
+    counts = torch.cat([(v == m).sum(dim=(2, 3), keepdim=True) for v, m in zip((rgb, x), maxima)], 1)
+    return both, pooled, counts.float()
+
+
+def pooled_input_grad_reference(grad_pass, grad_half, value: torch.Tensor, grad_mean, maximum, grad_max, count):
+    """The gradient of ``value`` (N-C-H-W) that fed a handed-on use (``grad_pass``, its gradient, or None), a
+    concat (``grad_half``: that concat's gradient's half for value, N-C-H-W in any float dtype, or None) and
+    its channels' means and maxima (``grad_mean``, ``grad_max``: N-C-1-1 gradients, or both None;
+    ``maximum``: N-C-1-1, the maxima, reached at ``count`` positions each), the maximum's gradient shared
+    by the positions that reach it, as ``amax``'s is. In value's dtype."""
+    grad = torch.zeros_like(value) if grad_pass is None else grad_pass
+    if grad_half is not None:
+        grad = grad + grad_half
+    if grad_mean is not None:
+        if grad is grad_pass:  # a gradient handed to a backward is not its to change
+            grad = grad.clone()
+        grad += grad_mean / value[0, 0].numel()
+        grad.addcmul_(value == maximum, grad_max / count)
+    return grad

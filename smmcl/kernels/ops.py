@@ -14,7 +14,8 @@ bias (the plain path: the GELU's input, the same size), ``add_channel_bias_gate`
 (the plain path: the product's two factors), ``scaled_residual`` the branch and the factor, as
 ``addcmul`` does (with the bias of the conv that made the branch, the branch without it: the same size);
 ``shortcut_residual`` its branch, the sum with the shortcut, as the unfused ops keep it for ``addcmul``;
-``batch_norm_apply`` its input and the statistics, as ``native_batch_norm`` does.
+``batch_norm_apply`` its input and the statistics, as ``native_batch_norm`` does; ``modulation`` its
+four inputs, where the unfused ops keep both maps and the gate.
 """
 from __future__ import annotations
 
@@ -540,3 +541,71 @@ def _bmm_tf32x3_grad(ctx, grad):
 
 
 bmm_tf32x3.register_autograd(_bmm_tf32x3_grad, setup_context=_save_inputs)
+
+
+# ---- the cross-modal modulation's outputs and its inputs' gradient sums -----------------------------------
+
+@torch.library.custom_op('smmcl::modulation', mutates_args=())
+def modulation(rgb: Tensor, x: Tensor, spatial: Tensor, channel: Tensor) -> Tuple[Tensor, Tensor]:
+    """The cross-modal modulation's outputs ``(rgb + x * gate, x + rgb * gate)``, the gate ``0.5 * spatial +
+    0.5 * channel`` (N-1-H-W and N-C-1-1), in one pass (:func:`triton_channel.modulation`); its backward
+    one pass too, the coefficients' gradients summed in it."""
+    return CH.modulation(rgb, x, spatial, channel)
+
+
+@modulation.register_fake
+def _(rgb, x, spatial, channel):
+    return tuple(torch.empty_like(rgb, dtype=CH.sum_dtype(rgb, spatial), memory_format=K._layout(rgb))
+                 for _ in range(2))
+
+
+@torch.library.custom_op('smmcl::modulation_backward', mutates_args=())
+def modulation_backward(grad_rgb: Tensor, grad_x: Tensor, rgb: Tensor, x: Tensor, spatial: Tensor,
+                        channel: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad rgb, grad x, grad spatial, grad channel) of :func:`modulation` for its outputs' gradients."""
+    return CH.modulation_grad(grad_rgb, grad_x, rgb, x, spatial, channel)
+
+
+@modulation_backward.register_fake
+def _(grad_rgb, grad_x, rgb, x, spatial, channel):
+    return (torch.empty_like(grad_rgb, memory_format=K._layout(rgb)),
+            torch.empty_like(grad_x, memory_format=K._layout(rgb)), torch.empty_like(spatial),
+            torch.empty_like(channel))
+
+
+def _modulation_grad(ctx, grad_rgb, grad_x):
+    return modulation_backward(grad_rgb, grad_x, *ctx.saved_tensors)
+
+
+modulation.register_autograd(_modulation_grad, setup_context=_save_inputs)
+
+
+@torch.library.custom_op('smmcl::pooled_input_grad', mutates_args=())
+def pooled_input_grad(grad_pass: Optional[Tensor], grad_both: Optional[Tensor], offset: int, value: Tensor,
+                      grad_mean: Optional[Tensor], maximum: Tensor, grad_max: Optional[Tensor],
+                      count: Tensor) -> Tensor:
+    """The gradient of a map that fed a handed-on use, a concat (from channel ``offset`` of ``grad_both``)
+    and its channels' means and maxima (reached at ``count`` positions), summed in one pass
+    (:func:`triton_channel.pooled_input_grad`). A backward's piece: no autograd."""
+    return CH.pooled_input_grad(grad_pass, grad_both, offset, value, grad_mean, maximum, grad_max, count)
+
+
+@pooled_input_grad.register_fake
+def _(grad_pass, grad_both, offset, value, grad_mean, maximum, grad_max, count):
+    return _like(value)
+
+
+@torch.library.custom_op('smmcl::modulation_inputs', mutates_args=())
+def modulation_inputs(rgb: Tensor, x: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+    """(the N-2C-H-W concat of rgb and x in ``dtype``, the float32 N-4C-1-1 means and maxima of its
+    channels, the N-2C-1-1 counts of each maximum), one pass per modality
+    (:func:`triton_channel.modulation_inputs`). A forward's piece: its backward is
+    :func:`pooled_input_grad`'s, called by the module's own."""
+    return CH.modulation_inputs(rgb, x, dtype)
+
+
+@modulation_inputs.register_fake
+def _(rgb, x, dtype):
+    n, c, h, w = rgb.shape
+    return (torch.empty((n, 2 * c, h, w), dtype=dtype, device=rgb.device, memory_format=K._layout(rgb)),
+            rgb.new_empty(n, 4 * c, 1, 1, dtype=torch.float32), rgb.new_empty(n, 2 * c, 1, 1, dtype=torch.float32))

@@ -1,6 +1,6 @@
 """Per-channel passes over an N-C-H-W map, one Triton pass each: a convolution's bias add and bias
-gradient, a block tail (a residual branch's per-channel scale and add) with its backward, and a block's
-BatchNorm in training with its backward.
+gradient, a block tail (a residual branch's per-channel scale and add) with its backward, a block's
+BatchNorm in training with its backward, and the cross-modal modulation's element-wise work.
 
 After a cuDNN convolution ATen adds the bias with a broadcast ``add_`` (a generic element-wise kernel that
 cannot vectorise a broadcast operand; the likeliest source of the H200 profiles' ~5.1 ms of
@@ -30,7 +30,11 @@ reading grad and the branch once. :func:`batch_norm_stats` sums each channel's v
 way (shifted by the channel's first value), and :func:`batch_norm_apply` writes the normalised map in the
 stream's float32 and, in the same pass, in the bf16 the next conv reads, where autocast casts it in a pass
 of its own (and in the backward casts the copy's gradient and adds it to the other's in two more);
-:func:`batch_norm_grad` reads both gradients as they are. Partials are summed once, so no result depends
+:func:`batch_norm_grad` reads both gradients as they are. The cross-modal modulation's element-wise work is
+four passes: :func:`modulation_inputs` (per modality its half of the concat its coefficient MLPs read, and
+its channels' sums, maxima and the maxima's counts), :func:`modulation` (both outputs),
+:func:`modulation_grad` (both inputs' gradients and the gate's sums) and :func:`pooled_input_grad` (per
+modality the gradients of its uses, summed). Partials are summed once, so no result depends
 on the order in which programs run (no atomics). ``SMMCL_TRITON_CHANNEL``: ``triton``, ``torch`` (ATen's
 operators) or ``auto``, the default: the faster per op and shape, timed once on the GPU.
 
@@ -47,6 +51,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import KEY, PRUNE, bench, check_device, choose, configs, conv_bias, fastest, gelu, gelu_grad
+from . import modulation_grad_reference, modulation_inputs_reference, modulation_reference, pooled_input_grad_reference
 from .triton_dwconv import _layout, _num_chunks, _same_layout
 
 # (BLOCK_C, BLOCK_P, warps): in NCHW a channel's pixels are contiguous, so few channels of long pixel runs;
@@ -616,13 +621,244 @@ def _norm_grad_torch(grad_low: Optional[torch.Tensor], grad_full: Optional[torch
     return grad_x if grad_pass is None else grad_x + grad_pass, grad_weight, grad_bias
 
 
+# ---- the cross-modal modulation: its outputs, their backward, its inputs' gradient sums --------------------
+
+@triton.jit
+def _gate(s_ptr, ch_ptr, n, c, cmask, p, pmask, C, pixels):
+    """The modulation's gate on a BLOCK_C x BLOCK_P tile, as float32: ``0.5 * s + 0.5 * ch`` rounded to s's
+    dtype, as the two halves' sum is stored (s: the spatial coefficients, N x HW; ch: the channel ones,
+    N x C)."""
+    s = tl.load(s_ptr + n * pixels + p, mask=pmask, other=0.0).to(tl.float32)
+    ch = tl.load(ch_ptr + n * C + c, mask=cmask, other=0.0).to(tl.float32)
+    return (0.5 * s[None, :] + 0.5 * ch[:, None]).to(s_ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N'], prune_configs_by=PRUNE, do_bench=bench)
+@triton.jit
+def modulation_kernel(r_ptr, x_ptr, s_ptr, ch_ptr, ro_ptr, xo_ptr, N, C, H, W, sn, sc, sw,
+                      BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Program (image x pixel block, cb) writes ``ro = r + x * gate`` and ``xo = x + r * gate`` (float32
+    arithmetic, stored in the outputs' dtype; the gate :func:`_gate`). r, x, ro and xo share their strides
+    (rows at ``W * sw``, as :func:`bias_grad_kernel`)."""
+    c, cmask, offs, mask = _tile(C, H, W, sn, sc, sw, BLOCK_C, BLOCK_P)
+    blocks = tl.cdiv(H * W, BLOCK_P)
+    p = (tl.program_id(0) % blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    gate = _gate(s_ptr, ch_ptr, tl.program_id(0) // blocks, c, cmask, p, p < H * W, C, H * W)
+    r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ro_ptr + offs, (r + x * gate).to(ro_ptr.dtype.element_ty), mask=mask)
+    tl.store(xo_ptr + offs, (x + r * gate).to(xo_ptr.dtype.element_ty), mask=mask)
+
+
+# reset_to_zero: a tile tried while tuning writes rows that the tile kept may not; they must be 0 again
+@triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N'], prune_configs_by=PRUNE, do_bench=bench,
+                 reset_to_zero=['gc_ptr'])
+@triton.jit
+def modulation_grad_kernel(ga_ptr, gb_ptr, r_ptr, x_ptr, s_ptr, ch_ptr, gr_ptr, gx_ptr, gs_ptr, gc_ptr,
+                           N, C, H, W, sn, sc, sw, rows, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The backward of :func:`modulation_kernel` for its outputs' gradients ga (ro's) and gb (xo's). Program
+    (image n x pixel block b) walks all channel blocks: it writes ``gr = ga + gb * gate`` and
+    ``gx = gb + ga * gate`` (in their dtype), and the gate's gradient ``ga * x + gb * r`` (float32) summed
+    over the channels at each of its pixels into gs (N x HW) and over its pixels per channel into row
+    ``n * rows + b`` of gc (``rows`` >= the pixel blocks, per image: N * rows x C; the rows no program
+    writes stay as the caller zeroed them). The maps share their strides (rows at ``W * sw``)."""
+    pixels = H * W
+    blocks = tl.cdiv(pixels, BLOCK_P)
+    n = tl.program_id(0) // blocks
+    b = tl.program_id(0) % blocks
+    p = b * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = p < pixels
+    acc_s = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        cmask = c < C
+        mask = cmask[:, None] & pmask[None, :]
+        offs = n * sn + c[:, None] * sc + p[None, :] * sw
+        gate = _gate(s_ptr, ch_ptr, n, c, cmask, p, pmask, C, pixels)
+        ga = tl.load(ga_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        gb = tl.load(gb_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(gr_ptr + offs, (ga + gb * gate).to(gr_ptr.dtype.element_ty), mask=mask)
+        tl.store(gx_ptr + offs, (gb + ga * gate).to(gx_ptr.dtype.element_ty), mask=mask)
+        grad_gate = (ga * tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                     + gb * tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32))
+        acc_s += tl.sum(grad_gate, axis=0)
+        tl.store(gc_ptr + (n * rows + b) * C + c, tl.sum(grad_gate, axis=1), mask=cmask)
+    tl.store(gs_ptr + n * pixels + p, acc_s, mask=pmask)
+
+
+@triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'HAS_PASS', 'HAS_HALF', 'HAS_POOLED'],
+                 prune_configs_by=PRUNE, do_bench=bench)
+@triton.jit
+def pooled_grad_kernel(gp_ptr, gh_ptr, v_ptr, gm_ptr, mx_ptr, share_ptr, out_ptr, N, C, H, W, sn, sc, sw,
+                       hn, hc, hw, HAS_PASS: tl.constexpr, HAS_HALF: tl.constexpr, HAS_POOLED: tl.constexpr,
+                       BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Program (image x pixel block, cb) writes the sum of a map's gradients (float32 arithmetic, in
+    out's dtype): gp (HAS_PASS), gh (HAS_HALF: a concat's gradient from its channel offset on, strides
+    hn, hc, hw), and with HAS_POOLED its channels' means' (gm, N x C, already divided by the pixels) and
+    maxima's (``share``, N x C, where v reaches the maximum ``mx``). gp, v and out share their strides
+    (rows at ``W * sw``), gh's rows are at ``W * hw``."""
+    c, cmask, offs, mask = _tile(C, H, W, sn, sc, sw, BLOCK_C, BLOCK_P)
+    blocks = tl.cdiv(H * W, BLOCK_P)
+    n = tl.program_id(0) // blocks
+    p = (tl.program_id(0) % blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    g = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+    if HAS_PASS:
+        g += tl.load(gp_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_HALF:
+        g += tl.load(gh_ptr + n * hn + c[:, None] * hc + p[None, :] * hw, mask=mask, other=0.0).to(tl.float32)
+    if HAS_POOLED:
+        g += tl.load(gm_ptr + n * C + c, mask=cmask, other=0.0)[:, None]
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        reached = v == tl.load(mx_ptr + n * C + c, mask=cmask, other=0.0).to(tl.float32)[:, None]
+        g += tl.where(reached, tl.load(share_ptr + n * C + c, mask=cmask, other=0.0)[:, None], 0.0)
+    tl.store(out_ptr + offs, g.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N'], prune_configs_by=PRUNE, do_bench=bench)
+@triton.jit
+def pool_concat_kernel(v_ptr, both_ptr, out_ptr, N, C, H, W, sn, sc, sw, hn, hc, hw, chunks,
+                       BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Program (cb, n * chunks + k) walks image n's pixel blocks k, k + chunks, ...: it copies v into its
+    half of a concat (from channel 0 of ``both_ptr``, strides hn, hc, hw; in both's dtype) and writes, at
+    row ``n * chunks + k`` of out (3 x N * chunks x C, float32), per channel the sum of its values, their
+    maximum and how many reach it. v's rows are at ``W * sw``, both's at ``W * hw``."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    n = tl.program_id(1) // chunks
+    pixels = H * W
+    # per lane: the sum, the largest value seen and how often; reduced across the lanes once, at the end
+    total = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+    top = tl.full((BLOCK_C, BLOCK_P), float('-inf'), dtype=tl.float32)
+    count = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+    for b in range(tl.program_id(1) % chunks, tl.cdiv(pixels, BLOCK_P), chunks):
+        p = b * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask = cmask[:, None] & (p < pixels)[None, :]
+        v = tl.load(v_ptr + n * sn + c[:, None] * sc + p[None, :] * sw, mask=mask, other=0.0)
+        tl.store(both_ptr + n * hn + c[:, None] * hc + p[None, :] * hw, v.to(both_ptr.dtype.element_ty), mask=mask)
+        v = v.to(tl.float32)
+        total += v
+        v = tl.where(mask, v, float('-inf'))
+        count = tl.where(v > top, 1.0, tl.where(v == top, count + 1.0, count))
+        top = tl.maximum(top, v)
+    channel_top = tl.max(top, axis=1)
+    row = (tl.program_id(1) * C + c)
+    tl.store(out_ptr + row, tl.sum(total, axis=1), mask=cmask)
+    tl.store(out_ptr + N * chunks * C + row, channel_top, mask=cmask)
+    tl.store(out_ptr + 2 * N * chunks * C + row, tl.sum(tl.where(top == channel_top[:, None], count, 0.0), axis=1),
+             mask=cmask)
+
+
+def check_modulation(rgb: torch.Tensor, x: torch.Tensor, spatial: torch.Tensor, channel: torch.Tensor) -> None:
+    """The modulation's operands: rgb and x N-C-H-W of one shape and dtype, spatial N-1-H-W and channel
+    N-C-1-1 coefficients of one dtype (the gate's)."""
+    n, c, h, w = rgb.shape
+    if (x.shape != rgb.shape or x.dtype != rgb.dtype or tuple(spatial.shape) != (n, 1, h, w)
+            or tuple(channel.shape) != (n, c, 1, 1) or spatial.dtype != channel.dtype):
+        raise ValueError(f'smmcl.kernels: the modulation takes rgb and x N-C-H-W of one shape and dtype, N-1-H-W '
+                         f'spatial and N-C-1-1 channel coefficients of one dtype; got {tuple(rgb.shape)} '
+                         f'{rgb.dtype}, {tuple(x.shape)} {x.dtype}, {tuple(spatial.shape)} {spatial.dtype}, '
+                         f'{tuple(channel.shape)} {channel.dtype}')
+
+
+def _modulation_triton(rgb, x, spatial, channel):
+    n, c, h, w = rgb.shape
+    outs = [torch.empty_like(rgb, dtype=sum_dtype(rgb, spatial)) for _ in range(2)]
+    if rgb.numel():
+        modulation_kernel[lambda m: (n * triton.cdiv(h * w, m['BLOCK_P']), triton.cdiv(c, m['BLOCK_C']))](
+            rgb, x, spatial.contiguous(), channel.contiguous(), *outs, n, c, h, w, rgb.stride(0), rgb.stride(1),
+            rgb.stride(3))
+    return tuple(outs)
+
+
+_MIN_BLOCK_P = 4  # modulation_grad_kernel's partial rows per image: one per pixel block of the smallest tile
+
+
+def _modulation_grad_triton(grad_rgb, grad_x, rgb, x, spatial, channel):
+    n, c, h, w = rgb.shape
+    grads = [torch.empty_like(g) for g in (grad_rgb, grad_x)]
+    rows = triton.cdiv(h * w, _MIN_BLOCK_P)
+    if min(cfg.kwargs['BLOCK_P'] for cfg in modulation_grad_kernel.configs) < _MIN_BLOCK_P:
+        raise RuntimeError(f'smmcl.kernels: modulation_grad_kernel keeps pixel blocks of >= {_MIN_BLOCK_P}')
+    grad_spatial = rgb.new_empty(n, h * w, dtype=torch.float32)
+    partials = rgb.new_zeros(n * rows, c, dtype=torch.float32)  # the rows past the tile's blocks stay 0
+    if rgb.numel():
+        modulation_grad_kernel[lambda m: (n * triton.cdiv(h * w, m['BLOCK_P']),)](
+            grad_rgb, grad_x, rgb, x, spatial.contiguous(), channel.contiguous(), *grads, grad_spatial, partials,
+            n, c, h, w, rgb.stride(0), rgb.stride(1), rgb.stride(3), rows)
+    return (*grads, (0.5 * grad_spatial).reshape(spatial.shape).to(spatial.dtype),
+            (0.5 * partials.reshape(n, rows, c).sum(1)).reshape(channel.shape).to(channel.dtype))
+
+
+def _modulation_torch(rgb, x, spatial, channel):
+    """ATen's: the gate's two halves and their sum, then one ``addcmul`` per output."""
+    return modulation_reference(rgb, x, spatial, channel)
+
+
+def _modulation_grad_torch(grad_rgb, grad_x, rgb, x, spatial, channel):
+    """ATen's: the gate again, one ``addcmul`` per input's gradient, the gate's in float32 and its sums."""
+    return modulation_grad_reference(grad_rgb, grad_x, rgb, x, spatial, channel)
+
+
+def _pooled_grad_triton(grad_pass, grad_both, offset, value, grad_mean, maximum, grad_max, count):
+    n, c, h, w = value.shape
+    out = torch.empty_like(value)
+    if value.numel() == 0:
+        return out
+    share = mean = None
+    if grad_mean is not None:
+        mean = (grad_mean.reshape(n, c) / (h * w)).float()
+        share = (grad_max / count).reshape(n, c).float()
+    half = out if grad_both is None else grad_both[:, offset:offset + c]
+    pooled_grad_kernel[lambda m: (n * triton.cdiv(h * w, m['BLOCK_P']), triton.cdiv(c, m['BLOCK_C']))](
+        out if grad_pass is None else grad_pass, half, value, out if mean is None else mean,
+        out if mean is None else maximum.reshape(n, c).contiguous(), out if share is None else share, out,
+        n, c, h, w, value.stride(0), value.stride(1), value.stride(3), half.stride(0), half.stride(1),
+        half.stride(3), HAS_PASS=grad_pass is not None, HAS_HALF=grad_both is not None,
+        HAS_POOLED=grad_mean is not None)
+    return out
+
+
+def _pooled_grad_torch(grad_pass, grad_both, offset, value, grad_mean, maximum, grad_max, count):
+    """ATen's: the sums and the maximum's share, a pass each."""
+    half = None if grad_both is None else grad_both[:, offset:offset + value.shape[1]]
+    return pooled_input_grad_reference(grad_pass, half, value, grad_mean, maximum, grad_max, count)
+
+
+def _inputs_triton(rgb, x, dtype):
+    n, c, h, w = rgb.shape
+    both = torch.empty((n, 2 * c, h, w), dtype=dtype, device=rgb.device, memory_format=_layout(rgb))
+    chunks = max(1, triton.cdiv(_chunks(rgb), n))
+    partials = torch.empty(2, 3, n * chunks, c, device=rgb.device, dtype=torch.float32)  # every row written
+    if rgb.numel():
+        for i, value in enumerate((rgb, x)):
+            half = both[:, i * c:(i + 1) * c]
+            pool_concat_kernel[lambda m: (triton.cdiv(c, m['BLOCK_C']), n * chunks)](
+                value, half, partials[i], n, c, h, w, value.stride(0), value.stride(1), value.stride(3),
+                half.stride(0), half.stride(1), half.stride(3), chunks)
+    sums, tops, counts = partials.reshape(2, 3, n, chunks, c).unbind(1)  # 2 x N x chunks x C each
+    maxima = tops.amax(2, keepdim=True)
+    counts = (counts * (tops == maxima)).sum(2)
+    pooled = torch.cat([(sums.sum(2) / (h * w)).transpose(0, 1).reshape(n, 2 * c),
+                        maxima.squeeze(2).transpose(0, 1).reshape(n, 2 * c)], 1)
+    return both, pooled.reshape(n, 4 * c, 1, 1), counts.transpose(0, 1).reshape(n, 2 * c, 1, 1)
+
+
+def _inputs_torch(rgb, x, dtype):
+    """ATen's: the concat's two copies, the means, the maxima and their counts, a pass each."""
+    return modulation_inputs_reference(rgb, x, dtype)
+
+
 _IMPLS = {'add': {'triton': _add_triton, 'torch': _add_torch}, 'grad': {'triton': _grad_triton, 'torch': _grad_torch},
           'tail': {'triton': _tail_triton, 'torch': _tail_torch},
           'residual': {'triton': _residual_triton, 'torch': _residual_torch},
           'pair': {'triton': _pair_triton, 'torch': _pair_torch},
           'stats': {'triton': _stats_triton, 'torch': _stats_torch},
           'apply': {'triton': _apply_triton, 'torch': _apply_torch},
-          'norm_grad': {'triton': _norm_grad_triton, 'torch': _norm_grad_torch}}
+          'norm_grad': {'triton': _norm_grad_triton, 'torch': _norm_grad_torch},
+          'modulate': {'triton': _modulation_triton, 'torch': _modulation_torch},
+          'modulate_grad': {'triton': _modulation_grad_triton, 'torch': _modulation_grad_torch},
+          'pooled_grad': {'triton': _pooled_grad_triton, 'torch': _pooled_grad_torch},
+          'inputs': {'triton': _inputs_triton, 'torch': _inputs_torch}}
 CHANNEL_IMPLS = ('triton', 'torch')
 _CHOICE = {}  # (op, device, every argument's shape, strides and dtype) -> the faster implementation
 
@@ -822,3 +1058,82 @@ def batch_norm_grad(grad_low: Optional[torch.Tensor], grad_full: Optional[torch.
     x, *given = _same_layout(_layout(x), x, *given)
     grad_low, grad_full, grad_pass = (given.pop(0) if g is not None else None for g in (grad_low, grad_full, grad_pass))
     return _run('norm_grad', impl, grad_low, grad_full, x, weight, mean, invstd, grad_pass)
+
+
+def modulation(rgb: torch.Tensor, x: torch.Tensor, spatial: torch.Tensor, channel: torch.Tensor,
+               impl: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The cross-modal modulation's outputs (:func:`smmcl.kernels.modulation_reference`) in one pass.
+
+    Args:
+        rgb, x: N-C-H-W, one shape, dtype and (here made) layout; spatial: N-1-H-W; channel: N-C-1-1.
+        impl: ``'triton'`` (:func:`modulation_kernel`), ``'torch'`` (ATen's passes) or ``'auto'`` (:func:`_run`).
+    Returns:
+        ``(rgb + x * gate, x + rgb * gate)``, N-C-H-W in rgb's layout and the promoted dtype.
+    """
+    check_device(rgb)
+    check_modulation(rgb, x, spatial, channel)
+    rgb, x = _same_layout(_layout(rgb), rgb, x)
+    return _run('modulate', impl, rgb, x, spatial, channel)
+
+
+def modulation_grad(grad_rgb: torch.Tensor, grad_x: torch.Tensor, rgb: torch.Tensor, x: torch.Tensor,
+                    spatial: torch.Tensor, channel: torch.Tensor, impl: Optional[str] = None):
+    """The gradients of :func:`modulation`'s inputs (:func:`smmcl.kernels.modulation_grad_reference`) for its
+    outputs' ``grad_rgb`` and ``grad_x``, in one pass over the maps.
+
+    Returns:
+        (grad rgb, grad x: N-C-H-W in rgb's layout and the gradients' dtype; grad spatial, grad channel:
+        their shapes and dtypes, from float32 sums).
+    """
+    check_device(rgb)
+    check_modulation(rgb, x, spatial, channel)
+    grad_rgb, grad_x, rgb, x = _same_layout(_layout(rgb), grad_rgb, grad_x, rgb, x)
+    return _run('modulate_grad', impl, grad_rgb, grad_x, rgb, x, spatial, channel)
+
+
+def pooled_input_grad(grad_pass: Optional[torch.Tensor], grad_both: Optional[torch.Tensor], offset: int,
+                      value: torch.Tensor, grad_mean: Optional[torch.Tensor], maximum: torch.Tensor,
+                      grad_max: Optional[torch.Tensor], count: torch.Tensor,
+                      impl: Optional[str] = None) -> torch.Tensor:
+    """The gradient of a map that fed a handed-on use, a concat and its channels' means and maxima
+    (:func:`smmcl.kernels.pooled_input_grad_reference`), summed in one pass.
+
+    Args:
+        grad_pass: N-C-H-W or None; grad_both: the concat's gradient (N-C'-H-W, value's channels from
+            ``offset`` on) or None; value: N-C-H-W; grad_mean, grad_max: N-C-1-1 or both None; maximum,
+            count: N-C-1-1, value's channels' maxima and how many positions reach each.
+        impl: ``'triton'`` (:func:`pooled_grad_kernel`), ``'torch'`` or ``'auto'`` (:func:`_run`).
+    Returns:
+        N-C-H-W in value's dtype and layout.
+    """
+    check_device(value)
+    n, c, h, w = value.shape
+    if (grad_mean is None) != (grad_max is None) or any(
+            t is not None and tuple(t.shape) != (n, c, 1, 1) for t in (grad_mean, grad_max, maximum, count)):
+        raise ValueError(f'smmcl.kernels: the pooled gradients, maxima and counts of an N-C-H-W map '
+                         f'{tuple(value.shape)} are N-C-1-1, the two gradients given together')
+    if grad_both is not None and (grad_both.shape[0] != n or grad_both.shape[2:] != value.shape[2:]
+                                  or not 0 <= offset <= grad_both.shape[1] - c):
+        raise ValueError(f'smmcl.kernels: a concat\'s gradient {tuple(grad_both.shape)} holds no {c} channels of '
+                         f'{tuple(value.shape)} from channel {offset}')
+    value, *grad_pass = _same_layout(_layout(value), value, *([] if grad_pass is None else [grad_pass]))
+    if grad_both is not None:
+        grad_both, = _same_layout(_layout(grad_both), grad_both)
+    return _run('pooled_grad', impl, grad_pass[0] if grad_pass else None, grad_both, offset, value, grad_mean,
+                maximum, grad_max, count)
+
+
+def modulation_inputs(rgb: torch.Tensor, x: torch.Tensor, dtype: torch.dtype, impl: Optional[str] = None):
+    """The cross-modal modulation's coefficient MLPs' inputs (:func:`smmcl.kernels.modulation_inputs_reference`):
+    the concat in ``dtype``, the channels' means and maxima, the maxima's counts; one pass per modality.
+
+    Args:
+        rgb, x: N-C-H-W, one shape and dtype (x made rgb's layout).
+        impl: ``'triton'`` (:func:`pool_concat_kernel`), ``'torch'`` or ``'auto'`` (:func:`_run`).
+    """
+    check_device(rgb)
+    if x.shape != rgb.shape or x.dtype != rgb.dtype:
+        raise ValueError(f'smmcl.kernels: the modulation\'s inputs are two maps of one shape and dtype, got '
+                         f'{tuple(rgb.shape)} {rgb.dtype} and {tuple(x.shape)} {x.dtype}')
+    rgb, x = _same_layout(_layout(rgb), rgb, x)
+    return _run('inputs', impl, rgb, x, dtype)

@@ -9,7 +9,9 @@ from typing import Callable, Tuple
 import torch
 from torch import nn
 
-from ..kernels import layout
+from ..kernels import modulation_grad_reference, modulation_inputs_reference, modulation_reference
+from ..kernels import pooled_input_grad_reference
+from .mscan import per_channel_passes
 
 
 def _gelu_mlp(in_channels: int, hidden: int, out_channels: int) -> nn.Sequential:
@@ -52,72 +54,66 @@ class ModulationInputs(torch.autograd.Function):
 
     ``both`` is the N-2C-H-W concat stored in ``dtype`` (under autocast the dtype the spatial MLP's first
     conv casts it to: one pass where the concat and the cast took two), ``pooled`` the float32 N-4C-1-1
-    means and maxima of its channels, and rgb and x are handed on as they are, for the modulation's
-    tails. Each modality feeds the concat, the pooling and the tails; autograd would add those gradients
-    in passes over 2C-wide and C-wide float32 maps (two each). Here the backward sums all of a modality's
-    in one expression, the tails' arriving as that of the handed-on input.
+    means and maxima of its channels (:func:`~smmcl.kernels.modulation_inputs_reference`), and rgb and x
+    are handed on as they are, for the modulation's tails. Each modality feeds the concat, the pooling and
+    the tails; autograd would add those gradients in passes over 2C-wide and C-wide float32 maps (two
+    each). Here the backward sums all of a modality's in one expression, the tails' arriving as that of
+    the handed-on input. With ``kernels``, one pass each way per modality: ``smmcl::modulation_inputs``
+    writes its half of the concat and its channels' sums, maxima and the count of each maximum;
+    ``smmcl::pooled_input_grad`` sums its gradients.
     """
 
     @staticmethod
-    def forward(ctx, rgb, x, dtype: torch.dtype):
-        channels = rgb.shape[1]
-        both = torch.empty((rgb.shape[0], 2 * channels, *rgb.shape[2:]), dtype=dtype, device=rgb.device,
-                           memory_format=layout(rgb))
-        both[:, :channels] = rgb
-        both[:, channels:] = x
-        maxima = [rgb.amax(dim=(2, 3), keepdim=True), x.amax(dim=(2, 3), keepdim=True)]
-        pooled = torch.cat([rgb.mean(dim=(2, 3), keepdim=True), x.mean(dim=(2, 3), keepdim=True)] + maxima, 1)
-        ctx.save_for_backward(rgb, x, *maxima)
+    def forward(ctx, rgb, x, dtype: torch.dtype, kernels: bool):
+        inputs = torch.ops.smmcl.modulation_inputs if kernels else modulation_inputs_reference
+        both, pooled, counts = inputs(rgb, x, dtype)
+        ctx.save_for_backward(rgb, x, pooled, counts)
         ctx.set_materialize_grads(False)
+        ctx.kernels = kernels
         return both, pooled, rgb, x
 
     @staticmethod
     def backward(ctx, grad_both, grad_pooled, grad_rgb, grad_x):
-        rgb, x, *maxima = ctx.saved_tensors
-        channels = rgb.shape[1]
+        rgb, x, pooled, counts = ctx.saved_tensors
+        c = rgb.shape[1]
         grads = []
-        for i, (value, maximum, handed_on) in enumerate(zip((rgb, x), maxima, (grad_rgb, grad_x))):
-            grad = torch.zeros_like(value) if handed_on is None else handed_on
-            if grad_both is not None:
-                grad = grad + grad_both[:, i * channels:(i + 1) * channels]
-            if grad_pooled is not None:
-                if grad is handed_on:  # a gradient handed to a backward is not its to change
-                    grad = grad.clone()
-                # the mean's gradient, and the maximum's shared by the positions that reach it, as amax's
-                grad += grad_pooled[:, i * channels:(i + 1) * channels] / value[0, 0].numel()
-                reached = value == maximum
-                share = grad_pooled[:, (i + 2) * channels:(i + 3) * channels] / reached.sum(dim=(2, 3), keepdim=True)
-                grad.addcmul_(reached, share)
-            grads.append(grad)
-        return grads[0], grads[1], None
+        for i, (value, handed_on) in enumerate(zip((rgb, x), (grad_rgb, grad_x))):
+            grad_mean, grad_max = (None, None) if grad_pooled is None else (
+                grad_pooled[:, i * c:(i + 1) * c], grad_pooled[:, (i + 2) * c:(i + 3) * c])
+            maximum, count = pooled[:, (i + 2) * c:(i + 3) * c], counts[:, i * c:(i + 1) * c]
+            if ctx.kernels:
+                grads.append(torch.ops.smmcl.pooled_input_grad(handed_on, grad_both, i * c, value, grad_mean,
+                                                               maximum, grad_max, count))
+            else:
+                half = None if grad_both is None else grad_both[:, i * c:(i + 1) * c]
+                grads.append(pooled_input_grad_reference(handed_on, half, value, grad_mean, maximum, grad_max,
+                                                         count))
+        return grads[0], grads[1], None, None
 
 
 class ModulationTails(torch.autograd.Function):
-    """The fast path's modulation outputs: (rgb, x, s, c) -> (rgb + x * gate, x + rgb * gate), the gate
-    ``0.5 * s + 0.5 * c`` from N-1-H-W spatial and N-C-1-1 channel coefficients, rounded as the separate
-    ops round it. The backward writes each modality's gradient in one pass (autograd: a product, then a
-    sum with the pass-through gradient) and the gate's in float32, reduced to those of s and c."""
+    """The fast path's modulation outputs (:func:`~smmcl.kernels.modulation_reference`): (rgb, x, s, c) ->
+    (rgb + x * gate, x + rgb * gate), the gate ``0.5 * s + 0.5 * c`` from N-1-H-W spatial and N-C-1-1
+    channel coefficients, rounded as the separate ops round it. The backward writes each modality's
+    gradient in one pass (autograd: a product, then a sum with the pass-through gradient) and the gate's
+    in float32, reduced to those of s and c. With the kernels on, ``smmcl::modulation`` takes its place:
+    one pass forward, one backward."""
 
     @staticmethod
     def forward(ctx, rgb, x, spatial, channel):
-        gate = 0.5 * spatial + 0.5 * channel
-        ctx.save_for_backward(rgb, x, gate)
-        ctx.dtypes = spatial.dtype, channel.dtype
-        return torch.addcmul(rgb, x, gate), torch.addcmul(x, rgb, gate)
+        ctx.save_for_backward(rgb, x, spatial, channel)
+        return modulation_reference(rgb, x, spatial, channel)
 
     @staticmethod
     def backward(ctx, grad_rgb, grad_x):
-        rgb, x, gate = ctx.saved_tensors
-        grad_gate = torch.addcmul(grad_rgb * x, grad_x, rgb)
-        grad_spatial = (0.5 * grad_gate.sum(dim=1, keepdim=True)).to(ctx.dtypes[0])
-        grad_channel = (0.5 * grad_gate.sum(dim=(2, 3), keepdim=True)).to(ctx.dtypes[1])
-        return torch.addcmul(grad_rgb, grad_x, gate), torch.addcmul(grad_x, grad_rgb, gate), grad_spatial, grad_channel
+        return modulation_grad_reference(grad_rgb, grad_x, *ctx.saved_tensors)
 
 
 class CrossModalModulation(nn.Module):
     """Each modality is modulated by the other: ``rgb' = rgb + 0.5 x s + 0.5 x c`` and symmetrically."""
 
     fused_tails = False  # set by smmcl.models.mscan.use_fused_tails (the fast path): one addcmul per output
+    fused_kernels = False  # set by smmcl.models.mscan.use_fused_kernels: the fast path's passes as our ops
 
     def __init__(self, dim: int):
         super().__init__()
@@ -129,8 +125,17 @@ class CrossModalModulation(nn.Module):
         if self.fused_tails:
             dtype = torch.get_autocast_dtype(rgb.device.type) if torch.is_autocast_enabled(rgb.device.type) \
                 else rgb.dtype
-            both, pooled, rgb, x = ModulationInputs.apply(rgb, x, dtype)
-            return ModulationTails.apply(rgb, x, self.Spatial(both), self.Channel.from_pooled(pooled))
+            ours = per_channel_passes(self, rgb)
+            if torch.is_grad_enabled() and (rgb.requires_grad or x.requires_grad):
+                both, pooled, rgb, x = ModulationInputs.apply(rgb, x, dtype, ours)
+            elif ours:  # no backward to prepare for (the maxima's counts come with the kernel's pass)
+                both, pooled, _ = torch.ops.smmcl.modulation_inputs(rgb, x, dtype)
+            else:  # no backward: the maxima's counts are not needed
+                both, pooled, _ = modulation_inputs_reference(rgb, x, dtype, counts=False)
+            spatial, channel = self.Spatial(both), self.Channel.from_pooled(pooled)
+            if ours:
+                return torch.ops.smmcl.modulation(rgb, x, spatial, channel)
+            return ModulationTails.apply(rgb, x, spatial, channel)
         both = torch.cat([rgb, x], dim=1)
         # 0.5 * m * s + 0.5 * m * c == m * (0.5 * s + 0.5 * c): one gate, broadcast N-1-H-W + N-C-1-1; the
         # halving on the small factors (exact in binary floating point), so one full-size pass makes the gate.

@@ -242,8 +242,9 @@ def per_channel_passes(module: nn.Module, x: torch.Tensor) -> bool:
 def use_fused_kernels(model: nn.Module, enabled: bool = True) -> nn.Module:
     """Switch every MSCAN attention and MLP in ``model`` to the Triton kernels, the blocks' 1x1 convs
     (:class:`PointwiseConv`) to the Triton bias add and gradient, the blocks' residual tails to
-    :func:`residual_add`'s op and the decoder's NMF products to ``smmcl::bmm_tf32x3``, or back (in place):
-    every module with a ``fused_kernels`` attribute.
+    :func:`residual_add`'s op, the cross-modal modulations to ``smmcl::modulation_inputs``,
+    ``smmcl::modulation`` and ``smmcl::pooled_input_grad`` and the decoder's NMF products to
+    ``smmcl::bmm_tf32x3``, or back (in place): every module with a ``fused_kernels`` attribute.
 
     The kernels take over on CUDA tensors (and on the CPU under ``TRITON_INTERPRET=1``); elsewhere the
     modules keep their ``nn.Conv2d`` path. Stops with one message when Triton is missing.
@@ -257,7 +258,7 @@ def use_fused_kernels(model: nn.Module, enabled: bool = True) -> nn.Module:
                                                        and activation.approximate == 'none'):
             raise ValueError(f'the fused kernels compute the exact GELU, this {type(module).__name__} has '
                              f'{activation}: leave triton_kernels off')
-        if hasattr(module, 'fused_kernels'):  # attentions, MLPs, 1x1 convs, block tails, NMFs
+        if hasattr(module, 'fused_kernels'):  # attentions, MLPs, 1x1 convs, block tails, modulations, NMFs
             module.fused_kernels = enabled
     return model
 
