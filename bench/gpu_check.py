@@ -596,14 +596,17 @@ def batch_norm_table(args, device, bandwidth):
 
 
 def modulation_table(args, device, bandwidth):
-    """ms of one stage's cross-modal modulation forward + backward under autocast (rgb, x the float32 stage
-    outputs; the two coefficient MLPs included, the same in both), per stage and layout: ``aten`` the fast
-    path's pure-PyTorch passes (``ModulationInputs``, ``ModulationTails``), ``triton`` with the kernels
+    """ms of one stage's cross-modal modulation forward + backward under autocast, as the encoder runs stages
+    2-3 (rgb, x the float32 stage outputs; the results for the next stage's patch embedding and, as their
+    concat, for the fusion conv, both read in bf16; the two coefficient MLPs included, the same in both),
+    per stage and layout: ``aten`` the fast path's pure-PyTorch passes (``ModulationInputs``,
+    ``ModulationTails``, the concat and the casts), ``triton`` with the kernels
     (``smmcl::modulation_inputs``, ``smmcl::modulation`` forward and backward, ``smmcl::pooled_input_grad``);
-    against the floor of the element-wise part (forward: rgb and x read for the concat and again for the
-    tails, the bf16 concat and both outputs written; backward: both outputs' gradients, rgb and x read,
-    both gradients written, and per modality its gradient, half the concat's and itself read, its gradient
-    written: 72 bytes an element of one modality) and the step's total (both modalities, every stage)."""
+    against the floor of the element-wise part (per element of one modality: forward, rgb and x read
+    twice, the bf16 coefficient concat, both bf16 maps and their concat written; backward, the three bf16
+    gradients, rgb and x read, both float32 gradients written, then per modality its gradient, half the
+    coefficient concat's and itself read and its gradient written: 64 bytes) and the step's total (both
+    modalities, every stage)."""
     import copy
     import torch
     from smmcl.kernels import load_ops
@@ -626,13 +629,16 @@ def modulation_table(args, device, bandwidth):
                                   for _ in range(4))
             rgb.requires_grad_()
             x.requires_grad_()
+            g_fuse = torch.cat([g_rgb, g_x], 1)
             for impl, module in modules.items():
-                def step(module=module):
+                def step(module=module):  # as the encoder's stages 2-3: the next stage's maps and the concat
                     with torch.autocast(device.type, dtype=torch.bfloat16):
-                        outs = module(rgb, x)
-                    return torch.autograd.grad(outs, [rgb, x] + list(module.parameters()), [g_rgb, g_x])
+                        outs = module.modulate(rgb, x, streams=True, fusion=True, for_convs=True)
+                        outs = [o.to(torch.bfloat16) for o in outs]  # as the convs that read them cast them
+                    return torch.autograd.grad(outs, [rgb, x] + list(module.parameters()),
+                                               [g.to(torch.bfloat16) for g in (g_rgb, g_x, g_fuse)])
                 times[f'{layout} {impl}'] = time_ms(step, device, args.smoke)
-        times['floor'] = n * c * h * w * 72 / bandwidth * 1e3
+        times['floor'] = n * c * h * w * 64 / bandwidth * 1e3
         rows.append(dict(item=label[:2], **times))
         print(f"  {label[:2]:<4} {c:>5} channels {h:>3}x{w:<3}".ljust(50)
               + ''.join(f'{times[k]:14.3f}' for k in columns))
@@ -1446,8 +1452,9 @@ def sweep_worker(args, device):
                     triton_channel.residual_pair(g, stream, shortcut, torch.zeros(c, device=device), impl='triton')
                 # the stage's cross-modal modulation: its outputs, their backward, its inputs' gradient sums
                 spatial, channel = g[:, :1].contiguous(), g[:, :, :1, :1].contiguous()
-                triton_channel.modulation(stream, stream, spatial, channel, impl='triton')
-                triton_channel.modulation_grad(stream, stream, stream, stream, spatial, channel, impl='triton')
+                triton_channel.modulation(stream, stream, spatial, channel, g.dtype, True, True, impl='triton')
+                triton_channel.modulation_grad(g, g, torch.cat([g, g], 1), stream, stream, spatial, channel,
+                                               impl='triton')
                 stat = stream[:, :, :1, :1].contiguous()
                 triton_channel.pooled_input_grad(stream, torch.cat([g, g], 1), c, stream, stat, stat, stat, stat,
                                                  impl='triton')

@@ -98,7 +98,9 @@ def _channel_cases():
     output with its bf16 copy, and their backward's sums and apply, the copy's gradient bf16, the stream's
     from the shortcut added), the folded
     blocks' float32 stream and its bf16 copy (with the branch's last bias), the cross-modal modulation's
-    float32 outputs from bf16 coefficients, their backward (its loop over the channels, per element), its
+    outputs from float32 maps and bf16 coefficients, written in bf16 as the maps and as their concat (the
+    encoder's stages 2-3), their backward from those three gradients (its loop over the channels, per
+    element), its
     inputs' gradient sums (a float32 gradient, a bf16 concat's half, the pooled gradients) and its inputs'
     pass (a float32 map into the bf16 concat, with its channels' sums, maxima and their counts)."""
     add, grad = channel.bias_add_kernel, channel.bias_grad_kernel
@@ -132,11 +134,10 @@ def _channel_cases():
          dict(x_ptr='fp32', g_ptr='fp32', e_ptr='fp32', coef_ptr='fp32', full_ptr='fp32')),
         ('residual_pair', [('triton', channel.residual_pair_kernel, dict(HAS_FACTOR=True, HAS_BIAS=True), None)],
          dict(b_ptr='fp32', f_ptr='fp32', bias_ptr='fp32', out_ptr='fp32')),
-        ('modulation', [('triton', channel.modulation_kernel, {}, None)],
-         dict(r_ptr='fp32', x_ptr='fp32', ro_ptr='fp32', xo_ptr='fp32')),
-        ('modulation_grad', [('triton', channel.modulation_grad_kernel, {}, 1)],
-         dict(ga_ptr='fp32', gb_ptr='fp32', r_ptr='fp32', x_ptr='fp32', gr_ptr='fp32', gx_ptr='fp32', gs_ptr='fp32',
-              gc_ptr='fp32')),
+        ('modulation', [('triton', channel.modulation_kernel, dict(HAS_OUT=True, HAS_FUSE=True), None)],
+         dict(r_ptr='fp32', x_ptr='fp32')),
+        ('modulation_grad', [('triton', channel.modulation_grad_kernel, dict(HAS_A=True, HAS_B=True, HAS_F=True), 1)],
+         dict(r_ptr='fp32', x_ptr='fp32', gr_ptr='fp32', gx_ptr='fp32', gs_ptr='fp32', gc_ptr='fp32')),
         ('pooled_grad', [('triton', channel.pooled_grad_kernel, dict(HAS_PASS=True, HAS_HALF=True, HAS_POOLED=True),
                           None)],
          dict(gp_ptr='fp32', v_ptr='fp32', gm_ptr='fp32', mx_ptr='fp32', share_ptr='fp32', out_ptr='fp32')),

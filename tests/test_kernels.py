@@ -1306,17 +1306,37 @@ def test_modulation_is_the_reference(fmt, dtype):
     gate = _like_compiled_triton(0.5 * spatial.float() + 0.5 * channel.float(), dtype)
     as_kernels = (torch.zeros_like(spatial), gate / 0.5)
     got = triton_channel.modulation(rgb, x, spatial, channel, impl='triton')
-    for g, w in zip(got, modulation_reference(rgb, x, *as_kernels)):
+    want = modulation_reference(rgb, x, *as_kernels)
+    assert got[2] is None
+    for g, w in zip(got, want):
         assert g.dtype == torch.float32 and g.is_contiguous(memory_format=fmt) and rel(g, w) <= 1e-6
+    # stored for the convs that read them: in their dtype, as the maps and as their concat
+    for streams in (True, False):
+        low = triton_channel.modulation(rgb, x, spatial, channel, dtype, streams, fusion=True, impl='triton')
+        assert low[2].dtype == dtype and low[2].is_contiguous(memory_format=fmt) and low[2].shape == (2, 74, 5, 9)
+        outs = (low[0], low[1], low[2][:, :37], low[2][:, 37:]) if streams else (low[2][:, :37], low[2][:, 37:])
+        assert (low[0] is None) != streams
+        for g, w in zip(outs, want * 2):
+            assert rel(g, _like_compiled_triton(w, dtype)) <= (1e-6 if dtype == torch.float32 else 4e-3)
     grads = [_tensor(2, 37, 5, 9, fmt=fmt, seed=5 + k).detach() for k in (0, 1)]
-    got = triton_channel.modulation_grad(*grads, rgb, x, spatial, channel, impl='triton')
+    got = triton_channel.modulation_grad(*grads, None, rgb, x, spatial, channel, impl='triton')
     want = modulation_grad_reference(*grads, rgb, x, spatial, channel)
     for i, (g, w) in enumerate(zip(got, want)):
         assert g.shape == w.shape and g.dtype == w.dtype
         tol = 1e-6 if i < 2 and dtype == torch.float32 else 1e-5 if dtype == torch.float32 else 1e-2
         assert rel(g, w) <= tol, i
-    for g, w in zip(triton_channel.modulation_grad(*grads, rgb, x, spatial, channel, impl='torch'), want):
+    for g, w in zip(triton_channel.modulation_grad(*grads, None, rgb, x, spatial, channel, impl='torch'), want):
         assert torch.equal(g, w)
+    # the gradients of the copies: the maps' (x's absent), the concat's in the other layout, summed first
+    fuse = _tensor(2, 74, 5, 9, fmt=CL if fmt == NCHW else NCHW, dtype=dtype, seed=7).detach()
+    low_grad = grads[0].to(dtype)
+    got = triton_channel.modulation_grad(low_grad, None, fuse, rgb, x, spatial, channel, impl='triton')
+    want = modulation_grad_reference(low_grad.float() + fuse[:, :37].float(), fuse[:, 37:].float(), rgb, x,
+                                     spatial, channel)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.dtype == w.dtype and rel(g, w) <= (1e-5 if dtype == torch.float32 else 1e-2), i
+    with pytest.raises(ValueError, match='N-C-H-W and N-2C-H-W'):
+        triton_channel.modulation_grad(None, None, grads[0], rgb, x, spatial, channel)
     with pytest.raises(ValueError, match='N-1-H-W spatial and N-C-1-1 channel'):
         triton_channel.modulation(rgb, x, channel, spatial)
     with pytest.raises(ValueError, match='of one dtype'):
@@ -1383,8 +1403,11 @@ def test_modulation_inputs_are_the_reference(fmt, dtype):
 def test_modulation_ops_register_fake_and_autograd():
     rgb, x, spatial, channel = _modulation_operands(CL, torch.bfloat16)
     torch.library.opcheck(ops().modulation, (rgb.requires_grad_(), x.requires_grad_(), spatial, channel))
+    torch.library.opcheck(ops().modulation, (rgb, x, spatial, channel, torch.bfloat16, False, True))
     grads = [_tensor(2, 37, 5, 9, fmt=CL, seed=5 + k).detach() for k in (0, 1)]
-    torch.library.opcheck(ops().modulation_backward, (*grads, rgb.detach(), x.detach(), spatial, channel))
+    torch.library.opcheck(ops().modulation_backward, (*grads, None, rgb.detach(), x.detach(), spatial, channel))
+    torch.library.opcheck(ops().modulation_backward, (grads[0], None, torch.cat(grads, 1), rgb.detach(), x.detach(),
+                                                      spatial, channel))
     value = rgb.detach()
     grad_both = _tensor(2, 74, 5, 9, dtype=torch.bfloat16, seed=2).detach()
     torch.library.opcheck(ops().pooled_input_grad, (grads[0], grad_both, 37, value, channel.float(),
@@ -1427,6 +1450,22 @@ def test_modulation_with_kernels_is_the_same_function(amp, monkeypatch):
         for w, g in zip(plain(rgb, x), fused(rgb, x)):
             assert rel(g, w) <= (1e-2 if amp else 1e-5)
     assert calls[5:] == ['modulation_inputs', 'modulation']
+    # as the encoder asks: for the convs that read them (the next stage's, the fusion conv), maps and concat
+    # in the autocast dtype, their gradients summed in the kernel's backward
+    grad_fuse = torch.cat(grads_out, 1)
+    for streams, fusion in ((True, True), (False, True), (True, False)):
+        results = []
+        for module in (plain, fused):
+            inputs = [rgb.clone().requires_grad_(), x.clone().requires_grad_()]
+            with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=amp):
+                outs = module.modulate(*inputs, streams, fusion, for_convs=True)
+            used = [(o, g) for o, g in zip(outs, grads_out + [grad_fuse]) if o is not None]
+            assert len(used) == 2 * streams + fusion
+            assert all(o.dtype == (torch.bfloat16 if amp and module is fused else torch.float32) for o, _ in used)
+            loss = sum((o.float() * g).sum() for o, g in used)
+            results.append([o for o, _ in used] + list(torch.autograd.grad(loss, inputs + list(module.parameters()))))
+        for i, (w, g) in enumerate(zip(*results)):
+            assert rel(g, w) <= (1e-2 if amp else 1e-5), (streams, fusion, i)
 
 
 # ---- the NMF's float32 products on the tensor cores (3xTF32) ------------------------------------------

@@ -29,8 +29,9 @@ and operators they replace:
   outputs' gradients as they are (autocast: a cast, its backward and a sum, each a pass of its own);
 - ``smmcl::residual_pair`` (inference): a folded block's residual add writing the float32 stream and its
   copy in the autocast dtype, which the next 1x1 conv reads;
-- ``smmcl::modulation``: the cross-modal modulation's two outputs in one pass, its backward one pass with
-  the gate's sums; ``smmcl::modulation_inputs``: the coefficient MLPs' inputs, the bf16 concat and the
+- ``smmcl::modulation``: the cross-modal modulation's two outputs in one pass (for the encoder in the
+  dtype of the convs that read them, as the maps and as their concat), its backward one pass with the
+  gate's sums; ``smmcl::modulation_inputs``: the coefficient MLPs' inputs, the bf16 concat and the
   channels' means, maxima and the maxima's counts, one pass per modality; ``smmcl::pooled_input_grad``:
   each modality's gradient from the tails, its half of the concat and the pooled means and maxima, summed
   in one pass (:mod:`smmcl.kernels.triton_channel` for

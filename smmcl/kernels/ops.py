@@ -546,38 +546,54 @@ bmm_tf32x3.register_autograd(_bmm_tf32x3_grad, setup_context=_save_inputs)
 # ---- the cross-modal modulation's outputs and its inputs' gradient sums -----------------------------------
 
 @torch.library.custom_op('smmcl::modulation', mutates_args=())
-def modulation(rgb: Tensor, x: Tensor, spatial: Tensor, channel: Tensor) -> Tuple[Tensor, Tensor]:
+def modulation(rgb: Tensor, x: Tensor, spatial: Tensor, channel: Tensor, dtype: Optional[torch.dtype] = None,
+               streams: bool = True, fusion: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     """The cross-modal modulation's outputs ``(rgb + x * gate, x + rgb * gate)``, the gate ``0.5 * spatial +
-    0.5 * channel`` (N-1-H-W and N-C-1-1), in one pass (:func:`triton_channel.modulation`); its backward
-    one pass too, the coefficients' gradients summed in it."""
-    return CH.modulation(rgb, x, spatial, channel)
+    0.5 * channel`` (N-1-H-W and N-C-1-1), in one pass (:func:`triton_channel.modulation`), stored in
+    ``dtype`` (default: the promoted one) as the two maps (with ``streams``, else empty tensors) and as
+    their N-2C-H-W concat (with ``fusion``, else an empty tensor); its backward one pass too, the
+    coefficients' gradients summed in it."""
+    out_rgb, out_x, fuse = CH.modulation(rgb, x, spatial, channel, dtype, streams, fusion)
+    return tuple(rgb.new_empty(0) if t is None else t for t in (out_rgb, out_x, fuse))
 
 
 @modulation.register_fake
-def _(rgb, x, spatial, channel):
-    return tuple(torch.empty_like(rgb, dtype=CH.sum_dtype(rgb, spatial), memory_format=K._layout(rgb))
-                 for _ in range(2))
+def _(rgb, x, spatial, channel, dtype=None, streams=True, fusion=False):
+    n, c, h, w = rgb.shape
+    dtype = dtype or CH.sum_dtype(rgb, spatial)
+    maps = [torch.empty_like(rgb, dtype=dtype, memory_format=K._layout(rgb)) if streams else rgb.new_empty(0)
+            for _ in range(2)]
+    return (*maps, torch.empty((n, 2 * c, h, w), dtype=dtype, device=rgb.device, memory_format=K._layout(rgb))
+            if fusion else rgb.new_empty(0))
 
 
 @torch.library.custom_op('smmcl::modulation_backward', mutates_args=())
-def modulation_backward(grad_rgb: Tensor, grad_x: Tensor, rgb: Tensor, x: Tensor, spatial: Tensor,
+def modulation_backward(grad_rgb: Optional[Tensor], grad_x: Optional[Tensor], grad_fuse: Optional[Tensor],
+                        rgb: Tensor, x: Tensor, spatial: Tensor,
                         channel: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(grad rgb, grad x, grad spatial, grad channel) of :func:`modulation` for its outputs' gradients."""
-    return CH.modulation_grad(grad_rgb, grad_x, rgb, x, spatial, channel)
+    """(grad rgb, grad x, grad spatial, grad channel) of :func:`modulation` for its outputs' gradients (any
+    may be None)."""
+    return CH.modulation_grad(grad_rgb, grad_x, grad_fuse, rgb, x, spatial, channel)
 
 
 @modulation_backward.register_fake
-def _(grad_rgb, grad_x, rgb, x, spatial, channel):
-    return (torch.empty_like(grad_rgb, memory_format=K._layout(rgb)),
-            torch.empty_like(grad_x, memory_format=K._layout(rgb)), torch.empty_like(spatial),
-            torch.empty_like(channel))
+def _(grad_rgb, grad_x, grad_fuse, rgb, x, spatial, channel):
+    return _like(rgb), torch.empty_like(x, memory_format=K._layout(rgb)), torch.empty_like(spatial), \
+        torch.empty_like(channel)
 
 
-def _modulation_grad(ctx, grad_rgb, grad_x):
-    return modulation_backward(grad_rgb, grad_x, *ctx.saved_tensors)
+def _save_modulation(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:4])
+    ctx.set_materialize_grads(False)  # an output not written or not used takes no gradient
 
 
-modulation.register_autograd(_modulation_grad, setup_context=_save_inputs)
+def _modulation_grad(ctx, grad_rgb, grad_x, grad_fuse):
+    # an empty stand-in output's gradient, or an empty map's, adds nothing
+    grads = [None if g is None or g.numel() == 0 else g for g in (grad_rgb, grad_x, grad_fuse)]
+    return (*modulation_backward(*grads, *ctx.saved_tensors), None, None, None)
+
+
+modulation.register_autograd(_modulation_grad, setup_context=_save_modulation)
 
 
 @torch.library.custom_op('smmcl::pooled_input_grad', mutates_args=())

@@ -633,35 +633,48 @@ def _gate(s_ptr, ch_ptr, n, c, cmask, p, pmask, C, pixels):
     return (0.5 * s[None, :] + 0.5 * ch[:, None]).to(s_ptr.dtype.element_ty).to(tl.float32)
 
 
-@triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N'], prune_configs_by=PRUNE, do_bench=bench)
+@triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'HAS_OUT', 'HAS_FUSE'], prune_configs_by=PRUNE,
+                 do_bench=bench)
 @triton.jit
-def modulation_kernel(r_ptr, x_ptr, s_ptr, ch_ptr, ro_ptr, xo_ptr, N, C, H, W, sn, sc, sw,
-                      BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Program (image x pixel block, cb) writes ``ro = r + x * gate`` and ``xo = x + r * gate`` (float32
-    arithmetic, stored in the outputs' dtype; the gate :func:`_gate`). r, x, ro and xo share their strides
-    (rows at ``W * sw``, as :func:`bias_grad_kernel`)."""
+def modulation_kernel(r_ptr, x_ptr, s_ptr, ch_ptr, ro_ptr, xo_ptr, f_ptr, N, C, H, W, sn, sc, sw, hn, hc, hw,
+                      HAS_OUT: tl.constexpr, HAS_FUSE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Program (image x pixel block, cb) computes ``ro = r + x * gate`` and ``xo = x + r * gate`` (float32
+    arithmetic; the gate :func:`_gate`) and stores them, rounded to the outputs' dtype: with HAS_OUT as
+    ro and xo (r's strides: rows at ``W * sw``, as :func:`bias_grad_kernel`), with HAS_FUSE side by side
+    in f, the 2C-channel concat the fusion conv reads (strides hn, hc, hw: rows at ``W * hw``)."""
     c, cmask, offs, mask = _tile(C, H, W, sn, sc, sw, BLOCK_C, BLOCK_P)
     blocks = tl.cdiv(H * W, BLOCK_P)
+    n = tl.program_id(0) // blocks
     p = (tl.program_id(0) % blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
-    gate = _gate(s_ptr, ch_ptr, tl.program_id(0) // blocks, c, cmask, p, p < H * W, C, H * W)
+    gate = _gate(s_ptr, ch_ptr, n, c, cmask, p, p < H * W, C, H * W)
     r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(ro_ptr + offs, (r + x * gate).to(ro_ptr.dtype.element_ty), mask=mask)
-    tl.store(xo_ptr + offs, (x + r * gate).to(xo_ptr.dtype.element_ty), mask=mask)
+    ro = r + x * gate
+    xo = x + r * gate
+    if HAS_OUT:
+        tl.store(ro_ptr + offs, ro.to(ro_ptr.dtype.element_ty), mask=mask)
+        tl.store(xo_ptr + offs, xo.to(xo_ptr.dtype.element_ty), mask=mask)
+    if HAS_FUSE:
+        fuse = f_ptr + n * hn + c[:, None] * hc + p[None, :] * hw
+        tl.store(fuse, ro.to(f_ptr.dtype.element_ty), mask=mask)
+        tl.store(fuse + C * hc, xo.to(f_ptr.dtype.element_ty), mask=mask)
 
 
 # reset_to_zero: a tile tried while tuning writes rows that the tile kept may not; they must be 0 again
-@triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N'], prune_configs_by=PRUNE, do_bench=bench,
-                 reset_to_zero=['gc_ptr'])
+@triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'HAS_A', 'HAS_B', 'HAS_F'], prune_configs_by=PRUNE,
+                 do_bench=bench, reset_to_zero=['gc_ptr'])
 @triton.jit
-def modulation_grad_kernel(ga_ptr, gb_ptr, r_ptr, x_ptr, s_ptr, ch_ptr, gr_ptr, gx_ptr, gs_ptr, gc_ptr,
-                           N, C, H, W, sn, sc, sw, rows, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """The backward of :func:`modulation_kernel` for its outputs' gradients ga (ro's) and gb (xo's). Program
-    (image n x pixel block b) walks all channel blocks: it writes ``gr = ga + gb * gate`` and
-    ``gx = gb + ga * gate`` (in their dtype), and the gate's gradient ``ga * x + gb * r`` (float32) summed
-    over the channels at each of its pixels into gs (N x HW) and over its pixels per channel into row
-    ``n * rows + b`` of gc (``rows`` >= the pixel blocks, per image: N * rows x C; the rows no program
-    writes stay as the caller zeroed them). The maps share their strides (rows at ``W * sw``)."""
+def modulation_grad_kernel(ga_ptr, gb_ptr, gf_ptr, r_ptr, x_ptr, s_ptr, ch_ptr, gr_ptr, gx_ptr, gs_ptr, gc_ptr,
+                           N, C, H, W, sn, sc, sw, hn, hc, hw, rows, HAS_A: tl.constexpr, HAS_B: tl.constexpr,
+                           HAS_F: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The backward of :func:`modulation_kernel` for its outputs' gradients: ga (ro's, with HAS_A), gb (xo's,
+    with HAS_B), gf (the concat's, with HAS_F; strides hn, hc, hw), each read as float32 and ro's and xo's
+    two summed. Program (image n x pixel block b) walks all channel blocks: it writes
+    ``gr = ga + gb * gate`` and ``gx = gb + ga * gate`` (in their dtype), and the gate's gradient
+    ``ga * x + gb * r`` (float32) summed over the channels at each of its pixels into gs (N x HW) and over
+    its pixels per channel into row ``n * rows + b`` of gc (``rows`` >= the pixel blocks, per image:
+    N * rows x C; the rows no program writes stay as the caller zeroed them). The other maps share r's
+    strides (rows at ``W * sw``)."""
     pixels = H * W
     blocks = tl.cdiv(pixels, BLOCK_P)
     n = tl.program_id(0) // blocks
@@ -675,8 +688,16 @@ def modulation_grad_kernel(ga_ptr, gb_ptr, r_ptr, x_ptr, s_ptr, ch_ptr, gr_ptr, 
         mask = cmask[:, None] & pmask[None, :]
         offs = n * sn + c[:, None] * sc + p[None, :] * sw
         gate = _gate(s_ptr, ch_ptr, n, c, cmask, p, pmask, C, pixels)
-        ga = tl.load(ga_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        gb = tl.load(gb_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        ga = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+        gb = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+        if HAS_A:
+            ga += tl.load(ga_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_B:
+            gb += tl.load(gb_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_F:
+            fuse = gf_ptr + n * hn + c[:, None] * hc + p[None, :] * hw
+            ga += tl.load(fuse, mask=mask, other=0.0).to(tl.float32)
+            gb += tl.load(fuse + C * hc, mask=mask, other=0.0).to(tl.float32)
         tl.store(gr_ptr + offs, (ga + gb * gate).to(gr_ptr.dtype.element_ty), mask=mask)
         tl.store(gx_ptr + offs, (gb + ga * gate).to(gx_ptr.dtype.element_ty), mask=mask)
         grad_gate = (ga * tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -760,43 +781,66 @@ def check_modulation(rgb: torch.Tensor, x: torch.Tensor, spatial: torch.Tensor, 
                          f'{tuple(channel.shape)} {channel.dtype}')
 
 
-def _modulation_triton(rgb, x, spatial, channel):
+def _modulation_triton(rgb, x, spatial, channel, dtype=None, streams=True, fusion=False):
     n, c, h, w = rgb.shape
-    outs = [torch.empty_like(rgb, dtype=sum_dtype(rgb, spatial)) for _ in range(2)]
-    if rgb.numel():
+    dtype = dtype or sum_dtype(rgb, spatial)
+    outs = [torch.empty_like(rgb, dtype=dtype) for _ in range(2)] if streams else [None, None]
+    fuse = torch.empty((n, 2 * c, h, w), dtype=dtype, device=rgb.device, memory_format=_layout(rgb)) if fusion else None
+    f = rgb if fuse is None else fuse
+    if rgb.numel() and (streams or fusion):
         modulation_kernel[lambda m: (n * triton.cdiv(h * w, m['BLOCK_P']), triton.cdiv(c, m['BLOCK_C']))](
-            rgb, x, spatial.contiguous(), channel.contiguous(), *outs, n, c, h, w, rgb.stride(0), rgb.stride(1),
-            rgb.stride(3))
-    return tuple(outs)
+            rgb, x, spatial.contiguous(), channel.contiguous(), *(rgb if t is None else t for t in outs), f, n, c, h,
+            w, rgb.stride(0), rgb.stride(1), rgb.stride(3), f.stride(0), f.stride(1), f.stride(3), HAS_OUT=streams,
+            HAS_FUSE=fusion)
+    return outs[0], outs[1], fuse
 
 
 _MIN_BLOCK_P = 4  # modulation_grad_kernel's partial rows per image: one per pixel block of the smallest tile
 
 
-def _modulation_grad_triton(grad_rgb, grad_x, rgb, x, spatial, channel):
+def _modulation_grad_triton(grad_rgb, grad_x, grad_fuse, rgb, x, spatial, channel):
     n, c, h, w = rgb.shape
-    grads = [torch.empty_like(g) for g in (grad_rgb, grad_x)]
+    grads = [torch.empty_like(rgb) for _ in range(2)]
     rows = triton.cdiv(h * w, _MIN_BLOCK_P)
     if min(cfg.kwargs['BLOCK_P'] for cfg in modulation_grad_kernel.configs) < _MIN_BLOCK_P:
         raise RuntimeError(f'smmcl.kernels: modulation_grad_kernel keeps pixel blocks of >= {_MIN_BLOCK_P}')
     grad_spatial = rgb.new_empty(n, h * w, dtype=torch.float32)
     partials = rgb.new_zeros(n * rows, c, dtype=torch.float32)  # the rows past the tile's blocks stay 0
+    f = rgb if grad_fuse is None else grad_fuse
     if rgb.numel():
         modulation_grad_kernel[lambda m: (n * triton.cdiv(h * w, m['BLOCK_P']),)](
-            grad_rgb, grad_x, rgb, x, spatial.contiguous(), channel.contiguous(), *grads, grad_spatial, partials,
-            n, c, h, w, rgb.stride(0), rgb.stride(1), rgb.stride(3), rows)
+            rgb if grad_rgb is None else grad_rgb, rgb if grad_x is None else grad_x, f, rgb, x,
+            spatial.contiguous(), channel.contiguous(), *grads, grad_spatial, partials, n, c, h, w, rgb.stride(0),
+            rgb.stride(1), rgb.stride(3), f.stride(0), f.stride(1), f.stride(3), rows, HAS_A=grad_rgb is not None,
+            HAS_B=grad_x is not None, HAS_F=grad_fuse is not None)
     return (*grads, (0.5 * grad_spatial).reshape(spatial.shape).to(spatial.dtype),
             (0.5 * partials.reshape(n, rows, c).sum(1)).reshape(channel.shape).to(channel.dtype))
 
 
-def _modulation_torch(rgb, x, spatial, channel):
-    """ATen's: the gate's two halves and their sum, then one ``addcmul`` per output."""
-    return modulation_reference(rgb, x, spatial, channel)
+def _modulation_torch(rgb, x, spatial, channel, dtype=None, streams=True, fusion=False):
+    """ATen's: the gate's two halves and their sum, one ``addcmul`` per output, then the concat and the casts
+    to the dtype of the convs that read them."""
+    out = modulation_reference(rgb, x, spatial, channel)
+    dtype = dtype or out[0].dtype
+    fuse = torch.cat(out, 1).to(dtype) if fusion else None
+    return (*((t.to(dtype) for t in out) if streams else (None, None)), fuse)
 
 
-def _modulation_grad_torch(grad_rgb, grad_x, rgb, x, spatial, channel):
-    """ATen's: the gate again, one ``addcmul`` per input's gradient, the gate's in float32 and its sums."""
-    return modulation_grad_reference(grad_rgb, grad_x, rgb, x, spatial, channel)
+def _output_grads(grad_rgb, grad_x, grad_fuse, rgb):
+    """The gradients of the modulation's two float32 results from those of their copies (the streams', the
+    concat's halves; any may be None), as autograd sums them: each in rgb's dtype, then added."""
+    c = rgb.shape[1]
+    out = []
+    for grad, half in ((grad_rgb, slice(0, c)), (grad_x, slice(c, 2 * c))):
+        parts = [g.to(rgb.dtype) for g in (grad, None if grad_fuse is None else grad_fuse[:, half]) if g is not None]
+        out.append(torch.zeros_like(rgb) if not parts else parts[0] if len(parts) == 1 else parts[0] + parts[1])
+    return out
+
+
+def _modulation_grad_torch(grad_rgb, grad_x, grad_fuse, rgb, x, spatial, channel):
+    """ATen's: the copies' backward and their sums, then one ``addcmul`` per input's gradient, the gate's in
+    float32 and its sums."""
+    return modulation_grad_reference(*_output_grads(grad_rgb, grad_x, grad_fuse, rgb), rgb, x, spatial, channel)
 
 
 def _pooled_grad_triton(grad_pass, grad_both, offset, value, grad_mean, maximum, grad_max, count):
@@ -1061,34 +1105,52 @@ def batch_norm_grad(grad_low: Optional[torch.Tensor], grad_full: Optional[torch.
 
 
 def modulation(rgb: torch.Tensor, x: torch.Tensor, spatial: torch.Tensor, channel: torch.Tensor,
-               impl: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The cross-modal modulation's outputs (:func:`smmcl.kernels.modulation_reference`) in one pass.
+               dtype: Optional[torch.dtype] = None, streams: bool = True, fusion: bool = False,
+               impl: Optional[str] = None):
+    """The cross-modal modulation's outputs (:func:`smmcl.kernels.modulation_reference`) in one pass, stored as
+    the convs that read them want them.
 
     Args:
         rgb, x: N-C-H-W, one shape, dtype and (here made) layout; spatial: N-1-H-W; channel: N-C-1-1.
+        dtype: the outputs' (default: the promoted one, float32 on the fast path; under autocast the
+            autocast dtype, rounded from the float32 results as autocast's casts round them).
+        streams: write ``rgb'`` and ``x'`` (the next stage's inputs); fusion: write their N-2C-H-W concat
+            (the fusion conv's input).
         impl: ``'triton'`` (:func:`modulation_kernel`), ``'torch'`` (ATen's passes) or ``'auto'`` (:func:`_run`).
     Returns:
-        ``(rgb + x * gate, x + rgb * gate)``, N-C-H-W in rgb's layout and the promoted dtype.
+        (``rgb + x * gate``, ``x + rgb * gate``: N-C-H-W in rgb's layout, or both None without ``streams``;
+        their concat, or None without ``fusion``).
     """
     check_device(rgb)
     check_modulation(rgb, x, spatial, channel)
     rgb, x = _same_layout(_layout(rgb), rgb, x)
-    return _run('modulate', impl, rgb, x, spatial, channel)
+    return _run('modulate', impl, rgb, x, spatial, channel, dtype=dtype, streams=streams, fusion=fusion)
 
 
-def modulation_grad(grad_rgb: torch.Tensor, grad_x: torch.Tensor, rgb: torch.Tensor, x: torch.Tensor,
-                    spatial: torch.Tensor, channel: torch.Tensor, impl: Optional[str] = None):
+def modulation_grad(grad_rgb: Optional[torch.Tensor], grad_x: Optional[torch.Tensor],
+                    grad_fuse: Optional[torch.Tensor], rgb: torch.Tensor, x: torch.Tensor, spatial: torch.Tensor,
+                    channel: torch.Tensor, impl: Optional[str] = None):
     """The gradients of :func:`modulation`'s inputs (:func:`smmcl.kernels.modulation_grad_reference`) for its
-    outputs' ``grad_rgb`` and ``grad_x``, in one pass over the maps.
+    outputs' (``grad_rgb``, ``grad_x``: N-C-H-W; ``grad_fuse``: N-2C-H-W; any may be None), in one pass
+    over the maps.
 
     Returns:
-        (grad rgb, grad x: N-C-H-W in rgb's layout and the gradients' dtype; grad spatial, grad channel:
-        their shapes and dtypes, from float32 sums).
+        (grad rgb, grad x: N-C-H-W in rgb's layout and dtype; grad spatial, grad channel: their shapes and
+        dtypes, from float32 sums).
     """
     check_device(rgb)
     check_modulation(rgb, x, spatial, channel)
-    grad_rgb, grad_x, rgb, x = _same_layout(_layout(rgb), grad_rgb, grad_x, rgb, x)
-    return _run('modulate_grad', impl, grad_rgb, grad_x, rgb, x, spatial, channel)
+    n, c, h, w = rgb.shape
+    if any(g is not None and tuple(g.shape) != shape
+           for g, shape in ((grad_rgb, (n, c, h, w)), (grad_x, (n, c, h, w)), (grad_fuse, (n, 2 * c, h, w)))):
+        raise ValueError(f'smmcl.kernels: the modulation\'s output gradients are N-C-H-W and N-2C-H-W for maps '
+                         f'{tuple(rgb.shape)}')
+    rgb, x, *grads = _same_layout(_layout(rgb), rgb, x, *(g for g in (grad_rgb, grad_x) if g is not None))
+    grads = iter(grads)
+    grad_rgb, grad_x = (None if g is None else next(grads) for g in (grad_rgb, grad_x))
+    if grad_fuse is not None:
+        grad_fuse, = _same_layout(_layout(grad_fuse), grad_fuse)
+    return _run('modulate_grad', impl, grad_rgb, grad_x, grad_fuse, rgb, x, spatial, channel)
 
 
 def pooled_input_grad(grad_pass: Optional[torch.Tensor], grad_both: Optional[torch.Tensor], offset: int,

@@ -79,9 +79,12 @@ class DualMSCAN(nn.Module):
             if stage == 4 and with_embeddings:
                 color_emb = self.projector_color(rgb)
                 other_emb = self.projector_other(modal_x)
-            rgb, modal_x = getattr(self, f'module{stage}')(rgb, modal_x)
-            if stage in self.fused_stages:
-                fused.append(getattr(self, f'fconv{stage}')(rgb, modal_x))
+            # the modulated maps feed convs only: the next stage's patch embedding (none after stage 4) and
+            # the stage's fusion conv
+            rgb, modal_x, both = getattr(self, f'module{stage}').modulate(
+                rgb, modal_x, streams=stage < 4, fusion=stage in self.fused_stages, for_convs=True)
+            if both is not None:
+                fused.append(getattr(self, f'fconv{stage}').from_concat(both))
         return fused, color_emb, other_emb
 
 

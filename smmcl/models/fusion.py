@@ -4,7 +4,7 @@ Names (``Spatial.encode``, ``Channel.encode``, ``fusion_conv``, ``project``) are
 """
 from __future__ import annotations
 
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -122,20 +122,46 @@ class CrossModalModulation(nn.Module):
 
     def forward(self, rgb: torch.Tensor, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """rgb, x: N-C-H-W -> modulated (rgb', x'), N-C-H-W each."""
-        if self.fused_tails:
-            dtype = torch.get_autocast_dtype(rgb.device.type) if torch.is_autocast_enabled(rgb.device.type) \
-                else rgb.dtype
+        return self.modulate(rgb, x)[:2]
+
+    def modulate(self, rgb: torch.Tensor, x: torch.Tensor, streams: bool = True, fusion: bool = False,
+                 for_convs: bool = False
+                 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """rgb, x: N-C-H-W -> (rgb', x': N-C-H-W each, or None without ``streams``; their N-2C-H-W concat,
+        the fusion conv's input, or None without ``fusion``).
+
+        ``for_convs``: only convolutions read the results (the next stage's patch embedding, the fusion
+        conv: the encoder's case). On the fast path with the kernels (``smmcl::modulation``) one pass then
+        writes them in the dtype those convs compute in (under autocast its dtype: the values autocast's
+        casts would make), so that neither float32 maps, the concat nor the casts take passes of their
+        own, nor their gradients' sums in the backward. Otherwise the maps are float32, as ``forward``'s.
+        """
+        both = None
+        if not self.fused_tails:
+            rgb, x = self._plain(rgb, x)
+        else:
+            autocast = torch.is_autocast_enabled(rgb.device.type)
+            dtype = torch.get_autocast_dtype(rgb.device.type) if autocast else rgb.dtype
             ours = per_channel_passes(self, rgb)
+            # the coefficient MLPs' inputs: the concat of rgb and x, their channels' means and maxima
             if torch.is_grad_enabled() and (rgb.requires_grad or x.requires_grad):
-                both, pooled, rgb, x = ModulationInputs.apply(rgb, x, dtype, ours)
+                inputs, pooled, rgb, x = ModulationInputs.apply(rgb, x, dtype, ours)
             elif ours:  # no backward to prepare for (the maxima's counts come with the kernel's pass)
-                both, pooled, _ = torch.ops.smmcl.modulation_inputs(rgb, x, dtype)
+                inputs, pooled, _ = torch.ops.smmcl.modulation_inputs(rgb, x, dtype)
             else:  # no backward: the maxima's counts are not needed
-                both, pooled, _ = modulation_inputs_reference(rgb, x, dtype, counts=False)
-            spatial, channel = self.Spatial(both), self.Channel.from_pooled(pooled)
+                inputs, pooled, _ = modulation_inputs_reference(rgb, x, dtype, counts=False)
+            spatial, channel = self.Spatial(inputs), self.Channel.from_pooled(pooled)
             if ours:
-                return torch.ops.smmcl.modulation(rgb, x, spatial, channel)
-            return ModulationTails.apply(rgb, x, spatial, channel)
+                rgb, x, both = torch.ops.smmcl.modulation(rgb, x, spatial, channel,
+                                                          dtype if autocast and for_convs else None, streams,
+                                                          fusion)
+            else:
+                rgb, x = ModulationTails.apply(rgb, x, spatial, channel)
+        if fusion and both is None:
+            both = torch.cat([rgb, x], dim=1)
+        return (rgb if streams else None), (x if streams else None), (both if fusion else None)
+
+    def _plain(self, rgb: torch.Tensor, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         both = torch.cat([rgb, x], dim=1)
         # 0.5 * m * s + 0.5 * m * c == m * (0.5 * s + 0.5 * c): one gate, broadcast N-1-H-W + N-C-1-1; the
         # halving on the small factors (exact in binary floating point), so one full-size pass makes the gate.
@@ -151,7 +177,11 @@ class FusionConv(nn.Module):
         self.fusion_conv = nn.Sequential(nn.Conv2d(2 * dim, dim, 1))
 
     def forward(self, rgb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.fusion_conv(torch.cat([rgb, x], dim=1))
+        return self.from_concat(torch.cat([rgb, x], dim=1))
+
+    def from_concat(self, both: torch.Tensor) -> torch.Tensor:
+        """The concat already made (:meth:`CrossModalModulation.modulate`): N-2C-H-W -> N-C-H-W."""
+        return self.fusion_conv(both)
 
 
 class Projector(nn.Module):
