@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Optional
 
 import torch
 
@@ -140,12 +141,12 @@ def modulation_reference(rgb: torch.Tensor, x: torch.Tensor, spatial: torch.Tens
 
 
 def modulation_grad_reference(grad_rgb: torch.Tensor, grad_x: torch.Tensor, rgb: torch.Tensor, x: torch.Tensor,
-                              spatial: torch.Tensor, channel: torch.Tensor):
+                              spatial: torch.Tensor, channel: torch.Tensor, gate: Optional[torch.Tensor] = None):
     """The gradients of :func:`modulation_reference`'s inputs for its outputs' ``grad_rgb`` and ``grad_x``:
     (rgb's ``grad_rgb + grad_x * gate``, x's ``grad_x + grad_rgb * gate``, spatial's and channel's: half the
     gate's, ``grad_rgb * x + grad_x * rgb`` in float32, summed over the channels and over the pixels, in
-    their dtypes)."""
-    gate = 0.5 * spatial + 0.5 * channel
+    their dtypes). ``gate``: the forward's, if kept (else made again)."""
+    gate = 0.5 * spatial + 0.5 * channel if gate is None else gate
     grad_gate = torch.addcmul(grad_rgb * x, grad_x, rgb)
     return (torch.addcmul(grad_rgb, grad_x, gate), torch.addcmul(grad_x, grad_rgb, gate),
             (0.5 * grad_gate.sum(dim=1, keepdim=True)).to(spatial.dtype),
@@ -177,12 +178,13 @@ def modulation_inputs_reference(rgb: torch.Tensor, x: torch.Tensor, dtype: torch
     return both, pooled, counts.float()
 
 
-def pooled_input_grad_reference(grad_pass, grad_half, value: torch.Tensor, grad_mean, maximum, grad_max, count):
+def pooled_input_grad_reference(grad_pass, grad_half, value: torch.Tensor, grad_mean, maximum, grad_max,
+                                count=None):
     """The gradient of ``value`` (N-C-H-W) that fed a handed-on use (``grad_pass``, its gradient, or None), a
     concat (``grad_half``: that concat's gradient's half for value, N-C-H-W in any float dtype, or None) and
     its channels' means and maxima (``grad_mean``, ``grad_max``: N-C-1-1 gradients, or both None;
-    ``maximum``: N-C-1-1, the maxima, reached at ``count`` positions each), the maximum's gradient shared
-    by the positions that reach it, as ``amax``'s is. In value's dtype."""
+    ``maximum``: N-C-1-1, the maxima, reached at ``count`` positions each, counted here if None), the
+    maximum's gradient shared by the positions that reach it, as ``amax``'s is. In value's dtype."""
     grad = torch.zeros_like(value) if grad_pass is None else grad_pass
     if grad_half is not None:
         grad = grad + grad_half
@@ -190,5 +192,6 @@ def pooled_input_grad_reference(grad_pass, grad_half, value: torch.Tensor, grad_
         if grad is grad_pass:  # a gradient handed to a backward is not its to change
             grad = grad.clone()
         grad += grad_mean / value[0, 0].numel()
-        grad.addcmul_(value == maximum, grad_max / count)
+        reached = value == maximum
+        grad.addcmul_(reached, grad_max / (reached.sum(dim=(2, 3), keepdim=True) if count is None else count))
     return grad

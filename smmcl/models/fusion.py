@@ -65,8 +65,10 @@ class ModulationInputs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rgb, x, dtype: torch.dtype, kernels: bool):
-        inputs = torch.ops.smmcl.modulation_inputs if kernels else modulation_inputs_reference
-        both, pooled, counts = inputs(rgb, x, dtype)
+        if kernels:  # the maxima's counts come with the pass
+            both, pooled, counts = torch.ops.smmcl.modulation_inputs(rgb, x, dtype)
+        else:  # counted in the backward, with the positions that reach them
+            both, pooled, counts = modulation_inputs_reference(rgb, x, dtype, counts=False)
         ctx.save_for_backward(rgb, x, pooled, counts)
         ctx.set_materialize_grads(False)
         ctx.kernels = kernels
@@ -80,7 +82,8 @@ class ModulationInputs(torch.autograd.Function):
         for i, (value, handed_on) in enumerate(zip((rgb, x), (grad_rgb, grad_x))):
             grad_mean, grad_max = (None, None) if grad_pooled is None else (
                 grad_pooled[:, i * c:(i + 1) * c], grad_pooled[:, (i + 2) * c:(i + 3) * c])
-            maximum, count = pooled[:, (i + 2) * c:(i + 3) * c], counts[:, i * c:(i + 1) * c]
+            maximum = pooled[:, (i + 2) * c:(i + 3) * c]
+            count = None if counts is None else counts[:, i * c:(i + 1) * c]
             if ctx.kernels:
                 grads.append(torch.ops.smmcl.pooled_input_grad(handed_on, grad_both, i * c, value, grad_mean,
                                                                maximum, grad_max, count))
@@ -101,12 +104,14 @@ class ModulationTails(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rgb, x, spatial, channel):
-        ctx.save_for_backward(rgb, x, spatial, channel)
-        return modulation_reference(rgb, x, spatial, channel)
+        gate = 0.5 * spatial + 0.5 * channel
+        ctx.save_for_backward(rgb, x, spatial, channel, gate)  # as addcmul keeps it: not made again
+        return torch.addcmul(rgb, x, gate), torch.addcmul(x, rgb, gate)
 
     @staticmethod
     def backward(ctx, grad_rgb, grad_x):
-        return modulation_grad_reference(grad_rgb, grad_x, *ctx.saved_tensors)
+        *inputs, gate = ctx.saved_tensors
+        return modulation_grad_reference(grad_rgb, grad_x, *inputs, gate=gate)
 
 
 class CrossModalModulation(nn.Module):
