@@ -9,7 +9,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import nn
 
-from ..kernels import modulation_grad_reference, modulation_inputs_reference, modulation_reference
+from ..kernels import modulation_grad_reference, modulation_inputs_reference
 from ..kernels import pooled_input_grad_reference
 from .mscan import per_channel_passes
 
