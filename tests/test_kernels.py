@@ -1300,7 +1300,8 @@ def test_modulation_is_the_reference(fmt, dtype):
     fast path), the gate rounded as the kernels round it: outputs and the maps' gradients to float32's
     rounding, the coefficients' gradients (float32 sums in another order, then their dtype) to that or a
     bf16 step; both implementations agree; wrong operands are refused."""
-    from smmcl.kernels import modulation_grad_reference, modulation_reference, triton_channel
+    from smmcl.kernels import triton_channel
+    from smmcl.kernels.reference import modulation_grad_reference, modulation_reference
     rgb, x, spatial, channel = _modulation_operands(fmt, dtype)
     # the gate's rounding as the kernels do it: the references then take its two halves as 0 and the gate
     gate = _like_compiled_triton(0.5 * spatial.float() + 0.5 * channel.float(), dtype)
@@ -1349,7 +1350,8 @@ def test_pooled_input_grad_is_the_reference(fmt):
     channels' means and maxima) bit for bit against the reference, with ties at the maxima (amax's
     gradient shared) and a bf16 concat gradient in the other layout, for each combination of the parts;
     wrong shapes are refused."""
-    from smmcl.kernels import pooled_input_grad_reference, triton_channel
+    from smmcl.kernels import triton_channel
+    from smmcl.kernels.reference import pooled_input_grad_reference
     value = _tensor(2, 37, 5, 9, fmt=fmt).detach()
     value[..., 1:3, 2:4] = value.amax() + 1
     # the maxima and counts as the module passes them: slices of the pooled vectors
@@ -1385,7 +1387,8 @@ def test_modulation_inputs_are_the_reference(fmt, dtype):
     the reference: the concat as the kernels round it, the maxima and their counts exactly (ties within a
     program's pixels and across programs' blocks), the means to float32 rounding; mismatched maps are
     refused."""
-    from smmcl.kernels import modulation_inputs_reference, triton_channel
+    from smmcl.kernels import triton_channel
+    from smmcl.kernels.reference import modulation_inputs_reference
     rgb, x = _modulation_operands(fmt, torch.float32)[:2]
     rgb[..., 1:3, 2:4] = rgb.amax() + 1  # 4 ties in one block
     x[0, :, 0, 0] = x.amax() + 2  # 2 ties, in the first and the last pixel block (two programs)
@@ -1419,8 +1422,8 @@ def test_modulation_ops_register_fake_and_autograd():
 @pytest.mark.parametrize('amp', [False, True])
 def test_modulation_with_kernels_is_the_same_function(amp, monkeypatch):
     """The fast path's cross-modal modulation with the kernels (smmcl::modulation_inputs, smmcl::modulation,
-    its backward, and smmcl::pooled_input_grad for each input) against it without: outputs and every gradient, to float32
-    rounding, and under bf16 autocast to the rounding of the gate and the concat (the interpreter truncates
+    its backward, and smmcl::pooled_input_grad for each input) against it without: outputs and every
+    gradient, to float32 rounding, and under bf16 autocast to the rounding of the gate and the concat (the interpreter truncates
     both to bf16 where ATen rounds: up to 5.9e-3 measured, in the spatial MLP's weight gradient)."""
     from smmcl.kernels import triton_channel
     from smmcl.models.fusion import CrossModalModulation

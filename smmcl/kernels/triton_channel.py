@@ -51,7 +51,8 @@ import triton
 import triton.language as tl
 
 from .triton_common import KEY, PRUNE, bench, check_device, choose, configs, conv_bias, fastest, gelu, gelu_grad
-from . import modulation_grad_reference, modulation_inputs_reference, modulation_reference, pooled_input_grad_reference
+from .reference import modulation_grad_reference, modulation_inputs_reference, modulation_reference
+from .reference import pooled_input_grad_reference
 from .triton_dwconv import _layout, _num_chunks, _same_layout
 
 # (BLOCK_C, BLOCK_P, warps): in NCHW a channel's pixels are contiguous, so few channels of long pixel runs;
@@ -1107,8 +1108,8 @@ def batch_norm_grad(grad_low: Optional[torch.Tensor], grad_full: Optional[torch.
 def modulation(rgb: torch.Tensor, x: torch.Tensor, spatial: torch.Tensor, channel: torch.Tensor,
                dtype: Optional[torch.dtype] = None, streams: bool = True, fusion: bool = False,
                impl: Optional[str] = None):
-    """The cross-modal modulation's outputs (:func:`smmcl.kernels.modulation_reference`) in one pass, stored as
-    the convs that read them want them.
+    """The cross-modal modulation's outputs (:func:`smmcl.kernels.reference.modulation_reference`) in one pass,
+    stored as the convs that read them want them.
 
     Args:
         rgb, x: N-C-H-W, one shape, dtype and (here made) layout; spatial: N-1-H-W; channel: N-C-1-1.
@@ -1130,7 +1131,7 @@ def modulation(rgb: torch.Tensor, x: torch.Tensor, spatial: torch.Tensor, channe
 def modulation_grad(grad_rgb: Optional[torch.Tensor], grad_x: Optional[torch.Tensor],
                     grad_fuse: Optional[torch.Tensor], rgb: torch.Tensor, x: torch.Tensor, spatial: torch.Tensor,
                     channel: torch.Tensor, impl: Optional[str] = None):
-    """The gradients of :func:`modulation`'s inputs (:func:`smmcl.kernels.modulation_grad_reference`) for its
+    """The gradients of :func:`modulation`'s inputs (:func:`smmcl.kernels.reference.modulation_grad_reference`) for its
     outputs' (``grad_rgb``, ``grad_x``: N-C-H-W; ``grad_fuse``: N-2C-H-W; any may be None), in one pass
     over the maps.
 
@@ -1158,7 +1159,7 @@ def pooled_input_grad(grad_pass: Optional[torch.Tensor], grad_both: Optional[tor
                       grad_max: Optional[torch.Tensor], count: torch.Tensor,
                       impl: Optional[str] = None) -> torch.Tensor:
     """The gradient of a map that fed a handed-on use, a concat and its channels' means and maxima
-    (:func:`smmcl.kernels.pooled_input_grad_reference`), summed in one pass.
+    (:func:`smmcl.kernels.reference.pooled_input_grad_reference`), summed in one pass.
 
     Args:
         grad_pass: N-C-H-W or None; grad_both: the concat's gradient (N-C'-H-W, value's channels from
@@ -1186,8 +1187,9 @@ def pooled_input_grad(grad_pass: Optional[torch.Tensor], grad_both: Optional[tor
 
 
 def modulation_inputs(rgb: torch.Tensor, x: torch.Tensor, dtype: torch.dtype, impl: Optional[str] = None):
-    """The cross-modal modulation's coefficient MLPs' inputs (:func:`smmcl.kernels.modulation_inputs_reference`):
-    the concat in ``dtype``, the channels' means and maxima, the maxima's counts; one pass per modality.
+    """The cross-modal modulation's coefficient MLPs' inputs
+    (:func:`smmcl.kernels.reference.modulation_inputs_reference`): the concat in ``dtype``, the channels'
+    means and maxima, the maxima's counts; one pass per modality.
 
     Args:
         rgb, x: N-C-H-W, one shape and dtype (x made rgb's layout).

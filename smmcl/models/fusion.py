@@ -9,8 +9,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import nn
 
-from ..kernels import modulation_grad_reference, modulation_inputs_reference
-from ..kernels import pooled_input_grad_reference
+from ..kernels.reference import modulation_grad_reference, modulation_inputs_reference, pooled_input_grad_reference
 from .mscan import per_channel_passes
 
 
@@ -54,7 +53,7 @@ class ModulationInputs(torch.autograd.Function):
 
     ``both`` is the N-2C-H-W concat stored in ``dtype`` (under autocast the dtype the spatial MLP's first
     conv casts it to: one pass where the concat and the cast took two), ``pooled`` the float32 N-4C-1-1
-    means and maxima of its channels (:func:`~smmcl.kernels.modulation_inputs_reference`), and rgb and x
+    means and maxima of its channels (:func:`~smmcl.kernels.reference.modulation_inputs_reference`), and rgb and x
     are handed on as they are, for the modulation's tails. Each modality feeds the concat, the pooling and
     the tails; autograd would add those gradients in passes over 2C-wide and C-wide float32 maps (two
     each). Here the backward sums all of a modality's in one expression, the tails' arriving as that of
@@ -95,7 +94,7 @@ class ModulationInputs(torch.autograd.Function):
 
 
 class ModulationTails(torch.autograd.Function):
-    """The fast path's modulation outputs (:func:`~smmcl.kernels.modulation_reference`): (rgb, x, s, c) ->
+    """The fast path's modulation outputs (:func:`~smmcl.kernels.reference.modulation_reference`): (rgb, x, s, c) ->
     (rgb + x * gate, x + rgb * gate), the gate ``0.5 * s + 0.5 * c`` from N-1-H-W spatial and N-C-1-1
     channel coefficients, rounded as the separate ops round it. The backward writes each modality's
     gradient in one pass (autograd: a product, then a sum with the pass-through gradient) and the gate's
