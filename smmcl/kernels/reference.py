@@ -17,17 +17,25 @@ def layout(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def modulation_reference(rgb: torch.Tensor, x: torch.Tensor, spatial: torch.Tensor, channel: torch.Tensor):
+def modulation_gate(spatial: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
+    """``0.5 * spatial + 0.5 * channel`` (N-1-H-W and N-C-1-1 coefficients -> N-C-H-W, in their dtype): the
+    halving on the small factors is exact, so the sum's is the one rounding."""
+    return 0.5 * spatial + 0.5 * channel
+
+
+def modulation_reference(rgb: torch.Tensor, x: torch.Tensor, spatial: torch.Tensor, channel: torch.Tensor,
+                         gate: Optional[torch.Tensor] = None):
     """What ``smmcl::modulation`` computes: the cross-modal modulation's outputs ``(rgb + x * gate,
     x + rgb * gate)``, each one ``addcmul``, the gate ``0.5 * spatial + 0.5 * channel`` in their dtype (the
     halving on the small factors is exact, so one rounding makes it).
 
     Args:
         rgb, x: N-C-H-W (float32 on the fast path); spatial: N-1-H-W; channel: N-C-1-1 coefficients.
+        gate: the gate, if the caller made it (to keep it for the backward), else made here.
     Returns:
         Two N-C-H-W maps in the promoted dtype.
     """
-    gate = 0.5 * spatial + 0.5 * channel
+    gate = modulation_gate(spatial, channel) if gate is None else gate
     return torch.addcmul(rgb, x, gate), torch.addcmul(x, rgb, gate)
 
 
@@ -37,7 +45,7 @@ def modulation_grad_reference(grad_rgb: torch.Tensor, grad_x: torch.Tensor, rgb:
     (rgb's ``grad_rgb + grad_x * gate``, x's ``grad_x + grad_rgb * gate``, spatial's and channel's: half the
     gate's, ``grad_rgb * x + grad_x * rgb`` in float32, summed over the channels and over the pixels, in
     their dtypes). ``gate``: the forward's, if kept (else made again)."""
-    gate = 0.5 * spatial + 0.5 * channel if gate is None else gate
+    gate = modulation_gate(spatial, channel) if gate is None else gate
     grad_gate = torch.addcmul(grad_rgb * x, grad_x, rgb)
     return (torch.addcmul(grad_rgb, grad_x, gate), torch.addcmul(grad_x, grad_rgb, gate),
             (0.5 * grad_gate.sum(dim=1, keepdim=True)).to(spatial.dtype),

@@ -796,15 +796,14 @@ def _modulation_triton(rgb, x, spatial, channel, dtype=None, streams=True, fusio
     return outs[0], outs[1], fuse
 
 
-_MIN_BLOCK_P = 4  # modulation_grad_kernel's partial rows per image: one per pixel block of the smallest tile
+# modulation_grad_kernel's partial rows per image: one per pixel block of its smallest candidate tile
+_MIN_BLOCK_P = min(config.kwargs['BLOCK_P'] for config in modulation_grad_kernel.configs)
 
 
 def _modulation_grad_triton(grad_rgb, grad_x, grad_fuse, rgb, x, spatial, channel):
     n, c, h, w = rgb.shape
     grads = [torch.empty_like(rgb) for _ in range(2)]
     rows = triton.cdiv(h * w, _MIN_BLOCK_P)
-    if min(cfg.kwargs['BLOCK_P'] for cfg in modulation_grad_kernel.configs) < _MIN_BLOCK_P:
-        raise RuntimeError(f'smmcl.kernels: modulation_grad_kernel keeps pixel blocks of >= {_MIN_BLOCK_P}')
     grad_spatial = rgb.new_empty(n, h * w, dtype=torch.float32)
     partials = rgb.new_zeros(n * rows, c, dtype=torch.float32)  # the rows past the tile's blocks stay 0
     f = rgb if grad_fuse is None else grad_fuse

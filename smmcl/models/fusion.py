@@ -9,7 +9,8 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import nn
 
-from ..kernels.reference import modulation_grad_reference, modulation_inputs_reference, pooled_input_grad_reference
+from ..kernels.reference import modulation_gate, modulation_grad_reference, modulation_inputs_reference
+from ..kernels.reference import modulation_reference, pooled_input_grad_reference
 from .mscan import per_channel_passes
 
 
@@ -103,9 +104,9 @@ class ModulationTails(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rgb, x, spatial, channel):
-        gate = 0.5 * spatial + 0.5 * channel
+        gate = modulation_gate(spatial, channel)
         ctx.save_for_backward(rgb, x, spatial, channel, gate)  # as addcmul keeps it: not made again
-        return torch.addcmul(rgb, x, gate), torch.addcmul(x, rgb, gate)
+        return modulation_reference(rgb, x, spatial, channel, gate=gate)
 
     @staticmethod
     def backward(ctx, grad_rgb, grad_x):

@@ -62,11 +62,14 @@ def _multiplicative_update(factor, numerator, other, eps: float, bmm=torch.bmm):
     """One NMF update of ``factor`` (the coefficients N-R or the bases D-R of each image) with the other
     factor held: ``factor * numerator / (factor @ (other^T @ other) + eps)``.
 
-    Returns the updated factor and its denominator (the backward by hand, :class:`NMFSteps`, keeps it).
+    Returns the updated factor, its denominator and the other factor's Gram matrix (the backward by hand,
+    :class:`NMFSteps`, keeps both).
     """
-    # (B*S, ., R) @ [(B*S, ., R)^T @ (B*S, ., R)] -> (B*S, ., R)
-    denominator = bmm(factor, bmm(other.transpose(1, 2), other)) + eps
-    return factor * numerator / denominator, denominator
+    # (B*S, R, .) @ (B*S, ., R) -> (B*S, R, R)
+    gram = bmm(other.transpose(1, 2), other)
+    # (B*S, ., R) @ (B*S, R, R) -> (B*S, ., R)
+    denominator = bmm(factor, gram) + eps
+    return factor * numerator / denominator, denominator, gram
 
 
 def _mul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -78,7 +81,7 @@ def _mul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         torch.mul(a, b, out=out)
 
 
-def _update_backward(grad, factor, other, numerator, denominator, updated, grad_numerator, bmm=torch.bmm):
+def _update_backward(grad, factor, other, numerator, denominator, gram, updated, grad_numerator, bmm=torch.bmm):
     """The gradients of :func:`_multiplicative_update`'s inputs from ``grad``, that of ``updated``.
 
     Writes the numerator's into ``grad_numerator`` (a view, shaped as the numerator); returns the
@@ -89,8 +92,6 @@ def _update_backward(grad, factor, other, numerator, denominator, updated, grad_
     # d(updated)/d(denominator) = -updated / denominator: the denominator's gradient is -minus_grad, its
     # sign carried by the R-R matrices (exact), so no pass negates a map and one addcmul ends the factor's
     minus_grad = ratio * updated
-    # (B*S, R, .) @ (B*S, ., R) -> (B*S, R, R)
-    gram = bmm(other.transpose(1, 2), other)
     # (B*S, ., R) @ (B*S, R, R) -> (B*S, ., R)
     grad_factor = torch.addcmul(bmm(minus_grad, -gram.transpose(1, 2)), ratio, numerator)
     # (B*S, R, .) @ (B*S, ., R) -> (B*S, R, R), then (B*S, ., R) @ (B*S, R, R) -> (B*S, ., R)
@@ -107,7 +108,7 @@ def decompose(x: torch.Tensor, bases: torch.Tensor, steps: int, eps: float, inv_
         x: (B*S)-D-N, non-negative, float32.
         bases: (B*S)-D-R starting bases.
         keep: if a list, it receives what the backward by hand needs (:class:`NMFSteps`): the start's
-            coefficients, then the numerator, denominator and result of each update in order.
+            coefficients, then the numerator, denominator, Gram matrix and result of each update in order.
     Returns:
         (B*S)-D-N, the rank-R reconstruction.
     """
@@ -118,16 +119,16 @@ def decompose(x: torch.Tensor, bases: torch.Tensor, steps: int, eps: float, inv_
     for step in range(steps + 1):
         # (B*S, D, N)^T @ (B*S, D, R) -> (B*S, N, R)
         numerator = bmm(x.transpose(1, 2), bases)
-        coef, denominator = _multiplicative_update(coef, numerator, bases, eps, bmm)
+        coef, denominator, gram = _multiplicative_update(coef, numerator, bases, eps, bmm)
         if keep is not None:
-            keep += [numerator, denominator, coef]
+            keep += [numerator, denominator, gram, coef]
         if step == steps:
             break
         # (B*S, D, N) @ (B*S, N, R) -> (B*S, D, R)
         numerator = bmm(x, coef)
-        bases, denominator = _multiplicative_update(bases, numerator, coef, eps, bmm)
+        bases, denominator, gram = _multiplicative_update(bases, numerator, coef, eps, bmm)
         if keep is not None:
-            keep += [numerator, denominator, bases]
+            keep += [numerator, denominator, gram, bases]
     # (B*S, D, R) @ (B*S, N, R)^T -> (B*S, D, N)
     return bmm(bases, coef.transpose(1, 2))
 
@@ -157,11 +158,11 @@ class NMFSteps(torch.autograd.Function):
     def backward(ctx, grad):
         steps, bmm = ctx.steps, ctx.bmm
         x, start_bases, start, *updates = ctx.saved_tensors
-        # the updates alternate, coefficients first: (numerator, denominator, result) each
-        coef_updates = [updates[i:i + 2] for i in range(0, len(updates), 6)]
-        bases_updates = [updates[i:i + 2] for i in range(3, len(updates), 6)]
-        coefs = [start] + updates[2::6]
-        bases = [start_bases] + updates[5::6]
+        # the updates alternate, coefficients first: (numerator, denominator, Gram matrix, result) each
+        coef_updates = [updates[i:i + 3] for i in range(0, len(updates), 8)]
+        bases_updates = [updates[i:i + 3] for i in range(4, len(updates), 8)]
+        coefs = [start] + updates[3::8]
+        bases = [start_bases] + updates[7::8]
         rank, uses = bases[0].shape[-1], 2 * steps + 2
         # x's gradient is sum_k lefts_k @ rights_k^T over its 2T+2 uses: each use's factors are written
         # side by side, into a rank-wide slot of these
