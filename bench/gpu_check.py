@@ -21,7 +21,9 @@ wanted first, each reported even if another fails; once ``--budget-s`` is spent 
    tensor-core products), with the time the bytes it must move would take at the measured copy
    bandwidth (the floor) and each one's share of that bandwidth; then each weight-gradient
    implementation (gather, taps, rows, bands in NCHW, PyTorch's) per stage, kernel shape and layout, and
-   the one ``auto`` picks; then the attention's six strip weight gradients per direction, one fused
+   the one ``auto`` picks; then the 5x5's and the MLP's 3x3 + GELU's whole backward with the weight
+   gradients summed in its own pass against a pass of their own (``SMMCL_TRITON_WGRAD=fused``); then
+   the attention's six strip weight gradients per direction, one fused
    launch (tiles, rows, or bands along W in NCHW) against three ``dwconv_wgrad`` calls
    (``SMMCL_TRITON_STRIP_WGRAD``); then the 1x1 convs' bias gradients as ATen computes them, against
    their floor (the training profile's bf16 reductions);
@@ -320,6 +322,7 @@ def step_kernels(args, device):
         print(f'  {label:<8} {piece:<11} {fmt_name:<9} {err:.1e}')
     print_kernel_table(rows)
     return dict(copy_TBps=bandwidth / 1e12, rows=rows, errors=errors, wgrad=wgrad_table(args, device, bandwidth),
+                backward=backward_table(args, device, bandwidth),
                 strip_wgrad=strip_wgrad_table(args, device, bandwidth),
                 bias_grad=bias_grad_table(args, device, bandwidth),
                 residual_tail=residual_tail_table(args, device, bandwidth),
@@ -365,7 +368,8 @@ def wgrad_table(args, device, bandwidth):
     from smmcl.kernels import triton_dwconv as K
     n = 1 if args.smoke else args.batch
     rows = []
-    print(f"\nweight gradients, ms: {'':<15} {' '.join(f'{i:>7}' for i in K.WGRAD_IMPLS)}   floor  auto    "
+    impls = [i for i in K.WGRAD_IMPLS if i != 'fused']  # 'fused' is the backward's pass: backward_table
+    print(f"\nweight gradients, ms: {'':<15} {' '.join(f'{i:>7}' for i in impls)}   floor  auto    "
           f"rows vs gather")
     for label, kind, c, h, w in mscan_b_sizes(args):
         for fmt, fmt_name in ((torch.channels_last, 'bf16 NHWC'), (torch.contiguous_format, 'bf16 NCHW')):
@@ -375,7 +379,7 @@ def wgrad_table(args, device, bandwidth):
                            for _ in range(2))
                 weight = torch.randn(c, 1, kh, kw, generator=g).to(device)
                 times = {impl: time_ms(lambda impl=impl: K.dwconv_wgrad(grad, x, weight, impl=impl), device,
-                                       args.smoke) for impl in K.WGRAD_IMPLS}
+                                       args.smoke) for impl in impls}
                 chosen = K._fastest_wgrad(grad, x, weight)
                 diff = rel(K.dwconv_wgrad(grad, x, weight, impl='rows')[0],
                            K.dwconv_wgrad(grad, x, weight, impl='gather')[0])
@@ -383,8 +387,56 @@ def wgrad_table(args, device, bandwidth):
                 rows.append(dict(item=label, layout=fmt_name, kernel=f'{kh}x{kw}', floor_ms=floor, auto=chosen,
                                  rel_diff=diff, **times))
                 print(f"  {label:<8} {fmt_name:<9} {kh:>2}x{kw:<2} "
-                      f"{' '.join(f'{times[i]:7.3f}' for i in K.WGRAD_IMPLS)} {floor:7.3f}  {chosen:<7} {diff:.1e}")
+                      f"{' '.join(f'{times[i]:7.3f}' for i in impls)} {floor:7.3f}  {chosen:<7} {diff:.1e}")
                 del x, grad
+    return rows
+
+
+def backward_table(args, device, bandwidth):
+    """ms of the depthwise convs' backward as the blocks run it, per stage, bf16 in channels_last and NCHW:
+    the attention's 5x5 (x's gradient and the weight gradients) and the MLP's 3x3 + GELU (fc1's bias added
+    as its input is loaded; the GELU's input gradient, x's and the weight gradients). ``fused``: the weight
+    gradients summed in the pass that writes the conv's gradient (``SMMCL_TRITON_WGRAD=fused``);
+    ``separate``: in a pass of their own, the implementation ``dwconv_wgrad``'s auto picks; the one the
+    backward's auto picks; the floor of the fused path (the 5x5 reads the gradient and x and writes x's
+    gradient; the 3x3 also writes the GELU's input gradient and reads it back for the adjoint); and the two
+    paths' largest relative difference (x's gradient and the weight gradient: the same sums in another
+    order; with fc1's bias the fused one takes x + bias as stored)."""
+    import torch
+    from smmcl.kernels import triton_dwconv as K
+    n = 1 if args.smoke else args.batch
+    rows = []
+    print(f"\ndepthwise backward with its weight gradients, ms: {'':<4} fused separate   floor  auto      rel diff")
+    for label, kind, c, h, w in mscan_b_sizes(args):
+        for fmt, fmt_name in ((torch.channels_last, 'bf16 NHWC'), (torch.contiguous_format, 'bf16 NCHW')):
+            g = torch.Generator(device='cpu').manual_seed(0)
+            x, grad = (torch.randn(n, c, h, w, generator=g).to(device, torch.bfloat16).contiguous(memory_format=fmt)
+                       for _ in range(2))
+            k = 5 if kind == 'attn' else 3
+            weight = (torch.randn(c, 1, k, k, generator=g) * 0.2).to(device)
+            bias, in_bias = (torch.randn(c, generator=g).to(device) for _ in range(2))
+            if kind == 'attn':
+                op, flags, maps = 'dwconv', (), 3
+
+                def run(impl):
+                    return K.dwconv_backward(grad, x, weight, impl=impl)
+            else:
+                op, flags, maps = 'dwconv_gelu', (True, True), 5
+
+                def run(impl):
+                    return K.dwconv_gelu_backward(grad, x, weight, bias, in_bias, impl=impl)
+            separate = K._fastest_wgrad(grad, x, weight)
+            times = {'fused': time_ms(lambda: run('fused'), device, args.smoke),
+                     'separate': time_ms(lambda: run(separate), device, args.smoke)}
+            chosen = K._backward_wgrad('auto', op, x, weight, flags, run) or 'separate'
+            diff = max(rel(a, b) for a, b in list(zip(run('fused'), run(separate)))[:2])
+            floor = maps * x.numel() * x.element_size() / bandwidth * 1e3
+            rows.append(dict(item=label, layout=fmt_name, kernel=f'{k}x{k}', floor_ms=floor, auto=chosen,
+                             separate_wgrad=separate, rel_diff=diff, **times))
+            print(f"  {label:<8} {fmt_name:<9} {k}x{k}{'+gelu' if kind == 'mlp' else '     '} "
+                  f"{times['fused']:7.3f} {times['separate']:8.3f} {floor:7.3f}  {chosen:<8}  {diff:.1e} "
+                  f"(separate: {separate})")
+            del x, grad
     return rows
 
 
@@ -1503,6 +1555,9 @@ def summary(results):
             impls = [i for i in ('gather', 'taps', 'rows', 'bands', 'torch') if i in r]
             print(f"wgrad {r['item']:<8} {r.get('layout', '')} {r['kernel']:>5}: "
                   + ' '.join(f"{i} {r[i]:.3f}" for i in impls) + f" ms; floor {r['floor_ms']:.3f}; auto -> {r['auto']}")
+        for r in kern.get('backward', []):
+            print(f"depthwise backward {r['item']:<8} {r['layout']} {r['kernel']}: fused {r['fused']:.3f}, separate "
+                  f"{r['separate']:.3f} ({r['separate_wgrad']}) ms; floor {r['floor_ms']:.3f}; auto -> {r['auto']}")
         for r in kern.get('strip_wgrad', []):
             impls = [i for i in ('fused', 'rows', 'bands', 'separate') if i in r]
             print(f"strip wgrad {r['item']:<8} {r['layout']} {r['direction']}: "

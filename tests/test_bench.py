@@ -129,6 +129,35 @@ def test_row_kernels_execute_fewer_instructions_than_tiles():
 
 
 @pytest.mark.skipif(importlib.util.find_spec('triton') is None, reason='needs Triton (its ptxas and cuobjdump)')
+def test_backward_passes_with_their_weight_gradients_fit_and_save_instructions():
+    """The depthwise backward passes that also sum the weight gradients (the attention's 5x5 adjoint, the
+    MLP's 3x3 GELU gradient), compiled for sm_90 by bench/sass.py: the candidate with the most elements a
+    thread spills nothing, and the first runs fewer lane instructions per element than the two row-walked
+    passes it replaces (the conv's pass and the weight gradient's) together, in both layouts."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    env['TRITON_DEFAULT_FP_FUSION'] = '1'
+    rows = {}
+    for pick, cases in (('--first', 'grad_wgrad5x5,gelu_grad_wgrad3x3,dwconv5x5_adjoint,wgrad5x5,dwconv3x3_gelu_grad,'
+                                    'wgrad3x3'), ('--largest', 'grad_wgrad5x5,gelu_grad_wgrad3x3')):
+        out = subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'bench', 'sass.py'), pick, '--only', cases,
+                              '--family', 'fused,rows'], capture_output=True, text=True, env=env, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        for line in out.stdout.splitlines():
+            f = line.split()
+            if len(f) == 10 and f[2] in ('fused', 'rows'):
+                rows[pick, f[0], f[1]] = dict(spill=int(f[6]), instructions=float(f[7]))
+    assert len(rows) == 16, rows
+    assert all(row['spill'] == 0 for row in rows.values())
+    for layout in ('NCHW', 'NHWC'):
+        for fused, conv, wgrad in (('grad_wgrad5x5', 'dwconv5x5_adjoint', 'wgrad5x5'),
+                                   ('gelu_grad_wgrad3x3', 'dwconv3x3_gelu_grad', 'wgrad3x3')):
+            first = {case: rows['--first', case, layout]['instructions'] for case in (fused, conv, wgrad)}
+            assert first[fused] < first[conv] + first[wgrad], (layout, first)
+
+
+@pytest.mark.skipif(importlib.util.find_spec('triton') is None, reason='needs Triton (its ptxas and cuobjdump)')
 def test_row_kernels_largest_tiles_fit_in_registers_and_save_instructions():
     """Each row kernel's candidate tile with the most elements a thread (8 columns in NCHW, 4-8 channels
     in channels_last), compiled for sm_90 by bench/sass.py: no spills in any forward or backward case, and

@@ -689,7 +689,7 @@ def test_weight_gradient_choice_through_the_ops(monkeypatch):
     """SMMCL_TRITON_WGRAD picks the implementation inside the custom ops' backward; a bad name stops."""
     x, weight, bias = _tensor(2, 7, 7, 17, fmt=CL), _tensor(7, 1, 3, 3, seed=1), _tensor(7, seed=2)
     grads = {}
-    for impl in ('torch', 'taps', 'auto'):
+    for impl in ('torch', 'taps', 'fused', 'auto'):
         monkeypatch.setenv('SMMCL_TRITON_WGRAD', impl)
         out = ops().dwconv2d_gelu(x, weight, bias)
         grads[impl] = torch.autograd.grad(out.sum(), (x, weight, bias))
@@ -697,9 +697,134 @@ def test_weight_gradient_choice_through_the_ops(monkeypatch):
         assert rel(a, b) <= 1e-5
     for a, b in zip(grads['auto'], grads['taps']):
         assert rel(a, b) <= 1e-5
+    for a, b in zip(grads['fused'], grads['auto']):  # auto runs the one-pass backward here
+        assert torch.equal(a, b)
     monkeypatch.setenv('SMMCL_TRITON_WGRAD', 'fastest')
     with pytest.raises(ValueError, match='SMMCL_TRITON_WGRAD'):
         torch.autograd.grad(ops().dwconv2d_gelu(x, weight, bias).sum(), (weight,))
+
+
+# ---- the weight gradients summed in the backward's own pass (SMMCL_TRITON_WGRAD=fused) ----------------
+
+FUSED_CASES = [DW_CASES[0], DW_CASES[1], DW_CASES[2], DW_CASES[4], (2, 37, 5, 18, 3, 3, CL), (1, 6, 5, 19, 3, 3, NCHW)]
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('n, c, h, w, kh, kw, fmt', FUSED_CASES)
+def test_fused_backward_matches_the_separate_passes(n, c, h, w, kh, kw, fmt, dtype):
+    """The one-pass backward of the plain conv and of the conv + GELU (with and without its bias and
+    fc1's) against the adjoint conv (or the GELU's gradient pass) and the gather kernel's weight gradient:
+    the same sums in another order, so float32 agrees to rounding and bf16 to one rounding of the stored
+    gradient. Without fc1's bias both take the weight gradient against the same input. The GELU's on the
+    maps up to two channel blocks of a 3x3 conv or one of the others."""
+    from smmcl.kernels import triton_dwconv as K
+    x, grad = (_tensor(n, c, h, w, fmt=fmt, dtype=dtype, seed=s).detach() for s in (0, 3))
+    weight, bias, in_bias = _tensor(c, 1, kh, kw, seed=1).detach(), _tensor(c, seed=2).detach(), _tensor(c, seed=4)
+    tol = 1e-6 if dtype == torch.float32 else 4e-3
+    fused, separate = (K.dwconv_backward(grad, x, weight, impl=impl) for impl in ('fused', 'gather'))
+    assert fused[0].stride() == x.stride() and fused[0].dtype == dtype
+    assert max(rel(a, b) for a, b in zip(fused, separate)) <= tol
+    if c > 32 and kh * kw > 9:
+        return  # the MLP's GELU follows a 3x3 conv; two channel blocks of a 5x5 would only cost time here
+    for b, ib in ((bias, None), (None, None), (bias, in_bias.detach())):
+        fused, separate = (K.dwconv_gelu_backward(grad, x, weight, b, ib, impl=impl) for impl in ('fused', 'gather'))
+        assert len(fused) == 3 + (ib is not None) and fused[1].shape == weight.shape
+        same = [0, 2, 3] if ib is not None else [0, 1, 2]  # with fc1's bias, dw: the next test
+        assert max(rel(fused[i], separate[i]) for i in same) <= tol, (b is None, ib is None)
+
+
+@pytest.mark.parametrize('fmt', [NCHW, CL])
+def test_fused_weight_gradient_takes_the_input_the_conv_saw(fmt):
+    """With fc1's bias added as the 3x3 conv loads fc1's output, the one-pass weight gradient is the sum
+    against that input as stored (the bias add's rounding to bf16, as the kernels round it here) and the
+    GELU's input gradient as stored, to float32 rounding; the separate passes' is a bf16 rounding away."""
+    from smmcl.kernels import triton_channel, triton_dwconv as K
+    n, c, h, w = 2, 6, 9, 18
+    x, grad = (_tensor(n, c, h, w, fmt=fmt, dtype=torch.bfloat16, seed=s).detach() for s in (0, 3))
+    weight, bias = _tensor(c, 1, 3, 3, seed=1).detach(), _tensor(c, seed=2).detach()
+    in_bias = 4 * _tensor(c, seed=4).detach()  # large against x: the rounding of x + in_bias shows
+    grad_z, dw, db = K.grad_and_wgrad(grad, x, weight, bias, in_bias, gelu=True)
+    separate = K.dwconv(x, weight, bias, epilogue=2, grad=grad, in_bias=in_bias)
+    # the same sums in the same order; compiled code may contract them otherwise: one bf16 rounding
+    assert torch.equal(grad_z, separate) if DEVICE == 'cpu' else rel(grad_z, separate) <= 4e-3
+    seen = triton_channel.bias_add(x, in_bias, impl='triton').double()  # fc1's output with its bias, as stored
+    want_w = torch.nn.grad.conv2d_weight(seen, weight.shape, grad_z.double(), padding=1, groups=c)
+    assert rel(dw, want_w) <= 1e-6 and rel(db, grad_z.double().sum((0, 2, 3))) <= 1e-6
+    assert rel(K.dwconv_gelu_backward(grad, x, weight, bias, in_bias, impl='gather')[1], want_w) > 1e-4
+    got = K.dwconv_gelu_backward(grad, x, weight, bias, in_bias, impl='fused')
+    assert torch.equal(got[1], dw) and torch.equal(got[2], db)
+
+
+def test_fused_weight_gradient_is_the_default_here_and_gather_alone(monkeypatch):
+    """Under the interpreter ``auto`` runs the one-pass backward; ``SMMCL_TRITON_WGRAD=fused`` names it,
+    and a weight gradient computed alone (the strips' separate path) is then the gather kernel's."""
+    from smmcl.kernels import triton_dwconv as K
+    x, grad = (_tensor(2, 7, 7, 17, fmt=CL, seed=s).detach() for s in (0, 3))
+    weight = _tensor(7, 1, 5, 5, seed=1).detach()
+    calls = []
+    monkeypatch.setattr(K, 'grad_and_wgrad', lambda *a, **k: calls.append(k) or ('out', 'dw', 'db'))
+    assert K.dwconv_backward(grad, x, weight) == ('out', 'dw', 'db') and calls == [{'addend': None}]
+    monkeypatch.undo()
+    monkeypatch.setenv('SMMCL_TRITON_WGRAD', 'fused')
+    for got, want in zip(K.dwconv_wgrad(grad, x, weight), K.dwconv_wgrad(grad, x, weight, impl='gather')):
+        assert torch.equal(got, want)
+    for got, want in zip(K.dwconv_backward(grad, x, weight), K.dwconv_backward(grad, x, weight, impl='fused')):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('fmt', [NCHW, CL])
+def test_adjoint_pass_adds_the_other_gradient(fmt, dtype):
+    """x's gradient from another use added in the one-pass backward: the adjoint conv rounded to x's
+    dtype, plus the addend, rounded again (as autograd adds two gradients), here with the kernels'
+    rounding; the separate path adds them with ATen; the weight gradients are unchanged. A mismatched
+    addend is refused."""
+    from smmcl.kernels import triton_dwconv as K
+    x, grad, other = (_tensor(2, 6, 9, 18, fmt=fmt, dtype=dtype, seed=s).detach() for s in (0, 3, 5))
+    weight = _tensor(6, 1, 5, 5, seed=1).detach()
+    alone = K.dwconv_backward(grad, x, weight, impl='fused')
+    fused = K.dwconv_backward(grad, x, weight, impl='fused', addend=other)
+    assert torch.equal(fused[0], _like_compiled_triton(alone[0].float() + other.float(), dtype))
+    assert fused[0].stride() == x.stride() and all(torch.equal(a, b) for a, b in zip(fused[1:], alone[1:]))
+    separate = K.dwconv_backward(grad, x, weight, impl='gather', addend=other)
+    assert torch.equal(separate[0], K.dwconv_backward(grad, x, weight, impl='gather')[0] + other)
+    assert rel(fused[0], separate[0]) <= (1e-6 if dtype == torch.float32 else 4e-3)
+    with pytest.raises(ValueError, match='addend'):
+        K.dwconv_backward(grad, x, weight, addend=other[:1])
+
+
+@pytest.mark.parametrize('bf16', [False, True])
+def test_attention_hands_its_input_on_to_the_gate(monkeypatch, bf16):
+    """In training with the kernels the attention's input reaches its gate as a view handed on by the 5x5
+    conv (``DepthwiseStream``), whose backward adds the gate's gradient to x's: one backward call with the
+    addend, and the gradients those of the same kernels with autograd adding the two (float32: bit for bit;
+    bf16: one rounding of x's gradient, the interpreter truncating where ATen rounds). Without a gradient
+    the plain op runs."""
+    from smmcl.kernels import ops as kernel_ops, triton_dwconv as K
+    torch.manual_seed(0)
+    attention = use_fused_kernels(AttentionModule(8)).to(DEVICE)
+    x = _tensor(2, 8, 9, 18, fmt=CL)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    addends = []
+    monkeypatch.setattr(K, 'dwconv_backward', lambda *a, f=K.dwconv_backward, **k: addends.append(
+        k.get('addend') is not None) or f(*a, **k))
+    got = []
+    for stream in (True, False):
+        if not stream:  # the same ops, x itself given to the gate
+            monkeypatch.setattr(kernel_ops.DepthwiseStream, 'apply',
+                                lambda x, w, b: (torch.ops.smmcl.dwconv2d(x, w, b), x))
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=bf16):
+            out = attention(x)
+        got.append(torch.autograd.grad(out, [x] + list(attention.parameters()), grad.to(out.dtype)))
+    assert addends == [True, False]
+    assert rel(got[0][0], got[1][0]) <= (0 if not bf16 else 1e-2)
+    assert all(torch.equal(a, b) for a, b in zip(got[0][1:], got[1][1:]))
+    with torch.no_grad():
+        monkeypatch.undo()
+        calls = []
+        monkeypatch.setattr(kernel_ops.DepthwiseStream, 'apply', lambda *a: calls.append(a))
+        attention(x)
+    assert calls == []
 
 
 # ---- the 1x1 convs' bias gradient as one column sum ---------------------------------------------------
@@ -1692,7 +1817,7 @@ def _tiny_training_model(backbone: str):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('family', ['auto', 'rows', 'bands'])
+@pytest.mark.parametrize('family', ['rows', 'bands'])
 def test_whole_model_with_kernels_in_nchw_is_the_plain_function(tiny_mscan, monkeypatch, family):
     """The fast path in NCHW (``channels_last=False``) with the kernels against the plain path, fp32, one
     training forward + backward with the same seeds (drop path, anchors, NMF bases): the loss terms and
@@ -1700,13 +1825,13 @@ def test_whole_model_with_kernels_in_nchw_is_the_plain_function(tiny_mscan, monk
     ~3e-3 comes from cuDNN's layout, docs/speed.md). The fast path's fused block tails round differently
     too. A 64-channel decoder: with fewer channels than the NMF's rank (64), its multiplicative updates'
     backward amplifies rounding differences of 1e-7 in the forward to gradients 5 % apart. ``rows``: the
-    row-walked weight gradients (the convs along H on the row kernels too would triple this test's time
-    under the interpreter; their own tests above cover them, and bench/gpu_check.py's model step runs the
-    whole row family on a GPU). ``bands``: the strips along W on the band kernels, forward, adjoint and
-    weight gradients, and the 5x5 and 3x3 weight gradients (the other launches on the tiles, as ``auto``
-    under the interpreter)."""
+    row-walked weight gradients, the 5x5's and the 3x3's in their backward's one pass (``auto`` under the
+    interpreter), the strips' on the row-walked kernel (the convs along H on the row kernels too would
+    triple this test's time under the interpreter; their own tests above cover them, and
+    bench/gpu_check.py's model step runs the whole row family on a GPU). ``bands``: the strips along W on
+    the band kernels, forward, adjoint and weight gradients, and the 5x5 and 3x3 weight gradients in
+    passes of their own (the other launches on the tiles, as ``auto`` under the interpreter)."""
     if family == 'rows':
-        monkeypatch.setenv('SMMCL_TRITON_WGRAD', 'rows')
         monkeypatch.setenv('SMMCL_TRITON_STRIP_WGRAD', 'rows')
     if family == 'bands':
         ops()

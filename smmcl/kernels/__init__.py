@@ -38,12 +38,14 @@ and operators they replace:
   these and the eight above: ``SMMCL_TRITON_CHANNEL``: ``triton``, ``torch`` = ATen's operators, or
   ``auto``, the default: the faster per op and shape, timed once on the GPU).
 
-Their backward computes input gradients with Triton; weight and bias gradients with one of five
+Their backward computes input gradients with Triton; weight and bias gradients with one of six
 implementations (``SMMCL_TRITON_WGRAD``: ``gather``, ``taps``, ``rows`` = bands of rows walked once, one
-accumulator per tap, ``bands`` = in NCHW tensor-core products per kernel row, ``torch`` = PyTorch's own, or
-``auto``, the default: the fastest for each shape, timed once on the GPU). The strip pairs' six weight
-gradients are computed per direction in one launch (``SMMCL_TRITON_STRIP_WGRAD``: ``fused``, ``rows`` = the
-row-walked kernel, ``bands`` = along W in NCHW the band kernel's tensor-core products, ``separate`` = three
+accumulator per tap, ``bands`` = in NCHW tensor-core products per kernel row, ``torch`` = PyTorch's own,
+``fused`` = for ``dwconv2d`` and ``dwconv2d_gelu`` in the backward pass that writes the conv's gradient, or
+``auto``, the default: the fastest for each shape, timed once on the GPU; the interpreter runs ``fused``).
+The strip pairs' six weight gradients
+are computed per direction in one launch (``SMMCL_TRITON_STRIP_WGRAD``: ``fused``, ``rows`` = the row-walked
+kernel, ``bands`` = along W in NCHW the band kernel's tensor-core products, ``separate`` = three
 ``dwconv_wgrad`` calls, or ``auto``, the default: the fastest per shape, timed once on the GPU; not yet
 timed). Each op runs on one of three kernel families (``SMMCL_TRITON_DEPTHWISE``: ``tiles``, ``rows`` =
 :mod:`smmcl.kernels.triton_rows`, each input row read once per tap column, ``bands`` =

@@ -54,14 +54,16 @@ def _(x, weight, bias):
 
 
 @torch.library.custom_op('smmcl::dwconv2d_backward', mutates_args=())
-def dwconv2d_backward(grad: Tensor, x: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """(grad x, grad weight, grad bias) of :func:`dwconv2d`."""
-    dw, db = K.dwconv_wgrad(grad, x, weight)
-    return K.dwconv(grad, weight, None, transpose=True), dw, db
+def dwconv2d_backward(grad: Tensor, x: Tensor, weight: Tensor,
+                      addend: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """(grad x, grad weight, grad bias) of :func:`dwconv2d` (:func:`triton_dwconv.dwconv_backward`: the
+    weight gradients in the adjoint conv's pass, or in a pass of their own, ``SMMCL_TRITON_WGRAD``); grad x
+    plus ``addend`` (x's gradient from another use, or None) as autograd would add them."""
+    return K.dwconv_backward(grad, x, weight, addend=addend)
 
 
 @dwconv2d_backward.register_fake
-def _(grad, x, weight):
+def _(grad, x, weight, addend=None):
     return _like(grad), _grad_like(weight), weight.new_empty(weight.shape[0])
 
 
@@ -78,6 +80,28 @@ def _dwconv2d_grad(ctx, grad):
 
 
 dwconv2d.register_autograd(_dwconv2d_grad, setup_context=_save_input_and_weight)
+
+
+class DepthwiseStream(torch.autograd.Function):
+    """:func:`dwconv2d` that also hands x on, as a view: (out, stream). The attention's input feeds its 5x5
+    conv and its gate; autograd would add the two gradients in a pass of its own, which here the conv's
+    backward adds in the pass that writes x's gradient, the gate's arriving as that of the view (the gate
+    reads the view, not x). Not for ``torch.compile`` (the attention keeps :func:`dwconv2d` there)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        ctx.set_materialize_grads(False)
+        return dwconv2d(x, weight, bias), x
+
+    @staticmethod
+    def backward(ctx, grad, grad_pass):
+        x, weight = ctx.saved_tensors
+        if grad is None:
+            return grad_pass, None, None
+        dx, dw, db = dwconv2d_backward(grad, x, weight, grad_pass)
+        return dx, dw, db if ctx.has_bias else None
 
 
 # ---- depthwise conv + exact GELU (the MLP), fc1's bias added as the input is loaded ---------------------
@@ -101,25 +125,9 @@ def _(x, weight, bias, in_bias=None):
 def dwconv2d_gelu_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
                            in_bias: Optional[Tensor] = None) -> List[Tensor]:
     """[grad x, grad weight, grad bias] of :func:`dwconv2d_gelu`, and grad in_bias when it is given; the
-    pre-GELU map is recomputed.
-
-    The input the conv saw is ``x + in_bias`` inside the map (zeros outside), so its weight gradient is
-    the one against x plus ``in_bias`` times, per tap, the sum of the GELU's input gradient over the
-    positions where that tap reads inside the map (:func:`triton_dwconv.inside_sums`: the sum over all
-    positions, which the conv's own bias gradient is, less the border rows and columns); and in_bias's
-    gradient, the sum of x's gradient, is those sums against the taps. Neither reads a hidden-width map
-    again. The conv's weight gradient thus takes ``x + in_bias`` unrounded, a float32 rounding away from
-    the stored sum."""
-    grad_z = K.dwconv(x, weight, bias, epilogue=2, grad=grad, in_bias=in_bias)
-    dw, db = K.dwconv_wgrad(grad_z, x, weight)
-    grad_x = K.dwconv(grad_z, weight, None, transpose=True)
-    if in_bias is None:
-        return [grad_x, dw, db]
-    inside = K.inside_sums(grad_z, db, *K.kernel_size(weight))  # C-KH-KW, float32
-    dw = (dw.float() + in_bias.to(x.dtype).float()[:, None, None, None] * inside[:, None]).to(dw.dtype)
-    grad_in_bias = (weight.float().reshape(inside.shape) * inside).sum((1, 2))
-    # summed in float32 and rounded to the gradient's dtype, as the bias gradient of the conv that made x is
-    return [grad_x, dw, db, grad_in_bias.to(grad_z.dtype).to(in_bias.dtype)]
+    pre-GELU map is recomputed (:func:`triton_dwconv.dwconv_gelu_backward`: the weight gradients in the
+    pass that writes the GELU's input gradient, or in a pass of their own, ``SMMCL_TRITON_WGRAD``)."""
+    return K.dwconv_gelu_backward(grad, x, weight, bias, in_bias)
 
 
 @dwconv2d_gelu_backward.register_fake

@@ -20,14 +20,14 @@ strips; ``bands`` applies to the strips along W in NCHW, every other launch then
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from .triton_rows import dwconv_rows_kernel, dwconv_wgrad_rows_kernel, grid as row_grid, strip3_rows_kernel
-from .triton_rows import strip3_sum_rows_kernel, strip3_wgrad_rows_kernel
+from .triton_rows import grad_wgrad_rows_kernel, strip3_sum_rows_kernel, strip3_wgrad_rows_kernel
 from .triton_common import KEY as _KEY, PRUNE as _PRUNE, bench as _bench, check_device as _check_device, configs
 from .triton_common import choose, fastest as _fastest, gelu as _gelu, gelu_grad as _gelu_grad
 from .triton_common import conv_bias as _conv_bias, load_input as _load_input
@@ -501,7 +501,7 @@ def _row_chunks(x: torch.Tensor) -> int:
     return _num_chunks(x, channels=2, pixels=512)
 
 
-WGRAD_IMPLS = ('gather', 'taps', 'rows', 'bands', 'torch')
+WGRAD_IMPLS = ('gather', 'taps', 'rows', 'bands', 'torch', 'fused')
 
 
 def dwconv_wgrad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
@@ -515,13 +515,107 @@ def dwconv_wgrad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     elsewhere ``'rows'``), ``'torch'`` (PyTorch's own convolution backward, weight and bias only), or
     ``'auto'``: on a GPU the fastest of those that apply, for this shape, layout and dtype, timed once
     (the first GPU run showed the gather kernel losing to PyTorch's); under the interpreter ``'gather'``
-    (the cheapest to interpret; the tests name the others).
+    (the cheapest to interpret; the tests name the others). ``'fused'`` sums them inside the backward's
+    own pass (:func:`dwconv_backward`, :func:`dwconv_gelu_backward`); called alone, it is ``'gather'``.
     """
     _check_device(x)
     x, grad = _same_layout(_layout(x), x, grad)
     impl = choose('SMMCL_TRITON_WGRAD', impl, WGRAD_IMPLS, x.device, 'gather',
                   lambda: _fastest_wgrad(grad, x, weight))
-    return _WGRAD[impl](grad, x, weight)
+    return _WGRAD['gather' if impl == 'fused' else impl](grad, x, weight)
+
+
+def grad_and_wgrad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                   in_bias: Optional[torch.Tensor] = None, gelu: bool = False, addend: Optional[torch.Tensor] = None):
+    """A depthwise conv's backward pass with its weight and bias gradients summed in the same pass
+    (:func:`~smmcl.kernels.triton_rows.grad_wgrad_rows_kernel`, row-walked): (out N-C-H-W in x's dtype and
+    layout, grad weight, grad bias, both in weight's dtype).
+
+    Without ``gelu``: out is x's gradient, the adjoint conv of ``grad`` (the conv's output gradient), plus
+    ``addend`` (N-C-H-W or None: x's gradient from another use, added as autograd adds the two). With it:
+    the conv is ``GELU(conv(x + in_bias) + bias)`` as :func:`dwconv` computes it with ``epilogue=1`` and
+    ``in_bias``, grad its output's gradient, and out the gradient of the GELU's input (:func:`dwconv`'s
+    ``epilogue=2``); the weight gradient is then against ``x + in_bias`` as the conv read it, and against
+    out as stored.
+    """
+    _check_device(x)
+    if gelu and addend is not None:
+        raise ValueError('smmcl.kernels: grad_and_wgrad adds an addend to the adjoint conv, not to the GELU\'s '
+                         'gradient')
+    x, grad, *addend = _same_layout(_layout(x), x, grad, *([] if addend is None else [addend]))
+    out = torch.empty_like(x, memory_format=_layout(x))
+    w_rows = _rows(weight)
+    dw, db = _wgrad_partials(grad_wgrad_rows_kernel, grad, x, weight, chunks=_row_chunks(x),
+                             extra=(w_rows, w_rows if bias is None else bias, w_rows if in_bias is None else in_bias,
+                                    out, addend[0] if addend else out),
+                             GELU=gelu, HAS_BIAS=bias is not None, IN_BIAS=in_bias is not None, ADDEND=bool(addend))
+    return out, dw, db
+
+
+_BACKWARD_CHOICE = {}  # (op, shape, kernel, layout, dtype, flags) -> 'fused' or 'separate'
+
+
+def _backward_wgrad(impl: Optional[str], op: str, x: torch.Tensor, weight: torch.Tensor, flags: tuple,
+                    run) -> Optional[str]:
+    """How a depthwise backward gets its weight gradient: ``'fused'`` (in its own pass), else the
+    :func:`dwconv_wgrad` implementation to call (None: its own choice). ``impl`` or ``SMMCL_TRITON_WGRAD``;
+    ``'auto'`` on a GPU times ``run('fused')`` against ``run(None)`` once per shape, under the
+    interpreter ``'fused'``."""
+    chosen = choose('SMMCL_TRITON_WGRAD', impl, WGRAD_IMPLS, x.device, 'fused',
+                    lambda: _fastest(_BACKWARD_CHOICE,
+                                     (op, tuple(x.shape), x.stride(), tuple(weight.shape), x.dtype, x.device) + flags,
+                                     {'fused': lambda: run('fused'), 'separate': lambda: run(None)}))
+    return None if chosen == 'separate' else chosen
+
+
+def dwconv_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, impl: Optional[str] = None,
+                    addend: Optional[torch.Tensor] = None):
+    """(grad x, grad weight, grad bias) of :func:`dwconv` (no epilogue), for ``grad`` its output's gradient;
+    ``addend`` (N-C-H-W or None): x's gradient from another use, added to grad x as autograd adds the two.
+    ``impl``: as :func:`_backward_wgrad` chooses, ``'fused'``: one pass (:func:`grad_and_wgrad`), else the
+    adjoint conv (and the sum) and :func:`dwconv_wgrad` with that implementation."""
+    if addend is not None and (addend.shape != grad.shape or addend.dtype != grad.dtype):
+        raise ValueError(f'smmcl.kernels: dwconv_backward\'s addend must be shaped and typed as the gradient '
+                         f'{tuple(grad.shape)} {grad.dtype}, got {tuple(addend.shape)} {addend.dtype}')
+
+    def run(wgrad):
+        if wgrad == 'fused':
+            return grad_and_wgrad(grad, x, weight, addend=addend)
+        dw, db = dwconv_wgrad(grad, x, weight, wgrad)
+        grad_x = dwconv(grad, weight, None, transpose=True)
+        return grad_x if addend is None else grad_x + addend, dw, db
+    return run(_backward_wgrad(impl, 'dwconv', x, weight, (addend is not None,), run))
+
+
+def dwconv_gelu_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                         in_bias: Optional[torch.Tensor] = None, impl: Optional[str] = None) -> List[torch.Tensor]:
+    """[grad x, grad weight, grad bias] of ``GELU(dwconv(x + in_bias, weight, bias))`` (:func:`dwconv` with
+    ``epilogue=1``), and grad in_bias when it is given, for ``grad`` its output's gradient; the pre-GELU
+    map is recomputed. ``impl``: as for :func:`dwconv_backward`.
+
+    The input the conv saw is ``x + in_bias`` inside the map (zeros outside). The fused pass takes the
+    weight gradient against it as loaded; the separate one against x, plus ``in_bias`` times, per tap, the
+    sum of the GELU's input gradient over the positions where that tap reads inside the map
+    (:func:`inside_sums`: the sum over all positions, which the conv's own bias gradient is, less the
+    border rows and columns): the sum unrounded, a rounding to x's dtype away from the one the conv read.
+    in_bias's gradient, the sum of x's gradient, is those sums against the taps. Neither reads a
+    hidden-width map again."""
+    def run(wgrad):
+        if wgrad == 'fused':
+            return grad_and_wgrad(grad, x, weight, bias, in_bias, gelu=True)
+        grad_z = dwconv(x, weight, bias, epilogue=2, grad=grad, in_bias=in_bias)
+        return (grad_z, *dwconv_wgrad(grad_z, x, weight, wgrad))
+    wgrad = _backward_wgrad(impl, 'dwconv_gelu', x, weight, (bias is not None, in_bias is not None), run)
+    grad_z, dw, db = run(wgrad)
+    grad_x = dwconv(grad_z, weight, None, transpose=True)
+    if in_bias is None:
+        return [grad_x, dw, db]
+    inside = inside_sums(grad_z, db, *kernel_size(weight))  # C-KH-KW, float32
+    if wgrad != 'fused':
+        dw = (dw.float() + in_bias.to(x.dtype).float()[:, None, None, None] * inside[:, None]).to(dw.dtype)
+    grad_in_bias = (weight.float().reshape(inside.shape) * inside).sum((1, 2))
+    # summed in float32 and rounded to the gradient's dtype, as the bias gradient of the conv that made x is
+    return [grad_x, dw, db, grad_in_bias.to(grad_z.dtype).to(in_bias.dtype)]
 
 
 _WGRAD_CHOICE = {}  # (shape, kernel, layout, dtype) -> the fastest implementation
@@ -534,7 +628,8 @@ def _fastest_wgrad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) ->
     return _fastest(_WGRAD_CHOICE, key, impls, grad, x, weight)
 
 
-def _wgrad_partials(kernel, grad, x, weight, chunks=None, **meta):
+def _wgrad_partials(kernel, grad, x, weight, chunks=None, extra=(), **meta):
+    """The weight and bias gradients from ``kernel``'s partials; ``extra``: its arguments after KH, KW."""
     kh, kw = kernel_size(weight)
     n, c, h, w = x.shape
     chunks = chunks or _num_chunks(x)
@@ -545,7 +640,7 @@ def _wgrad_partials(kernel, grad, x, weight, chunks=None, **meta):
     db = torch.empty(chunks, c, device=x.device, dtype=torch.float32)
     # a kernel without BLOCK_C (the band kernel's) owns one channel a program
     kernel[lambda m: (triton.cdiv(c, m.get('BLOCK_C', 1)), chunks)](
-        grad, x, dw, db, n, c, h, w, *x.stride(), chunks, kh, kw, **meta)
+        grad, x, dw, db, n, c, h, w, *x.stride(), chunks, kh, kw, *extra, **meta)
     return dw.sum(0).reshape(weight.shape).to(weight.dtype), db.sum(0).to(weight.dtype)
 
 

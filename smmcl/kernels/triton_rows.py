@@ -325,6 +325,12 @@ def strip3_rows_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, o0
 _NCHW_WGRAD_ROWS = [(1, 4, 128, 4), (1, 8, 128, 4), (2, 4, 64, 4), (4, 4, 32, 4)]
 _NHWC_WGRAD_ROWS = [(32, 4, 4, 4), (64, 4, 2, 4), (32, 8, 4, 4), (16, 4, 8, 4)]
 WGRAD_ROW_CONFIGS = configs(_NCHW_WGRAD_ROWS, _NHWC_WGRAD_ROWS, (32, 4, 16, 4), _NAMES)
+# The backward pass with its weight gradient (grad_wgrad_rows_kernel) keeps a band's walked rows as well: the
+# same tiles, and three a layout with two elements a thread (the weights loaded for more outputs: for sm_90
+# ~100 lane instructions per element against ~130-160, up to 254 registers without spilling).
+GRAD_WGRAD_ROW_CONFIGS = configs(_NCHW_WGRAD_ROWS + [(1, 4, 256, 4), (1, 8, 256, 4), (2, 8, 128, 4)],
+                                 _NHWC_WGRAD_ROWS + [(64, 4, 4, 4), (64, 8, 4, 4), (32, 8, 8, 4)], (32, 4, 16, 4),
+                                 _NAMES)
 
 
 @triton.jit
@@ -393,6 +399,94 @@ def dwconv_wgrad_rows_kernel(g_ptr, x_ptr, dw_ptr, db_ptr, N, C, H, W, sn, sc, s
     chunk = tl.program_id(1)
     _wgrad_rows_job(g_ptr, x_ptr, dw_ptr + chunk * C * (KH * KW), db_ptr + chunk * C, c, c < C, chunk, N, H, W,
                     sn, sc, sh, sw, num_chunks, KH, KW, BLOCK_C, ROWS, BLOCK_W)
+
+
+# keyed by what the pass computes too: the GELU's gradient and the adjoint conv tune apart
+@triton.autotune(configs=GRAD_WGRAD_ROW_CONFIGS,
+                 key=KEY + ['N', 'KH', 'KW', 'GELU', 'HAS_BIAS', 'IN_BIAS', 'ADDEND'], prune_configs_by=PRUNE,
+                 do_bench=bench)
+@triton.jit
+def grad_wgrad_rows_kernel(g_ptr, x_ptr, dw_ptr, db_ptr, N, C, H, W, sn, sc, sh, sw, num_chunks,
+                           KH: tl.constexpr, KW: tl.constexpr, w_ptr, b_ptr, ib_ptr, out_ptr, a_ptr,
+                           GELU: tl.constexpr, HAS_BIAS: tl.constexpr, IN_BIAS: tl.constexpr, ADDEND: tl.constexpr,
+                           BLOCK_C: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
+    """A depthwise conv's backward pass that also sums its weight and bias gradients into the partials of
+    :func:`dwconv_wgrad_rows_kernel` (the same walk over the bands), so that no second pass reads the maps.
+
+    GELU: ``out = g * GELU'(conv(x (+ ib)) + b)``, the gradient of the input of ``GELU(conv + b)`` (g that
+    of its output), and ``dw[i, j] = sum out[h, w] x[h + i - PH, w + j - PW]`` against out as stored and x
+    as the conv loaded it (with IN_BIAS plus ``ib``, rounded as :func:`dwconv_rows_kernel` does),
+    ``db = sum out``. Otherwise ``out`` = the adjoint conv of g (x's gradient; with ADDEND rounded to out's
+    dtype and added to ``a``, x's gradient from its other use, as autograd adds the two),
+    ``dw[i, j] = sum g[h - i + PH, w - j + PW] x[h, w]`` and ``db = sum g``. A band's ROWS + KH - 1 rows of
+    the walked map (x, or g at the adjoint's mirrored columns) are loaded once per tap column and kept:
+    they make the band's ROWS output rows, which are stored, and then meet those rows (the GELU's
+    gradient) or x's (the adjoint's) in the per-tap accumulators, without a second load.
+    """
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    chunk = tl.program_id(1)
+    PH: tl.constexpr = (KH - 1) // 2
+    ib = 0.0
+    if IN_BIAS:
+        ib = conv_bias(ib_ptr, c, cmask, x_ptr)[:, None]
+    zero = tl.zeros((BLOCK_C, BLOCK_W), dtype=tl.float32)
+    taps = ()
+    accs = ()
+    for k in tl.static_range(KH * KW):
+        taps = taps + (tl.load(w_ptr + c * (KH * KW) + k, mask=cmask, other=0.0).to(tl.float32)[:, None],)
+        accs = accs + (zero,)
+    acc_b = zero
+    num_wb = tl.cdiv(W, BLOCK_W)
+    bands = tl.cdiv(H, ROWS) * num_wb  # per image
+    for t in range(chunk, N * bands, num_chunks):
+        n = t // bands
+        h0 = (t % bands) // num_wb * ROWS
+        w = (t % num_wb) * BLOCK_W + tl.arange(0, BLOCK_W)
+        channels = n * sn + (c * sc)[:, None]
+        walked = ()  # row r - PH of the band, tap column j: entry r * KW + j
+        for r in tl.static_range(ROWS + KH - 1):
+            for j in tl.static_range(KW):
+                if GELU:
+                    walked = walked + (_input_row(x_ptr + channels, cmask, h0 + r - PH, w, H, W, sh, sw, j, KW,
+                                                  False, ib, IN_BIAS),)
+                else:
+                    walked = walked + (_input_row(g_ptr + channels, cmask, h0 + r - PH, w, H, W, sh, sw, j, KW,
+                                                  True),)
+        for o in tl.static_range(ROWS):
+            acc = zero
+            for r in tl.static_range(ROWS + KH - 1):
+                if r - o >= 0:
+                    if r - o < KH:
+                        for j in tl.static_range(KW):
+                            # the tap row: r - o for the conv, mirrored for the adjoint (as _add_tap)
+                            acc += taps[((r - o) if GELU else (KH - 1 - (r - o))) * KW + j] * walked[r * KW + j]
+            offs = _row_offsets(n, c, h0 + o, w, sn, sc, sh, sw)
+            mask = _row_mask(cmask, h0 + o, w, H, W)
+            if GELU:
+                if HAS_BIAS:
+                    acc += tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[:, None]
+                out = (tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * gelu_grad(acc))
+                out = out.to(out_ptr.dtype.element_ty)
+                tl.store(out_ptr + offs, out, mask=mask)
+                other = out.to(tl.float32)  # the weight gradient takes the stored gradient, as a second pass would
+                acc_b += other
+            else:
+                if ADDEND:
+                    acc = (acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+                           + tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32))
+                tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+                other = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                acc_b += walked[(o + PH) * KW + (KW - 1) // 2]  # g at the output row, unshifted
+            for r in tl.static_range(ROWS + KH - 1):
+                if r - o >= 0:
+                    if r - o < KH:
+                        for j in tl.static_range(KW):
+                            accs = _add_to(accs, ((r - o) if GELU else (KH - 1 - (r - o))) * KW + j,
+                                           other * walked[r * KW + j])
+    for k in tl.static_range(KH * KW):
+        tl.store(dw_ptr + (chunk * C + c) * (KH * KW) + k, tl.sum(accs[k], axis=1), mask=cmask)
+    tl.store(db_ptr + chunk * C + c, tl.sum(acc_b, axis=1), mask=cmask)
 
 
 @triton.autotune(configs=WGRAD_ROW_CONFIGS, key=KEY + ['N', 'ALONG_W'], prune_configs_by=PRUNE, do_bench=bench)

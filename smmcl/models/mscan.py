@@ -139,9 +139,16 @@ class AttentionModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # SegNeXt clones x first; nothing writes to it in place, so the clone is not needed.
+        gate = x
         if self.fused_kernels and kernels.runs_on(x):
             ops = torch.ops.smmcl  # registered by use_fused_kernels
-            attn = ops.dwconv2d(x, self.conv0.weight, self.conv0.bias)
+            if torch.is_grad_enabled() and per_channel_passes(self, x):
+                # x handed on to the gate as a view: the 5x5 conv's backward adds the gate's gradient to
+                # its own as it writes x's, where autograd would add them in a pass of its own
+                from ..kernels.ops import DepthwiseStream  # loaded with the kernels (use_fused_kernels)
+                attn, gate = DepthwiseStream.apply(x, self.conv0.weight, self.conv0.bias)
+            else:
+                attn = ops.dwconv2d(x, self.conv0.weight, self.conv0.bias)
             strips = [p for pair in ((self.conv0_1, self.conv0_2), (self.conv1_1, self.conv1_2),
                                      (self.conv2_1, self.conv2_2))
                       for conv in pair for p in (conv.weight, conv.bias)]
@@ -150,7 +157,7 @@ class AttentionModule(nn.Module):
             attn = self.conv0(x)
             attn = (attn + self.conv0_2(self.conv0_1(attn)) + self.conv1_2(self.conv1_1(attn))
                     + self.conv2_2(self.conv2_1(attn)))
-        return self.conv3(attn, gate=x)
+        return self.conv3(attn, gate=gate)
 
 
 class SpatialAttention(nn.Module):
