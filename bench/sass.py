@@ -75,12 +75,13 @@ def _wgrad_cases(c: int, h: int, w: int):
                       ('rows', rows.dwconv_wgrad_rows_kernel, dict(KH=3, KW=3), 1),
                       ('bands', bands.dwconv_wgrad_bands_kernel, dict(KH=3, KW=3, PARTS=1), 1)], 4 * c,
          dict(KH=3, KW=3)),
-        # the backward's pass that also sums the weight gradient: the attention's 5x5 adjoint, the MLP's GELU
-        # gradient (fc1's bias added as the input is loaded)
+        # the backward's pass that also sums the weight gradient: the attention's 5x5 adjoint (plus the gate's
+        # gradient, as training runs it), the MLP's GELU gradient (fc1's bias added as the input is loaded)
         ('grad_wgrad5x5', [('fused', rows.grad_wgrad_rows_kernel,
-                            dict(KH=5, KW=5, GELU=False, HAS_BIAS=False, IN_BIAS=False), 1)], c, dict(KH=5, KW=5)),
+                            dict(KH=5, KW=5, GELU=False, HAS_BIAS=False, IN_BIAS=False, ADDEND=True), 1)], c,
+         dict(KH=5, KW=5)),
         ('gelu_grad_wgrad3x3', [('fused', rows.grad_wgrad_rows_kernel,
-                                 dict(KH=3, KW=3, GELU=True, HAS_BIAS=True, IN_BIAS=True), 1)], 4 * c,
+                                 dict(KH=3, KW=3, GELU=True, HAS_BIAS=True, IN_BIAS=True, ADDEND=False), 1)], 4 * c,
          dict(KH=3, KW=3)),
         ('strip3_wgrad_along_h', [('tiles', tiles._strip3_wgrad_kernel, dict(ALONG_W=False, **taps), 1),
                                   ('rows', rows.strip3_wgrad_rows_kernel, dict(ALONG_W=False, **strips), 1)],

@@ -3,6 +3,7 @@
     python bench/traffic.py                        # fast inference forward, MSCAN-B, batch 8, 480x640
     python bench/traffic.py --train                # the training step: forward, losses and backward
     TRITON_INTERPRET=1 python bench/traffic.py --kernels   # with the Triton kernels (minutes)
+    TRITON_INTERPRET=1 python bench/traffic.py --kernels --passes   # their own passes counted instead
 
 Every operator the forward dispatches is recorded on the CPU at two small sizes with the bytes it reads
 and writes (its tensor arguments and results; views move nothing), and each operator's bytes are
@@ -11,15 +12,23 @@ do not). The table gives calls, GB and the time those bytes take at ``--bandwidt
 bandwidth measured on the H200, 4.3 TB/s): the floor below which that operator cannot run, to set
 against a GPU profile (``bench/gpu_check.py``'s profile step) to see which operators are far above it.
 bf16 autocast as on a GPU (also where this CPU only emulates it: only the dtypes matter here).
+
+Each of our custom ops (``smmcl::*``) is one operator here, its inputs and outputs counted once: the
+floor of a one-pass op, not what it moves. With ``--passes`` an op's body runs under the counter
+instead, each Triton launch its own row (``kernel <name>``: its tensor arguments counted once each, what
+a pass reads or writes; a tile's neighbours come from the cache) beside the ATen operators the body
+calls: the passes the kernels make (the backward of the MLP's 3x3 conv, for instance, in three, or two
+with its weight gradient in the first).
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import sys
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_leaves
 
 try:
@@ -33,28 +42,58 @@ from smmcl.models import build_segmentor  # noqa: E402
 
 
 class Traffic(TorchDispatchMode):
-    """Per operator (named with the dtype of its first tensor argument): calls and bytes moved."""
+    """Per operator (named with the dtype of its first tensor argument): calls and bytes moved; with
+    ``passes`` our custom ops' bodies run under the counter (:func:`kernel_launches` counts their Triton
+    launches)."""
 
-    def __init__(self):
+    def __init__(self, passes: bool = False):
         super().__init__()
         self.ops = collections.defaultdict(lambda: [0, 0])
+        self.passes = passes
+
+    def count(self, name: str, moved: int) -> None:
+        row = self.ops[name]
+        row[0] += 1
+        row[1] += moved
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.passes and func.namespace == 'smmcl':
+            from torch._library.custom_ops import OPDEFS  # the op's Python body, below autograd as here
+            with self:
+                return OPDEFS[func._schema.name]._init_fn(*args, **(kwargs or {}))
         out = func(*args, **(kwargs or {}))
         tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         moved = 0 if func.is_view else sum(t.numel() * t.element_size() for t in tensors + [
             t for t in tree_leaves(out) if isinstance(t, torch.Tensor)])
         dtype = str(tensors[0].dtype).replace('torch.', '') if tensors else '-'
-        row = self.ops[f'{func.overloadpacket.__name__} ({dtype})']
-        row[0] += 1
-        row[1] += moved
+        self.count(f'{func.overloadpacket.__name__} ({dtype})', moved)
         if func.overloadpacket is torch.ops.aten.convolution and args[2] is not None and args[8] == 1:
             # oneDNN adds a conv's bias inside the conv; on a GPU ATen adds it after cuDNN's dense conv,
             # one more pass over the output (reading and writing it)
-            row = self.ops[f'bias add after a cuDNN convolution ({out.dtype})'.replace('torch.', '')]
-            row[0] += 1
-            row[1] += 2 * out.numel() * out.element_size()
+            self.count(f'bias add after a cuDNN convolution ({out.dtype})'.replace('torch.', ''),
+                       2 * out.numel() * out.element_size())
         return out
+
+
+@contextlib.contextmanager
+def kernel_launches(mode: Traffic):
+    """Each interpreted Triton launch counted in ``mode`` as ``kernel <name>``: its tensor arguments once
+    each (a tensor passed twice, as a stand-in for an absent one, once)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    run = InterpretedFunction.run
+
+    def counted(self, *args, grid, warmup, **kwargs):
+        if not warmup:
+            tensors = {t.data_ptr(): t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)}
+            mode.count(f'kernel {self.fn.__name__}', sum(t.numel() * t.element_size() for t in tensors.values()))
+        with _disable_current_modes():  # the interpreter's own copies to and from NumPy are not the kernel's
+            return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    InterpretedFunction.run = counted
+    try:
+        yield
+    finally:
+        InterpretedFunction.run = run
 
 
 def record(args, height, width):
@@ -65,16 +104,18 @@ def record(args, height, width):
     torch.manual_seed(0)
     rgb, x = torch.randn(2, 1, 3, height, width)
     label = torch.randint(0, 14, (1, height, width))
-    mode = Traffic()
+    passes = getattr(args, 'passes', False)
+    mode = Traffic(passes)
+    launches = kernel_launches(mode) if passes else contextlib.nullcontext()
     if args.train:
         model = for_training(build_segmentor(cfg, with_loss=True).train(), cfg)
-        with mode:
+        with mode, launches:
             with torch.autocast('cpu', dtype=torch.bfloat16):
                 loss = model(rgb, x, label)
             loss.backward()
     else:
         model = cast_dense_layers(inference_model(build_segmentor(cfg), cfg), torch.bfloat16)
-        with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16), mode:
+        with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16), mode, launches:
             model(rgb, x)
     return dict(mode.ops)
 
@@ -102,9 +143,14 @@ def main(argv=None):
     parser.add_argument('--width', type=int, default=640)
     parser.add_argument('--train', action='store_true', help='the training step (forward, losses, backward)')
     parser.add_argument('--kernels', action='store_true', help='the Triton kernels (on the CPU: TRITON_INTERPRET=1)')
+    parser.add_argument('--passes', action='store_true',
+                        help="with --kernels: count our ops' own passes (each Triton launch), not their inputs and "
+                             'outputs once')
     parser.add_argument('--bandwidth', type=float, default=4.3, help='TB/s for the time column')
     parser.add_argument('--top', type=int, default=30)
     args = parser.parse_args(argv)
+    if args.passes and not args.kernels:
+        parser.error('--passes counts the Triton kernels\' passes: give --kernels too')
     sizes = ((64, 96), (128, 192))
     small, large = (record(args, h, w) for h, w in sizes)
     rows = extrapolate(small, large, sizes[0][0] * sizes[0][1], sizes[1][0] * sizes[1][1],
@@ -112,7 +158,8 @@ def main(argv=None):
     total = sum(moved for _, moved in rows.values())
     what = 'training step' if args.train else 'inference forward'
     print(f'{what}, {args.backbone}, batch {args.batch}, {args.height}x{args.width}, fast path bf16'
-          f'{" + Triton kernels" if args.kernels else ""}: {total / 1e9:.2f} GB, '
+          f'{" + Triton kernels" if args.kernels else ""}{" (their passes)" if args.passes else ""}: '
+          f'{total / 1e9:.2f} GB, '
           f'{total / args.bandwidth / 1e9:.2f} ms at {args.bandwidth} TB/s; per operator (calls per image):')
     print(f"{'operator (dtype of its first tensor)':<44} {'calls':>6} {'GB':>8} {'ms':>7} {'share':>6}")
     for name, (calls, moved) in sorted(rows.items(), key=lambda kv: kv[1][1], reverse=True)[:args.top]:

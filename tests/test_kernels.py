@@ -9,6 +9,7 @@ sizes, sizes below the kernel, batch 1, channel counts that are not a multiple o
 (32 under the interpreter) and maps wider and taller than one tile (16 wide, 8 tall), in NCHW and
 channels_last.
 """
+import contextlib
 import copy
 import os
 import sys
@@ -825,6 +826,34 @@ def test_attention_hands_its_input_on_to_the_gate(monkeypatch, bf16):
         monkeypatch.setattr(kernel_ops.DepthwiseStream, 'apply', lambda *a: calls.append(a))
         attention(x)
     assert calls == []
+
+
+def test_traffic_counts_the_kernels_passes(monkeypatch):
+    """bench/traffic.py --passes: our ops' bodies run under the counter, each Triton launch a row with its
+    tensor arguments once; the MLP's backward in two depthwise launches with the weight gradient in the
+    first, where the separate passes make three, moving more; without --passes the op counts once."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        'traffic', os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'bench', 'traffic.py'))
+    traffic = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(traffic)
+    torch.manual_seed(0)
+    mlp = use_fused_kernels(Mlp(8, 32)).to(DEVICE)
+    x = _tensor(2, 8, 16, 16)
+    counts = {}
+    for wgrad, passes in (('fused', True), ('gather', True), ('fused', False)):
+        monkeypatch.setenv('SMMCL_TRITON_WGRAD', wgrad)
+        mode = traffic.Traffic(passes)
+        with mode, (traffic.kernel_launches(mode) if passes else contextlib.nullcontext()):
+            mlp(x).sum().backward()
+        counts[wgrad, passes] = {name: row for name, row in mode.ops.items() if name.startswith('kernel ')}
+        assert any(name.startswith('dwconv2d_gelu_backward') for name in mode.ops) != passes
+    fused, separate = counts['fused', True], counts['gather', True]
+    assert fused['kernel grad_wgrad_rows_kernel'][0] == 1 and 'kernel _dwconv_wgrad_kernel' not in fused
+    assert separate['kernel _dwconv_wgrad_kernel'][0] == 1 and separate['kernel _dwconv_kernel'][0] == 3
+    assert fused['kernel _dwconv_kernel'][0] == 2  # the forward, and the backward's adjoint
+    assert sum(moved for _, moved in fused.values()) < sum(moved for _, moved in separate.values())
+    assert counts['fused', False] == {}
 
 
 # ---- the 1x1 convs' bias gradient as one column sum ---------------------------------------------------
