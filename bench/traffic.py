@@ -41,6 +41,10 @@ from smmcl.engine.precision import cast_dense_layers, for_training, inference_mo
 from smmcl.models import build_segmentor  # noqa: E402
 
 
+_ALLOCATIONS = (torch.ops.aten.empty, torch.ops.aten.empty_like, torch.ops.aten.empty_strided, torch.ops.aten.new_empty,
+                torch.ops.aten.new_empty_strided)
+
+
 class Traffic(TorchDispatchMode):
     """Per operator (named with the dtype of its first tensor argument): calls and bytes moved; with
     ``passes`` our custom ops' bodies run under the counter (:func:`kernel_launches` counts their Triton
@@ -62,7 +66,11 @@ class Traffic(TorchDispatchMode):
             with self:
                 return OPDEFS[func._schema.name]._init_fn(*args, **(kwargs or {}))
         out = func(*args, **(kwargs or {}))
+        if self.passes and func.overloadpacket in _ALLOCATIONS:
+            return out  # the ops' bodies allocate their outputs: nothing moves (the op-boundary count keeps its rows)
         tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if func.overloadpacket is torch.ops.aten.index_select:  # reads only the rows it selects, and the index
+            tensors = tensors[1:] + [out]
         moved = 0 if func.is_view else sum(t.numel() * t.element_size() for t in tensors + [
             t for t in tree_leaves(out) if isinstance(t, torch.Tensor)])
         dtype = str(tensors[0].dtype).replace('torch.', '') if tensors else '-'

@@ -829,9 +829,10 @@ def test_attention_hands_its_input_on_to_the_gate(monkeypatch, bf16):
 
 
 def test_traffic_counts_the_kernels_passes(monkeypatch):
-    """bench/traffic.py --passes: our ops' bodies run under the counter, each Triton launch a row with its
-    tensor arguments once; the MLP's backward in two depthwise launches with the weight gradient in the
-    first, where the separate passes make three, moving more; without --passes the op counts once."""
+    """bench/traffic.py --passes: our ops' bodies run under the counter (their allocations moving nothing),
+    each Triton launch a row with its tensor arguments once; the MLP's backward in two depthwise launches
+    with the weight gradient in the first, where the separate passes make three, moving more; without
+    --passes the op counts once."""
     import importlib.util
     spec = importlib.util.spec_from_file_location(
         'traffic', os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'bench', 'traffic.py'))
@@ -848,6 +849,8 @@ def test_traffic_counts_the_kernels_passes(monkeypatch):
             mlp(x).sum().backward()
         counts[wgrad, passes] = {name: row for name, row in mode.ops.items() if name.startswith('kernel ')}
         assert any(name.startswith('dwconv2d_gelu_backward') for name in mode.ops) != passes
+        # the bodies' allocations move nothing
+        assert not passes or not any(name.split()[0] in ('empty', 'empty_like', 'new_empty') for name in mode.ops)
     fused, separate = counts['fused', True], counts['gather', True]
     assert fused['kernel grad_wgrad_rows_kernel'][0] == 1 and 'kernel _dwconv_wgrad_kernel' not in fused
     assert separate['kernel _dwconv_wgrad_kernel'][0] == 1 and separate['kernel _dwconv_kernel'][0] == 3
