@@ -430,6 +430,9 @@ def grad_wgrad_rows_kernel(g_ptr, x_ptr, dw_ptr, db_ptr, N, C, H, W, sn, sc, sh,
     ib = 0.0
     if IN_BIAS:
         ib = conv_bias(ib_ptr, c, cmask, x_ptr)[:, None]
+    bias = 0.0
+    if GELU and HAS_BIAS:
+        bias = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[:, None]
     zero = tl.zeros((BLOCK_C, BLOCK_W), dtype=tl.float32)
     taps = ()
     accs = ()
@@ -464,9 +467,7 @@ def grad_wgrad_rows_kernel(g_ptr, x_ptr, dw_ptr, db_ptr, N, C, H, W, sn, sc, sh,
             offs = _row_offsets(n, c, h0 + o, w, sn, sc, sh, sw)
             mask = _row_mask(cmask, h0 + o, w, H, W)
             if GELU:
-                if HAS_BIAS:
-                    acc += tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[:, None]
-                out = (tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * gelu_grad(acc))
+                out = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * gelu_grad(acc + bias)
                 out = out.to(out_ptr.dtype.element_ty)
                 tl.store(out_ptr + offs, out, mask=mask)
                 other = out.to(tl.float32)  # the weight gradient takes the stored gradient, as a second pass would
