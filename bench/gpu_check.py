@@ -566,8 +566,9 @@ def residual_tail_table(args, device, bandwidth):
     writes y's and s's gradients: 32 bytes an element) and the MLP's ``x + (y + b) * f`` (18). ``aten``:
     the plain fast path's passes (the bias add after the conv, the shortcut's add, autocast's ``addcmul``
     and their backward with the bias sum), ``triton``: ``smmcl::shortcut_residual`` and
-    ``smmcl::scaled_residual`` with the bias (the fast path's tails with the kernels on); and the whole
-    MSCAN-B step's totals (one of each a block, both branches)."""
+    ``smmcl::scaled_residual`` with the bias (the fast path's tails with the kernels on, each summing the
+    next BatchNorm's statistics in its pass, which the ATen rows leave to the norm's own pass over the
+    sum); and the whole MSCAN-B step's totals (one of each a block, both branches)."""
     import torch
     from smmcl.kernels import load_ops
     ops = load_ops()
@@ -577,9 +578,11 @@ def residual_tail_table(args, device, bandwidth):
         v = y + b.to(y.dtype)[:, None, None]
         return torch.addcmul(x, (v if s is None else v + s).float(), f)
 
-    tails = {'attn aten': aten, 'attn triton': lambda x, y, f, b, s: ops.shortcut_residual(x, y, f, b, s)[0],
+    # the kernels' tails as training runs them: each sums the statistics of the BatchNorm that reads it next
+    tails = {'attn aten': aten,
+             'attn triton': lambda x, y, f, b, s: ops.shortcut_residual(x, y, f, b, s, stats=True)[0],
              'mlp aten': lambda x, y, f, b, s: aten(x, y, f, b),
-             'mlp triton': lambda x, y, f, b, s: ops.scaled_residual(x, y, f, b)}
+             'mlp triton': lambda x, y, f, b, s: ops.scaled_residual(x, y, f, b, stats=True)[0]}
 
     def measure(c, h, w, fmt, layout):
         x, s = (torch.randn(n, c, h, w, device=device).contiguous(memory_format=fmt).requires_grad_()
@@ -1497,7 +1500,9 @@ def sweep_worker(args, device):
                     triton_channel.batch_norm_grad(g, stream if full else None, stream, bn.weight, coef[0], coef[1],
                                                    impl='triton')
                 for shortcut in (None, stream):  # the MLP's tail, the attention's with its own shortcut
-                    _, branch = triton_channel.scaled_residual(stream, g, factor, bias, shortcut, impl='triton')
+                    for stats in (True, False):  # with the next norm's sums (training), without (a stage's last)
+                        _, branch, _ = triton_channel.scaled_residual(stream, g, factor, bias, shortcut, impl='triton',
+                                                                      stats=stats)
                     triton_channel.scaled_residual_grad(stream, g if branch is None else branch, factor, bias,
                                                         None if branch is None else g.dtype, impl='triton')
                 for shortcut in (factor, None):  # the attention's affine shortcut, the MLP's add; with the bias

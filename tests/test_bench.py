@@ -247,12 +247,14 @@ def test_per_channel_passes_compile_to_wide_accesses_without_spills():
     # reads the gradient and y (0.38) or the float32 branch (0.5) and the bias only once
     most_loads = {'bias_add': 0.38, 'bias_gelu': 0.38, 'bias_gate': 0.5, 'bias_grad': 0.13, 'bias_gelu_grad': 0.25,
                   'bias_gate_grad': 0.38, 'residual': 0.88, 'residual_grad': 0.38, 'shortcut_residual': 1.13,
+                  'shortcut_residual_stats': 1.13,
                   'shortcut_residual_grad': 0.5, 'norm_sums': 0.25, 'norm_apply': 1.0, 'norm_grad_sums': 0.63,
                   'norm_grad_apply': 1.88, 'residual_pair': 0.88, 'modulation': 0.88, 'modulation_grad': 1.38,
                   'pooled_grad': 1.38, 'pool_concat': 0.25}
     most_instructions = dict.fromkeys(most_loads, 16)
-    most_instructions.update(residual=24, shortcut_residual=24, residual_pair=24, bias_gelu=64, bias_gelu_grad=64,
-                             norm_apply=24, norm_grad_apply=32, modulation=24, modulation_grad=48, pooled_grad=32)
+    most_instructions.update(residual=24, shortcut_residual=24, shortcut_residual_stats=24, residual_pair=24,
+                             bias_gelu=64, bias_gelu_grad=64, norm_apply=24, norm_grad_apply=32, modulation=24,
+                             modulation_grad=48, pooled_grad=32)
     out = subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'bench', 'sass.py'), '--first', '--only',
                           ','.join(most_loads)], capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -546,8 +546,15 @@ def test_custom_op_registrations():
     low = a.detach().to(torch.bfloat16).requires_grad_()
     torch.library.opcheck(ops().scaled_residual, (a, low, _tensor(3, 1, 1), b))
     torch.library.opcheck(ops().shortcut_residual, (a, low, _tensor(3, 1, 1), b, _tensor(1, 3, 4, 5, fmt=CL, seed=3)))
+    # with the next norm's partials: rows the device decides (a size the fake op leaves open)
+    torch.library.opcheck(ops().scaled_residual, (a, low, _tensor(3, 1, 1), b, True))
+    torch.library.opcheck(ops().shortcut_residual, (a, low, _tensor(3, 1, 1), b, _tensor(1, 3, 4, 5, fmt=CL, seed=3),
+                                                    True))
     running = [_tensor(3, seed=4).detach(), _tensor(3, seed=5).detach().abs()]
     torch.library.opcheck(ops().batch_norm_stats, (a.detach(), b.detach(), b.detach(), *running, 0.1, 1e-5),
+                          test_utils=('test_schema', 'test_faketensor'))
+    partials = ops().scaled_residual(a.detach(), low.detach(), _tensor(3, 1, 1).detach(), None, True)[1]
+    torch.library.opcheck(ops().batch_norm_stats, (a.detach(), b.detach(), b.detach(), *running, 0.1, 1e-5, partials),
                           test_utils=('test_schema', 'test_faketensor'))
     coef = ops().batch_norm_stats(a.detach(), b.detach(), b.detach(), *running, 0.1, 1e-5)
     for full in (True, False):
@@ -1071,7 +1078,8 @@ def test_scaled_residual_is_addcmul(fmt, per_image, y_dtype, monkeypatch):
     monkeypatch.setattr(triton_channel, '_chunks', lambda t: 4)  # 2 per image of the 2
     x, y = _tensor(2, 37, 5, 9, fmt=fmt), _tensor(2, 37, 5, 9, fmt=fmt, dtype=y_dtype, seed=1)
     f = _tensor(*((2, 37, 1, 1) if per_image else (37, 1, 1)), seed=2)
-    out = ops().scaled_residual(x, y, f)
+    out, partials = ops().scaled_residual(x, y, f)
+    assert partials.shape == (0, 37)  # none asked for
     want = torch.addcmul(x, y.float(), f)
     assert out.dtype == torch.float32 and out.is_contiguous(memory_format=fmt)
     assert rel(out, want) <= 1e-7 and (out - want).abs().max() <= 1e-6
@@ -1115,7 +1123,8 @@ def test_scaled_residual_adds_the_branchs_bias_and_shortcut(fmt, per_image, shor
     f = _tensor(*((2, 37, 1, 1) if per_image else (37, 1, 1)), seed=2)
     b = _tensor(37, seed=3)
     s = _tensor(2, 37, 5, 9, fmt=fmt, seed=4) if shortcut else None
-    out, branch = ops().shortcut_residual(x, y, f, b, s) if shortcut else (ops().scaled_residual(x, y, f, b), None)
+    out, branch = ops().shortcut_residual(x, y, f, b, s)[:2] if shortcut else (ops().scaled_residual(x, y, f, b)[0],
+                                                                              None)
     v = ops().add_channel_bias(y, b)
     v = v + s if shortcut else v
     want = torch.addcmul(x, v.float(), f)
@@ -1151,7 +1160,8 @@ def test_scaled_residual_torch_and_triton_agree():
     y = _tensor(2, 5, 3, 4, dtype=torch.bfloat16, seed=1).detach()
     f, b, s = _tensor(5, 1, 1, seed=2).detach(), _tensor(5, seed=3).detach(), _tensor(2, 5, 3, 4, seed=4).detach()
     for shortcut in (None, s):
-        (out, v), (want, want_v) = (CH.scaled_residual(x, y, f, b, shortcut, impl=impl) for impl in ('triton', 'torch'))
+        (out, v, _), (want, want_v, _) = (CH.scaled_residual(x, y, f, b, shortcut, impl=impl)
+                                          for impl in ('triton', 'torch'))
         tol = 1e-6 if DEVICE == 'cuda' else 2 ** -7
         assert out.dtype == want.dtype and rel(out, want) <= tol
         if shortcut is None:
@@ -1175,6 +1185,77 @@ def test_scaled_residual_refuses_a_factor_bias_or_shortcut_of_another_shape():
         ops().shortcut_residual(x, x, f, None, _tensor(2, 5, 3, 3))
     with pytest.raises(ValueError, match='at least as wide'):
         ops().shortcut_residual(x, x, f, None, x.detach().to(torch.bfloat16))
+
+
+@pytest.mark.parametrize('fmt', [NCHW, CL])
+@pytest.mark.parametrize('shortcut', [False, True], ids=['mlp', 'attention'])
+def test_tail_sums_the_next_norms_statistics(fmt, shortcut, monkeypatch):
+    """A tail with ``stats`` writes the same sum and, in the same pass, the partials from which the next
+    BatchNorm's statistics come without reading the sum back: the coefficients and running statistics of
+    the norm's own pass over the sum (to float32 rounding: shifted by the stream's first value, not the
+    sum's), float64's on a stream whose mean is 500 times its spread. Three programs walk the 3 images'
+    pixel blocks (drop path's factor per image); two channel blocks, one partial."""
+    from smmcl.kernels import triton_channel as CH
+    monkeypatch.setattr(CH, '_chunks', lambda t: 3)
+    x = _tensor(3, 37, 5, 7, fmt=fmt).detach() * 2 + 1000.0
+    y = _tensor(3, 37, 5, 7, fmt=fmt, dtype=torch.bfloat16, seed=1).detach()
+    f, b = _tensor(3, 37, 1, 1, seed=2).detach(), _tensor(37, seed=3).detach()
+    s = _tensor(3, 37, 5, 7, fmt=fmt, seed=4).detach() if shortcut else None
+    out, v, partials = CH.scaled_residual(x, y, f, b, s, impl='triton', stats=True)
+    want, want_v, none = CH.scaled_residual(x, y, f, b, s, impl='triton')
+    assert none is None and torch.equal(out, want) and (v is None or torch.equal(v, want_v))
+    assert partials.shape == (2 * 3 + 1, 37) and torch.equal(partials[-1], x[0, :, 0, 0])
+    weight, bias = _tensor(37, seed=5).detach(), _tensor(37, seed=6).detach()
+    running = [[_tensor(37, seed=7).detach(), _tensor(37, seed=8).detach().abs() + 0.5] for _ in range(2)]
+    got = CH.batch_norm_stats(out, weight, bias, *running[0], 0.1, 1e-5, impl='triton', partials=partials)
+    ref = CH.batch_norm_stats(out, weight, bias, *running[1], 0.1, 1e-5, impl='triton')
+    for g, r in zip([got, *running[0]], [ref, *running[1]]):
+        assert rel(g, r) <= 1e-6
+    var, mean = torch.var_mean(out.double(), dim=(0, 2, 3), correction=0)
+    assert rel(got[0], mean) <= 1e-7 and rel(got[1], (var + 1e-5).rsqrt()) <= 1e-5
+    assert CH.scaled_residual(x, y, f, b, s, impl='torch', stats=True)[2] is None  # the norm sums its own
+    with pytest.raises(ValueError, match=r'\(2K \+ 1\) x 37'):
+        CH.batch_norm_stats(out, weight, bias, *running[0], 0.1, 1e-5, partials=partials[1:])
+
+
+def test_a_stages_tails_hand_their_sums_to_the_next_norms(monkeypatch):
+    """A stage of three training blocks on the kernels' path under bf16 autocast (:func:`run_blocks`): every
+    BatchNorm but the stage's first takes its statistics from the tail that wrote its input, and the
+    output, every gradient and the running statistics are those of the same blocks with each norm summing
+    its own (the statistics differ in float32 rounding, which can flip a bf16 rounding downstream)."""
+    from smmcl.kernels import triton_channel
+    from smmcl.models.mscan import run_blocks, use_fused_tails
+    spec = mscan_t()
+    dim = spec.embed_dims[0]
+    torch.manual_seed(0)
+    blocks = nn.ModuleList(Block(dim, spec.mlp_ratios[0], 0.0, nn.BatchNorm2d) for _ in range(3)).to(DEVICE)
+    with torch.no_grad():
+        for block in blocks:
+            block.layer_scale_1.uniform_(0.2, 0.8)
+            block.layer_scale_2.uniform_(0.2, 0.8)
+    blocks = use_fused_kernels(use_fused_tails(blocks)).train()
+    stats = triton_channel.batch_norm_stats
+    x = _tensor(2, dim, 6, 7, fmt=CL, seed=1).detach()
+    grad = _tensor(2, dim, 6, 7, fmt=CL, seed=2).detach()
+    taken, results = [], []
+    for keep in (True, False):
+        monkeypatch.setattr(triton_channel, 'batch_norm_stats', lambda *a, partials=None, keep=keep, **k: taken.append(
+            partials is not None) or stats(*a, partials=partials if keep else None, **k))
+        stage = copy.deepcopy(blocks)
+        x_in = x.clone().requires_grad_()
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            out = run_blocks(stage, x_in)
+        grads = torch.autograd.grad(out, [x_in, *stage.parameters()], grad)
+        running = [t for m in stage.modules() if isinstance(m, nn.BatchNorm2d) for t in (m.running_mean, m.running_var)]
+        results.append((out.detach(), grads, running))
+    assert taken == [False, True, True, True, True, True] * 2  # norm1 of the stage's first block sums its own
+    (out, grads, running), (ref_out, ref_grads, ref_running) = results
+    # measured: output 5e-8, gradients 2e-7, running statistics 9e-7
+    assert rel(out, ref_out) <= 1e-6
+    for g, r in zip(grads, ref_grads):
+        assert rel(g, r) <= 1e-4
+    for g, r in zip(running, ref_running):
+        assert rel(g, r) <= 5e-6
 
 
 @pytest.mark.parametrize('fmt', [NCHW, CL])
@@ -1934,14 +2015,16 @@ def test_whole_model_training_with_kernels_under_autocast(tiny_mscan, monkeypatc
     """One training forward + backward of the fast path under bf16 autocast, as train.py runs it, with the
     kernels and without them: about as close to the float32 function (loss and the whole gradient) as the
     same path without the kernels (bf16 noise, which the NMF amplifies at these tiny widths), with every
-    block's BatchNorms on the fused ops and each attention's tail with its shortcut in one pass."""
+    block's BatchNorms on the fused ops, each attention's tail with its shortcut in one pass, summing
+    norm2's statistics in it."""
     from smmcl.engine.precision import for_training
     from smmcl.kernels import triton_channel
     cfg, model, (rgb, x, label) = _tiny_training_model(tiny_mscan)
     calls = []
-    for name in ('batch_norm_apply', 'scaled_residual'):
+    for name in ('batch_norm_apply', 'batch_norm_stats', 'scaled_residual'):  # with partials / a shortcut?
         monkeypatch.setattr(triton_channel, name, lambda *a, name=name, f=getattr(triton_channel, name), **k:
-                            calls.append((name, len(a) > 4 and a[4] is not None)) or f(*a, **k))
+                            calls.append((name, k.get('partials') is not None if name == 'batch_norm_stats'
+                                          else len(a) > 4 and a[4] is not None)) or f(*a, **k))
     results = {}
     for kernels_on, bf16 in ((False, False), (False, True), (True, True)):
         cfg.update(fast_path=True, triton_kernels=kernels_on, channels_last=False)
@@ -1954,7 +2037,8 @@ def test_whole_model_training_with_kernels_under_autocast(tiny_mscan, monkeypatc
         results[kernels_on, bf16] = (loss.detach().double(), grads)
     import collections  # 8 blocks: two norms each, one attention tail with its shortcut, one MLP tail
     assert collections.Counter(calls) == {('batch_norm_apply', False): 16, ('scaled_residual', True): 8,
-                                          ('scaled_residual', False): 8}
+                                          ('scaled_residual', False): 8, ('batch_norm_stats', True): 8,
+                                          ('batch_norm_stats', False): 8}
     (ref_loss, ref_grads), (amp_loss, amp_grads), (loss, grads) = (results[k] for k in (
         (False, False), (False, True), (True, True)))
     # Triton's interpreter truncates to bf16 where ATen (and compiled Triton) round to nearest: twice the

@@ -23,7 +23,8 @@ and operators they replace:
 - ``smmcl::scaled_residual``: a block tail ``x + y * f`` (layer scale, drop path), one pass forward and
   one Triton pass backward where autocast's ``addcmul`` takes six, with the bias of the conv that made y
   (fc2's) in the same passes; ``smmcl::shortcut_residual`` the same with the branch's own shortcut too
-  (the attention's ``proj_2(...) + x``);
+  (the attention's ``proj_2(...) + x``); in training each also sums, in its forward pass, the statistics
+  of the BatchNorm that reads its output next, which then does not read it back;
 - ``smmcl::batch_norm_stats`` and ``smmcl::batch_norm_apply`` (training under autocast): a block's
   BatchNorm writing its output and the next conv's bf16 copy in one pass, its backward reading both
   outputs' gradients as they are (autocast: a cast, its backward and a sum, each a pass of its own);

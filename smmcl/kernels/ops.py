@@ -339,35 +339,51 @@ def _residual_like(x: Tensor, y: Tensor, factor: Tensor, shortcut: Optional[Tens
     return torch.empty_like(x, dtype=CH.sum_dtype(x, y, factor, shortcut), memory_format=K._layout(x))
 
 
+def _partials(partials: Optional[Tensor], x: Tensor) -> Tensor:
+    """A tail's BatchNorm partials, or none as 0 x C (an op's output cannot be None)."""
+    return x.new_empty(0, x.shape[1], dtype=torch.float32) if partials is None else partials
+
+
+def _partials_like(x: Tensor, stats: bool) -> Tensor:
+    # their rows follow the device's programs (and 0 where the tail ran ATen's passes): a size known when it runs
+    rows = torch.library.get_ctx().new_dynamic_size() if stats else 0
+    return x.new_empty(rows, x.shape[1], dtype=torch.float32)
+
+
 @torch.library.custom_op('smmcl::scaled_residual', mutates_args=())
-def scaled_residual(x: Tensor, y: Tensor, factor: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``x + v * factor``: x, y N-C-H-W (x the residual stream, y the branch; any float dtypes), factor
-    C-1-1 or N-C-1-1, v = y, plus ``bias`` (C or None: that of the conv that made y, as ``add_channel_bias``
-    adds it); in the promoted dtype (float32 for the fast path's stream) and x's layout. One pass
-    (:func:`triton_channel.scaled_residual`), y converted as it is read (autocast's ``addcmul`` first
-    copies a bf16 y to float32: the same values); the backward is one pass too
-    (:func:`triton_channel.scaled_residual_grad`), adding the bias again."""
-    return CH.scaled_residual(x, y, factor, bias)[0]
+def scaled_residual(x: Tensor, y: Tensor, factor: Tensor, bias: Optional[Tensor] = None,
+                    stats: bool = False) -> Tuple[Tensor, Tensor]:
+    """(``x + v * factor``, partials): x, y N-C-H-W (x the residual stream, y the branch; any float dtypes),
+    factor C-1-1 or N-C-1-1, v = y, plus ``bias`` (C or None: that of the conv that made y, as
+    ``add_channel_bias`` adds it); in the promoted dtype (float32 for the fast path's stream) and x's
+    layout. One pass (:func:`triton_channel.scaled_residual`), y converted as it is read (autocast's
+    ``addcmul`` first copies a bf16 y to float32: the same values); the backward is one pass too
+    (:func:`triton_channel.scaled_residual_grad`), adding the bias again. With ``stats``, the partials of
+    the sum's BatchNorm statistics for :func:`batch_norm_stats` (K x C float32, K = 0 where the tail ran
+    ATen's passes, which sum none); else 0 x C. They take no gradient."""
+    out, _, partials = CH.scaled_residual(x, y, factor, bias, stats=stats)
+    return out, _partials(partials, x)
 
 
 @scaled_residual.register_fake
-def _(x, y, factor, bias=None):
-    return _residual_like(x, y, factor)
+def _(x, y, factor, bias=None, stats=False):
+    return _residual_like(x, y, factor), _partials_like(x, stats)
 
 
 @torch.library.custom_op('smmcl::shortcut_residual', mutates_args=())
-def shortcut_residual(x: Tensor, y: Tensor, factor: Tensor, bias: Optional[Tensor],
-                      shortcut: Tensor) -> Tuple[Tensor, Tensor]:
-    """(``x + v * factor``, v) as :func:`scaled_residual`, with the branch's own shortcut in v: ``v = y (+
-    bias) + shortcut`` (N-C-H-W, a dtype at least as wide as y's: the attention's ``proj_2(...) + x``, x
-    its input). v (the shortcut's dtype) is for the backward, which keeps it as the unfused ops keep the
+def shortcut_residual(x: Tensor, y: Tensor, factor: Tensor, bias: Optional[Tensor], shortcut: Tensor,
+                      stats: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """(``x + v * factor``, v, partials) as :func:`scaled_residual`, with the branch's own shortcut in v: ``v =
+    y (+ bias) + shortcut`` (N-C-H-W, a dtype at least as wide as y's: the attention's ``proj_2(...) + x``,
+    x its input). v (the shortcut's dtype) is for the backward, which keeps it as the unfused ops keep the
     float32 sum for ``addcmul``; it takes no gradient."""
-    return CH.scaled_residual(x, y, factor, bias, shortcut)
+    out, v, partials = CH.scaled_residual(x, y, factor, bias, shortcut, stats=stats)
+    return out, v, _partials(partials, x)
 
 
 @shortcut_residual.register_fake
-def _(x, y, factor, bias, shortcut):
-    return _residual_like(x, y, factor, shortcut), _like(shortcut)
+def _(x, y, factor, bias, shortcut, stats=False):
+    return _residual_like(x, y, factor, shortcut), _like(shortcut), _partials_like(x, stats)
 
 
 @torch.library.custom_op('smmcl::scaled_residual_backward', mutates_args=())
@@ -394,28 +410,29 @@ def _residual_grads(ctx, grad, branch, y_dtype):
 
 
 def _save_branch(ctx, inputs, output):
-    x, y, factor, bias = inputs
+    x, y, factor, bias = inputs[:4]
     ctx.save_for_backward(y, factor, bias)
+    ctx.mark_non_differentiable(output[1])
     ctx.x_dtype = x.dtype
 
 
-def _scaled_residual_grad(ctx, grad):
-    return _residual_grads(ctx, grad, ctx.saved_tensors[0], None)
+def _scaled_residual_grad(ctx, grad, _):
+    return _residual_grads(ctx, grad, ctx.saved_tensors[0], None) + (None,)
 
 
 scaled_residual.register_autograd(_scaled_residual_grad, setup_context=_save_branch)
 
 
 def _save_sum(ctx, inputs, output):
-    x, y, factor, bias, _ = inputs
+    x, y, factor, bias = inputs[:4]
     ctx.save_for_backward(output[1], factor, bias)
-    ctx.mark_non_differentiable(output[1])
+    ctx.mark_non_differentiable(output[1], output[2])
     ctx.set_materialize_grads(False)  # the branch takes no gradient: no map of zeros made for it
     ctx.x_dtype, ctx.y_dtype = x.dtype, y.dtype
 
 
-def _shortcut_residual_grad(ctx, grad, _):
-    return _residual_grads(ctx, grad, ctx.saved_tensors[0], ctx.y_dtype)
+def _shortcut_residual_grad(ctx, grad, *_):
+    return _residual_grads(ctx, grad, ctx.saved_tensors[0], ctx.y_dtype) + (None,)
 
 
 shortcut_residual.register_autograd(_shortcut_residual_grad, setup_context=_save_sum)
@@ -425,15 +442,18 @@ shortcut_residual.register_autograd(_shortcut_residual_grad, setup_context=_save
 
 @torch.library.custom_op('smmcl::batch_norm_stats', mutates_args=('running_mean', 'running_var'))
 def batch_norm_stats(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor,
-                     momentum: float, eps: float) -> Tensor:
+                     momentum: float, eps: float, partials: Optional[Tensor] = None) -> Tensor:
     """A training-mode batch normalisation's statistics of N-C-H-W x (running ones updated in place): 4 x C
-    float32 (mean, invstd, weight * invstd, bias; :func:`triton_channel.batch_norm_stats`). No autograd:
-    :func:`batch_norm_apply`'s backward is the whole batch norm's, through these statistics too."""
-    return CH.batch_norm_stats(x, weight, bias, running_mean, running_var, momentum, eps)
+    float32 (mean, invstd, weight * invstd, bias; :func:`triton_channel.batch_norm_stats`), from
+    ``partials`` where given with rows (those of x from the tail that wrote it: x is not read). No
+    autograd: :func:`batch_norm_apply`'s backward is the whole batch norm's, through these statistics
+    too."""
+    partials = partials if partials is not None and partials.shape[0] else None
+    return CH.batch_norm_stats(x, weight, bias, running_mean, running_var, momentum, eps, partials=partials)
 
 
 @batch_norm_stats.register_fake
-def _(x, weight, bias, running_mean, running_var, momentum, eps):
+def _(x, weight, bias, running_mean, running_var, momentum, eps, partials=None):
     return x.new_empty(4, x.shape[1], dtype=torch.float32)
 
 

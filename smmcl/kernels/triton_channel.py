@@ -27,9 +27,11 @@ as it reads them (keeping, with a shortcut, the float32 branch for the backward,
 operand) and writes the tail's sum; :func:`scaled_residual_grad` writes ``grad * f`` in y's dtype (and the
 shortcut's), and sums ``grad * v`` per image and channel and y's gradient per channel the same way,
 reading grad and the branch once. :func:`batch_norm_stats` sums each channel's values and squares the same
-way (shifted by the channel's first value), and :func:`batch_norm_apply` writes the normalised map in the
-stream's float32 and, in the same pass, in the bf16 the next conv reads, where autocast casts it in a pass
-of its own (and in the backward casts the copy's gradient and adds it to the other's in two more);
+way (shifted by the channel's first value), or takes those of the tail that wrote the map, summed as it
+wrote it (``stats``: one read of the stream fewer per norm), and :func:`batch_norm_apply` writes the
+normalised map in the stream's float32 and, in the same pass, in the bf16 the next conv reads, where
+autocast casts it in a pass of its own (and in the backward casts the copy's gradient and adds it to the
+other's in two more);
 :func:`batch_norm_grad` reads both gradients as they are. The cross-modal modulation's element-wise work is
 four passes: :func:`modulation_inputs` (per modality its half of the concat its coefficient MLPs read, and
 its channels' sums, maxima and the maxima's counts), :func:`modulation` (both outputs),
@@ -65,13 +67,21 @@ CHANNEL_TILE_CONFIGS = configs(_NCHW_TILES, _NHWC_TILES, (32, 16, 4), names=('BL
 @triton.jit
 def _tile(C, H, W, sn, sc, sw, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """Program (image x pixel block, cb) of an element-wise pass: its channels and their mask, and its
-    BLOCK_C x BLOCK_P elements' offsets and mask (rows at ``W * sw``, as :func:`bias_grad_kernel`)."""
-    blocks = tl.cdiv(H * W, BLOCK_P)
-    p = (tl.program_id(0) % blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    BLOCK_C x BLOCK_P elements' offsets and mask (:func:`_block`)."""
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    offs = (tl.program_id(0) // blocks) * sn + c[:, None] * sc + p[None, :] * sw
-    return c, cmask, offs, cmask[:, None] & (p < H * W)[None, :]
+    _, offs, mask = _block(tl.program_id(0), c, cmask, H, W, sn, sc, sw, BLOCK_P)
+    return c, cmask, offs, mask
+
+
+@triton.jit
+def _block(t, c, cmask, H, W, sn, sc, sw, BLOCK_P: tl.constexpr):
+    """Pixel block t of all images' (image-major, BLOCK_P pixels each) on channels c: its image, and its
+    elements' offsets and mask. The maps' rows follow each other at ``W * sw`` (NCHW or channels_last),
+    so that pixel p of an image sits at ``p * sw``."""
+    blocks = tl.cdiv(H * W, BLOCK_P)
+    p = (t % blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    return t // blocks, (t // blocks) * sn + c[:, None] * sc + p[None, :] * sw, cmask[:, None] & (p < H * W)[None, :]
 
 
 @triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'EPILOGUE'], prune_configs_by=PRUNE, do_bench=bench)
@@ -146,14 +156,11 @@ def bias_grad_kernel(g_ptr, y_ptr, b_ptr, u_ptr, gy_ptr, gu_ptr, out_ptr, N, C, 
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     chunk = tl.program_id(1)
-    pixels = H * W
-    blocks = tl.cdiv(pixels, BLOCK_P)
+    blocks = tl.cdiv(H * W, BLOCK_P)
     bias = conv_bias(b_ptr, c, cmask, y_ptr)
     acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
     for t in range(chunk, N * blocks, num_chunks):
-        p = (t % blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
-        offs = (t // blocks) * sn + c[:, None] * sc + p[None, :] * sw
-        mask = cmask[:, None] & (p < pixels)[None, :]
+        _, offs, mask = _block(t, c, cmask, H, W, sn, sc, sw, BLOCK_P)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if EPILOGUE != 0:
             v = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32) + bias[:, None]
@@ -170,26 +177,58 @@ def bias_grad_kernel(g_ptr, y_ptr, b_ptr, u_ptr, gy_ptr, gu_ptr, out_ptr, N, C, 
     tl.store(out_ptr + chunk * C + c, tl.sum(acc, axis=1), mask=cmask)
 
 
-@triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'PER_IMAGE', 'HAS_BIAS', 'HAS_SHORTCUT'],
+@triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'PER_IMAGE', 'HAS_BIAS', 'HAS_SHORTCUT', 'STATS'],
                  prune_configs_by=PRUNE, do_bench=bench)
 @triton.jit
-def scaled_residual_kernel(x_ptr, y_ptr, f_ptr, bias_ptr, s_ptr, out_ptr, v_ptr, N, C, H, W, sn, sc, sw,
+def scaled_residual_kernel(x_ptr, y_ptr, f_ptr, bias_ptr, s_ptr, out_ptr, v_ptr, sums_ptr, N, C, H, W, sn, sc, sw,
                            PER_IMAGE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SHORTCUT: tl.constexpr,
-                           BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Program (image x pixel block, cb) writes ``out = x + v * f`` in float32 arithmetic, stored in out's
-    dtype: v the branch (:func:`_branch`: y, with the bias, with the shortcut s), f float32 C (or N x C if
-    PER_IMAGE). With HAS_SHORTCUT it also writes v (in s's dtype, as :func:`_branch` rounds it) for the
-    backward, which cannot recompute it without s. x, y, s, out and v share their strides (rows at
-    ``W * sw``, as :func:`bias_grad_kernel`)."""
-    c, cmask, offs, mask = _tile(C, H, W, sn, sc, sw, BLOCK_C, BLOCK_P)
-    n = tl.program_id(0) // tl.cdiv(H * W, BLOCK_P)
-    f = tl.load(f_ptr + (n * C if PER_IMAGE else 0) + c, mask=cmask, other=0.0).to(tl.float32)
+                           STATS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Program (k, cb) walks the pixel blocks k, k + K, ... of all images (K the programs along axis 0: one
+    block each when the grid has one program a block) and writes ``out = x + v * f`` in float32
+    arithmetic, stored in out's dtype: v the branch (:func:`_branch`: y, with the bias, with the shortcut
+    s), f float32 C (or N x C if PER_IMAGE). With HAS_SHORTCUT it also writes v (in s's dtype, as
+    :func:`_branch` rounds it) for the backward, which cannot recompute it without s. With STATS it writes
+    the forward partials of :func:`norm_sums_kernel` for out as stored, at rows k and K + k of sums_ptr,
+    shifted by ``x[0, c, 0, 0]`` (known to every program before the pass, and near out's values, as the
+    residual adds a small scaled branch), and that shift at row 2K: the statistics of the BatchNorm that
+    reads out next, without reading it back (:func:`norm_finalize_kernel` on them). x, y, s, out and v
+    share their strides (rows at ``W * sw``, as :func:`bias_grad_kernel`)."""
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
     bias = conv_bias(bias_ptr, c, cmask, y_ptr) if HAS_BIAS else None
+    if STATS:
+        centre = tl.load(x_ptr + c * sc, mask=cmask, other=0.0).to(tl.float32)
+        first = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+        second = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+        for t in range(tl.program_id(0), N * tl.cdiv(H * W, BLOCK_P), tl.num_programs(0)):
+            out, mask = _tail_tile(t, c, cmask, bias, x_ptr, y_ptr, f_ptr, s_ptr, out_ptr, v_ptr, C, H, W, sn, sc, sw,
+                                   PER_IMAGE, HAS_BIAS, HAS_SHORTCUT, BLOCK_P)
+            d = tl.where(mask, out - centre[:, None], 0.0)
+            first += d
+            second += d * d
+        k = tl.program_id(0)
+        tl.store(sums_ptr + k * C + c, tl.sum(first, axis=1), mask=cmask)
+        tl.store(sums_ptr + (tl.num_programs(0) + k) * C + c, tl.sum(second, axis=1), mask=cmask)
+        if k == 0:
+            tl.store(sums_ptr + 2 * tl.num_programs(0) * C + c, centre, mask=cmask)
+    else:
+        _tail_tile(tl.program_id(0), c, cmask, bias, x_ptr, y_ptr, f_ptr, s_ptr, out_ptr, v_ptr, C, H, W, sn, sc, sw,
+                   PER_IMAGE, HAS_BIAS, HAS_SHORTCUT, BLOCK_P)
+
+
+@triton.jit
+def _tail_tile(t, c, cmask, bias, x_ptr, y_ptr, f_ptr, s_ptr, out_ptr, v_ptr, C, H, W, sn, sc, sw,
+               PER_IMAGE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SHORTCUT: tl.constexpr, BLOCK_P: tl.constexpr):
+    """:func:`scaled_residual_kernel`'s work on pixel block t of all images' (image-major): it stores out (and
+    v), and returns out as stored, in float32, with the tile's mask."""
+    n, offs, mask = _block(t, c, cmask, H, W, sn, sc, sw, BLOCK_P)
+    f = tl.load(f_ptr + (n * C if PER_IMAGE else 0) + c, mask=cmask, other=0.0).to(tl.float32)
     v = _branch(y_ptr, bias, s_ptr, offs, mask, HAS_BIAS, HAS_SHORTCUT)
     if HAS_SHORTCUT:
         tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
-    out = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) + v * f[:, None]
-    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    out = (tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) + v * f[:, None]).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs, out, mask=mask)
+    return out.to(tl.float32), mask
 
 
 @triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'PER_IMAGE', 'HAS_BIAS', 'HAS_SHORTCUT'],
@@ -208,17 +247,15 @@ def scaled_residual_grad_kernel(g_ptr, v_ptr, f_ptr, bias_ptr, gy_ptr, gs_ptr, o
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     n = tl.program_id(1) // chunks
-    pixels = H * W
     f = tl.load(f_ptr + (n * C if PER_IMAGE else 0) + c, mask=cmask, other=0.0).to(tl.float32)
     # the branch's bias is read by the backward's recomputation only without a shortcut (then the saved
     # branch has it already); the rounding to y's dtype is gy's (y's gradient has y's dtype)
     bias = conv_bias(bias_ptr, c, cmask, gy_ptr) if HAS_BIAS and not HAS_SHORTCUT else None
     acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
     bias_acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
-    for b in range(tl.program_id(1) % chunks, tl.cdiv(pixels, BLOCK_P), chunks):
-        p = b * BLOCK_P + tl.arange(0, BLOCK_P)
-        mask = cmask[:, None] & (p < pixels)[None, :]
-        offs = n * sn + c[:, None] * sc + p[None, :] * sw
+    blocks = tl.cdiv(H * W, BLOCK_P)
+    for b in range(tl.program_id(1) % chunks, blocks, chunks):
+        _, offs, mask = _block(n * blocks + b, c, cmask, H, W, sn, sc, sw, BLOCK_P)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         gv = g * f[:, None]
         gy = gv.to(gy_ptr.dtype.element_ty)
@@ -323,28 +360,35 @@ def _factor_rows(factor: torch.Tensor, c: int) -> torch.Tensor:
 
 
 def _tail_triton(x: torch.Tensor, y: torch.Tensor, factor: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                 shortcut: Optional[torch.Tensor] = None):
+                 shortcut: Optional[torch.Tensor] = None, stats: bool = False):
     n, c, h, w = y.shape
     out = torch.empty_like(x, dtype=sum_dtype(x, y, factor, shortcut))
     v = None if shortcut is None else torch.empty_like(shortcut)
+    stats = stats and out.numel() > 0
+    chunks = _chunks(out) if stats else 0
+    # every partial and the shift row written by their programs: no fill
+    sums = torch.empty(2 * chunks + 1, c, device=x.device, dtype=torch.float32) if stats else None
     if out.numel():
         rows = _factor_rows(factor, c)
-        scaled_residual_kernel[lambda m: (n * triton.cdiv(h * w, m['BLOCK_P']), triton.cdiv(c, m['BLOCK_C']))](
+        scaled_residual_kernel[lambda m: (chunks or n * triton.cdiv(h * w, m['BLOCK_P']),
+                                          triton.cdiv(c, m['BLOCK_C']))](
             x, y, rows, rows if bias is None else bias, y if shortcut is None else shortcut, out,
-            out if v is None else v, n, c, h, w, y.stride(0), y.stride(1), y.stride(3),
-            PER_IMAGE=rows.shape[0] > 1, HAS_BIAS=bias is not None, HAS_SHORTCUT=shortcut is not None)
-    return out, v
+            out if v is None else v, rows if sums is None else sums, n, c, h, w, y.stride(0), y.stride(1),
+            y.stride(3), PER_IMAGE=rows.shape[0] > 1, HAS_BIAS=bias is not None, HAS_SHORTCUT=shortcut is not None,
+            STATS=stats)
+    return out, v, sums
 
 
 def _tail_torch(x: torch.Tensor, y: torch.Tensor, factor: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                shortcut: Optional[torch.Tensor] = None):
+                shortcut: Optional[torch.Tensor] = None, stats: bool = False):
     """ATen's: the bias add after the conv (:func:`_add_torch`), the shortcut's add (promoting), then
     ``addcmul`` (the ``out=`` form, which reads a bf16 branch as autocast's float32 copy of it would be:
-    the same values)."""
+    the same values). No statistics' partials (``stats`` asks, None answers): the next norm sums its
+    own."""
     v = y if bias is None else _add_torch(y, bias)
     v = v if shortcut is None else v + shortcut
     out = torch.addcmul(x, v, factor, out=torch.empty_like(x, dtype=sum_dtype(x, y, factor, shortcut)))
-    return out, None if shortcut is None else v
+    return out, None if shortcut is None else v, None
 
 
 def _residual_triton(grad: torch.Tensor, branch: torch.Tensor, factor: torch.Tensor,
@@ -425,8 +469,7 @@ def norm_sums_kernel(x_ptr, g_ptr, h_ptr, mean_ptr, out_ptr, N, C, H, W, sn, sc,
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     chunk = tl.program_id(1)
-    pixels = H * W
-    blocks = tl.cdiv(pixels, BLOCK_P)
+    blocks = tl.cdiv(H * W, BLOCK_P)
     if BACKWARD:
         centre = tl.load(mean_ptr + c, mask=cmask, other=0.0)
     else:
@@ -434,9 +477,7 @@ def norm_sums_kernel(x_ptr, g_ptr, h_ptr, mean_ptr, out_ptr, N, C, H, W, sn, sc,
     first = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
     second = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
     for t in range(chunk, N * blocks, num_chunks):
-        p = (t % blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
-        offs = (t // blocks) * sn + c[:, None] * sc + p[None, :] * sw
-        mask = cmask[:, None] & (p < pixels)[None, :]
+        _, offs, mask = _block(t, c, cmask, H, W, sn, sc, sw, BLOCK_P)
         d = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - centre[:, None], 0.0)
         if BACKWARD:
             dy = _norm_grad(g_ptr, h_ptr, offs, mask, HAS_G, HAS_H)
@@ -560,12 +601,21 @@ _FINALIZE_BLOCK = 128
 
 def _stats_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor,
                   running_var: torch.Tensor, momentum: float, eps: float) -> torch.Tensor:
-    n, c, height, width = x.shape
     sums, chunks = _norm_sums(x, None, None, None)
-    coef = torch.empty(4, c, device=x.device, dtype=torch.float32)
+    return _finalize_stats(sums, x, x.stride(1), chunks, x.numel() // x.shape[1], weight, bias, running_mean,
+                           running_var, momentum, eps)
+
+
+def _finalize_stats(sums: torch.Tensor, shift: torch.Tensor, shift_stride: int, chunks: int, count: int,
+                    weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
+                    momentum: float, eps: float) -> torch.Tensor:
+    """:func:`norm_finalize_kernel` (forward) on ``chunks`` rows of shifted sums and as many of squares, the
+    channels' shifts read from ``shift`` at ``shift_stride`` apart: the 4 x C coefficients."""
+    c = weight.shape[0]
+    coef = torch.empty(4, c, device=sums.device, dtype=torch.float32)
     norm_finalize_kernel[(triton.cdiv(c, _FINALIZE_BLOCK),)](
-        sums, x, weight, bias, running_mean, running_var, coef, coef, coef, coef, coef, c, x.stride(1), chunks,
-        float(n * height * width), momentum, eps, BACKWARD=False, BLOCK=_FINALIZE_BLOCK)
+        sums, shift, weight, bias, running_mean, running_var, coef, coef, coef, coef, coef, c, shift_stride, chunks,
+        float(count), momentum, eps, BACKWARD=False, BLOCK=_FINALIZE_BLOCK)
     return coef
 
 
@@ -912,13 +962,18 @@ def _run(op: str, impl: Optional[str], *args, timing_args=None, **options):
     ``SMMCL_TRITON_CHANNEL``, else ``'auto'``: on a GPU the faster of the two for this op, options,
     shape, layout and dtype, timed once (on the arguments ``timing_args()`` gives, if given: an op that
     updates a state in place is timed on a copy of it); under the interpreter ``'triton'``."""
+    return _IMPLS[op][_choice(op, impl, args, timing_args, options)](*args, **options)
+
+
+def _choice(op: str, impl: Optional[str], args, timing_args=None, options=None) -> str:
+    """The name of the implementation :func:`_run` runs."""
+    options = options or {}
     impls = {name: functools.partial(fn, **options) for name, fn in _IMPLS[op].items()}
     key = (op, tuple(options.items())) + tuple(
         (tuple(t.shape), t.stride(), t.dtype, t.device) if isinstance(t, torch.Tensor) else t for t in args)
     device = next(t.device for t in args if isinstance(t, torch.Tensor))
-    name = choose('SMMCL_TRITON_CHANNEL', impl, CHANNEL_IMPLS, device, 'triton',
+    return choose('SMMCL_TRITON_CHANNEL', impl, CHANNEL_IMPLS, device, 'triton',
                   lambda: _CHOICE.get(key) or fastest(_CHOICE, key, impls, *(timing_args() if timing_args else args)))
-    return impls[name](*args)
 
 
 def _check_epilogue(epilogue: str, gate: Optional[torch.Tensor], y: torch.Tensor) -> None:
@@ -988,10 +1043,10 @@ def bias_epilogue_grad(grad: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, 
 
 
 def scaled_residual(x: torch.Tensor, y: torch.Tensor, factor: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                    shortcut: Optional[torch.Tensor] = None, impl: Optional[str] = None):
+                    shortcut: Optional[torch.Tensor] = None, impl: Optional[str] = None, stats: bool = False):
     """A block tail ``x + v * factor`` in one pass, v the residual branch: y, plus (with ``bias``) the bias of
     the conv that made y, as :func:`bias_add` adds it, plus (with ``shortcut``) the branch's own shortcut
-    (the attention's ``proj_2(...) + x``).
+    (the attention's ``proj_2(...) + x``); with ``stats``, the sum's BatchNorm partials in the same pass.
 
     Args:
         x: N-C-H-W, the residual stream (float32 on the fast path).
@@ -999,17 +1054,20 @@ def scaled_residual(x: torch.Tensor, y: torch.Tensor, factor: torch.Tensor, bias
         factor: C-1-1 / 1-C-1-1 (a layer scale) or N-C-1-1 (with drop path's per-image mask), float32.
         bias: C or None; shortcut: N-C-H-W or None, in a dtype at least as wide as y's.
         impl: ``'triton'`` (:func:`scaled_residual_kernel`), ``'torch'`` (ATen's passes) or ``'auto'``
-            (:func:`_run`).
+            (:func:`_run`; timed without the statistics, which spare the next norm a pass of its own).
+        stats: also sum the statistics of the BatchNorm that reads the sum next (only ``'triton'`` does).
     Returns:
         The sum, N-C-H-W in x's layout and the promoted dtype of x, v and the factor (float32 arithmetic,
         the multiply-add possibly fused: the composition's to float32 rounding); with a shortcut v too
         (the shortcut's dtype, x's layout: the backward's branch, as ``addcmul`` keeps its float32 v),
-        else None.
+        else None; with ``stats`` and ``'triton'`` the sum's partials for :func:`batch_norm_stats`
+        (float32 (2K + 1) x C: K rows of shifted sums, K of their squares, the shift), else None.
     """
     check_device(x)
     check_residual(y, factor, bias, shortcut)
-    x, y, *shortcut = _same_layout(_layout(x), x, y, *([] if shortcut is None else [shortcut]))
-    return _run('tail', impl, x, y, factor, bias, *shortcut)
+    args = _same_layout(_layout(x), x, y, *([] if shortcut is None else [shortcut]))
+    args = (*args[:2], factor, bias, *args[2:])
+    return _IMPLS['tail'][_choice('tail', impl, args)](*args, stats=stats)
 
 
 def scaled_residual_grad(grad: torch.Tensor, branch: torch.Tensor, factor: torch.Tensor,
@@ -1062,14 +1120,23 @@ def residual_pair(a: torch.Tensor, b: torch.Tensor, factor: Optional[torch.Tenso
 
 
 def batch_norm_stats(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor,
-                     running_var: torch.Tensor, momentum: float, eps: float,
-                     impl: Optional[str] = None) -> torch.Tensor:
+                     running_var: torch.Tensor, momentum: float, eps: float, impl: Optional[str] = None,
+                     partials: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A training-mode batch normalisation's statistics of N-C-H-W ``x``, the running ones updated in place as
     ``nn.BatchNorm2d`` updates them (``momentum``, the unbiased variance): float32 4 x C rows (mean,
     invstd, ``weight * invstd``, bias) for :func:`batch_norm_apply`. ``impl``: ``'triton'``
     (:func:`norm_sums_kernel`, :func:`norm_finalize_kernel`: shifted sums in float32), ``'torch'``
-    (``var_mean``) or ``'auto'`` (:func:`_run`, timed on copies of the running statistics)."""
+    (``var_mean``) or ``'auto'`` (:func:`_run`, timed on copies of the running statistics). With
+    ``partials`` (x's, from the :func:`scaled_residual` that wrote x) only :func:`norm_finalize_kernel`
+    runs: x is not read."""
     check_device(x)
+    if partials is not None:
+        chunks = (partials.shape[0] - 1) // 2
+        if partials.dim() != 2 or partials.shape[1] != x.shape[1] or chunks < 1 or partials.shape[0] != 2 * chunks + 1:
+            raise ValueError(f'smmcl.kernels: a BatchNorm\'s partials for {x.shape[1]} channels are (2K + 1) x '
+                             f'{x.shape[1]} (scaled_residual\'s with stats), got {tuple(partials.shape)}')
+        return _finalize_stats(partials, partials[-1], 1, chunks, x.numel() // x.shape[1], weight, bias,
+                               running_mean, running_var, momentum, eps)
     x, = _same_layout(_layout(x), x)
     return _run('stats', impl, x, weight, bias, running_mean, running_var, momentum, eps,
                 timing_args=lambda: (x, weight, bias, running_mean.clone(), running_var.clone(), momentum, eps))

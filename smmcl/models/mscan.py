@@ -14,7 +14,7 @@ dict stay the same.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -220,7 +220,7 @@ def residual_add(module: nn.Module, x: torch.Tensor):
     kernels on, ``smmcl::scaled_residual`` (one pass forward, one Triton pass backward:
     :mod:`smmcl.kernels.triton_channel`), else ``torch.addcmul``; the same function."""
     if per_channel_passes(module, x):
-        return torch.ops.smmcl.scaled_residual
+        return lambda x, y, f: torch.ops.smmcl.scaled_residual(x, y, f)[0]
     return torch.addcmul
 
 
@@ -228,12 +228,19 @@ def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
     """A stage's blocks in turn on N-C-H-W ``x``. Folded blocks (inference) with the kernels on, under
     autocast and without autograd, hand on the residual stream with its copy in the autocast dtype, which
     each residual add writes in the same pass (``forward_pair``): the next 1x1 conv reads it instead of
-    autocast casting the stream again. The same values."""
-    low = None
-    for block in blocks:
+    autocast casting the stream again. Blocks on the kernels' path (:meth:`Block.forward_stream`) hand on
+    the stream with its next BatchNorm's partial sums, which each block's last tail sums in its pass: the
+    norm does not read the stream back for its statistics. The same values (the statistics rounded
+    differently)."""
+    low = partials = None
+    for i, block in enumerate(blocks):
         if hasattr(block, 'forward_pair') and per_channel_passes(block, x) and not torch.is_grad_enabled() \
                 and torch.is_autocast_enabled(x.device.type):
             x, low = block.forward_pair(x, low)
+        elif isinstance(block, Block) and block.streams(x):
+            following = blocks[i + 1] if i + 1 < len(blocks) else None
+            next_norm = following.norm1 if isinstance(following, Block) and following.streams(x) else None
+            x, partials = block.forward_stream(x, partials, next_norm)
         else:
             x, low = block(x), None
     return x
@@ -288,18 +295,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """N-C-H-W -> N-C-H-W."""
-        if self.fused_tails and per_channel_passes(self, x):
-            # each half's tail in one pass (smmcl::shortcut_residual, smmcl::scaled_residual), with the
-            # branch's last bias (proj_2's, fc2's) and the attention's own shortcut: no pass of their own,
-            # forward or backward; each norm writes its conv's bf16 copy itself and hands the stream on,
-            # adding the stream's two gradients in its backward (normed_pair)
-            ops = torch.ops.smmcl
-            xn, low, x = normed_pair(self.norm1, x)
-            y = self.attn.branch(low, add_bias=False)
-            x, _ = ops.shortcut_residual(x, y, self._factor(self.layer_scale_1, y), self.attn.proj_2.bias, xn)
-            _, low, x = normed_pair(self.norm2, x, full=False)
-            y = self.mlp(low, add_bias=False)
-            return ops.scaled_residual(x, y, self._factor(self.layer_scale_2, y), self.mlp.fc2.bias)
+        if self.streams(x):
+            return self.forward_stream(x)[0]
         if self.fused_tails:  # each half's scale, drop path and residual add in one addcmul pass
             y = self.attn(self.norm1(x))
             x = torch.addcmul(x, y, self._factor(self.layer_scale_1, y))
@@ -309,29 +306,63 @@ class Block(nn.Module):
         x = x + self.drop_path(self.layer_scale_2[:, None, None] * self.mlp(self.norm2(x)))
         return x
 
+    def streams(self, x: torch.Tensor) -> bool:
+        """Whether the block runs :meth:`forward_stream` on x: the fast path's tails with the kernels on."""
+        return self.fused_tails and per_channel_passes(self, x)
+
+    def forward_stream(self, x: torch.Tensor, partials: Optional[torch.Tensor] = None,
+                       next_norm: Optional[nn.Module] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The block on the kernels' path: N-C-H-W x -> (N-C-H-W, partials). Each half's tail is one pass
+        (``smmcl::shortcut_residual``, ``smmcl::scaled_residual``), with the branch's last bias (proj_2's,
+        fc2's) and the attention's own shortcut: no pass of their own, forward or backward. Each norm
+        writes its conv's bf16 copy itself and hands the stream on, adding the stream's two gradients in
+        its backward (:func:`normed_pair`). The attention's tail sums norm2's statistics in its pass; the
+        MLP's, with ``next_norm`` (the BatchNorm that reads this block's output next, where
+        :func:`fused_norm` holds), those of the output, returned as ``partials`` for that norm (else None);
+        norm1 takes ``partials`` (x's, or None: it sums them itself)."""
+        ops = torch.ops.smmcl
+        xn, low, x = normed_pair(self.norm1, x, partials=partials)
+        y = self.attn.branch(low, add_bias=False)
+        x, _, partials = ops.shortcut_residual(x, y, self._factor(self.layer_scale_1, y), self.attn.proj_2.bias, xn,
+                                               stats=fused_norm(self.norm2, x))
+        _, low, x = normed_pair(self.norm2, x, full=False, partials=partials)
+        y = self.mlp(low, add_bias=False)
+        stats = next_norm is not None and fused_norm(next_norm, x)
+        x, partials = ops.scaled_residual(x, y, self._factor(self.layer_scale_2, y), self.mlp.fc2.bias, stats=stats)
+        return x, partials if stats else None
+
     def _factor(self, scale: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if isinstance(self.drop_path, DropPath):
             return self.drop_path.scaled_factor(scale, y)
         return scale[:, None, None]
 
 
-def normed_pair(norm: nn.Module, x: torch.Tensor, full: bool = True):
+def fused_norm(norm: nn.Module, x: torch.Tensor) -> bool:
+    """Whether :func:`normed_pair` runs ``norm`` on x as the kernels' batch norm: a plain
+    ``nn.BatchNorm2d`` in training (running statistics, affine, a momentum) under autocast, on more than
+    one value per channel (else the module's own error)."""
+    return (type(norm) is nn.BatchNorm2d and norm.training and norm.track_running_stats and norm.affine
+            and norm.momentum is not None and torch.is_autocast_enabled(x.device.type)
+            and x.numel() > x.shape[1])
+
+
+def normed_pair(norm: nn.Module, x: torch.Tensor, full: bool = True, partials: Optional[torch.Tensor] = None):
     """(``norm(x)``, the same in the autocast dtype the next conv reads it in, x for the residual shortcut)
-    for a block's BatchNorm with the kernels on. A plain ``nn.BatchNorm2d`` in training under autocast
-    runs as ``smmcl::batch_norm_stats`` and ``smmcl::batch_norm_apply``: its statistics (the running ones
-    updated, ``num_batches_tracked`` too, as the module does), then both outputs in one pass (without
-    ``full`` only the low one: None, x's dtype). Its backward reads the two outputs' gradients as they
-    are, where autocast would cast the copy's gradient and add it to the other's in two passes of their
-    own, and adds the stream's gradient from the shortcut, for which x is handed on as a view
+    for a block's BatchNorm with the kernels on. Where :func:`fused_norm` holds, it runs as
+    ``smmcl::batch_norm_stats`` (from ``partials``, x's from the tail that wrote it, where given with
+    rows) and ``smmcl::batch_norm_apply``: its statistics (the running ones updated,
+    ``num_batches_tracked`` too, as the module does), then both outputs in one pass (without ``full`` only
+    the low one: None, x's dtype). Its backward reads the two outputs' gradients as they are, where
+    autocast would cast the copy's gradient and add it to the other's in two passes of their own, and
+    adds the stream's gradient from the shortcut, for which x is handed on as a view
     (:class:`~smmcl.kernels.ops.BatchNormStream`), where autograd would add it in a pass of its own.
     Otherwise the module, its output given twice (autocast casts it where the conv reads it), and x."""
-    if (type(norm) is nn.BatchNorm2d and norm.training and norm.track_running_stats and norm.affine
-            and norm.momentum is not None and torch.is_autocast_enabled(x.device.type)
-            and x.numel() > x.shape[1]):  # one value per channel: the module's own error
+    if fused_norm(norm, x):
         from ..kernels.ops import BatchNormStream  # loaded with the kernels (use_fused_kernels)
         norm.num_batches_tracked.add_(1)
         coef = torch.ops.smmcl.batch_norm_stats(x.detach(), norm.weight.detach(), norm.bias.detach(),
-                                                norm.running_mean, norm.running_var, norm.momentum, norm.eps)
+                                                norm.running_mean, norm.running_var, norm.momentum, norm.eps,
+                                                partials)
         low, out, stream = BatchNormStream.apply(x, norm.weight, norm.bias, coef,
                                                  torch.get_autocast_dtype(x.device.type), full)
         return out if full else None, low, stream
