@@ -602,19 +602,19 @@ _FINALIZE_BLOCK = 128
 def _stats_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor,
                   running_var: torch.Tensor, momentum: float, eps: float) -> torch.Tensor:
     sums, chunks = _norm_sums(x, None, None, None)
-    return _finalize_stats(sums, x, x.stride(1), chunks, x.numel() // x.shape[1], weight, bias, running_mean,
+    return _finalize_stats(sums, x[0, :, 0, 0], chunks, x.numel() // x.shape[1], weight, bias, running_mean,
                            running_var, momentum, eps)
 
 
-def _finalize_stats(sums: torch.Tensor, shift: torch.Tensor, shift_stride: int, chunks: int, count: int,
-                    weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
-                    momentum: float, eps: float) -> torch.Tensor:
+def _finalize_stats(sums: torch.Tensor, shift: torch.Tensor, chunks: int, count: int, weight: torch.Tensor,
+                    bias: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor, momentum: float,
+                    eps: float) -> torch.Tensor:
     """:func:`norm_finalize_kernel` (forward) on ``chunks`` rows of shifted sums and as many of squares, the
-    channels' shifts read from ``shift`` at ``shift_stride`` apart: the 4 x C coefficients."""
+    channels' shifts the C values of ``shift`` (a view, any stride): the 4 x C coefficients."""
     c = weight.shape[0]
     coef = torch.empty(4, c, device=sums.device, dtype=torch.float32)
     norm_finalize_kernel[(triton.cdiv(c, _FINALIZE_BLOCK),)](
-        sums, shift, weight, bias, running_mean, running_var, coef, coef, coef, coef, coef, c, shift_stride, chunks,
+        sums, shift, weight, bias, running_mean, running_var, coef, coef, coef, coef, coef, c, shift.stride(0), chunks,
         float(count), momentum, eps, BACKWARD=False, BLOCK=_FINALIZE_BLOCK)
     return coef
 
@@ -652,8 +652,8 @@ def _norm_grad_triton(grad_low: Optional[torch.Tensor], grad_full: Optional[torc
     coef = torch.empty(4, c, device=x.device, dtype=torch.float32)
     grad_weight, grad_bias = (torch.empty(c, device=x.device, dtype=torch.float32) for _ in range(2))
     norm_finalize_kernel[(triton.cdiv(c, _FINALIZE_BLOCK),)](
-        sums, x, weight, weight, mean, mean, mean, invstd, coef, grad_weight, grad_bias, c, x.stride(1), chunks,
-        float(n * height * width), 0.0, 0.0, BACKWARD=True, BLOCK=_FINALIZE_BLOCK)
+        sums, mean, weight, weight, mean, mean, mean, invstd, coef, grad_weight, grad_bias, c, 1, chunks,
+        float(n * height * width), 0.0, 0.0, BACKWARD=True, BLOCK=_FINALIZE_BLOCK)  # x_ptr unread: mean stands in
     grad_x = torch.empty_like(x)
     _norm_launch(x, grad_full, grad_low, coef, None, grad_x, grad_pass)
     return grad_x, grad_weight, grad_bias
@@ -1135,7 +1135,7 @@ def batch_norm_stats(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
         if partials.dim() != 2 or partials.shape[1] != x.shape[1] or chunks < 1 or partials.shape[0] != 2 * chunks + 1:
             raise ValueError(f'smmcl.kernels: a BatchNorm\'s partials for {x.shape[1]} channels are (2K + 1) x '
                              f'{x.shape[1]} (scaled_residual\'s with stats), got {tuple(partials.shape)}')
-        return _finalize_stats(partials, partials[-1], 1, chunks, x.numel() // x.shape[1], weight, bias,
+        return _finalize_stats(partials, partials[-1], chunks, x.numel() // x.shape[1], weight, bias,
                                running_mean, running_var, momentum, eps)
     x, = _same_layout(_layout(x), x)
     return _run('stats', impl, x, weight, bias, running_mean, running_var, momentum, eps,
