@@ -15,6 +15,9 @@ endif
 # One BLAS/OpenMP thread per process in tests: several test processes share the cores, and
 # oversubscribed OpenMP threads spin-wait (a forward pass went from 0.06 s to 8 s on 2 busy cores).
 TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+# pytest-xdist workers, one per core by default (the suite is mostly single-threaded Triton-interpreter
+# and CPU work): TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= auto
 
 .PHONY: install test test-quick demo ablation bench clean
 
@@ -29,11 +32,11 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@touch $@
 
 test: install
-	$(TEST_ENV) $(PY) -m pytest -q
+	$(TEST_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS)
 
 # Skips the slow tests and those that start processes (subprocess, spawn, gloo): under 90 s on 2 cores.
 test-quick: install
-	$(TEST_ENV) $(PY) -m pytest -q -m "not slow and not integration"
+	$(TEST_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow and not integration"
 
 demo: install
 	$(PY) -m smmcl.demo
