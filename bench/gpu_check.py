@@ -380,7 +380,7 @@ def wgrad_table(args, device, bandwidth):
                 weight = torch.randn(c, 1, kh, kw, generator=g).to(device)
                 times = {impl: time_ms(lambda impl=impl: K.dwconv_wgrad(grad, x, weight, impl=impl), device,
                                        args.smoke) for impl in impls}
-                chosen = _auto(lambda: K._fastest_wgrad(grad, x, weight), 'gather', x)
+                chosen = K.wgrad_choice(grad, x, weight, 'auto')
                 diff = rel(K.dwconv_wgrad(grad, x, weight, impl='rows')[0],
                            K.dwconv_wgrad(grad, x, weight, impl='gather')[0])
                 floor = 2 * x.numel() * x.element_size() / bandwidth * 1e3
@@ -390,12 +390,6 @@ def wgrad_table(args, device, bandwidth):
                       f"{' '.join(f'{times[i]:7.3f}' for i in impls)} {floor:7.3f}  {chosen:<7} {diff:.1e}")
                 del x, grad
     return rows
-
-
-def _auto(timed, fallback: str, x) -> str:
-    """What an op's ``auto`` picks for x: ``timed()`` on a GPU, else (``--smoke``: nothing can be timed under
-    the interpreter) the interpreter's ``fallback``, as ``triton_common.choose`` decides."""
-    return timed() if x.is_cuda else fallback
 
 
 def backward_table(args, device, bandwidth):
@@ -431,7 +425,7 @@ def backward_table(args, device, bandwidth):
 
                 def run(impl):
                     return K.dwconv_gelu_backward(grad, x, weight, bias, in_bias, impl=impl)
-            separate = _auto(lambda: K._fastest_wgrad(grad, x, weight), 'gather', x)
+            separate = K.wgrad_choice(grad, x, weight, 'auto')
             times = {'fused': time_ms(lambda: run('fused'), device, args.smoke),
                      'separate': time_ms(lambda: run(separate), device, args.smoke)}
             chosen = K._backward_wgrad('auto', op, x, weight, flags, run) or 'separate'
@@ -483,7 +477,7 @@ def strip_wgrad_table(args, device, bandwidth=None):
 
                 times = {impl: time_ms(lambda impl=impl: packed(impl), device, args.smoke)
                          for impl in K.STRIP_WGRAD_IMPLS}
-                chosen = _auto(lambda: K._fastest_strip_wgrad(grads, xs, weights, along_w), 'fused', a)
+                chosen = K.strip_wgrad_choice(grads, xs, weights, along_w, 'auto')
                 diff = max(rel(packed(impl), packed('fused')) for impl in K.STRIP_WGRAD_IMPLS if impl != 'fused')
                 # 1xK reads grad_t (three maps) and a; Kx1 reads grad and t (three maps)
                 floor = 4 * a.numel() * a.element_size() / bandwidth * 1e3 if bandwidth else float('nan')

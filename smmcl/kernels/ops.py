@@ -413,6 +413,7 @@ def _save_branch(ctx, inputs, output):
     x, y, factor, bias = inputs[:4]
     ctx.save_for_backward(y, factor, bias)
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # the partials take no gradient: no zeros made for them
     ctx.x_dtype = x.dtype
 
 

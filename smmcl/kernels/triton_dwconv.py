@@ -520,9 +520,15 @@ def dwconv_wgrad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     """
     _check_device(x)
     x, grad = _same_layout(_layout(x), x, grad)
-    impl = choose('SMMCL_TRITON_WGRAD', impl, WGRAD_IMPLS, x.device, 'gather',
-                  lambda: _fastest_wgrad(grad, x, weight))
+    impl = wgrad_choice(grad, x, weight, impl)
     return _WGRAD['gather' if impl == 'fused' else impl](grad, x, weight)
+
+
+def wgrad_choice(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, impl: Optional[str] = None) -> str:
+    """The implementation :func:`dwconv_wgrad` takes for ``impl`` (grad and x in one layout): ``'auto'``
+    timed once per shape on a GPU, ``'gather'`` under the interpreter."""
+    return choose('SMMCL_TRITON_WGRAD', impl, WGRAD_IMPLS, x.device, 'gather',
+                  lambda: _fastest_wgrad(grad, x, weight))
 
 
 def grad_and_wgrad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -834,9 +840,14 @@ def strip3_wgrad_packed(grads: Sequence[torch.Tensor], xs: Sequence[torch.Tensor
     of those that apply, for this shape, direction, layout and dtype, timed once; under the interpreter
     ``'fused'``.
     """
-    impl = choose('SMMCL_TRITON_STRIP_WGRAD', impl, STRIP_WGRAD_IMPLS, xs[0].device, 'fused',
+    return _STRIP_WGRAD[strip_wgrad_choice(grads, xs, weights, along_w, impl)](grads, xs, weights, along_w)
+
+
+def strip_wgrad_choice(grads, xs, weights, along_w: bool, impl: Optional[str] = None) -> str:
+    """The implementation :func:`strip3_wgrad_packed` takes for ``impl``: ``'auto'`` timed once per shape
+    on a GPU, ``'fused'`` under the interpreter."""
+    return choose('SMMCL_TRITON_STRIP_WGRAD', impl, STRIP_WGRAD_IMPLS, xs[0].device, 'fused',
                   lambda: _fastest_strip_wgrad(grads, xs, weights, along_w))
-    return _STRIP_WGRAD[impl](grads, xs, weights, along_w)
 
 
 _STRIP_WGRAD_CHOICE = {}  # (shape, lengths, direction, layout, dtypes, device) -> the faster implementation
