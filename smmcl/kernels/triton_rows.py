@@ -333,6 +333,20 @@ GRAD_WGRAD_ROW_CONFIGS = configs(_NCHW_WGRAD_ROWS + [(1, 4, 256, 4), (1, 8, 256,
                                  _NAMES)
 
 
+@triton.constexpr_function
+def _meets(r, o, KH):
+    """Whether a band's walked row r (counted from the first row output row 0 reads) reaches its output
+    row o through a kernel of KH rows."""
+    return 0 <= r - o < KH
+
+
+@triton.constexpr_function
+def _tap_row(r, o, KH, mirrored):
+    """The kernel row that joins walked row r to output row o (:func:`_meets`): r - o for the conv,
+    KH - 1 - (r - o) for its adjoint, whose kernel is the conv's turned over (as :func:`_add_tap`)."""
+    return KH - 1 - (r - o) if mirrored else r - o
+
+
 @triton.jit
 def _add_to(accs, k: tl.constexpr, v):
     """The tuple ``accs`` with ``v`` added to its entry ``k`` (rebuilt when compiling; costs one add)."""
@@ -379,9 +393,8 @@ def _wgrad_rows_job(g_ptr, x_ptr, dw_ptr, db_ptr, c, cmask, chunk, N, H, W, sn, 
             for j in tl.static_range(KW):
                 xv = _input_row(x_ptr + channels, cmask, h0 + r - (KH - 1) // 2, w, H, W, sh, sw, j, KW, False)
                 for o in tl.static_range(ROWS):
-                    if r - o >= 0:
-                        if r - o < KH:
-                            accs = _add_to(accs, (r - o) * KW + j, grads[o] * xv)
+                    if _meets(r, o, KH):
+                        accs = _add_to(accs, _tap_row(r, o, KH, False) * KW + j, grads[o] * xv)
     for k in tl.static_range(KH * KW):
         tl.store(dw_ptr + c * (KH * KW) + k, tl.sum(accs[k], axis=1), mask=cmask)
     tl.store(db_ptr + c, tl.sum(acc_b, axis=1), mask=cmask)
@@ -459,11 +472,9 @@ def grad_wgrad_rows_kernel(g_ptr, x_ptr, dw_ptr, db_ptr, N, C, H, W, sn, sc, sh,
         for o in tl.static_range(ROWS):
             acc = zero
             for r in tl.static_range(ROWS + KH - 1):
-                if r - o >= 0:
-                    if r - o < KH:
-                        for j in tl.static_range(KW):
-                            # the tap row: r - o for the conv, mirrored for the adjoint (as _add_tap)
-                            acc += taps[((r - o) if GELU else (KH - 1 - (r - o))) * KW + j] * walked[r * KW + j]
+                if _meets(r, o, KH):
+                    for j in tl.static_range(KW):
+                        acc += taps[_tap_row(r, o, KH, not GELU) * KW + j] * walked[r * KW + j]
             offs = _row_offsets(n, c, h0 + o, w, sn, sc, sh, sw)
             mask = _row_mask(cmask, h0 + o, w, H, W)
             if GELU:
@@ -480,11 +491,9 @@ def grad_wgrad_rows_kernel(g_ptr, x_ptr, dw_ptr, db_ptr, N, C, H, W, sn, sc, sh,
                 other = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
                 acc_b += walked[(o + PH) * KW + (KW - 1) // 2]  # g at the output row, unshifted
             for r in tl.static_range(ROWS + KH - 1):
-                if r - o >= 0:
-                    if r - o < KH:
-                        for j in tl.static_range(KW):
-                            accs = _add_to(accs, ((r - o) if GELU else (KH - 1 - (r - o))) * KW + j,
-                                           other * walked[r * KW + j])
+                if _meets(r, o, KH):
+                    for j in tl.static_range(KW):
+                        accs = _add_to(accs, _tap_row(r, o, KH, not GELU) * KW + j, other * walked[r * KW + j])
     for k in tl.static_range(KH * KW):
         tl.store(dw_ptr + (chunk * C + c) * (KH * KW) + k, tl.sum(accs[k], axis=1), mask=cmask)
     tl.store(db_ptr + chunk * C + c, tl.sum(acc_b, axis=1), mask=cmask)
