@@ -1,5 +1,7 @@
 """Shared fixtures: a tiny MSCAN width, a tiny model config, a tiny synthetic LLRGBD on disk and the
 settings of a tiny CPU training run."""
+import functools
+import importlib.util
 import os
 
 import pytest
@@ -16,6 +18,16 @@ TINY_MSCAN_SPEC = dict(embed_dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), drop_pat
 # the top of the script, so processes spawned from it run it too).
 REGISTER_TINY_MSCAN = ('from smmcl.models.mscan import MSCAN_VARIANTS, MSCANSpec\n'
                        f'MSCAN_VARIANTS[{TINY_MSCAN!r}] = lambda: MSCANSpec(**{TINY_MSCAN_SPEC!r})\n')
+
+
+@functools.lru_cache(maxsize=None)
+def bench_script(name: str):
+    """The script ``bench/<name>.py`` as a module (``bench/`` is a folder of scripts, not a package),
+    loaded once per test process."""
+    spec = importlib.util.spec_from_file_location(f'bench_{name}', os.path.join(REPO, 'bench', f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture

@@ -2,21 +2,35 @@
 import argparse
 import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from conftest import bench_script
 from smmcl.config import REPO_ROOT
 from smmcl.engine.precision import for_training
 from smmcl.models import build_segmentor
 
+needs_ptxas = pytest.mark.skipif(importlib.util.find_spec('triton') is None,
+                                 reason='needs Triton (its ptxas and cuobjdump)')
+
+
+def sass(*options, timeout=600):
+    """bench/sass.py's table for ``options``, compiled for sm_90 as the device compiles (FP fusion on, never
+    the interpreter), each line split into its fields."""
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    env['TRITON_DEFAULT_FP_FUSION'] = '1'
+    out = subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'bench', 'sass.py'), *options],
+                         capture_output=True, text=True, env=env, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return [line.split() for line in out.stdout.splitlines()]
+
 
 @pytest.fixture(scope='module')
 def bench():
-    spec = importlib.util.spec_from_file_location('bench', os.path.join(REPO_ROOT, 'bench', 'bench.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_script('bench')
 
 
 ARGS = argparse.Namespace(backbone='mscan_t', batch=2, height=64, width=96, classes=14, iters=1, warmup=0,
@@ -60,9 +74,7 @@ def test_the_training_row_runs_train_step_with_train_pys_optimizer(bench, fast, 
 def test_idle_gpu_time_is_counted_to_the_host_operator_running_meanwhile():
     """gpu_check's account of the wall time the GPU stands idle (the graphed step's gap to its GPU
     time): every idle stretch of the window goes to the host operator it overlaps, or to none."""
-    spec = importlib.util.spec_from_file_location('gpu_check', os.path.join(REPO_ROOT, 'bench', 'gpu_check.py'))
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = bench_script('gpu_check')
     device = [(0, 10), (5, 20), (30, 40), (38, 39), (60, 70)]  # overlapping kernels; one after the window
     host = [('b', 28, 35), ('a', 0, 25), ('c', 45, 48)]
     busy, idle = gpu_check.idle_attribution(device, host, (0, 50))
@@ -75,9 +87,7 @@ def test_idle_gpu_time_is_counted_to_the_host_operator_running_meanwhile():
 
 def test_traffic_extrapolates_each_operator_linearly_in_the_pixels():
     """bench/traffic.py: bytes = slope * pixels * batch + fixed (weights once), from two sizes."""
-    spec = importlib.util.spec_from_file_location('traffic', os.path.join(REPO_ROOT, 'bench', 'traffic.py'))
-    traffic = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(traffic)
+    traffic = bench_script('traffic')
     small = {'conv': [3, 10 * 100 + 500], 'cast': [2, 500]}
     large = {'conv': [3, 10 * 400 + 500], 'cast': [2, 500], 'new': [1, 4000]}
     rows = traffic.extrapolate(small, large, 100, 400, 1000, 2)
@@ -94,26 +104,17 @@ def test_traffic_extrapolates_each_operator_linearly_in_the_pixels():
     assert all(moved == 0 for name, (_, moved) in ops.items() if name.split()[0] in ('view', 'permute', 'transpose'))
 
 
-@pytest.mark.skipif(importlib.util.find_spec('triton') is None, reason='needs Triton (its ptxas and cuobjdump)')
+@needs_ptxas
 def test_row_kernels_execute_fewer_instructions_than_tiles():
     """bench/sass.py compiles the kernels for sm_90 without a GPU: the row kernels (each input row loaded
     once per tap column into per-row accumulators) run well under the tile kernels' lane instructions
     and loads per output, in both layouts, and spill nothing; the row-walked weight gradients under half
     the instructions of the gather and the tap-by-tap kernels."""
-    import subprocess
-    import sys
-    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-    env['TRITON_DEFAULT_FP_FUSION'] = '1'
-    out = subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'bench', 'sass.py'), '--first', '--only',
-                          'dwconv5x5,strip3_sum_along_h,wgrad5x5,strip3_wgrad_along_h'],
-                         capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
     rows = {}
-    for line in out.stdout.splitlines():
-        f = line.split()
+    for f in sass('--first', '--only', 'dwconv5x5,strip3_sum_along_h,wgrad5x5,strip3_wgrad_along_h'):
         if len(f) == 10 and f[2] in ('tiles', 'rows', 'gather', 'taps'):
             rows[f[0], f[1], f[2]] = dict(spill=int(f[6]), instructions=float(f[7]), loads=float(f[8]))
-    assert len(rows) == 18, out.stdout
+    assert len(rows) == 18, rows
     for (case, layout, family), row in rows.items():
         assert row['spill'] == 0
         if family != 'rows':
@@ -128,24 +129,16 @@ def test_row_kernels_execute_fewer_instructions_than_tiles():
             assert row['instructions'] < 0.75 * tiles['instructions'] and row['loads'] < 0.75 * tiles['loads']
 
 
-@pytest.mark.skipif(importlib.util.find_spec('triton') is None, reason='needs Triton (its ptxas and cuobjdump)')
+@needs_ptxas
 def test_backward_passes_with_their_weight_gradients_fit_and_save_instructions():
     """The depthwise backward passes that also sum the weight gradients (the attention's 5x5 adjoint, the
     MLP's 3x3 GELU gradient), compiled for sm_90 by bench/sass.py: the candidate with the most elements a
     thread spills nothing, and the first runs fewer lane instructions per element than the two row-walked
     passes it replaces (the conv's pass and the weight gradient's) together, in both layouts."""
-    import subprocess
-    import sys
-    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-    env['TRITON_DEFAULT_FP_FUSION'] = '1'
     rows = {}
     for pick, cases in (('--first', 'grad_wgrad5x5,gelu_grad_wgrad3x3,dwconv5x5_adjoint,wgrad5x5,dwconv3x3_gelu_grad,'
                                     'wgrad3x3'), ('--largest', 'grad_wgrad5x5,gelu_grad_wgrad3x3')):
-        out = subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'bench', 'sass.py'), pick, '--only', cases,
-                              '--family', 'fused,rows'], capture_output=True, text=True, env=env, timeout=600)
-        assert out.returncode == 0, out.stderr[-2000:]
-        for line in out.stdout.splitlines():
-            f = line.split()
+        for f in sass(pick, '--only', cases, '--family', 'fused,rows'):
             if len(f) == 10 and f[2] in ('fused', 'rows'):
                 rows[pick, f[0], f[1]] = dict(spill=int(f[6]), instructions=float(f[7]))
     assert len(rows) == 16, rows
@@ -157,24 +150,16 @@ def test_backward_passes_with_their_weight_gradients_fit_and_save_instructions()
             assert first[fused] < first[conv] + first[wgrad], (layout, first)
 
 
-@pytest.mark.skipif(importlib.util.find_spec('triton') is None, reason='needs Triton (its ptxas and cuobjdump)')
+@needs_ptxas
 def test_row_kernels_largest_tiles_fit_in_registers_and_save_instructions():
     """Each row kernel's candidate tile with the most elements a thread (8 columns in NCHW, 4-8 channels
     in channels_last), compiled for sm_90 by bench/sass.py: no spills in any forward or backward case, and
     for the 5x5 conv about a third fewer lane instructions per output than the first candidate."""
-    import subprocess
-    import sys
-    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-    env['TRITON_DEFAULT_FP_FUSION'] = '1'
     cases = ('dwconv5x5,dwconv5x5_adjoint,dwconv3x3_gelu,dwconv3x3_gelu_grad,strip3_along_w,strip3_along_h,'
              'strip3_sum_along_w,strip3_sum_along_h')
     rows = {}
     for pick, only in (('--largest', cases), ('--first', 'dwconv5x5')):
-        out = subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'bench', 'sass.py'), pick, '--family', 'rows',
-                              '--only', only], capture_output=True, text=True, env=env, timeout=600)
-        assert out.returncode == 0, out.stderr[-2000:]
-        for line in out.stdout.splitlines():
-            f = line.split()
+        for f in sass(pick, '--family', 'rows', '--only', only):
             if len(f) == 10 and f[2] == 'rows':
                 rows[f[0], f[1], pick] = dict(spill=int(f[6]), instructions=float(f[7]))
     assert len(rows) == 2 * 8 + 2
@@ -184,7 +169,7 @@ def test_row_kernels_largest_tiles_fit_in_registers_and_save_instructions():
         assert largest < 0.7 * first, (layout, largest, first)
 
 
-@pytest.mark.skipif(importlib.util.find_spec('triton') is None, reason='needs Triton (its ptxas and cuobjdump)')
+@needs_ptxas
 def test_band_kernels_run_on_the_tensor_cores():
     """The strips along W in NCHW as products with band matrices (smmcl/kernels/triton_bands.py), as
     autocast runs them (bfloat16 maps, float32 taps in three bfloat16 parts), and the 5x5 and 3x3 convs'
@@ -193,20 +178,12 @@ def test_band_kernels_run_on_the_tensor_cores():
     instructions per output: under a quarter for the forward strips, the backward's adjoint sum (the row
     kernels' weakest: each output row's 39 shifts loaded unaligned) and the weight gradients along W,
     under half for the KxK weight gradients (per position of the map)."""
-    import subprocess
-    import sys
-    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-    env['TRITON_DEFAULT_FP_FUSION'] = '1'
     bounds = dict(strip3_along_w=0.25, strip3_sum_along_w=0.25, strip3_wgrad_along_w=0.25, wgrad5x5=0.5,
                   wgrad3x3=0.5)
     cases = tuple(bounds)
     rows = {}
     for pick, options in (('', ['--family', 'bands']), ('--first', ['--first', '--family', 'rows,bands'])):
-        out = subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'bench', 'sass.py'), '--only', ','.join(cases)]
-                             + options, capture_output=True, text=True, env=env, timeout=600)
-        assert out.returncode == 0, out.stderr[-2000:]
-        for line in out.stdout.splitlines():
-            f = line.split()
+        for f in sass('--only', ','.join(cases), *options):
             if len(f) == 10 and f[1] == 'NCHW' and f[2] in ('rows', 'bands'):
                 rows.setdefault((f[0], f[2], pick), []).append(dict(spill=int(f[6]), instructions=float(f[7]),
                                                                     ffma=float(f[9])))
@@ -217,7 +194,7 @@ def test_band_kernels_run_on_the_tensor_cores():
         assert band['instructions'] < bounds[case] * row['instructions'], (case, band, row)
 
 
-@pytest.mark.skipif(importlib.util.find_spec('triton') is None, reason='needs Triton (its ptxas and cuobjdump)')
+@needs_ptxas
 def test_per_channel_passes_compile_to_wide_accesses_without_spills():
     """The bias add (alone, with proj_1's GELU, with conv3's gate) and its backward (the bias gradient's
     sums, with each epilogue's backward), the training block tails (with the branch's bias; the attention's
@@ -235,10 +212,6 @@ def test_per_channel_passes_compile_to_wide_accesses_without_spills():
     handful of instructions per element where there is no GELU, in both layouts: memory-bound passes.
     The exact GELU's erf costs ~35 instructions an element (ATen's GELU pays the same): those passes are
     about as bound by instructions as by memory on an H200, and stay under 64."""
-    import subprocess
-    import sys
-    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-    env['TRITON_DEFAULT_FP_FUSION'] = '1'
     # as printed (2 decimals); the stream pair reads a bf16 and a float32 map, the factor and the branch's
     # bias, and writes both maps (12 bytes an element: still ~5x more time in memory than in instructions on
     # an H200; in channels_last the two per-channel vectors take a quarter of a load instruction an element)
@@ -255,35 +228,24 @@ def test_per_channel_passes_compile_to_wide_accesses_without_spills():
     most_instructions.update(residual=24, shortcut_residual=24, shortcut_residual_stats=24, residual_pair=24,
                              bias_gelu=64, bias_gelu_grad=64, norm_apply=24, norm_grad_apply=32, modulation=24,
                              modulation_grad=48, pooled_grad=32)
-    out = subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'bench', 'sass.py'), '--first', '--only',
-                          ','.join(most_loads)], capture_output=True, text=True, env=env, timeout=900)
-    assert out.returncode == 0, out.stderr[-2000:]
     rows = {}
-    for line in out.stdout.splitlines():
-        f = line.split()
+    for f in sass('--first', '--only', ','.join(most_loads), timeout=900):
         if len(f) == 10 and f[2] == 'triton':
             rows[f[0], f[1]] = dict(spill=int(f[6]), instructions=float(f[7]), loads=float(f[8]))
-    assert len(rows) == 2 * len(most_loads), out.stdout
+    assert len(rows) == 2 * len(most_loads), rows
     for (case, layout), row in rows.items():
         assert row['spill'] == 0 and row['instructions'] <= most_instructions[case], (case, layout, row)
         assert row['loads'] <= most_loads[case], (case, layout, row)
 
 
-@pytest.mark.skipif(importlib.util.find_spec('triton') is None, reason='needs Triton (its ptxas and cuobjdump)')
+@needs_ptxas
 def test_nmf_products_compile_to_tensor_core_instructions_without_spills():
     """smmcl::bmm_tf32x3's kernel for sm_90 at the NMF's three large products (bench/sass.py): every
     configuration on the tensor cores (HGMMA, or HMMA for the narrowest tile: three TF32 products per
     K step), no float32 FMAs left on the CUDA cores, no spills."""
-    import subprocess
-    import sys
-    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-    env['TRITON_DEFAULT_FP_FUSION'] = '1'
     cases = ('bmm_xT_bases', 'bmm_x_coef', 'bmm_bases_coefT')
-    out = subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'bench', 'sass.py'), '--only', ','.join(cases)],
-                         capture_output=True, text=True, env=env, timeout=900)
-    assert out.returncode == 0, out.stderr[-2000:]
-    rows = [line.split() for line in out.stdout.splitlines() if line.split()[:1] and line.split()[0] in cases]
-    assert len(rows) == 3 * 5, out.stdout
+    rows = [f for f in sass('--only', ','.join(cases), timeout=900) if f[:1] and f[0] in cases]
+    assert len(rows) == 3 * 5, rows
     for case, config, warps, stages, regs, spill, mma, ffma in rows:
         block_k = int(config.split('x')[2])
         assert int(spill) == 0 and int(ffma) == 0 and int(mma) >= 3 * block_k // 8, (case, config, mma)
@@ -295,9 +257,7 @@ def test_nmf_table_times_each_formulation_of_the_large_products(capsys):
     interpreter, as when the suite has collected tests/test_kernels.py), also the forward with
     smmcl::bmm_tf32x3 (the same function) and what auto keeps."""
     from types import SimpleNamespace
-    spec = importlib.util.spec_from_file_location('gpu_check', os.path.join(REPO_ROOT, 'bench', 'gpu_check.py'))
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = bench_script('gpu_check')
     got = gpu_check.nmf_table(SimpleNamespace(smoke=True, batch=8), torch.device('cpu'))
     assert {'whole_ms', 'x^T @ bases', '(bases^T @ x)^T', 'x @ coef', '(coef^T @ x^T)^T', 'bases @ coef^T'} <= set(got)
     assert all(v > 0 for v in got.values() if isinstance(v, float))
@@ -309,9 +269,7 @@ def test_nmf_table_times_each_formulation_of_the_large_products(capsys):
 
 
 def test_the_summary_states_each_profiled_calls_wall_gpu_time_syncs_and_idle_time(capsys):
-    spec = importlib.util.spec_from_file_location('gpu_check', os.path.join(REPO_ROOT, 'bench', 'gpu_check.py'))
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = bench_script('gpu_check')
     idle = dict(window_ms=220.0, busy_ms=140.0, idle_ms={'cudaGraphLaunch': 50.0, gpu_check.NO_OPERATOR: 30.0})
     gpu_check.summary({'env': {}, 'profile': {
         'train fast+triton NCHW+graphs': [('wall ms per call', 220.0, 1.0), ('device ms per call', 140.0, 1.0),
@@ -327,9 +285,7 @@ def test_kernel_labels_and_launching_operators_name_the_element_wise_kernels():
     """The profile's kernel lines keep the functor (ATen's loop name fills the first 100 characters), and
     device time is also counted to the operator that launched each kernel, largest first."""
     from types import SimpleNamespace
-    spec = importlib.util.spec_from_file_location('gpu_check', os.path.join(REPO_ROOT, 'bench', 'gpu_check.py'))
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = bench_script('gpu_check')
     name = ('void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::'
             '(anonymous namespace)::addcmul_cuda_kernel(at::TensorIteratorBase&, c10::Scalar const&)::'
             '{lambda()#1}::operator()() const::{lambda(float, float, float)#1}>(at::TensorIteratorBase&, ...)')

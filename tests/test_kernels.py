@@ -32,6 +32,7 @@ pytest.importorskip('triton')
 if not hasattr(torch.library, 'custom_op'):
     pytest.skip('the kernels need PyTorch >= 2.4 (torch.library.custom_op)', allow_module_level=True)
 
+from conftest import bench_script  # noqa: E402
 from smmcl import kernels  # noqa: E402  (the Triton-free part; the kernels load on first use)
 from smmcl.models.mscan import AttentionModule, Block, Mlp, mscan_t, use_fused_kernels  # noqa: E402
 
@@ -840,11 +841,7 @@ def test_traffic_counts_the_kernels_passes(monkeypatch):
     each Triton launch a row with its tensor arguments once; the MLP's backward in two depthwise launches
     with the weight gradient in the first, where the separate passes make three, moving more; without
     --passes the op counts once."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        'traffic', os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'bench', 'traffic.py'))
-    traffic = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(traffic)
+    traffic = bench_script('traffic')
     torch.manual_seed(0)
     mlp = use_fused_kernels(Mlp(8, 32)).to(DEVICE)
     x = _tensor(2, 8, 16, 16)
