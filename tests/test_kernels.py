@@ -1862,7 +1862,8 @@ def test_strip3_wgrad_of_an_empty_batch_is_zero(along_w):
     from smmcl.kernels import triton_dwconv
     x = torch.randn(0, 4, 5, 6, device=DEVICE)
     weights = _strip_weights(4, along_w)
-    got = triton_dwconv.strip3_wgrad([x] * 3, [x] * 3, weights, along_w)
+    got = triton_dwconv.unpack_strip3_wgrad(triton_dwconv.strip3_wgrad_packed([x] * 3, [x] * 3, weights, along_w),
+                                            weights)
     for (dw, db), wt in zip(got, weights):
         assert dw.shape == wt.shape and db.shape == (4,)
         assert not dw.any() and not db.any()

@@ -803,24 +803,10 @@ def packed_strip_wgrad_length(channels: int, lengths: Sequence[int]) -> int:
     return channels * (sum(lengths) + 3)
 
 
-def strip3_wgrad(grads: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
-                 along_w: bool) -> Tuple[Tuple[torch.Tensor, torch.Tensor], ...]:
-    """Weight and bias gradients of three 1-D depthwise convs in one kernel launch.
-
-    Args:
-        grads: three N-C-H-W gradients of the convs' outputs (one tensor may be passed three times).
-        xs: three N-C-H-W inputs of the convs, shaped as ``grads`` (one tensor may repeat).
-        weights: C-1-1-K_i if ``along_w`` else C-1-K_i-1, K_0 <= K_1 <= K_2 odd.
-    Returns:
-        ``((dw_0, db_0), (dw_1, db_1), (dw_2, db_2))``: dw_i shaped like weights[i], db_i of size C,
-        both in weights[i]'s dtype (views of one buffer for float32 weights).
-    """
-    return unpack_strip3_wgrad(_strip3_wgrad_fused(grads, xs, weights, along_w), weights)
-
-
 def unpack_strip3_wgrad(packed: torch.Tensor, weights: Sequence[torch.Tensor]):
-    """``((dw_i, db_i) for i = 0, 1, 2)`` from the float32 vector of :func:`strip3_wgrad_packed`, in the
-    weights' shapes and dtypes."""
+    """``((dw_i, db_i) for i = 0, 1, 2)`` from the float32 vector of :func:`strip3_wgrad_packed`: dw_i
+    shaped like weights[i], db_i of size C, both in weights[i]'s dtype (views of the vector for float32
+    weights)."""
     c = weights[0].shape[0]
     parts = packed.split([wt.numel() for wt in weights] + [c] * 3)
     return tuple((parts[i].view(wt.shape).to(wt.dtype), parts[3 + i].to(wt.dtype)) for i, wt in enumerate(weights))
@@ -828,12 +814,18 @@ def unpack_strip3_wgrad(packed: torch.Tensor, weights: Sequence[torch.Tensor]):
 
 def strip3_wgrad_packed(grads: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
                         along_w: bool, impl: Optional[str] = None) -> torch.Tensor:
-    """The gradients of :func:`strip3_wgrad` packed in one float32 vector of
+    """Weight and bias gradients of three 1-D depthwise convs, packed in one float32 vector of
     :func:`packed_strip_wgrad_length` entries, ``dw_0 | dw_1 | dw_2 | db_0 | db_1 | db_2`` (each dw_i
-    C x K_i). One tensor, because the outputs of a custom op may not share storage.
+    C x K_i; :func:`unpack_strip3_wgrad` gives them the weights' shapes). One tensor, because the outputs
+    of a custom op may not share storage.
+
+    Args:
+        grads: three N-C-H-W gradients of the convs' outputs (one tensor may be passed three times).
+        xs: three N-C-H-W inputs of the convs, shaped as ``grads`` (one tensor may repeat).
+        weights: C-1-1-K_i if ``along_w`` else C-1-K_i-1, K_0 <= K_1 <= K_2 odd.
 
     ``impl`` (default: the environment's ``SMMCL_TRITON_STRIP_WGRAD``, else ``'auto'``): ``'fused'`` (one
-    launch, :func:`strip3_wgrad`), ``'rows'`` (one launch of the row-walked kernel of
+    launch of ``_strip3_wgrad_kernel``), ``'rows'`` (one launch of the row-walked kernel of
     :mod:`smmcl.kernels.triton_rows`), ``'bands'`` (along W in NCHW, one launch of
     :mod:`smmcl.kernels.triton_bands`' tensor-core products; elsewhere ``'rows'``), ``'separate'`` (three
     :func:`dwconv_wgrad` calls, which follow ``SMMCL_TRITON_WGRAD``), or ``'auto'``: on a GPU the fastest

@@ -44,7 +44,6 @@ LEGEND_WIDTH = 190
 TITLE_HEIGHT = 46
 FIGURE_SIZE = (TITLE_HEIGHT + MAP_SIZE, MAP_SIZE + LEGEND_WIDTH)  # (H, W) of every embedding map
 MARKER = 5  # marker radius, pixels
-MODALITIES = ('RGB', 'X')
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -32,7 +32,6 @@ from smmcl.visual import colour_labels, gamma_lift, palette_rgb
 
 PAD = 2  # white border around every panel
 HEADER = 24  # height of the column-title strip
-WHITE = (255, 255, 255)
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
