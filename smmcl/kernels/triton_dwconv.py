@@ -20,6 +20,7 @@ strips; ``bands`` applies to the strips along W in NCHW, every other launch then
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -468,10 +469,15 @@ def inside_sums(grad: torch.Tensor, total: torch.Tensor, kh: int, kw: int) -> to
             - (col_sums @ outside_w.T)[:, None, :] + torch.einsum('crq,ir,jq->cij', crossings, outside_h, outside_w))
 
 
+@functools.lru_cache(maxsize=None)
 def _border(length: int, k: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     """The positions (R) within k // 2 of either end of an axis of ``length``, and the float32 K x R
-    indicator of the taps of a "same" conv that read outside the axis from them. Made on the device
-    (no host copy: the backward stays capturable in a CUDA graph)."""
+    indicator of the taps of a "same" conv that read outside the axis from them. Made on the device (no
+    host copy: the backward stays capturable in a CUDA graph), once per length, size and device: made
+    per call, these two tensors took nine small launches, twice in every backward of the MLP's conv (~750
+    a training step of MSCAN-B). Callers only read them. The first call comes in a graph's eager warm-up,
+    before its capture, so the tensors are not in a graph's pool (one made under a capture would stay
+    valid too: its memory stays allocated while the cache holds it)."""
     pad = k // 2
     head = min(pad, length)
     index = torch.cat([torch.arange(head, device=device), torch.arange(max(length - pad, head), length, device=device)])
