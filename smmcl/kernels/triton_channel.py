@@ -407,11 +407,11 @@ def _residual_triton(grad: torch.Tensor, branch: torch.Tensor, factor: torch.Ten
         n, c, h, w, branch.stride(0), branch.stride(1), branch.stride(3), per_image, PER_IMAGE=rows.shape[0] > 1,
         HAS_BIAS=bias is not None, HAS_SHORTCUT=gs is not None)
     # the factor's and the bias's sums in one reduction: over each image's programs for a factor per image
-    # (drop path's), else over all
+    # (drop path's), else over all (the bias's then copied out: a custom op's outputs may not share memory)
     per_image_factor = rows.shape[0] > 1
     sums = partials.reshape(-1, n, per_image, c).sum(2 if per_image_factor else (1, 2))  # k-N-C or k-C
     grad_factor = sums[0].reshape(factor.shape).to(factor.dtype)
-    grad_bias = None if bias is None else sums[1].sum(0) if per_image_factor else sums[1]
+    grad_bias = None if bias is None else sums[1].sum(0) if per_image_factor else sums[1].clone()
     return gy, grad_factor, grad_bias, gs
 
 
