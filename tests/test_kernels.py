@@ -168,17 +168,27 @@ def test_bf16_dwconv_gelu_with_in_bias():
         assert got.dtype == ref.dtype and rel(got, ref) <= BF16_TOL, name
 
 
+@pytest.mark.parametrize('impl', ['triton', 'torch'])
+@pytest.mark.parametrize('fmt', [NCHW, CL])
 @pytest.mark.parametrize('kh, kw', [(3, 3), (5, 5), (1, 7), (21, 1)])
-@pytest.mark.parametrize('h, w', [(9, 11), (2, 3), (1, 1)])
-def test_inside_sums_are_the_weight_gradient_of_a_constant_input(kh, kw, h, w):
-    """``inside_sums`` reads only the border, and is the weight gradient of a map of ones (zero padded)."""
+@pytest.mark.parametrize('h, w', [(9, 11), (2, 3), (1, 1), (4, 40)])
+def test_inside_sums_are_the_weight_gradient_of_a_constant_input(kh, kw, h, w, fmt, impl):
+    """``inside_sums`` reads only the border, and is the weight gradient of a map of ones (zero padded);
+    against the taps, the gradient of that constant (x's gradient summed over the map), rounded to the
+    gradient's dtype. The kernel (one launch; 37 channels: three channel blocks, the last partial) and
+    ATen's gathers alike, in both layouts, on maps smaller than the kernel too."""
     from smmcl.kernels import triton_dwconv
-    grad = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    got = triton_dwconv.inside_sums(grad, grad.sum((0, 2, 3)), kh, kw)
-    want = torch.nn.grad.conv2d_weight(torch.ones_like(grad), (3, 1, kh, kw), grad, padding=(kh // 2, kw // 2),
-                                       groups=3)[:, 0]
-    assert got.shape == (3, kh, kw) and got.dtype == torch.float32
+    grad = torch.randn(2, 37, h, w, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    grad = grad.contiguous(memory_format=fmt)
+    weight = _tensor(37, 1, kh, kw, seed=2).detach()
+    got, against_taps = triton_dwconv.inside_sums(grad, grad.sum((0, 2, 3)), weight, impl=impl)
+    want = torch.nn.grad.conv2d_weight(torch.ones_like(grad), (37, 1, kh, kw), grad, padding=(kh // 2, kw // 2),
+                                       groups=37)[:, 0]
+    assert got.shape == (37, kh, kw) and got.dtype == torch.float32
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    x_grad = F.conv_transpose2d(grad, weight, padding=(kh // 2, kw // 2), groups=37)
+    assert against_taps.dtype == grad.dtype
+    assert torch.allclose(against_taps, x_grad.sum((0, 2, 3)), rtol=1e-5, atol=1e-4)
 
 
 def test_dwconv_in_bias_is_for_the_forward_conv():

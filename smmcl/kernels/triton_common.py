@@ -112,6 +112,18 @@ def load_input(ptrs, mask, ib, IN_BIAS: tl.constexpr):
 
 
 @triton.jit
+def add_to(accs, k: tl.constexpr, v):
+    """The tuple ``accs`` with ``v`` added to its entry ``k`` (rebuilt when compiling; costs one add)."""
+    out = ()
+    for i in tl.static_range(len(accs)):
+        if i == k:
+            out = out + (accs[i] + v,)
+        else:
+            out = out + (accs[i],)
+    return out
+
+
+@triton.jit
 def packed_strip_slots(out_ptr, C, K0, K1, K2, BLOCK_C: tl.constexpr):
     """Program (cb, chunk, job) of a three-strip weight gradient packed as num_chunks x C*(K0+K1+K2+3)
     (dw_0 C x K0 | dw_1 C x K1 | dw_2 C x K2 | db_0 C | db_1 C | db_2 C): its channels, their mask, its

@@ -31,7 +31,7 @@ from .triton_rows import dwconv_rows_kernel, dwconv_wgrad_rows_kernel, grid as r
 from .triton_rows import grad_wgrad_rows_kernel, strip3_sum_rows_kernel, strip3_wgrad_rows_kernel
 from .triton_common import KEY as _KEY, PRUNE as _PRUNE, bench as _bench, check_device as _check_device, configs
 from .triton_common import choose, fastest as _fastest, gelu as _gelu, gelu_grad as _gelu_grad
-from .triton_common import conv_bias as _conv_bias, load_input as _load_input
+from .triton_common import add_to as _add_to, conv_bias as _conv_bias, load_input as _load_input
 from .reference import layout
 from .triton_common import packed_strip_slots as _packed_strip_slots
 from .triton_bands import dwconv_wgrad_bands_kernel, fits as _band_fits, fits_kxk as _band_fits_kxk
@@ -450,34 +450,133 @@ def dwconv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
     return out
 
 
-def inside_sums(grad: torch.Tensor, total: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
-    """Per channel and tap of a KH x KW "same" depthwise conv, the sum of ``grad`` (N-C-H-W, the
-    gradient of the conv's output) over the positions where that tap reads inside the map: float32
-    C-KH-KW. ``total`` (C) is grad's sum over all positions (the conv's bias gradient).
+@triton.jit
+def _border_line(b: tl.constexpr, P: tl.constexpr, length):
+    """Position and presence of border line ``b`` of an axis of ``length``: lines 0 .. P - 1 are the first
+    P positions, lines P .. 2P - 1 the last P; a line past the axis, or a last one that is also a first
+    one (an axis shorter than 2P), is absent."""
+    if b < P:
+        pos = length * 0 + b
+        return pos, pos < length
+    else:
+        pos = length - 2 * P + b
+        return pos, pos >= P
 
-    A per-channel constant added to the conv's input inside the map adds this times the constant to the
-    weight gradient. It is the total less the sums over the rows and the columns where the tap reads
-    outside, plus their crossings (taken away twice), so only the rows and columns within KH // 2 and
-    KW // 2 of the border are read."""
-    rows, outside_h = _border(grad.shape[2], kh, grad.device)
-    cols, outside_w = _border(grad.shape[3], kw, grad.device)
-    grad_rows = grad.index_select(2, rows)  # N-C-R-W
-    row_sums = grad_rows.sum((0, 3), dtype=torch.float32)  # C-R
-    col_sums = grad.index_select(3, cols).sum((0, 2), dtype=torch.float32)  # C-Q
-    crossings = grad_rows.index_select(3, cols).sum(0, dtype=torch.float32)  # C-R-Q
-    return (total.float()[:, None, None] - (row_sums @ outside_h.T)[:, :, None]
-            - (col_sums @ outside_w.T)[:, None, :] + torch.einsum('crq,ir,jq->cij', crossings, outside_h, outside_w))
+
+@triton.jit
+def _border_sums(outs, g_ptr, c, cmask, N, ALONG, ACROSS, s_along, s_across, sn, sc, b: tl.constexpr,
+                 K: tl.constexpr, ACROSS_K: tl.constexpr, ALONG_ROWS: tl.constexpr, BLOCK_L: tl.constexpr):
+    """``outs`` (K x ACROSS_K per-tap sums, a tuple) plus border line ``b`` of an axis of ACROSS positions:
+    the line's sum over the images and its ALONG positions, added to the taps that read outside the axis
+    from it (tap i of K along that axis; every tap of the other; :func:`_border_line`, P = (K - 1) // 2)."""
+    P: tl.constexpr = (K - 1) // 2
+    pos, valid = _border_line(b, P, ACROSS)
+    lanes = tl.zeros((c.shape[0], BLOCK_L), dtype=tl.float32)  # summed per lane, across the lanes once
+    for q0 in range(0, N * ALONG, BLOCK_L):  # the line in every image: a few long tiles, not N short loops
+        q = q0 + tl.arange(0, BLOCK_L)
+        mask = cmask[:, None] & (q < N * ALONG * valid)[None, :]  # a product: valid may be a Python bool
+        ptrs = g_ptr + (q // ALONG * sn + q % ALONG * s_along)[None, :] + c[:, None] * sc + pos * s_across
+        lanes += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    total = tl.sum(lanes, axis=1)
+    for i in tl.static_range(K):
+        reach = pos + i - P
+        hit = tl.where((reach < 0) | (reach >= ACROSS), total, 0.0)
+        for j in tl.static_range(ACROSS_K):
+            outs = _add_to(outs, i * ACROSS_K + j if ALONG_ROWS else j * K + i, hit)
+    return outs
+
+
+@triton.jit
+def inside_sums_kernel(g_ptr, t_ptr, w_ptr, out_ptr, gib_ptr, N, C, H, W, sn, sc, sh, sw, KH: tl.constexpr,
+                       KW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Program (channel block) writes :func:`inside_sums` of g at ``out_ptr`` (C x KH*KW, float32) from the
+    border rows and columns of the map and the totals ``t`` (C), and those sums against the taps ``w``
+    (C x KH*KW) at ``gib_ptr`` (C, rounded to its dtype). Sums over the rows and columns where a tap reads
+    outside are taken away, the crossings of such a row and column, taken away twice, added back."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    PH: tl.constexpr = (KH - 1) // 2
+    PW: tl.constexpr = (KW - 1) // 2
+    outs = ()
+    for k in tl.static_range(KH * KW):
+        outs = outs + (tl.zeros((BLOCK_C,), dtype=tl.float32),)
+    for b in tl.static_range(2 * PH):  # border rows: summed along W, over the taps reading above or below
+        outs = _border_sums(outs, g_ptr, c, cmask, N, W, H, sw, sh, sn, sc, b, KH, KW, True, BLOCK_L)
+    for b in tl.static_range(2 * PW):  # border columns
+        outs = _border_sums(outs, g_ptr, c, cmask, N, H, W, sh, sw, sn, sc, b, KW, KH, False, BLOCK_L)
+    for bh in tl.static_range(2 * PH):  # crossings: counted in a row's sums and a column's
+        h, h_ok = _border_line(bh, PH, H)
+        for bw in tl.static_range(2 * PW):
+            w, w_ok = _border_line(bw, PW, W)
+            ok = h_ok & w_ok
+            lanes = tl.zeros((BLOCK_C, BLOCK_L), dtype=tl.float32)
+            for n0 in range(0, N, BLOCK_L):
+                n = n0 + tl.arange(0, BLOCK_L)
+                mask = (c < C * ok)[:, None] & (n < N)[None, :]
+                lanes += tl.load(g_ptr + n[None, :] * sn + c[:, None] * sc + h * sh + w * sw, mask=mask,
+                                 other=0.0).to(tl.float32)
+            corner = tl.sum(lanes, axis=1)
+            for i in tl.static_range(KH):
+                for j in tl.static_range(KW):
+                    outside = ((h + i - PH < 0) | (h + i - PH >= H)) & ((w + j - PW < 0) | (w + j - PW >= W))
+                    outs = _add_to(outs, i * KW + j, -tl.where(outside, corner, 0.0))
+    total = tl.load(t_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    against_taps = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for k in tl.static_range(KH * KW):
+        inside = total - outs[k]
+        tl.store(out_ptr + c * (KH * KW) + k, inside, mask=cmask)
+        against_taps += tl.load(w_ptr + c * (KH * KW) + k, mask=cmask, other=0.0).to(tl.float32) * inside
+    tl.store(gib_ptr + c, against_taps.to(gib_ptr.dtype.element_ty), mask=cmask)
+
+
+def inside_sums(grad: torch.Tensor, total: torch.Tensor, weight: torch.Tensor,
+                impl: str = 'triton') -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per channel and tap of a KH x KW "same" depthwise conv, the sum of ``grad`` (N-C-H-W, the
+    gradient of the conv's output) over the positions where that tap reads inside the map, and those sums
+    against the taps of ``weight`` (C-1-KH-KW). ``total`` (C) is grad's sum over all positions (the
+    conv's bias gradient).
+
+    A per-channel constant added to the conv's input inside the map adds the sums times the constant to
+    the weight gradient, and the constant's own gradient is the sums against the taps (x's gradient
+    summed over the map). Each sum is the total less the sums over the rows and the columns where the tap
+    reads outside, plus their crossings (taken away twice), so only the rows and columns within KH // 2
+    and KW // 2 of the border are read.
+
+    Returns:
+        the sums, float32 C-KH-KW, and the sums against the taps, summed in float32 and rounded to
+        grad's dtype (C). ``impl``: ``'triton'`` (one launch of :func:`inside_sums_kernel`) or ``'torch'``
+        (ATen's gathers, sums and products: a dozen small launches).
+    """
+    c, kh, kw = weight.shape[0], *kernel_size(weight)
+    if impl == 'torch':
+        rows, outside_h = _border(grad.shape[2], kh, grad.device)
+        cols, outside_w = _border(grad.shape[3], kw, grad.device)
+        grad_rows = grad.index_select(2, rows)  # N-C-R-W
+        row_sums = grad_rows.sum((0, 3), dtype=torch.float32)  # C-R
+        col_sums = grad.index_select(3, cols).sum((0, 2), dtype=torch.float32)  # C-Q
+        crossings = grad_rows.index_select(3, cols).sum(0, dtype=torch.float32)  # C-R-Q
+        inside = (total.float()[:, None, None] - (row_sums @ outside_h.T)[:, :, None]
+                  - (col_sums @ outside_w.T)[:, None, :]
+                  + torch.einsum('crq,ir,jq->cij', crossings, outside_h, outside_w))
+        return inside, (weight.float().reshape(inside.shape) * inside).sum((1, 2)).to(grad.dtype)
+    n, _, h, w = grad.shape
+    inside = torch.empty(c, kh, kw, device=grad.device, dtype=torch.float32)
+    against_taps = torch.empty(c, device=grad.device, dtype=grad.dtype)
+    # 16 channels a program, tiles of 256 positions: a handful of loads in flight per border line
+    inside_sums_kernel[(triton.cdiv(c, 16),)](grad, total, _rows(weight), inside, against_taps, n, c, h, w,
+                                              *grad.stride(), kh, kw, BLOCK_C=16, BLOCK_L=256)
+    return inside, against_taps
 
 
 @functools.lru_cache(maxsize=None)
 def _border(length: int, k: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     """The positions (R) within k // 2 of either end of an axis of ``length``, and the float32 K x R
-    indicator of the taps of a "same" conv that read outside the axis from them. Made on the device (no
-    host copy: the backward stays capturable in a CUDA graph), once per length, size and device: made
-    per call, these two tensors took nine small launches, twice in every backward of the MLP's conv (~750
-    a training step of MSCAN-B). Callers only read them. The first call comes in a graph's eager warm-up,
-    before its capture, so the tensors are not in a graph's pool (one made under a capture would stay
-    valid too: its memory stays allocated while the cache holds it)."""
+    indicator of the taps of a "same" conv that read outside the axis from them (:func:`inside_sums`'
+    ATen path). Made on the device (no host copy: the backward stays capturable in a CUDA graph), once
+    per length, size and device: made per call, these two tensors took nine small launches each. Callers
+    only read them. The first call comes in a graph's eager warm-up, before its capture, so the tensors
+    are not in a graph's pool (one made under a capture would stay valid too: its memory stays allocated
+    while the cache holds it)."""
     pad = k // 2
     head = min(pad, length)
     index = torch.cat([torch.arange(head, device=device), torch.arange(max(length - pad, head), length, device=device)])
@@ -622,12 +721,12 @@ def dwconv_gelu_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     grad_x = dwconv(grad_z, weight, None, transpose=True)
     if in_bias is None:
         return [grad_x, dw, db]
-    inside = inside_sums(grad_z, db, *kernel_size(weight))  # C-KH-KW, float32
+    # in_bias's gradient summed in float32 and rounded to the gradient's dtype, as the bias gradient of the
+    # conv that made x is
+    inside, grad_in_bias = inside_sums(grad_z, db, weight)  # C-KH-KW float32, C
     if wgrad != 'fused':
         dw = (dw.float() + in_bias.to(x.dtype).float()[:, None, None, None] * inside[:, None]).to(dw.dtype)
-    grad_in_bias = (weight.float().reshape(inside.shape) * inside).sum((1, 2))
-    # summed in float32 and rounded to the gradient's dtype, as the bias gradient of the conv that made x is
-    return [grad_x, dw, db, grad_in_bias.to(grad_z.dtype).to(in_bias.dtype)]
+    return [grad_x, dw, db, grad_in_bias.to(in_bias.dtype)]
 
 
 _WGRAD_CHOICE = {}  # (shape, kernel, layout, dtype) -> the fastest implementation

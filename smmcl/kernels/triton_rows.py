@@ -32,7 +32,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import KEY, PRUNE, bench, configs, conv_bias, gelu, gelu_grad, load_input, packed_strip_slots
+from .triton_common import KEY, PRUNE, add_to, bench, configs, conv_bias, gelu, gelu_grad, load_input
+from .triton_common import packed_strip_slots
 
 # (BLOCK_C, ROWS, BLOCK_W, warps). Each of the ROWS output rows is its own BLOCK_C x BLOCK_W accumulator,
 # so a row holds at least one element per thread (BLOCK_C * BLOCK_W >= 32 * warps: no thread repeats
@@ -348,18 +349,6 @@ def _tap_row(r, o, KH, mirrored):
 
 
 @triton.jit
-def _add_to(accs, k: tl.constexpr, v):
-    """The tuple ``accs`` with ``v`` added to its entry ``k`` (rebuilt when compiling; costs one add)."""
-    out = ()
-    for i in tl.static_range(len(accs)):
-        if i == k:
-            out = out + (accs[i] + v,)
-        else:
-            out = out + (accs[i],)
-    return out
-
-
-@triton.jit
 def _wgrad_rows_job(g_ptr, x_ptr, dw_ptr, db_ptr, c, cmask, chunk, N, H, W, sn, sc, sh, sw, num_chunks,
                     KH: tl.constexpr, KW: tl.constexpr,
                     BLOCK_C: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
@@ -394,7 +383,7 @@ def _wgrad_rows_job(g_ptr, x_ptr, dw_ptr, db_ptr, c, cmask, chunk, N, H, W, sn, 
                 xv = _input_row(x_ptr + channels, cmask, h0 + r - (KH - 1) // 2, w, H, W, sh, sw, j, KW, False)
                 for o in tl.static_range(ROWS):
                     if _meets(r, o, KH):
-                        accs = _add_to(accs, _tap_row(r, o, KH, False) * KW + j, grads[o] * xv)
+                        accs = add_to(accs, _tap_row(r, o, KH, False) * KW + j, grads[o] * xv)
     for k in tl.static_range(KH * KW):
         tl.store(dw_ptr + c * (KH * KW) + k, tl.sum(accs[k], axis=1), mask=cmask)
     tl.store(db_ptr + c, tl.sum(acc_b, axis=1), mask=cmask)
@@ -493,7 +482,7 @@ def grad_wgrad_rows_kernel(g_ptr, x_ptr, dw_ptr, db_ptr, N, C, H, W, sn, sc, sh,
             for r in tl.static_range(ROWS + KH - 1):
                 if _meets(r, o, KH):
                     for j in tl.static_range(KW):
-                        accs = _add_to(accs, _tap_row(r, o, KH, not GELU) * KW + j, other * walked[r * KW + j])
+                        accs = add_to(accs, _tap_row(r, o, KH, not GELU) * KW + j, other * walked[r * KW + j])
     for k in tl.static_range(KH * KW):
         tl.store(dw_ptr + (chunk * C + c) * (KH * KW) + k, tl.sum(accs[k], axis=1), mask=cmask)
     tl.store(db_ptr + chunk * C + c, tl.sum(acc_b, axis=1), mask=cmask)
