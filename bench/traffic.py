@@ -19,13 +19,23 @@ instead, each Triton launch its own row (``kernel <name>``: its tensor arguments
 a pass reads or writes; a tile's neighbours come from the cache) beside the ATen operators the body
 calls: the passes the kernels make (the backward of the MLP's 3x3 conv, for instance, in three, or two
 with its weight gradient in the first).
+
+    TRITON_INTERPRET=1 python bench/traffic.py --train --kernels --passes --launches   # and the launches
+
+With ``--launches`` it also counts the kernel launches (an operator that writes an argument or returns
+memory of its own; views, aliases, casts to the same dtype and allocations launch nothing; each Triton
+launch) and where our code makes them (the innermost line of the smmcl package; ``(autograd)`` for a
+built-in backward the engine runs): in a CUDA graph a replay still runs each as a kernel of its own, at
+a few microseconds for the smallest, so hundreds of tiny ones cost what a large pass does.
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import contextlib
+import os
 import sys
+import traceback
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
@@ -50,15 +60,18 @@ class Traffic(TorchDispatchMode):
     ``passes`` our custom ops' bodies run under the counter (:func:`kernel_launches` counts their Triton
     launches)."""
 
-    def __init__(self, passes: bool = False):
+    def __init__(self, passes: bool = False, launches: bool = False):
         super().__init__()
         self.ops = collections.defaultdict(lambda: [0, 0])
         self.passes = passes
+        self.launches = collections.Counter() if launches else None  # (operator, call site) -> launches
 
-    def count(self, name: str, moved: int) -> None:
+    def count(self, name: str, moved: int, launched: bool = False) -> None:
         row = self.ops[name]
         row[0] += 1
         row[1] += moved
+        if launched and self.launches is not None:
+            self.launches[name, call_site()] += 1
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if self.passes and func.namespace == 'smmcl':
@@ -68,19 +81,44 @@ class Traffic(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         if self.passes and func.overloadpacket in _ALLOCATIONS:
             return out  # the ops' bodies allocate their outputs: nothing moves (the op-boundary count keeps its rows)
+        launched = (self.launches is not None and func.overloadpacket not in _ALLOCATIONS
+                    and launches(func, args, kwargs, out))
         tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         if func.overloadpacket is torch.ops.aten.index_select:  # reads only the rows it selects, and the index
             tensors = tensors[1:] + [out]
         moved = 0 if func.is_view else sum(t.numel() * t.element_size() for t in tensors + [
             t for t in tree_leaves(out) if isinstance(t, torch.Tensor)])
         dtype = str(tensors[0].dtype).replace('torch.', '') if tensors else '-'
-        self.count(f'{func.overloadpacket.__name__} ({dtype})', moved)
+        self.count(f'{func.overloadpacket.__name__} ({dtype})', moved, launched)
         if func.overloadpacket is torch.ops.aten.convolution and args[2] is not None and args[8] == 1:
             # oneDNN adds a conv's bias inside the conv; on a GPU ATen adds it after cuDNN's dense conv,
             # one more pass over the output (reading and writing it)
             self.count(f'bias add after a cuDNN convolution ({out.dtype})'.replace('torch.', ''),
-                       2 * out.numel() * out.element_size())
+                       2 * out.numel() * out.element_size(), launched)
         return out
+
+
+def launches(func, args, kwargs, out) -> bool:
+    """Whether an ATen operator runs a kernel: it writes one of its arguments (in place, ``out=``) or
+    returns a tensor in memory of its own. Views, aliases and casts to the dtype a tensor has return an
+    argument's memory. (The caller leaves out allocations, which return memory of their own unwritten.)"""
+    if any(a.alias_info is not None and a.alias_info.is_write for a in func._schema.arguments):
+        return True
+    inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+    return any(isinstance(t, torch.Tensor) and t.numel() and t.untyped_storage().data_ptr() not in inputs
+               for t in tree_leaves(out))
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(smmcl.__file__))
+
+
+def call_site() -> str:
+    """``file:line function`` of the innermost frame in the smmcl package, ``(autograd)`` if none (a
+    built-in backward, which the autograd engine runs without a Python frame of ours)."""
+    for frame in reversed(traceback.extract_stack()):
+        if frame.filename.startswith(_PACKAGE + os.sep):
+            return f'{os.path.relpath(frame.filename, os.path.dirname(_PACKAGE))}:{frame.lineno} {frame.name}'
+    return '(autograd)'
 
 
 @contextlib.contextmanager
@@ -93,7 +131,8 @@ def kernel_launches(mode: Traffic):
     def counted(self, *args, grid, warmup, **kwargs):
         if not warmup:
             tensors = {t.data_ptr(): t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)}
-            mode.count(f'kernel {self.fn.__name__}', sum(t.numel() * t.element_size() for t in tensors.values()))
+            mode.count(f'kernel {self.fn.__name__}', sum(t.numel() * t.element_size() for t in tensors.values()),
+                       launched=True)
         with _disable_current_modes():  # the interpreter's own copies to and from NumPy are not the kernel's
             return run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
@@ -104,8 +143,9 @@ def kernel_launches(mode: Traffic):
         InterpretedFunction.run = run
 
 
-def record(args, height, width):
-    """{operator: [calls, bytes]} of one forward (or training step) of one image at height x width."""
+def record(args, height, width, mode=None):
+    """{operator: [calls, bytes]} of one forward (or training step) of one image at height x width, counted
+    in ``mode`` (a :class:`Traffic`; by default a new one)."""
     cfg = base_config()
     cfg.update(backbone=args.backbone, num_classes=14, fast_path=True, amp=True, channels_last=False,
                triton_kernels=args.kernels, anchor_sampler='vectorized')
@@ -113,7 +153,7 @@ def record(args, height, width):
     rgb, x = torch.randn(2, 1, 3, height, width)
     label = torch.randint(0, 14, (1, height, width))
     passes = getattr(args, 'passes', False)
-    mode = Traffic(passes)
+    mode = mode or Traffic(passes)
     launches = kernel_launches(mode) if passes else contextlib.nullcontext()
     if args.train:
         model = for_training(build_segmentor(cfg, with_loss=True).train(), cfg)
@@ -154,13 +194,16 @@ def main(argv=None):
     parser.add_argument('--passes', action='store_true',
                         help="with --kernels: count our ops' own passes (each Triton launch), not their inputs and "
                              'outputs once')
+    parser.add_argument('--launches', action='store_true',
+                        help='also count the kernel launches, by operator and call site (the --top largest)')
     parser.add_argument('--bandwidth', type=float, default=4.3, help='TB/s for the time column')
     parser.add_argument('--top', type=int, default=30)
     args = parser.parse_args(argv)
     if args.passes and not args.kernels:
         parser.error('--passes counts the Triton kernels\' passes: give --kernels too')
     sizes = ((64, 96), (128, 192))
-    small, large = (record(args, h, w) for h, w in sizes)
+    counted = Traffic(args.passes, launches=args.launches)  # the launches of the larger size (they do not scale)
+    small, large = record(args, *sizes[0]), record(args, *sizes[1], mode=counted)
     rows = extrapolate(small, large, sizes[0][0] * sizes[0][1], sizes[1][0] * sizes[1][1],
                        args.height * args.width, args.batch)
     total = sum(moved for _, moved in rows.values())
@@ -173,6 +216,16 @@ def main(argv=None):
     for name, (calls, moved) in sorted(rows.items(), key=lambda kv: kv[1][1], reverse=True)[:args.top]:
         print(f'{name:<44} {calls:>6} {moved / 1e9:8.3f} {moved / args.bandwidth / 1e9:7.3f} '
               f'{100 * moved / max(total, 1):5.1f}%')
+    if args.launches:
+        by_operator = collections.Counter()
+        for (name, _), n in counted.launches.items():
+            by_operator[name] += n
+        print(f'\nkernel launches: {sum(by_operator.values())} a {what} of any size; by operator:')
+        for name, n in by_operator.most_common(args.top):
+            print(f'{n:>6}  {name}')
+        print('by call site:')
+        for (name, site), n in counted.launches.most_common(args.top):
+            print(f'{n:>6}  {name:<44} {site}')
     return rows
 
 

@@ -1,5 +1,6 @@
 """bench/bench.py times train.py's own iteration (the device runs' payload: a crash there costs device time)."""
 import argparse
+import collections
 import importlib.util
 import os
 import subprocess
@@ -102,6 +103,32 @@ def test_traffic_extrapolates_each_operator_linearly_in_the_pixels():
     bias_adds, moved = ops['bias add after a cuDNN convolution (bfloat16)']
     assert 0 < bias_adds < ops['convolution (bfloat16)'][0] and moved > 0
     assert all(moved == 0 for name, (_, moved) in ops.items() if name.split()[0] in ('view', 'permute', 'transpose'))
+
+
+def test_traffic_counts_launches_where_our_code_makes_them():
+    """bench/traffic.py --launches: an operator that writes memory launches (a new result, in place, the
+    random draw); views, aliases, a cast to the same dtype and allocations do not; each is placed at the
+    line of the smmcl package that called it, a built-in backward at (autograd)."""
+    from smmcl.models.mscan import DropPath
+    traffic = bench_script('traffic')
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    drop = DropPath(0.5).train()
+    mode = traffic.Traffic(launches=True)
+    with mode:
+        y = x.reshape(2, 48).view(2, 3, 16).detach().to(torch.float32)  # no launch
+        torch.empty(5)  # no launch
+        z = x + 1  # one
+        z.detach().add_(1)  # one, in place
+        drop(z).sum().backward()  # the draw, the scaling, the product and the sum; their backward
+    assert y.dtype == torch.float32
+    by_operator = collections.Counter()
+    for (name, _), n in mode.launches.items():
+        by_operator[name.split()[0]] += n
+    assert by_operator['add'] == 1 and by_operator['add_'] == 1 and by_operator['bernoulli_'] == 1
+    assert not {'reshape', 'view', 'detach', 'to', 'empty'} & set(by_operator)
+    sites = {site for (name, site), n in mode.launches.items()}
+    assert any(site.startswith('smmcl/models/mscan.py:') and site.endswith('draw_mask') for site in sites), sites
+    assert '(autograd)' in sites
 
 
 @needs_ptxas
