@@ -407,12 +407,11 @@ def _residual_triton(grad: torch.Tensor, branch: torch.Tensor, factor: torch.Ten
         n, c, h, w, branch.stride(0), branch.stride(1), branch.stride(3), per_image, PER_IMAGE=rows.shape[0] > 1,
         HAS_BIAS=bias is not None, HAS_SHORTCUT=gs is not None)
     # the factor's and the bias's sums in one reduction: over each image's programs for a factor per image
-    # (drop path's), else over all (the bias's then copied out: a custom op's outputs may not share memory)
+    # (drop path's), else over all (then two views of one tensor: scaled_residual_grad copies the bias's)
     per_image_factor = rows.shape[0] > 1
     sums = partials.reshape(-1, n, per_image, c).sum(2 if per_image_factor else (1, 2))  # k-N-C or k-C
     grad_factor = sums[0].reshape(factor.shape).to(factor.dtype)
-    grad_bias = None if bias is None else sums[1].sum(0) if per_image_factor else sums[1].clone()
-    return gy, grad_factor, grad_bias, gs
+    return gy, grad_factor, None if bias is None else sums[1].sum(0) if per_image_factor else sums[1], gs
 
 
 def _residual_torch(grad: torch.Tensor, branch: torch.Tensor, factor: torch.Tensor,
@@ -1097,7 +1096,9 @@ def scaled_residual_grad(grad: torch.Tensor, branch: torch.Tensor, factor: torch
     check_residual(branch, factor, bias)
     grad, branch = _same_layout(_layout(branch), grad, branch)
     gy, grad_factor, sums, gs = _run('residual', impl, grad, branch, factor, bias, y_dtype=y_dtype)
-    return gy, grad_factor, None if sums is None else sums.to(gy.dtype).to(bias.dtype), gs
+    # rounded to y's dtype as a conv's bias gradient is; a copy even where that is float32, since the sums
+    # may share memory with grad_factor and a custom op's outputs may not
+    return gy, grad_factor, None if sums is None else sums.to(gy.dtype, copy=True).to(bias.dtype), gs
 
 
 def residual_pair(a: torch.Tensor, b: torch.Tensor, factor: Optional[torch.Tensor] = None,
