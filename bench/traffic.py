@@ -82,7 +82,7 @@ class Traffic(TorchDispatchMode):
         if self.passes and func.overloadpacket in _ALLOCATIONS:
             return out  # the ops' bodies allocate their outputs: nothing moves (the op-boundary count keeps its rows)
         launched = (self.launches is not None and func.overloadpacket not in _ALLOCATIONS
-                    and launches(func, args, kwargs, out))
+                    and writes_memory(func, args, kwargs, out))
         tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         if func.overloadpacket is torch.ops.aten.index_select:  # reads only the rows it selects, and the index
             tensors = tensors[1:] + [out]
@@ -98,7 +98,7 @@ class Traffic(TorchDispatchMode):
         return out
 
 
-def launches(func, args, kwargs, out) -> bool:
+def writes_memory(func, args, kwargs, out) -> bool:
     """Whether an ATen operator runs a kernel: it writes one of its arguments (in place, ``out=``) or
     returns a tensor in memory of its own. Views, aliases and casts to the dtype a tensor has return an
     argument's memory. (The caller leaves out allocations, which return memory of their own unwritten.)"""

@@ -20,7 +20,6 @@ strips; ``bands`` applies to the strips along W in NCHW, every other launch then
 """
 from __future__ import annotations
 
-import functools
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -456,7 +455,7 @@ def _border_line(b: tl.constexpr, P: tl.constexpr, length):
     P positions, lines P .. 2P - 1 the last P; a line past the axis, or a last one that is also a first
     one (an axis shorter than 2P), is absent."""
     if b < P:
-        pos = length * 0 + b
+        pos = length * 0 + b  # typed as length is, so that the presence below is a runtime value too
         return pos, pos < length
     else:
         pos = length - 2 * P + b
@@ -568,15 +567,10 @@ def inside_sums(grad: torch.Tensor, total: torch.Tensor, weight: torch.Tensor,
     return inside, against_taps
 
 
-@functools.lru_cache(maxsize=None)
 def _border(length: int, k: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     """The positions (R) within k // 2 of either end of an axis of ``length``, and the float32 K x R
     indicator of the taps of a "same" conv that read outside the axis from them (:func:`inside_sums`'
-    ATen path). Made on the device (no host copy: the backward stays capturable in a CUDA graph), once
-    per length, size and device: made per call, these two tensors took nine small launches each. Callers
-    only read them. The first call comes in a graph's eager warm-up, before its capture, so the tensors
-    are not in a graph's pool (one made under a capture would stay valid too: its memory stays allocated
-    while the cache holds it)."""
+    ATen path). Made on the device (no host copy: the backward stays capturable in a CUDA graph)."""
     pad = k // 2
     head = min(pad, length)
     index = torch.cat([torch.arange(head, device=device), torch.arange(max(length - pad, head), length, device=device)])
