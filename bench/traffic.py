@@ -143,15 +143,15 @@ def kernel_launches(mode: Traffic):
         InterpretedFunction.run = run
 
 
-def record(args, height, width, mode=None):
-    """{operator: [calls, bytes]} of one forward (or training step) of one image at height x width, counted
-    in ``mode`` (a :class:`Traffic`; by default a new one)."""
+def record(args, height, width, mode=None, batch=1):
+    """{operator: [calls, bytes]} of one forward (or training step) of ``batch`` images at height x width,
+    counted in ``mode`` (a :class:`Traffic`; by default a new one)."""
     cfg = base_config()
     cfg.update(backbone=args.backbone, num_classes=14, fast_path=True, amp=True, channels_last=False,
                triton_kernels=args.kernels, anchor_sampler='vectorized')
     torch.manual_seed(0)
-    rgb, x = torch.randn(2, 1, 3, height, width)
-    label = torch.randint(0, 14, (1, height, width))
+    rgb, x = torch.randn(2, batch, 3, height, width)
+    label = torch.randint(0, 14, (batch, height, width))
     passes = getattr(args, 'passes', False)
     mode = mode or Traffic(passes)
     launches = kernel_launches(mode) if passes else contextlib.nullcontext()
@@ -202,8 +202,11 @@ def main(argv=None):
     if args.passes and not args.kernels:
         parser.error('--passes counts the Triton kernels\' passes: give --kernels too')
     sizes = ((64, 96), (128, 192))
-    counted = Traffic(args.passes, launches=args.launches)  # the launches of the larger size (they do not scale)
-    small, large = record(args, *sizes[0]), record(args, *sizes[1], mode=counted)
+    small, large = record(args, *sizes[0]), record(args, *sizes[1])
+    if args.launches:  # launches do not depend on the size, but on the batch where an image has a path of its
+        # own (drop path's factor per image): counted on a batch of 2, as on any larger one
+        counted = Traffic(args.passes, launches=True)
+        record(args, *sizes[0], mode=counted, batch=2)
     rows = extrapolate(small, large, sizes[0][0] * sizes[0][1], sizes[1][0] * sizes[1][1],
                        args.height * args.width, args.batch)
     total = sum(moved for _, moved in rows.values())
@@ -220,7 +223,8 @@ def main(argv=None):
         by_operator = collections.Counter()
         for (name, _), n in counted.launches.items():
             by_operator[name] += n
-        print(f'\nkernel launches: {sum(by_operator.values())} a {what} of any size; by operator:')
+        print(f'\nkernel launches: {sum(by_operator.values())} a {what} of a batch of 2 or more, any size; '
+              'by operator:')
         for name, n in by_operator.most_common(args.top):
             print(f'{n:>6}  {name}')
         print('by call site:')

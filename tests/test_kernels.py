@@ -191,6 +191,21 @@ def test_inside_sums_are_the_weight_gradient_of_a_constant_input(kh, kw, h, w, f
     assert torch.allclose(against_taps, x_grad.sum((0, 2, 3)), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize('impl', ['triton', 'torch'])
+def test_inside_sums_against_the_taps_round_to_the_gradients_dtype_in_the_one_asked(impl):
+    """With ``dtype`` (the input bias's, float32), the sums against the taps are the bf16-rounded values, as
+    returned without it, only stored in float32: the rounding and the cast of the parameter's gradient in
+    the same launch."""
+    from smmcl.kernels import triton_dwconv
+    grad = torch.randn(2, 37, 6, 7, generator=torch.Generator().manual_seed(1)).to(DEVICE).to(torch.bfloat16)
+    weight = _tensor(37, 1, 3, 3, seed=2).detach()
+    total = grad.sum((0, 2, 3), dtype=torch.float32)
+    _, rounded = triton_dwconv.inside_sums(grad, total, weight, impl=impl)
+    _, wide = triton_dwconv.inside_sums(grad, total, weight, impl=impl, dtype=torch.float32)
+    assert rounded.dtype == torch.bfloat16 and wide.dtype == torch.float32
+    assert torch.equal(wide, rounded.float())
+
+
 def test_dwconv_in_bias_is_for_the_forward_conv():
     from smmcl.kernels import triton_dwconv
     x, weight = _tensor(1, 3, 4, 5).detach(), _tensor(3, 1, 3, 3, seed=1).detach()
@@ -873,6 +888,33 @@ def test_traffic_counts_the_kernels_passes(monkeypatch):
     assert counts['fused', False] == {}
 
 
+# ---- the per-chunk partials summed over their chunks, rounded and cast in the same launch --------------
+
+def test_chunk_sums_add_each_groups_chunks_and_round_where_asked():
+    """One launch for two sets of partials: a's 37 chunks (three row blocks, the last partial) over 130
+    positions (two position blocks, the second partial) in three groups, b's over 5, rounded to bf16 and
+    stored in float32. The sums are float32 sums (against float64: summation order only); b's, a bf16
+    rounding of them; out dtypes as given (a bf16 output rounds once, on the store)."""
+    from smmcl.kernels.triton_common import chunk_sums
+    gen = torch.Generator().manual_seed(0)
+    a = (torch.randn(3, 37, 130, generator=gen) * 100).to(DEVICE)
+    b = torch.randn(3, 37, 5, generator=gen).to(DEVICE)
+    out_a, out_b = torch.empty(3, 130, device=DEVICE), torch.empty(3, 5, device=DEVICE)
+    chunk_sums(a, out_a, None, b, out_b, torch.bfloat16)
+    assert torch.allclose(out_a.double(), a.double().sum(1), rtol=1e-6, atol=1e-3)
+    exact_b = b.double().sum(1)
+    assert ((out_b.double() - _like_compiled_triton(exact_b, torch.bfloat16).double()).abs()
+            <= exact_b.abs() * 2 ** -8 + 1e-6).all()  # the float32 sum may sit across a bf16 step
+    assert torch.equal(out_b, out_b.to(torch.bfloat16).float())  # on the bf16 grid, in float32
+    alone = torch.empty(3, 130, device=DEVICE, dtype=torch.bfloat16)
+    chunk_sums(a, alone)
+    assert torch.equal(alone, _like_compiled_triton(out_a, torch.bfloat16))  # the same sums, one rounding
+    with pytest.raises(ValueError, match='as many groups and chunks'):
+        chunk_sums(a, out_a, None, b[:, :36], out_b)
+    with pytest.raises(ValueError, match='contiguous float32 G-P-L partials'):
+        chunk_sums(a, out_a[:, :129])
+
+
 # ---- the 1x1 convs' bias gradient as one column sum ---------------------------------------------------
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
@@ -1151,7 +1193,7 @@ def test_scaled_residual_adds_the_branchs_bias_and_shortcut(fmt, per_image, shor
     assert rel(got[1], ref[1]) <= 2 ** -7
     assert got[2].shape == f.shape and rel(got[2], ref[2]) <= 1e-6
     assert got[3].dtype == torch.float32
-    assert rel(got[3], got[1].float().sum((0, 2, 3)).to(torch.bfloat16).float()) <= 1e-6
+    assert rel(got[3], _like_compiled_triton(got[1].float().sum((0, 2, 3)), torch.bfloat16).float()) <= 1e-6
     assert rel(got[3], ref[3]) <= 2 ** -7
     if shortcut:
         assert got[4].is_contiguous(memory_format=fmt) and torch.equal(got[4], ref[4])
@@ -1370,6 +1412,28 @@ def test_batch_norm_is_native_batch_norm_and_its_cast(fmt, full, low_dtype):
     for name, g, r in zip(('x', 'weight', 'bias'), got, ref):
         assert g.dtype == r.dtype and rel(g, r) <= 2e-6, name
     assert got[0].is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize('source', ['triton', 'torch', 'partials'])
+def test_batch_norm_statistics_count_the_batch_once(source):
+    """With the module's ``num_batches_tracked``, the statistics count the batch in their own launch: by one,
+    once for 130 channels (two programs of the finalise kernel), on every path; without it nothing counts."""
+    from smmcl.kernels import triton_channel as CH
+    x = _tensor(2, 130, 3, 4).detach()
+    weight, bias = _tensor(130, seed=1).detach(), _tensor(130, seed=2).detach()
+    running = [torch.zeros(130, device=DEVICE), torch.ones(130, device=DEVICE)]
+    partials = None
+    if source == 'partials':
+        partials = CH.scaled_residual(x, torch.zeros_like(x), torch.ones(130, 1, 1, device=DEVICE), impl='triton',
+                                      stats=True)[2]
+    impl = 'triton' if source == 'partials' else source
+    tracked = torch.tensor(5, device=DEVICE)
+    coef = CH.batch_norm_stats(x, weight, bias, *running, 0.1, 1e-5, impl=impl, partials=partials,
+                               num_batches_tracked=tracked)
+    assert tracked.item() == 6
+    again = CH.batch_norm_stats(x, weight, bias, *[r.clone() for r in running], 0.1, 1e-5, impl=impl,
+                                partials=partials)
+    assert tracked.item() == 6 and torch.allclose(again, coef)
 
 
 def test_batch_norm_statistics_do_not_cancel_on_a_large_mean():

@@ -441,20 +441,23 @@ shortcut_residual.register_autograd(_shortcut_residual_grad, setup_context=_save
 
 # ---- a block's BatchNorm in training, writing the next conv's copy in the same pass ---------------------------
 
-@torch.library.custom_op('smmcl::batch_norm_stats', mutates_args=('running_mean', 'running_var'))
+@torch.library.custom_op('smmcl::batch_norm_stats', mutates_args=('running_mean', 'running_var', 'num_batches_tracked'))
 def batch_norm_stats(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor,
-                     momentum: float, eps: float, partials: Optional[Tensor] = None) -> Tensor:
-    """A training-mode batch normalisation's statistics of N-C-H-W x (running ones updated in place): 4 x C
+                     momentum: float, eps: float, partials: Optional[Tensor] = None,
+                     num_batches_tracked: Optional[Tensor] = None) -> Tensor:
+    """A training-mode batch normalisation's statistics of N-C-H-W x (running ones updated in place, and
+    ``num_batches_tracked`` counted up where given, as the module counts its batches): 4 x C
     float32 (mean, invstd, weight * invstd, bias; :func:`triton_channel.batch_norm_stats`), from
     ``partials`` where given with rows (those of x from the tail that wrote it: x is not read). No
     autograd: :func:`batch_norm_apply`'s backward is the whole batch norm's, through these statistics
     too."""
     partials = partials if partials is not None and partials.shape[0] else None
-    return CH.batch_norm_stats(x, weight, bias, running_mean, running_var, momentum, eps, partials=partials)
+    return CH.batch_norm_stats(x, weight, bias, running_mean, running_var, momentum, eps, partials=partials,
+                               num_batches_tracked=num_batches_tracked)
 
 
 @batch_norm_stats.register_fake
-def _(x, weight, bias, running_mean, running_var, momentum, eps, partials=None):
+def _(x, weight, bias, running_mean, running_var, momentum, eps, partials=None, num_batches_tracked=None):
     return x.new_empty(4, x.shape[1], dtype=torch.float32)
 
 

@@ -52,7 +52,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .triton_common import KEY, PRUNE, bench, check_device, choose, configs, conv_bias, fastest, gelu, gelu_grad
+from .triton_common import KEY, PRUNE, bench, check_device, choose, chunk_sums, configs, conv_bias, fastest, gelu
+from .triton_common import gelu_grad
 from .reference import modulation_grad_reference, modulation_inputs_reference, modulation_reference
 from .reference import pooled_input_grad_reference
 from .triton_dwconv import _layout, _num_chunks, _same_layout
@@ -307,8 +308,9 @@ def _grad_triton(grad: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, gate: 
     n, c, h, w = grad.shape
     gy = None if epilogue == 'none' else torch.empty_like(y)
     gu = torch.empty_like(gate) if epilogue == 'gate' else None
+    grad_bias = torch.empty(c, device=grad.device, dtype=bias.dtype)
     if grad.numel() == 0:
-        return gy, gu, grad.new_zeros(c, dtype=torch.float32)
+        return gy, gu, grad_bias.zero_()
     chunks = _chunks(grad)
     # every (chunk, channel) partial is written by its program: no zero-fill launch
     partials = torch.empty(chunks, c, device=grad.device, dtype=torch.float32)
@@ -316,22 +318,23 @@ def _grad_triton(grad: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, gate: 
         grad, y, bias, grad if gate is None else gate, grad if gy is None else gy, grad if gu is None else gu,
         partials, n, c, h, w, grad.stride(0), grad.stride(1), grad.stride(3), chunks,
         EPILOGUE=EPILOGUES.index(epilogue))
-    return gy, gu, partials.sum(0)
+    chunk_sums(partials[None], grad_bias[None], round_a=y.dtype)
+    return gy, gu, grad_bias
 
 
 def _grad_torch(grad: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, gate: Optional[torch.Tensor] = None,
                 epilogue: str = 'none'):
     """ATen's: the epilogue's backward (``gelu_backward`` on the biased map, recomputed; or the product's
     two), then what ``convolution_backward`` computes for a cuDNN conv's bias (float32 sums, in the
-    gradient's dtype)."""
+    gradient's dtype), then autocast's cast back to the bias's."""
     if epilogue == 'none':
-        return None, None, grad.sum((0, 2, 3))
+        return None, None, grad.sum((0, 2, 3)).to(bias.dtype)
     v = _add_torch(y, bias)
     if epilogue == 'gelu':
         gy, gu = torch.ops.aten.gelu_backward(grad, v), None
     else:
         gy, gu = (grad * gate).to(y.dtype), (grad * v).to(gate.dtype)
-    return gy, gu, gy.sum((0, 2, 3))
+    return gy, gu, gy.sum((0, 2, 3)).to(bias.dtype)
 
 
 def _gated_dtype(y: torch.Tensor, gate: Optional[torch.Tensor]) -> torch.dtype:
@@ -397,8 +400,10 @@ def _residual_triton(grad: torch.Tensor, branch: torch.Tensor, factor: torch.Ten
     rows = _factor_rows(factor, c)
     gy = torch.empty_like(branch, dtype=y_dtype or branch.dtype)
     gs = None if y_dtype is None else torch.empty_like(branch)
+    grad_factor = torch.empty(rows.shape, device=branch.device, dtype=factor.dtype)  # 1 x C or N x C
+    grad_bias = None if bias is None else torch.empty(1, c, device=branch.device, dtype=bias.dtype)
     if branch.numel() == 0:
-        return gy, torch.zeros_like(factor), None if bias is None else gy.new_zeros(c, dtype=torch.float32), gs
+        return gy, grad_factor.zero_().reshape(factor.shape), None if bias is None else grad_bias.zero_()[0], gs
     per_image = max(1, triton.cdiv(_chunks(branch), n))
     # every (chunk, channel) partial is written by its program: no zero-fill launch
     partials = torch.empty(1 + (bias is not None), n * per_image, c, device=branch.device, dtype=torch.float32)
@@ -406,12 +411,16 @@ def _residual_triton(grad: torch.Tensor, branch: torch.Tensor, factor: torch.Ten
         grad, branch, rows, rows if bias is None else bias, gy, gy if gs is None else gs, partials[0], partials[-1],
         n, c, h, w, branch.stride(0), branch.stride(1), branch.stride(3), per_image, PER_IMAGE=rows.shape[0] > 1,
         HAS_BIAS=bias is not None, HAS_SHORTCUT=gs is not None)
-    # the factor's and the bias's sums in one reduction: over each image's programs for a factor per image
-    # (drop path's), else over all (then two views of one tensor: scaled_residual_grad copies the bias's)
-    per_image_factor = rows.shape[0] > 1
-    sums = partials.reshape(-1, n, per_image, c).sum(2 if per_image_factor else (1, 2))  # k-N-C or k-C
-    grad_factor = sums[0].reshape(factor.shape).to(factor.dtype)
-    return gy, grad_factor, None if bias is None else sums[1].sum(0) if per_image_factor else sums[1], gs
+    # the factor's sums over each image's programs for a factor per image (drop path's), else over all, as
+    # the bias's are: then both in one launch. The bias's rounded to y's dtype, as a conv's bias gradient is.
+    factor_partials = partials[0].reshape(rows.shape[0], -1, c)
+    if bias is None or rows.shape[0] > 1:
+        chunk_sums(factor_partials, grad_factor)
+        if bias is not None:
+            chunk_sums(partials[1][None], grad_bias, round_a=gy.dtype)
+    else:
+        chunk_sums(factor_partials, grad_factor, None, partials[1][None], grad_bias, gy.dtype)
+    return gy, grad_factor.reshape(factor.shape), None if bias is None else grad_bias[0], gs
 
 
 def _residual_torch(grad: torch.Tensor, branch: torch.Tensor, factor: torch.Tensor,
@@ -422,8 +431,8 @@ def _residual_torch(grad: torch.Tensor, branch: torch.Tensor, factor: torch.Tens
     grad_factor = (grad * v.to(grad.dtype)).sum_to_size(factor.shape)
     grad_v = grad * factor
     gy = grad_v.to(y_dtype or branch.dtype)
-    return (gy, grad_factor.to(factor.dtype), None if bias is None else gy.sum((0, 2, 3), dtype=torch.float32),
-            None if y_dtype is None else grad_v.to(branch.dtype))
+    grad_bias = None if bias is None else gy.sum((0, 2, 3), dtype=torch.float32).to(gy.dtype).to(bias.dtype)
+    return gy, grad_factor.to(factor.dtype), grad_bias, None if y_dtype is None else grad_v.to(branch.dtype)
 
 
 def _pair_triton(a: torch.Tensor, b: torch.Tensor, factor: Optional[torch.Tensor] = None,
@@ -505,13 +514,15 @@ def _norm_grad(g_ptr, h_ptr, offs, mask, HAS_G: tl.constexpr, HAS_H: tl.constexp
 
 
 @triton.jit
-def norm_finalize_kernel(sums_ptr, x_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, mean_ptr, invstd_ptr, coef_ptr, gw_ptr, gb_ptr,
-                         C, sc, num_chunks, count, momentum, eps, BACKWARD: tl.constexpr, BLOCK: tl.constexpr):
+def norm_finalize_kernel(sums_ptr, x_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr, mean_ptr, invstd_ptr, coef_ptr, gw_ptr,
+                         gb_ptr, C, sc, num_chunks, count, momentum, eps, BACKWARD: tl.constexpr, COUNT: tl.constexpr,
+                         BLOCK: tl.constexpr):
     """Program cb adds up :func:`norm_sums_kernel`'s partials of BLOCK channels and writes, as float32 rows
     of C, the coefficients ``coef`` (mean, p, q, r) of :func:`norm_apply_kernel`'s ``p * dy + q * (x -
     mean) + r``. Forward (x's sums): the batch mean and the biased variance, p the invstd (which the
     forward's apply does not read), ``q = weight * invstd``, ``r = bias``, and the running statistics
-    updated in place as ``nn.BatchNorm2d`` does (the unbiased variance, ``momentum``). BACKWARD (the
+    updated in place as ``nn.BatchNorm2d`` does (the unbiased variance, ``momentum``), with COUNT its
+    ``num_batches_tracked`` (int64 at nbt_ptr) too, by the program of channel 0. BACKWARD (the
     forward's mean and invstd at mean_ptr and invstd_ptr): grad weight and grad bias at gw_ptr and gb_ptr, ``p = weight
     * invstd``, ``q = -p * invstd * grad weight / count``, ``r = -p * grad bias / count``: the batch-norm
     gradient ``p * (dy - mean(dy) - x̂ * mean(dy * x̂))``, x̂ the normalised input."""
@@ -548,6 +559,9 @@ def norm_finalize_kernel(sums_ptr, x_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, mean_ptr
         tl.store(rm_ptr + c, ((1.0 - momentum) * rm + momentum * mean).to(rm_ptr.dtype.element_ty), mask=cmask)
         unbiased = var * (count / (count - 1.0))
         tl.store(rv_ptr + c, ((1.0 - momentum) * rv + momentum * unbiased).to(rv_ptr.dtype.element_ty), mask=cmask)
+        if COUNT:  # one lane of one program: every lane's address is the counter's, only channel 0's acts
+            batches = tl.load(nbt_ptr + c * 0, mask=c == 0, other=0)
+            tl.store(nbt_ptr + c * 0, batches + 1, mask=c == 0)
 
 
 @triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'HAS_G', 'HAS_H', 'HAS_E', 'HAS_LOW', 'HAS_FULL'],
@@ -603,31 +617,37 @@ _FINALIZE_BLOCK = 128
 
 
 def _stats_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor,
-                  running_var: torch.Tensor, momentum: float, eps: float) -> torch.Tensor:
+                  running_var: torch.Tensor, momentum: float, eps: float,
+                  num_batches_tracked: Optional[torch.Tensor] = None) -> torch.Tensor:
     sums, chunks = _norm_sums(x, None, None, None)
     return _finalize_stats(sums, x[0, :, 0, 0], chunks, x.numel() // x.shape[1], weight, bias, running_mean,
-                           running_var, momentum, eps)
+                           running_var, momentum, eps, num_batches_tracked)
 
 
 def _finalize_stats(sums: torch.Tensor, shift: torch.Tensor, chunks: int, count: int, weight: torch.Tensor,
                     bias: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor, momentum: float,
-                    eps: float) -> torch.Tensor:
+                    eps: float, num_batches_tracked: Optional[torch.Tensor] = None) -> torch.Tensor:
     """:func:`norm_finalize_kernel` (forward) on ``chunks`` rows of shifted sums and as many of squares, the
     channels' shifts the C values of ``shift`` (a view, any stride): the 4 x C coefficients."""
     c = weight.shape[0]
     coef = torch.empty(4, c, device=sums.device, dtype=torch.float32)
+    counter = coef if num_batches_tracked is None else num_batches_tracked
     norm_finalize_kernel[(triton.cdiv(c, _FINALIZE_BLOCK),)](
-        sums, shift, weight, bias, running_mean, running_var, coef, coef, coef, coef, coef, c, shift.stride(0), chunks,
-        float(count), momentum, eps, BACKWARD=False, BLOCK=_FINALIZE_BLOCK)
+        sums, shift, weight, bias, running_mean, running_var, counter, coef, coef, coef, coef, coef, c,
+        shift.stride(0), chunks, float(count), momentum, eps, BACKWARD=False, COUNT=num_batches_tracked is not None,
+        BLOCK=_FINALIZE_BLOCK)
     return coef
 
 
 def _stats_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor,
-                 running_var: torch.Tensor, momentum: float, eps: float) -> torch.Tensor:
+                 running_var: torch.Tensor, momentum: float, eps: float,
+                 num_batches_tracked: Optional[torch.Tensor] = None) -> torch.Tensor:
     """ATen's: ``var_mean`` over the batch and pixels, the running statistics' updates as ``nn.BatchNorm2d``'s."""
     var, mean = torch.var_mean(x.float(), dim=(0, 2, 3), correction=0)
     count = x.numel() // x.shape[1]
     with torch.no_grad():
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
         running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
         running_var.mul_(1 - momentum).add_(var * (count / (count - 1)), alpha=momentum)
     invstd = torch.rsqrt(var + eps)
@@ -655,8 +675,9 @@ def _norm_grad_triton(grad_low: Optional[torch.Tensor], grad_full: Optional[torc
     coef = torch.empty(4, c, device=x.device, dtype=torch.float32)
     grad_weight, grad_bias = (torch.empty(c, device=x.device, dtype=torch.float32) for _ in range(2))
     norm_finalize_kernel[(triton.cdiv(c, _FINALIZE_BLOCK),)](
-        sums, mean, weight, weight, mean, mean, mean, invstd, coef, grad_weight, grad_bias, c, 1, chunks,
-        float(n * height * width), 0.0, 0.0, BACKWARD=True, BLOCK=_FINALIZE_BLOCK)  # x_ptr unread: mean stands in
+        sums, mean, weight, weight, mean, mean, mean, mean, invstd, coef, grad_weight, grad_bias, c, 1, chunks,
+        float(n * height * width), 0.0, 0.0, BACKWARD=True, COUNT=False,
+        BLOCK=_FINALIZE_BLOCK)  # x_ptr unread: mean stands in
     grad_x = torch.empty_like(x)
     _norm_launch(x, grad_full, grad_low, coef, None, grad_x, grad_pass)
     return grad_x, grad_weight, grad_bias
@@ -1018,8 +1039,7 @@ def bias_grad(grad: torch.Tensor, bias: torch.Tensor, impl: Optional[str] = None
     """
     check_device(grad)
     grad, = _same_layout(_layout(grad), grad)
-    _, _, sums = _run('grad', impl, grad, grad, bias, epilogue='none')  # no epilogue: the map is not read
-    return sums.to(grad.dtype).to(bias.dtype)
+    return _run('grad', impl, grad, grad, bias, epilogue='none')[2]  # no epilogue: the map is not read
 
 
 def bias_epilogue_grad(grad: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, epilogue: str,
@@ -1041,8 +1061,7 @@ def bias_epilogue_grad(grad: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, 
     if epilogue == 'none':
         raise ValueError("smmcl.kernels: bias_epilogue_grad is for 'gelu' or 'gate'; bias_grad sums a plain bias's")
     grad, y, *gate = _same_layout(_layout(y), grad, y, *([] if gate is None else [gate]))
-    gy, gu, sums = _run('grad', impl, grad, y, bias, *gate, epilogue=epilogue)
-    return gy, gu, sums.to(y.dtype).to(bias.dtype)
+    return _run('grad', impl, grad, y, bias, *gate, epilogue=epilogue)
 
 
 def scaled_residual(x: torch.Tensor, y: torch.Tensor, factor: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -1095,10 +1114,7 @@ def scaled_residual_grad(grad: torch.Tensor, branch: torch.Tensor, factor: torch
     check_device(branch)
     check_residual(branch, factor, bias)
     grad, branch = _same_layout(_layout(branch), grad, branch)
-    gy, grad_factor, sums, gs = _run('residual', impl, grad, branch, factor, bias, y_dtype=y_dtype)
-    # rounded to y's dtype as a conv's bias gradient is; a copy even where that is float32, since the sums
-    # may share memory with grad_factor and a custom op's outputs may not
-    return gy, grad_factor, None if sums is None else sums.to(gy.dtype, copy=True).to(bias.dtype), gs
+    return _run('residual', impl, grad, branch, factor, bias, y_dtype=y_dtype)
 
 
 def residual_pair(a: torch.Tensor, b: torch.Tensor, factor: Optional[torch.Tensor] = None,
@@ -1126,9 +1142,11 @@ def residual_pair(a: torch.Tensor, b: torch.Tensor, factor: Optional[torch.Tenso
 
 def batch_norm_stats(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor,
                      running_var: torch.Tensor, momentum: float, eps: float, impl: Optional[str] = None,
-                     partials: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     partials: Optional[torch.Tensor] = None,
+                     num_batches_tracked: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A training-mode batch normalisation's statistics of N-C-H-W ``x``, the running ones updated in place as
-    ``nn.BatchNorm2d`` updates them (``momentum``, the unbiased variance): float32 4 x C rows (mean,
+    ``nn.BatchNorm2d`` updates them (``momentum``, the unbiased variance; ``num_batches_tracked``, where
+    given, counted up by one in the same launch): float32 4 x C rows (mean,
     invstd, ``weight * invstd``, bias) for :func:`batch_norm_apply`. ``impl``: ``'triton'``
     (:func:`norm_sums_kernel`, :func:`norm_finalize_kernel`: shifted sums in float32), ``'torch'``
     (``var_mean``) or ``'auto'`` (:func:`_run`, timed on copies of the running statistics). With
@@ -1141,10 +1159,11 @@ def batch_norm_stats(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
             raise ValueError(f'smmcl.kernels: a BatchNorm\'s partials for {x.shape[1]} channels are (2K + 1) x '
                              f'{x.shape[1]} (scaled_residual\'s with stats), got {tuple(partials.shape)}')
         return _finalize_stats(partials, partials[-1], chunks, x.numel() // x.shape[1], weight, bias,
-                               running_mean, running_var, momentum, eps)
+                               running_mean, running_var, momentum, eps, num_batches_tracked)
     x, = _same_layout(_layout(x), x)
-    return _run('stats', impl, x, weight, bias, running_mean, running_var, momentum, eps,
-                timing_args=lambda: (x, weight, bias, running_mean.clone(), running_var.clone(), momentum, eps))
+    state = (running_mean, running_var, momentum, eps, num_batches_tracked)
+    return _run('stats', impl, x, weight, bias, *state, timing_args=lambda: (
+        x, weight, bias, *(t.clone() if isinstance(t, torch.Tensor) else t for t in state)))
 
 
 def batch_norm_apply(x: torch.Tensor, coef: torch.Tensor, low_dtype: torch.dtype, full: bool = True,

@@ -9,6 +9,7 @@ its own ``tl.cdiv`` & co. included, whether a kernel is compiled or interpreted)
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -135,6 +136,70 @@ def packed_strip_slots(out_ptr, C, K0, K1, K2, BLOCK_C: tl.constexpr):
     dw_row = row + tl.where(job == 0, 0, tl.where(job == 1, C * K0, C * (K0 + K1)))
     db_row = row + C * (K0 + K1 + K2) + job * C
     return c, c < C, chunk, job, dw_row, db_row
+
+
+@triton.jit
+def chunk_sums_kernel(a_ptr, b_ptr, out_a_ptr, out_b_ptr, like_a_ptr, like_b_ptr, P, LA, LB,
+                      ROUND_A: tl.constexpr, ROUND_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Program (lb, g) sums the P rows of group g of the float32 partials a (G x P x LA) or b (G x P x LB) over
+    BLOCK_L positions: the first ``cdiv(LA, BLOCK_L)`` programs a's, the others b's. The rows are added in a
+    fixed order (per-lane sums over row blocks, then one tree): the same result at every run. With ROUND_A
+    (ROUND_B) the sum is rounded to like_a's (like_b's) dtype, then stored in out_a's (out_b's), G x LA (LB)."""
+    g = tl.program_id(1)
+    blocks_a = tl.cdiv(LA, BLOCK_L)
+    in_b = tl.program_id(0) >= blocks_a
+    l = (tl.program_id(0) - blocks_a * in_b) * BLOCK_L + tl.arange(0, BLOCK_L)
+    mask_a = l < LA * (1 - in_b)  # products, not ``and``: under the interpreter the operands may be bools
+    mask_b = l < LB * in_b
+    lanes = tl.zeros((BLOCK_P, BLOCK_L), dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)[:, None]
+        rows = p < P
+        lanes += tl.load(a_ptr + (g * P + p) * LA + l[None, :], mask=rows & mask_a[None, :], other=0.0)
+        lanes += tl.load(b_ptr + (g * P + p) * LB + l[None, :], mask=rows & mask_b[None, :], other=0.0)
+    total = tl.sum(lanes, axis=0)
+    total_a = total.to(like_a_ptr.dtype.element_ty).to(tl.float32) if ROUND_A else total
+    total_b = total.to(like_b_ptr.dtype.element_ty).to(tl.float32) if ROUND_B else total
+    tl.store(out_a_ptr + g * LA + l, total_a.to(out_a_ptr.dtype.element_ty), mask=mask_a)
+    tl.store(out_b_ptr + g * LB + l, total_b.to(out_b_ptr.dtype.element_ty), mask=mask_b)
+
+
+_CHUNK_ROWS, _CHUNK_WIDTH = 16, 128  # 2048 partials a program and row block; these launches are latency-bound
+
+
+def chunk_sums(a: torch.Tensor, out_a: torch.Tensor, round_a: Optional[torch.dtype] = None,
+               b: Optional[torch.Tensor] = None, out_b: Optional[torch.Tensor] = None,
+               round_b: Optional[torch.dtype] = None) -> None:
+    """Sums the kernels' per-chunk partials over their chunks in one launch (:func:`chunk_sums_kernel`), for
+    one or two sets of partials with as many groups and chunks: where ``a.sum(1)`` and ``b.sum(1)``, each
+    followed by a rounding to ``round_a`` (``round_b``) and a cast to out's dtype, take a launch each.
+
+    Args:
+        a, b: G-P-L float32, contiguous (b: None, or as many groups G and chunks P as a).
+        out_a, out_b: G-L, contiguous, in the dtype the sums are stored in (written in place).
+        round_a, round_b: the dtype each sum is rounded to first (as a bf16 conv's bias gradient is), or None.
+    """
+    groups, rows, width_a = a.shape
+    width_b = 0 if b is None else b.shape[2]
+    if b is not None and tuple(b.shape[:2]) != (groups, rows):
+        raise ValueError(f'smmcl.kernels: chunk_sums takes partials with as many groups and chunks, got '
+                         f'{tuple(a.shape)} and {tuple(b.shape)}')
+    for partials, out, width in ((a, out_a, width_a), (b, out_b, width_b)):
+        if partials is not None and (partials.dtype != torch.float32 or not partials.is_contiguous()
+                                     or not out.is_contiguous() or tuple(out.shape) != (groups, width)):
+            raise ValueError(f'smmcl.kernels: chunk_sums takes contiguous float32 G-P-L partials and G-L '
+                             f'outputs, got {tuple(partials.shape)} {partials.dtype} into {tuple(out.shape)}')
+    b, out_b = (a, out_a) if b is None else (b, out_b)
+    blocks = triton.cdiv(width_a, _CHUNK_WIDTH) + triton.cdiv(width_b, _CHUNK_WIDTH)
+    if groups and blocks:
+        chunk_sums_kernel[(blocks, groups)](
+            a, b, out_a, out_b, _typed(out_a, round_a), _typed(out_b, round_b), rows, width_a, width_b,
+            ROUND_A=round_a is not None, ROUND_B=round_b is not None, BLOCK_P=_CHUNK_ROWS, BLOCK_L=_CHUNK_WIDTH)
+
+
+def _typed(out: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """A tensor of ``dtype`` (out where that is out's, or None) for a kernel that reads only its pointer's dtype."""
+    return out if dtype is None or dtype == out.dtype else out.new_empty(1, dtype=dtype)
 
 
 def check_device(x: torch.Tensor) -> None:

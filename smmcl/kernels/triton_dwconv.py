@@ -30,7 +30,8 @@ from .triton_rows import dwconv_rows_kernel, dwconv_wgrad_rows_kernel, grid as r
 from .triton_rows import grad_wgrad_rows_kernel, strip3_sum_rows_kernel, strip3_wgrad_rows_kernel
 from .triton_common import KEY as _KEY, PRUNE as _PRUNE, bench as _bench, check_device as _check_device, configs
 from .triton_common import choose, fastest as _fastest, gelu as _gelu, gelu_grad as _gelu_grad
-from .triton_common import add_to as _add_to, conv_bias as _conv_bias, load_input as _load_input
+from .triton_common import add_to as _add_to, chunk_sums as _chunk_sums, conv_bias as _conv_bias
+from .triton_common import load_input as _load_input
 from .reference import layout
 from .triton_common import packed_strip_slots as _packed_strip_slots
 from .triton_bands import dwconv_wgrad_bands_kernel, fits as _band_fits, fits_kxk as _band_fits_kxk
@@ -490,7 +491,7 @@ def inside_sums_kernel(g_ptr, t_ptr, w_ptr, out_ptr, gib_ptr, N, C, H, W, sn, sc
                        KW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
     """Program (channel block) writes :func:`inside_sums` of g at ``out_ptr`` (C x KH*KW, float32) from the
     border rows and columns of the map and the totals ``t`` (C), and those sums against the taps ``w``
-    (C x KH*KW) at ``gib_ptr`` (C, rounded to its dtype). Sums over the rows and columns where a tap reads
+    (C x KH*KW) at ``gib_ptr`` (C, rounded to g's dtype, stored in gib's). Sums over the rows and columns where a tap reads
     outside are taken away, the crossings of such a row and column, taken away twice, added back."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
@@ -525,11 +526,11 @@ def inside_sums_kernel(g_ptr, t_ptr, w_ptr, out_ptr, gib_ptr, N, C, H, W, sn, sc
         inside = total - outs[k]
         tl.store(out_ptr + c * (KH * KW) + k, inside, mask=cmask)
         against_taps += tl.load(w_ptr + c * (KH * KW) + k, mask=cmask, other=0.0).to(tl.float32) * inside
-    tl.store(gib_ptr + c, against_taps.to(gib_ptr.dtype.element_ty), mask=cmask)
+    tl.store(gib_ptr + c, against_taps.to(g_ptr.dtype.element_ty).to(gib_ptr.dtype.element_ty), mask=cmask)
 
 
-def inside_sums(grad: torch.Tensor, total: torch.Tensor, weight: torch.Tensor,
-                impl: str = 'triton') -> Tuple[torch.Tensor, torch.Tensor]:
+def inside_sums(grad: torch.Tensor, total: torch.Tensor, weight: torch.Tensor, impl: str = 'triton',
+                dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per channel and tap of a KH x KW "same" depthwise conv, the sum of ``grad`` (N-C-H-W, the
     gradient of the conv's output) over the positions where that tap reads inside the map, and those sums
     against the taps of ``weight`` (C-1-KH-KW). ``total`` (C) is grad's sum over all positions (the
@@ -543,7 +544,7 @@ def inside_sums(grad: torch.Tensor, total: torch.Tensor, weight: torch.Tensor,
 
     Returns:
         the sums, float32 C-KH-KW, and the sums against the taps, summed in float32 and rounded to
-        grad's dtype (C). ``impl``: ``'triton'`` (one launch of :func:`inside_sums_kernel`) or ``'torch'``
+        grad's dtype (C), in ``dtype`` (grad's if None). ``impl``: ``'triton'`` (one launch of :func:`inside_sums_kernel`) or ``'torch'``
         (ATen's gathers, sums and products: a dozen small launches).
     """
     c, kh, kw = weight.shape[0], *kernel_size(weight)
@@ -557,10 +558,10 @@ def inside_sums(grad: torch.Tensor, total: torch.Tensor, weight: torch.Tensor,
         inside = (total.float()[:, None, None] - (row_sums @ outside_h.T)[:, :, None]
                   - (col_sums @ outside_w.T)[:, None, :]
                   + torch.einsum('crq,ir,jq->cij', crossings, outside_h, outside_w))
-        return inside, (weight.float().reshape(inside.shape) * inside).sum((1, 2)).to(grad.dtype)
+        return inside, (weight.float().reshape(inside.shape) * inside).sum((1, 2)).to(grad.dtype).to(dtype or grad.dtype)
     n, _, h, w = grad.shape
     inside = torch.empty(c, kh, kw, device=grad.device, dtype=torch.float32)
-    against_taps = torch.empty(c, device=grad.device, dtype=grad.dtype)
+    against_taps = torch.empty(c, device=grad.device, dtype=dtype or grad.dtype)
     # 16 channels a program, tiles of 256 positions: a handful of loads in flight per border line
     inside_sums_kernel[(triton.cdiv(c, 16),)](grad, total, _rows(weight), inside, against_taps, n, c, h, w,
                                               *grad.stride(), kh, kw, BLOCK_C=16, BLOCK_L=256)
@@ -717,10 +718,10 @@ def dwconv_gelu_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tens
         return [grad_x, dw, db]
     # in_bias's gradient summed in float32 and rounded to the gradient's dtype, as the bias gradient of the
     # conv that made x is
-    inside, grad_in_bias = inside_sums(grad_z, db, weight)  # C-KH-KW float32, C
+    inside, grad_in_bias = inside_sums(grad_z, db, weight, dtype=in_bias.dtype)  # C-KH-KW float32, C
     if wgrad != 'fused':
         dw = (dw.float() + in_bias.to(x.dtype).float()[:, None, None, None] * inside[:, None]).to(dw.dtype)
-    return [grad_x, dw, db, grad_in_bias.to(in_bias.dtype)]
+    return [grad_x, dw, db, grad_in_bias]
 
 
 _WGRAD_CHOICE = {}  # (shape, kernel, layout, dtype) -> the fastest implementation
@@ -746,7 +747,9 @@ def _wgrad_partials(kernel, grad, x, weight, chunks=None, extra=(), **meta):
     # a kernel without BLOCK_C (the band kernel's) owns one channel a program
     kernel[lambda m: (triton.cdiv(c, m.get('BLOCK_C', 1)), chunks)](
         grad, x, dw, db, n, c, h, w, *x.stride(), chunks, kh, kw, *extra, **meta)
-    return dw.sum(0).reshape(weight.shape).to(weight.dtype), db.sum(0).to(weight.dtype)
+    grad_weight, grad_bias = (torch.empty(1, size, device=x.device, dtype=weight.dtype) for size in (c * kh * kw, c))
+    _chunk_sums(dw.view(1, chunks, -1), grad_weight, None, db[None], grad_bias)
+    return grad_weight.view(weight.shape), grad_bias[0]
 
 
 def _wgrad_gather(grad, x, weight):

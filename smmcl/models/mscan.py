@@ -359,10 +359,9 @@ def normed_pair(norm: nn.Module, x: torch.Tensor, full: bool = True, partials: O
     Otherwise the module, its output given twice (autocast casts it where the conv reads it), and x."""
     if fused_norm(norm, x):
         from ..kernels.ops import BatchNormStream  # loaded with the kernels (use_fused_kernels)
-        norm.num_batches_tracked.add_(1)
         coef = torch.ops.smmcl.batch_norm_stats(x.detach(), norm.weight.detach(), norm.bias.detach(),
                                                 norm.running_mean, norm.running_var, norm.momentum, norm.eps,
-                                                partials)
+                                                partials, norm.num_batches_tracked)
         low, out, stream = BatchNormStream.apply(x, norm.weight, norm.bias, coef,
                                                  torch.get_autocast_dtype(x.device.type), full)
         return out if full else None, low, stream
