@@ -1326,10 +1326,12 @@ def _top_kernels(title, fn, device, steps):
 
     total = sum(device_us(e) for e in events) or 1.0
     syncs = count_syncs(fn, device)
+    # kernels run per call (a replayed graph's each), against bench/traffic.py --launches' count on the CPU
+    kernels = sum(e.count for e in events) // steps
     print(f'\n{title}: {total / 1e3 / steps:.1f} ms of device time per call, {wall_ms:.1f} ms wall (no profiler), '
-          f'{syncs} synchronizing CUDA calls per call; top kernels, ms per call and share')
+          f'{syncs} synchronizing CUDA calls per call, {kernels} kernels per call; top kernels, ms per call and share')
     out = [('wall ms per call', wall_ms, 1.0), ('device ms per call', total / 1e3 / steps, 1.0),
-           ('synchronizing calls per call', syncs, 1.0)]
+           ('synchronizing calls per call', syncs, 1.0), ('kernels per call', kernels, 1.0)]
     for e in sorted(events, key=device_us, reverse=True)[:12]:
         ms = device_us(e) / 1e3 / steps
         print(f'  {ms:8.2f} ms {100 * device_us(e) / total:5.1f}%  {kernel_label(e.key)}')
@@ -1619,6 +1621,9 @@ def summary(results):
                 continue
             line = (f"profile {name}: wall {got['wall ms per call']:.1f} ms, GPU {got['device ms per call']:.1f} ms, "
                     f"{got.get('synchronizing calls per call', '?')} syncs")
+            if got.get('kernels per call'):
+                kernels = got['kernels per call']
+                line += f", {kernels} kernels ({1e3 * got['device ms per call'] / kernels:.1f} us each)"
             idle = got.get('idle attribution') or {}
             if idle.get('idle_ms'):
                 top = sorted(idle['idle_ms'].items(), key=lambda kv: kv[1], reverse=True)[:3]

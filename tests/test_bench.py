@@ -295,16 +295,18 @@ def test_nmf_table_times_each_formulation_of_the_large_products(capsys):
     assert torch.allclose(torch.bmm(x.transpose(1, 2), bases), torch.bmm(bases.transpose(1, 2), x).transpose(1, 2))
 
 
-def test_the_summary_states_each_profiled_calls_wall_gpu_time_syncs_and_idle_time(capsys):
+def test_the_summary_states_each_profiled_calls_wall_gpu_time_syncs_kernels_and_idle_time(capsys):
     gpu_check = bench_script('gpu_check')
     idle = dict(window_ms=220.0, busy_ms=140.0, idle_ms={'cudaGraphLaunch': 50.0, gpu_check.NO_OPERATOR: 30.0})
     gpu_check.summary({'env': {}, 'profile': {
         'train fast+triton NCHW+graphs': [('wall ms per call', 220.0, 1.0), ('device ms per call', 140.0, 1.0),
-                                          ('synchronizing calls per call', 0, 1.0), ('_dwconv_kernel', 20.0, 0.1),
+                                          ('synchronizing calls per call', 0, 1.0), ('kernels per call', 4000, 1.0),
+                                          ('_dwconv_kernel', 20.0, 0.1),
                                           ('idle attribution', idle, 1.0)],
         'eval fast+triton': 'failed'}})
     out = capsys.readouterr().out
-    assert ('profile train fast+triton NCHW+graphs: wall 220.0 ms, GPU 140.0 ms, 0 syncs; GPU idle during '
+    assert ('profile train fast+triton NCHW+graphs: wall 220.0 ms, GPU 140.0 ms, 0 syncs, 4000 kernels (35.0 us '
+            'each); GPU idle during '
             'cudaGraphLaunch 50.0 ms, (no host operator') in out
 
 
