@@ -312,6 +312,25 @@ def test_fused_block_tails_are_the_same_function():
             assert not torch.allclose(probe(x), out_p)
 
 
+def test_drop_paths_factor_per_image_is_the_broadcast_product():
+    """``ScaleByImage``: the broadcast product bit for bit, and the scale's gradient the sum over the images
+    that autograd's product and sum give (one matrix-vector product), a dropped image adding nothing,
+    under autocast too (float32 throughout)."""
+    from smmcl.models.mscan import ScaleByImage
+    scale = torch.randn(7, requires_grad=True)
+    keep = torch.tensor([2.0, 0.0, 2.0]).reshape(3, 1, 1, 1)
+    grad = torch.randn(3, 7, 1, 1)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        got = ScaleByImage.apply(scale, keep)
+    want = scale[:, None, None] * keep
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        got_grad, = torch.autograd.grad(got, scale, grad)
+    want_grad, = torch.autograd.grad(want, scale, grad)
+    assert got_grad.dtype == torch.float32 and torch.allclose(got_grad, want_grad, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(got_grad, 2 * (grad[0] + grad[2]).flatten(), rtol=1e-6, atol=1e-6)
+
+
 def _modulation_inputs(layout, seed=0):
     """rgb, x: 2-6-5-7, each channel's maximum reached at 4 positions (amax shares its gradient)."""
     g = torch.Generator().manual_seed(seed)

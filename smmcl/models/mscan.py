@@ -50,10 +50,29 @@ class DropPath(nn.Module):
         if self.drop_prob == 0.0 or not self.training:
             return factor
         like = y.new_empty((0,) * y.ndim, dtype=torch.promote_types(scale.dtype, y.dtype))
-        return factor * (self.draw_mask(y.shape[0], like) / (1.0 - self.drop_prob))
+        return ScaleByImage.apply(scale, self.draw_mask(y.shape[0], like) / (1.0 - self.drop_prob))
 
     def extra_repr(self) -> str:
         return f'drop_prob={self.drop_prob}'
+
+
+class ScaleByImage(torch.autograd.Function):
+    """``scale[:, None, None] * keep``: C and N-1-1-1 -> N-C-1-1 (drop path's factor per image), whose
+    backward sums the scale's gradient over the images in one matrix-vector product, where autograd's
+    broadcast product takes a product and then a sum (a kernel each, per block half and step)."""
+
+    @staticmethod
+    def forward(ctx, scale: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(keep)
+        return scale[:, None, None] * keep
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        keep, = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        with torch.autocast(grad.device.type, enabled=False):  # in the gradient's dtype, as autograd's sum
+            return torch.mv(grad.reshape(grad.shape[0], -1).t(), keep.reshape(-1).to(grad.dtype)), None
 
 
 class StemConv(nn.Module):
