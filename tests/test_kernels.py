@@ -582,6 +582,9 @@ def test_custom_op_registrations():
     partials = ops().scaled_residual(a.detach(), low.detach(), _tensor(3, 1, 1).detach(), None, True)[1]
     torch.library.opcheck(ops().batch_norm_stats, (a.detach(), b.detach(), b.detach(), *running, 0.1, 1e-5, partials),
                           test_utils=('test_schema', 'test_faketensor'))
+    tracked = torch.tensor(3, device=DEVICE)  # the module's batch count: its mutation declared (opcheck's copies)
+    torch.library.opcheck(ops().batch_norm_stats, (a.detach(), b.detach(), b.detach(), *running, 0.1, 1e-5, None,
+                                                   tracked), test_utils=('test_schema', 'test_faketensor'))
     coef = ops().batch_norm_stats(a.detach(), b.detach(), b.detach(), *running, 0.1, 1e-5)
     for full in (True, False):
         torch.library.opcheck(ops().batch_norm_apply, (a, b, _tensor(3, seed=6), coef, torch.bfloat16, full))

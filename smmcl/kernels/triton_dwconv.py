@@ -491,8 +491,9 @@ def inside_sums_kernel(g_ptr, t_ptr, w_ptr, out_ptr, gib_ptr, N, C, H, W, sn, sc
                        KW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
     """Program (channel block) writes :func:`inside_sums` of g at ``out_ptr`` (C x KH*KW, float32) from the
     border rows and columns of the map and the totals ``t`` (C), and those sums against the taps ``w``
-    (C x KH*KW) at ``gib_ptr`` (C, rounded to g's dtype, stored in gib's). Sums over the rows and columns where a tap reads
-    outside are taken away, the crossings of such a row and column, taken away twice, added back."""
+    (C x KH*KW) at ``gib_ptr`` (C, rounded to g's dtype, stored in gib's). Sums over the rows and columns
+    where a tap reads outside are taken away, the crossings of such a row and column, taken away twice,
+    added back."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     PH: tl.constexpr = (KH - 1) // 2
@@ -544,8 +545,8 @@ def inside_sums(grad: torch.Tensor, total: torch.Tensor, weight: torch.Tensor, i
 
     Returns:
         the sums, float32 C-KH-KW, and the sums against the taps, summed in float32 and rounded to
-        grad's dtype (C), in ``dtype`` (grad's if None). ``impl``: ``'triton'`` (one launch of :func:`inside_sums_kernel`) or ``'torch'``
-        (ATen's gathers, sums and products: a dozen small launches).
+        grad's dtype (C), stored in ``dtype`` (grad's if None). ``impl``: ``'triton'`` (one launch of
+        :func:`inside_sums_kernel`) or ``'torch'`` (ATen's gathers, sums and products: a dozen small launches).
     """
     c, kh, kw = weight.shape[0], *kernel_size(weight)
     if impl == 'torch':
@@ -558,7 +559,8 @@ def inside_sums(grad: torch.Tensor, total: torch.Tensor, weight: torch.Tensor, i
         inside = (total.float()[:, None, None] - (row_sums @ outside_h.T)[:, :, None]
                   - (col_sums @ outside_w.T)[:, None, :]
                   + torch.einsum('crq,ir,jq->cij', crossings, outside_h, outside_w))
-        return inside, (weight.float().reshape(inside.shape) * inside).sum((1, 2)).to(grad.dtype).to(dtype or grad.dtype)
+        against_taps = (weight.float().reshape(inside.shape) * inside).sum((1, 2)).to(grad.dtype)
+        return inside, against_taps.to(dtype or grad.dtype)
     n, _, h, w = grad.shape
     inside = torch.empty(c, kh, kw, device=grad.device, dtype=torch.float32)
     against_taps = torch.empty(c, device=grad.device, dtype=dtype or grad.dtype)
