@@ -995,7 +995,9 @@ def _strip3_wgrad_fused(grads, xs, weights, along_w, family: str = 'tiles') -> t
     else:
         strip3_wgrad_rows_kernel[grid](*grads, x0, x1, x2, partials, n, c, h, w, *x0.stride(), chunks, *lengths,
                                        ALONG_W=along_w)
-    return partials.sum(0)
+    packed = torch.empty(1, partials.shape[1], device=x0.device, dtype=torch.float32)
+    _chunk_sums(partials[None], packed)
+    return packed[0]
 
 
 def _strip3_wgrad_rows(grads, xs, weights, along_w) -> torch.Tensor:
