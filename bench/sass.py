@@ -100,12 +100,11 @@ def _channel_cases():
     (:mod:`smmcl.kernels.triton_channel`), as the fast bf16 path runs them: the bias add on a bf16 conv
     output (alone, with proj_1's GELU, with conv3's gate) and its backward (the bias gradient's sums of a
     bf16 gradient, and with each epilogue's backward), the training block tails on the float32 residual
-    stream and a bf16 branch with its conv's bias, the MLP's and the attention's with its float32 shortcut,
-    forward and backward (the backward passes loop over pixel blocks: counted per element of the loop
-    body), the blocks' BatchNorm in training (the statistics' sums of the float32 stream, the float32
-    output with its bf16 copy, and their backward's sums and apply, the copy's gradient bf16, the stream's
-    from the shortcut added), the folded
-    blocks' float32 stream and its bf16 copy (with the branch's last bias), the cross-modal modulation's
+    stream and a bf16 branch with its conv's bias and drop path's mask, the MLP's and the attention's with
+    its float32 shortcut, forward and backward (the backward passes loop over pixel blocks: counted per
+    element of the loop body), the blocks' BatchNorm in training (the statistics' sums of the float32
+    stream, the float32 output with its bf16 copy, and their backward's sums and apply, the copy's
+    gradient bf16, the stream's from the shortcut added), the folded blocks' float32 stream and its bf16 copy (with the branch's last bias), the cross-modal modulation's
     outputs from float32 maps and bf16 coefficients, written in bf16 as the maps and as their concat (the
     encoder's stages 2-3), their backward from those three gradients (its loop over the channels, per
     element), its
@@ -121,21 +120,23 @@ def _channel_cases():
         ('bias_grad', [('triton', grad, dict(EPILOGUE=0), 1)], dict(out_ptr='fp32')),
         ('bias_gelu_grad', [('triton', grad, dict(EPILOGUE=1), 1)], dict(out_ptr='fp32')),
         ('bias_gate_grad', [('triton', grad, dict(EPILOGUE=2), 1)], dict(out_ptr='fp32')),
-        ('residual', [('triton', tail, dict(PER_IMAGE=False, HAS_BIAS=True, HAS_SHORTCUT=False, STATS=False), None)],
-         dict(x_ptr='fp32', f_ptr='fp32', bias_ptr='fp32', out_ptr='fp32')),
-        ('residual_grad', [('triton', tail_grad, dict(PER_IMAGE=False, HAS_BIAS=True, HAS_SHORTCUT=False), 1)],
-         dict(g_ptr='fp32', f_ptr='fp32', bias_ptr='fp32', out_ptr='fp32', bias_out_ptr='fp32')),
-        ('shortcut_residual', [('triton', tail, dict(PER_IMAGE=False, HAS_BIAS=True, HAS_SHORTCUT=True, STATS=False),
-                                None)],
-         dict(x_ptr='fp32', f_ptr='fp32', bias_ptr='fp32', s_ptr='fp32', out_ptr='fp32', v_ptr='fp32')),
-        # with the next BatchNorm's sums, as training runs both tails (its loop's body, per element)
-        ('shortcut_residual_stats', [('triton', tail, dict(PER_IMAGE=False, HAS_BIAS=True, HAS_SHORTCUT=True,
-                                                           STATS=True), 1)],
-         dict(x_ptr='fp32', f_ptr='fp32', bias_ptr='fp32', s_ptr='fp32', out_ptr='fp32', v_ptr='fp32',
-              sums_ptr='fp32')),
-        ('shortcut_residual_grad', [('triton', tail_grad, dict(PER_IMAGE=False, HAS_BIAS=True, HAS_SHORTCUT=True), 1)],
-         dict(g_ptr='fp32', v_ptr='fp32', f_ptr='fp32', bias_ptr='fp32', gs_ptr='fp32', out_ptr='fp32',
+        ('residual', [('triton', tail, dict(HAS_KEEP=True, HAS_BIAS=True, HAS_SHORTCUT=False, STATS=False), None)],
+         dict(x_ptr='fp32', f_ptr='fp32', keep_ptr='fp32', bias_ptr='fp32', out_ptr='fp32')),
+        ('residual_grad', [('triton', tail_grad, dict(HAS_KEEP=True, HAS_BIAS=True, HAS_SHORTCUT=False), 1)],
+         dict(g_ptr='fp32', f_ptr='fp32', keep_ptr='fp32', bias_ptr='fp32', out_ptr='fp32',
               bias_out_ptr='fp32')),
+        ('shortcut_residual', [('triton', tail, dict(HAS_KEEP=True, HAS_BIAS=True, HAS_SHORTCUT=True, STATS=False),
+                                None)],
+         dict(x_ptr='fp32', f_ptr='fp32', keep_ptr='fp32', bias_ptr='fp32', s_ptr='fp32', out_ptr='fp32',
+              v_ptr='fp32')),
+        # with the next BatchNorm's sums, as training runs both tails (its loop's body, per element)
+        ('shortcut_residual_stats', [('triton', tail, dict(HAS_KEEP=True, HAS_BIAS=True, HAS_SHORTCUT=True,
+                                                           STATS=True), 1)],
+         dict(x_ptr='fp32', f_ptr='fp32', keep_ptr='fp32', bias_ptr='fp32', s_ptr='fp32', out_ptr='fp32',
+              v_ptr='fp32', sums_ptr='fp32')),
+        ('shortcut_residual_grad', [('triton', tail_grad, dict(HAS_KEEP=True, HAS_BIAS=True, HAS_SHORTCUT=True), 1)],
+         dict(g_ptr='fp32', v_ptr='fp32', f_ptr='fp32', keep_ptr='fp32', bias_ptr='fp32', gs_ptr='fp32',
+              out_ptr='fp32', bias_out_ptr='fp32')),
         ('norm_sums', [('triton', sums, dict(BACKWARD=False, HAS_G=False, HAS_H=False), 1)],
          dict(x_ptr='fp32', mean_ptr='fp32', out_ptr='fp32')),
         ('norm_apply', [('triton', apply, dict(HAS_G=False, HAS_H=False, HAS_E=False, HAS_LOW=True, HAS_FULL=True),
@@ -197,6 +198,8 @@ def compile_config(kernel, meta: dict, config, ints: dict, arch: int, dtype: str
         elif name.endswith('_ptr'):
             signature[name] = '*' + (pointers or {}).get(name, 'fp32' if _weight_arg(name) else dtype)
             attrs[(index,)] = [['tt.divisibility', 16]]
+        elif isinstance(ints[name], float):
+            signature[name] = 'fp32'
         elif ints[name] == 1:
             signature[name] = 'constexpr'
             constexprs[name] = 1
@@ -268,11 +271,12 @@ def _elements(config, outputs: int) -> int:
 
 def _ints(c: int, h: int, w: int, channels_last: bool) -> dict:
     """A map's sizes and strides; hn, hc, hw those of a concat of two such maps (the modulation's inputs'
-    gradient pass reads one half), rows the modulation backward's partial rows per image."""
+    gradient pass reads one half), rows the modulation backward's partial rows per image, keep_prob a block
+    tail's drop path keep probability (a float argument)."""
     concat = dict(hn=2 * h * w * c, hc=1, hw=2 * c) if channels_last else dict(hn=2 * c * h * w, hc=h * w, hw=1)
     if channels_last:
-        return dict(N=8, C=c, H=h, W=w, sn=h * w * c, sc=1, sh=w * c, sw=c, rows=h * w // 4, **concat)
-    return dict(N=8, C=c, H=h, W=w, sn=c * h * w, sc=h * w, sh=w, sw=1, rows=h * w // 4, **concat)
+        return dict(N=8, C=c, H=h, W=w, sn=h * w * c, sc=1, sh=w * c, sw=c, rows=h * w // 4, keep_prob=0.9, **concat)
+    return dict(N=8, C=c, H=h, W=w, sn=c * h * w, sc=h * w, sh=w, sw=1, rows=h * w // 4, keep_prob=0.9, **concat)
 
 
 # the band kernels (NCHW, along W) of the forward strips and the backward's adjoint sum, as autocast runs

@@ -11,6 +11,7 @@ channels_last.
 """
 import contextlib
 import copy
+import itertools
 import os
 import sys
 
@@ -34,7 +35,7 @@ if not hasattr(torch.library, 'custom_op'):
 
 from conftest import bench_script  # noqa: E402
 from smmcl import kernels  # noqa: E402  (the Triton-free part; the kernels load on first use)
-from smmcl.models.mscan import AttentionModule, Block, Mlp, mscan_t, use_fused_kernels  # noqa: E402
+from smmcl.models.mscan import AttentionModule, Block, Mlp, ScaleByImage, mscan_t, use_fused_kernels  # noqa: E402
 
 CL = torch.channels_last
 NCHW = torch.contiguous_format
@@ -572,6 +573,10 @@ def test_custom_op_registrations():
     low = a.detach().to(torch.bfloat16).requires_grad_()
     torch.library.opcheck(ops().scaled_residual, (a, low, _tensor(3, 1, 1), b))
     torch.library.opcheck(ops().shortcut_residual, (a, low, _tensor(3, 1, 1), b, _tensor(1, 3, 4, 5, fmt=CL, seed=3)))
+    keep = torch.ones(1, 1, 1, 1, device=DEVICE)  # drop path's mask: no gradient
+    torch.library.opcheck(ops().scaled_residual, (a, low, _tensor(3, 1, 1), b, False, keep, 0.75))
+    torch.library.opcheck(ops().shortcut_residual, (a, low, _tensor(3, 1, 1), b, _tensor(1, 3, 4, 5, fmt=CL, seed=3),
+                                                    False, keep, 0.75))
     # with the next norm's partials: rows the device decides (a size the fake op leaves open)
     torch.library.opcheck(ops().scaled_residual, (a, low, _tensor(3, 1, 1), b, True))
     torch.library.opcheck(ops().shortcut_residual, (a, low, _tensor(3, 1, 1), b, _tensor(1, 3, 4, 5, fmt=CL, seed=3),
@@ -1117,6 +1122,13 @@ def test_fused_kernels_refuse_another_activation(name, attribute):
 
 # ---- the block tails: x + y * f, forward in one pass, backward in one Triton pass -----------------------
 
+def _drop_path(*kept: int):
+    """Drop path's N-1-1-1 mask as drawn (1 kept, 0 dropped), its keep probability, and the per-image factor
+    ``f * (mask / p)`` a scale f takes with them, as :meth:`DropPath.scaled_factor` makes it."""
+    keep = torch.tensor(kept, dtype=torch.float32, device=DEVICE).reshape(-1, 1, 1, 1)
+    return keep, 0.75, lambda f: ScaleByImage.apply(f.reshape(-1), keep / 0.75)
+
+
 @pytest.mark.parametrize('fmt', [NCHW, CL])
 @pytest.mark.parametrize('per_image', [False, True], ids=['layer-scale', 'drop-path'])
 @pytest.mark.parametrize('y_dtype', [torch.float32, torch.bfloat16])
@@ -1124,15 +1136,18 @@ def test_scaled_residual_is_addcmul(fmt, per_image, y_dtype, monkeypatch):
     """``smmcl::scaled_residual(x, y, f)`` against autocast's ``addcmul`` (y copied to float32 first): the
     same output to float32 rounding (the kernel may fuse the multiply-add, or not where ATen does), the
     same gradients (grad y rounded once to y's dtype; the interpreter truncates to bf16 where compiled
-    Triton rounds to nearest even), f's gradient summed in another order; two channel blocks, and two
-    programs along each image's pixels (under the interpreter one walks two of the three 16-pixel blocks)."""
+    Triton rounds to nearest even), f's gradient summed in another order; with drop path's mask (one
+    image dropped), the factor per image the kernel makes is :class:`ScaleByImage`'s and y's gradient is
+    0 on the dropped image; two channel blocks, and two programs along each image's pixels (under the
+    interpreter one walks two of the three 16-pixel blocks)."""
     from smmcl.kernels import triton_channel
     monkeypatch.setattr(triton_channel, '_chunks', lambda t: 4)  # 2 per image of the 2
     x, y = _tensor(2, 37, 5, 9, fmt=fmt), _tensor(2, 37, 5, 9, fmt=fmt, dtype=y_dtype, seed=1)
-    f = _tensor(*((2, 37, 1, 1) if per_image else (37, 1, 1)), seed=2)
-    out, partials = ops().scaled_residual(x, y, f)
+    f = _tensor(37, 1, 1, seed=2)
+    keep, keep_prob, factor = _drop_path(0, 1) if per_image else (None, 1.0, lambda f: f)
+    out, partials = ops().scaled_residual(x, y, f, keep=keep, keep_prob=keep_prob)
     assert partials.shape == (0, 37)  # none asked for
-    want = torch.addcmul(x, y.float(), f)
+    want = torch.addcmul(x, y.float(), factor(f))
     assert out.dtype == torch.float32 and out.is_contiguous(memory_format=fmt)
     assert rel(out, want) <= 1e-7 and (out - want).abs().max() <= 1e-6
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE)
@@ -1142,6 +1157,8 @@ def test_scaled_residual_is_addcmul(fmt, per_image, y_dtype, monkeypatch):
     assert got[1].dtype == y_dtype and got[1].is_contiguous(memory_format=fmt)
     assert rel(got[1], ref[1]) <= (2 ** -7 if y_dtype == torch.bfloat16 else 1e-7)
     assert got[2].shape == f.shape and rel(got[2], ref[2]) <= 1e-6
+    if per_image:
+        assert torch.equal(out[0], x[0]) and not got[1][0].any()
 
 
 class _MapsMade(TorchDispatchMode):
@@ -1172,19 +1189,21 @@ def test_scaled_residual_adds_the_branchs_bias_and_shortcut(fmt, per_image, shor
     monkeypatch.setattr(triton_channel, '_chunks', lambda t: 4)
     x = _tensor(2, 37, 5, 9, fmt=fmt)
     y = _tensor(2, 37, 5, 9, fmt=fmt, dtype=torch.bfloat16, seed=1)
-    f = _tensor(*((2, 37, 1, 1) if per_image else (37, 1, 1)), seed=2)
+    f = _tensor(37, 1, 1, seed=2)
+    keep, keep_prob, factor = _drop_path(1, 0) if per_image else (None, 1.0, lambda f: f)
     b = _tensor(37, seed=3)
     s = _tensor(2, 37, 5, 9, fmt=fmt, seed=4) if shortcut else None
-    out, branch = ops().shortcut_residual(x, y, f, b, s)[:2] if shortcut else (ops().scaled_residual(x, y, f, b)[0],
-                                                                              None)
+    drop = dict(keep=keep, keep_prob=keep_prob)
+    out, branch = (ops().shortcut_residual(x, y, f, b, s, **drop)[:2] if shortcut
+                   else (ops().scaled_residual(x, y, f, b, **drop)[0], None))
     v = ops().add_channel_bias(y, b)
     v = v + s if shortcut else v
-    want = torch.addcmul(x, v.float(), f)
+    want = torch.addcmul(x, v.float(), factor(f))
     assert out.dtype == torch.float32 and out.is_contiguous(memory_format=fmt)
     assert rel(out, want) <= 1e-7 and (out - want).abs().max() <= 1e-6
     if shortcut:  # what the backward keeps: the float32 branch, as the unfused ops keep it for addcmul
         assert torch.equal(branch, v) and not branch.requires_grad and branch.is_contiguous(memory_format=fmt)
-        assert [t.data_ptr() for t in out.grad_fn.saved_tensors if t.shape == y.shape] == [branch.data_ptr()]
+        assert [t.data_ptr() for t in out.grad_fn.saved_tensors if t is not None and t.shape == y.shape] == [branch.data_ptr()]
     inputs = [x, y, f, b] + ([s] if shortcut else [])
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE)
     with _MapsMade() as made:
@@ -1211,8 +1230,8 @@ def test_scaled_residual_torch_and_triton_agree():
     x, g = _tensor(2, 5, 3, 4).detach(), _tensor(2, 5, 3, 4, seed=5).detach()
     y = _tensor(2, 5, 3, 4, dtype=torch.bfloat16, seed=1).detach()
     f, b, s = _tensor(5, 1, 1, seed=2).detach(), _tensor(5, seed=3).detach(), _tensor(2, 5, 3, 4, seed=4).detach()
-    for shortcut in (None, s):
-        (out, v, _), (want, want_v, _) = (CH.scaled_residual(x, y, f, b, shortcut, impl=impl)
+    for shortcut, drop in itertools.product((None, s), ({}, dict(keep=_drop_path(1, 0)[0], keep_prob=0.75))):
+        (out, v, _), (want, want_v, _) = (CH.scaled_residual(x, y, f, b, shortcut, impl=impl, **drop)
                                           for impl in ('triton', 'torch'))
         tol = 1e-6 if DEVICE == 'cuda' else 2 ** -7
         assert out.dtype == want.dtype and rel(out, want) <= tol
@@ -1221,16 +1240,23 @@ def test_scaled_residual_torch_and_triton_agree():
         else:
             assert v.dtype == want_v.dtype == torch.float32 and rel(v, want_v) <= tol
         branch, y_dtype = (y, None) if shortcut is None else (v, y.dtype)
-        grads = [CH.scaled_residual_grad(g, branch, f, b, y_dtype, impl=impl) for impl in ('triton', 'torch')]
+        grads = [CH.scaled_residual_grad(g, branch, f, b, y_dtype, impl=impl, **drop) for impl in ('triton', 'torch')]
         assert [t is None for t in grads[0]] == [False, False, False, shortcut is None]
         for got, want in zip(*grads):
             assert got is None or (got.dtype == want.dtype and got.shape == want.shape and rel(got, want) <= 2 ** -7)
 
 
-def test_scaled_residual_refuses_a_factor_bias_or_shortcut_of_another_shape():
+def test_scaled_residual_refuses_a_factor_bias_shortcut_or_keep_mask_of_another_shape():
     x, f = _tensor(2, 5, 3, 4), _tensor(5, 1, 1)
-    with pytest.raises(ValueError, match='C-1-1 or N-C-1-1'):
+    with pytest.raises(ValueError, match='must be C-1-1'):
         ops().scaled_residual(x, x, _tensor(5, 3, 1))
+    with pytest.raises(ValueError, match="drop path's per image comes as its keep mask"):
+        ops().scaled_residual(x, x, _tensor(2, 5, 1, 1))
+    with pytest.raises(ValueError, match='N or N-1-1-1'):
+        ops().scaled_residual(x, x, f, keep=torch.ones(2, 5, 1, 1, device=DEVICE), keep_prob=0.5)
+    for keep, keep_prob in ((torch.ones(2, device=DEVICE), 0.0), (None, 0.5)):
+        with pytest.raises(ValueError, match=r'keep probability must be in \(0, 1\]'):
+            ops().scaled_residual(x, x, f, keep=keep, keep_prob=keep_prob)
     with pytest.raises(ValueError, match='bias of 5 channels'):
         ops().scaled_residual(x, x, f, _tensor(4))
     with pytest.raises(ValueError, match='shaped as the branch'):
@@ -1246,15 +1272,16 @@ def test_tail_sums_the_next_norms_statistics(fmt, shortcut, monkeypatch):
     BatchNorm's statistics come without reading the sum back: the coefficients and running statistics of
     the norm's own pass over the sum (to float32 rounding: shifted by the stream's first value, not the
     sum's), float64's on a stream whose mean is 500 times its spread. Three programs walk the 3 images'
-    pixel blocks (drop path's factor per image); two channel blocks, one partial."""
+    pixel blocks (drop path's factor per image, one dropped); two channel blocks, one partial."""
     from smmcl.kernels import triton_channel as CH
     monkeypatch.setattr(CH, '_chunks', lambda t: 3)
     x = _tensor(3, 37, 5, 7, fmt=fmt).detach() * 2 + 1000.0
     y = _tensor(3, 37, 5, 7, fmt=fmt, dtype=torch.bfloat16, seed=1).detach()
-    f, b = _tensor(3, 37, 1, 1, seed=2).detach(), _tensor(37, seed=3).detach()
+    f, b = _tensor(37, 1, 1, seed=2).detach(), _tensor(37, seed=3).detach()
+    drop = dict(keep=_drop_path(1, 0, 1)[0], keep_prob=0.75)
     s = _tensor(3, 37, 5, 7, fmt=fmt, seed=4).detach() if shortcut else None
-    out, v, partials = CH.scaled_residual(x, y, f, b, s, impl='triton', stats=True)
-    want, want_v, none = CH.scaled_residual(x, y, f, b, s, impl='triton')
+    out, v, partials = CH.scaled_residual(x, y, f, b, s, impl='triton', stats=True, **drop)
+    want, want_v, none = CH.scaled_residual(x, y, f, b, s, impl='triton', **drop)
     assert none is None and torch.equal(out, want) and (v is None or torch.equal(v, want_v))
     assert partials.shape == (2 * 3 + 1, 37) and torch.equal(partials[-1], x[0, :, 0, 0])
     weight, bias = _tensor(37, seed=5).detach(), _tensor(37, seed=6).detach()
@@ -1265,7 +1292,7 @@ def test_tail_sums_the_next_norms_statistics(fmt, shortcut, monkeypatch):
         assert rel(g, r) <= 1e-6
     var, mean = torch.var_mean(out.double(), dim=(0, 2, 3), correction=0)
     assert rel(got[0], mean) <= 1e-7 and rel(got[1], (var + 1e-5).rsqrt()) <= 1e-5
-    assert CH.scaled_residual(x, y, f, b, s, impl='torch', stats=True)[2] is None  # the norm sums its own
+    assert CH.scaled_residual(x, y, f, b, s, impl='torch', stats=True, **drop)[2] is None  # the norm sums its own
     with pytest.raises(ValueError, match=r'\(2K \+ 1\) x 37'):
         CH.batch_norm_stats(out, weight, bias, *running[0], 0.1, 1e-5, partials=partials[1:])
 

@@ -335,8 +335,9 @@ add_channel_bias_gate.register_autograd(_add_channel_bias_gate_grad, setup_conte
 
 # ---- a residual branch with a per-channel scale: x + v * f, v = y (+ bias) (+ shortcut) ------------------
 
-def _residual_like(x: Tensor, y: Tensor, factor: Tensor, shortcut: Optional[Tensor] = None) -> Tensor:
-    return torch.empty_like(x, dtype=CH.sum_dtype(x, y, factor, shortcut), memory_format=K._layout(x))
+def _residual_like(x: Tensor, y: Tensor, factor: Tensor, keep: Optional[Tensor],
+                   shortcut: Optional[Tensor] = None) -> Tensor:
+    return torch.empty_like(x, dtype=CH.sum_dtype(x, y, factor, keep, shortcut), memory_format=K._layout(x))
 
 
 def _partials(partials: Optional[Tensor], x: Tensor) -> Tensor:
@@ -351,89 +352,97 @@ def _partials_like(x: Tensor, stats: bool) -> Tensor:
 
 
 @torch.library.custom_op('smmcl::scaled_residual', mutates_args=())
-def scaled_residual(x: Tensor, y: Tensor, factor: Tensor, bias: Optional[Tensor] = None,
-                    stats: bool = False) -> Tuple[Tensor, Tensor]:
-    """(``x + v * factor``, partials): x, y N-C-H-W (x the residual stream, y the branch; any float dtypes),
-    factor C-1-1 or N-C-1-1, v = y, plus ``bias`` (C or None: that of the conv that made y, as
-    ``add_channel_bias`` adds it); in the promoted dtype (float32 for the fast path's stream) and x's
-    layout. One pass (:func:`triton_channel.scaled_residual`), y converted as it is read (autocast's
-    ``addcmul`` first copies a bf16 y to float32: the same values); the backward is one pass too
+def scaled_residual(x: Tensor, y: Tensor, factor: Tensor, bias: Optional[Tensor] = None, stats: bool = False,
+                    keep: Optional[Tensor] = None, keep_prob: float = 1.0) -> Tuple[Tensor, Tensor]:
+    """(``x + v * f``, partials): x, y N-C-H-W (x the residual stream, y the branch; any float dtypes), v = y,
+    plus ``bias`` (C or None: that of the conv that made y, as ``add_channel_bias`` adds it), f the C-1-1
+    factor, with ``keep`` (drop path's N-1-1-1 mask as drawn, or None) times ``keep / keep_prob`` per image;
+    in the promoted dtype (float32 for the fast path's stream) and x's layout. One pass
+    (:func:`triton_channel.scaled_residual`), y converted as it is read (autocast's ``addcmul`` first
+    copies a bf16 y to float32: the same values); the backward is one pass too
     (:func:`triton_channel.scaled_residual_grad`), adding the bias again. With ``stats``, the partials of
     the sum's BatchNorm statistics for :func:`batch_norm_stats` (K x C float32, K = 0 where the tail ran
-    ATen's passes, which sum none); else 0 x C. They take no gradient."""
-    out, _, partials = CH.scaled_residual(x, y, factor, bias, stats=stats)
+    ATen's passes, which sum none); else 0 x C. They take no gradient, nor does the mask."""
+    out, _, partials = CH.scaled_residual(x, y, factor, bias, stats=stats, keep=keep, keep_prob=keep_prob)
     return out, _partials(partials, x)
 
 
 @scaled_residual.register_fake
-def _(x, y, factor, bias=None, stats=False):
-    return _residual_like(x, y, factor), _partials_like(x, stats)
+def _(x, y, factor, bias=None, stats=False, keep=None, keep_prob=1.0):
+    return _residual_like(x, y, factor, keep), _partials_like(x, stats)
 
 
 @torch.library.custom_op('smmcl::shortcut_residual', mutates_args=())
 def shortcut_residual(x: Tensor, y: Tensor, factor: Tensor, bias: Optional[Tensor], shortcut: Tensor,
-                      stats: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
-    """(``x + v * factor``, v, partials) as :func:`scaled_residual`, with the branch's own shortcut in v: ``v =
+                      stats: bool = False, keep: Optional[Tensor] = None,
+                      keep_prob: float = 1.0) -> Tuple[Tensor, Tensor, Tensor]:
+    """(``x + v * f``, v, partials) as :func:`scaled_residual`, with the branch's own shortcut in v: ``v =
     y (+ bias) + shortcut`` (N-C-H-W, a dtype at least as wide as y's: the attention's ``proj_2(...) + x``,
     x its input). v (the shortcut's dtype) is for the backward, which keeps it as the unfused ops keep the
     float32 sum for ``addcmul``; it takes no gradient."""
-    out, v, partials = CH.scaled_residual(x, y, factor, bias, shortcut, stats=stats)
+    out, v, partials = CH.scaled_residual(x, y, factor, bias, shortcut, stats=stats, keep=keep, keep_prob=keep_prob)
     return out, v, _partials(partials, x)
 
 
 @shortcut_residual.register_fake
-def _(x, y, factor, bias, shortcut, stats=False):
-    return _residual_like(x, y, factor, shortcut), _like(shortcut), _partials_like(x, stats)
+def _(x, y, factor, bias, shortcut, stats=False, keep=None, keep_prob=1.0):
+    return _residual_like(x, y, factor, keep, shortcut), _like(shortcut), _partials_like(x, stats)
 
 
 @torch.library.custom_op('smmcl::scaled_residual_backward', mutates_args=())
 def scaled_residual_backward(grad: Tensor, branch: Tensor, factor: Tensor, bias: Optional[Tensor] = None,
-                             y_dtype: Optional[torch.dtype] = None) -> List[Tensor]:
+                             y_dtype: Optional[torch.dtype] = None, keep: Optional[Tensor] = None,
+                             keep_prob: float = 1.0) -> List[Tensor]:
     """[grad y, grad factor], then grad bias with a bias, then grad shortcut with ``y_dtype`` (y's dtype:
     ``branch`` is :func:`shortcut_residual`'s v; without it, y as given to :func:`scaled_residual`)."""
-    return [g for g in CH.scaled_residual_grad(grad, branch, factor, bias, y_dtype) if g is not None]
+    return [g for g in CH.scaled_residual_grad(grad, branch, factor, bias, y_dtype, keep=keep, keep_prob=keep_prob)
+            if g is not None]
 
 
 @scaled_residual_backward.register_fake
-def _(grad, branch, factor, bias=None, y_dtype=None):
+def _(grad, branch, factor, bias=None, y_dtype=None, keep=None, keep_prob=1.0):
     return ([torch.empty_like(branch, dtype=y_dtype or branch.dtype, memory_format=K._layout(branch)),
              factor.new_empty(factor.shape)] + ([] if bias is None else [bias.new_empty(bias.shape)])
             + ([] if y_dtype is None else [_like(branch)]))
 
 
 def _residual_grads(ctx, grad, branch, y_dtype):
-    """grad x, y, factor, bias and (with ``y_dtype``) the shortcut, from the saved branch."""
-    factor, bias = ctx.saved_tensors[1:]
-    grads = iter(scaled_residual_backward(grad, branch, factor, bias, y_dtype))
+    """grad x, y, factor, bias and (with ``y_dtype``) the shortcut, from the saved branch; None for the
+    statistics' flag, the keep mask and its probability."""
+    factor, bias, keep = ctx.saved_tensors[1:]
+    grads = iter(scaled_residual_backward(grad, branch, factor, bias, y_dtype, keep, ctx.keep_prob))
     grad_y, grad_factor = next(grads), next(grads)
-    return (grad.to(ctx.x_dtype), grad_y, grad_factor) + ((None if bias is None else next(grads)),) + tuple(grads)
+    return ((grad.to(ctx.x_dtype), grad_y, grad_factor) + ((None if bias is None else next(grads)),) + tuple(grads)
+            + (None, None, None))
+
+
+def _save_tail(ctx, inputs, saved_branch):
+    x, y, factor, bias = inputs[:4]
+    ctx.save_for_backward(saved_branch, factor, bias, inputs[-2])
+    ctx.x_dtype, ctx.y_dtype, ctx.keep_prob = x.dtype, y.dtype, inputs[-1]
 
 
 def _save_branch(ctx, inputs, output):
-    x, y, factor, bias = inputs[:4]
-    ctx.save_for_backward(y, factor, bias)
+    _save_tail(ctx, inputs, inputs[1])
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)  # the partials take no gradient: no zeros made for them
-    ctx.x_dtype = x.dtype
 
 
 def _scaled_residual_grad(ctx, grad, _):
-    return _residual_grads(ctx, grad, ctx.saved_tensors[0], None) + (None,)
+    return _residual_grads(ctx, grad, ctx.saved_tensors[0], None)
 
 
 scaled_residual.register_autograd(_scaled_residual_grad, setup_context=_save_branch)
 
 
 def _save_sum(ctx, inputs, output):
-    x, y, factor, bias = inputs[:4]
-    ctx.save_for_backward(output[1], factor, bias)
+    _save_tail(ctx, inputs, output[1])
     ctx.mark_non_differentiable(output[1], output[2])
     ctx.set_materialize_grads(False)  # the branch takes no gradient: no map of zeros made for it
-    ctx.x_dtype, ctx.y_dtype = x.dtype, y.dtype
 
 
 def _shortcut_residual_grad(ctx, grad, *_):
-    return _residual_grads(ctx, grad, ctx.saved_tensors[0], ctx.y_dtype) + (None,)
+    return _residual_grads(ctx, grad, ctx.saved_tensors[0], ctx.y_dtype)
 
 
 shortcut_residual.register_autograd(_shortcut_residual_grad, setup_context=_save_sum)

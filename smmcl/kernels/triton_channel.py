@@ -178,16 +178,18 @@ def bias_grad_kernel(g_ptr, y_ptr, b_ptr, u_ptr, gy_ptr, gu_ptr, out_ptr, N, C, 
     tl.store(out_ptr + chunk * C + c, tl.sum(acc, axis=1), mask=cmask)
 
 
-@triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'PER_IMAGE', 'HAS_BIAS', 'HAS_SHORTCUT', 'STATS'],
+@triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'HAS_KEEP', 'HAS_BIAS', 'HAS_SHORTCUT', 'STATS'],
                  prune_configs_by=PRUNE, do_bench=bench)
 @triton.jit
-def scaled_residual_kernel(x_ptr, y_ptr, f_ptr, bias_ptr, s_ptr, out_ptr, v_ptr, sums_ptr, N, C, H, W, sn, sc, sw,
-                           PER_IMAGE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SHORTCUT: tl.constexpr,
-                           STATS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+def scaled_residual_kernel(x_ptr, y_ptr, f_ptr, keep_ptr, bias_ptr, s_ptr, out_ptr, v_ptr, sums_ptr, N, C, H, W, sn,
+                           sc, sw, keep_prob, HAS_KEEP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           HAS_SHORTCUT: tl.constexpr, STATS: tl.constexpr, BLOCK_C: tl.constexpr,
+                           BLOCK_P: tl.constexpr):
     """Program (k, cb) walks the pixel blocks k, k + K, ... of all images (K the programs along axis 0: one
     block each when the grid has one program a block) and writes ``out = x + v * f`` in float32
     arithmetic, stored in out's dtype: v the branch (:func:`_branch`: y, with the bias, with the shortcut
-    s), f float32 C (or N x C if PER_IMAGE). With HAS_SHORTCUT it also writes v (in s's dtype, as
+    s), f the float32 C scale, with HAS_KEEP times image n's drop path factor (:func:`_factor`). With
+    HAS_SHORTCUT it also writes v (in s's dtype, as
     :func:`_branch` rounds it) for the backward, which cannot recompute it without s. With STATS it writes
     the forward partials of :func:`norm_sums_kernel` for out as stored, at rows k and K + k of sums_ptr,
     shifted by ``x[0, c, 0, 0]`` (known to every program before the pass, and near out's values, as the
@@ -202,8 +204,8 @@ def scaled_residual_kernel(x_ptr, y_ptr, f_ptr, bias_ptr, s_ptr, out_ptr, v_ptr,
         first = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
         second = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
         for t in range(tl.program_id(0), N * tl.cdiv(H * W, BLOCK_P), tl.num_programs(0)):
-            out, mask = _tail_tile(t, c, cmask, bias, x_ptr, y_ptr, f_ptr, s_ptr, out_ptr, v_ptr, C, H, W, sn, sc, sw,
-                                   PER_IMAGE, HAS_BIAS, HAS_SHORTCUT, BLOCK_P)
+            out, mask = _tail_tile(t, c, cmask, bias, x_ptr, y_ptr, f_ptr, keep_ptr, s_ptr, out_ptr, v_ptr, C, H, W,
+                                   sn, sc, sw, keep_prob, HAS_KEEP, HAS_BIAS, HAS_SHORTCUT, BLOCK_P)
             d = tl.where(mask, out - centre[:, None], 0.0)
             first += d
             second += d * d
@@ -213,17 +215,35 @@ def scaled_residual_kernel(x_ptr, y_ptr, f_ptr, bias_ptr, s_ptr, out_ptr, v_ptr,
         if k == 0:
             tl.store(sums_ptr + 2 * tl.num_programs(0) * C + c, centre, mask=cmask)
     else:
-        _tail_tile(tl.program_id(0), c, cmask, bias, x_ptr, y_ptr, f_ptr, s_ptr, out_ptr, v_ptr, C, H, W, sn, sc, sw,
-                   PER_IMAGE, HAS_BIAS, HAS_SHORTCUT, BLOCK_P)
+        _tail_tile(tl.program_id(0), c, cmask, bias, x_ptr, y_ptr, f_ptr, keep_ptr, s_ptr, out_ptr, v_ptr, C, H, W,
+                   sn, sc, sw, keep_prob, HAS_KEEP, HAS_BIAS, HAS_SHORTCUT, BLOCK_P)
 
 
 @triton.jit
-def _tail_tile(t, c, cmask, bias, x_ptr, y_ptr, f_ptr, s_ptr, out_ptr, v_ptr, C, H, W, sn, sc, sw,
-               PER_IMAGE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SHORTCUT: tl.constexpr, BLOCK_P: tl.constexpr):
+def _kept(keep_ptr, n, keep_prob):
+    """Image n's drop path factor ``keep[n] / keep_prob``, float32 (IEEE division, as ATen divides the drawn
+    mask by the keep probability)."""
+    return tl.math.div_rn(tl.load(keep_ptr + n).to(tl.float32), keep_prob)
+
+
+@triton.jit
+def _factor(f_ptr, keep_ptr, n, c, cmask, keep_prob, HAS_KEEP: tl.constexpr):
+    """The residual factor of image n's channels c, float32: the scale, with HAS_KEEP times :func:`_kept`, in
+    the order :meth:`~smmcl.models.mscan.DropPath.scaled_factor` multiplies them: the same values."""
+    f = tl.load(f_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_KEEP:
+        f = f * _kept(keep_ptr, n, keep_prob)
+    return f
+
+
+@triton.jit
+def _tail_tile(t, c, cmask, bias, x_ptr, y_ptr, f_ptr, keep_ptr, s_ptr, out_ptr, v_ptr, C, H, W, sn, sc, sw,
+               keep_prob, HAS_KEEP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SHORTCUT: tl.constexpr,
+               BLOCK_P: tl.constexpr):
     """:func:`scaled_residual_kernel`'s work on pixel block t of all images' (image-major): it stores out (and
     v), and returns out as stored, in float32, with the tile's mask."""
     n, offs, mask = _block(t, c, cmask, H, W, sn, sc, sw, BLOCK_P)
-    f = tl.load(f_ptr + (n * C if PER_IMAGE else 0) + c, mask=cmask, other=0.0).to(tl.float32)
+    f = _factor(f_ptr, keep_ptr, n, c, cmask, keep_prob, HAS_KEEP)
     v = _branch(y_ptr, bias, s_ptr, offs, mask, HAS_BIAS, HAS_SHORTCUT)
     if HAS_SHORTCUT:
         tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
@@ -232,23 +252,25 @@ def _tail_tile(t, c, cmask, bias, x_ptr, y_ptr, f_ptr, s_ptr, out_ptr, v_ptr, C,
     return out.to(tl.float32), mask
 
 
-@triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'PER_IMAGE', 'HAS_BIAS', 'HAS_SHORTCUT'],
+@triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'HAS_KEEP', 'HAS_BIAS', 'HAS_SHORTCUT'],
                  prune_configs_by=PRUNE, do_bench=bench)
 @triton.jit
-def scaled_residual_grad_kernel(g_ptr, v_ptr, f_ptr, bias_ptr, gy_ptr, gs_ptr, out_ptr, bias_out_ptr,
-                                N, C, H, W, sn, sc, sw, chunks, PER_IMAGE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                HAS_SHORTCUT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+def scaled_residual_grad_kernel(g_ptr, v_ptr, f_ptr, keep_ptr, bias_ptr, gy_ptr, gs_ptr, out_ptr, bias_out_ptr,
+                                N, C, H, W, sn, sc, sw, chunks, keep_prob, HAS_KEEP: tl.constexpr,
+                                HAS_BIAS: tl.constexpr, HAS_SHORTCUT: tl.constexpr, BLOCK_C: tl.constexpr,
+                                BLOCK_P: tl.constexpr):
     """The backward of :func:`scaled_residual_kernel` for grad ``g``. Program (cb, n * chunks + k) walks image
-    n's pixel blocks k, k + chunks, ...: it writes ``gy = g * f`` (in gy's dtype: y's gradient, and the
-    bias add's), with HAS_SHORTCUT the same in gs's dtype (the shortcut's gradient), and at row
-    ``n * chunks + k`` of out the float32 sums of ``g * v`` over its pixels, with HAS_BIAS at that of
-    bias_out those of gy as rounded. v: with HAS_SHORTCUT the branch the forward wrote, else y, the bias
-    added again with HAS_BIAS. g, v, gy and gs share their strides, rows at ``W * sw`` (as
-    :func:`bias_grad_kernel`)."""
+    n's pixel blocks k, k + chunks, ...: it writes ``gy = g * f`` (f as the forward's :func:`_factor`; in
+    gy's dtype: y's gradient, and the bias add's), with HAS_SHORTCUT the same in gs's dtype (the
+    shortcut's gradient), and at row ``n * chunks + k`` of out the float32 sums of ``g * v`` over its
+    pixels, with HAS_KEEP times image n's drop path factor (the scale's gradient, summed over all rows
+    then), with HAS_BIAS at that of bias_out the sums of gy as rounded. v: with HAS_SHORTCUT the branch the
+    forward wrote, else y, the bias added again with HAS_BIAS. g, v, gy and gs share their strides, rows at
+    ``W * sw`` (as :func:`bias_grad_kernel`)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     n = tl.program_id(1) // chunks
-    f = tl.load(f_ptr + (n * C if PER_IMAGE else 0) + c, mask=cmask, other=0.0).to(tl.float32)
+    f = _factor(f_ptr, keep_ptr, n, c, cmask, keep_prob, HAS_KEEP)
     # the branch's bias is read by the backward's recomputation only without a shortcut (then the saved
     # branch has it already); the rounding to y's dtype is gy's (y's gradient has y's dtype)
     bias = conv_bias(bias_ptr, c, cmask, gy_ptr) if HAS_BIAS and not HAS_SHORTCUT else None
@@ -266,7 +288,10 @@ def scaled_residual_grad_kernel(g_ptr, v_ptr, f_ptr, bias_ptr, gy_ptr, gs_ptr, o
         if HAS_BIAS:
             bias_acc += gy.to(tl.float32)
         acc += g * _branch(v_ptr, bias, v_ptr, offs, mask, HAS_BIAS and not HAS_SHORTCUT, False)
-    tl.store(out_ptr + tl.program_id(1) * C + c, tl.sum(acc, axis=1), mask=cmask)
+    sums = tl.sum(acc, axis=1)
+    if HAS_KEEP:
+        sums = sums * _kept(keep_ptr, n, keep_prob)
+    tl.store(out_ptr + tl.program_id(1) * C + c, sums, mask=cmask)
     if HAS_BIAS:
         tl.store(bias_out_ptr + tl.program_id(1) * C + c, tl.sum(bias_acc, axis=1), mask=cmask)
 
@@ -343,13 +368,21 @@ def _gated_dtype(y: torch.Tensor, gate: Optional[torch.Tensor]) -> torch.dtype:
 
 
 def check_residual(y: torch.Tensor, factor: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                   shortcut: Optional[torch.Tensor] = None) -> None:
-    """A residual factor must be per channel (C-1-1 or 1-C-1-1) or per image and channel (N-C-1-1); a bias
-    C; a shortcut shaped as the branch y, in a dtype at least as wide as y's (the sum's)."""
+                   shortcut: Optional[torch.Tensor] = None, keep: Optional[torch.Tensor] = None,
+                   keep_prob: float = 1.0) -> None:
+    """A residual factor must be per channel (C-1-1 or 1-C-1-1); drop path's keep mask N or N-1-1-1 (or
+    None) with a keep probability in (0, 1] (1 without a mask: nothing divides); a bias C; a shortcut
+    shaped as the branch y, in a dtype at least as wide as y's (the sum's)."""
     n, c = y.shape[:2]
-    if tuple(factor.shape) not in ((c, 1, 1), (1, c, 1, 1), (n, c, 1, 1)):
-        raise ValueError(f'smmcl.kernels: a residual factor must be C-1-1 or N-C-1-1 for an N-C-H-W map of '
-                         f'shape {tuple(y.shape)}, got {tuple(factor.shape)}')
+    if tuple(factor.shape) not in ((c, 1, 1), (1, c, 1, 1)):
+        raise ValueError(f'smmcl.kernels: a residual factor must be C-1-1 for an N-C-H-W map of shape '
+                         f'{tuple(y.shape)} (drop path\'s per image comes as its keep mask), got {tuple(factor.shape)}')
+    if keep is not None and tuple(keep.shape) not in ((n,), (n, 1, 1, 1)):
+        raise ValueError(f'smmcl.kernels: drop path\'s keep mask must be N or N-1-1-1 for an N-C-H-W map of shape '
+                         f'{tuple(y.shape)}, got {tuple(keep.shape)}')
+    if not 0.0 < keep_prob <= 1.0 or (keep is None and keep_prob != 1.0):
+        raise ValueError(f'smmcl.kernels: drop path\'s keep probability must be in (0, 1], and 1 without a keep '
+                         f'mask, got {keep_prob}{"" if keep is not None else " without a mask"}')
     if bias is not None and tuple(bias.shape) != (c,):
         raise ValueError(f'smmcl.kernels: a residual branch takes a bias of {c} channels, got {tuple(bias.shape)}')
     if shortcut is not None and (shortcut.shape != y.shape
@@ -358,36 +391,50 @@ def check_residual(y: torch.Tensor, factor: torch.Tensor, bias: Optional[torch.T
                          f'in a dtype at least as wide as its {y.dtype}, got {tuple(shortcut.shape)} {shortcut.dtype}')
 
 
-def _factor_rows(factor: torch.Tensor, c: int) -> torch.Tensor:
-    return factor.reshape(-1, c).float().contiguous()  # 1 x C (per channel) or N x C (per image)
+def _kernel_factor(factor: torch.Tensor, keep: Optional[torch.Tensor]):
+    """The float32 C scale and N keep mask the tail kernels read (the scale in the mask's place without one:
+    never read)."""
+    scale = factor.reshape(-1).float().contiguous()
+    return scale, scale if keep is None else keep.reshape(-1).contiguous()
 
 
-def _tail_triton(x: torch.Tensor, y: torch.Tensor, factor: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                 shortcut: Optional[torch.Tensor] = None, stats: bool = False):
+def _per_image_factor(factor: torch.Tensor, keep: Optional[torch.Tensor], keep_prob: float) -> torch.Tensor:
+    """The factor each image's branch is scaled by: C-1-1 as given without a keep mask, else N-C-1-1 ``factor *
+    (keep / keep_prob)``, as :meth:`~smmcl.models.mscan.DropPath.scaled_factor` multiplies them."""
+    if keep is None:
+        return factor
+    return factor.reshape(1, -1, 1, 1) * (keep.reshape(-1, 1, 1, 1) / keep_prob)
+
+
+def _tail_triton(x: torch.Tensor, y: torch.Tensor, factor: torch.Tensor, keep: Optional[torch.Tensor] = None,
+                 bias: Optional[torch.Tensor] = None, shortcut: Optional[torch.Tensor] = None, stats: bool = False,
+                 keep_prob: float = 1.0):
     n, c, h, w = y.shape
-    out = torch.empty_like(x, dtype=sum_dtype(x, y, factor, shortcut))
+    out = torch.empty_like(x, dtype=sum_dtype(x, y, factor, keep, shortcut))
     v = None if shortcut is None else torch.empty_like(shortcut)
     stats = stats and out.numel() > 0
     chunks = _chunks(out) if stats else 0
     # every partial and the shift row written by their programs: no fill
     sums = torch.empty(2 * chunks + 1, c, device=x.device, dtype=torch.float32) if stats else None
     if out.numel():
-        rows = _factor_rows(factor, c)
+        scale, kept = _kernel_factor(factor, keep)
         scaled_residual_kernel[lambda m: (chunks or n * triton.cdiv(h * w, m['BLOCK_P']),
                                           triton.cdiv(c, m['BLOCK_C']))](
-            x, y, rows, rows if bias is None else bias, y if shortcut is None else shortcut, out,
-            out if v is None else v, rows if sums is None else sums, n, c, h, w, y.stride(0), y.stride(1),
-            y.stride(3), PER_IMAGE=rows.shape[0] > 1, HAS_BIAS=bias is not None, HAS_SHORTCUT=shortcut is not None,
-            STATS=stats)
+            x, y, scale, kept, scale if bias is None else bias, y if shortcut is None else shortcut, out,
+            out if v is None else v, scale if sums is None else sums, n, c, h, w, y.stride(0), y.stride(1),
+            y.stride(3), keep_prob, HAS_KEEP=keep is not None, HAS_BIAS=bias is not None,
+            HAS_SHORTCUT=shortcut is not None, STATS=stats)
     return out, v, sums
 
 
-def _tail_torch(x: torch.Tensor, y: torch.Tensor, factor: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                shortcut: Optional[torch.Tensor] = None, stats: bool = False):
-    """ATen's: the bias add after the conv (:func:`_add_torch`), the shortcut's add (promoting), then
-    ``addcmul`` (the ``out=`` form, which reads a bf16 branch as autocast's float32 copy of it would be:
-    the same values). No statistics' partials (``stats`` asks, None answers): the next norm sums its
-    own."""
+def _tail_torch(x: torch.Tensor, y: torch.Tensor, factor: torch.Tensor, keep: Optional[torch.Tensor] = None,
+                bias: Optional[torch.Tensor] = None, shortcut: Optional[torch.Tensor] = None, stats: bool = False,
+                keep_prob: float = 1.0):
+    """ATen's: drop path's factor per image (:func:`_per_image_factor`), the bias add after the conv
+    (:func:`_add_torch`), the shortcut's add (promoting), then ``addcmul`` (the ``out=`` form, which reads
+    a bf16 branch as autocast's float32 copy of it would be: the same values). No statistics' partials
+    (``stats`` asks, None answers): the next norm sums its own."""
+    factor = _per_image_factor(factor, keep, keep_prob)
     v = y if bias is None else _add_torch(y, bias)
     v = v if shortcut is None else v + shortcut
     out = torch.addcmul(x, v, factor, out=torch.empty_like(x, dtype=sum_dtype(x, y, factor, shortcut)))
@@ -395,44 +442,46 @@ def _tail_torch(x: torch.Tensor, y: torch.Tensor, factor: torch.Tensor, bias: Op
 
 
 def _residual_triton(grad: torch.Tensor, branch: torch.Tensor, factor: torch.Tensor,
-                     bias: Optional[torch.Tensor] = None, y_dtype: Optional[torch.dtype] = None):
+                     keep: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                     y_dtype: Optional[torch.dtype] = None, keep_prob: float = 1.0):
     n, c, h, w = branch.shape
-    rows = _factor_rows(factor, c)
     gy = torch.empty_like(branch, dtype=y_dtype or branch.dtype)
     gs = None if y_dtype is None else torch.empty_like(branch)
-    grad_factor = torch.empty(rows.shape, device=branch.device, dtype=factor.dtype)  # 1 x C or N x C
+    grad_factor = torch.empty(1, c, device=branch.device, dtype=factor.dtype)
     grad_bias = None if bias is None else torch.empty(1, c, device=branch.device, dtype=bias.dtype)
     if branch.numel() == 0:
         return gy, grad_factor.zero_().reshape(factor.shape), None if bias is None else grad_bias.zero_()[0], gs
     per_image = max(1, triton.cdiv(_chunks(branch), n))
     # every (chunk, channel) partial is written by its program: no zero-fill launch
-    partials = torch.empty(1 + (bias is not None), n * per_image, c, device=branch.device, dtype=torch.float32)
+    partials = torch.empty(1 + (bias is not None), 1, n * per_image, c, device=branch.device, dtype=torch.float32)
+    scale, kept = _kernel_factor(factor, keep)
     scaled_residual_grad_kernel[lambda m: (triton.cdiv(c, m['BLOCK_C']), n * per_image)](
-        grad, branch, rows, rows if bias is None else bias, gy, gy if gs is None else gs, partials[0], partials[-1],
-        n, c, h, w, branch.stride(0), branch.stride(1), branch.stride(3), per_image, PER_IMAGE=rows.shape[0] > 1,
-        HAS_BIAS=bias is not None, HAS_SHORTCUT=gs is not None)
-    # the factor's sums over each image's programs for a factor per image (drop path's), else over all, as
-    # the bias's are: then both in one launch. The bias's rounded to y's dtype, as a conv's bias gradient is.
-    factor_partials = partials[0].reshape(rows.shape[0], -1, c)
-    if bias is None or rows.shape[0] > 1:
-        chunk_sums(factor_partials, grad_factor)
-        if bias is not None:
-            chunk_sums(partials[1][None], grad_bias, round_a=gy.dtype)
-    else:
-        chunk_sums(factor_partials, grad_factor, None, partials[1][None], grad_bias, gy.dtype)
+        grad, branch, scale, kept, scale if bias is None else bias, gy, gy if gs is None else gs, partials[0],
+        partials[-1], n, c, h, w, branch.stride(0), branch.stride(1), branch.stride(3), per_image, keep_prob,
+        HAS_KEEP=keep is not None, HAS_BIAS=bias is not None, HAS_SHORTCUT=gs is not None)
+    # each image's partials already weighted by its drop path factor: the factor's and the bias's gradients
+    # sum all chunks, in one launch; the bias's rounded to y's dtype, as a conv's bias gradient is
+    chunk_sums(partials[0], grad_factor, None, *((partials[1], grad_bias, gy.dtype) if bias is not None else ()))
     return gy, grad_factor.reshape(factor.shape), None if bias is None else grad_bias[0], gs
 
 
 def _residual_torch(grad: torch.Tensor, branch: torch.Tensor, factor: torch.Tensor,
-                    bias: Optional[torch.Tensor] = None, y_dtype: Optional[torch.dtype] = None):
-    """ATen's: addcmul's backward on autocast's float32 copy of the branch, then the copy's backward (a cast)
-    or the shortcut add's (a cast for y, the gradient itself for the shortcut), and the bias sum."""
+                    keep: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                    y_dtype: Optional[torch.dtype] = None, keep_prob: float = 1.0):
+    """ATen's: addcmul's backward on autocast's float32 copy of the branch (the factor per image with drop
+    path's keep mask, its gradient summed over the images times their factors, as autograd does through
+    their product), then the copy's backward (a cast) or the shortcut add's (a cast for y, the gradient
+    itself for the shortcut), and the bias sum."""
+    full = _per_image_factor(factor, keep, keep_prob)
     v = branch if bias is None or y_dtype is not None else _add_torch(branch, bias)
-    grad_factor = (grad * v.to(grad.dtype)).sum_to_size(factor.shape)
-    grad_v = grad * factor
+    grad_factor = (grad * v.to(grad.dtype)).sum_to_size(full.shape)
+    if keep is not None:
+        grad_factor = (grad_factor * (keep.reshape(-1, 1, 1, 1) / keep_prob)).sum(0)
+    grad_v = grad * full
     gy = grad_v.to(y_dtype or branch.dtype)
     grad_bias = None if bias is None else gy.sum((0, 2, 3), dtype=torch.float32).to(gy.dtype).to(bias.dtype)
-    return gy, grad_factor.to(factor.dtype), grad_bias, None if y_dtype is None else grad_v.to(branch.dtype)
+    return (gy, grad_factor.reshape(factor.shape).to(factor.dtype), grad_bias,
+            None if y_dtype is None else grad_v.to(branch.dtype))
 
 
 def _pair_triton(a: torch.Tensor, b: torch.Tensor, factor: Optional[torch.Tensor] = None,
@@ -1065,19 +1114,24 @@ def bias_epilogue_grad(grad: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, 
 
 
 def scaled_residual(x: torch.Tensor, y: torch.Tensor, factor: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                    shortcut: Optional[torch.Tensor] = None, impl: Optional[str] = None, stats: bool = False):
-    """A block tail ``x + v * factor`` in one pass, v the residual branch: y, plus (with ``bias``) the bias of
+                    shortcut: Optional[torch.Tensor] = None, impl: Optional[str] = None, stats: bool = False,
+                    keep: Optional[torch.Tensor] = None, keep_prob: float = 1.0):
+    """A block tail ``x + v * f`` in one pass, v the residual branch: y, plus (with ``bias``) the bias of
     the conv that made y, as :func:`bias_add` adds it, plus (with ``shortcut``) the branch's own shortcut
-    (the attention's ``proj_2(...) + x``); with ``stats``, the sum's BatchNorm partials in the same pass.
+    (the attention's ``proj_2(...) + x``); f the factor, times drop path's ``keep / keep_prob`` per image
+    (with ``keep``); with ``stats``, the sum's BatchNorm partials in the same pass.
 
     Args:
         x: N-C-H-W, the residual stream (float32 on the fast path).
         y: N-C-H-W, any float dtype (bf16 under autocast: a conv's output, without its bias if ``bias``).
-        factor: C-1-1 / 1-C-1-1 (a layer scale) or N-C-1-1 (with drop path's per-image mask), float32.
+        factor: C-1-1 / 1-C-1-1 (a layer scale), float32.
         bias: C or None; shortcut: N-C-H-W or None, in a dtype at least as wide as y's.
         impl: ``'triton'`` (:func:`scaled_residual_kernel`), ``'torch'`` (ATen's passes) or ``'auto'``
             (:func:`_run`; timed without the statistics, which spare the next norm a pass of its own).
         stats: also sum the statistics of the BatchNorm that reads the sum next (only ``'triton'`` does).
+        keep, keep_prob: drop path's N (or N-1-1-1) mask as drawn (1 kept, 0 dropped) and the probability
+            its kept images are divided by (:meth:`~smmcl.models.mscan.DropPath.scaled_factor`'s factor,
+            made in the pass: no launches of its own), or None and 1.
     Returns:
         The sum, N-C-H-W in x's layout and the promoted dtype of x, v and the factor (float32 arithmetic,
         the multiply-add possibly fused: the composition's to float32 rounding); with a shortcut v too
@@ -1086,15 +1140,16 @@ def scaled_residual(x: torch.Tensor, y: torch.Tensor, factor: torch.Tensor, bias
         (float32 (2K + 1) x C: K rows of shifted sums, K of their squares, the shift), else None.
     """
     check_device(x)
-    check_residual(y, factor, bias, shortcut)
+    check_residual(y, factor, bias, shortcut, keep, keep_prob)
     args = _same_layout(_layout(x), x, y, *([] if shortcut is None else [shortcut]))
-    args = (*args[:2], factor, bias, *args[2:])
-    return _IMPLS['tail'][_choice('tail', impl, args)](*args, stats=stats)
+    args = (*args[:2], factor, keep, bias, *args[2:])
+    # timed as chosen once per shape: the keep probability (each block's own) changes no work
+    return _IMPLS['tail'][_choice('tail', impl, args)](*args, stats=stats, keep_prob=keep_prob)
 
 
 def scaled_residual_grad(grad: torch.Tensor, branch: torch.Tensor, factor: torch.Tensor,
                          bias: Optional[torch.Tensor] = None, y_dtype: Optional[torch.dtype] = None,
-                         impl: Optional[str] = None):
+                         impl: Optional[str] = None, keep: Optional[torch.Tensor] = None, keep_prob: float = 1.0):
     """The gradients of :func:`scaled_residual`'s inputs but x (whose is ``grad``) for ``grad`` = d loss / d out,
     in one pass.
 
@@ -1102,19 +1157,22 @@ def scaled_residual_grad(grad: torch.Tensor, branch: torch.Tensor, factor: torch
         grad: N-C-H-W, out's dtype (float32 for the fast path's residual stream).
         branch: without a shortcut, y as given to :func:`scaled_residual` (the bias added again); with one,
             the v it returned, and ``y_dtype`` y's dtype.
-        factor, bias: as given to :func:`scaled_residual`.
+        factor, bias, keep, keep_prob: as given to :func:`scaled_residual`.
         impl: ``'triton'`` (:func:`scaled_residual_grad_kernel`), ``'torch'`` or ``'auto'`` (:func:`_run`).
     Returns:
-        grad y (y's dtype, branch's shape and layout: ``grad * factor`` computed in float32 and rounded
-        once, as autocast's ``addcmul`` and the cast or add before it do); grad factor (factor's shape and
-        dtype: float32 sums of ``grad * v``); grad bias (None without a bias: the float32 sum of grad y as
-        rounded, rounded to y's dtype as a bf16 conv's bias gradient is, in bias's dtype); grad shortcut
-        (None without one: ``grad * factor`` in its dtype, branch's layout).
+        grad y (y's dtype, branch's shape and layout: ``grad * f`` computed in float32 and rounded once, as
+        autocast's ``addcmul`` and the cast or add before it do); grad factor (factor's shape and dtype:
+        float32 sums of ``grad * v``, each image's times its ``keep / keep_prob``); grad bias (None without
+        a bias: the float32 sum of grad y as rounded, rounded to y's dtype as a bf16 conv's bias gradient
+        is, in bias's dtype); grad shortcut (None without one: ``grad * f`` in its dtype, branch's layout).
+        The keep mask takes no gradient.
     """
     check_device(branch)
-    check_residual(branch, factor, bias)
+    check_residual(branch, factor, bias, keep=keep, keep_prob=keep_prob)
     grad, branch = _same_layout(_layout(branch), grad, branch)
-    return _run('residual', impl, grad, branch, factor, bias, y_dtype=y_dtype)
+    args = (grad, branch, factor, keep, bias)
+    choice = _choice('residual', impl, args, options=dict(y_dtype=y_dtype))  # timed once per shape, as the forward
+    return _IMPLS['residual'][choice](*args, y_dtype=y_dtype, keep_prob=keep_prob)
 
 
 def residual_pair(a: torch.Tensor, b: torch.Tensor, factor: Optional[torch.Tensor] = None,

@@ -46,11 +46,19 @@ class DropPath(nn.Module):
     def scaled_factor(self, scale: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The factor ``f`` with ``y * f == self(scale[:, None, None] * y)``, C-1-1 or N-C-1-1 (the mask drawn
         as forward would draw it for ``scale[:, None, None] * y``), so a residual add is one ``addcmul``."""
-        factor = scale[:, None, None]
+        keep, keep_prob = self.drawn_keep(scale, y)
+        if keep is None:
+            return scale[:, None, None]
+        return ScaleByImage.apply(scale, keep / keep_prob)
+
+    def drawn_keep(self, scale: torch.Tensor, y: torch.Tensor) -> Tuple[Optional[torch.Tensor], float]:
+        """(the N-1-1-1 keep mask, drawn as forward would draw it for ``scale[:, None, None] * y``, the
+        probability its kept images are divided by): for a residual tail that scales by them itself; (None, 1)
+        where forward is the identity."""
         if self.drop_prob == 0.0 or not self.training:
-            return factor
+            return None, 1.0
         like = y.new_empty((0,) * y.ndim, dtype=torch.promote_types(scale.dtype, y.dtype))
-        return ScaleByImage.apply(scale, self.draw_mask(y.shape[0], like) / (1.0 - self.drop_prob))
+        return self.draw_mask(y.shape[0], like), 1.0 - self.drop_prob
 
     def extra_repr(self) -> str:
         return f'drop_prob={self.drop_prob}'
@@ -235,8 +243,8 @@ class Mlp(nn.Module):
 
 
 def residual_add(module: nn.Module, x: torch.Tensor):
-    """``add(x, y, f) = x + y * f`` (f per channel, or per image and channel) for a folded block: with the
-    kernels on, ``smmcl::scaled_residual`` (one pass forward, one Triton pass backward:
+    """``add(x, y, f) = x + y * f`` (f per channel) for a folded block: with the kernels on,
+    ``smmcl::scaled_residual`` (one pass forward, one Triton pass backward:
     :mod:`smmcl.kernels.triton_channel`), else ``torch.addcmul``; the same function."""
     if per_channel_passes(module, x):
         return lambda x, y, f: torch.ops.smmcl.scaled_residual(x, y, f)[0]
@@ -333,7 +341,8 @@ class Block(nn.Module):
                        next_norm: Optional[nn.Module] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The block on the kernels' path: N-C-H-W x -> (N-C-H-W, partials). Each half's tail is one pass
         (``smmcl::shortcut_residual``, ``smmcl::scaled_residual``), with the branch's last bias (proj_2's,
-        fc2's) and the attention's own shortcut: no pass of their own, forward or backward. Each norm
+        fc2's), the attention's own shortcut and drop path's factor (from the drawn mask): no pass or launch
+        of their own, forward or backward. Each norm
         writes its conv's bf16 copy itself and hands the stream on, adding the stream's two gradients in
         its backward (:func:`normed_pair`). The attention's tail sums norm2's statistics in its pass; the
         MLP's, with ``next_norm`` (the BatchNorm that reads this block's output next, where
@@ -342,18 +351,27 @@ class Block(nn.Module):
         ops = torch.ops.smmcl
         xn, low, x = normed_pair(self.norm1, x, partials=partials)
         y = self.attn.branch(low, add_bias=False)
-        x, _, partials = ops.shortcut_residual(x, y, self._factor(self.layer_scale_1, y), self.attn.proj_2.bias, xn,
-                                               stats=fused_norm(self.norm2, x))
+        keep, keep_prob = self._keep(self.layer_scale_1, y)
+        x, _, partials = ops.shortcut_residual(x, y, self.layer_scale_1[:, None, None], self.attn.proj_2.bias, xn,
+                                               stats=fused_norm(self.norm2, x), keep=keep, keep_prob=keep_prob)
         _, low, x = normed_pair(self.norm2, x, full=False, partials=partials)
         y = self.mlp(low, add_bias=False)
         stats = next_norm is not None and fused_norm(next_norm, x)
-        x, partials = ops.scaled_residual(x, y, self._factor(self.layer_scale_2, y), self.mlp.fc2.bias, stats=stats)
+        keep, keep_prob = self._keep(self.layer_scale_2, y)
+        x, partials = ops.scaled_residual(x, y, self.layer_scale_2[:, None, None], self.mlp.fc2.bias, stats=stats,
+                                          keep=keep, keep_prob=keep_prob)
         return x, partials if stats else None
 
     def _factor(self, scale: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if isinstance(self.drop_path, DropPath):
             return self.drop_path.scaled_factor(scale, y)
         return scale[:, None, None]
+
+    def _keep(self, scale: torch.Tensor, y: torch.Tensor) -> Tuple[Optional[torch.Tensor], float]:
+        """Drop path's keep mask and probability for the tail ops, which scale by them in their own passes."""
+        if isinstance(self.drop_path, DropPath):
+            return self.drop_path.drawn_keep(scale, y)
+        return None, 1.0
 
 
 def fused_norm(norm: nn.Module, x: torch.Tensor) -> bool:
