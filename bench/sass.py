@@ -271,12 +271,13 @@ def _elements(config, outputs: int) -> int:
 
 def _ints(c: int, h: int, w: int, channels_last: bool) -> dict:
     """A map's sizes and strides; hn, hc, hw those of a concat of two such maps (the modulation's inputs'
-    gradient pass reads one half), rows the modulation backward's partial rows per image, keep_prob a block
-    tail's drop path keep probability (a float argument)."""
+    gradient pass reads one half), rows the modulation backward's partial rows per image, keep_scale the
+    block tails' drop path scale of a kept image (a float argument)."""
     concat = dict(hn=2 * h * w * c, hc=1, hw=2 * c) if channels_last else dict(hn=2 * c * h * w, hc=h * w, hw=1)
+    other = dict(N=8, C=c, H=h, W=w, rows=h * w // 4, keep_scale=1 / 0.9, **concat)
     if channels_last:
-        return dict(N=8, C=c, H=h, W=w, sn=h * w * c, sc=1, sh=w * c, sw=c, rows=h * w // 4, keep_prob=0.9, **concat)
-    return dict(N=8, C=c, H=h, W=w, sn=c * h * w, sc=h * w, sh=w, sw=1, rows=h * w // 4, keep_prob=0.9, **concat)
+        return dict(other, sn=h * w * c, sc=1, sh=w * c, sw=c)
+    return dict(other, sn=c * h * w, sc=h * w, sh=w, sw=1)
 
 
 # the band kernels (NCHW, along W) of the forward strips and the backward's adjoint sum, as autocast runs

@@ -243,16 +243,18 @@ def test_per_channel_passes_compile_to_wide_accesses_without_spills():
     # bias, and writes both maps (12 bytes an element: still ~5x more time in memory than in instructions on
     # an H200; in channels_last the two per-channel vectors take a quarter of a load instruction an element)
     # the training tails' forward reads x (float32), y (bf16) and the attention's float32 shortcut, with
-    # the factor and bias vectors, and writes the sum and the attention's float32 branch; their backward
-    # reads the gradient and y (0.38) or the float32 branch (0.5) and the bias only once
+    # the factor and bias vectors and its image's drop path mask (one value, one address for the program:
+    # an eighth of a load an element in the one-tile forward), and writes the sum and the attention's
+    # float32 branch; their backward reads the gradient and y (0.38) or the float32 branch (0.5) and the
+    # bias only once
     most_loads = {'bias_add': 0.38, 'bias_gelu': 0.38, 'bias_gate': 0.5, 'bias_grad': 0.13, 'bias_gelu_grad': 0.25,
-                  'bias_gate_grad': 0.38, 'residual': 0.88, 'residual_grad': 0.38, 'shortcut_residual': 1.13,
+                  'bias_gate_grad': 0.38, 'residual': 1.0, 'residual_grad': 0.38, 'shortcut_residual': 1.25,
                   'shortcut_residual_stats': 1.13,
                   'shortcut_residual_grad': 0.5, 'norm_sums': 0.25, 'norm_apply': 1.0, 'norm_grad_sums': 0.63,
                   'norm_grad_apply': 1.88, 'residual_pair': 0.88, 'modulation': 0.88, 'modulation_grad': 1.38,
                   'pooled_grad': 1.38, 'pool_concat': 0.25}
     most_instructions = dict.fromkeys(most_loads, 16)
-    most_instructions.update(residual=24, shortcut_residual=24, shortcut_residual_stats=24, residual_pair=24,
+    most_instructions.update(residual=24, shortcut_residual=26, shortcut_residual_stats=24, residual_pair=24,
                              bias_gelu=64, bias_gelu_grad=64, norm_apply=24, norm_grad_apply=32, modulation=24,
                              modulation_grad=48, pooled_grad=32)
     rows = {}

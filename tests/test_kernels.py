@@ -1129,6 +1129,18 @@ def _drop_path(*kept: int):
     return keep, 0.75, lambda f: ScaleByImage.apply(f.reshape(-1), keep / 0.75)
 
 
+def test_drop_paths_scale_in_the_tails_is_atens_division_to_the_bit():
+    """The tails scale a drawn 0/1 mask by the float32 reciprocal of the keep probability, where DropPath
+    divides it (ATen's ``mask / keep_prob``): the same float32 values for every rate MSCAN's schedule can
+    give (0 to 0.5 by a linspace)."""
+    from smmcl.kernels.triton_channel import _reciprocal
+    mask = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    for rate in torch.linspace(0, 0.5, 101, dtype=torch.float64).tolist() + [0.1, 0.2, 1 / 3]:
+        keep_prob = 1.0 - rate
+        scale = _reciprocal(keep_prob)
+        assert torch.equal(mask * torch.tensor(scale, dtype=torch.float32), mask / keep_prob), rate
+
+
 @pytest.mark.parametrize('fmt', [NCHW, CL])
 @pytest.mark.parametrize('per_image', [False, True], ids=['layer-scale', 'drop-path'])
 @pytest.mark.parametrize('y_dtype', [torch.float32, torch.bfloat16])

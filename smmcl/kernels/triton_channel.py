@@ -182,7 +182,7 @@ def bias_grad_kernel(g_ptr, y_ptr, b_ptr, u_ptr, gy_ptr, gu_ptr, out_ptr, N, C, 
                  prune_configs_by=PRUNE, do_bench=bench)
 @triton.jit
 def scaled_residual_kernel(x_ptr, y_ptr, f_ptr, keep_ptr, bias_ptr, s_ptr, out_ptr, v_ptr, sums_ptr, N, C, H, W, sn,
-                           sc, sw, keep_prob, HAS_KEEP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           sc, sw, keep_scale, HAS_KEEP: tl.constexpr, HAS_BIAS: tl.constexpr,
                            HAS_SHORTCUT: tl.constexpr, STATS: tl.constexpr, BLOCK_C: tl.constexpr,
                            BLOCK_P: tl.constexpr):
     """Program (k, cb) walks the pixel blocks k, k + K, ... of all images (K the programs along axis 0: one
@@ -205,7 +205,7 @@ def scaled_residual_kernel(x_ptr, y_ptr, f_ptr, keep_ptr, bias_ptr, s_ptr, out_p
         second = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
         for t in range(tl.program_id(0), N * tl.cdiv(H * W, BLOCK_P), tl.num_programs(0)):
             out, mask = _tail_tile(t, c, cmask, bias, x_ptr, y_ptr, f_ptr, keep_ptr, s_ptr, out_ptr, v_ptr, C, H, W,
-                                   sn, sc, sw, keep_prob, HAS_KEEP, HAS_BIAS, HAS_SHORTCUT, BLOCK_P)
+                                   sn, sc, sw, keep_scale, HAS_KEEP, HAS_BIAS, HAS_SHORTCUT, BLOCK_P)
             d = tl.where(mask, out - centre[:, None], 0.0)
             first += d
             second += d * d
@@ -216,34 +216,33 @@ def scaled_residual_kernel(x_ptr, y_ptr, f_ptr, keep_ptr, bias_ptr, s_ptr, out_p
             tl.store(sums_ptr + 2 * tl.num_programs(0) * C + c, centre, mask=cmask)
     else:
         _tail_tile(tl.program_id(0), c, cmask, bias, x_ptr, y_ptr, f_ptr, keep_ptr, s_ptr, out_ptr, v_ptr, C, H, W,
-                   sn, sc, sw, keep_prob, HAS_KEEP, HAS_BIAS, HAS_SHORTCUT, BLOCK_P)
+                   sn, sc, sw, keep_scale, HAS_KEEP, HAS_BIAS, HAS_SHORTCUT, BLOCK_P)
 
 
 @triton.jit
-def _kept(keep_ptr, n, keep_prob):
-    """Image n's drop path factor ``keep[n] / keep_prob``, float32 (IEEE division, as ATen divides the drawn
-    mask by the keep probability)."""
-    return tl.math.div_rn(tl.load(keep_ptr + n).to(tl.float32), keep_prob)
+def _kept(keep_ptr, n, keep_scale):
+    """Image n's drop path factor ``keep[n] * keep_scale``, float32 (keep_scale: :func:`_reciprocal`)."""
+    return tl.load(keep_ptr + n).to(tl.float32) * keep_scale
 
 
 @triton.jit
-def _factor(f_ptr, keep_ptr, n, c, cmask, keep_prob, HAS_KEEP: tl.constexpr):
+def _factor(f_ptr, keep_ptr, n, c, cmask, keep_scale, HAS_KEEP: tl.constexpr):
     """The residual factor of image n's channels c, float32: the scale, with HAS_KEEP times :func:`_kept`, in
     the order :meth:`~smmcl.models.mscan.DropPath.scaled_factor` multiplies them: the same values."""
     f = tl.load(f_ptr + c, mask=cmask, other=0.0).to(tl.float32)
     if HAS_KEEP:
-        f = f * _kept(keep_ptr, n, keep_prob)
+        f = f * _kept(keep_ptr, n, keep_scale)
     return f
 
 
 @triton.jit
 def _tail_tile(t, c, cmask, bias, x_ptr, y_ptr, f_ptr, keep_ptr, s_ptr, out_ptr, v_ptr, C, H, W, sn, sc, sw,
-               keep_prob, HAS_KEEP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SHORTCUT: tl.constexpr,
+               keep_scale, HAS_KEEP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SHORTCUT: tl.constexpr,
                BLOCK_P: tl.constexpr):
     """:func:`scaled_residual_kernel`'s work on pixel block t of all images' (image-major): it stores out (and
     v), and returns out as stored, in float32, with the tile's mask."""
     n, offs, mask = _block(t, c, cmask, H, W, sn, sc, sw, BLOCK_P)
-    f = _factor(f_ptr, keep_ptr, n, c, cmask, keep_prob, HAS_KEEP)
+    f = _factor(f_ptr, keep_ptr, n, c, cmask, keep_scale, HAS_KEEP)
     v = _branch(y_ptr, bias, s_ptr, offs, mask, HAS_BIAS, HAS_SHORTCUT)
     if HAS_SHORTCUT:
         tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
@@ -256,7 +255,7 @@ def _tail_tile(t, c, cmask, bias, x_ptr, y_ptr, f_ptr, keep_ptr, s_ptr, out_ptr,
                  prune_configs_by=PRUNE, do_bench=bench)
 @triton.jit
 def scaled_residual_grad_kernel(g_ptr, v_ptr, f_ptr, keep_ptr, bias_ptr, gy_ptr, gs_ptr, out_ptr, bias_out_ptr,
-                                N, C, H, W, sn, sc, sw, chunks, keep_prob, HAS_KEEP: tl.constexpr,
+                                N, C, H, W, sn, sc, sw, chunks, keep_scale, HAS_KEEP: tl.constexpr,
                                 HAS_BIAS: tl.constexpr, HAS_SHORTCUT: tl.constexpr, BLOCK_C: tl.constexpr,
                                 BLOCK_P: tl.constexpr):
     """The backward of :func:`scaled_residual_kernel` for grad ``g``. Program (cb, n * chunks + k) walks image
@@ -270,7 +269,7 @@ def scaled_residual_grad_kernel(g_ptr, v_ptr, f_ptr, keep_ptr, bias_ptr, gy_ptr,
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     n = tl.program_id(1) // chunks
-    f = _factor(f_ptr, keep_ptr, n, c, cmask, keep_prob, HAS_KEEP)
+    f = _factor(f_ptr, keep_ptr, n, c, cmask, keep_scale, HAS_KEEP)
     # the branch's bias is read by the backward's recomputation only without a shortcut (then the saved
     # branch has it already); the rounding to y's dtype is gy's (y's gradient has y's dtype)
     bias = conv_bias(bias_ptr, c, cmask, gy_ptr) if HAS_BIAS and not HAS_SHORTCUT else None
@@ -290,7 +289,7 @@ def scaled_residual_grad_kernel(g_ptr, v_ptr, f_ptr, keep_ptr, bias_ptr, gy_ptr,
         acc += g * _branch(v_ptr, bias, v_ptr, offs, mask, HAS_BIAS and not HAS_SHORTCUT, False)
     sums = tl.sum(acc, axis=1)
     if HAS_KEEP:
-        sums = sums * _kept(keep_ptr, n, keep_prob)
+        sums = sums * _kept(keep_ptr, n, keep_scale)
     tl.store(out_ptr + tl.program_id(1) * C + c, sums, mask=cmask)
     if HAS_BIAS:
         tl.store(bias_out_ptr + tl.program_id(1) * C + c, tl.sum(bias_acc, axis=1), mask=cmask)
@@ -391,11 +390,18 @@ def check_residual(y: torch.Tensor, factor: torch.Tensor, bias: Optional[torch.T
                          f'in a dtype at least as wide as its {y.dtype}, got {tuple(shortcut.shape)} {shortcut.dtype}')
 
 
-def _kernel_factor(factor: torch.Tensor, keep: Optional[torch.Tensor]):
-    """The float32 C scale and N keep mask the tail kernels read (the scale in the mask's place without one:
-    never read)."""
+def _reciprocal(keep_prob: float) -> float:
+    """The float32 quotient ``1 / keep_prob``: a 0/1 drop path mask times it is ATen's ``mask / keep_prob`` to
+    the bit (the quotient of 1 by the float32 divisor, rounded once; on a GPU ATen multiplies by this
+    reciprocal itself), where the kernels would pay a precise division's dozens of instructions."""
+    return (torch.ones((), dtype=torch.float32) / keep_prob).item()
+
+
+def _kernel_factor(factor: torch.Tensor, keep: Optional[torch.Tensor], keep_prob: float):
+    """The float32 C scale, N keep mask (the scale in the mask's place without one: never read) and the
+    mask's float32 scale the tail kernels read."""
     scale = factor.reshape(-1).float().contiguous()
-    return scale, scale if keep is None else keep.reshape(-1).contiguous()
+    return scale, scale if keep is None else keep.reshape(-1).contiguous(), _reciprocal(keep_prob)
 
 
 def _per_image_factor(factor: torch.Tensor, keep: Optional[torch.Tensor], keep_prob: float) -> torch.Tensor:
@@ -417,12 +423,12 @@ def _tail_triton(x: torch.Tensor, y: torch.Tensor, factor: torch.Tensor, keep: O
     # every partial and the shift row written by their programs: no fill
     sums = torch.empty(2 * chunks + 1, c, device=x.device, dtype=torch.float32) if stats else None
     if out.numel():
-        scale, kept = _kernel_factor(factor, keep)
+        scale, kept, keep_scale = _kernel_factor(factor, keep, keep_prob)
         scaled_residual_kernel[lambda m: (chunks or n * triton.cdiv(h * w, m['BLOCK_P']),
                                           triton.cdiv(c, m['BLOCK_C']))](
             x, y, scale, kept, scale if bias is None else bias, y if shortcut is None else shortcut, out,
             out if v is None else v, scale if sums is None else sums, n, c, h, w, y.stride(0), y.stride(1),
-            y.stride(3), keep_prob, HAS_KEEP=keep is not None, HAS_BIAS=bias is not None,
+            y.stride(3), keep_scale, HAS_KEEP=keep is not None, HAS_BIAS=bias is not None,
             HAS_SHORTCUT=shortcut is not None, STATS=stats)
     return out, v, sums
 
@@ -454,10 +460,10 @@ def _residual_triton(grad: torch.Tensor, branch: torch.Tensor, factor: torch.Ten
     per_image = max(1, triton.cdiv(_chunks(branch), n))
     # every (chunk, channel) partial is written by its program: no zero-fill launch
     partials = torch.empty(1 + (bias is not None), 1, n * per_image, c, device=branch.device, dtype=torch.float32)
-    scale, kept = _kernel_factor(factor, keep)
+    scale, kept, keep_scale = _kernel_factor(factor, keep, keep_prob)
     scaled_residual_grad_kernel[lambda m: (triton.cdiv(c, m['BLOCK_C']), n * per_image)](
         grad, branch, scale, kept, scale if bias is None else bias, gy, gy if gs is None else gs, partials[0],
-        partials[-1], n, c, h, w, branch.stride(0), branch.stride(1), branch.stride(3), per_image, keep_prob,
+        partials[-1], n, c, h, w, branch.stride(0), branch.stride(1), branch.stride(3), per_image, keep_scale,
         HAS_KEEP=keep is not None, HAS_BIAS=bias is not None, HAS_SHORTCUT=gs is not None)
     # each image's partials already weighted by its drop path factor: the factor's and the bias's gradients
     # sum all chunks, in one launch; the bias's rounded to y's dtype, as a conv's bias gradient is
