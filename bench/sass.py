@@ -104,10 +104,10 @@ def _channel_cases():
     its float32 shortcut, forward and backward (the backward passes loop over pixel blocks: counted per
     element of the loop body), the blocks' BatchNorm in training (the statistics' sums of the float32
     stream, the float32 output with its bf16 copy, and their backward's sums and apply, the copy's
-    gradient bf16, the stream's from the shortcut added), the folded blocks' float32 stream and its bf16 copy (with the branch's last bias), the cross-modal modulation's
-    outputs from float32 maps and bf16 coefficients, written in bf16 as the maps and as their concat (the
-    encoder's stages 2-3), their backward from those three gradients (its loop over the channels, per
-    element), its
+    gradient bf16, the stream's from the shortcut added), the folded blocks' float32 stream and its bf16
+    copy (with the branch's last bias), the cross-modal modulation's outputs from float32 maps and bf16
+    coefficients, written in bf16 as the maps and as their concat (the encoder's stages 2-3), their
+    backward from those three gradients (its loop over the channels, per element), its
     inputs' gradient sums (a float32 gradient, a bf16 concat's half, the pooled gradients) and its inputs'
     pass (a float32 map into the bf16 concat, with its channels' sums, maxima and their counts)."""
     add, grad = channel.bias_add_kernel, channel.bias_grad_kernel
@@ -152,7 +152,7 @@ def _channel_cases():
         ('modulation', [('triton', channel.modulation_kernel, dict(HAS_OUT=True, HAS_FUSE=True), None)],
          dict(r_ptr='fp32', x_ptr='fp32')),
         ('modulation_grad', [('triton', channel.modulation_grad_kernel, dict(HAS_A=True, HAS_B=True, HAS_F=True), 1)],
-         dict(r_ptr='fp32', x_ptr='fp32', gr_ptr='fp32', gx_ptr='fp32', gs_ptr='fp32', gc_ptr='fp32')),
+         dict(r_ptr='fp32', x_ptr='fp32', gr_ptr='fp32', gx_ptr='fp32', gc_ptr='fp32')),
         ('pooled_grad', [('triton', channel.pooled_grad_kernel, dict(HAS_PASS=True, HAS_HALF=True, HAS_POOLED=True),
                           None)],
          dict(gp_ptr='fp32', v_ptr='fp32', gm_ptr='fp32', mx_ptr='fp32', share_ptr='fp32', out_ptr='fp32')),
@@ -271,10 +271,10 @@ def _elements(config, outputs: int) -> int:
 
 def _ints(c: int, h: int, w: int, channels_last: bool) -> dict:
     """A map's sizes and strides; hn, hc, hw those of a concat of two such maps (the modulation's inputs'
-    gradient pass reads one half), rows the modulation backward's partial rows per image, keep_scale the
-    block tails' drop path scale of a kept image (a float argument)."""
+    gradient pass reads one half), keep_scale the block tails' drop path scale of a kept image (a float
+    argument)."""
     concat = dict(hn=2 * h * w * c, hc=1, hw=2 * c) if channels_last else dict(hn=2 * c * h * w, hc=h * w, hw=1)
-    other = dict(N=8, C=c, H=h, W=w, rows=h * w // 4, keep_scale=1 / 0.9, **concat)
+    other = dict(N=8, C=c, H=h, W=w, keep_scale=1 / 0.9, **concat)
     if channels_last:
         return dict(other, sn=h * w * c, sc=1, sh=w * c, sw=c)
     return dict(other, sn=c * h * w, sc=h * w, sh=w, sw=1)

@@ -1215,7 +1215,8 @@ def test_scaled_residual_adds_the_branchs_bias_and_shortcut(fmt, per_image, shor
     assert rel(out, want) <= 1e-7 and (out - want).abs().max() <= 1e-6
     if shortcut:  # what the backward keeps: the float32 branch, as the unfused ops keep it for addcmul
         assert torch.equal(branch, v) and not branch.requires_grad and branch.is_contiguous(memory_format=fmt)
-        assert [t.data_ptr() for t in out.grad_fn.saved_tensors if t is not None and t.shape == y.shape] == [branch.data_ptr()]
+        saved = [t for t in out.grad_fn.saved_tensors if t is not None]  # the keep mask None without drop path
+        assert [t.data_ptr() for t in saved if t.shape == y.shape] == [branch.data_ptr()]
     inputs = [x, y, f, b] + ([s] if shortcut else [])
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE)
     with _MapsMade() as made:
@@ -1728,6 +1729,24 @@ def test_pooled_input_grad_is_the_reference(fmt):
         triton_channel.pooled_input_grad(None, None, 0, value, grad_mean, maximum, None, count)
     with pytest.raises(ValueError, match='holds no 37 channels'):
         triton_channel.pooled_input_grad(None, grad_both, 40, value, None, maximum, None, count)
+
+
+@pytest.mark.parametrize('block_p', [8, 64], ids=['6-blocks', '1-block'])
+def test_modulation_grad_sums_the_partials_of_the_tile_that_ran(block_p, monkeypatch):
+    """The channel coefficients' gradient sums the partial rows the launched tile wrote, as many an image as
+    it has pixel blocks (the grid tells them), and nothing else (no row is filled): tiles of 8 pixels (6
+    blocks of the 45) and of 64 (1 block) give the reference's gradients."""
+    import triton
+    from smmcl.kernels import triton_channel
+    from smmcl.kernels.reference import modulation_grad_reference
+    tile = triton.Config(dict(BLOCK_C=16, BLOCK_P=block_p), num_warps=4)
+    monkeypatch.setattr(triton_channel.modulation_grad_kernel, 'configs', [tile])
+    rgb, x, spatial, channel = _modulation_operands(CL, torch.float32)
+    grads = [_tensor(2, 37, 5, 9, fmt=CL, seed=5 + k).detach() for k in (0, 1)]
+    got = triton_channel.modulation_grad(*grads, None, rgb, x, spatial, channel, impl='triton')
+    want = modulation_grad_reference(*grads, rgb, x, spatial, channel)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype and rel(g, w) <= 1e-5
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])

@@ -790,21 +790,20 @@ def modulation_kernel(r_ptr, x_ptr, s_ptr, ch_ptr, ro_ptr, xo_ptr, f_ptr, N, C, 
         tl.store(fuse + C * hc, xo.to(f_ptr.dtype.element_ty), mask=mask)
 
 
-# reset_to_zero: a tile tried while tuning writes rows that the tile kept may not; they must be 0 again
 @triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'HAS_A', 'HAS_B', 'HAS_F'], prune_configs_by=PRUNE,
-                 do_bench=bench, reset_to_zero=['gc_ptr'])
+                 do_bench=bench)
 @triton.jit
 def modulation_grad_kernel(ga_ptr, gb_ptr, gf_ptr, r_ptr, x_ptr, s_ptr, ch_ptr, gr_ptr, gx_ptr, gs_ptr, gc_ptr,
-                           N, C, H, W, sn, sc, sw, hn, hc, hw, rows, HAS_A: tl.constexpr, HAS_B: tl.constexpr,
+                           N, C, H, W, sn, sc, sw, hn, hc, hw, HAS_A: tl.constexpr, HAS_B: tl.constexpr,
                            HAS_F: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """The backward of :func:`modulation_kernel` for its outputs' gradients: ga (ro's, with HAS_A), gb (xo's,
     with HAS_B), gf (the concat's, with HAS_F; strides hn, hc, hw), each read as float32 and ro's and xo's
     two summed. Program (image n x pixel block b) walks all channel blocks: it writes
     ``gr = ga + gb * gate`` and ``gx = gb + ga * gate`` (in their dtype), and the gate's gradient
-    ``ga * x + gb * r`` (float32) summed over the channels at each of its pixels into gs (N x HW) and over
-    its pixels per channel into row ``n * rows + b`` of gc (``rows`` >= the pixel blocks, per image:
-    N * rows x C; the rows no program writes stay as the caller zeroed them). The other maps share r's
-    strides (rows at ``W * sw``)."""
+    ``ga * x + gb * r`` (float32) times the gate's half, 0.5 (exact), summed over the channels at each of its
+    pixels into gs (N x HW, rounded to gs's dtype: the spatial coefficients' gradient) and over its pixels
+    per channel into row ``n * blocks + b`` of gc (float32, N x blocks x C for the tile's ``blocks`` pixel
+    blocks an image: every row written). The other maps share r's strides (rows at ``W * sw``)."""
     pixels = H * W
     blocks = tl.cdiv(pixels, BLOCK_P)
     n = tl.program_id(0) // blocks
@@ -833,8 +832,8 @@ def modulation_grad_kernel(ga_ptr, gb_ptr, gf_ptr, r_ptr, x_ptr, s_ptr, ch_ptr, 
         grad_gate = (ga * tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
                      + gb * tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32))
         acc_s += tl.sum(grad_gate, axis=0)
-        tl.store(gc_ptr + (n * rows + b) * C + c, tl.sum(grad_gate, axis=1), mask=cmask)
-    tl.store(gs_ptr + n * pixels + p, acc_s, mask=pmask)
+        tl.store(gc_ptr + (n * blocks + b) * C + c, 0.5 * tl.sum(grad_gate, axis=1), mask=cmask)
+    tl.store(gs_ptr + n * pixels + p, (0.5 * acc_s).to(gs_ptr.dtype.element_ty), mask=pmask)
 
 
 @triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'HAS_PASS', 'HAS_HALF', 'HAS_POOLED'],
@@ -925,25 +924,31 @@ def _modulation_triton(rgb, x, spatial, channel, dtype=None, streams=True, fusio
     return outs[0], outs[1], fuse
 
 
-# modulation_grad_kernel's partial rows per image: one per pixel block of its smallest candidate tile
-_MIN_BLOCK_P = min(config.kwargs['BLOCK_P'] for config in modulation_grad_kernel.configs)
-
-
 def _modulation_grad_triton(grad_rgb, grad_x, grad_fuse, rgb, x, spatial, channel):
     n, c, h, w = rgb.shape
     grads = [torch.empty_like(rgb) for _ in range(2)]
-    rows = triton.cdiv(h * w, _MIN_BLOCK_P)
-    grad_spatial = rgb.new_empty(n, h * w, dtype=torch.float32)
-    partials = rgb.new_zeros(n * rows, c, dtype=torch.float32)  # the rows past the tile's blocks stay 0
+    grad_spatial = torch.empty(spatial.shape, dtype=spatial.dtype, device=rgb.device)
+    grad_channel = torch.empty(n, c, dtype=channel.dtype, device=rgb.device)
+    if rgb.numel() == 0:
+        return (*grads, grad_spatial, grad_channel.zero_().reshape(channel.shape))
+    # room for the most partial rows a candidate tile writes (its smallest pixel block's); none filled
+    smallest = min(config.kwargs['BLOCK_P'] for config in modulation_grad_kernel.configs)
+    partials = rgb.new_empty(n * triton.cdiv(h * w, smallest) * c, dtype=torch.float32)
+    blocks = []  # the pixel blocks an image of the tile that runs: the grid is asked last for its launch
+
+    def grid(meta):
+        blocks.append(triton.cdiv(h * w, meta['BLOCK_P']))
+        return (n * blocks[-1],)
+
     f = rgb if grad_fuse is None else grad_fuse
-    if rgb.numel():
-        modulation_grad_kernel[lambda m: (n * triton.cdiv(h * w, m['BLOCK_P']),)](
-            rgb if grad_rgb is None else grad_rgb, rgb if grad_x is None else grad_x, f, rgb, x,
-            spatial.contiguous(), channel.contiguous(), *grads, grad_spatial, partials, n, c, h, w, rgb.stride(0),
-            rgb.stride(1), rgb.stride(3), f.stride(0), f.stride(1), f.stride(3), rows, HAS_A=grad_rgb is not None,
-            HAS_B=grad_x is not None, HAS_F=grad_fuse is not None)
-    return (*grads, (0.5 * grad_spatial).reshape(spatial.shape).to(spatial.dtype),
-            (0.5 * partials.reshape(n, rows, c).sum(1)).reshape(channel.shape).to(channel.dtype))
+    modulation_grad_kernel[grid](
+        rgb if grad_rgb is None else grad_rgb, rgb if grad_x is None else grad_x, f, rgb, x,
+        spatial.contiguous(), channel.contiguous(), *grads, grad_spatial, partials, n, c, h, w, rgb.stride(0),
+        rgb.stride(1), rgb.stride(3), f.stride(0), f.stride(1), f.stride(3), HAS_A=grad_rgb is not None,
+        HAS_B=grad_x is not None, HAS_F=grad_fuse is not None)
+    # each image's rows, all written (no fill), summed and stored in the channel coefficients' dtype
+    chunk_sums(partials[:n * blocks[-1] * c].view(n, blocks[-1], c), grad_channel)
+    return (*grads, grad_spatial, grad_channel.reshape(channel.shape))
 
 
 def _modulation_torch(rgb, x, spatial, channel, dtype=None, streams=True, fusion=False):
