@@ -390,6 +390,7 @@ def check_residual(y: torch.Tensor, factor: torch.Tensor, bias: Optional[torch.T
                          f'in a dtype at least as wide as its {y.dtype}, got {tuple(shortcut.shape)} {shortcut.dtype}')
 
 
+@functools.lru_cache(maxsize=None)  # one value a block: no host work per call after the first
 def _reciprocal(keep_prob: float) -> float:
     """The float32 quotient ``1 / keep_prob``: a 0/1 drop path mask times it is ATen's ``mask / keep_prob`` to
     the bit (the quotient of 1 by the float32 divisor, rounded once; on a GPU ATen multiplies by this
