@@ -189,13 +189,13 @@ def scaled_residual_kernel(x_ptr, y_ptr, f_ptr, keep_ptr, bias_ptr, s_ptr, out_p
     block each when the grid has one program a block) and writes ``out = x + v * f`` in float32
     arithmetic, stored in out's dtype: v the branch (:func:`_branch`: y, with the bias, with the shortcut
     s), f the float32 C scale, with HAS_KEEP times image n's drop path factor (:func:`_factor`). With
-    HAS_SHORTCUT it also writes v (in s's dtype, as
-    :func:`_branch` rounds it) for the backward, which cannot recompute it without s. With STATS it writes
-    the forward partials of :func:`norm_sums_kernel` for out as stored, at rows k and K + k of sums_ptr,
-    shifted by ``x[0, c, 0, 0]`` (known to every program before the pass, and near out's values, as the
-    residual adds a small scaled branch), and that shift at row 2K: the statistics of the BatchNorm that
-    reads out next, without reading it back (:func:`norm_finalize_kernel` on them). x, y, s, out and v
-    share their strides (rows at ``W * sw``, as :func:`bias_grad_kernel`)."""
+    HAS_SHORTCUT it also writes v (in s's dtype, as :func:`_branch` rounds it) for the backward, which
+    cannot recompute it without s. With STATS it writes the forward partials of :func:`norm_sums_kernel`
+    for out as stored, at rows k and K + k of sums_ptr, shifted by ``x[0, c, 0, 0]`` (known to every
+    program before the pass, and near out's values, as the residual adds a small scaled branch), and that
+    shift at row 2K: the statistics of the BatchNorm that reads out next, without reading it back
+    (:func:`norm_finalize_kernel` on them). x, y, s, out and v share their strides (rows at ``W * sw``, as
+    :func:`bias_grad_kernel`)."""
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     bias = conv_bias(bias_ptr, c, cmask, y_ptr) if HAS_BIAS else None

@@ -342,12 +342,12 @@ class Block(nn.Module):
         """The block on the kernels' path: N-C-H-W x -> (N-C-H-W, partials). Each half's tail is one pass
         (``smmcl::shortcut_residual``, ``smmcl::scaled_residual``), with the branch's last bias (proj_2's,
         fc2's), the attention's own shortcut and drop path's factor (from the drawn mask): no pass or launch
-        of their own, forward or backward. Each norm
-        writes its conv's bf16 copy itself and hands the stream on, adding the stream's two gradients in
-        its backward (:func:`normed_pair`). The attention's tail sums norm2's statistics in its pass; the
-        MLP's, with ``next_norm`` (the BatchNorm that reads this block's output next, where
-        :func:`fused_norm` holds), those of the output, returned as ``partials`` for that norm (else None);
-        norm1 takes ``partials`` (x's, or None: it sums them itself)."""
+        of their own, forward or backward. Each norm writes its conv's bf16 copy itself and hands the
+        stream on, adding the stream's two gradients in its backward (:func:`normed_pair`). The attention's
+        tail sums norm2's statistics in its pass; the MLP's, with ``next_norm`` (the BatchNorm that reads
+        this block's output next, where :func:`fused_norm` holds), those of the output, returned as
+        ``partials`` for that norm (else None); norm1 takes ``partials`` (x's, or None: it sums them
+        itself)."""
         ops = torch.ops.smmcl
         xn, low, x = normed_pair(self.norm1, x, partials=partials)
         y = self.attn.branch(low, add_bias=False)
