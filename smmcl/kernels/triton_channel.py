@@ -47,6 +47,7 @@ from __future__ import annotations
 import functools
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import triton
@@ -395,7 +396,7 @@ def _reciprocal(keep_prob: float) -> float:
     """The float32 quotient ``1 / keep_prob``: a 0/1 drop path mask times it is ATen's ``mask / keep_prob`` to
     the bit (the quotient of 1 by the float32 divisor, rounded once; on a GPU ATen multiplies by this
     reciprocal itself), where the kernels would pay a precise division's dozens of instructions."""
-    return (torch.ones((), dtype=torch.float32) / keep_prob).item()
+    return float(np.float32(1.0) / np.float32(keep_prob))  # on the host: no tensor, no launch
 
 
 def _kernel_factor(factor: torch.Tensor, keep: Optional[torch.Tensor], keep_prob: float):
