@@ -1124,7 +1124,7 @@ def test_fused_kernels_refuse_another_activation(name, attribute):
 
 def _drop_path(*kept: int):
     """Drop path's N-1-1-1 mask as drawn (1 kept, 0 dropped), its keep probability, and the per-image factor
-    ``f * (mask / p)`` a scale f takes with them, as :meth:`DropPath.scaled_factor` makes it."""
+    ``f * (mask / p)`` a scale f takes with them, as :meth:`Block._factor` makes it."""
     keep = torch.tensor(kept, dtype=torch.float32, device=DEVICE).reshape(-1, 1, 1, 1)
     return keep, 0.75, lambda f: ScaleByImage.apply(f.reshape(-1), keep / 0.75)
 

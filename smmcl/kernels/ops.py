@@ -418,8 +418,9 @@ def _residual_grads(ctx, grad, branch, y_dtype):
 
 def _save_tail(ctx, inputs, saved_branch):
     x, y, factor, bias = inputs[:4]
-    ctx.save_for_backward(saved_branch, factor, bias, inputs[-2])
-    ctx.x_dtype, ctx.y_dtype, ctx.keep_prob = x.dtype, y.dtype, inputs[-1]
+    keep, keep_prob = inputs[-2:]  # both tail ops' last two arguments
+    ctx.save_for_backward(saved_branch, factor, bias, keep)
+    ctx.x_dtype, ctx.y_dtype, ctx.keep_prob = x.dtype, y.dtype, keep_prob
 
 
 def _save_branch(ctx, inputs, output):

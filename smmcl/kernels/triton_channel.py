@@ -229,7 +229,7 @@ def _kept(keep_ptr, n, keep_scale):
 @triton.jit
 def _factor(f_ptr, keep_ptr, n, c, cmask, keep_scale, HAS_KEEP: tl.constexpr):
     """The residual factor of image n's channels c, float32: the scale, with HAS_KEEP times :func:`_kept`, in
-    the order :meth:`~smmcl.models.mscan.DropPath.scaled_factor` multiplies them: the same values."""
+    the order :class:`~smmcl.models.mscan.ScaleByImage` multiplies them: the same values."""
     f = tl.load(f_ptr + c, mask=cmask, other=0.0).to(tl.float32)
     if HAS_KEEP:
         f = f * _kept(keep_ptr, n, keep_scale)
@@ -408,7 +408,7 @@ def _kernel_factor(factor: torch.Tensor, keep: Optional[torch.Tensor], keep_prob
 
 def _per_image_factor(factor: torch.Tensor, keep: Optional[torch.Tensor], keep_prob: float) -> torch.Tensor:
     """The factor each image's branch is scaled by: C-1-1 as given without a keep mask, else N-C-1-1 ``factor *
-    (keep / keep_prob)``, as :meth:`~smmcl.models.mscan.DropPath.scaled_factor` multiplies them."""
+    (keep / keep_prob)``, as :class:`~smmcl.models.mscan.ScaleByImage` multiplies them."""
     if keep is None:
         return factor
     return factor.reshape(1, -1, 1, 1) * (keep.reshape(-1, 1, 1, 1) / keep_prob)
@@ -1143,7 +1143,7 @@ def scaled_residual(x: torch.Tensor, y: torch.Tensor, factor: torch.Tensor, bias
             (:func:`_run`; timed without the statistics, which spare the next norm a pass of its own).
         stats: also sum the statistics of the BatchNorm that reads the sum next (only ``'triton'`` does).
         keep, keep_prob: drop path's N (or N-1-1-1) mask as drawn (1 kept, 0 dropped) and the probability
-            its kept images are divided by (:meth:`~smmcl.models.mscan.DropPath.scaled_factor`'s factor,
+            its kept images are divided by (:class:`~smmcl.models.mscan.ScaleByImage`'s factor,
             made in the pass: no launches of its own), or None and 1.
     Returns:
         The sum, N-C-H-W in x's layout and the promoted dtype of x, v and the factor (float32 arithmetic,

@@ -43,18 +43,10 @@ class DropPath(nn.Module):
         """N-1-1-1 keep mask (1 kept, 0 dropped) in ``like``'s dtype and device, drawn as forward draws it."""
         return like.new_empty((batch,) + (1,) * (like.ndim - 1)).bernoulli_(1.0 - self.drop_prob)
 
-    def scaled_factor(self, scale: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The factor ``f`` with ``y * f == self(scale[:, None, None] * y)``, C-1-1 or N-C-1-1 (the mask drawn
-        as forward would draw it for ``scale[:, None, None] * y``), so a residual add is one ``addcmul``."""
-        keep, keep_prob = self.drawn_keep(scale, y)
-        if keep is None:
-            return scale[:, None, None]
-        return ScaleByImage.apply(scale, keep / keep_prob)
-
     def drawn_keep(self, scale: torch.Tensor, y: torch.Tensor) -> Tuple[Optional[torch.Tensor], float]:
         """(the N-1-1-1 keep mask, drawn as forward would draw it for ``scale[:, None, None] * y``, the
-        probability its kept images are divided by): for a residual tail that scales by them itself; (None, 1)
-        where forward is the identity."""
+        probability its kept images are divided by): for a residual tail that scales by them itself
+        (:meth:`Block._factor`, the kernels' tail ops); (None, 1) where forward is the identity."""
         if self.drop_prob == 0.0 or not self.training:
             return None, 1.0
         like = y.new_empty((0,) * y.ndim, dtype=torch.promote_types(scale.dtype, y.dtype))
@@ -363,9 +355,10 @@ class Block(nn.Module):
         return x, partials if stats else None
 
     def _factor(self, scale: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.drop_path, DropPath):
-            return self.drop_path.scaled_factor(scale, y)
-        return scale[:, None, None]
+        """The factor ``f`` with ``y * f == self.drop_path(scale[:, None, None] * y)``, C-1-1 or N-C-1-1 (the
+        mask drawn as the drop path would draw it), so a residual add is one ``addcmul``."""
+        keep, keep_prob = self._keep(scale, y)
+        return scale[:, None, None] if keep is None else ScaleByImage.apply(scale, keep / keep_prob)
 
     def _keep(self, scale: torch.Tensor, y: torch.Tensor) -> Tuple[Optional[torch.Tensor], float]:
         """Drop path's keep mask and probability for the tail ops, which scale by them in their own passes."""
