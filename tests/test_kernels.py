@@ -1397,6 +1397,67 @@ def test_block_tails_with_kernels_are_the_same_function(fmt, amp, monkeypatch):
         assert b.dtype == r.dtype and (torch.equal(b, r) if b.dtype == torch.int64 else rel(b, r) <= tol), name
 
 
+def test_block_casts_its_pointwise_weights_once_each_way(monkeypatch):
+    """Under autocast the training block on the kernels' path casts its five 1x1 convs' weights in one
+    multi-tensor pass (``weights_cast_once``) and widens their gradients in one more, where autocast
+    casts each in a launch of its own: the same output, gradients and running statistics bit for bit,
+    no per-weight cast left, and no cast weight left on the convs afterwards, an error raised inside
+    included."""
+    from smmcl.models import mscan
+    from smmcl.models.mscan import PointwiseConv, use_fused_tails
+
+    class Casts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in ('_to_copy', '_foreach_copy_'):
+                self.calls.append((name, tuple(args[0].shape) if name == '_to_copy' else len(args[0])))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    spec = mscan_t()
+    block = Block(spec.embed_dims[0], spec.mlp_ratios[0], 0.3, nn.BatchNorm2d).to(DEVICE)
+    block = use_fused_kernels(use_fused_tails(block)).train()
+    convs = [m for m in block.modules() if isinstance(m, PointwiseConv)]
+    x = _tensor(3, 32, 5, 6, fmt=CL)
+    cast_once = mscan.weights_cast_once
+    results = []
+    for once in (True, False):
+        if not once:
+            monkeypatch.setattr(mscan, 'weights_cast_once', lambda module, x: contextlib.nullcontext())
+        model, casts = copy.deepcopy(block), Casts()
+        torch.manual_seed(11)
+        with casts:
+            with torch.autocast(DEVICE, dtype=torch.bfloat16):
+                out = model(x)
+            grads = torch.autograd.grad(out, [x] + list(model.parameters()), torch.ones_like(out))
+        weights = [shape for name, shape in casts.calls if name == '_to_copy' and shape[2:] == (1, 1)]
+        results.append((out, grads, list(model.buffers()), casts.calls, weights))
+    (out, grads, buffers, calls, weights), (ref, ref_grads, ref_buffers, _, ref_weights) = results
+    assert calls.count(('_foreach_copy_', len(convs))) == 2 and not weights
+    assert len(ref_weights) == 2 * len(convs) == 10  # autocast's casts, each way
+    assert torch.equal(out, ref)
+    for name, g, r in zip(['input'] + [n for n, _ in block.named_parameters()], grads, ref_grads):
+        assert g.dtype == r.dtype and torch.equal(g, r), name
+    for b, r in zip(buffers, ref_buffers):
+        assert torch.equal(b, r)
+
+    model = copy.deepcopy(block)
+    convs = [m for m in model.modules() if isinstance(m, PointwiseConv)]
+
+    def fails(*args, **kwargs):
+        assert all(m.low_weight is not None and m.low_weight.dtype == torch.bfloat16 for m in convs)
+        raise RuntimeError('inside the block')
+    monkeypatch.setattr(model.mlp, 'forward', fails)
+    monkeypatch.setattr(mscan, 'weights_cast_once', cast_once)
+    with pytest.raises(RuntimeError, match='inside the block'), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        model(x)
+    assert all(m.low_weight is None for m in convs)
+
+
 def test_folded_block_with_kernels_is_the_same_function():
     from smmcl.models.fast import FoldedBlock
     block = _tiny_block().eval()

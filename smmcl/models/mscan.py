@@ -14,7 +14,8 @@ dict stay the same.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple
+import contextlib
+from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +76,53 @@ class ScaleByImage(torch.autograd.Function):
             return torch.mv(grad.reshape(grad.shape[0], -1).t(), keep.reshape(-1).to(grad.dtype)), None
 
 
+class CastOnce(torch.autograd.Function):
+    """Tensors -> their copies in ``dtype``, all in one multi-tensor pass (``torch._foreach_copy_``: one
+    launch on CUDA for tensors of one dtype), and their gradients back to the tensors' dtypes in one more;
+    autocast casts each conv's weight in a launch of its own and its gradient in another. The same values:
+    ATen's rounding to nearest even forward, an exact widening backward."""
+
+    @staticmethod
+    def forward(ctx, dtype: torch.dtype, *tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        ctx.set_materialize_grads(False)
+        ctx.dtypes = [t.dtype for t in tensors]
+        low = [torch.empty_like(t, dtype=dtype) for t in tensors]
+        torch._foreach_copy_(low, list(tensors))
+        return tuple(low)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        present = [g for g in grads if g is not None]
+        # each gradient keeps its strides, as autocast's cast backward keeps them (the fast route's condition)
+        full = [torch.empty_like(g, dtype=d) for g, d in zip(grads, ctx.dtypes) if g is not None]
+        if present:
+            torch._foreach_copy_(full, present)
+        widened = iter(full)
+        return (None,) + tuple(None if g is None else next(widened) for g in grads)
+
+
+@contextlib.contextmanager
+def weights_cast_once(module: nn.Module, x: torch.Tensor) -> Iterator[None]:
+    """Within it, every :class:`PointwiseConv` of ``module`` whose weight autocast would cast for x (x on
+    a device where autocast is on, the weight not in its dtype) reads the weight from one :class:`CastOnce`
+    of them all (``PointwiseConv.low_weight``): a launch for the module each way instead of one per conv.
+    The biases stay as they are: the kernels' bias passes read them in float32."""
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device)
+    convs = ([m for m in module.modules() if isinstance(m, PointwiseConv) and m.weight.dtype != dtype]
+             if torch.is_autocast_enabled(device) else [])
+    if not convs:
+        yield
+        return
+    for conv, low in zip(convs, CastOnce.apply(dtype, *(conv.weight for conv in convs))):
+        conv.low_weight = low
+    try:
+        yield
+    finally:
+        for conv in convs:
+            conv.low_weight = None
+
+
 class StemConv(nn.Module):
     """Stage-1 patch embedding: two 3x3 stride-2 convs with BN (GELU between). N-Cin-H-W -> N-C-H/4-W/4."""
 
@@ -112,6 +160,7 @@ class PointwiseConv(nn.Conv2d):
     another order."""
 
     fused_kernels = False  # set per module by use_fused_kernels
+    low_weight: Optional[torch.Tensor] = None  # the weight already in autocast's dtype, in weights_cast_once
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(in_channels, out_channels, 1)
@@ -130,7 +179,7 @@ class PointwiseConv(nn.Conv2d):
     def forward_without_bias(self, x: torch.Tensor) -> torch.Tensor:
         """The conv without its bias, N-Cin-H-W -> N-Cout-H-W, for an op that adds the bias in a pass of its
         own (``smmcl::residual_pair``, ``smmcl::dwconv2d_gelu``'s ``in_bias``)."""
-        return F.conv2d(x, self.weight)
+        return F.conv2d(x, self.weight if self.low_weight is None else self.low_weight)
 
     def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
         """The exact GELU of :meth:`forward`: with the kernels on, in the bias add's pass
@@ -339,19 +388,20 @@ class Block(nn.Module):
         tail sums norm2's statistics in its pass; the MLP's, with ``next_norm`` (the BatchNorm that reads
         this block's output next, where :func:`fused_norm` holds), those of the output, returned as
         ``partials`` for that norm (else None); norm1 takes ``partials`` (x's, or None: it sums them
-        itself)."""
-        ops = torch.ops.smmcl
-        xn, low, x = normed_pair(self.norm1, x, partials=partials)
-        y = self.attn.branch(low, add_bias=False)
-        keep, keep_prob = self._keep(self.layer_scale_1, y)
-        x, _, partials = ops.shortcut_residual(x, y, self.layer_scale_1[:, None, None], self.attn.proj_2.bias, xn,
-                                               stats=fused_norm(self.norm2, x), keep=keep, keep_prob=keep_prob)
-        _, low, x = normed_pair(self.norm2, x, full=False, partials=partials)
-        y = self.mlp(low, add_bias=False)
-        stats = next_norm is not None and fused_norm(next_norm, x)
-        keep, keep_prob = self._keep(self.layer_scale_2, y)
-        x, partials = ops.scaled_residual(x, y, self.layer_scale_2[:, None, None], self.mlp.fc2.bias, stats=stats,
-                                          keep=keep, keep_prob=keep_prob)
+        itself). Under autocast the 1x1 convs' weights are cast in one pass (:func:`weights_cast_once`)."""
+        with weights_cast_once(self, x):  # the five 1x1 convs' weights in one launch each way
+            ops = torch.ops.smmcl
+            xn, low, x = normed_pair(self.norm1, x, partials=partials)
+            y = self.attn.branch(low, add_bias=False)
+            keep, keep_prob = self._keep(self.layer_scale_1, y)
+            x, _, partials = ops.shortcut_residual(x, y, self.layer_scale_1[:, None, None], self.attn.proj_2.bias, xn,
+                                                   stats=fused_norm(self.norm2, x), keep=keep, keep_prob=keep_prob)
+            _, low, x = normed_pair(self.norm2, x, full=False, partials=partials)
+            y = self.mlp(low, add_bias=False)
+            stats = next_norm is not None and fused_norm(next_norm, x)
+            keep, keep_prob = self._keep(self.layer_scale_2, y)
+            x, partials = ops.scaled_residual(x, y, self.layer_scale_2[:, None, None], self.mlp.fc2.bias, stats=stats,
+                                              keep=keep, keep_prob=keep_prob)
         return x, partials if stats else None
 
     def _factor(self, scale: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
