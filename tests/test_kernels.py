@@ -1259,6 +1259,20 @@ def test_scaled_residual_torch_and_triton_agree():
             assert got is None or (got.dtype == want.dtype and got.shape == want.shape and rel(got, want) <= 2 ** -7)
 
 
+def test_tail_hands_on_xs_gradient_in_the_layout_it_read_it():
+    """A stage's last block gets its output's gradient from the stage's LayerNorm in channels_last strides,
+    on NCHW maps: the tail's backward lays it out once, and hands on x's gradient in that layout (the same
+    values), so the norm's backward that reads it next finds it in place instead of copying it again."""
+    x, y = _tensor(2, 5, 3, 4), _tensor(2, 5, 3, 4, seed=1)
+    f, b = _tensor(5, 1, 1, seed=2), _tensor(5, seed=3)
+    grad = _tensor(2, 5, 3, 4, fmt=CL, seed=4).detach()
+    out, _ = ops().scaled_residual(x, y, f, b)
+    gx, gy, gf, gb = torch.autograd.grad(out, [x, y, f, b], grad)
+    assert not grad.is_contiguous() and gx.is_contiguous() and torch.equal(gx, grad)
+    assert gy.is_contiguous() and torch.allclose(gy, grad * f, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(gb, (grad * f).sum((0, 2, 3)), rtol=1e-5, atol=1e-5)  # x + f * (y + b)
+
+
 def test_scaled_residual_refuses_a_factor_bias_shortcut_or_keep_mask_of_another_shape():
     x, f = _tensor(2, 5, 3, 4), _tensor(5, 1, 1)
     with pytest.raises(ValueError, match='must be C-1-1'):

@@ -410,6 +410,9 @@ def _residual_grads(ctx, grad, branch, y_dtype):
     """grad x, y, factor, bias and (with ``y_dtype``) the shortcut, from the saved branch; None for the
     statistics' flag, the keep mask and its probability."""
     factor, bias, keep = ctx.saved_tensors[1:]
+    # laid out as the op reads it here, once: x's gradient, handed on to the norm's backward, is then in
+    # place there too (a stage's last block gets it from the stage's LayerNorm in channels_last strides)
+    grad = grad.contiguous(memory_format=K._layout(branch))
     grads = iter(scaled_residual_backward(grad, branch, factor, bias, y_dtype, keep, ctx.keep_prob))
     grad_y, grad_factor = next(grads), next(grads)
     return ((grad.to(ctx.x_dtype), grad_y, grad_factor) + ((None if bias is None else next(grads)),) + tuple(grads)
