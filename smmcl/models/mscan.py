@@ -9,8 +9,9 @@ function with extra reshapes.
 the Triton kernels of :mod:`smmcl.kernels` (the fast path's ``triton_kernels``; fc1's bias added in the MLP's
 depthwise conv), and the blocks' other 1x1 convs' bias add and bias gradient to one Triton pass each
 (:class:`PointwiseConv`; proj_1's GELU and conv3's product with the gate in the same passes), and the fast
-path's residual tails to one pass forward and backward (:func:`residual_add`); the parameters and the state
-dict stay the same.
+path's residual tails to one pass forward and backward (:func:`residual_add`); in training under autocast
+each block's 1x1 weights are cast in one launch each way (:func:`weights_cast_once`). The parameters and
+the state dict stay the same.
 """
 from __future__ import annotations
 
