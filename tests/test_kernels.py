@@ -1267,7 +1267,7 @@ def test_tail_hands_on_xs_gradient_in_the_layout_it_read_it():
     f, b = _tensor(5, 1, 1, seed=2), _tensor(5, seed=3)
     grad = _tensor(2, 5, 3, 4, fmt=CL, seed=4).detach()
     out, _ = ops().scaled_residual(x, y, f, b)
-    gx, gy, gf, gb = torch.autograd.grad(out, [x, y, f, b], grad)
+    gx, gy, _, gb = torch.autograd.grad(out, [x, y, f, b], grad)
     assert not grad.is_contiguous() and gx.is_contiguous() and torch.equal(gx, grad)
     assert gy.is_contiguous() and torch.allclose(gy, grad * f, rtol=1e-6, atol=1e-6)
     assert torch.allclose(gb, (grad * f).sum((0, 2, 3)), rtol=1e-5, atol=1e-5)  # x + f * (y + b)
@@ -1411,7 +1411,8 @@ def test_block_tails_with_kernels_are_the_same_function(fmt, amp, monkeypatch):
         assert b.dtype == r.dtype and (torch.equal(b, r) if b.dtype == torch.int64 else rel(b, r) <= tol), name
 
 
-def test_block_casts_its_pointwise_weights_once_each_way(monkeypatch):
+@pytest.mark.parametrize('fmt', [NCHW, CL])
+def test_block_casts_its_pointwise_weights_once_each_way(fmt, monkeypatch):
     """Under autocast the training block on the kernels' path casts its five 1x1 convs' weights in one
     multi-tensor pass (``weights_cast_once``) and widens their gradients in one more, where autocast
     casts each in a launch of its own: the same output, gradients and running statistics bit for bit,
@@ -1436,7 +1437,7 @@ def test_block_casts_its_pointwise_weights_once_each_way(monkeypatch):
     block = Block(spec.embed_dims[0], spec.mlp_ratios[0], 0.3, nn.BatchNorm2d).to(DEVICE)
     block = use_fused_kernels(use_fused_tails(block)).train()
     convs = [m for m in block.modules() if isinstance(m, PointwiseConv)]
-    x = _tensor(3, 32, 5, 6, fmt=CL)
+    x = _tensor(3, 32, 5, 6, fmt=fmt)
     cast_once = mscan.weights_cast_once
     results = []
     for once in (True, False):
