@@ -5,6 +5,7 @@ import importlib.util
 import os
 
 import pytest
+from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,6 +19,22 @@ TINY_MSCAN_SPEC = dict(embed_dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), drop_pat
 # the top of the script, so processes spawned from it run it too).
 REGISTER_TINY_MSCAN = ('from smmcl.models.mscan import MSCAN_VARIANTS, MSCANSpec\n'
                        f'MSCAN_VARIANTS[{TINY_MSCAN!r}] = lambda: MSCANSpec(**{TINY_MSCAN_SPEC!r})\n')
+
+
+class OpCalls(TorchDispatchMode):
+    """The ATen operators run while on, in order: ``calls`` holds (name, args) for each, the name without
+    its overload (``_to_copy``, ``_foreach_copy_``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append((func.overloadpacket.__name__, args))
+        return func(*args, **(kwargs or {}))
+
+    def names(self):
+        return [name for name, _ in self.calls]
 
 
 @functools.lru_cache(maxsize=None)

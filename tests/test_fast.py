@@ -8,7 +8,7 @@ from easydict import EasyDict
 from smmcl.models import build_segmentor
 from smmcl.models.fast import fold_for_inference
 
-from conftest import tiny_config
+from conftest import OpCalls, tiny_config
 
 
 def trained_like_model(backbone='mscan_t', seed=0):
@@ -336,37 +336,27 @@ def test_cast_once_is_autocasts_cast_in_one_pass_each_way():
     a value past bf16's range overflows as ATen's does), the gradients come back widened exactly and keep
     their strides, a missing gradient stays missing, and each way is one ``_foreach_copy_`` and no
     per-tensor cast."""
-    from torch.utils._python_dispatch import TorchDispatchMode
     from smmcl.models.mscan import CastOnce
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
 
     g = torch.Generator().manual_seed(0)
     a = torch.randn(6, 5, 1, 1, generator=g)
     a.view(-1)[:3] = torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, 3.4e38])  # two ties and an overflow
     tensors = [a.requires_grad_(), torch.randn(4, 6, 3, 3, generator=g).requires_grad_(),
                torch.randn(7, generator=g).requires_grad_()]
-    ops = Ops()
+    ops = OpCalls()
     with ops:
         low = CastOnce.apply(torch.bfloat16, *tensors)
-    assert ops.names == ['empty_like'] * 3 + ['_foreach_copy_']
+    assert ops.names() == ['empty_like'] * 3 + ['_foreach_copy_']
     for t, c in zip(tensors, low):
         assert c.dtype == torch.bfloat16 and torch.equal(c, t.to(torch.bfloat16))
     assert low[0].view(-1)[:3].tolist() == [1.0, 1 + 2 ** -6, float('inf')]
 
     grad_a = torch.randn(6, 5, 1, 1, generator=g).to(torch.bfloat16)
     grad_b = torch.randn(4, 3, 3, 6, generator=g).to(torch.bfloat16).permute(0, 3, 1, 2)  # channels_last
-    ops = Ops()
+    ops = OpCalls()
     with ops:
         got = torch.autograd.grad(low[:2], tensors, [grad_a, grad_b], allow_unused=True)
-    assert ops.names.count('_foreach_copy_') == 1 and '_to_copy' not in ops.names
+    assert ops.names().count('_foreach_copy_') == 1 and '_to_copy' not in ops.names()
     assert got[2] is None
     for grad, want in zip(got, (grad_a, grad_b)):
         assert grad.dtype == torch.float32 and torch.equal(grad, want.float()) and grad.stride() == want.stride()

@@ -33,7 +33,7 @@ pytest.importorskip('triton')
 if not hasattr(torch.library, 'custom_op'):
     pytest.skip('the kernels need PyTorch >= 2.4 (torch.library.custom_op)', allow_module_level=True)
 
-from conftest import bench_script  # noqa: E402
+from conftest import OpCalls, bench_script  # noqa: E402
 from smmcl import kernels  # noqa: E402  (the Triton-free part; the kernels load on first use)
 from smmcl.models.mscan import AttentionModule, Block, Mlp, ScaleByImage, mscan_t, use_fused_kernels  # noqa: E402
 
@@ -1421,17 +1421,6 @@ def test_block_casts_its_pointwise_weights_once_each_way(fmt, monkeypatch):
     from smmcl.models import mscan
     from smmcl.models.mscan import PointwiseConv, use_fused_tails
 
-    class Casts(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.calls = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func.overloadpacket.__name__
-            if name in ('_to_copy', '_foreach_copy_'):
-                self.calls.append((name, tuple(args[0].shape) if name == '_to_copy' else len(args[0])))
-            return func(*args, **(kwargs or {}))
-
     torch.manual_seed(0)
     spec = mscan_t()
     block = Block(spec.embed_dims[0], spec.mlp_ratios[0], 0.3, nn.BatchNorm2d).to(DEVICE)
@@ -1443,14 +1432,16 @@ def test_block_casts_its_pointwise_weights_once_each_way(fmt, monkeypatch):
     for once in (True, False):
         if not once:
             monkeypatch.setattr(mscan, 'weights_cast_once', lambda module, x: contextlib.nullcontext())
-        model, casts = copy.deepcopy(block), Casts()
+        model, casts = copy.deepcopy(block), OpCalls()
         torch.manual_seed(11)
         with casts:
             with torch.autocast(DEVICE, dtype=torch.bfloat16):
                 out = model(x)
             grads = torch.autograd.grad(out, [x] + list(model.parameters()), torch.ones_like(out))
-        weights = [shape for name, shape in casts.calls if name == '_to_copy' and shape[2:] == (1, 1)]
-        results.append((out, grads, list(model.buffers()), casts.calls, weights))
+        calls = [(name, tuple(args[0].shape) if name == '_to_copy' else len(args[0]))
+                 for name, args in casts.calls if name in ('_to_copy', '_foreach_copy_')]
+        weights = [shape for name, shape in calls if name == '_to_copy' and shape[2:] == (1, 1)]
+        results.append((out, grads, list(model.buffers()), calls, weights))
     (out, grads, buffers, calls, weights), (ref, ref_grads, ref_buffers, _, ref_weights) = results
     assert calls.count(('_foreach_copy_', len(convs))) == 2 and not weights
     assert len(ref_weights) == 2 * len(convs) == 10  # autocast's casts, each way
