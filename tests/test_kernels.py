@@ -1414,10 +1414,9 @@ def test_block_tails_with_kernels_are_the_same_function(fmt, amp, monkeypatch):
 @pytest.mark.parametrize('fmt', [NCHW, CL])
 def test_block_casts_its_pointwise_weights_once_each_way(fmt, monkeypatch):
     """Under autocast the training block on the kernels' path casts its five 1x1 convs' weights in one
-    multi-tensor pass (``weights_cast_once``) and widens their gradients in one more, where autocast
-    casts each in a launch of its own: the same output, gradients and running statistics bit for bit,
-    no per-weight cast left, and no cast weight left on the convs afterwards, an error raised inside
-    included."""
+    multi-tensor pass (``cast_once``) and widens their gradients in one more, where autocast casts each in
+    a launch of its own: the same output, gradients and running statistics bit for bit, no per-weight cast
+    left, and the convs' own parameters back afterwards, an error raised inside included."""
     from smmcl.models import mscan
     from smmcl.models.mscan import PointwiseConv, use_fused_tails
 
@@ -1425,13 +1424,12 @@ def test_block_casts_its_pointwise_weights_once_each_way(fmt, monkeypatch):
     spec = mscan_t()
     block = Block(spec.embed_dims[0], spec.mlp_ratios[0], 0.3, nn.BatchNorm2d).to(DEVICE)
     block = use_fused_kernels(use_fused_tails(block)).train()
-    convs = [m for m in block.modules() if isinstance(m, PointwiseConv)]
     x = _tensor(3, 32, 5, 6, fmt=fmt)
-    cast_once = mscan.weights_cast_once
+    cast_once = mscan.cast_once
     results = []
     for once in (True, False):
         if not once:
-            monkeypatch.setattr(mscan, 'weights_cast_once', lambda module, x: contextlib.nullcontext())
+            monkeypatch.setattr(mscan, 'cast_once', lambda x, parameters: contextlib.nullcontext())
         model, casts = copy.deepcopy(block), OpCalls()
         torch.manual_seed(11)
         with casts:
@@ -1443,8 +1441,8 @@ def test_block_casts_its_pointwise_weights_once_each_way(fmt, monkeypatch):
         weights = [shape for name, shape in calls if name == '_to_copy' and shape[2:] == (1, 1)]
         results.append((out, grads, list(model.buffers()), calls, weights))
     (out, grads, buffers, calls, weights), (ref, ref_grads, ref_buffers, _, ref_weights) = results
-    assert calls.count(('_foreach_copy_', len(convs))) == 2 and not weights
-    assert len(ref_weights) == 2 * len(convs) == 10  # autocast's casts, each way
+    assert calls.count(('_foreach_copy_', 5)) == 2 and not weights
+    assert len(ref_weights) == 2 * 5  # autocast's casts, each way
     assert torch.equal(out, ref)
     for name, g, r in zip(['input'] + [n for n, _ in block.named_parameters()], grads, ref_grads):
         assert g.dtype == r.dtype and torch.equal(g, r), name
@@ -1453,15 +1451,17 @@ def test_block_casts_its_pointwise_weights_once_each_way(fmt, monkeypatch):
 
     model = copy.deepcopy(block)
     convs = [m for m in model.modules() if isinstance(m, PointwiseConv)]
+    own = [m.weight for m in convs]
 
     def fails(*args, **kwargs):
-        assert all(m.low_weight is not None and m.low_weight.dtype == torch.bfloat16 for m in convs)
+        assert all(type(m.weight) is torch.Tensor and m.weight.dtype == torch.bfloat16 for m in convs)
         raise RuntimeError('inside the block')
     monkeypatch.setattr(model.mlp, 'forward', fails)
-    monkeypatch.setattr(mscan, 'weights_cast_once', cast_once)
+    monkeypatch.setattr(mscan, 'cast_once', cast_once)
     with pytest.raises(RuntimeError, match='inside the block'), torch.autocast(DEVICE, dtype=torch.bfloat16):
         model(x)
-    assert all(m.low_weight is None for m in convs)
+    assert all(m.weight is p for m, p in zip(convs, own)) and dict(model.named_parameters()).keys() == \
+        dict(block.named_parameters()).keys()
 
 
 def test_folded_block_with_kernels_is_the_same_function():
@@ -2247,6 +2247,47 @@ def test_whole_model_training_with_kernels_under_autocast(tiny_mscan, monkeypatc
     factor = 1.5 if DEVICE == 'cuda' else 3.0
     assert abs(loss - ref_loss) <= factor * abs(amp_loss - ref_loss) + 1e-3 * abs(ref_loss)
     assert rel(grads, ref_grads) <= factor * rel(amp_grads, ref_grads) + 1e-3
+
+
+@pytest.mark.slow
+def test_whole_model_casts_its_convs_parameters_once_per_group(tiny_mscan, monkeypatch):
+    """One training step of the fast path with the kernels under bf16 autocast, with the convs' parameters
+    cast by ``cast_once`` (each block's 1x1 weights; each patch embedding, stage's modulation and fusion
+    conv, the two projectors and the decoder, weights and biases) and with autocast casting each: the
+    same loss, gradients and running statistics bit for bit, one multi-tensor copy per group each way in
+    place of a cast per parameter each way."""
+    from smmcl.engine.precision import for_training
+    from smmcl.models import encoder, ham_head, mscan
+    cfg, model, (rgb, x, label) = _tiny_training_model(tiny_mscan)
+    cfg.update(fast_path=True, triton_kernels=True, channels_last=False)
+    net = for_training(copy.deepcopy(model), cfg)
+    results = []
+    for once in (True, False):
+        if not once:
+            monkeypatch.setattr(mscan, 'cast_once', lambda x, parameters: contextlib.nullcontext())
+            for module in (encoder, ham_head):
+                monkeypatch.setattr(module, 'convs_cast_once', lambda *a: contextlib.nullcontext())
+        m, ops = copy.deepcopy(net), OpCalls()
+        torch.manual_seed(3)
+        with ops:
+            with torch.autocast(DEVICE, dtype=torch.bfloat16):
+                loss = m(rgb, x, label, return_terms=True)['loss']
+            loss.backward()
+        names = ops.names()
+        multi = [len(args[0]) for name, args in ops.calls if name == '_foreach_copy_']
+        results.append((loss.detach(), [p.grad for p in m.parameters()], list(m.buffers()),
+                        names.count('_to_copy'), multi))
+    (loss, grads, buffers, copies, multi), (ref_loss, ref_grads, ref_buffers, ref_copies, ref_multi) = results
+    # 8 blocks' five 1x1 weights; 8 patch embeddings (the stems' two convs); 4 modulations' six convs and
+    # 3 fusion convs; the projectors' six convs; the decoder's five convs (two without bias); each way
+    groups = [5] * 8 + [4, 4] + [2] * 6 + [12, 14, 14, 14] + [12] + [8]
+    assert sorted(multi) == sorted(2 * groups) and not ref_multi
+    assert ref_copies - copies == 2 * sum(groups)
+    assert torch.equal(loss, ref_loss)
+    for (name, _), g, r in zip(net.named_parameters(), grads, ref_grads):
+        assert (g is None) == (r is None) and (g is None or (g.dtype == r.dtype and torch.equal(g, r))), name
+    for b, r in zip(buffers, ref_buffers):
+        assert torch.equal(b, r)
 
 
 def test_tile_sweep_candidates():

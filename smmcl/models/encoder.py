@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .fusion import CrossModalModulation, FusionConv, Projector
-from .mscan import build_stage, drop_path_schedule, mscan_spec, run_blocks
+from .mscan import build_stage, convs_cast_once, drop_path_schedule, mscan_spec, run_blocks
 
 
 class DualMSCAN(nn.Module):
@@ -21,6 +21,8 @@ class DualMSCAN(nn.Module):
         embed_dim: output channels of the two projectors.
         fused_stages: 1-based stages whose fused map is returned (the decoder reads 2-4).
     """
+
+    fused_kernels = False  # set by use_fused_kernels: under autocast the convs outside the blocks cast once
 
     def __init__(self, backbone: str = 'mscan_b', norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
                  in_channels: int = 3, drop_path_rate: Optional[float] = None, embed_dim: int = 256,
@@ -59,7 +61,9 @@ class DualMSCAN(nn.Module):
         return h, w
 
     def _branch_stage(self, x: torch.Tensor, stage: int, suffix: str) -> torch.Tensor:
-        x = getattr(self, f'patch_embed{suffix}{stage}')(x)
+        embed = getattr(self, f'patch_embed{suffix}{stage}')
+        with convs_cast_once(self, x, embed):
+            x = embed(x)
         x = run_blocks(getattr(self, f'block{suffix}{stage}'), x)
         return getattr(self, f'norm{suffix}{stage}')(x)
 
@@ -77,14 +81,18 @@ class DualMSCAN(nn.Module):
             rgb = self._branch_stage(rgb, stage, '')
             modal_x = self._branch_stage(modal_x, stage, '_other')
             if stage == 4 and with_embeddings:
-                color_emb = self.projector_color(rgb)
-                other_emb = self.projector_other(modal_x)
-            # the modulated maps feed convs only: the next stage's patch embedding (none after stage 4) and
-            # the stage's fusion conv
-            rgb, modal_x, both = getattr(self, f'module{stage}').modulate(
-                rgb, modal_x, streams=stage < 4, fusion=stage in self.fused_stages, for_convs=True)
-            if both is not None:
-                fused.append(getattr(self, f'fconv{stage}').from_concat(both))
+                with convs_cast_once(self, rgb, self.projector_color, self.projector_other):
+                    color_emb = self.projector_color(rgb)
+                    other_emb = self.projector_other(modal_x)
+            modulation, fusion = getattr(self, f'module{stage}'), stage in self.fused_stages
+            # per stage, so that distributed training reduces a stage's gradients while those below it run
+            with convs_cast_once(self, rgb, modulation, *([getattr(self, f'fconv{stage}')] if fusion else [])):
+                # the modulated maps feed convs only: the next stage's patch embedding (none after stage 4)
+                # and the stage's fusion conv
+                rgb, modal_x, both = modulation.modulate(rgb, modal_x, streams=stage < 4, fusion=fusion,
+                                                         for_convs=True)
+                if both is not None:
+                    fused.append(getattr(self, f'fconv{stage}').from_concat(both))
         return fused, color_emb, other_emb
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
+from .mscan import convs_cast_once
 
 
 def init_like_conv_module(conv: nn.Conv2d, norm: Optional[nn.Module] = None) -> None:
@@ -309,6 +310,8 @@ class LightHamHead(nn.Module):
         channels: ``decoder_embed_dim`` (``ham_channels`` = ``channels`` = 512 in SegNeXt-B).
     """
 
+    fused_kernels = False  # set by use_fused_kernels: under autocast its convs' parameters cast once
+
     def __init__(self, in_channels: Sequence[int], num_classes: int, channels: int = 512,
                  ham_channels: int = 512, dropout: float = 0.1):
         super().__init__()
@@ -323,6 +326,10 @@ class LightHamHead(nn.Module):
 
     def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         """inputs: N-C_i-H_i-W_i maps, the first the largest -> N-K-H_0-W_0 logits."""
+        with convs_cast_once(self, inputs[0], self):
+            return self._logits(inputs)
+
+    def _logits(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         size = inputs[0].shape[2:]
         x = torch.cat([inputs[0]] + [F.interpolate(t, size=size, mode='bilinear', align_corners=False)
                                      for t in inputs[1:]], dim=1)

@@ -9,14 +9,14 @@ function with extra reshapes.
 the Triton kernels of :mod:`smmcl.kernels` (the fast path's ``triton_kernels``; fc1's bias added in the MLP's
 depthwise conv), and the blocks' other 1x1 convs' bias add and bias gradient to one Triton pass each
 (:class:`PointwiseConv`; proj_1's GELU and conv3's product with the gate in the same passes), and the fast
-path's residual tails to one pass forward and backward (:func:`residual_add`); in training under autocast
-each block's 1x1 weights are cast in one launch each way (:func:`weights_cast_once`). The parameters and
-the state dict stay the same.
+path's residual tails to one pass forward and backward (:func:`residual_add`); under autocast each block's
+1x1 weights are cast in one launch each way (:func:`cast_once`; the encoder's and the decoder's other convs
+too, per stage and module). The parameters and the state dict stay the same.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Optional, Sequence, Tuple
+from typing import Callable, ContextManager, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -102,26 +102,51 @@ class CastOnce(torch.autograd.Function):
         return (None,) + tuple(None if g is None else next(widened) for g in grads)
 
 
+def pointwise_weights(module: nn.Module) -> List[Tuple[nn.Module, str]]:
+    """(conv, 'weight') of every :class:`PointwiseConv` in ``module``, for :func:`cast_once`: on the kernels'
+    path their biases are read in float32 by the bias passes, so only the weights are cast."""
+    return [(conv, 'weight') for conv in module.modules() if isinstance(conv, PointwiseConv)]
+
+
 @contextlib.contextmanager
-def weights_cast_once(module: nn.Module, x: torch.Tensor) -> Iterator[None]:
-    """Within it, every :class:`PointwiseConv` of ``module`` whose weight autocast would cast for x (x on
-    a device where autocast is on, the weight not in its dtype) reads the weight from one :class:`CastOnce`
-    of them all (``PointwiseConv.low_weight``): a launch for the module each way instead of one per conv.
-    The biases stay as they are: the kernels' bias passes read them in float32."""
+def cast_once(x: torch.Tensor, parameters: Sequence[Tuple[nn.Module, str]]) -> Iterator[None]:
+    """Within it, each of ``parameters`` ((module, name) pairs) that autocast would cast for x (x on a
+    device where autocast is on; the parameter floating point, not float64 and not in autocast's dtype)
+    reads as its copy in autocast's dtype, all made by one :class:`CastOnce`: a launch each way, where
+    autocast casts each parameter in a launch of its own and its gradient in another. For parameters that
+    within it only autocast's lower-precision ops read (convs), so that autocast would cast them itself:
+    the same values. The copies stand in the modules' ``_parameters`` as ``torch.func.functional_call``
+    swaps them in (``torch.nn.utils._named_member_accessor.swap_tensor``); the parameters are back on
+    exit, also after an exception. Not while ``torch.compile`` traces: its generated code fuses the casts."""
     device = x.device.type
-    dtype = torch.get_autocast_dtype(device)
-    convs = ([m for m in module.modules() if isinstance(m, PointwiseConv) and m.weight.dtype != dtype]
-             if torch.is_autocast_enabled(device) else [])
-    if not convs:
+    low_dtype = torch.get_autocast_dtype(device)
+    chosen = [] if not torch.is_autocast_enabled(device) or torch.compiler.is_compiling() else [
+        (module, name) for module, name in parameters
+        if module._parameters[name].is_floating_point()
+        and module._parameters[name].dtype not in (low_dtype, torch.float64)]
+    if not chosen:
         yield
         return
-    for conv, low in zip(convs, CastOnce.apply(dtype, *(conv.weight for conv in convs))):
-        conv.low_weight = low
+    originals = [module._parameters[name] for module, name in chosen]
+    for (module, name), low in zip(chosen, CastOnce.apply(low_dtype, *originals)):
+        module._parameters[name] = low
     try:
         yield
     finally:
-        for conv in convs:
-            conv.low_weight = None
+        for (module, name), parameter in zip(chosen, originals):
+            module._parameters[name] = parameter
+
+
+def convs_cast_once(owner: nn.Module, x: torch.Tensor, *modules: nn.Module) -> ContextManager[None]:
+    """In training on ``owner``'s kernels' path (:func:`per_channel_passes`), :func:`cast_once` of the weight
+    and bias of every ``nn.Conv2d`` in ``modules`` (convs autocast runs: the patch embeddings, the
+    modulations and fusion convs, the projectors, the decoder), else a context that does nothing. Not
+    without autograd: inference (``precision.for_inference``) stores these in autocast's dtype already."""
+    if not (torch.is_grad_enabled() and per_channel_passes(owner, x)):
+        return contextlib.nullcontext()
+    return cast_once(x, [(conv, name) for module in modules for conv in module.modules()
+                         if isinstance(conv, nn.Conv2d)
+                         for name in ('weight', 'bias') if conv._parameters.get(name) is not None])
 
 
 class StemConv(nn.Module):
@@ -161,7 +186,6 @@ class PointwiseConv(nn.Conv2d):
     another order."""
 
     fused_kernels = False  # set per module by use_fused_kernels
-    low_weight: Optional[torch.Tensor] = None  # the weight already in autocast's dtype, in weights_cast_once
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(in_channels, out_channels, 1)
@@ -180,7 +204,7 @@ class PointwiseConv(nn.Conv2d):
     def forward_without_bias(self, x: torch.Tensor) -> torch.Tensor:
         """The conv without its bias, N-Cin-H-W -> N-Cout-H-W, for an op that adds the bias in a pass of its
         own (``smmcl::residual_pair``, ``smmcl::dwconv2d_gelu``'s ``in_bias``)."""
-        return F.conv2d(x, self.weight if self.low_weight is None else self.low_weight)
+        return F.conv2d(x, self.weight)
 
     def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
         """The exact GELU of :meth:`forward`: with the kernels on, in the bias add's pass
@@ -389,8 +413,8 @@ class Block(nn.Module):
         tail sums norm2's statistics in its pass; the MLP's, with ``next_norm`` (the BatchNorm that reads
         this block's output next, where :func:`fused_norm` holds), those of the output, returned as
         ``partials`` for that norm (else None); norm1 takes ``partials`` (x's, or None: it sums them
-        itself). Under autocast the 1x1 convs' weights are cast in one pass (:func:`weights_cast_once`)."""
-        with weights_cast_once(self, x):  # the five 1x1 convs' weights in one launch each way
+        itself). Under autocast the 1x1 convs' weights are cast in one pass (:func:`cast_once`)."""
+        with cast_once(x, pointwise_weights(self)):  # the five 1x1 convs' weights in one launch each way
             ops = torch.ops.smmcl
             xn, low, x = normed_pair(self.norm1, x, partials=partials)
             y = self.attn.branch(low, add_bias=False)
