@@ -2304,6 +2304,47 @@ def test_whole_model_casts_its_convs_parameters_once_per_group(tiny_mscan, monke
     assert '_foreach_copy_' not in ops.names()  # inference stores these in bf16 (cast_dense_layers)
 
 
+def test_training_graphs_with_the_group_casts_compute_the_eager_run(tiny_mscan):
+    """The recorded training step (``graph_module`` through the stand-in recorder) with the convs' group
+    casts under bf16 autocast: two AdamW steps give the eager run's losses and parameters, so the
+    gradients reach the parameters through the recorded backward and the casts' widening, and the
+    parameters are the modules' own again after each step. (Setup as in the group cast test above.)"""
+    from smmcl.engine.graphs import EagerRecorder, use_training_graphs
+    from smmcl.engine.precision import for_training
+    from smmcl.models import build_segmentor
+    cfg, _, (rgb, x, label) = _tiny_training_model(tiny_mscan)
+    # few anchor slots: the recorded losses compute InfoNCE over all max_features_total of them
+    cfg.update(fast_path=True, triton_kernels=False, channels_last=False, max_features_total=240)
+    torch.manual_seed(0)
+    model = build_segmentor(cfg, with_loss=True).to(DEVICE).train()
+    runs = []
+    for graphed in (False, True):
+        net = for_training(copy.deepcopy(model), cfg)
+        net.backbone.fused_kernels = net.decode_head.fused_kernels = True
+        if graphed:
+            use_training_graphs(net, True, recorder=EagerRecorder)
+        own = list(net.parameters())
+        optimizer = torch.optim.AdamW(own, lr=1e-3)
+        losses, ops = [], OpCalls()
+        for step in range(2):
+            torch.manual_seed(100 + step)
+            # the second step's operators only (a record keeps every argument alive): a replay of the graphs
+            with ops if step else contextlib.nullcontext(), torch.autocast(DEVICE, dtype=torch.bfloat16):
+                loss = net(rgb, x, label)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach().clone())  # a replay's output is its static tensor, written again
+            assert all(isinstance(p, nn.Parameter) for p in net.parameters())
+            assert all(a is b for a, b in zip(net.parameters(), own))
+        assert '_foreach_copy_' in ops.names()
+        runs.append((torch.stack(losses), [p.detach().clone() for p in own]))
+    (want, want_params), (got, got_params) = runs
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
+    for a, b in zip(got_params, want_params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
 def test_tile_sweep_candidates():
     """SMMCL_TRITON_SWEEP's candidates: each listed tile and its neighbours (a pixel size or the warps
     doubled or halved, BLOCK_C kept, at most 4096 elements), once each."""
