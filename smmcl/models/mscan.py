@@ -351,7 +351,9 @@ def use_fused_kernels(model: nn.Module, enabled: bool = True) -> nn.Module:
     (:class:`PointwiseConv`) to the Triton bias add and gradient, the blocks' residual tails to
     :func:`residual_add`'s op, the cross-modal modulations to ``smmcl::modulation_inputs``,
     ``smmcl::modulation`` and ``smmcl::pooled_input_grad`` and the decoder's NMF products to
-    ``smmcl::bmm_tf32x3``, or back (in place): every module with a ``fused_kernels`` attribute.
+    ``smmcl::bmm_tf32x3``, and in training under autocast the encoder's and the decoder's other convs to
+    one cast per group (:func:`convs_cast_once`), or back (in place): every module with a
+    ``fused_kernels`` attribute.
 
     The kernels take over on CUDA tensors (and on the CPU under ``TRITON_INTERPRET=1``); elsewhere the
     modules keep their ``nn.Conv2d`` path. Stops with one message when Triton is missing.
@@ -365,7 +367,7 @@ def use_fused_kernels(model: nn.Module, enabled: bool = True) -> nn.Module:
                                                        and activation.approximate == 'none'):
             raise ValueError(f'the fused kernels compute the exact GELU, this {type(module).__name__} has '
                              f'{activation}: leave triton_kernels off')
-        if hasattr(module, 'fused_kernels'):  # attentions, MLPs, 1x1 convs, block tails, modulations, NMFs
+        if hasattr(module, 'fused_kernels'):  # attentions, MLPs, 1x1 convs, tails, modulations, NMFs, casts
             module.fused_kernels = enabled
     return model
 
