@@ -85,14 +85,15 @@ class DualMSCAN(nn.Module):
                     color_emb = self.projector_color(rgb)
                     other_emb = self.projector_other(modal_x)
             modulation, fusion = getattr(self, f'module{stage}'), stage in self.fused_stages
+            fconv = getattr(self, f'fconv{stage}')
             # per stage, so that distributed training reduces a stage's gradients while those below it run
-            with convs_cast_once(self, rgb, modulation, *([getattr(self, f'fconv{stage}')] if fusion else [])):
+            with convs_cast_once(self, rgb, modulation, *([fconv] if fusion else [])):
                 # the modulated maps feed convs only: the next stage's patch embedding (none after stage 4)
                 # and the stage's fusion conv
                 rgb, modal_x, both = modulation.modulate(rgb, modal_x, streams=stage < 4, fusion=fusion,
                                                          for_convs=True)
                 if both is not None:
-                    fused.append(getattr(self, f'fconv{stage}').from_concat(both))
+                    fused.append(fconv.from_concat(both))
         return fused, color_emb, other_emb
 
 

@@ -16,7 +16,7 @@ too, per stage and module). The parameters and the state dict stay the same.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, ContextManager, Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -102,12 +102,6 @@ class CastOnce(torch.autograd.Function):
         return (None,) + tuple(None if g is None else next(widened) for g in grads)
 
 
-def pointwise_weights(module: nn.Module) -> List[Tuple[nn.Module, str]]:
-    """(conv, 'weight') of every :class:`PointwiseConv` in ``module``, for :func:`cast_once`: on the kernels'
-    path their biases are read in float32 by the bias passes, so only the weights are cast."""
-    return [(conv, 'weight') for conv in module.modules() if isinstance(conv, PointwiseConv)]
-
-
 @contextlib.contextmanager
 def cast_once(x: torch.Tensor, parameters: Sequence[Tuple[nn.Module, str]]) -> Iterator[None]:
     """Within it, each of ``parameters`` ((module, name) pairs) that autocast would cast for x (x on a
@@ -120,20 +114,19 @@ def cast_once(x: torch.Tensor, parameters: Sequence[Tuple[nn.Module, str]]) -> I
     exit, also after an exception. Not while ``torch.compile`` traces: its generated code fuses the casts."""
     device = x.device.type
     low_dtype = torch.get_autocast_dtype(device)
-    chosen = [] if not torch.is_autocast_enabled(device) or torch.compiler.is_compiling() else [
-        (module, name) for module, name in parameters
-        if module._parameters[name].is_floating_point()
-        and module._parameters[name].dtype not in (low_dtype, torch.float64)]
+    on = torch.is_autocast_enabled(device) and not torch.compiler.is_compiling()
+    present = [(module, name, module._parameters[name]) for module, name in parameters] if on else []
+    chosen = [(module, name, p) for module, name, p in present
+              if p.is_floating_point() and p.dtype not in (low_dtype, torch.float64)]
     if not chosen:
         yield
         return
-    originals = [module._parameters[name] for module, name in chosen]
-    for (module, name), low in zip(chosen, CastOnce.apply(low_dtype, *originals)):
+    for (module, name, _), low in zip(chosen, CastOnce.apply(low_dtype, *(p for _, _, p in chosen))):
         module._parameters[name] = low
     try:
         yield
     finally:
-        for (module, name), parameter in zip(chosen, originals):
+        for module, name, parameter in chosen:
             module._parameters[name] = parameter
 
 
@@ -415,8 +408,10 @@ class Block(nn.Module):
         tail sums norm2's statistics in its pass; the MLP's, with ``next_norm`` (the BatchNorm that reads
         this block's output next, where :func:`fused_norm` holds), those of the output, returned as
         ``partials`` for that norm (else None); norm1 takes ``partials`` (x's, or None: it sums them
-        itself). Under autocast the 1x1 convs' weights are cast in one pass (:func:`cast_once`)."""
-        with cast_once(x, pointwise_weights(self)):  # the five 1x1 convs' weights in one launch each way
+        itself). Under autocast the 1x1 convs' weights are cast in one pass (:func:`cast_once`); their biases
+        stay float32, as the kernels' bias passes read them."""
+        pointwise = [(conv, 'weight') for conv in self.modules() if isinstance(conv, PointwiseConv)]
+        with cast_once(x, pointwise):  # the five 1x1 convs' weights in one launch each way
             ops = torch.ops.smmcl
             xn, low, x = normed_pair(self.norm1, x, partials=partials)
             y = self.attn.branch(low, add_bias=False)
