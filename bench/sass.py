@@ -177,8 +177,9 @@ def _matmul_cases(channels: int = 512, pixels: int = 60 * 80, rank: int = 64, ba
 
 
 def _jit(kernel):
-    """The JITFunction under the autotuner, and the autotuner's candidate configs."""
-    return kernel.fn, list(kernel.configs)
+    """The JITFunction under the autotuner (or ``kernel`` itself, launched with fixed sizes), and the
+    autotuner's candidate configs."""
+    return (kernel.fn, list(kernel.configs)) if isinstance(kernel, triton.runtime.Autotuner) else (kernel, [])
 
 
 def _weight_arg(name: str) -> bool:
@@ -363,7 +364,36 @@ def main(argv=None):
             results.append(row)
             print(f"{name:<20} {row['config']:<22} {config.num_stages:>6} {row['regs']:>4} {row['spill']:>5} "
                   f"{row['mma']:>5} {row['ffma']:>5}")
+    nmf = [case for case in _nmf_update_cases() if not only or case[0] in only]
+    if nmf:
+        print('\nNMF updates (float32): per element written; IEEE divisions a thread')
+        print(f"{'case':<20} {'config':<22} {'regs':>4} {'spill':>5} {'instr':>7} {'loads':>6} {'ieee':>4}")
+    for name, kernel, meta, ints, outputs in nmf:
+        config = triton.Config(dict(BLOCK_ROWS=matmul.UPDATE_ROWS, BLOCK_COLS=64), num_warps=matmul.UPDATE_WARPS)
+        stats = sass_stats(compile_config(kernel, meta, config, ints, args.arch, dtype='fp32'))
+        lanes = 32 * config.num_warps / (matmul.UPDATE_ROWS * 64 * outputs)
+        # FCHK: an IEEE division's check of its operands for the fast path, one per division a thread (an
+        # approximate division has none)
+        row = dict(case=name, config=_describe(config), regs=stats['regs'], spill=stats['local'],
+                   instructions=sum(stats['ops'].values()) * lanes, loads=stats['ops']['LDG'] * lanes,
+                   ieee_divisions=stats['ops']['FCHK'])
+        results.append(row)
+        print(f"{name:<20} {row['config']:<22} {row['regs']:>4} {row['spill']:>5} {row['instructions']:7.1f} "
+              f"{row['loads']:6.2f} {row['ieee_divisions']:>4}")
     return results
+
+
+def _nmf_update_cases(rows: int = 8 * 60 * 80, rank: int = 64):
+    """(name, kernel, constexprs, integer and float arguments, outputs per element) of the NMF update's
+    element-wise passes at MSCAN-B's coefficients (8 images at stride 8 of 480x640, rank 64): the forward
+    keeping its denominator (training), the backward writing into a slot of the 14 factors stacked side by
+    side (6 steps: 2T+2 uses of x)."""
+    slot_stride = (2 * 6 + 2) * rank
+    update = dict(rows=rows, cols=rank, s_factor=rank, s_numerator=rank, s_product=rank, eps=1e-6)
+    grad = dict(rows=rows, cols=rank, s_grad=rank, s_denominator=rank, s_factor=rank, s_updated=rank,
+                s_numerator=rank, s_grad_numerator=slot_stride)
+    return [('nmf_update', matmul.nmf_update_kernel, dict(STORE_DENOMINATOR=True), update, 2),
+            ('nmf_update_grad', matmul.nmf_update_grad_kernel, {}, grad, 3)]
 
 
 def _describe(config) -> str:

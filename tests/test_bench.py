@@ -280,6 +280,21 @@ def test_nmf_products_compile_to_tensor_core_instructions_without_spills():
         assert int(spill) == 0 and int(ffma) == 0 and int(mma) >= 3 * block_k // 8, (case, config, mma)
 
 
+@needs_ptxas
+def test_nmf_update_passes_divide_as_ieee_and_load_wide_without_spills():
+    """The NMF update's element-wise passes for sm_90 (bench/sass.py): each of a thread's 16 divisions
+    IEEE-rounded (an FCHK each: ATen's bits, where Triton's ``/`` is approximate), the float32 loads
+    128 bits wide (3 or 5 inputs over 2 or 3 outputs: 4 elements a load), no spills."""
+    rows = {f[0]: f for f in sass('--only', 'nmf_update,nmf_update_grad') if f[:1] and f[0].startswith('nmf_')}
+    assert set(rows) == {'nmf_update', 'nmf_update_grad'}, rows
+    for name, inputs, outputs in (('nmf_update', 3, 2), ('nmf_update_grad', 5, 3)):
+        _, config, warps, regs, spill, instructions, loads, ieee = rows[name]
+        block_rows, block_cols = map(int, config.split('x'))
+        per_thread = block_rows * block_cols // (32 * int(warps[1:]))
+        assert per_thread == 16 and int(spill) == 0 and int(ieee) == per_thread, rows[name]
+        assert float(loads) == pytest.approx(inputs / outputs / 4, abs=0.01) and float(instructions) < 20, rows[name]
+
+
 def test_nmf_table_times_each_formulation_of_the_large_products(capsys):
     """gpu_check's NMF table (no Triton needed): the whole forward and each large product as written and
     transposed; the transposed formulations compute the same products. Where the kernels run (under the

@@ -630,6 +630,38 @@ def test_torch_compile_traces_a_block_with_kernels_in_one_graph():
     assert not any('add_channel_bias' in t or 'scaled_residual' in t for t in traced)
 
 
+def test_torch_compile_leaves_the_nmf_updates_to_the_compiler():
+    """The fast path's Hamburger with the kernels, traced whole (its backward by hand included): the products
+    stay smmcl::bmm_tf32x3, the updates' element-wise steps are ATen's (the compiler fuses them itself), the
+    same output and gradient as eager, where the fused ops run."""
+    from smmcl.models.ham_head import Hamburger
+    from smmcl.models.mscan import use_fused_tails
+    from conftest import OpCalls
+    torch.manual_seed(0)
+    model = use_fused_kernels(use_fused_tails(Hamburger(channels=32, rank=8).to(DEVICE).train()))
+    model.ham.fixed_bases = model.ham.draw_bases(2, 32, DEVICE, torch.Generator(DEVICE).manual_seed(3))
+    x = _tensor(2, 32, 5, 7)
+    traced = []
+
+    def backend(gm, example_inputs):  # the NMF's forward and backward are subgraphs of its autograd.Function
+        traced.extend(str(node.target) for graph in gm.modules() if isinstance(graph, torch.fx.GraphModule)
+                      for node in graph.graph.nodes if node.op == 'call_function')
+        return gm.forward
+
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    results = []
+    for module in (model, compiled):
+        out = module(x)
+        results.append((out, torch.autograd.grad(out, x, torch.ones_like(out))[0]))
+    with OpCalls() as calls:  # (dynamo does not trace under a dispatch mode: the eager run only)
+        out = model(x)
+        torch.autograd.grad(out, x, torch.ones_like(out))
+    assert calls.names().count('nmf_update') == calls.names().count('nmf_update_grad') == 13
+    assert any('bmm_tf32x3' in t for t in traced) and not any('nmf_update' in t for t in traced)
+    (want, want_grad), (got, got_grad) = results
+    assert rel(got, want) <= 1e-6 and rel(got_grad, want_grad) <= 1e-5
+
+
 # ---- the modules: kernels on and off compute the same function --------------------------------------
 
 def _tiny_block():
@@ -1972,6 +2004,98 @@ def test_bmm_tf32x3_edges_and_refusals():
     with pytest.raises(ValueError, match='float32 B-M-K and B-K-N'):
         triton_matmul.bmm(_tensor(2, 3, 4).detach(), _tensor(2, 5, 5).detach())
     torch.library.opcheck(ops().bmm_tf32x3, (_tensor(2, 4, 3).transpose(1, 2), _tensor(2, 4, 5, seed=1)))
+
+
+NMF_UPDATE_CASES = [  # batch, rows, R, inputs given as transposed views (copied by the wrapper)
+    (2, 37, 16, False),  # rows not a multiple of a program's
+    (3, 5, 10, True),    # R not a power of two, strided inputs
+    (1, 1, 64, False),   # one row, SegNeXt's R
+]
+
+
+def _positive(*shape, seed):
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE) + 0.1
+
+
+@pytest.mark.parametrize('batch, m, r, transposed', NMF_UPDATE_CASES)
+def test_nmf_update_is_atens_chain_to_the_bit(batch, m, r, transposed):
+    """smmcl::nmf_update against the three ATen operators it replaces (``product + eps``, then ``factor *
+    numerator / denominator``): the same bits, IEEE-rounded division included; without the denominator kept,
+    an empty one."""
+    factor, numerator, product = (_positive(batch, r, m, seed=s).transpose(1, 2) if transposed
+                                  else _positive(batch, m, r, seed=s) for s in (1, 2, 3))
+    eps = 1e-6
+    want_denominator = product + eps
+    want = factor * numerator / want_denominator
+    updated, denominator = ops().nmf_update(factor, numerator, product, eps)
+    assert updated.is_contiguous() and denominator.is_contiguous()
+    assert torch.equal(updated, want) and torch.equal(denominator, want_denominator)
+    updated, denominator = ops().nmf_update(factor, numerator, product, eps, False)
+    assert torch.equal(updated, want) and denominator.numel() == 0
+
+
+@pytest.mark.parametrize('batch, m, r, transposed', NMF_UPDATE_CASES)
+def test_nmf_update_grad_writes_atens_products_into_the_slot(batch, m, r, transposed):
+    """smmcl::nmf_update_grad against ATen's division and three products: ``ratio * factor`` written into a
+    rank-wide slot of a wider tensor (as NMFSteps' stacked factors), the rest of it untouched, and ``ratio *
+    updated``, ``ratio * numerator`` returned; the same bits."""
+    inputs = [_positive(batch, r, m, seed=s).transpose(1, 2) if transposed else _positive(batch, m, r, seed=s)
+              for s in (4, 5, 6, 7, 8)]
+    grad, denominator, factor, updated, numerator = inputs
+    grad = grad - 0.6  # gradients of either sign
+    stacked = torch.full((batch, m, 3 * r), 7.0, device=DEVICE)
+    slot = stacked[..., r:2 * r]
+    ratio = grad / denominator
+    scaled_updated, scaled_numerator = ops().nmf_update_grad(grad, denominator, factor, updated, numerator, slot)
+    assert torch.equal(slot, ratio * factor)
+    assert torch.equal(stacked[..., :r], torch.full_like(slot, 7.0))
+    assert torch.equal(stacked[..., 2 * r:], torch.full_like(slot, 7.0))
+    assert torch.equal(scaled_updated, ratio * updated) and torch.equal(scaled_numerator, ratio * numerator)
+
+
+def test_nmf_update_refusals_and_opcheck():
+    a, b = _positive(2, 5, 4, seed=1), _positive(2, 5, 4, seed=2)
+    with pytest.raises(ValueError, match='float32 B-M-R tensors of one shape'):
+        ops().nmf_update(a, b, _positive(2, 5, 3, seed=3), 1e-6)
+    with pytest.raises(ValueError, match='float32 B-M-R tensors of one shape'):
+        ops().nmf_update(a, b.double(), b, 1e-6)
+    with pytest.raises(ValueError, match='written by rows'):
+        ops().nmf_update_grad(a, b, a, b, a, torch.empty(2, 4, 5, device=DEVICE).transpose(1, 2))
+    torch.library.opcheck(ops().nmf_update, (a, b, _positive(2, 5, 4, seed=3), 1e-6, True))
+    torch.library.opcheck(ops().nmf_update_grad, (a, b, a, b, a, torch.empty(2, 5, 4, device=DEVICE)))
+
+
+def test_nmf_backward_by_hand_with_the_fused_updates_is_atens():
+    """NMFSteps with the updates' element-wise steps fused (smmcl::nmf_update and _grad, the products torch.bmm)
+    against it without: the same output and gradient bits, one fused op per update each way (2T+1 = 13)
+    and no division left in either pass; and inference's decomposition."""
+    from smmcl.models.ham_head import NMF2D, NMFSteps, decompose
+    from conftest import OpCalls
+    ops()  # registers the smmcl ops
+    bases = NMF2D(rank=8).draw_bases(2, 32, DEVICE, generator=torch.Generator(DEVICE).manual_seed(1))
+    x = torch.relu(_tensor(2, 32, 35)).detach().requires_grad_()
+    grad = _tensor(2, 32, 35, seed=2).detach()
+    results = []
+    for fused in (False, True):
+        with OpCalls() as calls:
+            out = NMFSteps.apply(x, bases, 6, 1e-6, 1, torch.bmm, fused)
+            results.append((out, torch.autograd.grad(out, x, grad)[0]))
+        names = calls.names()
+        if fused:
+            assert names.count('nmf_update') == names.count('nmf_update_grad') == 13 and 'div' not in names
+        else:
+            assert names.count('div') == 26 and 'nmf_update' not in names
+    (want, want_grad), (got, got_grad) = results
+    assert torch.equal(got, want) and torch.equal(got_grad, want_grad)
+    # inference (7 steps, untracked): the fused updates and the start's product taken again as the first
+    # numerator give the bits of the tracked decomposition, which computes it twice
+    with OpCalls() as calls, torch.no_grad():
+        inference = decompose(x, bases, 7, 1e-6, fused=True)
+    with OpCalls() as tracked_calls:
+        tracked = decompose(x, bases, 7, 1e-6)
+    assert torch.equal(inference, tracked)
+    # the start's product, three in each of the 15 updates, the reconstruction's
+    assert calls.names().count('bmm') + 1 == tracked_calls.names().count('bmm') == 1 + 15 * 3 + 1
 
 
 @pytest.mark.parametrize('training', [False, True])

@@ -20,6 +20,8 @@ and operators they replace:
 - ``smmcl::bmm_tf32x3``: the decoder's NMF's float32 batched products at float32's accuracy on the tensor
   cores (three TF32 products, :mod:`smmcl.kernels.triton_matmul`; ``SMMCL_TRITON_BMM``: ``triton``,
   ``torch`` = ``torch.bmm``, or ``auto``, the default: the faster per shape, timed once on the GPU);
+  ``smmcl::nmf_update`` and ``smmcl::nmf_update_grad``: the element-wise steps of each of its
+  multiplicative updates and of their backward by hand, one pass each where ATen takes three launches;
 - ``smmcl::scaled_residual``: a block tail ``x + y * f`` (layer scale, drop path), one pass forward and
   one Triton pass backward where autocast's ``addcmul`` takes six, with the bias of the conv that made y
   (fc2's) in the same passes; ``smmcl::shortcut_residual`` the same with the branch's own shortcut too

@@ -588,6 +588,33 @@ def _bmm_tf32x3_grad(ctx, grad):
 bmm_tf32x3.register_autograd(_bmm_tf32x3_grad, setup_context=_save_inputs)
 
 
+@torch.library.custom_op('smmcl::nmf_update', mutates_args=())
+def nmf_update(factor: Tensor, numerator: Tensor, product: Tensor, eps: float,
+               keep_denominator: bool = True) -> Tuple[Tensor, Tensor]:
+    """A multiplicative update's element-wise steps, ``(factor * numerator / (product + eps), product + eps)``,
+    in one pass (:func:`triton_matmul.nmf_update`; the second empty without ``keep_denominator``). No
+    backward: the NMF's backward by hand (``NMFSteps``) takes :func:`nmf_update_grad`'s."""
+    return MM.nmf_update(factor, numerator, product, eps, keep_denominator)
+
+
+@nmf_update.register_fake
+def _(factor, numerator, product, eps, keep_denominator=True):
+    return factor.new_empty(factor.shape), factor.new_empty(factor.shape if keep_denominator else (0,))
+
+
+@torch.library.custom_op('smmcl::nmf_update_grad', mutates_args=('grad_numerator',))
+def nmf_update_grad(grad: Tensor, denominator: Tensor, factor: Tensor, updated: Tensor, numerator: Tensor,
+                    grad_numerator: Tensor) -> Tuple[Tensor, Tensor]:
+    """With ``ratio = grad / denominator``: ``ratio * factor`` written into ``grad_numerator``, and ``(ratio *
+    updated, ratio * numerator)``, in one pass (:func:`triton_matmul.nmf_update_grad`)."""
+    return MM.nmf_update_grad(grad, denominator, factor, updated, numerator, grad_numerator)
+
+
+@nmf_update_grad.register_fake
+def _(grad, denominator, factor, updated, numerator, grad_numerator):
+    return grad.new_empty(grad.shape), grad.new_empty(grad.shape)
+
+
 # ---- the cross-modal modulation's outputs and its inputs' gradient sums -----------------------------------
 
 @torch.library.custom_op('smmcl::modulation', mutates_args=())

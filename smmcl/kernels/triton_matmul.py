@@ -1,4 +1,5 @@
-"""Batched float32 matrix products at float32's accuracy on the tensor cores (3xTF32), for the decoder's NMF.
+"""The decoder's NMF on the GPU: batched float32 matrix products at float32's accuracy on the tensor cores
+(3xTF32), and the element-wise steps of its multiplicative updates, each in one pass.
 
 The NMF runs in float32 by design, TF32 off (:class:`smmcl.models.ham_head.NMF2D`), so cuBLAS computes
 its products on the CUDA cores: 3.2 ms of GEMMs per H200 inference forward of 8 (17 large products of
@@ -16,11 +17,16 @@ their float32 partials summed once afterwards (no atomics: the same result every
 ``SMMCL_TRITON_BMM``: ``triton``, ``torch`` (``torch.bmm``) or ``auto``, the default: the faster per
 shape and strides, timed once on the GPU (under the interpreter ``triton``).
 
+:func:`nmf_update` and :func:`nmf_update_grad` are the element-wise steps of one multiplicative update and
+of its backward, each one pass over the N-R or D-R factor where ATen takes three launches (an addition,
+a product and a division; a division and three products). Their divisions are IEEE-rounded
+(``div_rn``: CUDA's ``/``, as ATen's, not Triton's approximate one), so they store ATen's bits.
+
 Importing this module needs Triton (see :mod:`smmcl.kernels.triton_common`).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -122,3 +128,116 @@ def choice(a: torch.Tensor, b: torch.Tensor, impl: Optional[str] = None) -> str:
     ``'auto'``'s (on a GPU the faster for these shapes and strides, timed on the first call)."""
     return choose('SMMCL_TRITON_BMM', impl, tuple(_IMPLS), a.device, 'triton',
                   lambda: fastest(_CHOICE, (a.device, a.shape, a.stride(), b.shape, b.stride()), _IMPLS, a, b))
+
+
+# ---- the element-wise steps of a multiplicative update -------------------------------------------------
+
+# rows of the factor per program, all R columns (R = 64 in SegNeXt): 16 float32 elements a thread
+UPDATE_ROWS, UPDATE_WARPS = (16 if INTERPRETED else 32), 4
+
+
+@triton.jit
+def nmf_update_kernel(factor_ptr, numerator_ptr, product_ptr, updated_ptr, denominator_ptr, rows, cols,
+                      s_factor, s_numerator, s_product, eps, STORE_DENOMINATOR: tl.constexpr,
+                      BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """Program ``i`` updates rows ``i * BLOCK_ROWS ...`` of the factor (each input by its row stride; the
+    outputs contiguous): ``denominator = product + eps``, ``updated = factor * numerator / denominator``."""
+    r = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)[:, None]
+    c = tl.arange(0, BLOCK_COLS)[None, :]
+    mask = (r < rows) & (c < cols)
+    factor = tl.load(factor_ptr + r * s_factor + c, mask=mask)
+    numerator = tl.load(numerator_ptr + r * s_numerator + c, mask=mask)
+    denominator = tl.load(product_ptr + r * s_product + c, mask=mask) + eps
+    tl.store(updated_ptr + r * cols + c, tl.math.div_rn(factor * numerator, denominator), mask=mask)
+    if STORE_DENOMINATOR:
+        tl.store(denominator_ptr + r * cols + c, denominator, mask=mask)
+
+
+@triton.jit
+def nmf_update_grad_kernel(grad_ptr, denominator_ptr, factor_ptr, updated_ptr, numerator_ptr, grad_numerator_ptr,
+                           scaled_updated_ptr, scaled_numerator_ptr, rows, cols, s_grad, s_denominator, s_factor,
+                           s_updated, s_numerator, s_grad_numerator,
+                           BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """Program ``i`` takes rows ``i * BLOCK_ROWS ...``: with ``ratio = grad / denominator`` it writes ``ratio *
+    factor`` into the numerator's gradient (by its row stride), ``ratio * updated`` and ``ratio * numerator``
+    (contiguous)."""
+    r = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)[:, None]
+    c = tl.arange(0, BLOCK_COLS)[None, :]
+    mask = (r < rows) & (c < cols)
+    ratio = tl.math.div_rn(tl.load(grad_ptr + r * s_grad + c, mask=mask),
+                           tl.load(denominator_ptr + r * s_denominator + c, mask=mask, other=1.0))
+    tl.store(grad_numerator_ptr + r * s_grad_numerator + c, ratio * tl.load(factor_ptr + r * s_factor + c, mask=mask),
+             mask=mask)
+    tl.store(scaled_updated_ptr + r * cols + c, ratio * tl.load(updated_ptr + r * s_updated + c, mask=mask), mask=mask)
+    tl.store(scaled_numerator_ptr + r * cols + c, ratio * tl.load(numerator_ptr + r * s_numerator + c, mask=mask),
+             mask=mask)
+
+
+def _by_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (B-M-R) if its B*M rows lie one row stride apart with unit column stride, else a contiguous copy
+    (the NMF's factors and products are; the slots of its backward's stacked factors too)."""
+    batch, m, _ = t.shape
+    if t.stride(2) == 1 and (batch == 1 or t.stride(0) == m * t.stride(1)):
+        return t
+    return t.contiguous()
+
+
+def _check_factors(*tensors: torch.Tensor) -> None:
+    check_device(tensors[0])
+    shape = tensors[0].shape
+    if any(t.dtype != torch.float32 or t.shape != shape or t.ndim != 3 for t in tensors):
+        raise ValueError('smmcl.kernels: the NMF update takes float32 B-M-R tensors of one shape, got '
+                         + ', '.join(f'{tuple(t.shape)} {t.dtype}' for t in tensors))
+
+
+def nmf_update(factor: torch.Tensor, numerator: torch.Tensor, product: torch.Tensor, eps: float,
+               keep_denominator: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One multiplicative update's element-wise steps in one pass, ATen's bits.
+
+    Args:
+        factor, numerator, product: float32 B-M-R (any strides): the factor, the numerator ``x @ other``
+            (or its transpose's) and ``factor @ gram``.
+    Returns:
+        ``(factor * numerator / (product + eps), product + eps)``, B-M-R contiguous; the second an empty
+        tensor without ``keep_denominator`` (inference keeps nothing for a backward).
+    """
+    _check_factors(factor, numerator, product)
+    factor, numerator, product = (_by_rows(t) for t in (factor, numerator, product))
+    batch, m, cols = factor.shape
+    rows = batch * m
+    updated = factor.new_empty(factor.shape)
+    denominator = factor.new_empty(factor.shape if keep_denominator else (0,))
+    if rows and cols:
+        nmf_update_kernel[(triton.cdiv(rows, UPDATE_ROWS),)](
+            factor, numerator, product, updated, denominator, rows, cols, factor.stride(1), numerator.stride(1),
+            product.stride(1), eps, STORE_DENOMINATOR=keep_denominator, BLOCK_ROWS=UPDATE_ROWS,
+            BLOCK_COLS=triton.next_power_of_2(cols), num_warps=UPDATE_WARPS)
+    return updated, denominator
+
+
+def nmf_update_grad(grad: torch.Tensor, denominator: torch.Tensor, factor: torch.Tensor, updated: torch.Tensor,
+                    numerator: torch.Tensor, grad_numerator: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The element-wise steps of a multiplicative update's backward in one pass, ATen's bits.
+
+    With ``ratio = grad / denominator`` (``grad`` that of the updated factor; all float32 B-M-R): writes
+    ``ratio * factor``, the numerator's gradient, into ``grad_numerator`` (a view whose rows lie one row stride
+    apart, as the slots of :class:`~smmcl.models.ham_head.NMFSteps`' stacked factors) and returns ``ratio *
+    updated`` (minus the denominator's gradient) and ``ratio * numerator`` (the factor's own term), B-M-R
+    contiguous.
+    """
+    _check_factors(grad, denominator, factor, updated, numerator, grad_numerator)
+    if _by_rows(grad_numerator) is not grad_numerator:
+        raise ValueError(f'smmcl.kernels: the numerator\'s gradient must be written by rows, got strides '
+                         f'{grad_numerator.stride()}')
+    grad, denominator, factor, updated, numerator = (_by_rows(t) for t in (grad, denominator, factor, updated,
+                                                                            numerator))
+    batch, m, cols = grad.shape
+    rows = batch * m
+    scaled_updated, scaled_numerator = grad.new_empty(grad.shape), grad.new_empty(grad.shape)
+    if rows and cols:
+        nmf_update_grad_kernel[(triton.cdiv(rows, UPDATE_ROWS),)](
+            grad, denominator, factor, updated, numerator, grad_numerator, scaled_updated, scaled_numerator,
+            rows, cols, grad.stride(1), denominator.stride(1), factor.stride(1), updated.stride(1),
+            numerator.stride(1), grad_numerator.stride(1), BLOCK_ROWS=UPDATE_ROWS,
+            BLOCK_COLS=triton.next_power_of_2(cols), num_warps=UPDATE_WARPS)
+    return scaled_updated, scaled_numerator

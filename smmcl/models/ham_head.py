@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from .mscan import convs_cast_once
+from .mscan import convs_cast_once, per_channel_passes
 
 
 def init_like_conv_module(conv: nn.Conv2d, norm: Optional[nn.Module] = None) -> None:
@@ -59,17 +59,23 @@ class Conv1x1(nn.Module):
         return self.conv(x)
 
 
-def _multiplicative_update(factor, numerator, other, eps: float, bmm=torch.bmm):
+def _multiplicative_update(factor, numerator, other, eps: float, bmm=torch.bmm, fused: bool = False,
+                           keep: bool = True):
     """One NMF update of ``factor`` (the coefficients N-R or the bases D-R of each image) with the other
     factor held: ``factor * numerator / (factor @ (other^T @ other) + eps)``.
 
     Returns the updated factor, its denominator and the other factor's Gram matrix (the backward by hand,
-    :class:`NMFSteps`, keeps both).
+    :class:`NMFSteps`, keeps both). ``fused``: the element-wise steps in one pass, ATen's bits
+    (``smmcl::nmf_update``, no autograd), the denominator only with ``keep``.
     """
     # (B*S, R, .) @ (B*S, ., R) -> (B*S, R, R)
     gram = bmm(other.transpose(1, 2), other)
     # (B*S, ., R) @ (B*S, R, R) -> (B*S, ., R)
-    denominator = bmm(factor, gram) + eps
+    product = bmm(factor, gram)
+    if fused:
+        updated, denominator = torch.ops.smmcl.nmf_update(factor, numerator, product, eps, keep)
+        return updated, denominator, gram
+    denominator = product + eps
     return factor * numerator / denominator, denominator, gram
 
 
@@ -82,26 +88,34 @@ def _mul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         torch.mul(a, b, out=out)
 
 
-def _update_backward(grad, factor, other, numerator, denominator, gram, updated, grad_numerator, bmm=torch.bmm):
+def _update_backward(grad, factor, other, numerator, denominator, gram, updated, grad_numerator, bmm=torch.bmm,
+                     fused: bool = False, other_grad: bool = True):
     """The gradients of :func:`_multiplicative_update`'s inputs from ``grad``, that of ``updated``.
 
     Writes the numerator's into ``grad_numerator`` (a view, shaped as the numerator); returns the
-    factor's and the other's (through the Gram matrix), float32, shaped as those.
+    factor's and *minus* the other's (through the Gram matrix; None without ``other_grad``), float32, shaped
+    as those. ``fused``: the element-wise steps in one pass (``smmcl::nmf_update_grad``), ATen's bits.
     """
-    ratio = grad / denominator
-    _mul_into(grad_numerator, ratio, factor)
-    # d(updated)/d(denominator) = -updated / denominator: the denominator's gradient is -minus_grad, its
-    # sign carried by the R-R matrices (exact), so no pass negates a map and one addcmul ends the factor's
-    minus_grad = ratio * updated
+    # d(updated)/d(denominator) = -updated / denominator: the denominator's gradient is -minus_grad. The
+    # sign is carried by a subtraction here and by the caller's (exact), so no pass negates a tensor
+    if fused:
+        minus_grad, grad_factor = torch.ops.smmcl.nmf_update_grad(grad, denominator, factor, updated, numerator,
+                                                                  grad_numerator)
+    else:
+        ratio = grad / denominator
+        _mul_into(grad_numerator, ratio, factor)
+        minus_grad, grad_factor = ratio * updated, ratio * numerator
     # (B*S, ., R) @ (B*S, R, R) -> (B*S, ., R)
-    grad_factor = torch.addcmul(bmm(minus_grad, -gram.transpose(1, 2)), ratio, numerator)
+    grad_factor.sub_(bmm(minus_grad, gram.transpose(1, 2)))
+    if not other_grad:
+        return grad_factor, None
     # (B*S, R, .) @ (B*S, ., R) -> (B*S, R, R), then (B*S, ., R) @ (B*S, R, R) -> (B*S, ., R)
     minus_grad_gram = bmm(factor.transpose(1, 2), minus_grad)
-    return grad_factor, bmm(other, -(minus_grad_gram + minus_grad_gram.transpose(1, 2)))
+    return grad_factor, bmm(other, minus_grad_gram + minus_grad_gram.transpose(1, 2))
 
 
 def decompose(x: torch.Tensor, bases: torch.Tensor, steps: int, eps: float, inv_t: float = 1,
-              bmm=torch.bmm, keep: Optional[list] = None) -> torch.Tensor:
+              bmm=torch.bmm, keep: Optional[list] = None, fused: bool = False) -> torch.Tensor:
     """NMF of each image's x by multiplicative updates from the given bases: a softmax start, ``steps``
     pairs of updates (coefficients, then bases), a last coefficient update, the reconstruction.
 
@@ -110,25 +124,34 @@ def decompose(x: torch.Tensor, bases: torch.Tensor, steps: int, eps: float, inv_
         bases: (B*S)-D-R starting bases.
         keep: if a list, it receives what the backward by hand needs (:class:`NMFSteps`): the start's
             coefficients, then the numerator, denominator, Gram matrix and result of each update in order.
+        fused: each update's element-wise steps in one pass (``smmcl::nmf_update``, the same bits) where
+            autograd does not follow the decomposition (else ATen's operators, which it can).
     Returns:
         (B*S)-D-N, the rank-R reconstruction.
     """
+    # Untracked (inference, or the forward of the backward by hand), the start's product x^T @ bases serves
+    # again as the first update's numerator, which the authors compute a second time (``local_inference``
+    # and ``NMF2D.local_step`` in their ``models/decoders/LightHamHead.py``): the same values. Under
+    # autograd both products stay, so that the plain path's backward sums the same terms in the same order.
+    untracked = not (torch.is_grad_enabled() and (x.requires_grad or bases.requires_grad))
+    fused, kept = fused and untracked, keep is not None
     # (B*S, D, N)^T @ (B*S, D, R) -> (B*S, N, R)
-    coef = F.softmax(inv_t * bmm(x.transpose(1, 2), bases), dim=-1)
-    if keep is not None:
+    scores = bmm(x.transpose(1, 2), bases)
+    coef = F.softmax(scores if inv_t == 1 else inv_t * scores, dim=-1)  # times 1 is exact: no pass for it
+    if kept:
         keep.append(coef)
     for step in range(steps + 1):
         # (B*S, D, N)^T @ (B*S, D, R) -> (B*S, N, R)
-        numerator = bmm(x.transpose(1, 2), bases)
-        coef, denominator, gram = _multiplicative_update(coef, numerator, bases, eps, bmm)
-        if keep is not None:
+        numerator = scores if step == 0 and untracked else bmm(x.transpose(1, 2), bases)
+        coef, denominator, gram = _multiplicative_update(coef, numerator, bases, eps, bmm, fused, kept)
+        if kept:
             keep += [numerator, denominator, gram, coef]
         if step == steps:
             break
         # (B*S, D, N) @ (B*S, N, R) -> (B*S, D, R)
         numerator = bmm(x, coef)
-        bases, denominator, gram = _multiplicative_update(bases, numerator, coef, eps, bmm)
-        if keep is not None:
+        bases, denominator, gram = _multiplicative_update(bases, numerator, coef, eps, bmm, fused, kept)
+        if kept:
             keep += [numerator, denominator, gram, bases]
     # (B*S, D, R) @ (B*S, N, R)^T -> (B*S, D, N)
     return bmm(bases, coef.transpose(1, 2))
@@ -146,18 +169,19 @@ class NMFSteps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, bases, steps: int, eps: float, inv_t: float, bmm):
-        """x: (B*S)-D-N float32, bases: (B*S)-D-R (no gradient) -> (B*S)-D-N reconstruction."""
+    def forward(ctx, x, bases, steps: int, eps: float, inv_t: float, bmm, fused: bool = False):
+        """x: (B*S)-D-N float32, bases: (B*S)-D-R (no gradient) -> (B*S)-D-N reconstruction. ``fused``: each
+        update's element-wise steps and those of its backward in one pass (the kernels' ops)."""
         keep = []
-        out = decompose(x, bases, steps, eps, inv_t, bmm, keep)
-        ctx.steps, ctx.inv_t, ctx.bmm = steps, inv_t, bmm
+        out = decompose(x, bases, steps, eps, inv_t, bmm, keep, fused)
+        ctx.steps, ctx.inv_t, ctx.bmm, ctx.fused = steps, inv_t, bmm, fused
         ctx.save_for_backward(x, bases, *keep)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        steps, bmm = ctx.steps, ctx.bmm
+        steps, bmm, fused = ctx.steps, ctx.bmm, ctx.fused
         x, start_bases, start, *updates = ctx.saved_tensors
         # the updates alternate, coefficients first: (numerator, denominator, Gram matrix, result) each
         coef_updates = [updates[i:i + 3] for i in range(0, len(updates), 8)]
@@ -179,19 +203,21 @@ class NMFSteps(torch.autograd.Function):
                 # the coefficient update coefs[step] -> coefs[step + 1] with bases[step]; numerator = x^T @ B
                 left, grad_numerator = next(slots)
                 left.copy_(bases[step])
-                grad_coef, grad_other = _update_backward(grad_coef, coefs[step], bases[step], *coef_updates[step],
-                                                         coefs[step + 1], grad_numerator, bmm)
+                # the drawn bases (step 0) take no gradient
+                grad_coef, minus_other = _update_backward(grad_coef, coefs[step], bases[step], *coef_updates[step],
+                                                          coefs[step + 1], grad_numerator, bmm, fused, step > 0)
                 if step == 0:
-                    break  # the drawn bases take no gradient
+                    break
                 # (B*S, D, N) @ (B*S, N, R) -> (B*S, D, R)
-                grad_bases = grad_bases + grad_other + bmm(x, grad_numerator)
+                grad_bases = grad_bases - minus_other + bmm(x, grad_numerator)
                 # the bases update bases[step - 1] -> bases[step] with coefs[step]; numerator = x @ C
                 grad_numerator, right = next(slots)
                 right.copy_(coefs[step])
-                grad_bases, grad_other = _update_backward(grad_bases, bases[step - 1], coefs[step],
-                                                          *bases_updates[step - 1], bases[step], grad_numerator, bmm)
+                grad_bases, minus_other = _update_backward(grad_bases, bases[step - 1], coefs[step],
+                                                           *bases_updates[step - 1], bases[step], grad_numerator,
+                                                           bmm, fused)
                 # (B*S, D, N)^T @ (B*S, D, R) -> (B*S, N, R)
-                grad_coef = grad_coef + grad_other + bmm(x.transpose(1, 2), grad_numerator)
+                grad_coef = grad_coef - minus_other + bmm(x.transpose(1, 2), grad_numerator)
             # the start: coefs[0] = softmax(inv_t * x^T @ bases[0])
             left, grad_scores = next(slots)
             left.copy_(bases[0])
@@ -200,7 +226,7 @@ class NMFSteps(torch.autograd.Function):
                 grad_scores.mul_(ctx.inv_t)
             # (B*S, D, (2T+2)R) @ (B*S, N, (2T+2)R)^T -> (B*S, D, N)
             grad_x = bmm(lefts, rights.transpose(1, 2))
-        return grad_x, None, None, None, None, None
+        return (grad_x,) + (None,) * (len(ctx.needs_input_grad) - 1)  # the bases and the settings take none
 
 
 class NMF2D(nn.Module):
@@ -210,15 +236,16 @@ class NMF2D(nn.Module):
     L2-normalised over D, as the authors' ``_build_bases`` (RAND_INIT=True). Gradients flow through
     all update steps: mmseg's port runs them without ``torch.no_grad`` and so do the authors.
     The decomposition always runs in float32, also under autocast; with the kernels on
-    (``use_fused_kernels``) its products run on the tensor cores at float32's accuracy (3xTF32). On the
-    fast path (``use_fused_tails``) its backward is :class:`NMFSteps`: x's gradient in one product.
+    (``use_fused_kernels``) its products run on the tensor cores at float32's accuracy (3xTF32), and each
+    update's element-wise steps in one pass where autograd does not follow them. On the fast path
+    (``use_fused_tails``) its backward is :class:`NMFSteps`: x's gradient in one product.
 
     ``fixed_bases`` (None by default; a non-persistent buffer, so checkpoints do not change) replaces
     the draw with given (B*S)-D-R bases, for a graph export that cannot hold a random draw
     (:mod:`smmcl.tools.export`); they fit one batch size only.
     """
 
-    fused_kernels = False  # set by use_fused_kernels: the products as smmcl::bmm_tf32x3
+    fused_kernels = False  # set by use_fused_kernels: smmcl::bmm_tf32x3 and smmcl::nmf_update(_grad)
     fused_tails = False  # set by use_fused_tails (the fast path): the backward by hand, NMFSteps
 
     def __init__(self, rank: int = 64, spatial: int = 1, train_steps: int = 6, eval_steps: int = 7,
@@ -236,18 +263,15 @@ class NMF2D(nn.Module):
         shape = (batch * self.spatial, channels // self.spatial, self.rank)
         return F.normalize(torch.rand(shape, device=device, generator=generator), dim=1)
 
-    def _bmm(self, x: torch.Tensor):
-        """The batched product: ``torch.bmm``, or with the kernels on ``smmcl::bmm_tf32x3`` (float32's accuracy
-        on the tensor cores, :mod:`smmcl.kernels.triton_matmul`); the same function."""
-        if self.fused_kernels and kernels.runs_on(x):
-            return torch.ops.smmcl.bmm_tf32x3
-        return torch.bmm
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """N-C-H-W (non-negative) -> its rank-R reconstruction, N-C-H-W, float32."""
         B, C, H, W = x.shape
         D, N = C // self.spatial, H * W
-        bmm = self._bmm(x)
+        # with the kernels on, the products as smmcl::bmm_tf32x3 (float32's accuracy on the tensor cores),
+        # and the updates' element-wise steps as smmcl::nmf_update(_grad) except while torch.compile traces
+        # (it fuses them itself); else torch.bmm and ATen's operators: the same function
+        bmm = torch.ops.smmcl.bmm_tf32x3 if self.fused_kernels and kernels.runs_on(x) else torch.bmm
+        fused = per_channel_passes(self, x)
         steps = self.train_steps if self.training else self.eval_steps
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float().reshape(B * self.spatial, D, N)
@@ -259,8 +283,8 @@ class NMF2D(nn.Module):
             else:
                 bases = self.fixed_bases.float()
             if self.fused_tails and torch.is_grad_enabled() and x.requires_grad and not bases.requires_grad:
-                return NMFSteps.apply(x, bases, steps, self.eps, self.inv_t, bmm).reshape(B, C, H, W)
-            return decompose(x, bases, steps, self.eps, self.inv_t, bmm).reshape(B, C, H, W)
+                return NMFSteps.apply(x, bases, steps, self.eps, self.inv_t, bmm, fused).reshape(B, C, H, W)
+            return decompose(x, bases, steps, self.eps, self.inv_t, bmm, fused=fused).reshape(B, C, H, W)
 
 
 class Hamburger(nn.Module):
