@@ -2087,10 +2087,10 @@ def test_nmf_backward_by_hand_with_the_fused_updates_is_atens():
             assert names.count('div') == 26 and 'nmf_update' not in names
     (want, want_grad), (got, got_grad) = results
     assert torch.equal(got, want) and torch.equal(got_grad, want_grad)
-    # inference (7 steps, untracked): the fused updates and the start's product taken again as the first
-    # numerator give the bits of the tracked decomposition, which computes it twice
+    # the fast path's inference (7 steps, untracked): the fused updates and the start's product taken again
+    # as the first numerator give the bits of the tracked decomposition, which computes it twice
     with OpCalls() as calls, torch.no_grad():
-        inference = decompose(x, bases, 7, 1e-6, fused=True)
+        inference = decompose(x, bases, 7, 1e-6, fused=True, shared_start=True)
     with OpCalls() as tracked_calls:
         tracked = decompose(x, bases, 7, 1e-6)
     assert torch.equal(inference, tracked)

@@ -115,7 +115,8 @@ def _update_backward(grad, factor, other, numerator, denominator, gram, updated,
 
 
 def decompose(x: torch.Tensor, bases: torch.Tensor, steps: int, eps: float, inv_t: float = 1,
-              bmm=torch.bmm, keep: Optional[list] = None, fused: bool = False) -> torch.Tensor:
+              bmm=torch.bmm, keep: Optional[list] = None, fused: bool = False,
+              shared_start: bool = False) -> torch.Tensor:
     """NMF of each image's x by multiplicative updates from the given bases: a softmax start, ``steps``
     pairs of updates (coefficients, then bases), a last coefficient update, the reconstruction.
 
@@ -126,15 +127,16 @@ def decompose(x: torch.Tensor, bases: torch.Tensor, steps: int, eps: float, inv_
             coefficients, then the numerator, denominator, Gram matrix and result of each update in order.
         fused: each update's element-wise steps in one pass (``smmcl::nmf_update``, the same bits) where
             autograd does not follow the decomposition (else ATen's operators, which it can).
+        shared_start: where autograd does not follow, the start's product ``x^T @ bases`` serves again as
+            the first update's numerator, which the authors compute a second time (``local_inference`` and
+            ``NMF2D.local_step`` in their ``models/decoders/LightHamHead.py``): the same values, one D-N-R
+            product fewer (the fast path's; the plain path computes, and FLOP counts count, both).
     Returns:
         (B*S)-D-N, the rank-R reconstruction.
     """
-    # Untracked (inference, or the forward of the backward by hand), the start's product x^T @ bases serves
-    # again as the first update's numerator, which the authors compute a second time (``local_inference``
-    # and ``NMF2D.local_step`` in their ``models/decoders/LightHamHead.py``): the same values. Under
-    # autograd both products stay, so that the plain path's backward sums the same terms in the same order.
+    # under autograd (the plain path's backward) both products stay, its terms summed as the authors' are
     untracked = not (torch.is_grad_enabled() and (x.requires_grad or bases.requires_grad))
-    fused, kept = fused and untracked, keep is not None
+    fused, shared_start, kept = fused and untracked, shared_start and untracked, keep is not None
     # (B*S, D, N)^T @ (B*S, D, R) -> (B*S, N, R)
     scores = bmm(x.transpose(1, 2), bases)
     coef = F.softmax(scores if inv_t == 1 else inv_t * scores, dim=-1)  # times 1 is exact: no pass for it
@@ -142,7 +144,7 @@ def decompose(x: torch.Tensor, bases: torch.Tensor, steps: int, eps: float, inv_
         keep.append(coef)
     for step in range(steps + 1):
         # (B*S, D, N)^T @ (B*S, D, R) -> (B*S, N, R)
-        numerator = scores if step == 0 and untracked else bmm(x.transpose(1, 2), bases)
+        numerator = scores if step == 0 and shared_start else bmm(x.transpose(1, 2), bases)
         coef, denominator, gram = _multiplicative_update(coef, numerator, bases, eps, bmm, fused, kept)
         if kept:
             keep += [numerator, denominator, gram, coef]
@@ -173,7 +175,7 @@ class NMFSteps(torch.autograd.Function):
         """x: (B*S)-D-N float32, bases: (B*S)-D-R (no gradient) -> (B*S)-D-N reconstruction. ``fused``: each
         update's element-wise steps and those of its backward in one pass (the kernels' ops)."""
         keep = []
-        out = decompose(x, bases, steps, eps, inv_t, bmm, keep, fused)
+        out = decompose(x, bases, steps, eps, inv_t, bmm, keep, fused, shared_start=True)
         ctx.steps, ctx.inv_t, ctx.bmm, ctx.fused = steps, inv_t, bmm, fused
         ctx.save_for_backward(x, bases, *keep)
         return out
@@ -284,7 +286,8 @@ class NMF2D(nn.Module):
                 bases = self.fixed_bases.float()
             if self.fused_tails and torch.is_grad_enabled() and x.requires_grad and not bases.requires_grad:
                 return NMFSteps.apply(x, bases, steps, self.eps, self.inv_t, bmm, fused).reshape(B, C, H, W)
-            return decompose(x, bases, steps, self.eps, self.inv_t, bmm, fused=fused).reshape(B, C, H, W)
+            return decompose(x, bases, steps, self.eps, self.inv_t, bmm, fused=fused,
+                             shared_start=self.fused_tails).reshape(B, C, H, W)
 
 
 class Hamburger(nn.Module):
