@@ -103,6 +103,30 @@ def install_wheels(folder: str) -> None:
           f'{"from this checkout" if local else "already importable"}')
 
 
+# --smoke runs every step on the CPU under Triton's interpreter, where each launch is interpreted: a
+# training step of MSCAN-T at 64x96 with the kernels takes ~5 minutes there, so the steps' six paths would
+# take hours. The smoke model is one block per stage at a quarter of MSCAN-T's widths, with a 64-channel
+# decoder, at 64x64: the same code paths (every kernel, both layouts, the graphs' bookkeeping), which is
+# what the smoke run checks; the device run uses MSCAN-B at 480x640.
+SMOKE_BACKBONE = 'mscan_smoke'
+SMOKE_SPEC = dict(embed_dims=(8, 16, 40, 64), depths=(1, 1, 1, 1), drop_path_rate=0.1)
+
+
+def model_shape(args) -> dict:
+    """The whole-model steps' backbone, decoder width and input size (``--smoke``: the smoke model's,
+    registered as a backbone here, in the process that names it)."""
+    if args.smoke:
+        from smmcl.models.mscan import MSCAN_VARIANTS, MSCANSpec
+        MSCAN_VARIANTS[SMOKE_BACKBONE] = lambda: MSCANSpec(**SMOKE_SPEC)
+        return dict(backbone=SMOKE_BACKBONE, decoder_embed_dim=64, height=64, width=64)
+    return dict(backbone='mscan_b', decoder_embed_dim=512, height=480, width=640)
+
+
+def model_spec(args):
+    from smmcl.models.mscan import mscan_spec
+    return mscan_spec(model_shape(args)['backbone'])
+
+
 class Tee(io.TextIOBase):
     def __init__(self, *streams):
         self.streams = streams
@@ -226,9 +250,8 @@ def rel(a, b) -> float:
 
 def mscan_b_sizes(args):
     """(name, channels, H, W) of MSCAN-B's depthwise work at 480x640, attention and MLP per stage."""
-    from smmcl.models.mscan import mscan_b, mscan_t
-    spec = mscan_t() if args.smoke else mscan_b()
-    h, w = (64, 96) if args.smoke else (480, 640)
+    spec, shape = model_spec(args), model_shape(args)
+    h, w = shape['height'], shape['width']
     out = []
     for stage, (dim, ratio) in enumerate(zip(spec.embed_dims, spec.mlp_ratios)):
         sh, sw = h // 2 ** (stage + 2), w // 2 ** (stage + 2)
@@ -500,9 +523,8 @@ def bias_grad_table(args, device, bandwidth):
     bf16 element-wise kernels per forward, 9.2 ms of bf16 reductions per training step)."""
     import torch
     from smmcl.kernels.triton_channel import bias_add, bias_grad
-    from smmcl.models.mscan import mscan_b, mscan_t
     n = 1 if args.smoke else args.batch
-    depths = (mscan_t() if args.smoke else mscan_b()).depths
+    depths = model_spec(args).depths
     columns = [f'{layout} {op} {impl}' for layout in ('NHWC', 'NCHW') for op in ('add', 'grad')
                for impl in ('aten', 'triton')]
     rows, totals = [], {}
@@ -538,8 +560,7 @@ def _stream_width_table(args, title, columns, floors, measure, calls_per_block):
     in both layouts); printed with the whole MSCAN-B step's totals (``calls_per_block`` calls a block, both
     branches)."""
     import torch
-    from smmcl.models.mscan import mscan_b, mscan_t
-    depths = (mscan_t() if args.smoke else mscan_b()).depths
+    depths = model_spec(args).depths
     width = max(len(c) for c in columns + floors) + 2
     rows, totals = [], {}
     print(f'\n{title}, ms:'.ljust(50) + ''.join(f'{c:>{width}}' for c in columns + floors))
@@ -860,13 +881,23 @@ def _model_and_batch(args, device, batch):
     from smmcl.config import base_config
     from smmcl.models import build_segmentor
     cfg = base_config()
-    cfg.update(backbone='mscan_t' if args.smoke else 'mscan_b', num_classes=14, anchor_sampler='vectorized')
+    shape = model_shape(args)
+    h, w = shape.pop('height'), shape.pop('width')
+    cfg.update(num_classes=14, anchor_sampler='vectorized', **shape)
+    # Labels in 32-pixel cells, one stage-4 pixel each. At 480x640 each of the 14 classes covers ~20 of
+    # them. The smoke model's stage 4 is 2x2, where random classes rarely leave a class the views an anchor
+    # set needs and the contrastive terms would be 0, unchecked: there a checkerboard of two classes, two
+    # views each, and two views make a set (the default asks for 5).
+    if args.smoke:
+        cfg.update(min_views_per_class=2)
     torch.manual_seed(0)
     model = build_segmentor(cfg, with_loss=True).to(device)
-    h, w = (64, 96) if args.smoke else (480, 640)
     g = torch.Generator().manual_seed(1)
     rgb, x = torch.randn(batch, 3, h, w, generator=g), torch.randn(batch, 3, h, w, generator=g)
     cells = torch.randint(0, 14, (batch, h // 32 + 1, w // 32 + 1), generator=g)
+    if args.smoke:
+        rows, cols = torch.meshgrid(torch.arange(cells.shape[1]), torch.arange(cells.shape[2]), indexing='ij')
+        cells = ((rows + cols) % 2).expand_as(cells)
     label = cells.repeat_interleave(32, 1).repeat_interleave(32, 2)[:, :h, :w]
     return cfg, model, rgb.to(device), x.to(device), label.to(device)
 
@@ -938,14 +969,17 @@ def _path_errors(p, f):
 
 # ---- step 3: bench.py's numbers on three paths ---------------------------------------------------------
 
+def bench_arguments(args, **values):
+    """``bench/bench.py``'s arguments for the model this run measures (its ``make_cfg`` leaves the decoder's
+    width to the caller: ``decoder_embed_dim``)."""
+    return argparse.Namespace(**dict(model_shape(args), classes=14, compile=False, cuda_graphs=False, **values))
+
+
 def step_bench(args, device):
     import torch
     import bench  # bench/bench.py: this script's own folder is first on the module path
-    bench_args = argparse.Namespace(
-        backbone='mscan_t' if args.smoke else 'mscan_b', batch=2 if args.smoke else args.batch,
-        height=64 if args.smoke else 480, width=64 if args.smoke else 640, classes=14,
-        iters=1 if args.smoke else args.iters, warmup=0 if args.smoke else args.warmup, compile=False,
-        cuda_graphs=False)
+    bench_args = bench_arguments(args, batch=2 if args.smoke else args.batch, iters=1 if args.smoke else args.iters,
+                                 warmup=0 if args.smoke else args.warmup)
     original = bench.make_cfg
     rows = {}
     # (label, fast path, Triton kernels, torch.compile, channels_last, CUDA graphs: None, 'infer' (the
@@ -979,8 +1013,9 @@ def step_bench(args, device):
             for label, fast, kernels, compiled, layout, graphs in paths:
                 def make_cfg(a, f, kernels=kernels, compiled=compiled, layout=layout, graphs=graphs):
                     cfg = original(a, f)
-                    cfg.update(triton_kernels=kernels and f, compile=compiled and f, channels_last=layout,
-                               cuda_graphs=graphs == 'infer', cuda_graphs_training=graphs == 'train')
+                    cfg.update(decoder_embed_dim=a.decoder_embed_dim, triton_kernels=kernels and f,
+                               compile=compiled and f, channels_last=layout, cuda_graphs=graphs == 'infer',
+                               cuda_graphs_training=graphs == 'train')
                     return cfg
                 bench.make_cfg = make_cfg
                 t0 = time.time()
@@ -1412,14 +1447,12 @@ def _profile_evaluation(args, device, name):
     """The top kernels and host operators of a whole evaluation (the fast path with the kernels, batch
     8) of 64 synthetic test images at 480x640, its device time against its wall time."""
     import bench
-    bench_args = argparse.Namespace(backbone='mscan_t' if args.smoke else 'mscan_b', batch=2 if args.smoke else 8,
-                                    height=64 if args.smoke else 480, width=64 if args.smoke else 640, classes=14,
-                                    compile=False, cuda_graphs=False)
+    bench_args = bench_arguments(args, batch=2 if args.smoke else 8)
     original = bench.make_cfg
 
     def make_cfg(a, f):
         cfg = original(a, f)
-        cfg.update(triton_kernels=True)
+        cfg.update(decoder_embed_dim=a.decoder_embed_dim, triton_kernels=True)
         return cfg
     bench.make_cfg = make_cfg
     try:

@@ -312,6 +312,32 @@ def test_nmf_table_times_each_formulation_of_the_large_products(capsys):
     assert torch.allclose(torch.bmm(x.transpose(1, 2), bases), torch.bmm(bases.transpose(1, 2), x).transpose(1, 2))
 
 
+def test_the_smoke_model_checks_the_contrastive_terms_and_bench_builds_it():
+    """``--smoke`` runs every step on the CPU with a one-block-per-stage MSCAN at 64x64 (registered where the
+    script names it, also in bench.py's configs, with its decoder's width); its labels leave the
+    contrastive terms non-zero, so the model step compares them (random 14-class cells at 64x64 leave
+    them 0). The device run keeps MSCAN-B at 480x640 with 14 random classes."""
+    from types import SimpleNamespace
+    from smmcl.models.mscan import MSCAN_VARIANTS
+    gpu_check = bench_script('gpu_check')
+    smoke, real = SimpleNamespace(smoke=True), SimpleNamespace(smoke=False)
+    assert gpu_check.model_shape(real) == dict(backbone='mscan_b', decoder_embed_dim=512, height=480, width=640)
+    try:
+        cfg, model, rgb, x, label = gpu_check._model_and_batch(smoke, torch.device('cpu'), 1)
+        assert cfg.backbone == gpu_check.SMOKE_BACKBONE and gpu_check.model_spec(smoke).depths == (1, 1, 1, 1)
+        assert rgb.shape == x.shape == (1, 3, 64, 64) and label.unique().tolist() == [0, 1]
+        torch.manual_seed(3)
+        with torch.no_grad():
+            terms = model.train()(rgb, x, label, return_terms=True)
+        assert all(terms[k] > 0.5 for k in ('ce', 'cm', 'vis', 'aux'))
+        bench_args = gpu_check.bench_arguments(smoke, batch=2)
+        assert (bench_args.backbone, bench_args.height, bench_args.decoder_embed_dim) == ('mscan_smoke', 64, 64)
+        assert [name for name, *_ in gpu_check.mscan_b_sizes(smoke)][:2] == ['s1 attn', 's1 mlp']
+        assert gpu_check.mscan_b_sizes(smoke)[0][2:] == (8, 16, 16)
+    finally:
+        MSCAN_VARIANTS.pop(gpu_check.SMOKE_BACKBONE, None)
+
+
 def test_the_summary_states_each_profiled_calls_wall_gpu_time_syncs_kernels_and_idle_time(capsys):
     gpu_check = bench_script('gpu_check')
     idle = dict(window_ms=220.0, busy_ms=140.0, idle_ms={'cudaGraphLaunch': 50.0, gpu_check.NO_OPERATOR: 30.0})
