@@ -183,7 +183,9 @@ def main(argv=None):
     on_gpu = torch.cuda.is_available()
     device = torch.device('cuda' if on_gpu else 'cpu')
     name = torch.cuda.get_device_name(device) if on_gpu else 'CPU'
-    print(f'device {name}; torch {torch.__version__}; triton {triton.__version__}; python {sys.version.split()[0]}')
+    from smmcl.kernels.triton_compile import worker_count
+    print(f'device {name}; torch {torch.__version__}; triton {triton.__version__}; python {sys.version.split()[0]}; '
+          f'autotuning candidates compiled by {worker_count()} processes (SMMCL_TRITON_COMPILE_WORKERS)')
     results['env'] = dict(device=name, torch=torch.__version__, triton=triton.__version__)
     if not on_gpu and not args.smoke:
         sys.exit('no CUDA device: run with --smoke under TRITON_INTERPRET=1 to check the script on the CPU')

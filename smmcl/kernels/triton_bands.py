@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import INTERPRETED, SWEEP, bench, neighbours
+from .triton_compile import autotune
 
 # (ROWS, BLOCK_W, warps): ROWS rows of one channel (any images) x BLOCK_W output columns, from 2 * BLOCK_W
 # input columns; BLOCK_W >= K - 1 of the longest strip (MSCAN: 21 taps, 32 columns). The band matrices,
@@ -177,7 +178,7 @@ def _window(rows, rmask, w0, W, sw, BLOCK_W: tl.constexpr):
     return rows[:, None] + (cols * sw)[None, :], rmask[:, None] & (cols < W)[None, :]
 
 
-@triton.autotune(configs=BAND_CONFIGS, key=_KEY + ['TRANSPOSE'], prune_configs_by=_PRUNE, do_bench=bench)
+@autotune(configs=BAND_CONFIGS, key=_KEY + ['TRANSPOSE'], prune_configs_by=_PRUNE, do_bench=bench)
 @triton.jit
 def strip3_bands_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, o0_ptr, o1_ptr, o2_ptr,
                         N, C, H, W, sn, sc, sh, sw,
@@ -206,7 +207,7 @@ def strip3_bands_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, o
         tl.store(o2_ptr + offs, (_times(x, s0, s1, s2, zero, PARTS) + bias2).to(o2_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=BAND_CONFIGS, key=_KEY + ['TRANSPOSE'], prune_configs_by=_PRUNE, do_bench=bench)
+@autotune(configs=BAND_CONFIGS, key=_KEY + ['TRANSPOSE'], prune_configs_by=_PRUNE, do_bench=bench)
 @triton.jit
 def strip3_sum_bands_kernel(r_ptr, t0_ptr, t1_ptr, t2_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr,
                             out_ptr, N, C, H, W, sn, sc, sh, sw,
@@ -256,7 +257,7 @@ def _outer(x, g, acc, PARTS: tl.constexpr):
     return _dot_bf16(tl.trans(x), g, acc)
 
 
-@triton.autotune(configs=WGRAD_BAND_CONFIGS, key=_KEY + ['ONE_INPUT'], prune_configs_by=_PRUNE, do_bench=bench)
+@autotune(configs=WGRAD_BAND_CONFIGS, key=_KEY + ['ONE_INPUT'], prune_configs_by=_PRUNE, do_bench=bench)
 @triton.jit
 def strip3_wgrad_bands_kernel(g0_ptr, g1_ptr, g2_ptr, x0_ptr, x1_ptr, x2_ptr, out_ptr, N, C, H, W, sn, sc, sh, sw,
                               num_chunks, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
@@ -300,7 +301,7 @@ def strip3_wgrad_bands_kernel(g0_ptr, g1_ptr, g2_ptr, x0_ptr, x1_ptr, x2_ptr, ou
     tl.store(biases + 2 * C, tl.sum(tl.sum(b2, axis=1), axis=0))
 
 
-@triton.autotune(configs=KXK_WGRAD_BAND_CONFIGS, key=_KEY[:5] + ['KH', 'KW', 'PARTS'], prune_configs_by=_PRUNE,
+@autotune(configs=KXK_WGRAD_BAND_CONFIGS, key=_KEY[:5] + ['KH', 'KW', 'PARTS'], prune_configs_by=_PRUNE,
                  do_bench=bench)
 @triton.jit
 def dwconv_wgrad_bands_kernel(g_ptr, x_ptr, dw_ptr, db_ptr, N, C, H, W, sn, sc, sh, sw, num_chunks,

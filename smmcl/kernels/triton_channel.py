@@ -55,6 +55,7 @@ import triton.language as tl
 
 from .triton_common import KEY, PRUNE, bench, check_device, choose, chunk_sums, configs, conv_bias, fastest, gelu
 from .triton_common import gelu_grad
+from .triton_compile import autotune
 from .reference import modulation_grad_reference, modulation_inputs_reference, modulation_reference
 from .reference import pooled_input_grad_reference
 from .triton_dwconv import _layout, _num_chunks, _same_layout
@@ -86,7 +87,7 @@ def _block(t, c, cmask, H, W, sn, sc, sw, BLOCK_P: tl.constexpr):
     return t // blocks, (t // blocks) * sn + c[:, None] * sc + p[None, :] * sw, cmask[:, None] & (p < H * W)[None, :]
 
 
-@triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'EPILOGUE'], prune_configs_by=PRUNE, do_bench=bench)
+@autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'EPILOGUE'], prune_configs_by=PRUNE, do_bench=bench)
 @triton.jit
 def bias_add_kernel(y_ptr, b_ptr, u_ptr, out_ptr, N, C, H, W, sn, sc, sw, EPILOGUE: tl.constexpr,
                     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -119,7 +120,7 @@ def _branch(y_ptr, bias, s_ptr, offs, mask, HAS_BIAS: tl.constexpr, HAS_SHORTCUT
     return v
 
 
-@triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'HAS_FACTOR', 'HAS_BIAS'], prune_configs_by=PRUNE,
+@autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'HAS_FACTOR', 'HAS_BIAS'], prune_configs_by=PRUNE,
                  do_bench=bench)
 @triton.jit
 def residual_pair_kernel(a_ptr, b_ptr, f_ptr, bias_ptr, out_ptr, low_ptr, N, C, H, W, sn, sc, sw,
@@ -144,7 +145,7 @@ def residual_pair_kernel(a_ptr, b_ptr, f_ptr, bias_ptr, out_ptr, low_ptr, N, C, 
     tl.store(low_ptr + offs, v.to(low_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'EPILOGUE'], prune_configs_by=PRUNE, do_bench=bench)
+@autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'EPILOGUE'], prune_configs_by=PRUNE, do_bench=bench)
 @triton.jit
 def bias_grad_kernel(g_ptr, y_ptr, b_ptr, u_ptr, gy_ptr, gu_ptr, out_ptr, N, C, H, W, sn, sc, sw, num_chunks,
                      EPILOGUE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -179,7 +180,7 @@ def bias_grad_kernel(g_ptr, y_ptr, b_ptr, u_ptr, gy_ptr, gu_ptr, out_ptr, N, C, 
     tl.store(out_ptr + chunk * C + c, tl.sum(acc, axis=1), mask=cmask)
 
 
-@triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'HAS_KEEP', 'HAS_BIAS', 'HAS_SHORTCUT', 'STATS'],
+@autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'HAS_KEEP', 'HAS_BIAS', 'HAS_SHORTCUT', 'STATS'],
                  prune_configs_by=PRUNE, do_bench=bench)
 @triton.jit
 def scaled_residual_kernel(x_ptr, y_ptr, f_ptr, keep_ptr, bias_ptr, s_ptr, out_ptr, v_ptr, sums_ptr, N, C, H, W, sn,
@@ -252,7 +253,7 @@ def _tail_tile(t, c, cmask, bias, x_ptr, y_ptr, f_ptr, keep_ptr, s_ptr, out_ptr,
     return out.to(tl.float32), mask
 
 
-@triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'HAS_KEEP', 'HAS_BIAS', 'HAS_SHORTCUT'],
+@autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'HAS_KEEP', 'HAS_BIAS', 'HAS_SHORTCUT'],
                  prune_configs_by=PRUNE, do_bench=bench)
 @triton.jit
 def scaled_residual_grad_kernel(g_ptr, v_ptr, f_ptr, keep_ptr, bias_ptr, gy_ptr, gs_ptr, out_ptr, bias_out_ptr,
@@ -523,7 +524,7 @@ def sum_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
 
 # ---- a block's BatchNorm in training: its statistics, the normalised map in two dtypes, the backward ---
 
-@triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'BACKWARD', 'HAS_G', 'HAS_H'],
+@autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'BACKWARD', 'HAS_G', 'HAS_H'],
                  prune_configs_by=PRUNE, do_bench=bench)
 @triton.jit
 def norm_sums_kernel(x_ptr, g_ptr, h_ptr, mean_ptr, out_ptr, N, C, H, W, sn, sc, sw, num_chunks,
@@ -621,7 +622,7 @@ def norm_finalize_kernel(sums_ptr, x_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr,
             tl.store(nbt_ptr + c * 0, batches + 1, mask=c == 0)
 
 
-@triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'HAS_G', 'HAS_H', 'HAS_E', 'HAS_LOW', 'HAS_FULL'],
+@autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'HAS_G', 'HAS_H', 'HAS_E', 'HAS_LOW', 'HAS_FULL'],
                  prune_configs_by=PRUNE, do_bench=bench)
 @triton.jit
 def norm_apply_kernel(x_ptr, g_ptr, h_ptr, e_ptr, coef_ptr, low_ptr, full_ptr, N, C, H, W, sn, sc, sw,
@@ -765,7 +766,7 @@ def _gate(s_ptr, ch_ptr, n, c, cmask, p, pmask, C, pixels):
     return (0.5 * s[None, :] + 0.5 * ch[:, None]).to(s_ptr.dtype.element_ty).to(tl.float32)
 
 
-@triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'HAS_OUT', 'HAS_FUSE'], prune_configs_by=PRUNE,
+@autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'HAS_OUT', 'HAS_FUSE'], prune_configs_by=PRUNE,
                  do_bench=bench)
 @triton.jit
 def modulation_kernel(r_ptr, x_ptr, s_ptr, ch_ptr, ro_ptr, xo_ptr, f_ptr, N, C, H, W, sn, sc, sw, hn, hc, hw,
@@ -792,7 +793,7 @@ def modulation_kernel(r_ptr, x_ptr, s_ptr, ch_ptr, ro_ptr, xo_ptr, f_ptr, N, C, 
         tl.store(fuse + C * hc, xo.to(f_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'HAS_A', 'HAS_B', 'HAS_F'], prune_configs_by=PRUNE,
+@autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'HAS_A', 'HAS_B', 'HAS_F'], prune_configs_by=PRUNE,
                  do_bench=bench)
 @triton.jit
 def modulation_grad_kernel(ga_ptr, gb_ptr, gf_ptr, r_ptr, x_ptr, s_ptr, ch_ptr, gr_ptr, gx_ptr, gs_ptr, gc_ptr,
@@ -838,7 +839,7 @@ def modulation_grad_kernel(ga_ptr, gb_ptr, gf_ptr, r_ptr, x_ptr, s_ptr, ch_ptr, 
     tl.store(gs_ptr + n * pixels + p, (0.5 * acc_s).to(gs_ptr.dtype.element_ty), mask=pmask)
 
 
-@triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'HAS_PASS', 'HAS_HALF', 'HAS_POOLED'],
+@autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'HAS_PASS', 'HAS_HALF', 'HAS_POOLED'],
                  prune_configs_by=PRUNE, do_bench=bench)
 @triton.jit
 def pooled_grad_kernel(gp_ptr, gh_ptr, v_ptr, gm_ptr, mx_ptr, share_ptr, out_ptr, N, C, H, W, sn, sc, sw,
@@ -866,7 +867,7 @@ def pooled_grad_kernel(gp_ptr, gh_ptr, v_ptr, gm_ptr, mx_ptr, share_ptr, out_ptr
     tl.store(out_ptr + offs, g.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N'], prune_configs_by=PRUNE, do_bench=bench)
+@autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N'], prune_configs_by=PRUNE, do_bench=bench)
 @triton.jit
 def pool_concat_kernel(v_ptr, both_ptr, out_ptr, N, C, H, W, sn, sc, sw, hn, hc, hw, chunks,
                        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):

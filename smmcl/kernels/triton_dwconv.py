@@ -32,6 +32,7 @@ from .triton_common import KEY as _KEY, PRUNE as _PRUNE, bench as _bench, check_
 from .triton_common import choose, fastest as _fastest, gelu as _gelu, gelu_grad as _gelu_grad
 from .triton_common import add_to as _add_to, chunk_sums as _chunk_sums, conv_bias as _conv_bias
 from .triton_common import load_input as _load_input
+from .triton_compile import autotune
 from .reference import layout
 from .triton_common import packed_strip_slots as _packed_strip_slots
 from .triton_bands import dwconv_wgrad_bands_kernel, fits as _band_fits, fits_kxk as _band_fits_kxk
@@ -72,7 +73,7 @@ def _tile(pid_nc, pid_hw, C, H, W, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
 
 
 # keyed by the kernel shape and epilogue too: one op's tuning must not pass to another on a map of one size
-@triton.autotune(configs=_CONFIGS, key=_KEY + ['KH', 'KW', 'EPILOGUE', 'IN_BIAS'], prune_configs_by=_PRUNE,
+@autotune(configs=_CONFIGS, key=_KEY + ['KH', 'KW', 'EPILOGUE', 'IN_BIAS'], prune_configs_by=_PRUNE,
                  do_bench=_bench)
 @triton.jit
 def _dwconv_kernel(x_ptr, w_ptr, b_ptr, g_ptr, out_ptr, ib_ptr, C, H, W, sn, sc, sh, sw,
@@ -116,7 +117,7 @@ def _dwconv_kernel(x_ptr, w_ptr, b_ptr, g_ptr, out_ptr, ib_ptr, C, H, W, sn, sc,
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_WGRAD_CONFIGS, key=_KEY + ['N', 'KH', 'KW'], prune_configs_by=_PRUNE,
+@autotune(configs=_WGRAD_CONFIGS, key=_KEY + ['N', 'KH', 'KW'], prune_configs_by=_PRUNE,
                  do_bench=_bench)
 @triton.jit(do_not_specialize=['KH', 'KW'])  # one compiled kernel per TAPS, not per kernel shape
 def _dwconv_wgrad_kernel(g_ptr, x_ptr, dw_ptr, db_ptr, N, C, H, W, sn, sc, sh, sw, num_chunks, KH, KW,
@@ -162,7 +163,7 @@ def _dwconv_wgrad_kernel(g_ptr, x_ptr, dw_ptr, db_ptr, N, C, H, W, sn, sc, sh, s
     tl.store(db_ptr + chunk * C + c, acc_b, mask=cmask)
 
 
-@triton.autotune(configs=_WGRAD_TAPS_CONFIGS, key=_KEY + ['N', 'KH', 'KW'], prune_configs_by=_PRUNE,
+@autotune(configs=_WGRAD_TAPS_CONFIGS, key=_KEY + ['N', 'KH', 'KW'], prune_configs_by=_PRUNE,
                  do_bench=_bench)
 @triton.jit
 def _dwconv_wgrad_taps_kernel(g_ptr, x_ptr, dw_ptr, db_ptr, N, C, H, W, sn, sc, sh, sw, num_chunks, KH, KW,
@@ -248,7 +249,7 @@ def _strip_wgrad_job(g_ptr, x_ptr, dw_ptr, db_ptr, c, cmask, chunk, N, H, W, sn,
     tl.store(db_ptr + c, tl.sum(acc_b, axis=1), mask=cmask)
 
 
-@triton.autotune(configs=_STRIP_WGRAD_CONFIGS, key=_KEY + ['N', 'ALONG_W'], prune_configs_by=_PRUNE,
+@autotune(configs=_STRIP_WGRAD_CONFIGS, key=_KEY + ['N', 'ALONG_W'], prune_configs_by=_PRUNE,
                  do_bench=_bench)
 @triton.jit(do_not_specialize=['K0', 'K1', 'K2'])  # one compiled kernel per TAPS_i, not per length
 def _strip3_wgrad_kernel(g0_ptr, g1_ptr, g2_ptr, x0_ptr, x1_ptr, x2_ptr, out_ptr, N, C, H, W, sn, sc, sh, sw,
@@ -295,7 +296,7 @@ def _strip_tap(x_ptr, offs_c, cmask, h, w, H, W, sh, sw, j: tl.constexpr, K: tl.
                    other=0.0).to(tl.float32)
 
 
-@triton.autotune(configs=_CONFIGS, key=_KEY + ['ALONG_W'], prune_configs_by=_PRUNE, do_bench=_bench)
+@autotune(configs=_CONFIGS, key=_KEY + ['ALONG_W'], prune_configs_by=_PRUNE, do_bench=_bench)
 @triton.jit
 def _strip3_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, o0_ptr, o1_ptr, o2_ptr,
                    C, H, W, sn, sc, sh, sw,
@@ -341,7 +342,7 @@ def _strip_accumulate(acc, t_ptr, w_ptr, offs_c, c, cmask, h, w, H, W, sh, sw,
     return acc
 
 
-@triton.autotune(configs=_CONFIGS, key=_KEY + ['ALONG_W'], prune_configs_by=_PRUNE, do_bench=_bench)
+@autotune(configs=_CONFIGS, key=_KEY + ['ALONG_W'], prune_configs_by=_PRUNE, do_bench=_bench)
 @triton.jit
 def _strip3_sum_kernel(r_ptr, t0_ptr, t1_ptr, t2_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr,
                        out_ptr, C, H, W, sn, sc, sh, sw,

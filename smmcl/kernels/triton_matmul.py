@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import INTERPRETED, bench, check_device, choose, fastest
+from .triton_compile import autotune
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); the NMF's outputs are N x 64 or 64-wide, its reductions 64,
 # 512 or 4,800 long. Under the interpreter one small tile (its cost is per program).
@@ -42,7 +43,7 @@ MATMUL_CONFIGS = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k), num_warps
 SPLIT_ALIGN = 64  # each program's share of a split reduction: a multiple of every BLOCK_K
 
 
-@triton.autotune(configs=MATMUL_CONFIGS, key=['M', 'N', 'K', 'k_per_split', 'sam', 'sak', 'sbk', 'sbn'],
+@autotune(configs=MATMUL_CONFIGS, key=['M', 'N', 'K', 'k_per_split', 'sam', 'sak', 'sbk', 'sbn'],
                  do_bench=bench)
 @triton.jit
 def bmm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, k_per_split, sab, sam, sak, sbb, sbk, sbn, scs, scb, scm, scn,

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import KEY, PRUNE, add_to, bench, configs, conv_bias, gelu, gelu_grad, load_input
+from .triton_compile import autotune
 from .triton_common import packed_strip_slots
 
 # (BLOCK_C, ROWS, BLOCK_W, warps). Each of the ROWS output rows is its own BLOCK_C x BLOCK_W accumulator,
@@ -153,7 +154,7 @@ def _finish_row(acc, out_ptr, b_ptr, g_ptr, n, c, cmask, h, w, H, W, sn, sc, sh,
 
 
 # keyed by the kernel shape and epilogue too: one op's tuning must not pass to another on a map of one size
-@triton.autotune(configs=ROW_CONFIGS, key=KEY + ['KH', 'KW', 'EPILOGUE', 'IN_BIAS'], prune_configs_by=PRUNE,
+@autotune(configs=ROW_CONFIGS, key=KEY + ['KH', 'KW', 'EPILOGUE', 'IN_BIAS'], prune_configs_by=PRUNE,
                  do_bench=bench)
 @triton.jit
 def dwconv_rows_kernel(x_ptr, w_ptr, b_ptr, g_ptr, out_ptr, ib_ptr, C, H, W, sn, sc, sh, sw,
@@ -205,7 +206,7 @@ def _walk_strip(a0, a1, a2, a3, t_c, w_ptr, c, cmask, h0, w, H, W, sh, sw, K: tl
     return _walk(a0, a1, a2, a3, t_c, w_ptr, c, cmask, h0, w, H, W, sh, sw, (K - 1) // 2, K, 1, TRANSPOSE, ROWS)
 
 
-@triton.autotune(configs=ROW_CONFIGS, key=KEY + ['ALONG_W'], prune_configs_by=PRUNE, do_bench=bench)
+@autotune(configs=ROW_CONFIGS, key=KEY + ['ALONG_W'], prune_configs_by=PRUNE, do_bench=bench)
 @triton.jit
 def strip3_sum_rows_kernel(r_ptr, t0_ptr, t1_ptr, t2_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr,
                            out_ptr, C, H, W, sn, sc, sh, sw,
@@ -266,7 +267,7 @@ def _row_along_w3(p, q, s, x_c, w0_ptr, w1_ptr, w2_ptr, c, cmask, h, w, H, W, sh
     return p, q, s
 
 
-@triton.autotune(configs=STRIP_ROW_CONFIGS, key=KEY + ['ALONG_W'], prune_configs_by=PRUNE, do_bench=bench)
+@autotune(configs=STRIP_ROW_CONFIGS, key=KEY + ['ALONG_W'], prune_configs_by=PRUNE, do_bench=bench)
 @triton.jit
 def strip3_rows_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, b0_ptr, b1_ptr, b2_ptr, o0_ptr, o1_ptr, o2_ptr,
                        C, H, W, sn, sc, sh, sw,
@@ -389,7 +390,7 @@ def _wgrad_rows_job(g_ptr, x_ptr, dw_ptr, db_ptr, c, cmask, chunk, N, H, W, sn, 
     tl.store(db_ptr + c, tl.sum(acc_b, axis=1), mask=cmask)
 
 
-@triton.autotune(configs=WGRAD_ROW_CONFIGS, key=KEY + ['N', 'KH', 'KW'], prune_configs_by=PRUNE, do_bench=bench)
+@autotune(configs=WGRAD_ROW_CONFIGS, key=KEY + ['N', 'KH', 'KW'], prune_configs_by=PRUNE, do_bench=bench)
 @triton.jit
 def dwconv_wgrad_rows_kernel(g_ptr, x_ptr, dw_ptr, db_ptr, N, C, H, W, sn, sc, sh, sw, num_chunks,
                              KH: tl.constexpr, KW: tl.constexpr,
@@ -404,7 +405,7 @@ def dwconv_wgrad_rows_kernel(g_ptr, x_ptr, dw_ptr, db_ptr, N, C, H, W, sn, sc, s
 
 
 # keyed by what the pass computes too: the GELU's gradient and the adjoint conv tune apart
-@triton.autotune(configs=GRAD_WGRAD_ROW_CONFIGS,
+@autotune(configs=GRAD_WGRAD_ROW_CONFIGS,
                  key=KEY + ['N', 'KH', 'KW', 'GELU', 'HAS_BIAS', 'IN_BIAS', 'ADDEND'], prune_configs_by=PRUNE,
                  do_bench=bench)
 @triton.jit
@@ -488,7 +489,7 @@ def grad_wgrad_rows_kernel(g_ptr, x_ptr, dw_ptr, db_ptr, N, C, H, W, sn, sc, sh,
     tl.store(db_ptr + chunk * C + c, tl.sum(acc_b, axis=1), mask=cmask)
 
 
-@triton.autotune(configs=WGRAD_ROW_CONFIGS, key=KEY + ['N', 'ALONG_W'], prune_configs_by=PRUNE, do_bench=bench)
+@autotune(configs=WGRAD_ROW_CONFIGS, key=KEY + ['N', 'ALONG_W'], prune_configs_by=PRUNE, do_bench=bench)
 @triton.jit
 def strip3_wgrad_rows_kernel(g0_ptr, g1_ptr, g2_ptr, x0_ptr, x1_ptr, x2_ptr, out_ptr, N, C, H, W, sn, sc, sh, sw,
                              num_chunks, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,

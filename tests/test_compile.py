@@ -1,0 +1,135 @@
+"""The autotuners' candidates compiled in worker processes (smmcl/kernels/triton_compile.py) are the kernels
+the launch compiles: Triton's cache key of a launch with real tensors finds what the workers wrote.
+
+Without a GPU, compiled for sm_90 on the CPU (Triton's own compiler, as bench/sass.py) through a driver
+that only gives the target, in a child process without the interpreter."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from smmcl.config import REPO_ROOT
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec('triton') is None, reason='needs Triton')
+
+CHILD = r'''
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+
+from smmcl.kernels import triton_compile
+triton.runtime.driver.set_active(triton_compile.CompileOnlyDriver(GPUTarget('cuda', 90, 32)))
+from smmcl.kernels.triton_channel import bias_add_kernel as kernel
+
+compiled = []
+parallel = triton_compile.compile_candidates
+triton_compile.compile_candidates = lambda *a, **k: compiled.append(parallel(*a, **k)) or compiled[-1]
+
+n, c, h, w = 2, 64, 8, 32
+y = torch.empty(n, c, h, w, dtype=torch.bfloat16)
+bias, out = torch.empty(c), torch.empty_like(y)
+args = (y, bias, y, out, n, c, h, w, y.stride(0), y.stride(1), y.stride(3))
+kwargs = dict(EPILOGUE=1)
+kernel.nargs = dict(zip(kernel.arg_names, args))  # as Autotuner.run sets them before pruning
+configs = kernel.prune_configs(kwargs)
+
+
+def compiled_here(*args, **kwargs):
+    raise AssertionError('compiled in the launching process')
+
+
+triton.compiler.compiler.ASTSource.make_ir = compiled_here
+for config in configs:
+    kernel.fn.warmup(*args, grid=(1,), **kwargs, **config.all_kwargs())
+try:  # W not a multiple of 16 is another specialisation, which no worker compiled: the check sees a miss
+    kernel.fn.warmup(*args[:7], 17, *args[8:], grid=(1,), **kwargs, **configs[0].all_kwargs())
+    print('MISS UNNOTICED')
+except AssertionError:
+    pass
+print('CANDIDATES', len(configs), 'COMPILED', compiled)
+'''
+
+
+def test_the_workers_compile_what_the_launch_loads_from_the_cache(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / 'cache'), SMMCL_TRITON_COMPILE_WORKERS='2',
+               TRITON_DEFAULT_FP_FUSION='1', PYTHONPATH=REPO_ROOT)
+    out = subprocess.run([sys.executable, '-c', CHILD], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    words = out.stdout.split()
+    assert 'MISS' not in words
+    candidates = int(words[words.index('CANDIDATES') + 1])
+    assert candidates > 1 and words[-1] == f'[{candidates}]'
+
+
+def test_no_workers_where_the_kernels_are_interpreted_or_one_is_asked(monkeypatch):
+    pytest.importorskip('triton')
+    from smmcl.kernels import triton_compile
+    monkeypatch.setenv('SMMCL_TRITON_COMPILE_WORKERS', '1')
+    assert triton_compile.compile_pool() is None
+    monkeypatch.setenv('SMMCL_TRITON_COMPILE_WORKERS', 'many')
+    with pytest.raises(ValueError, match='SMMCL_TRITON_COMPILE_WORKERS'):
+        triton_compile.worker_count()
+    monkeypatch.setenv('SMMCL_TRITON_COMPILE_WORKERS', '4')
+    monkeypatch.setattr(triton_compile, 'INTERPRETED', True)
+    assert triton_compile.compile_pool() is None
+
+
+class _Pool:
+    """An executor that runs each job at once, in this process, recording it."""
+
+    def __init__(self, broken=False):
+        self.jobs, self.broken, self.shut = [], broken, False
+
+    def submit(self, fn, *args):
+        import concurrent.futures
+        if self.broken:
+            raise concurrent.futures.BrokenExecutor('a worker died')
+        self.jobs.append((fn, args))
+        done = concurrent.futures.Future()
+        done.set_result(None)
+        return done
+
+    def shutdown(self, wait=True, cancel_futures=False):
+        self.shut = True
+
+
+def test_each_candidate_goes_to_a_worker_with_the_launchs_arguments_and_the_workers_end_when_idle(monkeypatch):
+    """One job per candidate: the kernel by module and name, tensors as their dtype and address (what the
+    JIT specialises on), the launch's constexprs with the candidate's options; the pool ends after
+    ``_IDLE_S`` without work; a broken pool is reported once and not used again."""
+    import time
+    from types import SimpleNamespace
+    import torch
+    import triton
+    pytest.importorskip('triton')
+    from smmcl.kernels import triton_compile
+    pool = _Pool()
+    monkeypatch.setattr(triton_compile, '_pool', pool)
+    monkeypatch.setattr(triton_compile, '_IDLE_S', 0.05)
+    y = torch.zeros(3, 4, dtype=torch.bfloat16)
+    tuner = SimpleNamespace(nargs=dict(y_ptr=y, n=3), base_fn=kernel_stub)
+    configs = [triton.Config(dict(BLOCK=16), num_warps=4), triton.Config(dict(BLOCK=32), num_warps=8)]
+    assert triton_compile.compile_candidates(tuner, configs, dict(EPILOGUE=2)) == 2
+    (fn, (module, name, args, kwargs)), second = pool.jobs
+    assert fn is triton_compile.compile_candidate and (module, name) == (__name__, 'kernel_stub')
+    assert isinstance(args[0], triton_compile.PointerArg) and args[0].dtype == torch.bfloat16
+    assert args[0].data_ptr() == y.data_ptr() and args[1] == 3
+    assert kwargs['EPILOGUE'] == 2 and kwargs['BLOCK'] == 16 and kwargs['num_warps'] == 4
+    assert second[1][3]['BLOCK'] == 32 and second[1][3]['num_warps'] == 8
+    assert triton_compile.compile_candidates(tuner, configs[:1], {}) == 0 and len(pool.jobs) == 2  # one: Triton's
+    time.sleep(0.5)
+    assert pool.shut and triton_compile._pool is None
+    broken = _Pool(broken=True)
+    monkeypatch.setattr(triton_compile, '_pool', broken)
+    monkeypatch.setattr(triton_compile, '_pool_failed', False)
+    with pytest.warns(UserWarning, match='compile workers stopped'):
+        assert triton_compile.compile_candidates(tuner, configs, {}) == 0
+    assert triton_compile._pool is None and triton_compile.compile_pool() is None
+
+
+def kernel_stub():
+    """Stands for a kernel function (its module and name) in the test above."""
