@@ -147,17 +147,20 @@ def compile_candidates(tuner, configs, kwargs: dict, executor: Optional[concurre
     constexprs = {k: _picklable(v) for k, v in kwargs.items()}
     module, name = tuner.base_fn.__module__, tuner.base_fn.__name__
     with _lock:
-        pool = executor or compile_pool()
-        if pool is None:
-            return 0
         try:
+            pool = executor or compile_pool()
+            if pool is None:
+                return 0
             jobs = [pool.submit(compile_candidate, module, name, args, dict(constexprs, **c.all_kwargs()))
                     for c in configs]
             done, _ = concurrent.futures.wait(jobs, timeout=_WAIT_S)
-        except concurrent.futures.BrokenExecutor as err:
-            if pool is _pool:  # no pool again in this process: the launches compile themselves
-                _pool, _pool_failed = None, True
-            warnings.warn(f'smmcl.kernels: the compile workers stopped ({err}); Triton compiles in this process')
+        except Exception as err:  # noqa: BLE001 - a worker died, or no child process may start here (a daemon)
+            if executor is None:  # no pool again in this process: the launches compile themselves
+                broken, _pool, _pool_failed = _pool, None, True
+                if broken is not None:
+                    broken.shutdown(wait=False, cancel_futures=True)
+            warnings.warn(f'smmcl.kernels: no compile workers ({type(err).__name__}: {err}); Triton compiles the '
+                          'autotuning candidates in this process')
             return 0
     if executor is None:
         _release_when_idle()
