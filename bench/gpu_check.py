@@ -208,6 +208,7 @@ def main(argv=None):
             traceback.print_exc(file=sys.stdout)
             results[step] = 'failed'
     summary(results)
+    print(f'autotuning: {compile_stats()}')
     print(f'\ntotal {time.time() - started:.0f} s')
     if args.out:
         with open(os.path.join(args.out, 'gpu_check.json'), 'w') as f:
@@ -971,6 +972,16 @@ def _path_errors(p, f):
 
 # ---- step 3: bench.py's numbers on three paths ---------------------------------------------------------
 
+def compile_stats() -> str:
+    """What the autotuners' compile workers did in this process (smmcl/kernels/triton_compile.py)."""
+    try:
+        from smmcl.kernels.triton_compile import STATS
+    except ImportError:  # no Triton
+        return 'no Triton'
+    return (f"{STATS['compiled']} of {STATS['candidates']} candidates compiled by the workers, "
+            f"{STATS['wait_s']:.1f} s waited for them")
+
+
 def bench_arguments(args, **values):
     """``bench/bench.py``'s arguments for the model this run measures (its ``make_cfg`` leaves the decoder's
     width to the caller: ``decoder_embed_dim``)."""
@@ -1033,6 +1044,7 @@ def step_bench(args, device):
                 rows[label] = dict(dtype=precision, train=train_ips, infer=infer_ips, eval=ev,
                                    train_peak=train_peak, infer_peak=infer_peak, compile_s=compile_s)
                 print(f'{label}: {rows[label]} ({time.time() - t0:.0f} s)')
+                print(f'  autotuning so far: {compile_stats()}')
                 torch.cuda.empty_cache() if device.type == 'cuda' else None
     finally:
         bench.make_cfg = original

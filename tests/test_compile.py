@@ -113,7 +113,9 @@ def test_each_candidate_goes_to_a_worker_with_the_launchs_arguments_and_the_work
     y = torch.zeros(3, 4, dtype=torch.bfloat16)
     tuner = SimpleNamespace(nargs=dict(y_ptr=y, n=3), base_fn=kernel_stub)
     configs = [triton.Config(dict(BLOCK=16), num_warps=4), triton.Config(dict(BLOCK=32), num_warps=8)]
+    before = dict(triton_compile.STATS)
     assert triton_compile.compile_candidates(tuner, configs, dict(EPILOGUE=2)) == 2
+    assert [triton_compile.STATS[k] - before[k] for k in ('candidates', 'compiled')] == [2, 2]
     (fn, (module, name, args, kwargs)), second = pool.jobs
     assert fn is triton_compile.compile_candidate and (module, name) == (__name__, 'kernel_stub')
     assert isinstance(args[0], triton_compile.PointerArg) and args[0].dtype == torch.bfloat16

@@ -29,6 +29,7 @@ import importlib
 import multiprocessing
 import os
 import threading
+import time
 import warnings
 from typing import Optional
 
@@ -42,6 +43,8 @@ _IDLE_S = 60  # the workers end after this long without work
 
 _pool: Optional[concurrent.futures.Executor] = None
 _pool_failed = False
+# what the workers did in this process: candidates handed to them, compiled there, seconds waited for them
+STATS = dict(candidates=0, compiled=0, wait_s=0.0)
 _lock = threading.Lock()
 _idle_timer: Optional[threading.Timer] = None
 
@@ -146,6 +149,7 @@ def compile_candidates(tuner, configs, kwargs: dict, executor: Optional[concurre
     args = [_picklable(v) for v in tuner.nargs.values()]
     constexprs = {k: _picklable(v) for k, v in kwargs.items()}
     module, name = tuner.base_fn.__module__, tuner.base_fn.__name__
+    started = time.perf_counter()
     with _lock:
         try:
             pool = executor or compile_pool()
@@ -166,7 +170,10 @@ def compile_candidates(tuner, configs, kwargs: dict, executor: Optional[concurre
         _release_when_idle()
     # a candidate that fails here (out of resources, a compile-time assertion) fails the launch's compile too,
     # where the autotuner sets it aside as it always does
-    return sum(1 for job in done if job.exception() is None)
+    compiled = sum(1 for job in done if job.exception() is None)
+    STATS.update(candidates=STATS['candidates'] + len(configs), compiled=STATS['compiled'] + compiled,
+                 wait_s=STATS['wait_s'] + time.perf_counter() - started)
+    return compiled
 
 
 class ParallelCompileAutotuner(triton.runtime.Autotuner):
