@@ -56,9 +56,13 @@ def test_the_workers_compile_what_the_launch_loads_from_the_cache(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
     env.update(TRITON_CACHE_DIR=str(tmp_path / 'cache'), SMMCL_TRITON_COMPILE_WORKERS='2',
                TRITON_DEFAULT_FP_FUSION='1', PYTHONPATH=REPO_ROOT)
-    out = subprocess.run([sys.executable, '-c', CHILD], capture_output=True, text=True, env=env, timeout=300,
+    # a script without a ``__main__`` guard, as users write them: the workers must not run it again
+    script = tmp_path / 'script.py'
+    script.write_text(CHILD)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300,
                          cwd=str(tmp_path))
     assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count('CANDIDATES') == 1 and 'no compile workers' not in out.stderr
     words = out.stdout.split()
     assert 'MISS' not in words
     candidates = int(words[words.index('CANDIDATES') + 1])

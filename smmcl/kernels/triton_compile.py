@@ -11,15 +11,16 @@ would spend minutes compiling, serially.
 :func:`autotune` is ``triton.autotune`` whose autotuner, when a new key (shape) comes, first hands all of
 that key's candidates to a pool of worker processes. Each compiles one through the kernel's own
 ``JITFunction.warmup`` (Triton's specialisation of the launch's arguments, its options, its cache key)
-into Triton's on-disk cache, which the timing then reads instead of compiling. The workers only compile:
-a driver that gives the GPU's target and nothing else, so they create no CUDA context and hold no GPU
-memory. The compiled kernels are the ones the launch would compile itself (the same cache key); a
-candidate a worker cannot compile is compiled, or refused, by the launch as before.
+into Triton's on-disk cache, which the timing then reads instead of compiling. The compiled kernels are
+the ones the launch would compile itself (the same cache key); a candidate a worker cannot compile is
+compiled, or refused, by the launch as before. The workers are forked, as PyTorch's DataLoader workers
+are: a spawned process would import the user's script again and run whatever it does without a
+``__main__`` guard, a training included. They only compile, through a driver that gives the GPU's target
+and nothing else: they never call CUDA (a forked process must not) and hold no GPU memory.
 
 ``SMMCL_TRITON_COMPILE_WORKERS``: the number of worker processes (default: the CPU cores, shared among the
-training's processes on the machine, at most 16; ~300 MB of host memory each while they live, which ends
-after a minute without work: a new shape starts them again); ``0`` or ``1`` compiles in the launching
-process, as Triton does.
+training's processes on the machine, at most 16; they end after a minute without work, and a new shape
+starts them again); ``0`` or ``1`` compiles in the launching process, as Triton does.
 """
 from __future__ import annotations
 
@@ -103,13 +104,13 @@ def worker_count() -> int:
 
 
 def compile_pool() -> Optional[concurrent.futures.Executor]:
-    """The worker processes (spawned on first use, for the current device's target), or None: fewer than
+    """The worker processes (forked on first use, for the current device's target), or None: fewer than
     two workers asked for, the kernels interpreted, or the pool broken earlier."""
     global _pool
     if _pool is None and not _pool_failed and not INTERPRETED and worker_count() > 1:
         target = triton.runtime.driver.active.get_current_target()
         _pool = concurrent.futures.ProcessPoolExecutor(
-            worker_count(), mp_context=multiprocessing.get_context('spawn'), initializer=start_worker,
+            worker_count(), mp_context=multiprocessing.get_context('fork'), initializer=start_worker,
             initargs=(target,))
     return _pool
 
