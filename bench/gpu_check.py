@@ -3,7 +3,7 @@
     python bench/gpu_check.py                   # on a CUDA machine, a few minutes
     python bench/gpu_check.py --wheels DIR      # first installs our small deps from local wheels
     python bench/gpu_check.py --compile         # also torch.compile the fast paths (minutes cold)
-    TRITON_INTERPRET=1 python bench/gpu_check.py --smoke   # the script itself, tiny, on the CPU
+    TRITON_INTERPRET=1 python bench/gpu_check.py --smoke   # every step, a tiny model, on the CPU (~35 min)
 
 Needs only PyTorch and Triton (plus numpy, easydict; opencv and pillow for the evaluation row; with
 ``--wheels DIR`` the missing ones come from that folder); it reads nothing from the network. Steps, most

@@ -80,6 +80,16 @@ def test_no_workers_where_the_kernels_are_interpreted_or_one_is_asked(monkeypatc
     monkeypatch.setenv('SMMCL_TRITON_COMPILE_WORKERS', '4')
     monkeypatch.setattr(triton_compile, 'INTERPRETED', True)
     assert triton_compile.compile_pool() is None
+    # by default the cores, shared among the training's processes on this machine, at most 16
+    monkeypatch.delenv('SMMCL_TRITON_COMPILE_WORKERS')
+    monkeypatch.delenv('WORLD_SIZE', raising=False)
+    monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
+    monkeypatch.setattr(os, 'cpu_count', lambda: 64)
+    assert triton_compile.worker_count() == 16
+    monkeypatch.setenv('WORLD_SIZE', '8')
+    assert triton_compile.worker_count() == 8
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '32')  # torchrun's count of this machine's processes comes first
+    assert triton_compile.worker_count() == 2
 
 
 class _Pool:
