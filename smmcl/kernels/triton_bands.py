@@ -302,7 +302,7 @@ def strip3_wgrad_bands_kernel(g0_ptr, g1_ptr, g2_ptr, x0_ptr, x1_ptr, x2_ptr, ou
 
 
 @autotune(configs=KXK_WGRAD_BAND_CONFIGS, key=_KEY[:5] + ['KH', 'KW', 'PARTS'], prune_configs_by=_PRUNE,
-                 do_bench=bench)
+          do_bench=bench)
 @triton.jit
 def dwconv_wgrad_bands_kernel(g_ptr, x_ptr, dw_ptr, db_ptr, N, C, H, W, sn, sc, sh, sw, num_chunks,
                               KH: tl.constexpr, KW: tl.constexpr, PARTS: tl.constexpr,

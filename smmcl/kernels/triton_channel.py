@@ -121,7 +121,7 @@ def _branch(y_ptr, bias, s_ptr, offs, mask, HAS_BIAS: tl.constexpr, HAS_SHORTCUT
 
 
 @autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'HAS_FACTOR', 'HAS_BIAS'], prune_configs_by=PRUNE,
-                 do_bench=bench)
+          do_bench=bench)
 @triton.jit
 def residual_pair_kernel(a_ptr, b_ptr, f_ptr, bias_ptr, out_ptr, low_ptr, N, C, H, W, sn, sc, sw,
                          HAS_FACTOR: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -181,7 +181,7 @@ def bias_grad_kernel(g_ptr, y_ptr, b_ptr, u_ptr, gy_ptr, gu_ptr, out_ptr, N, C, 
 
 
 @autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'HAS_KEEP', 'HAS_BIAS', 'HAS_SHORTCUT', 'STATS'],
-                 prune_configs_by=PRUNE, do_bench=bench)
+          prune_configs_by=PRUNE, do_bench=bench)
 @triton.jit
 def scaled_residual_kernel(x_ptr, y_ptr, f_ptr, keep_ptr, bias_ptr, s_ptr, out_ptr, v_ptr, sums_ptr, N, C, H, W, sn,
                            sc, sw, keep_scale, HAS_KEEP: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -254,7 +254,7 @@ def _tail_tile(t, c, cmask, bias, x_ptr, y_ptr, f_ptr, keep_ptr, s_ptr, out_ptr,
 
 
 @autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'HAS_KEEP', 'HAS_BIAS', 'HAS_SHORTCUT'],
-                 prune_configs_by=PRUNE, do_bench=bench)
+          prune_configs_by=PRUNE, do_bench=bench)
 @triton.jit
 def scaled_residual_grad_kernel(g_ptr, v_ptr, f_ptr, keep_ptr, bias_ptr, gy_ptr, gs_ptr, out_ptr, bias_out_ptr,
                                 N, C, H, W, sn, sc, sw, chunks, keep_scale, HAS_KEEP: tl.constexpr,
@@ -525,7 +525,7 @@ def sum_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
 # ---- a block's BatchNorm in training: its statistics, the normalised map in two dtypes, the backward ---
 
 @autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'BACKWARD', 'HAS_G', 'HAS_H'],
-                 prune_configs_by=PRUNE, do_bench=bench)
+          prune_configs_by=PRUNE, do_bench=bench)
 @triton.jit
 def norm_sums_kernel(x_ptr, g_ptr, h_ptr, mean_ptr, out_ptr, N, C, H, W, sn, sc, sw, num_chunks,
                      BACKWARD: tl.constexpr, HAS_G: tl.constexpr, HAS_H: tl.constexpr,
@@ -623,7 +623,7 @@ def norm_finalize_kernel(sums_ptr, x_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr,
 
 
 @autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'HAS_G', 'HAS_H', 'HAS_E', 'HAS_LOW', 'HAS_FULL'],
-                 prune_configs_by=PRUNE, do_bench=bench)
+          prune_configs_by=PRUNE, do_bench=bench)
 @triton.jit
 def norm_apply_kernel(x_ptr, g_ptr, h_ptr, e_ptr, coef_ptr, low_ptr, full_ptr, N, C, H, W, sn, sc, sw,
                       HAS_G: tl.constexpr, HAS_H: tl.constexpr, HAS_E: tl.constexpr, HAS_LOW: tl.constexpr,
@@ -767,7 +767,7 @@ def _gate(s_ptr, ch_ptr, n, c, cmask, p, pmask, C, pixels):
 
 
 @autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'HAS_OUT', 'HAS_FUSE'], prune_configs_by=PRUNE,
-                 do_bench=bench)
+          do_bench=bench)
 @triton.jit
 def modulation_kernel(r_ptr, x_ptr, s_ptr, ch_ptr, ro_ptr, xo_ptr, f_ptr, N, C, H, W, sn, sc, sw, hn, hc, hw,
                       HAS_OUT: tl.constexpr, HAS_FUSE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -794,7 +794,7 @@ def modulation_kernel(r_ptr, x_ptr, s_ptr, ch_ptr, ro_ptr, xo_ptr, f_ptr, N, C, 
 
 
 @autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'HAS_A', 'HAS_B', 'HAS_F'], prune_configs_by=PRUNE,
-                 do_bench=bench)
+          do_bench=bench)
 @triton.jit
 def modulation_grad_kernel(ga_ptr, gb_ptr, gf_ptr, r_ptr, x_ptr, s_ptr, ch_ptr, gr_ptr, gx_ptr, gs_ptr, gc_ptr,
                            N, C, H, W, sn, sc, sw, hn, hc, hw, HAS_A: tl.constexpr, HAS_B: tl.constexpr,
@@ -840,7 +840,7 @@ def modulation_grad_kernel(ga_ptr, gb_ptr, gf_ptr, r_ptr, x_ptr, s_ptr, ch_ptr, 
 
 
 @autotune(configs=CHANNEL_TILE_CONFIGS, key=KEY + ['N', 'HAS_PASS', 'HAS_HALF', 'HAS_POOLED'],
-                 prune_configs_by=PRUNE, do_bench=bench)
+          prune_configs_by=PRUNE, do_bench=bench)
 @triton.jit
 def pooled_grad_kernel(gp_ptr, gh_ptr, v_ptr, gm_ptr, mx_ptr, share_ptr, out_ptr, N, C, H, W, sn, sc, sw,
                        hn, hc, hw, HAS_PASS: tl.constexpr, HAS_HALF: tl.constexpr, HAS_POOLED: tl.constexpr,

@@ -74,7 +74,7 @@ def _tile(pid_nc, pid_hw, C, H, W, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
 
 # keyed by the kernel shape and epilogue too: one op's tuning must not pass to another on a map of one size
 @autotune(configs=_CONFIGS, key=_KEY + ['KH', 'KW', 'EPILOGUE', 'IN_BIAS'], prune_configs_by=_PRUNE,
-                 do_bench=_bench)
+          do_bench=_bench)
 @triton.jit
 def _dwconv_kernel(x_ptr, w_ptr, b_ptr, g_ptr, out_ptr, ib_ptr, C, H, W, sn, sc, sh, sw,
                    KH: tl.constexpr, KW: tl.constexpr, TRANSPOSE: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -118,7 +118,7 @@ def _dwconv_kernel(x_ptr, w_ptr, b_ptr, g_ptr, out_ptr, ib_ptr, C, H, W, sn, sc,
 
 
 @autotune(configs=_WGRAD_CONFIGS, key=_KEY + ['N', 'KH', 'KW'], prune_configs_by=_PRUNE,
-                 do_bench=_bench)
+          do_bench=_bench)
 @triton.jit(do_not_specialize=['KH', 'KW'])  # one compiled kernel per TAPS, not per kernel shape
 def _dwconv_wgrad_kernel(g_ptr, x_ptr, dw_ptr, db_ptr, N, C, H, W, sn, sc, sh, sw, num_chunks, KH, KW,
                          TAPS: tl.constexpr,
@@ -164,7 +164,7 @@ def _dwconv_wgrad_kernel(g_ptr, x_ptr, dw_ptr, db_ptr, N, C, H, W, sn, sc, sh, s
 
 
 @autotune(configs=_WGRAD_TAPS_CONFIGS, key=_KEY + ['N', 'KH', 'KW'], prune_configs_by=_PRUNE,
-                 do_bench=_bench)
+          do_bench=_bench)
 @triton.jit
 def _dwconv_wgrad_taps_kernel(g_ptr, x_ptr, dw_ptr, db_ptr, N, C, H, W, sn, sc, sh, sw, num_chunks, KH, KW,
                               BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
@@ -250,7 +250,7 @@ def _strip_wgrad_job(g_ptr, x_ptr, dw_ptr, db_ptr, c, cmask, chunk, N, H, W, sn,
 
 
 @autotune(configs=_STRIP_WGRAD_CONFIGS, key=_KEY + ['N', 'ALONG_W'], prune_configs_by=_PRUNE,
-                 do_bench=_bench)
+          do_bench=_bench)
 @triton.jit(do_not_specialize=['K0', 'K1', 'K2'])  # one compiled kernel per TAPS_i, not per length
 def _strip3_wgrad_kernel(g0_ptr, g1_ptr, g2_ptr, x0_ptr, x1_ptr, x2_ptr, out_ptr, N, C, H, W, sn, sc, sh, sw,
                          num_chunks, K0, K1, K2,

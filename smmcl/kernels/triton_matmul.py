@@ -44,7 +44,7 @@ SPLIT_ALIGN = 64  # each program's share of a split reduction: a multiple of eve
 
 
 @autotune(configs=MATMUL_CONFIGS, key=['M', 'N', 'K', 'k_per_split', 'sam', 'sak', 'sbk', 'sbn'],
-                 do_bench=bench)
+          do_bench=bench)
 @triton.jit
 def bmm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, k_per_split, sab, sam, sak, sbb, sbk, sbn, scs, scb, scm, scn,
                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):

@@ -155,7 +155,7 @@ def _finish_row(acc, out_ptr, b_ptr, g_ptr, n, c, cmask, h, w, H, W, sn, sc, sh,
 
 # keyed by the kernel shape and epilogue too: one op's tuning must not pass to another on a map of one size
 @autotune(configs=ROW_CONFIGS, key=KEY + ['KH', 'KW', 'EPILOGUE', 'IN_BIAS'], prune_configs_by=PRUNE,
-                 do_bench=bench)
+          do_bench=bench)
 @triton.jit
 def dwconv_rows_kernel(x_ptr, w_ptr, b_ptr, g_ptr, out_ptr, ib_ptr, C, H, W, sn, sc, sh, sw,
                        KH: tl.constexpr, KW: tl.constexpr, TRANSPOSE: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -406,8 +406,8 @@ def dwconv_wgrad_rows_kernel(g_ptr, x_ptr, dw_ptr, db_ptr, N, C, H, W, sn, sc, s
 
 # keyed by what the pass computes too: the GELU's gradient and the adjoint conv tune apart
 @autotune(configs=GRAD_WGRAD_ROW_CONFIGS,
-                 key=KEY + ['N', 'KH', 'KW', 'GELU', 'HAS_BIAS', 'IN_BIAS', 'ADDEND'], prune_configs_by=PRUNE,
-                 do_bench=bench)
+          key=KEY + ['N', 'KH', 'KW', 'GELU', 'HAS_BIAS', 'IN_BIAS', 'ADDEND'], prune_configs_by=PRUNE,
+          do_bench=bench)
 @triton.jit
 def grad_wgrad_rows_kernel(g_ptr, x_ptr, dw_ptr, db_ptr, N, C, H, W, sn, sc, sh, sw, num_chunks,
                            KH: tl.constexpr, KW: tl.constexpr, w_ptr, b_ptr, ib_ptr, out_ptr, a_ptr,
