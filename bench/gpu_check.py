@@ -3,6 +3,7 @@
     python bench/gpu_check.py                   # on a CUDA machine, a few minutes
     python bench/gpu_check.py --wheels DIR      # first installs our small deps from local wheels
     python bench/gpu_check.py --compile         # also torch.compile the fast paths (minutes cold)
+    python bench/gpu_check.py --triton-cache DIR  # first loads what an earlier call compiled (packed in its --out)
     TRITON_INTERPRET=1 python bench/gpu_check.py --smoke   # every step, a tiny model, on the CPU (~35 min)
 
 Needs only PyTorch and Triton (plus numpy, easydict; opencv and pillow for the evaluation row; with
@@ -50,7 +51,9 @@ wanted first, each reported even if another fails; once ``--budget-s`` is spent 
    NEW where it is not one of the listed defaults.
 
 Everything is printed as it comes, then one summary for docs/speed.md; with ``--out``
-(default ``$OUT`` when set) the log and a JSON of the numbers are written there too.
+(default ``$OUT`` when set) the log and a JSON of the numbers are written there too, and after each step
+Triton's compiled kernels (``bench/triton_cache.py``), which the next call on a fresh machine loads with
+``--triton-cache`` instead of compiling them again.
 """
 from __future__ import annotations
 
@@ -65,6 +68,7 @@ import os
 import site
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import traceback
@@ -160,6 +164,10 @@ def main(argv=None):
     parser.add_argument('--deadline-s', type=float, default=520, help='the unit tests stop by then')
     parser.add_argument('--out', default=os.environ.get('OUT'))
     parser.add_argument('--only', default='', help='comma-separated steps to run, the others skipped (e.g. sweep)')
+    parser.add_argument('--triton-cache', default='',
+                        help="comma-separated folders or files of Triton's compiled kernels that an earlier call wrote "
+                             'under --out (triton_cache.*.tar.gz): loaded first, so this call does not compile them '
+                             'again (bench/triton_cache.py)')
     parser.add_argument('--sweep-worker', action='store_true', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.sweep_worker:
@@ -178,6 +186,10 @@ def main(argv=None):
     started = time.time()
     results = {}
     skip = set(filter(None, args.skip.split(',')))
+    import triton_cache  # bench/triton_cache.py: this script's own folder is first on the module path
+    if (args.out or args.triton_cache) and 'TRITON_CACHE_DIR' not in os.environ:
+        # a cache of this run's own, so that a pack holds what this run compiled and loaded, nothing older
+        os.environ['TRITON_CACHE_DIR'] = tempfile.mkdtemp(prefix='smmcl_triton_cache_')
     import torch
     import triton
     on_gpu = torch.cuda.is_available()
@@ -187,6 +199,13 @@ def main(argv=None):
     print(f'device {name}; torch {torch.__version__}; triton {triton.__version__}; python {sys.version.split()[0]}; '
           f'autotuning candidates compiled by {worker_count()} processes (SMMCL_TRITON_COMPILE_WORKERS)')
     results['env'] = dict(device=name, torch=torch.__version__, triton=triton.__version__)
+    if args.triton_cache:
+        try:
+            loaded = triton_cache.unpack(args.triton_cache.split(','), triton_cache.folder())
+            print(f'triton cache: {loaded} compiled kernels loaded from {args.triton_cache} into '
+                  f'{triton_cache.folder()}')
+        except (OSError, ValueError, tarfile.TarError) as err:  # the run is worth more than the time it saves
+            print(f'triton cache: nothing loaded, the kernels are compiled here ({type(err).__name__}: {err})')
     if not on_gpu and not args.smoke:
         sys.exit('no CUDA device: run with --smoke under TRITON_INTERPRET=1 to check the script on the CPU')
     args.started = started
@@ -207,6 +226,8 @@ def main(argv=None):
         except Exception:  # noqa: BLE001 - report and go on to the next step
             traceback.print_exc(file=sys.stdout)
             results[step] = 'failed'
+        if args.out and on_gpu:  # after every step: a call stopped at its time limit keeps what it compiled
+            save_triton_cache(args.out)
     summary(results)
     print(f'autotuning: {compile_stats()}')
     print(f'\ntotal {time.time() - started:.0f} s')
@@ -214,6 +235,27 @@ def main(argv=None):
         with open(os.path.join(args.out, 'gpu_check.json'), 'w') as f:
             json.dump(results, f, indent=1, default=str)
         log_file.close()
+
+
+_PACKED = {}  # what the last pack held: a step that compiled nothing new is not packed again
+
+
+def save_triton_cache(out: str) -> None:
+    """Packs Triton's compiled kernels into ``out`` for the next call's ``--triton-cache`` (never fails the run)."""
+    import triton_cache
+    try:
+        held = triton_cache.entries(triton_cache.folder())
+        if _PACKED.get(out) == held:
+            return
+        packed = triton_cache.pack(triton_cache.folder(), out)
+        _PACKED[out] = held
+    except Exception as err:  # noqa: BLE001 - a full disk, an unreadable entry: the run's results come first
+        print(f'triton cache: not packed ({type(err).__name__}: {err})')
+        return
+    print(f"triton cache: {packed['folders']} entries in {len(packed['files'])} file(s), "
+          f"{packed['bytes'] / 2 ** 20:.1f} MiB under {out}" + (f", {packed['left']} left out (too large)"
+                                                                if packed['left'] else '')
+          + '; the next call loads them with --triton-cache')
 
 
 # ---- timing helpers ---------------------------------------------------------------------------------
