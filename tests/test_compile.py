@@ -92,11 +92,20 @@ def test_no_workers_where_the_kernels_are_interpreted_or_one_is_asked(monkeypatc
     assert triton_compile.worker_count() == 2
 
 
-class _Pool:
-    """An executor that runs each job at once, in this process, recording it."""
+class _Process:
+    def __init__(self):
+        self.terminated = False
 
-    def __init__(self, broken=False):
-        self.jobs, self.broken, self.shut = [], broken, False
+    def terminate(self):
+        self.terminated = True
+
+
+class _Pool:
+    """An executor that runs each job at once, in this process, recording it (or never, when stuck)."""
+
+    def __init__(self, broken=False, stuck=False):
+        self.jobs, self.broken, self.stuck, self.shut = [], broken, stuck, False
+        self._processes = {1: _Process(), 2: _Process()}  # as ProcessPoolExecutor holds its workers
 
     def submit(self, fn, *args):
         import concurrent.futures
@@ -104,11 +113,12 @@ class _Pool:
             raise concurrent.futures.BrokenExecutor('a worker died')
         self.jobs.append((fn, args))
         done = concurrent.futures.Future()
-        done.set_result(None)
+        if not self.stuck:
+            done.set_result(None)
         return done
 
     def shutdown(self, wait=True, cancel_futures=False):
-        self.shut = True
+        self.shut, self.workers, self._processes = True, self._processes, None
 
 
 def test_each_candidate_goes_to_a_worker_with_the_launchs_arguments_and_the_workers_end_when_idle(monkeypatch):
@@ -138,13 +148,22 @@ def test_each_candidate_goes_to_a_worker_with_the_launchs_arguments_and_the_work
     assert second[1][3]['BLOCK'] == 32 and second[1][3]['num_warps'] == 8
     assert triton_compile.compile_candidates(tuner, configs[:1], {}) == 0 and len(pool.jobs) == 2  # one: Triton's
     time.sleep(0.5)
-    assert pool.shut and triton_compile._pool is None
+    assert pool.shut and all(p.terminated for p in pool.workers.values()) and triton_compile._pool is None
     broken = _Pool(broken=True)
     monkeypatch.setattr(triton_compile, '_pool', broken)
     monkeypatch.setattr(triton_compile, '_pool_failed', False)
     with pytest.warns(UserWarning, match='no compile workers'):
         assert triton_compile.compile_candidates(tuner, configs, {}) == 0
     assert broken.shut and triton_compile._pool is None and triton_compile.compile_pool() is None
+    # a worker that hangs: the launch waits _WAIT_S once, then the pool and its processes are ended
+    stuck = _Pool(stuck=True)
+    monkeypatch.setattr(triton_compile, '_pool', stuck)
+    monkeypatch.setattr(triton_compile, '_pool_failed', False)
+    monkeypatch.setattr(triton_compile, '_WAIT_S', 0.05)
+    with pytest.warns(UserWarning, match=r'TimeoutError: 2 of 2 candidates not compiled after 0.05 s'):
+        assert triton_compile.compile_candidates(tuner, configs, {}) == 0
+    assert stuck.shut and all(p.terminated for p in stuck.workers.values())
+    assert triton_compile._pool is None and triton_compile.compile_pool() is None
 
 
 def kernel_stub():

@@ -20,7 +20,8 @@ and nothing else: they never call CUDA (a forked process must not) and hold no G
 
 ``SMMCL_TRITON_COMPILE_WORKERS``: the number of worker processes (default: the CPU cores, shared among the
 training's processes on the machine, at most 16; they end after a minute without work, and a new shape
-starts them again); ``0`` or ``1`` compiles in the launching process, as Triton does.
+starts them again); ``0`` or ``1`` compiles in the launching process, as Triton does. A key whose candidates
+are not back within two minutes ends the workers (a hung one too), and the launches compile for themselves.
 """
 from __future__ import annotations
 
@@ -39,7 +40,9 @@ from triton.runtime.jit import MockTensor
 
 from .triton_common import INTERPRETED
 
-_WAIT_S = 900  # a stuck worker: the launch then compiles what is left itself
+# A key's candidates take seconds in the workers; one that is not back after this is stuck (a worker hung, say):
+# the pool is ended and the launches compile themselves, rather than each new key waiting as long again
+_WAIT_S = 120
 _IDLE_S = 60  # the workers end after this long without work
 
 _pool: Optional[concurrent.futures.Executor] = None
@@ -115,13 +118,21 @@ def compile_pool() -> Optional[concurrent.futures.Executor]:
     return _pool
 
 
+def end_pool(pool: concurrent.futures.Executor) -> None:
+    """Shuts ``pool`` down without waiting, its worker processes ended (a stuck one too)."""
+    processes = list((getattr(pool, '_processes', None) or {}).values())  # shutdown forgets them
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
+
+
 def release_pool() -> None:
     """Ends the worker processes (a later compilation starts them again)."""
     global _pool
     with _lock:
         pool, _pool = _pool, None
     if pool is not None:
-        pool.shutdown(wait=False, cancel_futures=True)
+        end_pool(pool)
 
 
 atexit.register(release_pool)  # before the interpreter's teardown, which the pool's own finaliser outlives
@@ -158,12 +169,14 @@ def compile_candidates(tuner, configs, kwargs: dict, executor: Optional[concurre
                 return 0
             jobs = [pool.submit(compile_candidate, module, name, args, dict(constexprs, **c.all_kwargs()))
                     for c in configs]
-            done, _ = concurrent.futures.wait(jobs, timeout=_WAIT_S)
-        except Exception as err:  # noqa: BLE001 - a worker died, or no child process may start here (a daemon)
+            done, waiting = concurrent.futures.wait(jobs, timeout=_WAIT_S)
+            if waiting:
+                raise TimeoutError(f'{len(waiting)} of {len(jobs)} candidates not compiled after {_WAIT_S} s')
+        except Exception as err:  # noqa: BLE001 - a worker died or hung, or no child process may start here (a daemon)
             if executor is None:  # no pool again in this process: the launches compile themselves
                 broken, _pool, _pool_failed = _pool, None, True
                 if broken is not None:
-                    broken.shutdown(wait=False, cancel_futures=True)
+                    end_pool(broken)
             warnings.warn(f'smmcl.kernels: no compile workers ({type(err).__name__}: {err}); Triton compiles the '
                           'autotuning candidates in this process')
             return 0
