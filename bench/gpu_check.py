@@ -1087,6 +1087,8 @@ def step_bench(args, device):
                                    train_peak=train_peak, infer_peak=infer_peak, compile_s=compile_s)
                 print(f'{label}: {rows[label]} ({time.time() - t0:.0f} s)')
                 print(f'  autotuning so far: {compile_stats()}')
+                if args.out and device.type == 'cuda':  # this step may outlast the call: keep what it compiled
+                    save_triton_cache(args.out)
                 torch.cuda.empty_cache() if device.type == 'cuda' else None
     finally:
         bench.make_cfg = original
