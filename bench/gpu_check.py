@@ -253,7 +253,7 @@ def save_triton_cache(out: str) -> None:
         print(f'triton cache: not packed ({type(err).__name__}: {err})')
         return
     print(f"triton cache: {packed['folders']} entries in {len(packed['files'])} file(s), "
-          f"{packed['bytes'] / 2 ** 20:.1f} MiB under {out}" + (f", {packed['left']} left out (too large)"
+          f"{packed['bytes'] / 2 ** 20:.1f} MiB under {out}" + (f", {packed['left']} left out (no room)"
                                                                 if packed['left'] else '')
           + '; the next call loads them with --triton-cache')
 
