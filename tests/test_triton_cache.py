@@ -82,6 +82,13 @@ def test_loading_refuses_what_is_not_a_pack(triton_cache, tmp_path):
         tar.add(__file__, arcname='deep/er/file.py')
     with pytest.raises(ValueError, match='not a Triton cache entry'):
         triton_cache.unpack([str(tmp_path)], str(tmp_path / 'cache'))
+    link = tarfile.TarInfo('hash0/kernel.cubin')  # a link out of the cache, at an entry's place
+    link.type, link.linkname = tarfile.SYMTYPE, '/etc/passwd'
+    with tarfile.open(bad, 'w:gz') as tar:
+        tar.addfile(link)
+    with pytest.raises(ValueError, match="'hash0/kernel.cubin' is not a Triton cache entry"):
+        triton_cache.unpack([str(bad)], str(tmp_path / 'cache'))
+    assert not os.path.lexists(tmp_path / 'cache' / 'hash0')
 
 
 CHILD = r'''
