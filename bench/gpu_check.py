@@ -53,7 +53,9 @@ wanted first, each reported even if another fails; once ``--budget-s`` is spent 
 Everything is printed as it comes, then one summary for docs/speed.md; with ``--out``
 (default ``$OUT`` when set) the log and a JSON of the numbers are written there too, and after each step
 Triton's compiled kernels (``bench/triton_cache.py``), which the next call on a fresh machine loads with
-``--triton-cache`` instead of compiling them again.
+``--triton-cache`` instead of compiling them again. A SIGTERM (a device call's time limit, as ``timeout``
+sends it) stops the running step; the summary, the JSON (with the bench rows measured so far) and the pack
+are still written, and the exit status is 143.
 """
 from __future__ import annotations
 
@@ -65,6 +67,7 @@ import io
 import itertools
 import json
 import os
+import signal
 import site
 import subprocess
 import sys
@@ -214,27 +217,66 @@ def main(argv=None):
     steps = [('bench', step_bench), ('kernels', step_kernels), ('model', step_model), ('graphs', step_graphs),
              ('profile', step_profile), ('brief', step_brief), ('tests', step_tests), ('sweep', step_sweep)]
     only = set(filter(None, args.only.split(',')))
-    for step, fn in steps:
-        if step in skip or (only and step not in only):
-            continue
-        if time.time() - started > args.budget_s:
-            print(f'\n[{step}] skipped: {time.time() - started:.0f} s spent (--budget-s {args.budget_s:.0f})')
-            continue
-        print(f'\n===== {step} ({time.time() - started:.0f} s) =====')
-        try:
-            results[step] = fn(args, device)
-        except Exception:  # noqa: BLE001 - report and go on to the next step
-            traceback.print_exc(file=sys.stdout)
-            results[step] = 'failed'
-        if args.out and on_gpu:  # after every step: a call stopped at its time limit keeps what it compiled
-            save_triton_cache(args.out)
+    # a call stopped at its time limit (SIGTERM, as `timeout` sends it) still ends with the summary, the JSON and
+    # the pack of what it compiled
+    signal.signal(signal.SIGTERM, _stop)
+    args.partial, running = {}, 'set-up'  # running: the step started last
+    try:
+        for step, fn in steps:
+            if step in skip or (only and step not in only):
+                continue
+            if time.time() - started > args.budget_s:
+                print(f'\n[{step}] skipped: {time.time() - started:.0f} s spent (--budget-s {args.budget_s:.0f})')
+                continue
+            print(f'\n===== {step} ({time.time() - started:.0f} s) =====')
+            running = step
+            try:
+                results[step] = fn(args, device)
+            except Exception:  # noqa: BLE001 - report and go on to the next step
+                traceback.print_exc(file=sys.stdout)
+                if _STOPPING:  # a DataLoader's worker stopped by the same SIGTERM, reported before it
+                    raise Stopped from None
+                results[step] = 'failed'
+            finish(args, results, on_gpu)
+    except Stopped:
+        if not isinstance(results.get(running), dict):  # what it had measured (the bench rows so far), or a mark
+            results[running] = args.partial.get(running) or 'stopped'
+        print(f'\n[{running}] stopped by SIGTERM after {time.time() - started:.0f} s')
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the wrap-up takes a second: a SIGKILL may follow, not cut it
     summary(results)
     print(f'autotuning: {compile_stats()}')
     print(f'\ntotal {time.time() - started:.0f} s')
-    if args.out:
-        with open(os.path.join(args.out, 'gpu_check.json'), 'w') as f:
-            json.dump(results, f, indent=1, default=str)
+    finish(args, results, on_gpu)
+    if log_file is not None:
         log_file.close()
+    if _STOPPING:
+        sys.exit(128 + signal.SIGTERM)
+
+
+class Stopped(BaseException):
+    """SIGTERM: unwinds the running step (a BaseException, so the steps' own ``except Exception`` lets it by)."""
+
+
+_STOPPING = []  # not empty once a SIGTERM came
+
+
+def _stop(signum, frame):
+    if _STOPPING:  # `timeout` sends it twice, to the process and to its group: the wrap-up is not cut
+        return
+    _STOPPING.append(time.time())
+    raise Stopped
+
+
+def finish(args, results, on_gpu) -> None:
+    """What a step leaves under ``--out``: the JSON of the numbers so far and Triton's compiled kernels."""
+    if not args.out:
+        return
+    path = os.path.join(args.out, 'gpu_check.json')
+    with open(path + '.tmp', 'w') as f:
+        json.dump(results, f, indent=1, default=str)
+    os.replace(path + '.tmp', path)
+    if on_gpu:
+        save_triton_cache(args.out)
 
 
 _PACKED = {}  # what the last pack held: a step that compiled nothing new is not packed again
@@ -1036,7 +1078,7 @@ def step_bench(args, device):
     bench_args = bench_arguments(args, batch=2 if args.smoke else args.batch, iters=1 if args.smoke else args.iters,
                                  warmup=0 if args.smoke else args.warmup)
     original = bench.make_cfg
-    rows = {}
+    rows = args.partial['bench'] = {}  # the rows so far, should the call be stopped in this step
     # (label, fast path, Triton kernels, torch.compile, channels_last, CUDA graphs: None, 'infer' (the
     # inference and evaluation columns only) or 'train' (the training columns only))
     paths = [('plain', False, False, False, None, None), ('fast', True, False, False, None, None),
@@ -1727,9 +1769,9 @@ def summary(results):
     if isinstance(sweep, dict):
         print(f"tile sweep: {len(sweep['winners'])} (kernel, shape) winners, {sweep['new']} not among the listed tiles")
     for step in ('bench', 'graphs', 'model', 'kernels', 'brief', 'profile', 'tests', 'sweep'):
-        if results.get(step) == 'failed':
-            print(f'step {step}: FAILED (traceback above)')
-    if 'tests' in results and results['tests'] != 'failed':
+        if results.get(step) in ('failed', 'stopped'):
+            print(f"step {step}: {'FAILED (traceback above)' if results[step] == 'failed' else 'stopped (SIGTERM)'}")
+    if 'tests' in results and results['tests'] not in ('failed', 'stopped'):
         print(f"kernel tests on CUDA: {results['tests']}")
 
 

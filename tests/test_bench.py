@@ -368,3 +368,31 @@ def test_kernel_labels_and_launching_operators_name_the_element_wise_kernels():
               SimpleNamespace(key='aten::copy_', count=20, self_device_time_total=600.0),
               SimpleNamespace(key='aten::view', count=500, self_device_time_total=0.0)]
     assert gpu_check.launching_operators(events, steps=2) == [('aten::addcmul', 42, 1.2), ('aten::copy_', 10, 0.3)]
+
+
+@pytest.mark.skipif(importlib.util.find_spec('triton') is None, reason='needs Triton (its interpreter)')
+def test_a_call_stopped_at_its_time_limit_still_writes_its_rows_summary_and_json(tmp_path):
+    """gpu_check under a device call's limit: SIGTERM, as `timeout` sends it (to the process and to its group,
+    the DataLoader's workers too), in the middle of the bench step: the rows measured so far are in the JSON and
+    the summary, and the exit status says it was stopped."""
+    import json
+    import signal
+    import time
+    out = tmp_path / 'out'
+    env = dict(os.environ, TRITON_INTERPRET='1', PYTHONUNBUFFERED='1', PYTHONPATH=REPO_ROOT, TMPDIR=str(tmp_path))
+    with open(tmp_path / 'log.txt', 'w') as log:
+        proc = subprocess.Popen([sys.executable, os.path.join(REPO_ROOT, 'bench', 'gpu_check.py'), '--smoke',
+                                 '--only', 'bench', '--out', str(out)], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        deadline = time.time() + 240
+        while 'autotuning so far' not in (tmp_path / 'log.txt').read_text() and time.time() < deadline:
+            assert proc.poll() is None, (tmp_path / 'log.txt').read_text()[-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    text = (tmp_path / 'log.txt').read_text()
+    assert '[bench] stopped by SIGTERM after' in text and 'SUMMARY (for docs/speed.md)' in text
+    rows = json.loads((out / 'gpu_check.json').read_text())['bench']
+    assert rows['plain']['train'] > 0 and 'fast+triton' not in rows  # the first row, not the interpreted ones
+    assert '\nplain ' in text.split('SUMMARY')[1]

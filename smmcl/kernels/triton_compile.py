@@ -30,6 +30,7 @@ import concurrent.futures
 import importlib
 import multiprocessing
 import os
+import signal
 import threading
 import time
 import warnings
@@ -83,6 +84,9 @@ class CompileOnlyDriver:
 
 def start_worker(target) -> None:
     """A worker process's initialiser: compile for ``target`` (a ``triton.backends.compiler.GPUTarget``)."""
+    # not the launching script's signal handlers: the pool ends a worker with SIGTERM, and Ctrl-C is the parent's
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     triton.runtime.driver.set_active(CompileOnlyDriver(target))
 
 
