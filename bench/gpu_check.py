@@ -94,20 +94,32 @@ def _importable(module: str) -> bool:
 
 def install_wheels(folder: str) -> None:
     """Our small dependencies that are missing, from a local wheel folder (pip picks the wheel that fits
-    this Python among several), and this repository's package when it is not installed, into a private
-    site dir (no network: ``--no-index``, ``--no-deps``, no build isolation)."""
+    this Python among several), into a private site dir (no network: ``--no-index``, ``--no-deps``)."""
     target = os.path.join(tempfile.gettempdir(), 'smmcl_site')
     projects = sorted({f.split('-')[0].lower() for f in os.listdir(folder) if f.endswith('.whl')})
     missing = [p for p in projects if not _importable(_WHEEL_MODULES.get(p, p))]
-    local = [REPO] if importlib.util.find_spec('smmcl') is None else []
-    for args in ([['--find-links', folder] + missing] if missing else []) + ([local] if local else []):
+    if missing:
         subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-index', '--no-deps', '--no-compile',
-                        '--no-build-isolation', '--upgrade', '--target', target] + args, check=True)
-    if missing or local:
+                        '--upgrade', '--target', target, '--find-links', folder] + missing, check=True)
         site.addsitedir(target)
-        os.environ['PYTHONPATH'] = target + os.pathsep + os.environ.get('PYTHONPATH', '')
-    print(f'installed from {folder}: {missing or "nothing missing"}; smmcl package: '
-          f'{"from this checkout" if local else "already importable"}')
+        _prepend_module_path(target)
+    print(f'installed from {folder}: {missing or "nothing missing"}')
+
+
+def _prepend_module_path(folder: str) -> None:
+    """``folder`` first on the module path of the processes this one starts (no empty entry: that would be their working directory)."""
+    os.environ['PYTHONPATH'] = os.pathsep.join(filter(None, [folder, os.environ.get('PYTHONPATH')]))
+
+
+def use_checkout() -> str:
+    """Where ``smmcl`` is imported from: where it is installed, else this checkout as it is, put on the module
+    path of this process and of the ones it starts (nothing to build: on the device, pip building the
+    package took seconds and needs setuptools' wheel support)."""
+    if importlib.util.find_spec('smmcl') is None:
+        sys.path.insert(0, REPO)
+        _prepend_module_path(REPO)
+        return f'this checkout ({REPO})'
+    return 'installed'
 
 
 # --smoke runs every step on the CPU under Triton's interpreter, where each launch is interpreted: a
@@ -173,14 +185,12 @@ def main(argv=None):
                              'again (bench/triton_cache.py)')
     parser.add_argument('--sweep-worker', action='store_true', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    smmcl_from = use_checkout()
     if args.sweep_worker:
         import torch
         return sweep_worker(args, torch.device('cuda' if torch.cuda.is_available() else 'cpu'))
     if args.wheels:
         install_wheels(args.wheels)
-    if importlib.util.find_spec('smmcl') is None:
-        sys.exit('gpu_check: the smmcl package is not importable: `pip install -e .` in the repository, '
-                 'or pass --wheels DIR (it installs the package from this checkout too)')
     log_file = None
     if args.out:
         os.makedirs(args.out, exist_ok=True)
@@ -200,7 +210,8 @@ def main(argv=None):
     name = torch.cuda.get_device_name(device) if on_gpu else 'CPU'
     from smmcl.kernels.triton_compile import worker_count
     print(f'device {name}; torch {torch.__version__}; triton {triton.__version__}; python {sys.version.split()[0]}; '
-          f'autotuning candidates compiled by {worker_count()} processes (SMMCL_TRITON_COMPILE_WORKERS)')
+          f'smmcl {smmcl_from}; autotuning candidates compiled by {worker_count()} processes '
+          '(SMMCL_TRITON_COMPILE_WORKERS)')
     results['env'] = dict(device=name, torch=torch.__version__, triton=triton.__version__)
     if args.triton_cache:
         try:

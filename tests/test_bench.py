@@ -396,3 +396,19 @@ def test_a_call_stopped_at_its_time_limit_still_writes_its_rows_summary_and_json
     rows = json.loads((out / 'gpu_check.json').read_text())['bench']
     assert rows['plain']['train'] > 0 and 'fast+triton' not in rows  # the first row, not the interpreted ones
     assert '\nplain ' in text.split('SUMMARY')[1]
+
+
+def test_gpu_check_imports_smmcl_from_its_checkout_where_it_is_not_installed(tmp_path):
+    """On the device nothing is installed: the checkout goes on the module path (of the steps' own processes too),
+    nothing is built."""
+    code = ("import importlib.util, os, sys; sys.path.insert(0, sys.argv[1]); import gpu_check; "
+            "print(gpu_check.use_checkout()); print(importlib.util.find_spec('smmcl').origin); "
+            "print(repr(os.environ['PYTHONPATH']))")
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    # -S: no site-packages, where the editable install of the test environment lives
+    out = subprocess.run([sys.executable, '-S', '-c', code, os.path.join(REPO_ROOT, 'bench')], capture_output=True,
+                         text=True, env=env, cwd=str(tmp_path), timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    said, origin, path = out.stdout.splitlines()
+    assert said == f'this checkout ({REPO_ROOT})' and origin == os.path.join(REPO_ROOT, 'smmcl', '__init__.py')
+    assert path == repr(REPO_ROOT)
