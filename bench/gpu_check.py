@@ -272,7 +272,7 @@ _STOPPING = []  # not empty once a SIGTERM came
 
 
 def _stop(signum, frame):
-    if _STOPPING:  # `timeout` sends it twice, to the process and to its group: the wrap-up is not cut
+    if _STOPPING:  # a second one (to the process and to its group, both signalled) must not cut the wrap-up
         return
     _STOPPING.append(time.time())
     raise Stopped

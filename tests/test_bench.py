@@ -372,9 +372,9 @@ def test_kernel_labels_and_launching_operators_name_the_element_wise_kernels():
 
 @pytest.mark.skipif(importlib.util.find_spec('triton') is None, reason='needs Triton (its interpreter)')
 def test_a_call_stopped_at_its_time_limit_still_writes_its_rows_summary_and_json(tmp_path):
-    """gpu_check under a device call's limit: SIGTERM, as `timeout` sends it (to the process and to its group,
-    the DataLoader's workers too), in the middle of the bench step: the rows measured so far are in the JSON and
-    the summary, and the exit status says it was stopped."""
+    """gpu_check under a device call's limit: SIGTERM to the process and to its group (the DataLoader's workers
+    too, and the process a second time), in the middle of the bench step: the rows measured so far are in the
+    JSON and the summary, and the exit status says it was stopped."""
     import json
     import signal
     import time
