@@ -68,7 +68,9 @@ def make_cfg(args, fast):
                compile=fast and args.compile, cuda_graphs=fast and args.cuda_graphs,
                cuda_graphs_training=fast and args.cuda_graphs,
                # speed='fast' on a GPU: the loss read every 50 steps, fused AdamW (smmcl.engine.speed)
-               host_sync_every=50 if fast else 1)
+               host_sync_every=50 if fast else 1,
+               # bench.py's own runs keep the config's decoder; gpu_check's smoke model asks for a narrow one
+               decoder_embed_dim=getattr(args, 'decoder_embed_dim', cfg.decoder_embed_dim))
     return cfg
 
 

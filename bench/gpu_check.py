@@ -107,7 +107,8 @@ def install_wheels(folder: str) -> None:
 
 
 def _prepend_module_path(folder: str) -> None:
-    """``folder`` first on the module path of the processes this one starts (no empty entry: that would be their working directory)."""
+    """``folder`` first on the module path of the processes this one starts (no empty entry: that would be
+    their working directory)."""
     os.environ['PYTHONPATH'] = os.pathsep.join(filter(None, [folder, os.environ.get('PYTHONPATH')]))
 
 
@@ -215,9 +216,9 @@ def main(argv=None):
     results['env'] = dict(device=name, torch=torch.__version__, triton=triton.__version__)
     if args.triton_cache:
         try:
-            loaded = triton_cache.unpack(args.triton_cache.split(','), triton_cache.folder())
-            print(f'triton cache: {loaded} compiled kernels loaded from {args.triton_cache} into '
-                  f'{triton_cache.folder()}')
+            folder = triton_cache.folder()
+            loaded = triton_cache.unpack(args.triton_cache.split(','), folder)
+            print(f'triton cache: {loaded} compiled kernels loaded from {args.triton_cache} into {folder}')
         except (OSError, ValueError, tarfile.TarError) as err:  # the run is worth more than the time it saves
             print(f'triton cache: nothing loaded, the kernels are compiled here ({type(err).__name__}: {err})')
     if not on_gpu and not args.smoke:
@@ -297,10 +298,11 @@ def save_triton_cache(out: str) -> None:
     """Packs Triton's compiled kernels into ``out`` for the next call's ``--triton-cache`` (never fails the run)."""
     import triton_cache
     try:
-        held = triton_cache.entries(triton_cache.folder())
+        folder = triton_cache.folder()
+        held = triton_cache.entries(folder)
         if _PACKED.get(out) == held:
             return
-        packed = triton_cache.pack(triton_cache.folder(), out)
+        packed = triton_cache.pack(folder, out)
         _PACKED[out] = held
     except Exception as err:  # noqa: BLE001 - a full disk, an unreadable entry: the run's results come first
         print(f'triton cache: not packed ({type(err).__name__}: {err})')
@@ -1078,8 +1080,7 @@ def compile_stats() -> str:
 
 
 def bench_arguments(args, **values):
-    """``bench/bench.py``'s arguments for the model this run measures (its ``make_cfg`` leaves the decoder's
-    width to the caller: ``decoder_embed_dim``)."""
+    """``bench/bench.py``'s arguments for the model this run measures (backbone, decoder width, input size)."""
     return argparse.Namespace(**dict(model_shape(args), classes=14, compile=False, cuda_graphs=False, **values))
 
 
@@ -1121,9 +1122,8 @@ def step_bench(args, device):
             for label, fast, kernels, compiled, layout, graphs in paths:
                 def make_cfg(a, f, kernels=kernels, compiled=compiled, layout=layout, graphs=graphs):
                     cfg = original(a, f)
-                    cfg.update(decoder_embed_dim=a.decoder_embed_dim, triton_kernels=kernels and f,
-                               compile=compiled and f, channels_last=layout, cuda_graphs=graphs == 'infer',
-                               cuda_graphs_training=graphs == 'train')
+                    cfg.update(triton_kernels=kernels and f, compile=compiled and f, channels_last=layout,
+                               cuda_graphs=graphs == 'infer', cuda_graphs_training=graphs == 'train')
                     return cfg
                 bench.make_cfg = make_cfg
                 t0 = time.time()
@@ -1563,7 +1563,7 @@ def _profile_evaluation(args, device, name):
 
     def make_cfg(a, f):
         cfg = original(a, f)
-        cfg.update(decoder_embed_dim=a.decoder_embed_dim, triton_kernels=True)
+        cfg.update(triton_kernels=True)
         return cfg
     bench.make_cfg = make_cfg
     try:

@@ -114,11 +114,11 @@ def compile_pool() -> Optional[concurrent.futures.Executor]:
     """The worker processes (forked on first use, for the current device's target), or None: fewer than
     two workers asked for, the kernels interpreted, or the pool broken earlier."""
     global _pool
-    if _pool is None and not _pool_failed and not INTERPRETED and worker_count() > 1:
+    workers = worker_count() if _pool is None and not _pool_failed and not INTERPRETED else 0
+    if workers > 1:
         target = triton.runtime.driver.active.get_current_target()
         _pool = concurrent.futures.ProcessPoolExecutor(
-            worker_count(), mp_context=multiprocessing.get_context('fork'), initializer=start_worker,
-            initargs=(target,))
+            workers, mp_context=multiprocessing.get_context('fork'), initializer=start_worker, initargs=(target,))
     return _pool
 
 
