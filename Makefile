@@ -18,8 +18,11 @@ TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 # pytest-xdist workers, one per core by default (the suite is mostly single-threaded Triton-interpreter
 # and CPU work): TEST_WORKERS=0 runs it in one process. The tests that start processes (integration:
 # torchrun, spawn, gloo, SIGKILL) run after them, one at a time, with the cores to themselves: under a
-# second worker's load a restarted gloo rank was seen to abort at exit.
+# second worker's load a restarted gloo rank was seen to abort at exit. The workers take the tests two
+# at a time, the slow ones first (tests/conftest.py), so that no core is left idle while the other runs
+# a long test drawn last.
 TEST_WORKERS ?= auto
+XDIST := -n $(TEST_WORKERS) --maxschedchunk 2
 
 .PHONY: install test test-quick demo ablation bench clean
 
@@ -34,12 +37,12 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@touch $@
 
 test: install
-	$(TEST_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS) -m "not integration"
+	$(TEST_ENV) $(PY) -m pytest -q $(XDIST) -m "not integration"
 	$(TEST_ENV) $(PY) -m pytest -q -m integration
 
-# Skips the slow tests and those that start processes (subprocess, spawn, gloo): under 90 s on 2 cores.
+# Skips the slow tests and those that start processes (subprocess, spawn, gloo): about 3 minutes on 2 cores.
 test-quick: install
-	$(TEST_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow and not integration"
+	$(TEST_ENV) $(PY) -m pytest -q $(XDIST) -m "not slow and not integration"
 
 demo: install
 	$(PY) -m smmcl.demo

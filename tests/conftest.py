@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny MSCAN width, a tiny model config, a tiny synthetic LLRGBD on disk and the
 settings of a tiny CPU training run."""
+import contextlib
 import functools
 import importlib.util
 import os
@@ -37,6 +38,55 @@ class OpCalls(TorchDispatchMode):
         return [name for name, _ in self.calls]
 
 
+@contextlib.contextmanager
+def interpreter_patches_once_per_launch():
+    """Triton's interpreter patches ``triton.language`` for a launch, then again at every call of a
+    ``@triton.jit`` helper from inside it (``_patch_lang``: ``inspect.getmembers`` of four modules, ~1 ms
+    a call, ~70,000 calls in a whole-model test: a quarter of its time). What a launch patches stays in
+    force for all its programs, and what a helper's call patches is never undone (Triton drops its
+    scope), so inside a launch a helper call whose modules are already patched skips the patching: the
+    same interpreted function. Where Triton's interpreter lacks the names this relies on, nothing
+    changes."""
+    from triton.runtime import interpreter
+    original, launch = getattr(interpreter, '_patch_lang', None), getattr(interpreter, 'GridExecutor', None)
+    if original is None or launch is None or not hasattr(interpreter, '_LangPatchScope'):
+        yield
+        return
+    import triton.language as tl
+    patched = set()  # the modules patched in the running launch
+    running = []
+
+    @functools.lru_cache(maxsize=None)
+    def languages(fn):
+        return frozenset(name for name, module in (('tl', tl), ('core', tl.core))
+                         if any(value is module for value in fn.__globals__.values()))
+
+    def patch_lang(fn):
+        wanted = languages(fn)
+        if running and patched and wanted <= patched:
+            return interpreter._LangPatchScope()
+        scope = original(fn)
+        if running:
+            patched.update(wanted)
+        return scope
+
+    run_grid = launch.__call__
+
+    def run_grid_patching_once(self, *args, **kwargs):
+        running.append(self)
+        try:
+            return run_grid(self, *args, **kwargs)
+        finally:
+            running.pop()
+            patched.clear()
+
+    interpreter._patch_lang, launch.__call__ = patch_lang, run_grid_patching_once
+    try:
+        yield
+    finally:
+        interpreter._patch_lang, launch.__call__ = original, run_grid
+
+
 @functools.lru_cache(maxsize=None)
 def bench_script(name: str):
     """The script ``bench/<name>.py`` as a module (``bench/`` is a folder of scripts, not a package),
@@ -45,6 +95,13 @@ def bench_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests marked ``slow`` run first, each group in its collected order: pytest-xdist hands the
+    tests out in order, and a minute-long test drawn last kept one core busy while the other had nothing
+    left (the suite's wall time ~1.3x its CPU time over two; the same run order within one process)."""
+    items.sort(key=lambda item: item.get_closest_marker('slow') is None)
 
 
 @pytest.fixture

@@ -131,6 +131,7 @@ def test_traffic_counts_launches_where_our_code_makes_them():
     assert '(autograd)' in sites
 
 
+@pytest.mark.slow
 @needs_ptxas
 def test_row_kernels_execute_fewer_instructions_than_tiles():
     """bench/sass.py compiles the kernels for sm_90 without a GPU: the row kernels (each input row loaded
@@ -156,6 +157,7 @@ def test_row_kernels_execute_fewer_instructions_than_tiles():
             assert row['instructions'] < 0.75 * tiles['instructions'] and row['loads'] < 0.75 * tiles['loads']
 
 
+@pytest.mark.slow
 @needs_ptxas
 def test_backward_passes_with_their_weight_gradients_fit_and_save_instructions():
     """The depthwise backward passes that also sum the weight gradients (the attention's 5x5 adjoint, the
@@ -177,6 +179,7 @@ def test_backward_passes_with_their_weight_gradients_fit_and_save_instructions()
             assert first[fused] < first[conv] + first[wgrad], (layout, first)
 
 
+@pytest.mark.slow
 @needs_ptxas
 def test_row_kernels_largest_tiles_fit_in_registers_and_save_instructions():
     """Each row kernel's candidate tile with the most elements a thread (8 columns in NCHW, 4-8 channels
@@ -196,6 +199,7 @@ def test_row_kernels_largest_tiles_fit_in_registers_and_save_instructions():
         assert largest < 0.7 * first, (layout, largest, first)
 
 
+@pytest.mark.slow
 @needs_ptxas
 def test_band_kernels_run_on_the_tensor_cores():
     """The strips along W in NCHW as products with band matrices (smmcl/kernels/triton_bands.py), as
@@ -221,6 +225,7 @@ def test_band_kernels_run_on_the_tensor_cores():
         assert band['instructions'] < bounds[case] * row['instructions'], (case, band, row)
 
 
+@pytest.mark.slow
 @needs_ptxas
 def test_per_channel_passes_compile_to_wide_accesses_without_spills():
     """The bias add (alone, with proj_1's GELU, with conv3's gate) and its backward (the bias gradient's
@@ -267,6 +272,7 @@ def test_per_channel_passes_compile_to_wide_accesses_without_spills():
         assert row['loads'] <= most_loads[case], (case, layout, row)
 
 
+@pytest.mark.slow
 @needs_ptxas
 def test_nmf_products_compile_to_tensor_core_instructions_without_spills():
     """smmcl::bmm_tf32x3's kernel for sm_90 at the NMF's three large products (bench/sass.py): every

@@ -30,11 +30,11 @@ _TRITON_IMPORTED_BEFORE = 'triton' in sys.modules
 if DEVICE == 'cpu' and not _TRITON_IMPORTED_BEFORE:
     os.environ['TRITON_INTERPRET'] = '1'
 
-pytest.importorskip('triton')
+triton = pytest.importorskip('triton')
 if not hasattr(torch.library, 'custom_op'):
     pytest.skip('the kernels need PyTorch >= 2.4 (torch.library.custom_op)', allow_module_level=True)
 
-from conftest import OpCalls, bench_script  # noqa: E402
+from conftest import OpCalls, bench_script, interpreter_patches_once_per_launch  # noqa: E402
 from smmcl import kernels  # noqa: E402  (the Triton-free part; the kernels load on first use)
 from smmcl.models.mscan import AttentionModule, Block, Mlp, ScaleByImage, mscan_t, use_fused_kernels  # noqa: E402
 
@@ -53,12 +53,51 @@ def _interpreter_on_cpu():
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     # float32 references on a GPU: TF32 would round the references' convs to 10 bits
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
+    with interpreter_patches_once_per_launch() if DEVICE == 'cpu' else contextlib.nullcontext():
+        yield
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     if _SAVED_INTERPRET is None:
         os.environ.pop('TRITON_INTERPRET', None)
     else:
         os.environ['TRITON_INTERPRET'] = _SAVED_INTERPRET
+
+
+@triton.jit
+def _twice_plus_one(x):
+    return x * 2 + 1
+
+
+@triton.jit
+def _twice_plus_one_kernel(x_ptr, out_ptr, n):
+    """``out = 2 x + 1`` in blocks of 4, through a helper called three times per program."""
+    offsets = triton.language.program_id(0) * 4 + triton.language.arange(0, 4)
+    mask = offsets < n
+    x = triton.language.load(x_ptr + offsets, mask=mask)
+    triton.language.store(out_ptr + offsets, _twice_plus_one(x) + _twice_plus_one(x) - _twice_plus_one(x), mask=mask)
+
+
+@pytest.mark.skipif(DEVICE != 'cpu', reason="Triton's interpreter runs on the CPU")
+def test_the_interpreter_patches_the_language_once_per_launch():
+    """The tests' interpreter speed-up (``interpreter_patches_once_per_launch`` in conftest.py): a launch of
+    3 programs whose helper is called 9 times reaches Triton's patching once, computes what it computes
+    without the speed-up, and puts Triton's function back afterwards."""
+    from triton.runtime import interpreter
+    x = torch.arange(10, dtype=torch.float32)
+    calls, before = [], interpreter._patch_lang
+    counting = lambda fn: calls.append(fn) or before(fn)  # noqa: E731
+    interpreter._patch_lang = counting
+    try:
+        with interpreter_patches_once_per_launch():
+            out = torch.empty_like(x)
+            _twice_plus_one_kernel[(3,)](x, out, 10)
+        assert len(calls) == 1 and interpreter._patch_lang is counting
+        assert torch.equal(out, x * 2 + 1)
+        calls.clear()
+        out = torch.empty_like(x)
+        _twice_plus_one_kernel[(3,)](x, out, 10)
+        assert len(calls) == 1 + 9 and torch.equal(out, x * 2 + 1)
+    finally:
+        interpreter._patch_lang = before
 
 
 def ops():
@@ -273,6 +312,7 @@ def test_row_kernels_match_conv2d(monkeypatch, n, c, h, w, kh, kw, fmt):
         _check_grads(ops().dwconv2d_gelu(x, weight, bias), ref, (x, weight, bias), (rx, rw, rb), 1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('n, c, h, w, fmt', [(2, 5, 9, 23, NCHW), (1, 3, 25, 4, NCHW), (1, 37, 5, 6, CL)])
 def test_row_kernels_in_the_strip_sum(monkeypatch, n, c, h, w, fmt):
     """The attention's strips on the row kernels (forward sum, backward's adjoint strips; along W in NCHW
@@ -285,6 +325,7 @@ def test_row_kernels_in_the_strip_sum(monkeypatch, n, c, h, w, fmt):
                  [a] + params, [ref_a] + ref_params, 1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('rows', [1, 2, 3])
 def test_row_kernels_with_fewer_output_rows(monkeypatch, rows):
     """A program of 1, 2 or 3 output rows (the interpreter's tiles have 4): each row's accumulator and
@@ -551,6 +592,7 @@ def test_bf16_strip_sum():
 
 # ---- the custom ops' registrations: fake tensors, autograd, torch.compile's tracing ------------------
 
+@pytest.mark.slow
 def test_custom_op_registrations():
     """Schema, fake (meta) implementation against the real one, autograd registration, and (full
     check) tracing by AOTAutograd with dynamic shapes, as torch.compile does."""
@@ -630,6 +672,7 @@ def test_torch_compile_traces_a_block_with_kernels_in_one_graph():
     assert not any('add_channel_bias' in t or 'scaled_residual' in t for t in traced)
 
 
+@pytest.mark.slow
 def test_torch_compile_leaves_the_nmf_updates_to_the_compiler():
     """The fast path's Hamburger with the kernels, traced whole (its backward by hand included): the products
     stay smmcl::bmm_tf32x3, the updates' element-wise steps are ATen's (the compiler fuses them itself), the
@@ -868,6 +911,7 @@ def test_adjoint_pass_adds_the_other_gradient(fmt, dtype):
         K.dwconv_backward(grad, x, weight, addend=other[:1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('bf16', [False, True])
 def test_attention_hands_its_input_on_to_the_gate(monkeypatch, bf16):
     """In training with the kernels the attention's input reaches its gate as a view handed on by the 5x5
@@ -1357,6 +1401,7 @@ def test_tail_sums_the_next_norms_statistics(fmt, shortcut, monkeypatch):
         CH.batch_norm_stats(out, weight, bias, *running[0], 0.1, 1e-5, partials=partials[1:])
 
 
+@pytest.mark.slow
 def test_a_stages_tails_hand_their_sums_to_the_next_norms(monkeypatch):
     """A stage of three training blocks on the kernels' path under bf16 autocast (:func:`run_blocks`): every
     BatchNorm but the stage's first takes its statistics from the tail that wrote its input, and the
@@ -1397,6 +1442,7 @@ def test_a_stages_tails_hand_their_sums_to_the_next_norms(monkeypatch):
         assert rel(g, r) <= 5e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('fmt', [NCHW, CL])
 @pytest.mark.parametrize('amp', [False, True], ids=['fp32', 'bf16-autocast'])
 def test_block_tails_with_kernels_are_the_same_function(fmt, amp, monkeypatch):
@@ -1444,6 +1490,7 @@ def test_block_tails_with_kernels_are_the_same_function(fmt, amp, monkeypatch):
         assert b.dtype == r.dtype and (torch.equal(b, r) if b.dtype == torch.int64 else rel(b, r) <= tol), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('fmt', [NCHW, CL])
 def test_block_casts_its_pointwise_weights_once_each_way(fmt, monkeypatch):
     """Under autocast the training block on the kernels' path casts its five 1x1 convs' weights in one
