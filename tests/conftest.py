@@ -54,7 +54,7 @@ def interpreter_patches_once_per_launch():
         return
     import triton.language as tl
     patched = set()  # the modules patched in the running launch
-    running = []
+    running = []  # the launch under way, if any
 
     @functools.lru_cache(maxsize=None)
     def languages(fn):
@@ -100,7 +100,7 @@ def bench_script(name: str):
 def pytest_collection_modifyitems(config, items):
     """The tests marked ``slow`` run first, each group in its collected order: pytest-xdist hands the
     tests out in order, and a minute-long test drawn last kept one core busy while the other had nothing
-    left (the suite's wall time ~1.3x its CPU time over two; the same run order within one process)."""
+    left (the suite's wall time was ~1.3x its CPU time over two). In one process only the order changes."""
     items.sort(key=lambda item: item.get_closest_marker('slow') is None)
 
 
