@@ -45,6 +45,7 @@ from .triton_common import INTERPRETED
 # the pool is ended and the launches compile themselves, rather than each new key waiting as long again
 _WAIT_S = 120
 _IDLE_S = 60  # the workers end after this long without work
+_LAUNCH_KEYWORDS = ('grid', 'warmup')  # what Triton's launch adds to the keywords it hands the autotuner
 
 _pool: Optional[concurrent.futures.Executor] = None
 _pool_failed = False
@@ -163,7 +164,9 @@ def compile_candidates(tuner, configs, kwargs: dict, executor: Optional[concurre
     if len(configs) < 2:
         return 0
     args = [_picklable(v) for v in tuner.nargs.values()]
-    constexprs = {k: _picklable(v) for k, v in kwargs.items()}
+    # a launch ``kernel[grid](...)`` reaches the autotuner with the grid and Triton's warmup flag among its
+    # keywords: the launch's, not the kernel's (a grid callable would not even pickle), so not the workers'
+    constexprs = {k: _picklable(v) for k, v in kwargs.items() if k not in _LAUNCH_KEYWORDS}
     module, name = tuner.base_fn.__module__, tuner.base_fn.__name__
     started = time.perf_counter()
     with _lock:
