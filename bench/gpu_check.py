@@ -13,7 +13,8 @@ wanted first, each reported even if another fails; once ``--budget-s`` is spent 
 1. ``bench``: ``bench/bench.py``'s measurements for plain, fast and fast + Triton kernels (training step,
    inference, whole sliding-window evaluation, peak memory), inference and evaluation of the fast
    paths with CUDA graphs (``cuda_graphs=True``) and their training step with them
-   (``cuda_graphs_training=True``, NCHW);
+   (``cuda_graphs_training=True``, NCHW); first, the rows' Triton kernels compiled all at once in the
+   compile workers (``compile_ahead``: 1,506 compilations, instead of a shape's candidates at a time);
 2. ``kernels``: at the sizes of MSCAN-B at 480x640 (batch 8; the four stages' widths, the MLPs' hidden
    widths): each custom op against PyTorch (relative error of the output and every gradient against
    float32 ``F.conv2d`` + autograd on the same values), and its time against PyTorch's for the same
@@ -1010,13 +1011,8 @@ def step_model(args, device):
     os.environ['SMMCL_TRITON_AUTOTUNE'] = '0'  # correctness only: one tile config, fewer compiles
     try:
         cfg, model, rgb, x, label = _model_and_batch(args, device, 1 if args.smoke else 2)
-        paths = {}
-        # (name, fast path, kernels, channels_last, environment: the row family forced for every kernel)
-        for name, fast, kernels, layout, env in (('plain', False, False, None, {}), ('fast', True, False, None, {}),
-                                                 ('fast+triton', True, True, None, {}),
-                                                 ('fast+triton NCHW', True, True, False, {}),
-                                                 ('fast+triton NCHW rows', True, True, False, ALL_ROWS),
-                                                 ('fast+triton NCHW bands', True, True, False, ALL_BANDS)):
+
+        def run(fast, kernels, layout, env):
             c = copy.deepcopy(cfg)
             c.update(fast_path=fast, triton_kernels=kernels, channels_last=layout)
             m = for_training(copy.deepcopy(model).train(), c)
@@ -1031,8 +1027,16 @@ def step_model(args, device):
                 torch.manual_seed(4)
                 with torch.no_grad():
                     logits = inf.encode_decode(r, xx)[0]
-            paths[name] = dict(terms={k: v.detach() for k, v in terms.items()}, grads=grads, logits=logits)
-            del m, inf
+            return dict(terms={k: v.detach() for k, v in terms.items()}, grads=grads, logits=logits)
+
+        # (name, fast path, kernels, channels_last, environment: the row family forced for every kernel)
+        checked = (('plain', False, False, None, {}), ('fast', True, False, None, {}),
+                   ('fast+triton', True, True, None, {}), ('fast+triton NCHW', True, True, False, {}),
+                   ('fast+triton NCHW rows', True, True, False, ALL_ROWS),
+                   ('fast+triton NCHW bands', True, True, False, ALL_BANDS))
+        # one candidate a kernel here, which the workers would leave to the launch: all at once first
+        compile_ahead_of('the model step', [lambda p=p: run(*p[1:]) for p in checked if p[2]])
+        paths = {name: run(*path) for name, *path in checked}
         out = {}
         # fast alone: the error of channels_last and folding; NCHW + kernels: the kernels' alone
         for other in [name for name in paths if name != 'plain']:
@@ -1084,6 +1088,21 @@ def bench_arguments(args, **values):
     return argparse.Namespace(**dict(model_shape(args), classes=14, compile=False, cuda_graphs=False, **values))
 
 
+# The bench step's rows: (label, fast path, Triton kernels, torch.compile, channels_last, CUDA graphs: None,
+# 'infer' (the inference and evaluation columns only) or 'train' (the training columns only))
+BENCH_PATHS = [('plain', False, False, False, None, None), ('fast', True, False, False, None, None),
+               ('fast NCHW', True, False, False, False, None), ('fast+triton', True, True, False, None, None),
+               ('fast+graphs', True, False, False, None, 'infer'),
+               ('fast+triton+graphs', True, True, False, None, 'infer'),
+               ('fast NCHW+graphs', True, False, False, False, 'train'),
+               ('fast+triton NCHW+graphs', True, True, False, False, 'train'),
+               # the kernels replace PyTorch's depthwise convs, whose NCHW advantage made NCHW the graphed
+               # row's layout: with them, channels_last may serve the 1x1 convs better
+               ('fast+triton+graphs train', True, True, False, True, 'train')]
+COMPILED_PATHS = [('fast+compile', True, False, True, None, None),
+                  ('fast+triton+compile', True, True, True, None, None)]
+
+
 def step_bench(args, device):
     import torch
     import bench  # bench/bench.py: this script's own folder is first on the module path
@@ -1091,20 +1110,7 @@ def step_bench(args, device):
                                  warmup=0 if args.smoke else args.warmup)
     original = bench.make_cfg
     rows = args.partial['bench'] = {}  # the rows so far, should the call be stopped in this step
-    # (label, fast path, Triton kernels, torch.compile, channels_last, CUDA graphs: None, 'infer' (the
-    # inference and evaluation columns only) or 'train' (the training columns only))
-    paths = [('plain', False, False, False, None, None), ('fast', True, False, False, None, None),
-             ('fast NCHW', True, False, False, False, None), ('fast+triton', True, True, False, None, None),
-             ('fast+graphs', True, False, False, None, 'infer'),
-             ('fast+triton+graphs', True, True, False, None, 'infer'),
-             ('fast NCHW+graphs', True, False, False, False, 'train'),
-             ('fast+triton NCHW+graphs', True, True, False, False, 'train'),
-             # the kernels replace PyTorch's depthwise convs, whose NCHW advantage made NCHW the graphed
-             # row's layout: with them, channels_last may serve the 1x1 convs better
-             ('fast+triton+graphs train', True, True, False, True, 'train')]
-    if args.compile:
-        paths += [('fast+compile', True, False, True, None, None),
-                  ('fast+triton+compile', True, True, True, None, None)]
+    paths = BENCH_PATHS + (COMPILED_PATHS if args.compile else [])
     if args.paths:  # e.g. only the compiled rows, in a call of their own
         paths = [p for p in paths if p[0] in args.paths.split(',')]
     try:
@@ -1119,6 +1125,7 @@ def step_bench(args, device):
             except ImportError as err:
                 print(f'evaluation row skipped: {err}')
                 have_eval = False
+            compile_ahead_of_rows(bench, bench_args, device, paths)  # nothing under the interpreter
             for label, fast, kernels, compiled, layout, graphs in paths:
                 def make_cfg(a, f, kernels=kernels, compiled=compiled, layout=layout, graphs=graphs):
                     cfg = original(a, f)
@@ -1146,6 +1153,45 @@ def step_bench(args, device):
     finally:
         bench.make_cfg = original
     return rows
+
+
+def compile_ahead_of_rows(bench, bench_args, device, paths) -> None:
+    """Compiles every Triton kernel the bench rows with the kernels launch, all at once in the compile
+    workers (``smmcl.kernels.triton_compile.compile_ahead``): a training step in each layout those rows
+    train in and an inference forward, eager, on throwaway models. The rows' autotuning then finds them
+    in Triton's cache, where it would compile a shape's candidates at a time (most of the workers idle)."""
+    original = bench.make_cfg
+    once = argparse.Namespace(**dict(vars(bench_args), warmup=0, iters=0))  # one step, one forward
+
+    def dry(measure, layout):
+        def run():
+            def make_cfg(a, f):
+                cfg = original(a, f)
+                cfg.update(triton_kernels=True, channels_last=layout)
+                return cfg
+            bench.make_cfg = make_cfg
+            try:
+                measure(once, device, True)
+            finally:
+                bench.make_cfg = original
+        return run
+
+    rows = [p for p in paths if p[2] and not p[3]]  # the kernels, not compiled (torch.compile has its own)
+    passes = [dry(bench.bench_train, layout) for layout in dict.fromkeys(p[4] for p in rows if p[5] != 'infer')]
+    passes += [dry(bench.bench_infer, layout) for layout in dict.fromkeys(p[4] for p in rows if p[5] != 'train')]
+    compile_ahead_of('the bench rows', passes)
+
+
+def compile_ahead_of(what: str, passes) -> None:
+    """``smmcl.kernels.triton_compile.compile_ahead(*passes)``, reported (nothing without Triton, nothing run
+    under its interpreter)."""
+    if not passes or not importlib.util.find_spec('triton'):
+        return
+    from smmcl.kernels.triton_compile import compile_ahead
+    t0 = time.time()
+    stats = compile_ahead(*passes)
+    print(f'compiled ahead of {what} ({len(passes)} passes): {stats or "no compile workers"} '
+          f'({time.time() - t0:.0f} s)')
 
 
 # ---- step: CUDA graphs against the eager forward ---------------------------------------------------

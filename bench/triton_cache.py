@@ -4,8 +4,8 @@
     python bench/gpu_check.py --triton-cache DIR ...         # a later call loads what DIR holds first
 
 Each device call starts on a bare machine, whose Triton cache is empty: its first training step compiles
-every autotuning candidate of every kernel it launches (~430, 1-2 s each, in parallel by
-smmcl/kernels/triton_compile.py's workers), and a second call (the sweep, or a rerun after a timeout)
+every autotuning candidate of every kernel it launches (1,506 for the fast path's bench rows, 1-2 s each,
+in parallel by smmcl/kernels/triton_compile.py's workers), and a second call (the sweep, or a rerun after a timeout)
 would compile them all again. Triton finds a kernel in its cache by a key of the kernel's source, the
 launch's specialisation, the compiler's version and options and the target's architecture, so what one
 call compiled is found by the next on the same kind of GPU (an H100 and an H200 are both sm_90), and a

@@ -22,6 +22,37 @@ REGISTER_TINY_MSCAN = ('from smmcl.models.mscan import MSCAN_VARIANTS, MSCANSpec
                        f'MSCAN_VARIANTS[{TINY_MSCAN!r}] = lambda: MSCANSpec(**{TINY_MSCAN_SPEC!r})\n')
 
 
+class StandInProcess:
+    def __init__(self):
+        self.terminated = False
+
+    def terminate(self):
+        self.terminated = True
+
+
+class StandInPool:
+    """The compile workers' executor (smmcl/kernels/triton_compile.py) without processes: records each job
+    (``jobs``: (fn, args)) and reports it done at once, without running it (never, when ``stuck``; refuses
+    it, when ``broken``)."""
+
+    def __init__(self, broken=False, stuck=False):
+        self.jobs, self.broken, self.stuck, self.shut = [], broken, stuck, False
+        self._processes = {1: StandInProcess(), 2: StandInProcess()}  # as ProcessPoolExecutor holds its workers
+
+    def submit(self, fn, *args):
+        import concurrent.futures
+        if self.broken:
+            raise concurrent.futures.BrokenExecutor('a worker died')
+        self.jobs.append((fn, args))
+        done = concurrent.futures.Future()
+        if not self.stuck:
+            done.set_result(None)
+        return done
+
+    def shutdown(self, wait=True, cancel_futures=False):
+        self.shut, self.workers, self._processes = True, self._processes, None
+
+
 class OpCalls(TorchDispatchMode):
     """The ATen operators run while on, in order: ``calls`` holds (name, args) for each, the name without
     its overload (``_to_copy``, ``_foreach_copy_``)."""

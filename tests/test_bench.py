@@ -72,6 +72,38 @@ def test_the_training_row_runs_train_step_with_train_pys_optimizer(bench, fast, 
         assert 'opt' not in seen and len(reads) > 1
 
 
+def test_the_kernels_rows_are_compiled_ahead_by_a_step_per_layout_they_train_in_and_a_forward(monkeypatch, capsys):
+    """gpu_check's bench step first compiles what its rows with the Triton kernels launch, in one
+    ``compile_ahead``: bench.py's own training step (one, no warm-up) in each layout those rows train in
+    and its inference forward, each with the kernels; bench.py's config is its own again afterwards."""
+    pytest.importorskip('triton')
+    from types import SimpleNamespace
+    from easydict import EasyDict
+    from smmcl.kernels import triton_compile
+    gpu_check = bench_script('gpu_check')
+    calls = []
+
+    def make_cfg(args, fast):
+        return EasyDict(fast_path=fast, triton_kernels=False, channels_last='config')
+
+    def measure(job):
+        def run(args, device, fast):
+            cfg = fake.make_cfg(args, fast)
+            calls.append((job, cfg.triton_kernels and cfg.fast_path, cfg.channels_last, args.iters, args.warmup))
+        return run
+    fake = SimpleNamespace(make_cfg=make_cfg, bench_train=measure('train'), bench_infer=measure('infer'))
+    monkeypatch.setattr(triton_compile, 'compile_ahead',
+                        lambda *passes: [run() for run in passes] and dict(compilations=3, compiled=3, seconds=1.0))
+    args = gpu_check.bench_arguments(SimpleNamespace(smoke=True), batch=2, iters=5, warmup=2)
+    gpu_check.compile_ahead_of_rows(fake, args, torch.device('cpu'), gpu_check.BENCH_PATHS + gpu_check.COMPILED_PATHS)
+    assert calls == [('train', True, None, 0, 0), ('train', True, False, 0, 0), ('train', True, True, 0, 0),
+                     ('infer', True, None, 0, 0)]
+    assert fake.make_cfg is make_cfg and "{'compilations': 3, 'compiled': 3" in capsys.readouterr().out
+    calls.clear()
+    gpu_check.compile_ahead_of_rows(fake, args, torch.device('cpu'), [p for p in gpu_check.BENCH_PATHS if not p[2]])
+    assert calls == []  # no row with the kernels: nothing to compile
+
+
 def test_idle_gpu_time_is_counted_to_the_host_operator_running_meanwhile():
     """gpu_check's account of the wall time the GPU stands idle (the graphed step's gap to its GPU
     time): every idle stretch of the window goes to the host operator it overlaps, or to none."""

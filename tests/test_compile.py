@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from smmcl.config import REPO_ROOT
+from conftest import StandInPool
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec('triton') is None, reason='needs Triton')
 
@@ -94,6 +95,7 @@ def test_no_workers_where_the_kernels_are_interpreted_or_one_is_asked(monkeypatc
     from smmcl.kernels import triton_compile
     monkeypatch.setenv('SMMCL_TRITON_COMPILE_WORKERS', '1')
     assert triton_compile.compile_pool() is None
+    assert triton_compile.compile_ahead(lambda: 1 / 0) is None  # nothing to compile ahead: no pass runs
     monkeypatch.setenv('SMMCL_TRITON_COMPILE_WORKERS', 'many')
     with pytest.raises(ValueError, match='SMMCL_TRITON_COMPILE_WORKERS'):
         triton_compile.worker_count()
@@ -112,35 +114,6 @@ def test_no_workers_where_the_kernels_are_interpreted_or_one_is_asked(monkeypatc
     assert triton_compile.worker_count() == 2
 
 
-class _Process:
-    def __init__(self):
-        self.terminated = False
-
-    def terminate(self):
-        self.terminated = True
-
-
-class _Pool:
-    """An executor that runs each job at once, in this process, recording it (or never, when stuck)."""
-
-    def __init__(self, broken=False, stuck=False):
-        self.jobs, self.broken, self.stuck, self.shut = [], broken, stuck, False
-        self._processes = {1: _Process(), 2: _Process()}  # as ProcessPoolExecutor holds its workers
-
-    def submit(self, fn, *args):
-        import concurrent.futures
-        if self.broken:
-            raise concurrent.futures.BrokenExecutor('a worker died')
-        self.jobs.append((fn, args))
-        done = concurrent.futures.Future()
-        if not self.stuck:
-            done.set_result(None)
-        return done
-
-    def shutdown(self, wait=True, cancel_futures=False):
-        self.shut, self.workers, self._processes = True, self._processes, None
-
-
 def test_each_candidate_goes_to_a_worker_with_the_launchs_arguments_and_the_workers_end_when_idle(monkeypatch):
     """One job per candidate: the kernel by module and name, tensors as their dtype and address (what the
     JIT specialises on), the launch's constexprs with the candidate's options; the pool ends after
@@ -151,7 +124,7 @@ def test_each_candidate_goes_to_a_worker_with_the_launchs_arguments_and_the_work
     import triton
     pytest.importorskip('triton')
     from smmcl.kernels import triton_compile
-    pool = _Pool()
+    pool = StandInPool()
     monkeypatch.setattr(triton_compile, '_pool', pool)
     monkeypatch.setattr(triton_compile, '_IDLE_S', 0.05)
     y = torch.zeros(3, 4, dtype=torch.bfloat16)
@@ -169,14 +142,14 @@ def test_each_candidate_goes_to_a_worker_with_the_launchs_arguments_and_the_work
     assert triton_compile.compile_candidates(tuner, configs[:1], {}) == 0 and len(pool.jobs) == 2  # one: Triton's
     time.sleep(0.5)
     assert pool.shut and all(p.terminated for p in pool.workers.values()) and triton_compile._pool is None
-    broken = _Pool(broken=True)
+    broken = StandInPool(broken=True)
     monkeypatch.setattr(triton_compile, '_pool', broken)
     monkeypatch.setattr(triton_compile, '_pool_failed', False)
     with pytest.warns(UserWarning, match='no compile workers'):
         assert triton_compile.compile_candidates(tuner, configs, {}) == 0
     assert broken.shut and triton_compile._pool is None and triton_compile.compile_pool() is None
     # a worker that hangs: the launch waits _WAIT_S once, then the pool and its processes are ended
-    stuck = _Pool(stuck=True)
+    stuck = StandInPool(stuck=True)
     monkeypatch.setattr(triton_compile, '_pool', stuck)
     monkeypatch.setattr(triton_compile, '_pool_failed', False)
     monkeypatch.setattr(triton_compile, '_WAIT_S', 0.05)
@@ -188,3 +161,113 @@ def test_each_candidate_goes_to_a_worker_with_the_launchs_arguments_and_the_work
 
 def kernel_stub():
     """Stands for a kernel function (its module and name) in the test above."""
+
+
+def _bias_ops():
+    """``bias_add`` and ``bias_grad`` of smmcl/kernels/triton_channel.py (an autotuned kernel each, the
+    second's partials summed by a kernel that is not autotuned), and a pass of both on an N-64-8-W map."""
+    import torch
+    from smmcl.kernels import triton_channel
+
+    def run(width):
+        y, bias = torch.randn(2, 64, 8, width), torch.randn(64)
+        triton_channel.bias_add(y, bias)
+        triton_channel.bias_grad(y, bias)
+    return triton_channel, run
+
+
+def test_compiling_ahead_hands_every_launch_over_and_runs_none(monkeypatch):
+    """``compile_ahead``: each pass's launches hand the workers their compilations (each implementation
+    ``auto`` would time launched once, a kernel that is not autotuned too), without the grid or Triton's
+    flags; no kernel runs, nothing is timed or remembered; the hook is gone after the passes, also when
+    one raises; a broken pool is reported and left, as for the candidates of one launch."""
+    triton = pytest.importorskip('triton')
+    from smmcl.kernels import triton_common, triton_compile
+    triton_channel, run = _bias_ops()
+    pool, released = StandInPool(), []
+    monkeypatch.setattr(triton_compile, '_pool', pool)
+    monkeypatch.setattr(triton_compile, '_pool_failed', False)
+    monkeypatch.setattr(triton_compile, '_release_when_idle', lambda: released.append(1))
+
+    def refuse(self, *args, grid, warmup, **kwargs):
+        raise AssertionError(f'{self.fn.__name__} ran')
+    monkeypatch.setattr(type(triton_channel.bias_add_kernel.fn), 'run', refuse)  # compiled or interpreted
+    monkeypatch.setattr(triton.runtime.JITFunction, 'run', refuse)
+    caches = {k: dict(k.cache) for k in (triton_channel.bias_add_kernel, triton_channel.bias_grad_kernel)}
+    choices = dict(triton_channel._CHOICE)
+    stats = triton_compile.compile_ahead(lambda: run(24))
+    names = [args[1] for fn, args in pool.jobs]
+    assert set(names) == {'bias_add_kernel', 'bias_grad_kernel', 'chunk_sums_kernel'}
+    assert all(fn is triton_compile.compile_candidate for fn, _ in pool.jobs)
+    assert not any({'grid', 'warmup'} & args[3].keys() for _, args in pool.jobs)
+    assert stats == dict(compilations=len(pool.jobs), compiled=len(pool.jobs), seconds=stats['seconds'])
+    assert {k: dict(k.cache) for k in caches} == caches and triton_channel._CHOICE == choices
+    assert not triton_common.AHEAD and released == [1]
+    with pytest.raises(ZeroDivisionError):
+        triton_compile.compile_ahead(lambda: 1 / 0)
+    assert not triton_common.AHEAD
+    broken = StandInPool(broken=True)
+    monkeypatch.setattr(triton_compile, '_pool', broken)
+    with pytest.warns(UserWarning, match='no compile workers .*BrokenExecutor'):
+        assert triton_compile.compile_ahead(lambda: run(24)) is None
+    assert broken.shut and triton_compile._pool is None and triton_compile.compile_pool() is None
+
+
+AHEAD_CHILD = r'''
+import importlib
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+
+from smmcl.kernels import triton_compile
+triton.runtime.driver.set_active(triton_compile.CompileOnlyDriver(GPUTarget('cuda', 90, 32)))
+from test_compile import _bias_ops
+
+launches = []  # every launch's candidates, before the collector takes each specialisation once
+collect = triton_compile._Collector.__call__
+
+
+def recording(self, kernel, args, kwargs, configs=(None,)):
+    launches.extend(triton_compile._jobs(triton_compile._jit(kernel).fn, args, kwargs, configs))
+    collect(self, kernel, args, kwargs, configs)
+
+
+triton_compile._Collector.__call__ = recording
+triton_channel, run = _bias_ops()
+# widths 24 and 40 specialise alike (not multiples of 16), 32 does not
+stats = triton_compile.compile_ahead(lambda: run(24), lambda: run(40), lambda: run(32))
+
+
+def compiled_here(*args, **kwargs):
+    raise AssertionError('compiled in the launching process')
+
+
+triton.compiler.compiler.ASTSource.make_ir = compiled_here
+missed = 0
+for module, name, args, kwargs in launches:
+    try:
+        triton_compile._jit(getattr(importlib.import_module(module), name)).warmup(*args, grid=(1,), **kwargs)
+    except AssertionError:
+        missed += 1
+print('AHEAD', len(launches), stats['compilations'], stats['compiled'], missed)
+'''
+
+
+def test_compiling_ahead_compiles_each_specialisation_once_and_every_launch_finds_it(tmp_path):
+    """For sm_90 on the CPU in two workers, without the interpreter: three passes whose launches specialise
+    two ways are compiled once per specialisation (Triton's own key), and every launch's candidates are
+    then found in Triton's cache. (On the fast path's training step in both layouts and its inference
+    forward, MSCAN-T at 64x64: 28,981 launch candidates, 1,506 compilations, every one found.)"""
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / 'cache'), SMMCL_TRITON_COMPILE_WORKERS='2', SMMCL_TRITON_AUTOTUNE='0',
+               TRITON_DEFAULT_FP_FUSION='1', PYTHONPATH=os.pathsep.join([REPO_ROOT, os.path.dirname(__file__)]))
+    script = tmp_path / 'script.py'
+    script.write_text(AHEAD_CHILD)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600,
+                         cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    launches, compilations, compiled, missed = map(int, out.stdout.split('AHEAD')[1].split())
+    assert compilations < launches and compiled == compilations and missed == 0
+    assert len(os.listdir(tmp_path / 'cache')) == compilations  # no two jobs compiled the same kernel
+

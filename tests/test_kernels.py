@@ -2421,6 +2421,57 @@ def test_whole_model_training_with_kernels_under_autocast(tiny_mscan, monkeypatc
     assert rel(grads, ref_grads) <= factor * rel(amp_grads, ref_grads) + 1e-3
 
 
+def test_compiling_ahead_reaches_every_kernel_and_runs_none(tiny_mscan, monkeypatch):
+    """``triton_compile.compile_ahead`` on what bench/gpu_check.py compiles ahead of its rows: the fast path's
+    training forward + backward in both layouts and its folded inference forward, under bf16 autocast.
+    Every kernel of the package reaches the workers (a stand-in pool recording the jobs): each op's
+    implementations, kernel families and weight-gradient strategies are launched. No kernel runs, nothing
+    is timed or remembered (no autotuning result, no implementation choice), and the hook is gone after."""
+    from conftest import StandInPool
+    from smmcl.engine.precision import for_training, inference_model
+    from smmcl.kernels import triton_bands, triton_channel, triton_common, triton_compile, triton_dwconv
+    from smmcl.kernels import triton_matmul, triton_rows
+    ops()
+    pool = StandInPool()
+    monkeypatch.setattr(triton_compile, '_pool', pool)
+    monkeypatch.setattr(triton_compile, '_pool_failed', False)
+    monkeypatch.setattr(triton_compile, '_release_when_idle', lambda: None)
+
+    def refuse(self, *args, grid, warmup, **kwargs):
+        raise AssertionError(f'{self.fn.__name__} ran')
+    monkeypatch.setattr(type(triton_channel.bias_add_kernel.fn), 'run', refuse)  # compiled or interpreted
+    modules = (triton_bands, triton_channel, triton_common, triton_dwconv, triton_matmul, triton_rows)
+    tuners = {v for m in modules for v in vars(m).values() if isinstance(v, triton.runtime.Autotuner)}
+    caches = {t: dict(t.cache) for t in tuners}
+    choice_dicts = (triton_channel._CHOICE, triton_dwconv._DEPTHWISE_CHOICE, triton_dwconv._BACKWARD_CHOICE,
+                    triton_dwconv._WGRAD_CHOICE, triton_dwconv._STRIP_WGRAD_CHOICE, triton_matmul._CHOICE)
+    choices = [dict(d) for d in choice_dicts]
+    cfg, model, (rgb, x, label) = _tiny_training_model(tiny_mscan)
+
+    def training(channels_last):
+        def run():
+            cfg.update(fast_path=True, triton_kernels=True, channels_last=channels_last)
+            m = for_training(copy.deepcopy(model), cfg)
+            with torch.autocast(DEVICE, dtype=torch.bfloat16):
+                m(rgb, x, label, return_terms=True)['loss'].backward()
+        return run
+
+    def inference():
+        cfg.update(fast_path=True, triton_kernels=True, amp=False)  # amp: the autocast below
+        net = inference_model(copy.deepcopy(model).eval(), cfg)
+        with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
+            net(rgb, x)
+
+    stats = triton_compile.compile_ahead(training(False), training(True), inference)
+    names = {args[1] for _, args in pool.jobs}
+    not_autotuned = {'chunk_sums_kernel', 'norm_finalize_kernel', 'inside_sums_kernel', 'nmf_update_kernel',
+                     'nmf_update_grad_kernel'}
+    assert names == {t.base_fn.__name__ for t in tuners} | not_autotuned
+    assert stats == dict(compilations=len(pool.jobs), compiled=len(pool.jobs), seconds=stats['seconds'])
+    assert {t: dict(t.cache) for t in tuners} == caches and [dict(d) for d in choice_dicts] == choices
+    assert not triton_common.AHEAD
+
+
 def test_whole_model_casts_its_convs_parameters_once_per_group(tiny_mscan, monkeypatch):
     """One training step of the fast path under bf16 autocast, with the parameters of the convs outside
     the blocks cast by ``convs_cast_once`` (each patch embedding, stage's modulation and fusion conv, the

@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import KEY, PRUNE, bench, check_device, choose, chunk_sums, configs, conv_bias, fastest, gelu
-from .triton_common import gelu_grad
+from .triton_common import gelu_grad, launch
 from .triton_compile import autotune
 from .reference import modulation_grad_reference, modulation_inputs_reference, modulation_reference
 from .reference import pooled_input_grad_reference
@@ -690,7 +690,7 @@ def _finalize_stats(sums: torch.Tensor, shift: torch.Tensor, chunks: int, count:
     c = weight.shape[0]
     coef = torch.empty(4, c, device=sums.device, dtype=torch.float32)
     counter = coef if num_batches_tracked is None else num_batches_tracked
-    norm_finalize_kernel[(triton.cdiv(c, _FINALIZE_BLOCK),)](
+    launch(norm_finalize_kernel, (triton.cdiv(c, _FINALIZE_BLOCK),),
         sums, shift, weight, bias, running_mean, running_var, counter, coef, coef, coef, coef, coef, c,
         shift.stride(0), chunks, float(count), momentum, eps, BACKWARD=False, COUNT=num_batches_tracked is not None,
         BLOCK=_FINALIZE_BLOCK)
@@ -732,7 +732,7 @@ def _norm_grad_triton(grad_low: Optional[torch.Tensor], grad_full: Optional[torc
     sums, chunks = _norm_sums(x, grad_full, grad_low, mean)
     coef = torch.empty(4, c, device=x.device, dtype=torch.float32)
     grad_weight, grad_bias = (torch.empty(c, device=x.device, dtype=torch.float32) for _ in range(2))
-    norm_finalize_kernel[(triton.cdiv(c, _FINALIZE_BLOCK),)](
+    launch(norm_finalize_kernel, (triton.cdiv(c, _FINALIZE_BLOCK),),
         sums, mean, weight, weight, mean, mean, mean, mean, invstd, coef, grad_weight, grad_bias, c, 1, chunks,
         float(n * height * width), 0.0, 0.0, BACKWARD=True, COUNT=False,
         BLOCK=_FINALIZE_BLOCK)  # x_ptr unread: mean stands in

@@ -23,6 +23,20 @@ except AttributeError:  # Triton before 3.4 has no knobs
 KEY = ['C', 'H', 'W', 'sc']  # the autotuning key of every activation kernel; sc == 1 means channels_last
 
 
+# While ``triton_compile.compile_ahead`` runs its passes, its collector: each launch hands it the kernel's
+# compilations instead of running, no implementation is timed, and a tensor of any device will do.
+AHEAD: list = []
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)`` for a kernel that is not autotuned; while compiling ahead, its
+    compilation handed over instead (autotuned kernels do this in their autotuner)."""
+    if AHEAD:
+        AHEAD[-1](kernel, args, kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
+
+
 def bench(kernel_call, quantiles):
     """Autotuning's timing: short runs, as MSCAN-B needs a few dozen (kernel, shape) tunings at start-up."""
     return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
@@ -192,9 +206,9 @@ def chunk_sums(a: torch.Tensor, out_a: torch.Tensor, round_a: Optional[torch.dty
     b, out_b = (a, out_a) if b is None else (b, out_b)
     blocks = triton.cdiv(width_a, _CHUNK_WIDTH) + triton.cdiv(width_b, _CHUNK_WIDTH)
     if groups and blocks:
-        chunk_sums_kernel[(blocks, groups)](
-            a, b, out_a, out_b, _typed(out_a, round_a), _typed(out_b, round_b), rows, width_a, width_b,
-            ROUND_A=round_a is not None, ROUND_B=round_b is not None, BLOCK_P=_CHUNK_ROWS, BLOCK_L=_CHUNK_WIDTH)
+        launch(chunk_sums_kernel, (blocks, groups),
+               a, b, out_a, out_b, _typed(out_a, round_a), _typed(out_b, round_b), rows, width_a, width_b,
+               ROUND_A=round_a is not None, ROUND_B=round_b is not None, BLOCK_P=_CHUNK_ROWS, BLOCK_L=_CHUNK_WIDTH)
 
 
 def _typed(out: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
@@ -203,7 +217,7 @@ def _typed(out: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
 
 
 def check_device(x: torch.Tensor) -> None:
-    if x.device.type != 'cuda' and not INTERPRETED:
+    if x.device.type != 'cuda' and not INTERPRETED and not AHEAD:
         raise RuntimeError(
             f'smmcl.kernels: the Triton kernels got a {x.device.type} tensor but run only on CUDA, or on '
             'the CPU under Triton\'s interpreter; set TRITON_INTERPRET=1 before Triton is first imported '
@@ -212,7 +226,12 @@ def check_device(x: torch.Tensor) -> None:
 
 def fastest(chosen: dict, key, impls: dict, *args) -> str:
     """The name of the fastest of ``impls`` on ``args`` (median GPU time), timed on the first call for
-    ``key`` and remembered in ``chosen``."""
+    ``key`` and remembered in ``chosen``. While compiling ahead: each launched once, untimed, nothing
+    remembered, the first named."""
+    if AHEAD and key not in chosen:
+        for fn in impls.values():
+            fn(*args)
+        return next(iter(impls))
     if key not in chosen:
         times = {name: triton.testing.do_bench(lambda fn=fn: fn(*args), warmup=5, rep=20, return_mode='median')
                  for name, fn in impls.items()}
@@ -222,12 +241,12 @@ def fastest(chosen: dict, key, impls: dict, *args) -> str:
 
 def choose(env: str, impl, choices, device: torch.device, fallback: str, timed) -> str:
     """``impl``, else the environment's ``env``, else ``'auto'`` (refused unless one of these): on a CUDA
-    ``device`` auto's choice is ``timed()`` (e.g. :func:`fastest`, timed once per key), elsewhere (the
-    interpreter) ``fallback``."""
+    ``device`` (or while compiling ahead, which launches each) auto's choice is ``timed()`` (e.g.
+    :func:`fastest`, timed once per key), elsewhere (the interpreter) ``fallback``."""
     impl = implementation(env, impl, choices)
     if impl != 'auto':
         return impl
-    return timed() if device.type == 'cuda' else fallback
+    return timed() if device.type == 'cuda' or AHEAD else fallback
 
 
 def implementation(env: str, impl, choices) -> str:

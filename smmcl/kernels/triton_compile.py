@@ -2,11 +2,11 @@
 
 Triton's autotuner compiles each candidate configuration when it first times it, one after the other in
 the launching process: 1-2 s a candidate for sm_90 on this project's CPUs, most of it Triton's code
-generation in Python, which holds the GIL (threads would not help). The kernels here have 211 candidates
-over 28 autotuned kernels; the fast path's training and inference, both layouts, meet ~430 (kernel,
-specialisation, candidate) compilations (counted with the launches' arguments on a small model: each
-shape's ``auto`` choice times every kernel family that applies), so a first step on a fresh machine
-would spend minutes compiling, serially.
+generation in Python, which holds the GIL (threads would not help). The fast path's training step in both
+layouts and its inference forward under bf16 autocast meet 1,506 (kernel, specialisation, candidate)
+compilations (for sm_90, MSCAN-T at 64x64: each shape's ``auto`` choice times every kernel family and
+weight-gradient strategy that applies, each with its candidates), so a first step on a fresh machine would
+spend most of an hour compiling, serially.
 
 :func:`autotune` is ``triton.autotune`` whose autotuner, when a new key (shape) comes, first hands all of
 that key's candidates to a pool of worker processes. Each compiles one through the kernel's own
@@ -17,6 +17,10 @@ compiled, or refused, by the launch as before. The workers are forked, as PyTorc
 are: a spawned process would import the user's script again and run whatever it does without a
 ``__main__`` guard, a training included. They only compile, through a driver that gives the GPU's target
 and nothing else: they never call CUDA (a forked process must not) and hold no GPU memory.
+
+A shape's candidates keep only as many workers busy, one shape after another. :func:`compile_ahead` runs
+passes (a training step, a forward) in which every launch hands its compilations over instead of running,
+so that the workers compile everything the passes meet at once, each of Triton's specialisations once.
 
 ``SMMCL_TRITON_COMPILE_WORKERS``: the number of worker processes (default: the CPU cores, shared among the
 training's processes on the machine, at most 16; they end after a minute without work, and a new shape
@@ -37,9 +41,9 @@ import warnings
 from typing import Optional
 
 import triton
-from triton.runtime.jit import MockTensor
+from triton.runtime.jit import MockTensor, create_function_from_signature
 
-from .triton_common import INTERPRETED
+from .triton_common import AHEAD, INTERPRETED
 
 # A key's candidates take seconds in the workers; one that is not back after this is stuck (a worker hung, say):
 # the pool is ended and the launches compile themselves, rather than each new key waiting as long again
@@ -92,10 +96,14 @@ def start_worker(target) -> None:
 
 
 def compile_candidate(module: str, name: str, args: list, kwargs: dict) -> None:
-    """In a worker: compile the autotuned kernel ``module.name`` for these (positional) arguments and
-    keyword arguments (the launch's constexprs and one candidate's), into Triton's cache."""
+    """In a worker: compile the kernel ``module.name`` (autotuned or not) for these (positional) arguments
+    and keyword arguments (the launch's constexprs and one candidate's), into Triton's cache."""
     kernel = getattr(importlib.import_module(module), name)
-    kernel.fn.warmup(*args, grid=(1,), **kwargs)
+    _jit(kernel).warmup(*args, grid=(1,), **kwargs)
+
+
+def _jit(kernel) -> triton.runtime.JITFunction:
+    return kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
 
 
 def worker_count() -> int:
@@ -156,45 +164,149 @@ def _picklable(value):
     return PointerArg(value.dtype, value.data_ptr()) if hasattr(value, 'data_ptr') else value
 
 
+def _jobs(function, args, kwargs: dict, configs) -> list:
+    """The workers' jobs for a launch of the kernel of the Python ``function`` with these positional
+    arguments and keywords: one ``(module, name, args, kwargs)`` per candidate in ``configs`` (None: the
+    kernel is not autotuned)."""
+    args = [_picklable(v) for v in args]
+    # a launch ``kernel[grid](...)`` reaches the autotuner with the grid and Triton's warmup flag among its
+    # keywords: the launch's, not the kernel's (a grid callable would not even pickle), so not the workers'
+    constexprs = {k: _picklable(v) for k, v in kwargs.items() if k not in _LAUNCH_KEYWORDS}
+    return [(function.__module__, function.__name__, args,
+             constexprs if config is None else dict(constexprs, **config.all_kwargs())) for config in configs]
+
+
+def _abandon_pool(err: Exception, what: str) -> None:
+    """No workers again in this process (one died or hung, or no child process may start here, as in a
+    daemon): the launches compile ``what`` themselves."""
+    global _pool, _pool_failed
+    broken, _pool, _pool_failed = _pool, None, True
+    if broken is not None:
+        end_pool(broken)
+    warnings.warn(f'smmcl.kernels: no compile workers ({type(err).__name__}: {err}); Triton compiles {what} in '
+                  'this process')
+
+
+def _count(jobs: list, started: float) -> int:
+    """How many of ``jobs`` (done) compiled, added to :data:`STATS` with the time since ``started``. A candidate
+    that fails here (out of resources, a compile-time assertion) fails the launch's compile too, where the
+    autotuner sets it aside as it always does."""
+    compiled = sum(1 for job in jobs if job.exception() is None)
+    STATS.update(candidates=STATS['candidates'] + len(jobs), compiled=STATS['compiled'] + compiled,
+                 wait_s=STATS['wait_s'] + time.perf_counter() - started)
+    return compiled
+
+
 def compile_candidates(tuner, configs, kwargs: dict, executor: Optional[concurrent.futures.Executor] = None) -> int:
     """Compiles ``configs`` of the autotuner ``tuner`` for the launch it is tuning (``tuner.nargs``, the
     positional arguments by name, and ``kwargs``) in ``executor`` (else :func:`compile_pool`), and waits.
     Returns how many compiled."""
-    global _pool, _pool_failed
     if len(configs) < 2:
         return 0
-    args = [_picklable(v) for v in tuner.nargs.values()]
-    # a launch ``kernel[grid](...)`` reaches the autotuner with the grid and Triton's warmup flag among its
-    # keywords: the launch's, not the kernel's (a grid callable would not even pickle), so not the workers'
-    constexprs = {k: _picklable(v) for k, v in kwargs.items() if k not in _LAUNCH_KEYWORDS}
-    module, name = tuner.base_fn.__module__, tuner.base_fn.__name__
     started = time.perf_counter()
     with _lock:
         try:
             pool = executor or compile_pool()
             if pool is None:
                 return 0
-            jobs = [pool.submit(compile_candidate, module, name, args, dict(constexprs, **c.all_kwargs()))
-                    for c in configs]
+            jobs = [pool.submit(compile_candidate, *job)
+                    for job in _jobs(tuner.base_fn, tuner.nargs.values(), kwargs, configs)]
             done, waiting = concurrent.futures.wait(jobs, timeout=_WAIT_S)
             if waiting:
                 raise TimeoutError(f'{len(waiting)} of {len(jobs)} candidates not compiled after {_WAIT_S} s')
-        except Exception as err:  # noqa: BLE001 - a worker died or hung, or no child process may start here (a daemon)
-            if executor is None:  # no pool again in this process: the launches compile themselves
-                broken, _pool, _pool_failed = _pool, None, True
-                if broken is not None:
-                    end_pool(broken)
-            warnings.warn(f'smmcl.kernels: no compile workers ({type(err).__name__}: {err}); Triton compiles the '
-                          'autotuning candidates in this process')
+        except Exception as err:  # noqa: BLE001 - a worker died or hung, or no child process may start here
+            if executor is None:
+                _abandon_pool(err, 'the autotuning candidates')
             return 0
     if executor is None:
         _release_when_idle()
-    # a candidate that fails here (out of resources, a compile-time assertion) fails the launch's compile too,
-    # where the autotuner sets it aside as it always does
-    compiled = sum(1 for job in done if job.exception() is None)
-    STATS.update(candidates=STATS['candidates'] + len(configs), compiled=STATS['compiled'] + compiled,
-                 wait_s=STATS['wait_s'] + time.perf_counter() - started)
-    return compiled
+    return _count(jobs, started)
+
+
+_BINDERS: dict = {}  # JITFunction -> Triton's binder of its launch arguments, for the current target
+
+
+def _specialisation(kernel, args, kwargs: dict):
+    """What Triton keys a compiled ``kernel`` on, for these launch arguments and keywords (constexprs and
+    options): its launch's own binder (argument types, 16-byte alignment, divisibility by 16, ints equal
+    to 1, constexprs, options), for the current target; where this Triton's binder cannot be reached, an
+    object equal only to itself (then nothing is taken for the same compilation)."""
+    jit = _jit(kernel)
+    try:
+        binder = _BINDERS.get(jit)
+        if binder is None:
+            backend = triton.compiler.make_backend(triton.runtime.driver.active.get_current_target())
+            binder = _BINDERS[jit] = create_function_from_signature(jit.signature, jit.params, backend)
+        _, specialization, options = binder(*args, **kwargs)
+        return f'{jit.fn.__module__}.{jit.fn.__name__}{specialization}{options}'
+    except Exception:  # noqa: BLE001 - another Triton's internals: each launch's compilation counts as new
+        return object()
+
+
+class _Collector:
+    """:func:`compile_ahead`'s: hands each launch's compilations to the workers at once, each of Triton's
+    specialisations once (the ``seen`` ones: what a kernel compiles for a 120 x 160 map it also runs on a
+    60 x 80 one)."""
+
+    def __init__(self, pool: concurrent.futures.Executor):
+        self.pool, self.jobs, self.seen, self.error = pool, [], set(), None
+
+    def __call__(self, kernel, args, kwargs: dict, configs=(None,)) -> None:
+        for job in _jobs(_jit(kernel).fn, args, kwargs, configs):
+            key = _specialisation(kernel, job[2], job[3])
+            if key in self.seen or self.error is not None:
+                continue
+            self.seen.add(key)
+            try:
+                self.jobs.append(self.pool.submit(compile_candidate, *job))
+            except Exception as err:  # noqa: BLE001 - a worker died: the passes go on, nothing handed over
+                self.error = err
+
+
+def compile_ahead(*passes) -> Optional[dict]:
+    """Compiles, in the worker processes and all at once, every Triton kernel that ``passes`` would launch.
+
+    Each of ``passes`` (a callable: a training step, a forward, on the GPU) runs with every Triton launch
+    handing its compilations to the workers instead of running: all candidates of an autotuned kernel,
+    each of Triton's specialisations once; no kernel runs, no implementation is timed or chosen
+    (``smmcl.kernels.triton_common.fastest`` launches each). The launches that follow, their autotuning
+    included, find these kernels in Triton's cache; without this each new shape compiles its 4-14
+    candidates when it first comes, a shape at a time, with most of the workers idle. What the kernels
+    would have written stays as allocated: a pass is for this and nothing else (its model thrown away).
+
+    Returns ``dict(compilations=, compiled=, seconds=)``, or None without workers (the kernels interpreted,
+    ``SMMCL_TRITON_COMPILE_WORKERS`` below 2, the pool broken earlier): then no pass runs.
+    """
+    pool = compile_pool()
+    if pool is None:
+        return None
+    if _idle_timer is not None:  # the idle release must not end the workers under the passes
+        _idle_timer.cancel()
+    started = time.perf_counter()
+    collector = _Collector(pool)
+    AHEAD.append(collector)
+    try:
+        for run in passes:
+            run()
+    finally:
+        AHEAD.remove(collector)
+    with _lock:
+        try:
+            if collector.error is not None:
+                raise collector.error
+            waiting = set(collector.jobs)
+            while waiting:  # a pool that makes no progress for _WAIT_S has a stuck worker
+                done, waiting = concurrent.futures.wait(waiting, timeout=_WAIT_S,
+                                                        return_when=concurrent.futures.FIRST_COMPLETED)
+                if not done:
+                    raise TimeoutError(f'{len(waiting)} of {len(collector.jobs)} compilations not done, none '
+                                       f'finished in {_WAIT_S} s')
+        except Exception as err:  # noqa: BLE001 - a worker died or hung
+            _abandon_pool(err, 'its kernels')
+            return None
+    _release_when_idle()
+    return dict(compilations=len(collector.jobs), compiled=_count(collector.jobs, started),
+                seconds=time.perf_counter() - started)
 
 
 class ParallelCompileAutotuner(triton.runtime.Autotuner):
@@ -205,6 +317,19 @@ class ParallelCompileAutotuner(triton.runtime.Autotuner):
         configs = super().prune_configs(kwargs)
         compile_candidates(self, configs, kwargs)
         return configs
+
+    def run(self, *args, **kwargs):
+        if not AHEAD:
+            return super().run(*args, **kwargs)
+        # compiling ahead: every candidate the pruning keeps goes to the collector, none is timed or run
+        self.nargs = dict(zip(self.arg_names, args))  # what the pruning reads, as Triton's run sets it
+        try:
+            configs = triton.runtime.Autotuner.prune_configs(self, kwargs)
+            if callable(kwargs.get('grid')):  # asked as a launch asks it: a caller may read the tile from it
+                kwargs['grid']({**self.nargs, **kwargs, **configs[0].all_kwargs()})
+            AHEAD[-1](self, args, kwargs, configs)
+        finally:
+            self.nargs = None
 
 
 def autotune(**options):

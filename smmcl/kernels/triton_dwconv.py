@@ -31,7 +31,7 @@ from .triton_rows import grad_wgrad_rows_kernel, strip3_sum_rows_kernel, strip3_
 from .triton_common import KEY as _KEY, PRUNE as _PRUNE, bench as _bench, check_device as _check_device, configs
 from .triton_common import choose, fastest as _fastest, gelu as _gelu, gelu_grad as _gelu_grad
 from .triton_common import add_to as _add_to, chunk_sums as _chunk_sums, conv_bias as _conv_bias
-from .triton_common import load_input as _load_input
+from .triton_common import launch, load_input as _load_input
 from .triton_compile import autotune
 from .reference import layout
 from .triton_common import packed_strip_slots as _packed_strip_slots
@@ -566,8 +566,8 @@ def inside_sums(grad: torch.Tensor, total: torch.Tensor, weight: torch.Tensor, i
     inside = torch.empty(c, kh, kw, device=grad.device, dtype=torch.float32)
     against_taps = torch.empty(c, device=grad.device, dtype=dtype or grad.dtype)
     # 16 channels a program, tiles of 256 positions: a handful of loads in flight per border line
-    inside_sums_kernel[(triton.cdiv(c, 16),)](grad, total, _rows(weight), inside, against_taps, n, c, h, w,
-                                              *grad.stride(), kh, kw, BLOCK_C=16, BLOCK_L=256)
+    launch(inside_sums_kernel, (triton.cdiv(c, 16),), grad, total, _rows(weight), inside, against_taps, n, c, h, w,
+           *grad.stride(), kh, kw, BLOCK_C=16, BLOCK_L=256)
     return inside, against_taps
 
 

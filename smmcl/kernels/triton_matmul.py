@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import INTERPRETED, bench, check_device, choose, fastest
+from .triton_common import INTERPRETED, bench, check_device, choose, fastest, launch
 from .triton_compile import autotune
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); the NMF's outputs are N x 64 or 64-wide, its reductions 64,
@@ -209,7 +209,7 @@ def nmf_update(factor: torch.Tensor, numerator: torch.Tensor, product: torch.Ten
     updated = factor.new_empty(factor.shape)
     denominator = factor.new_empty(factor.shape if keep_denominator else (0,))
     if rows and cols:
-        nmf_update_kernel[(triton.cdiv(rows, UPDATE_ROWS),)](
+        launch(nmf_update_kernel, (triton.cdiv(rows, UPDATE_ROWS),),
             factor, numerator, product, updated, denominator, rows, cols, factor.stride(1), numerator.stride(1),
             product.stride(1), eps, STORE_DENOMINATOR=keep_denominator, BLOCK_ROWS=UPDATE_ROWS,
             BLOCK_COLS=triton.next_power_of_2(cols), num_warps=UPDATE_WARPS)
@@ -236,7 +236,7 @@ def nmf_update_grad(grad: torch.Tensor, denominator: torch.Tensor, factor: torch
     rows = batch * m
     scaled_updated, scaled_numerator = grad.new_empty(grad.shape), grad.new_empty(grad.shape)
     if rows and cols:
-        nmf_update_grad_kernel[(triton.cdiv(rows, UPDATE_ROWS),)](
+        launch(nmf_update_grad_kernel, (triton.cdiv(rows, UPDATE_ROWS),),
             grad, denominator, factor, updated, numerator, grad_numerator, scaled_updated, scaled_numerator,
             rows, cols, grad.stride(1), denominator.stride(1), factor.stride(1), updated.stride(1),
             numerator.stride(1), grad_numerator.stride(1), BLOCK_ROWS=UPDATE_ROWS,
