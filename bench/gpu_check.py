@@ -28,11 +28,13 @@ wanted first, each reported even if another fails; once ``--budget-s`` is spent 
    the attention's six strip weight gradients per direction, one fused
    launch (tiles, rows, or bands along W in NCHW) against three ``dwconv_wgrad`` calls
    (``SMMCL_TRITON_STRIP_WGRAD``); then the 1x1 convs' bias gradients as ATen computes them, against
-   their floor (the training profile's bf16 reductions);
+   their floor (the training profile's bf16 reductions); first, all of it compiled at once (the step run
+   once untimed inside ``compile_ahead``: 1,587 compilations at these sizes);
 3. ``model``: the whole model, fp32, TF32 off, same seeds (anchor sampler, NMF, drop path): the kernels
    against the plain path on logits, each loss term and each gradient (target: 1e-4), also with every
    kernel of the row family forced (``ALL_ROWS``), and with the band kernels for the strips along W and
-   the KxK weight gradients (``ALL_BANDS``, NCHW);
+   the KxK weight gradients (``ALL_BANDS``, NCHW); the kernel paths' passes first compiled at once
+   (``compile_ahead``: one candidate a kernel here, which the workers would leave to each launch);
 4. ``graphs``: the CUDA-graph replay against the eager forward of the same folded bf16 model, same
    random state (the NMF bases): relative error and argmax agreement of the logits, ms per forward;
    and a few training steps with the recorded forward and backward against eager ones (same seeds):
@@ -322,9 +324,12 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+_UNTIMED = []  # not empty while a step runs once only to compile ahead: time_ms calls each function once
+
+
 def time_ms(fn, device, smoke=False):
     """Median milliseconds of ``fn`` (CUDA events through triton.testing.do_bench)."""
-    if smoke or device.type != 'cuda':
+    if smoke or device.type != 'cuda' or _UNTIMED:
         start = time.perf_counter()
         fn()
         return (time.perf_counter() - start) * 1e3
@@ -396,6 +401,8 @@ def _pieces(kind, c, device, dtype):
 
 def step_kernels(args, device):
     import torch
+    if not _UNTIMED:  # its many shapes, dtypes, layouts and kernel families first compiled at once
+        compile_ahead_of_step('kernels', step_kernels, args, device)
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     bandwidth = copy_bandwidth(device, args.smoke)
@@ -1180,6 +1187,24 @@ def compile_ahead_of_rows(bench, bench_args, device, paths) -> None:
     passes = [dry(bench.bench_train, layout) for layout in dict.fromkeys(p[4] for p in rows if p[5] != 'infer')]
     passes += [dry(bench.bench_infer, layout) for layout in dict.fromkeys(p[4] for p in rows if p[5] != 'train')]
     compile_ahead_of('the bench rows', passes)
+
+
+def compile_ahead_of_step(name: str, step, args, device) -> None:
+    """Compiles what ``step`` launches all at once (:func:`compile_ahead_of`): the step run once before, each
+    timing a single call, its printing dropped. A failure there is reported; the step then compiles for
+    itself."""
+    def untimed():
+        _UNTIMED.append(True)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                step(args, device)
+        finally:
+            _UNTIMED.pop()
+    try:
+        compile_ahead_of(f'the {name} step', [untimed])
+    except Exception:  # noqa: BLE001 - only the head start is lost
+        print(f'compiling ahead of the {name} step failed; it compiles for itself:')
+        traceback.print_exc(file=sys.stdout)
 
 
 def compile_ahead_of(what: str, passes) -> None:

@@ -5,6 +5,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -77,7 +78,6 @@ def test_the_kernels_rows_are_compiled_ahead_by_a_step_per_layout_they_train_in_
     ``compile_ahead``: bench.py's own training step (one, no warm-up) in each layout those rows train in
     and its inference forward, each with the kernels; bench.py's config is its own again afterwards."""
     pytest.importorskip('triton')
-    from types import SimpleNamespace
     from easydict import EasyDict
     from smmcl.kernels import triton_compile
     gpu_check = bench_script('gpu_check')
@@ -102,6 +102,52 @@ def test_the_kernels_rows_are_compiled_ahead_by_a_step_per_layout_they_train_in_
     calls.clear()
     gpu_check.compile_ahead_of_rows(fake, args, torch.device('cpu'), [p for p in gpu_check.BENCH_PATHS if not p[2]])
     assert calls == []  # no row with the kernels: nothing to compile
+
+
+def test_the_kernels_step_compiles_ahead_by_running_once_untimed_and_silent(monkeypatch, capsys):
+    """gpu_check's kernels step first runs itself once inside ``compile_ahead``: each timing a single call, its
+    printing dropped, not compiling ahead again within; a failure there is reported and the step goes on."""
+    pytest.importorskip('triton')
+    from smmcl.kernels import triton_compile
+    gpu_check = bench_script('gpu_check')
+    monkeypatch.setattr(triton_compile, 'compile_ahead',
+                        lambda *passes: [run() for run in passes] and dict(compilations=1, compiled=1, seconds=0.1))
+    calls = []
+
+    def step(args, device):
+        calls.append(list(gpu_check._UNTIMED))
+        print('a table')
+        return gpu_check.time_ms(lambda: calls.append('timed'), torch.device('cuda'))  # untimed: no CUDA needed
+
+    gpu_check.compile_ahead_of_step('kernels', step, None, torch.device('cpu'))
+    out = capsys.readouterr().out
+    assert calls == [[True], 'timed'] and 'a table' not in out and not gpu_check._UNTIMED
+    assert "compiled ahead of the kernels step (1 passes): {'compilations': 1" in out
+
+    def failing(args, device):
+        raise RuntimeError('a kernel cannot compile')
+    gpu_check.compile_ahead_of_step('kernels', failing, None, torch.device('cpu'))
+    out = capsys.readouterr().out
+    assert 'compiling ahead of the kernels step failed; it compiles for itself' in out
+    assert 'RuntimeError: a kernel cannot compile' in out and not gpu_check._UNTIMED
+
+    class Measured(Exception):
+        pass
+
+    def bandwidth(device, smoke=False):
+        raise Measured  # the step's own work begins: stop here
+    ahead = []
+    monkeypatch.setattr(gpu_check, 'compile_ahead_of_step', lambda name, step, args, device: ahead.append(name))
+    monkeypatch.setattr(gpu_check, 'copy_bandwidth', bandwidth)
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32  # the step turns TF32 off
+    try:
+        for untimed in ([], [True]):
+            monkeypatch.setattr(gpu_check, '_UNTIMED', untimed)
+            with pytest.raises(Measured):
+                gpu_check.step_kernels(SimpleNamespace(smoke=True, batch=1), torch.device('cpu'))
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert ahead == ['kernels']  # not again within its own untimed run
 
 
 def test_idle_gpu_time_is_counted_to_the_host_operator_running_meanwhile():
@@ -338,7 +384,6 @@ def test_nmf_table_times_each_formulation_of_the_large_products(capsys):
     transposed; the transposed formulations compute the same products. Where the kernels run (under the
     interpreter, as when the suite has collected tests/test_kernels.py), also the forward with
     smmcl::bmm_tf32x3 (the same function) and what auto keeps."""
-    from types import SimpleNamespace
     gpu_check = bench_script('gpu_check')
     got = gpu_check.nmf_table(SimpleNamespace(smoke=True, batch=8), torch.device('cpu'))
     assert {'whole_ms', 'x^T @ bases', '(bases^T @ x)^T', 'x @ coef', '(coef^T @ x^T)^T', 'bases @ coef^T'} <= set(got)
@@ -355,7 +400,6 @@ def test_the_smoke_model_checks_the_contrastive_terms_and_bench_builds_it():
     script names it, also in bench.py's configs, with its decoder's width); its labels leave the
     contrastive terms non-zero, so the model step compares them (random 14-class cells at 64x64 leave
     them 0). The device run keeps MSCAN-B at 480x640 with 14 random classes."""
-    from types import SimpleNamespace
     from smmcl.models.mscan import MSCAN_VARIANTS
     gpu_check = bench_script('gpu_check')
     smoke, real = SimpleNamespace(smoke=True), SimpleNamespace(smoke=False)
@@ -394,7 +438,6 @@ def test_the_summary_states_each_profiled_calls_wall_gpu_time_syncs_kernels_and_
 def test_kernel_labels_and_launching_operators_name_the_element_wise_kernels():
     """The profile's kernel lines keep the functor (ATen's loop name fills the first 100 characters), and
     device time is also counted to the operator that launched each kernel, largest first."""
-    from types import SimpleNamespace
     gpu_check = bench_script('gpu_check')
     name = ('void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::'
             '(anonymous namespace)::addcmul_cuda_kernel(at::TensorIteratorBase&, c10::Scalar const&)::'
