@@ -1191,8 +1191,7 @@ def compile_ahead_of_rows(bench, bench_args, device, paths) -> None:
 
 def compile_ahead_of_step(name: str, step, args, device) -> None:
     """Compiles what ``step`` launches all at once (:func:`compile_ahead_of`): the step run once before, each
-    timing a single call, its printing dropped. A failure there is reported; the step then compiles for
-    itself."""
+    timing a single call, its printing dropped."""
     def untimed():
         _UNTIMED.append(True)
         try:
@@ -1200,21 +1199,22 @@ def compile_ahead_of_step(name: str, step, args, device) -> None:
                 step(args, device)
         finally:
             _UNTIMED.pop()
-    try:
-        compile_ahead_of(f'the {name} step', [untimed])
-    except Exception:  # noqa: BLE001 - only the head start is lost
-        print(f'compiling ahead of the {name} step failed; it compiles for itself:')
-        traceback.print_exc(file=sys.stdout)
+    compile_ahead_of(f'the {name} step', [untimed])
 
 
 def compile_ahead_of(what: str, passes) -> None:
     """``smmcl.kernels.triton_compile.compile_ahead(*passes)``, reported (nothing without Triton, nothing run
-    under its interpreter)."""
+    under its interpreter). A failure there is reported, and what follows compiles for itself."""
     if not passes or not importlib.util.find_spec('triton'):
         return
     from smmcl.kernels.triton_compile import compile_ahead
     t0 = time.time()
-    stats = compile_ahead(*passes)
+    try:
+        stats = compile_ahead(*passes)
+    except Exception:  # noqa: BLE001 - only the head start is lost
+        print(f'compiling ahead of {what} failed; it compiles for itself:')
+        traceback.print_exc(file=sys.stdout)
+        return
     print(f'compiled ahead of {what} ({len(passes)} passes): {stats or "no compile workers"} '
           f'({time.time() - t0:.0f} s)')
 
