@@ -110,13 +110,16 @@ def writes_memory(func, args, kwargs, out) -> bool:
 
 
 _PACKAGE = os.path.dirname(os.path.abspath(smmcl.__file__))
+# frames that only pass a launch on (a kernel that is not autotuned launches through triton_common.launch)
+_RELAYS = {(os.path.join('kernels', 'triton_common.py'), 'launch')}
 
 
 def call_site() -> str:
-    """``file:line function`` of the innermost frame in the smmcl package, ``(autograd)`` if none (a
-    built-in backward, which the autograd engine runs without a Python frame of ours)."""
+    """``file:line function`` of the innermost frame in the smmcl package that is not a relay, ``(autograd)``
+    if none (a built-in backward, which the autograd engine runs without a Python frame of ours)."""
     for frame in reversed(traceback.extract_stack()):
-        if frame.filename.startswith(_PACKAGE + os.sep):
+        if (frame.filename.startswith(_PACKAGE + os.sep)
+                and (os.path.relpath(frame.filename, _PACKAGE), frame.name) not in _RELAYS):
             return f'{os.path.relpath(frame.filename, os.path.dirname(_PACKAGE))}:{frame.lineno} {frame.name}'
     return '(autograd)'
 

@@ -3,6 +3,7 @@ import argparse
 import collections
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -207,6 +208,17 @@ def test_traffic_counts_launches_where_our_code_makes_them():
     sites = {site for (name, site), n in mode.launches.items()}
     assert any(site.startswith('smmcl/models/mscan.py:') and site.endswith('draw_mask') for site in sites), sites
     assert '(autograd)' in sites
+    if importlib.util.find_spec('triton'):  # a kernel that is not autotuned: at the line that launches it
+        from smmcl.kernels import triton_common
+        launched = []
+
+        class Kernel:
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: launched.append(traffic.call_site())
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(triton_common, 'chunk_sums_kernel', Kernel())
+            triton_common.chunk_sums(torch.zeros(1, 2, 3), torch.zeros(1, 3))
+        assert len(launched) == 1 and re.fullmatch(r'smmcl/kernels/triton_common\.py:\d+ chunk_sums', launched[0])
 
 
 @pytest.mark.slow
