@@ -1,6 +1,7 @@
 """What the Triton kernel modules share: whether kernels are interpreted, autotuning's timing and
-candidate pruning, the GELU pieces of the epilogues, a depthwise conv's input bias, and the once-per-shape
-choice between implementations.
+candidate pruning, the GELU pieces of the epilogues, a depthwise conv's input bias, the once-per-shape
+choice between implementations, and the launch of a kernel that is not autotuned (handed over instead
+while ``triton_compile.compile_ahead`` collects).
 
 Importing this module needs Triton. The kernels run on CUDA tensors, or on CPU tensors when
 ``TRITON_INTERPRET=1`` was set before Triton was first imported (Triton decides at decoration time,
