@@ -1134,12 +1134,7 @@ def step_bench(args, device):
                 have_eval = False
             compile_ahead_of_rows(bench, bench_args, device, paths)  # nothing under the interpreter
             for label, fast, kernels, compiled, layout, graphs in paths:
-                def make_cfg(a, f, kernels=kernels, compiled=compiled, layout=layout, graphs=graphs):
-                    cfg = original(a, f)
-                    cfg.update(triton_kernels=kernels and f, compile=compiled and f, channels_last=layout,
-                               cuda_graphs=graphs == 'infer', cuda_graphs_training=graphs == 'train')
-                    return cfg
-                bench.make_cfg = make_cfg
+                bench.make_cfg = row_make_cfg(original, kernels, compiled, layout, graphs)
                 t0 = time.time()
                 nan = float('nan')
                 train_ips, train_peak, compile_s, precision = nan, nan, 0.0, 'bf16'
@@ -1162,6 +1157,17 @@ def step_bench(args, device):
     return rows
 
 
+def row_make_cfg(original, kernels, compiled, layout, graphs):
+    """``bench.make_cfg`` for a bench row: ``original``'s config with the row's switches (the kernels and
+    ``torch.compile`` on the fast path only; ``graphs``: None, 'infer' or 'train', as in BENCH_PATHS)."""
+    def make_cfg(a, f):
+        cfg = original(a, f)
+        cfg.update(triton_kernels=kernels and f, compile=compiled and f, channels_last=layout,
+                   cuda_graphs=graphs == 'infer', cuda_graphs_training=graphs == 'train')
+        return cfg
+    return make_cfg
+
+
 def compile_ahead_of_rows(bench, bench_args, device, paths) -> None:
     """Compiles every Triton kernel the bench rows with the kernels launch, all at once in the compile
     workers (``smmcl.kernels.triton_compile.compile_ahead``): a training step in each layout those rows
@@ -1172,11 +1178,7 @@ def compile_ahead_of_rows(bench, bench_args, device, paths) -> None:
 
     def dry(measure, layout):
         def run():
-            def make_cfg(a, f):
-                cfg = original(a, f)
-                cfg.update(triton_kernels=True, channels_last=layout)
-                return cfg
-            bench.make_cfg = make_cfg
+            bench.make_cfg = row_make_cfg(original, True, False, layout, None)  # eager: no graphs recorded
             try:
                 measure(once, device, True)
             finally:

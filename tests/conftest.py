@@ -4,6 +4,8 @@ import contextlib
 import functools
 import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -22,7 +24,48 @@ REGISTER_TINY_MSCAN = ('from smmcl.models.mscan import MSCAN_VARIANTS, MSCANSpec
                        f'MSCAN_VARIANTS[{TINY_MSCAN!r}] = lambda: MSCANSpec(**{TINY_MSCAN_SPEC!r})\n')
 
 
+# The start of a child script that compiles Triton's sm_90 code on the CPU (no GPU): Triton's own compiler,
+# through a driver that only gives the target. ``refuse_compiling()`` then makes any compilation in the
+# child raise, so that a kernel not found in Triton's cache shows. Run it with :func:`run_compile_only`.
+COMPILE_FOR_SM90 = r'''
+import triton
+from triton.backends.compiler import GPUTarget
+
+from smmcl.kernels import triton_compile
+triton.runtime.driver.set_active(triton_compile.CompileOnlyDriver(GPUTarget('cuda', 90, 32)))
+
+
+def refuse_compiling(message='compiled in the launching process'):
+    def compiled_here(*args, **kwargs):
+        raise AssertionError(message)
+    triton.compiler.compiler.ASTSource.make_ir = compiled_here
+'''
+
+
+def run_compile_only(script, *args, **env) -> subprocess.CompletedProcess:
+    """Runs the child ``script`` (a path; ``args`` its arguments) in its folder, without Triton's interpreter
+    and with ``env`` added, the repository and the tests on its module path (stdout and stderr captured)."""
+    full = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    path = [REPO, os.path.join(REPO, 'tests'), os.environ.get('PYTHONPATH')]
+    full.update(TRITON_DEFAULT_FP_FUSION='1', PYTHONPATH=os.pathsep.join(filter(None, path)), **env)
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=full,
+                          timeout=600, cwd=os.path.dirname(str(script)))
+
+
+def refuse_kernel_launches(monkeypatch) -> None:
+    """Any Triton kernel launched from now on, compiled or interpreted, raises AssertionError naming it."""
+    import triton
+    from triton.runtime.interpreter import InterpretedFunction
+
+    def refuse(self, *args, grid, warmup, **kwargs):
+        raise AssertionError(f'{self.fn.__name__} ran')
+    for launcher in (triton.runtime.JITFunction, InterpretedFunction):
+        monkeypatch.setattr(launcher, 'run', refuse)
+
+
 class StandInProcess:
+    """A worker process of :class:`StandInPool`: records whether it was ended."""
+
     def __init__(self):
         self.terminated = False
 

@@ -5,23 +5,16 @@ Without a GPU, compiled for sm_90 on the CPU (Triton's own compiler, as bench/sa
 that only gives the target, in a child process without the interpreter."""
 import importlib.util
 import os
-import subprocess
-import sys
 
 import pytest
 
-from smmcl.config import REPO_ROOT
-from conftest import StandInPool
+from conftest import COMPILE_FOR_SM90, StandInPool, refuse_kernel_launches, run_compile_only
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec('triton') is None, reason='needs Triton')
 
-CHILD = r'''
+CHILD = COMPILE_FOR_SM90 + r'''
 import torch
-import triton
-from triton.backends.compiler import GPUTarget
 
-from smmcl.kernels import triton_compile
-triton.runtime.driver.set_active(triton_compile.CompileOnlyDriver(GPUTarget('cuda', 90, 32)))
 from smmcl.kernels.triton_channel import bias_add_kernel as kernel
 
 outcomes = []
@@ -39,13 +32,9 @@ def time_candidate(kernel_call, quantiles):
     return 1.0
 
 
-def compiled_here(*args, **kwargs):
-    raise AssertionError('compiled in the launching process')
-
-
 kernel.do_bench = time_candidate
 triton_compile.compile_pool().submit(int).result()  # the workers fork now, so the patch below is this process's
-triton.compiler.compiler.ASTSource.make_ir = compiled_here
+refuse_compiling()
 
 n, c, h, w = 2, 64, 8, 32
 y = torch.empty(n, c, h, w, dtype=torch.bfloat16)
@@ -72,14 +61,10 @@ launch(w + 1)
 
 
 def test_the_workers_compile_what_the_launch_loads_from_the_cache(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-    env.update(TRITON_CACHE_DIR=str(tmp_path / 'cache'), SMMCL_TRITON_COMPILE_WORKERS='2',
-               TRITON_DEFAULT_FP_FUSION='1', PYTHONPATH=REPO_ROOT)
     # a script without a ``__main__`` guard, as users write them: the workers must not run it again
     script = tmp_path / 'script.py'
     script.write_text(CHILD)
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300,
-                         cwd=str(tmp_path))
+    out = run_compile_only(script, TRITON_CACHE_DIR=str(tmp_path / 'cache'), SMMCL_TRITON_COMPILE_WORKERS='2')
     assert out.returncode == 0, out.stderr[-3000:]
     assert 'no compile workers' not in out.stderr
     lines = {line.split()[0] + line.split()[1]: line.split()[-1] for line in out.stdout.splitlines()
@@ -181,18 +166,14 @@ def test_compiling_ahead_hands_every_launch_over_and_runs_none(monkeypatch):
     ``auto`` would time launched once, a kernel that is not autotuned too), without the grid or Triton's
     flags; no kernel runs, nothing is timed or remembered; the hook is gone after the passes, also when
     one raises; a broken pool is reported and left, as for the candidates of one launch."""
-    triton = pytest.importorskip('triton')
+    pytest.importorskip('triton')
     from smmcl.kernels import triton_common, triton_compile
     triton_channel, run = _bias_ops()
     pool, released = StandInPool(), []
     monkeypatch.setattr(triton_compile, '_pool', pool)
     monkeypatch.setattr(triton_compile, '_pool_failed', False)
     monkeypatch.setattr(triton_compile, '_release_when_idle', lambda: released.append(1))
-
-    def refuse(self, *args, grid, warmup, **kwargs):
-        raise AssertionError(f'{self.fn.__name__} ran')
-    monkeypatch.setattr(type(triton_channel.bias_add_kernel.fn), 'run', refuse)  # compiled or interpreted
-    monkeypatch.setattr(triton.runtime.JITFunction, 'run', refuse)
+    refuse_kernel_launches(monkeypatch)
     caches = {k: dict(k.cache) for k in (triton_channel.bias_add_kernel, triton_channel.bias_grad_kernel)}
     choices = dict(triton_channel._CHOICE)
     stats = triton_compile.compile_ahead(lambda: run(24))
@@ -213,15 +194,9 @@ def test_compiling_ahead_hands_every_launch_over_and_runs_none(monkeypatch):
     assert broken.shut and triton_compile._pool is None and triton_compile.compile_pool() is None
 
 
-AHEAD_CHILD = r'''
+AHEAD_CHILD = COMPILE_FOR_SM90 + r'''
 import importlib
 
-import torch
-import triton
-from triton.backends.compiler import GPUTarget
-
-from smmcl.kernels import triton_compile
-triton.runtime.driver.set_active(triton_compile.CompileOnlyDriver(GPUTarget('cuda', 90, 32)))
 from test_compile import _bias_ops
 
 launches = []  # every launch's candidates, before the collector takes each specialisation once
@@ -234,16 +209,10 @@ def recording(self, kernel, args, kwargs, configs=(None,)):
 
 
 triton_compile._Collector.__call__ = recording
-triton_channel, run = _bias_ops()
+_, run = _bias_ops()
 # widths 24 and 40 specialise alike (not multiples of 16), 32 does not
 stats = triton_compile.compile_ahead(lambda: run(24), lambda: run(40), lambda: run(32))
-
-
-def compiled_here(*args, **kwargs):
-    raise AssertionError('compiled in the launching process')
-
-
-triton.compiler.compiler.ASTSource.make_ir = compiled_here
+refuse_compiling()
 missed = 0
 for module, name, args, kwargs in launches:
     try:
@@ -259,13 +228,10 @@ def test_compiling_ahead_compiles_each_specialisation_once_and_every_launch_find
     two ways are compiled once per specialisation (Triton's own key), and every launch's candidates are
     then found in Triton's cache. (On the fast path's training step in both layouts and its inference
     forward, MSCAN-T at 64x64: 28,981 launch candidates, 1,506 compilations, every one found.)"""
-    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-    env.update(TRITON_CACHE_DIR=str(tmp_path / 'cache'), SMMCL_TRITON_COMPILE_WORKERS='2', SMMCL_TRITON_AUTOTUNE='0',
-               TRITON_DEFAULT_FP_FUSION='1', PYTHONPATH=os.pathsep.join([REPO_ROOT, os.path.dirname(__file__)]))
     script = tmp_path / 'script.py'
     script.write_text(AHEAD_CHILD)
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600,
-                         cwd=str(tmp_path))
+    out = run_compile_only(script, TRITON_CACHE_DIR=str(tmp_path / 'cache'), SMMCL_TRITON_COMPILE_WORKERS='2',
+                           SMMCL_TRITON_AUTOTUNE='0')
     assert out.returncode == 0, out.stderr[-3000:]
     launches, compilations, compiled, missed = map(int, out.stdout.split('AHEAD')[1].split())
     assert compilations < launches and compiled == compilations and missed == 0

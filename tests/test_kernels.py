@@ -2427,7 +2427,7 @@ def test_compiling_ahead_reaches_every_kernel_and_runs_none(tiny_mscan, monkeypa
     Every kernel of the package reaches the workers (a stand-in pool recording the jobs): each op's
     implementations, kernel families and weight-gradient strategies are launched. No kernel runs, nothing
     is timed or remembered (no autotuning result, no implementation choice), and the hook is gone after."""
-    from conftest import StandInPool
+    from conftest import StandInPool, refuse_kernel_launches
     from smmcl.engine.precision import for_training, inference_model
     from smmcl.kernels import triton_bands, triton_channel, triton_common, triton_compile, triton_dwconv
     from smmcl.kernels import triton_matmul, triton_rows
@@ -2436,10 +2436,7 @@ def test_compiling_ahead_reaches_every_kernel_and_runs_none(tiny_mscan, monkeypa
     monkeypatch.setattr(triton_compile, '_pool', pool)
     monkeypatch.setattr(triton_compile, '_pool_failed', False)
     monkeypatch.setattr(triton_compile, '_release_when_idle', lambda: None)
-
-    def refuse(self, *args, grid, warmup, **kwargs):
-        raise AssertionError(f'{self.fn.__name__} ran')
-    monkeypatch.setattr(type(triton_channel.bias_add_kernel.fn), 'run', refuse)  # compiled or interpreted
+    refuse_kernel_launches(monkeypatch)
     modules = (triton_bands, triton_channel, triton_common, triton_dwconv, triton_matmul, triton_rows)
     tuners = {v for m in modules for v in vars(m).values() if isinstance(v, triton.runtime.Autotuner)}
     caches = {t: dict(t.cache) for t in tuners}

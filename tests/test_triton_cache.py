@@ -9,7 +9,7 @@ import tarfile
 
 import pytest
 
-from conftest import bench_script
+from conftest import COMPILE_FOR_SM90, bench_script, run_compile_only
 from smmcl.config import REPO_ROOT
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec('triton') is None, reason='needs Triton')
@@ -91,20 +91,14 @@ def test_loading_refuses_what_is_not_a_pack(triton_cache, tmp_path):
     assert not os.path.lexists(tmp_path / 'cache' / 'hash0')
 
 
-CHILD = r'''
+CHILD = COMPILE_FOR_SM90 + r'''
 import sys
 import torch
-import triton
-from triton.backends.compiler import GPUTarget
 
-from smmcl.kernels import triton_compile
-triton.runtime.driver.set_active(triton_compile.CompileOnlyDriver(GPUTarget('cuda', 90, 32)))
 from smmcl.kernels.triton_channel import bias_add_kernel as kernel
 
 if sys.argv[1] == 'load':
-    def compiled_here(*args, **kwargs):
-        raise AssertionError('compiled, not loaded')
-    triton.compiler.compiler.ASTSource.make_ir = compiled_here
+    refuse_compiling('compiled, not loaded')
 y = torch.empty(2, 64, 8, 32, dtype=torch.bfloat16)
 bias, out = torch.empty(64), torch.empty_like(y)
 config = kernel.configs[0]
@@ -122,11 +116,7 @@ def test_the_next_call_loads_what_the_last_one_compiled(triton_cache, tmp_path):
     script.write_text(CHILD)
 
     def child(mode, cache):
-        env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-        env.update(TRITON_CACHE_DIR=cache, SMMCL_TRITON_COMPILE_WORKERS='0', TRITON_DEFAULT_FP_FUSION='1',
-                   PYTHONPATH=os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get('PYTHONPATH')])))
-        return subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, env=env,
-                              timeout=300)
+        return run_compile_only(script, mode, TRITON_CACHE_DIR=cache, SMMCL_TRITON_COMPILE_WORKERS='0')
 
     first, second, out = str(tmp_path / 'first'), str(tmp_path / 'second'), str(tmp_path / 'out')
     assert 'compiled, not loaded' in child('load', first).stderr  # an empty cache: the check sees a compile
