@@ -96,6 +96,17 @@ class StandInPool:
         self.shut, self.workers, self._processes = True, self._processes, None
 
 
+def stand_in_compile_workers(monkeypatch, pool=None) -> 'StandInPool':
+    """``pool`` (a new :class:`StandInPool` by default) as smmcl/kernels/triton_compile.py's workers, never
+    released when idle; returns it."""
+    from smmcl.kernels import triton_compile
+    pool = pool or StandInPool()
+    monkeypatch.setattr(triton_compile, '_pool', pool)
+    monkeypatch.setattr(triton_compile, '_pool_failed', False)
+    monkeypatch.setattr(triton_compile, '_release_when_idle', lambda: None)
+    return pool
+
+
 class OpCalls(TorchDispatchMode):
     """The ATen operators run while on, in order: ``calls`` holds (name, args) for each, the name without
     its overload (``_to_copy``, ``_foreach_copy_``)."""

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from conftest import COMPILE_FOR_SM90, StandInPool, refuse_kernel_launches, run_compile_only
+from conftest import COMPILE_FOR_SM90, StandInPool, refuse_kernel_launches, run_compile_only, stand_in_compile_workers
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec('triton') is None, reason='needs Triton')
 
@@ -192,6 +192,37 @@ def test_compiling_ahead_hands_every_launch_over_and_runs_none(monkeypatch):
     with pytest.warns(UserWarning, match='no compile workers .*BrokenExecutor'):
         assert triton_compile.compile_ahead(lambda: run(24)) is None
     assert broken.shut and triton_compile._pool is None and triton_compile.compile_pool() is None
+
+
+def test_the_processes_of_a_machine_compile_ahead_a_share_each(monkeypatch):
+    """``compile_ahead(..., share=(part, parts))``: of the compilations the passes meet, each taken once, the
+    process hands the workers every ``parts``-th from its ``part``-th, in the order they come; the shares of
+    all parts are the whole, none twice. A part outside ``0..parts-1`` is refused before any pass runs."""
+    pytest.importorskip('triton')
+    from smmcl.kernels import triton_compile
+    _, run = _bias_ops()
+
+    def key(name, args, kwargs):  # as Triton's binder keys a launch (it has none under the interpreter)
+        return name, tuple(a % 16 == 0 if isinstance(a, int) else 'tensor' for a in args), tuple(sorted(kwargs.items()))
+    monkeypatch.setattr(triton_compile, '_specialisation',
+                        lambda kernel, args, kwargs: key(triton_compile._jit(kernel).fn.__name__, args, kwargs))
+    refuse_kernel_launches(monkeypatch)
+
+    def jobs(share):
+        pool = stand_in_compile_workers(monkeypatch)
+        # widths 24 and 40 specialise alike (not multiples of 16), 32 does not
+        stats = triton_compile.compile_ahead(lambda: run(24), lambda: run(40), lambda: run(32), share=share)
+        assert stats['compilations'] == len(pool.jobs)
+        return [key(*args[1:]) for _, args in pool.jobs]
+    whole = jobs((0, 1))
+    assert len(set(whole)) == len(whole) > 3  # each specialisation once
+    shares = [jobs((part, 3)) for part in range(3)]
+    assert [shares[i % 3][i // 3] for i in range(len(whole))] == whole
+    assert [len(share) for share in shares] == [len(range(part, len(whole), 3)) for part in range(3)]
+    monkeypatch.setattr(triton_compile, '_specialisation', lambda kernel, args, kwargs: object())
+    assert len(jobs((0, 1))) > len(whole)  # without the keys, every launch's compilations
+    with pytest.raises(ValueError, match=r'share=\(3, 3\)'):
+        triton_compile.compile_ahead(lambda: 1 / 0, share=(3, 3))
 
 
 AHEAD_CHILD = COMPILE_FOR_SM90 + r'''

@@ -227,9 +227,14 @@ def test_val_last_link_follows_the_newest_log(tmp_path, caplog):
     assert link.is_dir() and 'could not link' in caplog.text
 
 
-def test_several_checkpoints_in_one_model_score_as_each_alone(llrgbd, tmp_path):
+def test_several_checkpoints_in_one_model_score_as_each_alone(llrgbd, tmp_path, monkeypatch):
     """eval.py loads each later checkpoint into the first one's model (so CUDA graphs recorded for the
-    first replay for the others): every checkpoint scores as it does evaluated alone."""
+    first replay for the others): every checkpoint scores as it does evaluated alone. The kernels (with
+    ``triton_kernels``) are compiled ahead once, for the first checkpoint's model, on the test set."""
+    from smmcl.engine import eval_cli
+    ahead = []
+    monkeypatch.setattr(eval_cli, 'compile_ahead_of_evaluation',
+                        lambda model, dataset, config, ctx: ahead.append((model, len(dataset))))
     config_path = osp.join(REPO_ROOT, 'SMMCL_LLRGBD', 'config.py')
     ckpt_dir = tmp_path / 'log' / 'checkpoint'
     ckpt_dir.mkdir(parents=True)
@@ -240,6 +245,7 @@ def test_several_checkpoints_in_one_model_score_as_each_alone(llrgbd, tmp_path):
         torch.save({'model': build_segmentor(cfg).state_dict(), 'epoch': epoch}, ckpt_dir / f'epoch-{epoch}.pth')
     main(config_path, ['-e', '1-', '--set', *overrides, f'log_dir={tmp_path / "log"}'])
     together = json.load(open(next((tmp_path / 'log').glob('val_2*.json'))))['evaluations']
+    assert len(ahead) == 1 and isinstance(ahead[0][0], torch.nn.Module) and ahead[0][1] == 3  # the 3 test images
     alone = []
     for epoch in (1, 2):
         log_dir = tmp_path / f'alone{epoch}'

@@ -2427,15 +2427,12 @@ def test_compiling_ahead_reaches_every_kernel_and_runs_none(tiny_mscan, monkeypa
     Every kernel of the package reaches the workers (a stand-in pool recording the jobs): each op's
     implementations, kernel families and weight-gradient strategies are launched. No kernel runs, nothing
     is timed or remembered (no autotuning result, no implementation choice), and the hook is gone after."""
-    from conftest import StandInPool, refuse_kernel_launches
+    from conftest import refuse_kernel_launches, stand_in_compile_workers
     from smmcl.engine.precision import for_training, inference_model
     from smmcl.kernels import triton_bands, triton_channel, triton_common, triton_compile, triton_dwconv
     from smmcl.kernels import triton_matmul, triton_rows
     ops()
-    pool = StandInPool()
-    monkeypatch.setattr(triton_compile, '_pool', pool)
-    monkeypatch.setattr(triton_compile, '_pool_failed', False)
-    monkeypatch.setattr(triton_compile, '_release_when_idle', lambda: None)
+    pool = stand_in_compile_workers(monkeypatch)
     refuse_kernel_launches(monkeypatch)
     modules = (triton_bands, triton_channel, triton_common, triton_dwconv, triton_matmul, triton_rows)
     tuners = {v for m in modules for v in vars(m).values() if isinstance(v, triton.runtime.Autotuner)}
@@ -2467,6 +2464,75 @@ def test_compiling_ahead_reaches_every_kernel_and_runs_none(tiny_mscan, monkeypa
     assert stats == dict(compilations=len(pool.jobs), compiled=len(pool.jobs), seconds=stats['seconds'])
     assert {t: dict(t.cache) for t in tuners} == caches and [dict(d) for d in choice_dicts] == choices
     assert not triton_common.AHEAD
+
+
+def _draws():
+    """The next numbers of Python's, NumPy's and torch's generators (the caller's states restored after)."""
+    import random
+
+    import numpy as np
+    from smmcl.engine.seeding import rng_state, set_rng_state
+    state = rng_state()
+    draws = random.random(), float(np.random.rand()), torch.rand(3).tolist()
+    set_rng_state(state)
+    return draws
+
+
+def test_a_run_compiles_its_kernels_ahead_and_is_left_as_it_was(tiny_mscan, monkeypatch, caplog):
+    """``train.py``'s and ``eval.py``'s compilation ahead (smmcl/engine/ahead.py), with a stand-in pool that
+    records the jobs: the training step's pass hands over the backward's kernels too, the evaluation's
+    (two 48x64 images, two scales, a batch of two) the forward's only, and each reports its count. No kernel
+    runs; the random streams draw afterwards what they would have drawn, and the evaluated model keeps its
+    weights, statistics and mode. Without the kernels nothing is compiled; a pass that fails is reported
+    and the run goes on."""
+    import numpy as np
+    from conftest import refuse_kernel_launches, stand_in_compile_workers, tiny_config
+    from smmcl.engine import ahead
+    from smmcl.engine.dist import DistContext
+    from smmcl.models import build_segmentor
+    ops()
+    pool = stand_in_compile_workers(monkeypatch)
+    refuse_kernel_launches(monkeypatch)
+    cfg = tiny_config(backbone=tiny_mscan, num_classes=4, min_views_per_class=1, fast_path=True, triton_kernels=True,
+                      image_height=64, image_width=96, eval_crop_size=(48, 64), eval_scale_array=[0.75, 1.0],
+                      eval_batch_size=2)
+    ctx = DistContext(device=torch.device(DEVICE))
+    caplog.set_level('INFO', logger='smmcl.engine.ahead')
+    before = _draws()
+
+    def handed(run):
+        pool.jobs.clear()
+        run()
+        assert _draws() == before
+        return {args[1] for _, args in pool.jobs}
+    trained = handed(lambda: ahead.compile_ahead_of_training(cfg, ctx, 2))
+    assert {'_dwconv_wgrad_kernel', 'bias_grad_kernel', 'nmf_update_grad_kernel'} <= trained
+    assert f'Triton kernels of the training step compiled ahead: {len(pool.jobs)} compilations' in caplog.text
+
+    torch.manual_seed(0)
+    model = build_segmentor(cfg, with_loss=True).to(DEVICE).train()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    before = _draws()
+    g = np.random.default_rng(0)
+    dataset = [dict(data=g.integers(0, 256, (48, 64, 3), np.uint8), modal_x=g.integers(0, 256, (48, 64, 3), np.uint8),
+                    label=g.integers(0, 4, (48, 64), np.uint8), fn=str(i)) for i in range(3)]
+    evaluated = handed(lambda: ahead.compile_ahead_of_evaluation(model, dataset, cfg, ctx))
+    assert evaluated and evaluated < trained and not any('grad' in name for name in evaluated)
+    assert f'Triton kernels of the evaluation compiled ahead: {len(pool.jobs)} compilations' in caplog.text
+    assert model.training and all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+    caplog.clear()
+    cfg.triton_kernels = False
+    assert not handed(lambda: ahead.compile_ahead_of_training(cfg, ctx, 2)) and not caplog.text
+    cfg.triton_kernels = True
+
+    def broken(*args, **kwargs):
+        torch.rand(5)  # drawn before the failure: restored too
+        raise RuntimeError('out of memory')
+    monkeypatch.setattr(ahead, 'build_segmentor', broken)
+    assert not handed(lambda: ahead.compile_ahead_of_training(cfg, ctx, 2))
+    assert ('compiling the Triton kernels of the training step ahead failed (RuntimeError: out of memory); each '
+            'launch compiles its own') in caplog.text
 
 
 def test_whole_model_casts_its_convs_parameters_once_per_group(tiny_mscan, monkeypatch):

@@ -92,6 +92,22 @@ def test_resume_is_bit_identical(tiny_training, tmp_path, monkeypatch):
     assert a['optimizer']['param_groups'][0]['lr'] == b['optimizer']['param_groups'][0]['lr']
 
 
+def test_the_kernels_are_compiled_ahead_of_the_first_step_and_the_first_evaluation(tiny_training, monkeypatch):
+    """With ``triton_kernels`` the run compiles them ahead (smmcl/engine/ahead.py): the training step's once,
+    for chunks of ``batch_size / replicas``, before the first step; the evaluation's once, before the first
+    evaluation during training, on the test set with the model in training mode as it was."""
+    from smmcl.engine import watch
+    calls = []
+    monkeypatch.setattr(train_module, 'compile_ahead_of_training',
+                        lambda config, ctx, chunk_size: calls.append(('training', chunk_size)))
+    monkeypatch.setattr(watch, 'compile_ahead_of_evaluation',
+                        lambda model, dataset, config, ctx: calls.append(('evaluation', len(dataset), model.training)))
+    step = train_module.train_step
+    monkeypatch.setattr(train_module, 'train_step', lambda *args: (calls.append('step'), step(*args))[1])
+    train_module.main(CONFIG, ['--set', *tiny_training(batch_size=4, replicas=2, eval_every_epochs=1)])
+    assert calls == [('training', 2), 'step', ('evaluation', 2, True), 'step']
+
+
 def nan_in(term, at_calls):
     """A forward that makes ``term`` NaN on the given (1-based) training calls; ``term='input'`` feeds
     a NaN image instead, so that everything, BatchNorm statistics included, becomes NaN."""

@@ -82,8 +82,7 @@ def _run_in_group(fn: Callable, devices: Sequence[int], timeout_s: float, args) 
         # The ranks leave the group together: a rank tearing gloo down while another still worked (rank 0
         # writing the last checkpoint) was seen to abort ("terminate called without an active exception").
         # Not after a failure, where the others may never arrive.
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
+        barrier()
     finally:
         cleanup()
 
@@ -162,6 +161,12 @@ def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.broadcast(tensor, src)
     return tensor
+
+
+def barrier() -> None:
+    """Wait until every rank arrives here (no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def all_gather(tensor: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,7 @@ from typing import Dict, List, Optional, Sequence
 from smmcl import cli
 from smmcl.config import ConfigError, load_config
 from smmcl.data.dataset import DatasetError, RGBXDataset
+from smmcl.engine.ahead import compile_ahead_of_evaluation
 from smmcl.engine.checkpoint import CheckpointError, checkpoint_epoch
 from smmcl.engine.dist import DistContext, launch, parse_devices
 from smmcl.engine.evaluate import eval_workers, evaluate_per_image
@@ -66,6 +67,7 @@ def _evaluate_checkpoints(ctx: DistContext, config, checkpoints: Sequence[str], 
     for path in checkpoints:
         if model is None:
             model = load_model(config, path, ctx.device)
+            compile_ahead_of_evaluation(model, dataset, config, ctx)  # with the Triton kernels: all at once
         else:  # into the same tensors: the CUDA graphs recorded for the first checkpoint replay for this one
             model.load_state_dict(checked_weights(config, path), strict=True)
         save_dir = None

@@ -351,7 +351,7 @@ def _group_scores(model: Model, group, config, device) -> List[Tuple[int, dict, 
             for n, (index, item, size, _) in enumerate(group)]
 
 
-def _item_scores(model: Model, items, config, device) -> Iterator[Tuple[int, dict, torch.Tensor]]:
+def item_scores(model: Model, items, config, device) -> Iterator[Tuple[int, dict, torch.Tensor]]:
     """``(index, item, K-H-W float64 scores)`` for each ``(index, item)`` of ``items``.
 
     Item ``index`` is scored as :func:`seed_item` then :func:`predict_scores`; where that is the same
@@ -431,7 +431,7 @@ def _count_items(model: Model, items, config, device, hists: torch.Tensor,
     """Fill ``hists[index]`` (N-K-K, on ``device``) with the confusion matrix of each ``(index, item)``
     of ``items``; warn once if any scores were not finite (read after the last image)."""
     finite = []  # per image a 0-dim bool on the scores' device
-    for index, item, scores in _item_scores(model, items, config, device):
+    for index, item, scores in item_scores(model, items, config, device):
         hists[index] = _score_item(item, scores.argmax(0), config, save)
         finite.append(torch.isfinite(scores).all())
         logger.debug('%s queued (%d/%d)', item['fn'], index + 1, len(hists))

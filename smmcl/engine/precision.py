@@ -88,15 +88,17 @@ def fused_kernels(config) -> bool:
     return bool(config.triton_kernels and config.fast_path)
 
 
-def for_training(model: nn.Module, config) -> nn.Module:
+def for_training(model: nn.Module, config, graphs: bool = True) -> nn.Module:
     """The model in the configured memory format, with or without the Triton kernels and CUDA graphs
-    (in place; parameters stay the same objects).
+    (in place; parameters stay the same objects). ``graphs=False``: eager whatever ``cuda_graphs_training``
+    says (a throwaway pass, :mod:`smmcl.engine.ahead`).
 
     Raises:
         ConfigError: ``cuda_graphs_training`` with SyncBatchNorm layers.
     """
     model = use_fused_kernels(model.to(memory_format=memory_format(config)), fused_kernels(config))
-    return use_training_graphs(use_fused_tails(model, bool(config.fast_path)), bool(config.cuda_graphs_training))
+    recorded = graphs and bool(config.cuda_graphs_training)
+    return use_training_graphs(use_fused_tails(model, bool(config.fast_path)), recorded)
 
 
 def for_inference(model: nn.Module, config) -> nn.Module:

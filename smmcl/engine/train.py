@@ -4,7 +4,8 @@
 
 Read top to bottom: arguments and config -> processes (one per GPU, ``torchrun``, or one CPU process)
 -> logging and seeds -> data check and loader (:mod:`smmcl.data.loader`) -> model, optimizer, lr
-schedule -> resume (``-c FILE`` or ``-c auto``) -> the epoch loop of the authors (:func:`train_step`:
+schedule -> resume (``-c FILE`` or ``-c auto``) -> the Triton kernels, if on, compiled ahead
+(:mod:`smmcl.engine.ahead`) -> the epoch loop of the authors (:func:`train_step`:
 forward and backward of each chunk, finite-loss check, step; the lr update after the step;
 :class:`EpochLog`, fed every ``host_sync_every`` iterations by :func:`flush_log`) -> checkpoints on the
 authors' schedule (and every ``checkpoint_every_iters``).
@@ -39,6 +40,7 @@ from ..data.loader import TrainData, build_train_data, to_device
 from ..models.builder import build_segmentor
 from ..models.segmentor import EncoderDecoder
 from . import dist
+from .ahead import compile_ahead_of_training
 from .checkpoint import (CheckpointError, load_backbone_pretrained, remove_stale_temp_files, save_checkpoint,
                          save_iteration_checkpoint, should_save, training_state)
 from .chunks import BufferRollback, ChunkPlan, plan_chunks, run_chunks
@@ -154,6 +156,7 @@ def train(ctx: dist.DistContext, config, resume: Optional[str] = None) -> nn.Mod
     resume = resolve_resume(resume, config, ctx, niters)
     start_epoch, first = (resume_from(resume, model, optimizer, scaler, config, ctx, niters) if resume
                           else (1, 0))
+    compile_ahead_of_training(config, ctx, plan.chunk_size)  # with the Triton kernels: all at once, not per shape
     ddp = wrap_ddp(model, ctx)
     loop = Loop(maybe_compile(ddp, config), model, ddp if ddp is not model else None, optimizer, scaler, amp,
                 policy, data, plan, config, ctx,

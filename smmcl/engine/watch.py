@@ -22,6 +22,7 @@ from torch import nn
 
 from smmcl.data.dataset import RGBXDataset
 from smmcl.engine import dist
+from smmcl.engine.ahead import compile_ahead_of_evaluation
 from smmcl.engine.evaluate import eval_workers, evaluate_per_image, predict, seed_item
 from smmcl.engine.metrics import compute_scores
 from smmcl.engine.precision import ReusedInference, mixed_precision
@@ -41,6 +42,7 @@ class Watcher:
     dataset: Optional[RGBXDataset] = None
     subsets: Dict[str, List[int]] = field(default_factory=dict)
     inference: Optional[ReusedInference] = None  # CUDA graphs recorded once per run, refreshed in place
+    compiled: bool = False  # the Triton kernels of the evaluation compiled ahead (the first one)
 
     def due(self, epoch: int) -> bool:
         every = self.config.eval_every_epochs
@@ -80,6 +82,9 @@ class Watcher:
         for buffer in module.buffers():  # rank 0's BatchNorm statistics, which the checkpoint keeps
             dist.broadcast_(buffer)
         try:
+            if not self.compiled:
+                compile_ahead_of_evaluation(module, self.dataset, config, ctx)  # with the Triton kernels
+                self.compiled = True
             model = self.inference(module)
             amp, _ = mixed_precision(config, ctx.device)
             with amp:

@@ -38,7 +38,7 @@ import signal
 import threading
 import time
 import warnings
-from typing import Optional
+from typing import Optional, Tuple
 
 import triton
 from triton.runtime.jit import MockTensor, create_function_from_signature
@@ -246,10 +246,11 @@ def _specialisation(kernel, args, kwargs: dict):
 class _Collector:
     """:func:`compile_ahead`'s: hands each launch's compilations to the workers at once, each of Triton's
     specialisations once (the ``seen`` ones: what a kernel compiles for a 120 x 160 map it also runs on a
-    60 x 80 one)."""
+    60 x 80 one); of these only every ``parts``-th from the ``part``-th (0-based), in the order they come."""
 
-    def __init__(self, pool: concurrent.futures.Executor):
+    def __init__(self, pool: concurrent.futures.Executor, part: int = 0, parts: int = 1):
         self.pool, self.jobs, self.seen, self.error = pool, [], set(), None
+        self.part, self.parts = part, parts
 
     def __call__(self, kernel, args, kwargs: dict, configs=(None,)) -> None:
         for job in _jobs(_jit(kernel).fn, args, kwargs, configs):
@@ -257,13 +258,15 @@ class _Collector:
             if key in self.seen or self.error is not None:
                 continue
             self.seen.add(key)
+            if (len(self.seen) - 1) % self.parts != self.part:
+                continue  # another process's share
             try:
                 self.jobs.append(self.pool.submit(compile_candidate, *job))
             except Exception as err:  # noqa: BLE001 - a worker died: the passes go on, nothing handed over
                 self.error = err
 
 
-def compile_ahead(*passes) -> Optional[dict]:
+def compile_ahead(*passes, share: Tuple[int, int] = (0, 1)) -> Optional[dict]:
     """Compiles, in the worker processes and all at once, every Triton kernel that ``passes`` would launch.
 
     Each of ``passes`` (a callable: a training step, a forward, on the GPU) runs with every Triton launch
@@ -274,16 +277,23 @@ def compile_ahead(*passes) -> Optional[dict]:
     candidates when it first comes, a shape at a time, with most of the workers idle. What the kernels
     would have written stays as allocated: a pass is for this and nothing else (its model thrown away).
 
+    ``share=(part, parts)``: this process compiles one share of what the passes meet, the ``part``-th of
+    ``parts`` (0-based), the others the rest into the same cache: the processes of a training on one
+    machine, each running the same passes (so they meet the same compilations in the same order).
+
     Returns ``dict(compilations=, compiled=, seconds=)``, or None without workers (the kernels interpreted,
     ``SMMCL_TRITON_COMPILE_WORKERS`` below 2, the pool broken earlier): then no pass runs.
     """
+    part, parts = share
+    if not 0 <= part < parts:
+        raise ValueError(f'share={share}: the part must be in 0..{parts - 1}')
     pool = compile_pool()
     if pool is None:
         return None
     if _idle_timer is not None:  # the idle release must not end the workers under the passes
         _idle_timer.cancel()
     started = time.perf_counter()
-    collector = _Collector(pool)
+    collector = _Collector(pool, part, parts)
     AHEAD.append(collector)
     try:
         for run in passes:
