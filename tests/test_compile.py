@@ -227,6 +227,7 @@ def test_the_processes_of_a_machine_compile_ahead_a_share_each(monkeypatch):
 
 AHEAD_CHILD = COMPILE_FOR_SM90 + r'''
 import importlib
+import sys
 
 from test_compile import _bias_ops
 
@@ -241,8 +242,11 @@ def recording(self, kernel, args, kwargs, configs=(None,)):
 
 triton_compile._Collector.__call__ = recording
 _, run = _bias_ops()
-# widths 24 and 40 specialise alike (not multiples of 16), 32 does not
-stats = triton_compile.compile_ahead(lambda: run(24), lambda: run(40), lambda: run(32))
+# widths 24 and 40 specialise alike (not multiples of 16), 32 does not; each share as a process of its own would
+parts = int(sys.argv[1])
+shares = [triton_compile.compile_ahead(lambda: run(24), lambda: run(40), lambda: run(32), share=(part, parts))
+          for part in range(parts)]
+stats = {key: sum(share[key] for share in shares) for key in ('compilations', 'compiled')}
 refuse_compiling()
 missed = 0
 for module, name, args, kwargs in launches:
@@ -254,14 +258,16 @@ print('AHEAD', len(launches), stats['compilations'], stats['compiled'], missed)
 '''
 
 
-def test_compiling_ahead_compiles_each_specialisation_once_and_every_launch_finds_it(tmp_path):
+@pytest.mark.parametrize('parts', [1, 2])
+def test_compiling_ahead_compiles_each_specialisation_once_and_every_launch_finds_it(tmp_path, parts):
     """For sm_90 on the CPU in two workers, without the interpreter: three passes whose launches specialise
     two ways are compiled once per specialisation (Triton's own key), and every launch's candidates are
-    then found in Triton's cache. (On the fast path's training step in both layouts and its inference
-    forward, MSCAN-T at 64x64: 28,981 launch candidates, 1,506 compilations, every one found.)"""
+    then found in Triton's cache; also when two processes each compile a share (``share=``) into the
+    same cache. (On the fast path's training step in both layouts and its inference forward, MSCAN-T at
+    64x64: 28,981 launch candidates, 1,506 compilations, every one found.)"""
     script = tmp_path / 'script.py'
     script.write_text(AHEAD_CHILD)
-    out = run_compile_only(script, TRITON_CACHE_DIR=str(tmp_path / 'cache'), SMMCL_TRITON_COMPILE_WORKERS='2',
+    out = run_compile_only(script, str(parts), TRITON_CACHE_DIR=str(tmp_path / 'cache'), SMMCL_TRITON_COMPILE_WORKERS='2',
                            SMMCL_TRITON_AUTOTUNE='0')
     assert out.returncode == 0, out.stderr[-3000:]
     launches, compilations, compiled, missed = map(int, out.stdout.split('AHEAD')[1].split())

@@ -80,6 +80,7 @@ def _compile_ahead(what: str, run: Callable[[], None], config, ctx: dist.DistCon
     state = rng_state(ctx.device)
     # the processes on this machine (torchrun's LOCAL_WORLD_SIZE; our own launch starts them all here)
     share = (ctx.local_rank, int(os.environ.get('LOCAL_WORLD_SIZE', ctx.world_size)))
+
     def quiet():
         with warnings.catch_warnings():  # what a pass computes is garbage: no warning about its values
             warnings.simplefilter('ignore')

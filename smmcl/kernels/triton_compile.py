@@ -277,23 +277,21 @@ def compile_ahead(*passes, share: Tuple[int, int] = (0, 1)) -> Optional[dict]:
     candidates when it first comes, a shape at a time, with most of the workers idle. What the kernels
     would have written stays as allocated: a pass is for this and nothing else (its model thrown away).
 
-    ``share=(part, parts)``: this process compiles one share of what the passes meet, the ``part``-th of
-    ``parts`` (0-based), the others the rest into the same cache: the processes of a training on one
-    machine, each running the same passes (so they meet the same compilations in the same order).
+    ``share=(part, parts)``: the ``part``-th (0-based) of ``parts`` shares, the processes of one machine each
+    running the same passes (the same compilations, in the same order) and compiling one into their cache.
 
     Returns ``dict(compilations=, compiled=, seconds=)``, or None without workers (the kernels interpreted,
     ``SMMCL_TRITON_COMPILE_WORKERS`` below 2, the pool broken earlier): then no pass runs.
     """
-    part, parts = share
-    if not 0 <= part < parts:
-        raise ValueError(f'share={share}: the part must be in 0..{parts - 1}')
+    if not 0 <= share[0] < share[1]:
+        raise ValueError(f'share={share}: the part must be in 0..{share[1] - 1}')
     pool = compile_pool()
     if pool is None:
         return None
     if _idle_timer is not None:  # the idle release must not end the workers under the passes
         _idle_timer.cancel()
     started = time.perf_counter()
-    collector = _Collector(pool, part, parts)
+    collector = _Collector(pool, *share)
     AHEAD.append(collector)
     try:
         for run in passes:
