@@ -320,7 +320,8 @@ def _assignment_lines(path: str) -> dict:
     """{key: first line number} of the ``X.key = ...`` assignments in a config file (for messages)."""
     lines = {}
     try:
-        tree = ast.parse(open(path).read())
+        with open(path) as source:
+            tree = ast.parse(source.read())
     except (OSError, SyntaxError):
         return lines
     for node in ast.walk(tree):

@@ -2535,6 +2535,56 @@ def test_a_run_compiles_its_kernels_ahead_and_is_left_as_it_was(tiny_mscan, monk
             'launch compiles its own') in caplog.text
 
 
+@pytest.mark.filterwarnings('ignore:non-finite evaluation scores')
+def test_the_passes_meet_what_the_training_steps_and_the_evaluation_launch(tiny_training, monkeypatch):
+    """``train.py``'s pass ahead of its first step (a model of its own, a synthetic chunk) launches what the
+    run's own steps launch (its model, its loader's crops cut into chunks), and the evaluation's pass (the
+    first ``eval_batch_size`` test images, and the first alone) what the evaluation during training launches
+    (every test image, two scales, batched; the TensorBoard grid's one at a time): the same kernels with the same shapes, strides and constexprs, each candidate
+    (pointers' alignment aside). All recorded in ahead mode, with a stand-in pool (what the steps and the
+    evaluation compute is garbage: the steps are skipped)."""
+    from conftest import REPO, refuse_kernel_launches, stand_in_compile_workers
+    from smmcl.engine import ahead, watch
+    from smmcl.engine import train as train_module
+    from smmcl.kernels import triton_compile
+    from triton.runtime.jit import MockTensor
+    pool = stand_in_compile_workers(monkeypatch)
+    refuse_kernel_launches(monkeypatch)
+    launched = {}
+
+    def record(what):
+        launched.setdefault(what, set()).update({(name, tuple('pointer' if isinstance(a, MockTensor) else a for a in args),
+                                            tuple(sorted(kwargs.items()))) for _, (_, name, args, kwargs) in pool.jobs})
+        pool.jobs.clear()
+
+    def pass_ahead(config, ctx, chunk_size):
+        ahead.compile_ahead_of_training(config, ctx, chunk_size)
+        record('pass')
+
+    def in_ahead_mode(function, what):
+        def run(*args, **kwargs):
+            out = []
+            triton_compile.compile_ahead(lambda: out.append(function(*args, **kwargs)))
+            record(what)
+            return out[0]
+        return run
+
+    def evaluation_pass(*args):
+        ahead.compile_ahead_of_evaluation(*args)
+        record('evaluation pass')
+    monkeypatch.setattr(train_module, 'compile_ahead_of_training', pass_ahead)
+    monkeypatch.setattr(train_module, 'train_step', in_ahead_mode(train_module.train_step, 'steps'))
+    monkeypatch.setattr(watch, 'compile_ahead_of_evaluation', evaluation_pass)
+    monkeypatch.setattr(watch, 'evaluate_per_image', in_ahead_mode(watch.evaluate_per_image, 'evaluation'))
+    monkeypatch.setattr(watch, 'prediction_grid', in_ahead_mode(watch.prediction_grid, 'evaluation'))
+    overrides = tiny_training(fast_path=True, triton_kernels=True, batch_size=4, replicas=2, nepochs=1,
+                              nonfinite_loss='skip', eval_every_epochs=1, eval_crop_size=[48, 64],
+                              eval_scale_array=[0.75, 1.0], eval_flip=False, eval_batch_size=2)
+    train_module.main(os.path.join(REPO, 'SMMCL_LLRGBD', 'config.py'), ['--set', *overrides])
+    assert launched['steps'] and launched['pass'] == launched['steps']
+    assert launched['evaluation'] and launched['evaluation pass'] == launched['evaluation']
+
+
 def test_whole_model_casts_its_convs_parameters_once_per_group(tiny_mscan, monkeypatch):
     """One training step of the fast path under bf16 autocast, with the parameters of the convs outside
     the blocks cast by ``convs_cast_once`` (each patch embedding, stage's modulation and fusion conv, the

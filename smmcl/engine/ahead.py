@@ -6,8 +6,8 @@ machine whose Triton cache is empty, the first training step of the fast path wi
 1,500 compilations in some 350 such rounds (counted on the CPU for sm_90: 6-12 minutes with 16 cores).
 Before it, a throwaway pass over the same shapes hands them all to the workers at once
 (:func:`~smmcl.kernels.triton_compile.compile_ahead`): a training step of one chunk on a model of its own
-(``train.py``), the evaluation of the first ``eval_batch_size`` test images on a folded copy (``eval.py``,
-the evaluation during training). No kernel runs in a pass; the run's model, its random streams and its
+(``train.py``), the evaluation of the first ``eval_batch_size`` test images and of the first alone on a folded
+copy (``eval.py``, the evaluation during training). No kernel runs in a pass; the run's model, its random streams and its
 gradients are left as they were, so the run computes what it would have computed without. The processes of
 a training on one machine each compile a share into their common cache, then wait for each other.
 
@@ -57,16 +57,19 @@ def compile_ahead_of_training(config, ctx: dist.DistContext, chunk_size: int) ->
 
 def compile_ahead_of_evaluation(model: nn.Module, dataset, config, ctx: dist.DistContext) -> None:
     """Compiles the kernels of the evaluation of ``model`` (the segmentor on ``ctx.device``, its training
-    graphs, if any, taken off) on ``dataset``'s first ``eval_batch_size`` images, at every scale and
-    window of the protocol. Every process of ``ctx`` calls it."""
+    graphs, if any, taken off) on ``dataset``'s first ``eval_batch_size`` images, and on its first alone (as
+    the TensorBoard grid and ``predict.py`` run one), at every scale and window of the protocol. Every
+    process of ``ctx`` calls it."""
     count = min(len(dataset), int(config.eval_batch_size))
 
     def forward():
         net = inference_model(model, config)  # with the kernels (the fast path): a folded copy
         amp, _ = mixed_precision(config, ctx.device)
+        items = [(i, dataset[i]) for i in range(count)]
         with torch.no_grad(), amp:
-            for _ in item_scores(net, [(i, dataset[i]) for i in range(count)], config, ctx.device):
-                pass
+            for group in {len(items): items, 1: items[:1]}.values():
+                for _ in item_scores(net, group, config, ctx.device):
+                    pass
     if count:
         _compile_ahead('the evaluation', forward, config, ctx)
 
