@@ -2540,9 +2540,9 @@ def test_the_passes_meet_what_the_training_steps_and_the_evaluation_launch(tiny_
     """``train.py``'s pass ahead of its first step (a model of its own, a synthetic chunk) launches what the
     run's own steps launch (its model, its loader's crops cut into chunks), and the evaluation's pass (the
     first ``eval_batch_size`` test images, and the first alone) what the evaluation during training launches
-    (every test image, two scales, batched; the TensorBoard grid's one at a time): the same kernels with the same shapes, strides and constexprs, each candidate
-    (pointers' alignment aside). All recorded in ahead mode, with a stand-in pool (what the steps and the
-    evaluation compute is garbage: the steps are skipped)."""
+    (every test image, two scales, batched; the TensorBoard grid's one at a time): the same kernels with the
+    same shapes, strides and constexprs, each candidate (pointers' alignment aside). All recorded in ahead
+    mode, with a stand-in pool (what the steps and the evaluation compute is garbage: the steps are skipped)."""
     from conftest import REPO, refuse_kernel_launches, stand_in_compile_workers
     from smmcl.engine import ahead, watch
     from smmcl.engine import train as train_module
@@ -2553,8 +2553,9 @@ def test_the_passes_meet_what_the_training_steps_and_the_evaluation_launch(tiny_
     launched = {}
 
     def record(what):
-        launched.setdefault(what, set()).update({(name, tuple('pointer' if isinstance(a, MockTensor) else a for a in args),
-                                            tuple(sorted(kwargs.items()))) for _, (_, name, args, kwargs) in pool.jobs})
+        launched.setdefault(what, set()).update(
+            (name, tuple('pointer' if isinstance(a, MockTensor) else a for a in args), tuple(sorted(kwargs.items())))
+            for _, (_, name, args, kwargs) in pool.jobs)
         pool.jobs.clear()
 
     def pass_ahead(config, ctx, chunk_size):

@@ -7,9 +7,10 @@ machine whose Triton cache is empty, the first training step of the fast path wi
 Before it, a throwaway pass over the same shapes hands them all to the workers at once
 (:func:`~smmcl.kernels.triton_compile.compile_ahead`): a training step of one chunk on a model of its own
 (``train.py``), the evaluation of the first ``eval_batch_size`` test images and of the first alone on a folded
-copy (``eval.py``, the evaluation during training). No kernel runs in a pass; the run's model, its random streams and its
-gradients are left as they were, so the run computes what it would have computed without. The processes of
-a training on one machine each compile a share into their common cache, then wait for each other.
+copy (``eval.py``, the evaluation during training). No kernel runs in a pass; the run's model, its random
+streams and its gradients are left as they were, so the run computes what it would have computed without.
+The processes of a training on one machine each compile a share into their common cache, then wait for each
+other.
 
 Only with the Triton kernels (``fast_path`` and ``triton_kernels``) and compile workers (on a GPU; off with
 ``SMMCL_TRITON_COMPILE_WORKERS=0``). A pass that fails is reported and the run goes on: its launches then
