@@ -3,8 +3,8 @@
 A Triton launch compiles its kernel when its shape first comes; an autotuned one its 4-14 tile candidates, in
 the compile workers of :mod:`smmcl.kernels.triton_compile`, one shape at a time, most workers idle. On a
 machine whose Triton cache is empty, the first training step of the fast path with the kernels meets about
-1,500 compilations in some 350 such rounds (counted on the CPU for sm_90: 6-12 minutes with 16 cores).
-Before it, a throwaway pass over the same shapes hands them all to the workers at once
+600 compilations (LLRGBD's config: MSCAN-B, chunks of 4 crops of 480x640; counted for sm_90 on the CPU),
+compiled in rounds of one shape's candidates, 1-2 s each. Before it, a throwaway pass over the same shapes hands them all to the workers at once
 (:func:`~smmcl.kernels.triton_compile.compile_ahead`): a training step of one chunk on a model of its own
 (``train.py``), the evaluation of the first ``eval_batch_size`` test images and of the first alone on a folded
 copy (``eval.py``, the evaluation during training). No kernel runs in a pass; the run's model, its random
@@ -99,7 +99,7 @@ def _compile_ahead(what: str, run: Callable[[], None], config, ctx: dist.DistCon
         set_rng_state(state, ctx.device)
         if ctx.device.type == 'cuda':
             torch.cuda.empty_cache()  # the pass's memory back, as if it had not run
-    dist.barrier()  # every share compiled before any process launches
+    dist.barrier(ctx.device)  # every share compiled before any process launches
     if stats is not None and ctx.is_main:
         logger.info('Triton kernels of %s compiled ahead: %d compilations in %.0f s%s', what,
                     stats['compilations'], stats['seconds'],

@@ -163,10 +163,14 @@ def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     return tensor
 
 
-def barrier() -> None:
-    """Wait until every rank arrives here (no-op in a single process)."""
+def barrier(device: Optional[torch.device] = None) -> None:
+    """Wait until every rank arrives here (no-op in a single process). ``device``: this rank's GPU, which NCCL
+    is told (before the first collective it would otherwise guess it, with a warning)."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if device is not None and device.type == 'cuda':
+            dist.barrier(device_ids=[device.index])
+        else:
+            dist.barrier()
 
 
 def all_gather(tensor: torch.Tensor) -> torch.Tensor:
