@@ -4,13 +4,13 @@ A Triton launch compiles its kernel when its shape first comes; an autotuned one
 the compile workers of :mod:`smmcl.kernels.triton_compile`, one shape at a time, most workers idle. On a
 machine whose Triton cache is empty, the first training step of the fast path with the kernels meets about
 600 compilations (LLRGBD's config: MSCAN-B, chunks of 4 crops of 480x640; counted for sm_90 on the CPU),
-compiled in rounds of one shape's candidates, 1-2 s each. Before it, a throwaway pass over the same shapes hands them all to the workers at once
-(:func:`~smmcl.kernels.triton_compile.compile_ahead`): a training step of one chunk on a model of its own
-(``train.py``), the evaluation of the first ``eval_batch_size`` test images and of the first alone on a folded
-copy (``eval.py``, the evaluation during training). No kernel runs in a pass; the run's model, its random
-streams and its gradients are left as they were, so the run computes what it would have computed without.
-The processes of a training on one machine each compile a share into their common cache, then wait for each
-other.
+compiled in rounds of one shape's candidates, 1-2 s each. Before it, a throwaway pass over the same shapes
+hands them all to the workers at once (:func:`~smmcl.kernels.triton_compile.compile_ahead`): a training
+step of one chunk on a model of its own (``train.py``), the evaluation of the first ``eval_batch_size`` test
+images and of the first alone on a folded copy (``eval.py``, the evaluation during training). No kernel runs
+in a pass; the run's model, its random streams and its gradients are left as they were, so the run computes
+what it would have computed without. The processes of a training on one machine each compile a share into
+their common cache, then wait for each other.
 
 Only with the Triton kernels (``fast_path`` and ``triton_kernels``) and compile workers (on a GPU; off with
 ``SMMCL_TRITON_COMPILE_WORKERS=0``). A pass that fails is reported and the run goes on: its launches then
