@@ -267,8 +267,8 @@ def test_compiling_ahead_compiles_each_specialisation_once_and_every_launch_find
     64x64: 28,981 launch candidates, 1,506 compilations, every one found.)"""
     script = tmp_path / 'script.py'
     script.write_text(AHEAD_CHILD)
-    out = run_compile_only(script, str(parts), TRITON_CACHE_DIR=str(tmp_path / 'cache'), SMMCL_TRITON_COMPILE_WORKERS='2',
-                           SMMCL_TRITON_AUTOTUNE='0')
+    out = run_compile_only(script, str(parts), TRITON_CACHE_DIR=str(tmp_path / 'cache'),
+                           SMMCL_TRITON_COMPILE_WORKERS='2', SMMCL_TRITON_AUTOTUNE='0')
     assert out.returncode == 0, out.stderr[-3000:]
     launches, compilations, compiled, missed = map(int, out.stdout.split('AHEAD')[1].split())
     assert compilations < launches and compiled == compilations and missed == 0

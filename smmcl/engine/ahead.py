@@ -68,7 +68,7 @@ def compile_ahead_of_evaluation(model: nn.Module, dataset, config, ctx: dist.Dis
         amp, _ = mixed_precision(config, ctx.device)
         items = [(i, dataset[i]) for i in range(count)]
         with torch.no_grad(), amp:
-            for group in {len(items): items, 1: items[:1]}.values():
+            for group in [items] if count == 1 else [items, items[:1]]:
                 for _ in item_scores(net, group, config, ctx.device):
                     pass
     if count:
