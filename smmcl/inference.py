@@ -9,7 +9,8 @@ One way from a checkpoint to predictions, shared by ``eval.py``, ``predict.py`` 
   ImageNet weights (``pretrained_model``) are never read;
 - :class:`Segmenter` predicts on arrays with the evaluator and protocol of ``eval.py``
   (:func:`smmcl.engine.evaluate.predict_scores`: sliding windows, scales, flip as the config sets) and its
-  per-image NMF seeding, the speed switches applied.
+  per-image NMF seeding, the speed switches applied (with the Triton kernels, compiled ahead of each new
+  image size).
 
 Example::
 
@@ -34,9 +35,10 @@ import torch
 
 from smmcl.config import ConfigError, adopt_stored_config, check_choice, load_config
 from smmcl.data.dataset import DatasetError, decode_image, network_order, read_file, read_flags
+from smmcl.engine.ahead import compile_ahead_of_prediction
 from smmcl.engine.checkpoint import epoch_of_name, model_state, read_checkpoint
 from smmcl.engine.evaluate import predict_scores, seed_item
-from smmcl.engine.precision import for_inference, mixed_precision
+from smmcl.engine.precision import inference_model, mixed_precision, wrap_for_inference
 from smmcl.engine.seeding import kept_rng
 from smmcl.engine.speed import resolve_speed
 from smmcl.models import EncoderDecoder, build_segmentor, check_compatible
@@ -299,7 +301,9 @@ class Segmenter:
     :func:`smmcl.engine.evaluate.predict_scores` with the config's protocol (``eval_scale_array``,
     ``eval_crop_size``, ``eval_flip``, ``eval_protocol``), the speed switches applied (``fast_path``,
     ``amp``, ``compile``: :func:`smmcl.engine.precision.for_inference`, ``mixed_precision``), and the NMF
-    seeded per image as ``eval.py`` does (``config.seed + index``).
+    seeded per image as ``eval.py`` does (``config.seed + index``). With the Triton kernels, those of an
+    image size it has not met are compiled all at once before its first prediction
+    (:func:`smmcl.engine.ahead.compile_ahead_of_prediction`), for its first :attr:`AHEAD_SIZES` sizes.
 
     Args:
         model: the plain segmentor (:func:`load_model`).
@@ -307,14 +311,23 @@ class Segmenter:
         device: where it runs; None: :func:`default_device`.
 
     Attributes:
-        model: the model as it runs (folded on the fast path).
+        model: the model as it runs (:func:`smmcl.engine.precision.for_inference`'s: folded on the fast path,
+            compiled and graphed as the config says).
+        network: the eager network ``model`` runs (:func:`smmcl.engine.precision.inference_model`'s).
     """
+
+    # As GraphedInference's max_graphs: a pass costs about one forward even where its kernels are compiled
+    # already (the sliding windows of two sizes are of one shape), so a folder of photos of many sizes pays
+    # it for its first few sizes only; the kernels of later ones compile as they launch.
+    AHEAD_SIZES = 8
 
     def __init__(self, model: torch.nn.Module, config, device=None):
         self.config = config
         self.device = default_device() if device is None else torch.device(device)
-        self.model = for_inference(model.to(self.device), config)
+        self.network = inference_model(model.to(self.device), config)
+        self.model = wrap_for_inference(self.network, config)
         self._amp, _ = mixed_precision(config, self.device)  # once: it warns where amp cannot apply
+        self._sizes_ahead = set()  # the image sizes whose kernels were compiled ahead
 
     @classmethod
     def from_checkpoint(cls, config: Union[str, dict], checkpoint: str, device=None,
@@ -353,6 +366,10 @@ class Segmenter:
             ValueError: an array of another shape or dtype, or images of two sizes.
         """
         rgb, x = _network_inputs(rgb, x, self.config, channel_order)
+        size = rgb.shape[:2]
+        if size not in self._sizes_ahead and len(self._sizes_ahead) < self.AHEAD_SIZES:
+            self._sizes_ahead.add(size)
+            compile_ahead_of_prediction(self.network, rgb, x, self.config, self.device)  # with the kernels only
         with torch.no_grad(), kept_rng(self.device), self._amp:
             seed_item(self.config, index)
             return predict_scores(self.model, rgb, x, self.config, self.device)

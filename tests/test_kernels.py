@@ -2547,16 +2547,12 @@ def test_the_passes_meet_what_the_training_steps_and_the_evaluation_launch(tiny_
     from smmcl.engine import ahead, watch
     from smmcl.engine import train as train_module
     from smmcl.kernels import triton_compile
-    from triton.runtime.jit import MockTensor
     pool = stand_in_compile_workers(monkeypatch)
     refuse_kernel_launches(monkeypatch)
     launched = {}
 
     def record(what):
-        launched.setdefault(what, set()).update(
-            (name, tuple('pointer' if isinstance(a, MockTensor) else a for a in args), tuple(sorted(kwargs.items())))
-            for _, (_, name, args, kwargs) in pool.jobs)
-        pool.jobs.clear()
+        launched.setdefault(what, set()).update(_handed_over(pool))
 
     def pass_ahead(config, ctx, chunk_size):
         ahead.compile_ahead_of_training(config, ctx, chunk_size)
@@ -2584,6 +2580,75 @@ def test_the_passes_meet_what_the_training_steps_and_the_evaluation_launch(tiny_
     train_module.main(os.path.join(REPO, 'SMMCL_LLRGBD', 'config.py'), ['--set', *overrides])
     assert launched['steps'] and launched['pass'] == launched['steps']
     assert launched['evaluation'] and launched['evaluation pass'] == launched['evaluation']
+
+
+def _handed_over(pool):
+    """The compilations ``pool`` (a stand-in) was handed since the last call: (kernel, arguments with the
+    pointers as 'pointer', constexprs), each once; the record then cleared."""
+    from triton.runtime.jit import MockTensor
+    handed = {(name, tuple('pointer' if isinstance(a, MockTensor) else a for a in args), tuple(sorted(kwargs.items())))
+              for _, (_, name, args, kwargs) in pool.jobs}
+    pool.jobs.clear()
+    return handed
+
+
+@pytest.mark.filterwarnings('ignore:non-finite evaluation scores')
+def test_a_prediction_compiles_the_kernels_of_each_new_size_ahead(tiny_mscan, monkeypatch, caplog):
+    """``Segmenter`` (predict.py, the tools): before the first image of a size it has not met, a pass
+    (smmcl/engine/ahead.py) hands over exactly what its prediction then launches (two scales, windows,
+    flips: the same kernels, shapes, strides and constexprs); an image of a size met before gets none, nor
+    any image past ``AHEAD_SIZES`` sizes or without the kernels. The pass leaves the random streams and the
+    network as they were. A stand-in pool records the jobs; the predictions run in ahead mode (no kernel
+    runs: what they compute is garbage)."""
+    import numpy as np
+    from conftest import refuse_kernel_launches, stand_in_compile_workers, tiny_config
+    from smmcl import inference
+    from smmcl.engine import ahead
+    from smmcl.kernels import triton_compile
+    from smmcl.models import build_segmentor
+    ops()
+    pool = stand_in_compile_workers(monkeypatch)
+    refuse_kernel_launches(monkeypatch)
+    caplog.set_level('INFO', logger='smmcl.engine.ahead')
+    launched, counts = [], []
+
+    def pass_ahead(*args):
+        ahead.compile_ahead_of_prediction(*args)
+        counts.append(len(pool.jobs))
+        launched.append(('pass', _handed_over(pool)))
+
+    def prediction(*args):
+        out = []
+        triton_compile.compile_ahead(lambda: out.append(predict_scores(*args)))
+        launched.append(('prediction', _handed_over(pool)))
+        return out[0]
+    predict_scores = inference.predict_scores
+    monkeypatch.setattr(inference, 'compile_ahead_of_prediction', pass_ahead)
+    monkeypatch.setattr(inference, 'predict_scores', prediction)
+    cfg = tiny_config(backbone=tiny_mscan, num_classes=4, fast_path=True, triton_kernels=True,
+                      eval_crop_size=(48, 64), eval_scale_array=[0.75, 1.0], eval_flip=True)
+    torch.manual_seed(0)
+    segmenter = inference.Segmenter(build_segmentor(cfg), cfg, DEVICE)
+    segmenter.AHEAD_SIZES = 2
+    weights = {k: v.clone() for k, v in segmenter.network.state_dict().items()}
+    g = np.random.default_rng(0)
+    for index, (height, width) in enumerate([(48, 64), (48, 64), (36, 80), (40, 40)]):
+        before = _draws()
+        segmenter(g.integers(0, 256, (height, width, 3), np.uint8), g.integers(0, 256, (height, width), np.uint8),
+                  index=index)
+        assert _draws() == before
+    assert [what for what, _ in launched] == ['pass', 'prediction', 'prediction', 'pass', 'prediction', 'prediction']
+    first, predicted, again, other, other_predicted, past = (handed for _, handed in launched)
+    assert first and first == predicted and again == predicted and other == other_predicted and past
+    assert not any('grad' in name for name, _, _ in first)
+    assert all(torch.equal(v, weights[k]) for k, v in segmenter.network.state_dict().items())
+    assert f'Triton kernels of the prediction of 48x64 images compiled ahead: {counts[0]} compilations' in caplog.text
+    assert 'prediction of 40x40 images' not in caplog.text
+
+    launched.clear()
+    cfg.triton_kernels = False
+    inference.Segmenter(build_segmentor(cfg), cfg, DEVICE)(np.zeros((48, 64, 3), np.uint8), np.zeros((48, 64), np.uint8))
+    assert launched == [('pass', set()), ('prediction', set())]
 
 
 def test_whole_model_casts_its_convs_parameters_once_per_group(tiny_mscan, monkeypatch):

@@ -105,7 +105,13 @@ def for_inference(model: nn.Module, config) -> nn.Module:
     """An eval-mode model for inference: folded and channels_last on the fast path, else ``model``;
     compiled with ``config.compile`` (on either path); with ``config.cuda_graphs`` wrapped in
     :class:`~smmcl.engine.graphs.GraphedInference`."""
-    return graphed(maybe_compile(inference_model(model, config), config), config)
+    return wrap_for_inference(inference_model(model, config), config)
+
+
+def wrap_for_inference(network: nn.Module, config) -> nn.Module:
+    """:func:`inference_model`'s ``network`` compiled with ``config.compile``, then graphed with
+    ``config.cuda_graphs``: what :func:`for_inference` returns, for a caller that keeps the eager network too."""
+    return graphed(maybe_compile(network, config), config)
 
 
 def inference_model(model: nn.Module, config) -> nn.Module:
@@ -152,7 +158,7 @@ class ReusedInference:
     def __call__(self, model: nn.Module) -> nn.Module:
         if model is not self._source:
             self._source, self._inner = model, inference_model(model, self.config)
-            self._runner = graphed(maybe_compile(self._inner, self.config), self.config)
+            self._runner = wrap_for_inference(self._inner, self.config)
         elif self._inner is model:  # the plain path runs the model itself: its tensors are the graphs'
             model.eval()
         else:  # refold and copy into the recorded copy's tensors
