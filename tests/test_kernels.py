@@ -2546,7 +2546,6 @@ def test_the_passes_meet_what_the_training_steps_and_the_evaluation_launch(tiny_
     from conftest import REPO, refuse_kernel_launches, stand_in_compile_workers
     from smmcl.engine import ahead, watch
     from smmcl.engine import train as train_module
-    from smmcl.kernels import triton_compile
     pool = stand_in_compile_workers(monkeypatch)
     refuse_kernel_launches(monkeypatch)
     launched = {}
@@ -2559,12 +2558,7 @@ def test_the_passes_meet_what_the_training_steps_and_the_evaluation_launch(tiny_
         record('pass')
 
     def in_ahead_mode(function, what):
-        def run(*args, **kwargs):
-            out = []
-            triton_compile.compile_ahead(lambda: out.append(function(*args, **kwargs)))
-            record(what)
-            return out[0]
-        return run
+        return _in_ahead_mode(function, lambda: record(what))
 
     def evaluation_pass(*args):
         ahead.compile_ahead_of_evaluation(*args)
@@ -2580,6 +2574,19 @@ def test_the_passes_meet_what_the_training_steps_and_the_evaluation_launch(tiny_
     train_module.main(os.path.join(REPO, 'SMMCL_LLRGBD', 'config.py'), ['--set', *overrides])
     assert launched['steps'] and launched['pass'] == launched['steps']
     assert launched['evaluation'] and launched['evaluation pass'] == launched['evaluation']
+
+
+def _in_ahead_mode(function, then):
+    """``function`` run with its Triton launches handed over (``triton_compile.compile_ahead``: none runs), then
+    ``then()``; returns what ``function`` returns."""
+    from smmcl.kernels import triton_compile
+
+    def run(*args, **kwargs):
+        out = []
+        triton_compile.compile_ahead(lambda: out.append(function(*args, **kwargs)))
+        then()
+        return out[0]
+    return run
 
 
 def _handed_over(pool):
@@ -2604,7 +2611,6 @@ def test_a_prediction_compiles_the_kernels_of_each_new_size_ahead(tiny_mscan, mo
     from conftest import refuse_kernel_launches, stand_in_compile_workers, tiny_config
     from smmcl import inference
     from smmcl.engine import ahead
-    from smmcl.kernels import triton_compile
     from smmcl.models import build_segmentor
     ops()
     pool = stand_in_compile_workers(monkeypatch)
@@ -2617,12 +2623,7 @@ def test_a_prediction_compiles_the_kernels_of_each_new_size_ahead(tiny_mscan, mo
         counts.append(len(pool.jobs))
         launched.append(('pass', _handed_over(pool)))
 
-    def prediction(*args):
-        out = []
-        triton_compile.compile_ahead(lambda: out.append(predict_scores(*args)))
-        launched.append(('prediction', _handed_over(pool)))
-        return out[0]
-    predict_scores = inference.predict_scores
+    prediction = _in_ahead_mode(inference.predict_scores, lambda: launched.append(('prediction', _handed_over(pool))))
     monkeypatch.setattr(inference, 'compile_ahead_of_prediction', pass_ahead)
     monkeypatch.setattr(inference, 'predict_scores', prediction)
     cfg = tiny_config(backbone=tiny_mscan, num_classes=4, fast_path=True, triton_kernels=True,
