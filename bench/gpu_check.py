@@ -4,6 +4,7 @@
     python bench/gpu_check.py --wheels DIR      # first installs our small deps from local wheels
     python bench/gpu_check.py --compile         # also torch.compile the fast paths (minutes cold)
     python bench/gpu_check.py --triton-cache DIR  # first loads what an earlier call compiled (packed in its --out)
+    python bench/gpu_check.py --precompile 90 --out DIR  # no GPU: compiles the first steps' kernels for sm_90 into DIR
     TRITON_INTERPRET=1 python bench/gpu_check.py --smoke   # every step, a tiny model, on the CPU (~35 min)
 
 Needs only PyTorch and Triton (plus numpy, easydict; opencv and pillow for the evaluation row; with
@@ -65,6 +66,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import hashlib
 import importlib.util
 import io
 import itertools
@@ -187,6 +189,16 @@ def main(argv=None):
                         help="comma-separated folders or files of Triton's compiled kernels that an earlier call wrote "
                              'under --out (triton_cache.*.tar.gz): loaded first, so this call does not compile them '
                              'again (bench/triton_cache.py)')
+    parser.add_argument('--precompile', type=int, metavar='SM',
+                        help='no GPU needed: compile for this compute capability (90: H100, H200) what the bench '
+                             'and kernels steps compile ahead, and pack it under --out for the device call\'s '
+                             '--triton-cache (run without TRITON_INTERPRET, with the device\'s Triton version)')
+    parser.add_argument('--multiprocessors', type=int, default=132,
+                        help="with --precompile: the GPU's multiprocessors (132 on the lent H100 and H200)")
+    parser.add_argument('--triton-key', metavar='FILE',
+                        help="with --precompile: the device Triton's cache key (its output of python -c 'from "
+                             "triton.runtime.cache import triton_key; print(triton_key())'), where this Python's "
+                             'differs (it hashes the libtriton built for each Python)')
     parser.add_argument('--sweep-worker', action='store_true', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     smmcl_from = use_checkout()
@@ -216,6 +228,7 @@ def main(argv=None):
     print(f'device {name}; torch {torch.__version__}; triton {triton.__version__}; python {sys.version.split()[0]}; '
           f'smmcl {smmcl_from}; autotuning candidates compiled by {worker_count()} processes '
           '(SMMCL_TRITON_COMPILE_WORKERS)')
+    print(f'triton cache key {triton_key_hash()} (a pack compiled elsewhere is found where it matches)')
     results['env'] = dict(device=name, torch=torch.__version__, triton=triton.__version__)
     if args.triton_cache:
         try:
@@ -224,9 +237,11 @@ def main(argv=None):
             print(f'triton cache: {loaded} compiled kernels loaded from {args.triton_cache} into {folder}')
         except (OSError, ValueError, tarfile.TarError) as err:  # the run is worth more than the time it saves
             print(f'triton cache: nothing loaded, the kernels are compiled here ({type(err).__name__}: {err})')
+    args.started = started
+    if args.precompile:
+        return precompile(args)
     if not on_gpu and not args.smoke:
         sys.exit('no CUDA device: run with --smoke under TRITON_INTERPRET=1 to check the script on the CPU')
-    args.started = started
     # Most wanted first, a later step skipped once --budget-s is spent: the fastest paths' rows and the
     # kernels' bandwidth table, then the same-function checks, then the profile; the rest as time allows.
     steps = [('bench', step_bench), ('kernels', step_kernels), ('model', step_model), ('graphs', step_graphs),
@@ -266,6 +281,55 @@ def main(argv=None):
         log_file.close()
     if _STOPPING:
         sys.exit(128 + signal.SIGTERM)
+
+
+def triton_key_hash() -> str:
+    """The start of a hash of Triton's own cache key (its version and the hash of its files), or '?'."""
+    try:
+        from triton.runtime.cache import triton_key
+        return hashlib.sha256(triton_key().encode()).hexdigest()[:16]
+    except Exception:  # noqa: BLE001 - another Triton's internals
+        return '?'
+
+
+def precompile(args) -> None:
+    """``--precompile SM``: on a machine without a GPU, what the bench and kernels steps compile ahead (the
+    MSCAN-B passes at the run's sizes), compiled for compute capability SM and packed under ``--out``, so that
+    the device call that loads it (``--triton-cache``) spends none of its time compiling them.
+
+    The passes run on the CPU with the launches handed over (``compile_ahead``), their arguments and
+    constexprs following a GPU of ``--multiprocessors`` (``smmcl.kernels.COMPILING_FOR``); the workers compile
+    through a driver that only gives the target. Triton files a kernel under a key of its own version and
+    files (the libtriton of each Python differs), the kernel's source and specialisation, the options and
+    the target: run this with the device's Triton, and where this Python is not the device's, give that
+    Triton's key (``--triton-key``). Whether the device found them shows in its log: the same key hash
+    in the header, and compile-ahead lines of seconds."""
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    import bench  # bench/bench.py: this script's own folder is first on the module path
+    from smmcl import kernels
+    from smmcl.kernels.triton_common import INTERPRETED
+    from smmcl.kernels.triton_compile import CompileOnlyDriver
+    if INTERPRETED or not args.out:
+        sys.exit('--precompile compiles for a GPU: run it without TRITON_INTERPRET, with --out')
+    if args.triton_key:
+        with open(args.triton_key) as f:
+            key = f.read().strip()
+        triton.runtime.cache.triton_key = lambda: key  # read by get_cache_key at each compilation (and the workers)
+    triton.runtime.driver.set_active(CompileOnlyDriver(GPUTarget('cuda', args.precompile, 32)))
+    kernels.COMPILING_FOR = (args.multiprocessors, divmod(args.precompile, 10))
+    print(f'precompiling for sm_{args.precompile} ({args.multiprocessors} multiprocessors), triton cache key '
+          f'{triton_key_hash()}')
+    device = torch.device('cpu')
+    selected = set(filter(None, args.only.split(','))) or {'bench', 'kernels'}
+    if 'bench' in selected - set(args.skip.split(',')):
+        bench_args, paths = bench_rows(args)
+        compile_ahead_of_rows(bench, bench_args, device, paths)
+    if 'kernels' in selected - set(args.skip.split(',')):
+        compile_ahead_of_step('kernels', step_kernels, args, device)
+    save_triton_cache(args.out)
+    print(f'\ntotal {time.time() - args.started:.0f} s')
 
 
 class Stopped(BaseException):
@@ -1113,13 +1177,9 @@ COMPILED_PATHS = [('fast+compile', True, False, True, None, None),
 def step_bench(args, device):
     import torch
     import bench  # bench/bench.py: this script's own folder is first on the module path
-    bench_args = bench_arguments(args, batch=2 if args.smoke else args.batch, iters=1 if args.smoke else args.iters,
-                                 warmup=0 if args.smoke else args.warmup)
+    bench_args, paths = bench_rows(args)
     original = bench.make_cfg
     rows = args.partial['bench'] = {}  # the rows so far, should the call be stopped in this step
-    paths = BENCH_PATHS + (COMPILED_PATHS if args.compile else [])
-    if args.paths:  # e.g. only the compiled rows, in a call of their own
-        paths = [p for p in paths if p[0] in args.paths.split(',')]
     try:
         with tempfile.TemporaryDirectory() as data_dir, tempfile.TemporaryDirectory() as plain_dir:
             have_eval = True
@@ -1155,6 +1215,16 @@ def step_bench(args, device):
     finally:
         bench.make_cfg = original
     return rows
+
+
+def bench_rows(args):
+    """(``bench/bench.py``'s arguments, the rows of BENCH_PATHS and COMPILED_PATHS) that the bench step runs."""
+    bench_args = bench_arguments(args, batch=2 if args.smoke else args.batch, iters=1 if args.smoke else args.iters,
+                                 warmup=0 if args.smoke else args.warmup)
+    paths = BENCH_PATHS + (COMPILED_PATHS if args.compile else [])
+    if args.paths:  # e.g. only the compiled rows, in a call of their own
+        paths = [p for p in paths if p[0] in args.paths.split(',')]
+    return bench_args, paths
 
 
 def row_make_cfg(original, kernels, compiled, layout, graphs):

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import bench_script
+from conftest import bench_script, run_compile_only
 from smmcl.config import REPO_ROOT
 from smmcl.engine.precision import for_training
 from smmcl.models import build_segmentor
@@ -505,3 +505,81 @@ def test_gpu_check_imports_smmcl_from_its_checkout_where_it_is_not_installed(tmp
     said, origin, path = out.stdout.splitlines()
     assert said == f'this checkout ({REPO_ROOT})' and origin == os.path.join(REPO_ROOT, 'smmcl', '__init__.py')
     assert path == repr(REPO_ROOT)
+
+
+PRECOMPILE_CHILD = r'''
+import os
+import sys
+from unittest import mock
+
+import triton
+
+from conftest import StandInPool
+from smmcl import kernels
+from smmcl.kernels import triton_compile
+
+
+def compiled_here(*args, **kwargs):
+    raise AssertionError('compiled in the launching process')
+
+
+pool = StandInPool()  # records the jobs, compiles none
+with mock.patch.object(triton_compile, 'compile_pool', lambda: pool), \
+        mock.patch.object(triton.compiler.compiler.ASTSource, 'make_ir', compiled_here):
+    sys.path.insert(0, sys.argv[1])
+    import gpu_check
+    gpu_check.main(['--precompile', '90', '--smoke', '--out', sys.argv[2], '--triton-key', sys.argv[3]])
+names = {args[1] for _, args in pool.jobs}
+precision = {args[3].get('PRECISION') for _, args in pool.jobs if args[1] == 'bmm_kernel'}
+import torch
+from smmcl.kernels import triton_dwconv
+sms = triton_dwconv._sms(torch.empty(1))
+print('JOBS', len(pool.jobs), len(names), sms, sorted(precision), kernels.COMPILING_FOR)
+'''
+
+
+@pytest.mark.slow
+def test_precompiling_hands_the_bench_and_kernels_steps_launches_over_for_the_gpu_without_one(tmp_path):
+    """``gpu_check.py --precompile 90`` on the CPU, without the interpreter: the bench rows' passes and the kernels
+    step run with CPU tensors standing for an sm_90 GPU's, every launch handed over to the workers (a stand-in
+    here) and none compiled or run in the process; the launches' arguments follow the GPU (the NMF's products
+    on TF32 tensor cores, as on an H100, where the interpreter multiplies in float32), and Triton's key is the
+    one given."""
+    import hashlib
+    key = tmp_path / 'key.txt'
+    key.write_text('3.6.0-a-device-pythons-triton\n')
+    script = tmp_path / 'child.py'
+    script.write_text(PRECOMPILE_CHILD)
+    out = run_compile_only(script, os.path.join(REPO_ROOT, 'bench'), str(tmp_path / 'out'), str(key))
+    assert out.returncode == 0, out.stderr[-3000:]
+    digest = hashlib.sha256(b'3.6.0-a-device-pythons-triton').hexdigest()[:16]
+    assert f'precompiling for sm_90 (132 multiprocessors), triton cache key {digest}' in out.stdout
+    assert 'compiled ahead of the bench rows (4 passes): {' in out.stdout
+    assert 'compiled ahead of the kernels step (1 passes): {' in out.stdout and 'failed' not in out.stdout
+    jobs, kernels, sms, precision, target = out.stdout.split('JOBS')[1].split(maxsplit=4)
+    assert int(jobs) > 500 and int(kernels) >= 30 and sms == '132'
+    assert precision == "['tf32x3']" and target.strip() == '(132, (9, 0))'
+
+
+def test_the_kernels_read_the_gpus_properties_once_and_the_precompiled_ones_for_cpu_tensors(monkeypatch):
+    """What the launches' arguments follow: a CUDA device's multiprocessors and capability (read once per
+    device), ``COMPILING_FOR`` for CPU tensors while precompiling, nothing for the interpreter's."""
+    from smmcl import kernels
+    reads = []
+
+    def properties(index):
+        reads.append(index)
+        return SimpleNamespace(multi_processor_count=114 + index, major=9, minor=index)
+    monkeypatch.setattr(torch.cuda, 'get_device_properties', properties)
+    monkeypatch.setattr(torch.cuda, 'current_device', lambda: 1)
+    kernels._cuda_properties.cache_clear()
+    try:
+        assert kernels.gpu_properties(torch.device('cuda', 0)) == (114, (9, 0))
+        assert kernels.gpu_properties(torch.device('cuda')) == (115, (9, 1))
+        assert kernels.gpu_properties(torch.device('cuda', 0)) == (114, (9, 0)) and reads == [0, 1]
+    finally:
+        kernels._cuda_properties.cache_clear()
+    monkeypatch.delenv('TRITON_INTERPRET', raising=False)
+    assert kernels.gpu_properties(torch.device('cpu')) is None and not kernels.runs_on(torch.empty(1))
+    monkeypatch.setattr(kernels, 'COMPILING_FOR', (132, (9, 0)))
+    assert kernels.gpu_properties(torch.device('cpu')) == (132, (9, 0)) and kernels.runs_on(torch.empty(1))

@@ -33,6 +33,7 @@ from .triton_common import choose, fastest as _fastest, gelu as _gelu, gelu_grad
 from .triton_common import add_to as _add_to, chunk_sums as _chunk_sums, conv_bias as _conv_bias
 from .triton_common import launch, load_input as _load_input
 from .triton_compile import autotune
+from . import gpu_properties
 from .reference import layout
 from .triton_common import packed_strip_slots as _packed_strip_slots
 from .triton_bands import dwconv_wgrad_bands_kernel, fits as _band_fits, fits_kxk as _band_fits_kxk
@@ -587,9 +588,10 @@ def _num_chunks(x: torch.Tensor, channels: int = 32, pixels: int = 256) -> int:
     for more channels, which bring programs of their own), and at most one per ``pixels`` pixels. A
     function of the tensors only, not of the tile the autotuner picks, so that the partials' size is known
     before the launch."""
-    if x.device.type != 'cuda':
+    gpu = gpu_properties(x.device)
+    if gpu is None:
         return 2  # the interpreter: still exercises the split and the sum of partials
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    sms = gpu[0]
     n, c, h, w = x.shape
     return max(1, min(triton.cdiv(8 * sms * channels, c), n * h * w // pixels))
 
@@ -891,11 +893,13 @@ def _strip_bands_apply(along_w: bool, k2: int, x: torch.Tensor, tensors: Sequenc
 
 def _band_products(device: torch.device) -> bool:
     """Whether ``device`` multiplies bfloat16 and TF32 on tensor cores (CUDA sm_80 on; the interpreter)."""
-    return device.type != 'cuda' or torch.cuda.get_device_capability(device)[0] >= 8
+    gpu = gpu_properties(device)
+    return gpu is None or gpu[1][0] >= 8
 
 
 def _sms(x: torch.Tensor) -> int:
-    return torch.cuda.get_device_properties(x.device).multi_processor_count if x.device.type == 'cuda' else 2
+    gpu = gpu_properties(x.device)
+    return 2 if gpu is None else gpu[0]
 
 
 # ---- weight gradients of three strip convs -------------------------------------------------------------

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import gpu_properties
 from .triton_common import INTERPRETED, bench, check_device, choose, fastest, launch
 from .triton_compile import autotune
 
@@ -71,18 +72,18 @@ def bmm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, k_per_split, sab, sam, sak, sbb, sb
 
 def _precision(device: torch.device) -> str:
     """3xTF32 where the tensor cores take TF32 (Ampere on); float32 FMAs elsewhere and interpreted."""
-    if device.type == 'cuda' and torch.cuda.get_device_capability(device)[0] >= 8:
-        return 'tf32x3'
-    return 'ieee'
+    gpu = gpu_properties(device)
+    return 'tf32x3' if gpu is not None and gpu[1][0] >= 8 else 'ieee'
 
 
 def _splits(batch: int, m: int, n: int, k: int, device: torch.device) -> int:
     """How many programs share each output tile's reduction: enough for about two programs per SM when
     the output has few 64 x 64 tiles and the reduction is long (each share at least 512 long)."""
-    if device.type != 'cuda':
+    gpu = gpu_properties(device)
+    if gpu is None:
         return 1 if k <= 2 * SPLIT_ALIGN else 2  # the tests cover both
     programs = batch * triton.cdiv(m, 64) * triton.cdiv(n, 64)
-    wanted = triton.cdiv(2 * torch.cuda.get_device_properties(device).multi_processor_count, programs)
+    wanted = triton.cdiv(2 * gpu[0], programs)
     return max(1, min(wanted, k // 512))
 
 
