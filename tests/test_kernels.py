@@ -518,7 +518,7 @@ def test_band_kernels_apply_only_where_they_can(monkeypatch):
     assert launches == [('strip3_bands_kernel', 0)]
     assert triton_dwconv._bands_apply(x, [x]) and not triton_dwconv._bands_apply(cl, [cl])
     for capability, capable in (((7, 5), False), ((8, 0), True), ((9, 0), True)):
-        monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None, c=capability: c)
+        monkeypatch.setattr(triton_dwconv, 'gpu_properties', lambda device, c=capability: (132, c))
         assert triton_dwconv._band_products(torch.device('cuda')) == capable
 
 
