@@ -298,7 +298,7 @@ def precompile(args) -> None:
     the device call that loads it (``--triton-cache``) spends none of its time compiling them.
 
     The passes run on the CPU with the launches handed over (``compile_ahead``), their arguments and
-    constexprs following a GPU of ``--multiprocessors`` (``smmcl.kernels.COMPILING_FOR``); the workers compile
+    constexprs following a GPU of ``--multiprocessors`` (``smmcl.kernels.target.COMPILING_FOR``); the workers compile
     through a driver that only gives the target. Triton files a kernel under a key of its own version and
     files (the libtriton of each Python differs), the kernel's source and specialisation, the options and
     the target: run this with the device's Triton, and where this Python is not the device's, give that
@@ -308,7 +308,7 @@ def precompile(args) -> None:
     import triton
     from triton.backends.compiler import GPUTarget
     import bench  # bench/bench.py: this script's own folder is first on the module path
-    from smmcl import kernels
+    from smmcl.kernels import target
     from smmcl.kernels.triton_common import INTERPRETED
     from smmcl.kernels.triton_compile import CompileOnlyDriver
     if INTERPRETED or not args.out:
@@ -318,15 +318,15 @@ def precompile(args) -> None:
             key = f.read().strip()
         triton.runtime.cache.triton_key = lambda: key  # read by get_cache_key at each compilation (and the workers)
     triton.runtime.driver.set_active(CompileOnlyDriver(GPUTarget('cuda', args.precompile, 32)))
-    kernels.COMPILING_FOR = (args.multiprocessors, divmod(args.precompile, 10))
+    target.COMPILING_FOR = (args.multiprocessors, divmod(args.precompile, 10))
     print(f'precompiling for sm_{args.precompile} ({args.multiprocessors} multiprocessors), triton cache key '
           f'{triton_key_hash()}')
     device = torch.device('cpu')
-    selected = set(filter(None, args.only.split(','))) or {'bench', 'kernels'}
-    if 'bench' in selected - set(args.skip.split(',')):
+    selected = (set(filter(None, args.only.split(','))) or {'bench', 'kernels'}) - set(args.skip.split(','))
+    if 'bench' in selected:
         bench_args, paths = bench_rows(args)
         compile_ahead_of_rows(bench, bench_args, device, paths)
-    if 'kernels' in selected - set(args.skip.split(',')):
+    if 'kernels' in selected:
         compile_ahead_of_step('kernels', step_kernels, args, device)
     save_triton_cache(args.out)
     print(f'\ntotal {time.time() - args.started:.0f} s')

@@ -515,8 +515,7 @@ from unittest import mock
 import triton
 
 from conftest import StandInPool
-from smmcl import kernels
-from smmcl.kernels import triton_compile
+from smmcl.kernels import target, triton_compile
 
 
 def compiled_here(*args, **kwargs):
@@ -534,7 +533,7 @@ precision = {args[3].get('PRECISION') for _, args in pool.jobs if args[1] == 'bm
 import torch
 from smmcl.kernels import triton_dwconv
 sms = triton_dwconv._sms(torch.empty(1))
-print('JOBS', len(pool.jobs), len(names), sms, sorted(precision), kernels.COMPILING_FOR)
+print('JOBS', len(pool.jobs), len(names), sms, sorted(precision), target.COMPILING_FOR)
 '''
 
 
@@ -565,6 +564,7 @@ def test_the_kernels_read_the_gpus_properties_once_and_the_precompiled_ones_for_
     """What the launches' arguments follow: a CUDA device's multiprocessors and capability (read once per
     device), ``COMPILING_FOR`` for CPU tensors while precompiling, nothing for the interpreter's."""
     from smmcl import kernels
+    from smmcl.kernels import target
     reads = []
 
     def properties(index):
@@ -572,14 +572,14 @@ def test_the_kernels_read_the_gpus_properties_once_and_the_precompiled_ones_for_
         return SimpleNamespace(multi_processor_count=114 + index, major=9, minor=index)
     monkeypatch.setattr(torch.cuda, 'get_device_properties', properties)
     monkeypatch.setattr(torch.cuda, 'current_device', lambda: 1)
-    kernels._cuda_properties.cache_clear()
+    target._cuda_properties.cache_clear()
     try:
-        assert kernels.gpu_properties(torch.device('cuda', 0)) == (114, (9, 0))
-        assert kernels.gpu_properties(torch.device('cuda')) == (115, (9, 1))
-        assert kernels.gpu_properties(torch.device('cuda', 0)) == (114, (9, 0)) and reads == [0, 1]
+        assert target.gpu_properties(torch.device('cuda', 0)) == (114, (9, 0))
+        assert target.gpu_properties(torch.device('cuda')) == (115, (9, 1))
+        assert target.gpu_properties(torch.device('cuda', 0)) == (114, (9, 0)) and reads == [0, 1]
     finally:
-        kernels._cuda_properties.cache_clear()
+        target._cuda_properties.cache_clear()
     monkeypatch.delenv('TRITON_INTERPRET', raising=False)
-    assert kernels.gpu_properties(torch.device('cpu')) is None and not kernels.runs_on(torch.empty(1))
-    monkeypatch.setattr(kernels, 'COMPILING_FOR', (132, (9, 0)))
-    assert kernels.gpu_properties(torch.device('cpu')) == (132, (9, 0)) and kernels.runs_on(torch.empty(1))
+    assert target.gpu_properties(torch.device('cpu')) is None and not kernels.runs_on(torch.empty(1))
+    monkeypatch.setattr(target, 'COMPILING_FOR', (132, (9, 0)))
+    assert target.gpu_properties(torch.device('cpu')) == (132, (9, 0)) and kernels.runs_on(torch.empty(1))

@@ -63,12 +63,12 @@ the tests do this), elsewhere the modules keep their ``nn.Conv2d`` path.
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
-from typing import Optional, Tuple
 
 import torch
+
+from . import target
 
 
 def available() -> bool:
@@ -81,32 +81,10 @@ def interpreted() -> bool:
     return os.environ.get('TRITON_INTERPRET') == '1'
 
 
-# The GPU a process without one compiles the kernels for (``bench/gpu_check.py --precompile``): its
-# multiprocessors and compute capability, ``(132, (9, 0))`` for an H100 or H200. CPU tensors then stand for
-# that GPU's while the launches are handed over to be compiled (``triton_compile.compile_ahead``), the
-# launches' arguments following its properties as on the GPU. None: CPU tensors are the interpreter's.
-COMPILING_FOR: Optional[Tuple[int, Tuple[int, int]]] = None
-
-
 def runs_on(x: torch.Tensor) -> bool:
     """Whether the kernels can take ``x``: a CUDA tensor, or a CPU tensor under the interpreter or while
-    compiling for a GPU (:data:`COMPILING_FOR`)."""
-    return x.is_cuda or (x.device.type == 'cpu' and (interpreted() or COMPILING_FOR is not None))
-
-
-def gpu_properties(device: torch.device) -> Optional[Tuple[int, Tuple[int, int]]]:
-    """(multiprocessors, compute capability) of the GPU the kernels run on for ``device``'s tensors: the
-    CUDA device's, :data:`COMPILING_FOR` for CPU tensors when set, else None (the interpreter)."""
-    if device.type == 'cuda':
-        return _cuda_properties(torch.cuda.current_device() if device.index is None else device.index)
-    return COMPILING_FOR
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_properties(index: int) -> Tuple[int, Tuple[int, int]]:
-    # asked at launches (the weight gradients' partials, the NMF's products): once per device, not per launch
-    properties = torch.cuda.get_device_properties(index)
-    return properties.multi_processor_count, (properties.major, properties.minor)
+    compiling for a GPU (:data:`smmcl.kernels.target.COMPILING_FOR`)."""
+    return x.is_cuda or (x.device.type == 'cpu' and (interpreted() or target.COMPILING_FOR is not None))
 
 
 def require() -> None:

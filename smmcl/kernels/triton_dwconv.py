@@ -33,7 +33,7 @@ from .triton_common import choose, fastest as _fastest, gelu as _gelu, gelu_grad
 from .triton_common import add_to as _add_to, chunk_sums as _chunk_sums, conv_bias as _conv_bias
 from .triton_common import launch, load_input as _load_input
 from .triton_compile import autotune
-from . import gpu_properties
+from .target import gpu_properties
 from .reference import layout
 from .triton_common import packed_strip_slots as _packed_strip_slots
 from .triton_bands import dwconv_wgrad_bands_kernel, fits as _band_fits, fits_kxk as _band_fits_kxk

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import gpu_properties
+from .target import gpu_properties
 from .triton_common import INTERPRETED, bench, check_device, choose, fastest, launch
 from .triton_compile import autotune
 
