@@ -396,7 +396,10 @@ def test_fused_modulation_is_the_same_function(layout):
         (want, want_grads), (got, got_grads) = results
         assert all(o.is_contiguous(memory_format=layout) for o in got)
         for a, b in zip(want + want_grads, got + got_grads):
-            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+            # float rounding of the tensor's largest terms: the two paths sum in different orders (which order
+            # a 1x1 conv's weight gradient takes depends on the CPU and its threads), so an element near 0 in
+            # a gradient of values near 4 may differ by 2e-6
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6 * a.detach().abs().max().item())
 
 
 def test_fused_modulation_under_autocast_is_as_close_as_the_plain():
