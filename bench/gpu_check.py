@@ -4,7 +4,7 @@
     python bench/gpu_check.py --wheels DIR      # first installs our small deps from local wheels
     python bench/gpu_check.py --compile         # also torch.compile the fast paths (minutes cold)
     python bench/gpu_check.py --triton-cache DIR  # first loads what an earlier call compiled (packed in its --out)
-    python bench/gpu_check.py --precompile 90 --out DIR  # no GPU: compiles the first steps' kernels for sm_90 into DIR
+    python bench/gpu_check.py --precompile 90 --out DIR  # no GPU: the first 3 steps' kernels, for sm_90, into DIR
     TRITON_INTERPRET=1 python bench/gpu_check.py --smoke   # every step, a tiny model, on the CPU (~35 min)
 
 Needs only PyTorch and Triton (plus numpy, easydict; opencv and pillow for the evaluation row; with
@@ -190,8 +190,8 @@ def main(argv=None):
                              'under --out (triton_cache.*.tar.gz): loaded first, so this call does not compile them '
                              'again (bench/triton_cache.py)')
     parser.add_argument('--precompile', type=int, metavar='SM',
-                        help='no GPU needed: compile for this compute capability (90: H100, H200) what the bench '
-                             'and kernels steps compile ahead, and pack it under --out for the device call\'s '
+                        help='no GPU needed: compile for this compute capability (90: H100, H200) what the bench, '
+                             'kernels and model steps compile ahead, and pack it under --out for the device call\'s '
                              '--triton-cache (run without TRITON_INTERPRET, with the device\'s Triton version)')
     parser.add_argument('--multiprocessors', type=int, default=132,
                         help="with --precompile: the GPU's multiprocessors (132 on the lent H100 and H200)")
@@ -292,15 +292,21 @@ def triton_key_hash() -> str:
         return '?'
 
 
+# the steps --precompile compiles ahead by default, the first three: graphs and profile launch mostly at the
+# bench rows' shapes, brief and tests are small, and the sweep tunes on the device
+PRECOMPILED = ('bench', 'kernels', 'model')
+
+
 def precompile(args) -> None:
-    """``--precompile SM``: on a machine without a GPU, what the bench and kernels steps compile ahead (the
-    MSCAN-B passes at the run's sizes), compiled for compute capability SM and packed under ``--out``, so that
-    the device call that loads it (``--triton-cache``) spends none of its time compiling them.
+    """``--precompile SM``: on a machine without a GPU, what the steps of :data:`PRECOMPILED` compile ahead
+    (the MSCAN-B passes at the run's sizes; ``--only`` and ``--skip`` select among them), compiled for compute
+    capability SM and packed under ``--out``, so that the device call that loads it (``--triton-cache``)
+    spends none of its time compiling them.
 
     The passes run on the CPU with the launches handed over (``compile_ahead``), their arguments and
-    constexprs following a GPU of ``--multiprocessors`` (``smmcl.kernels.target.COMPILING_FOR``); the workers compile
-    through a driver that only gives the target. Triton files a kernel under a key of its own version and
-    files (the libtriton of each Python differs), the kernel's source and specialisation, the options and
+    constexprs following a GPU of ``--multiprocessors`` (``smmcl.kernels.target.COMPILING_FOR``); the workers
+    compile through a driver that only gives the target. Triton files a kernel under a key of its own version
+    and files (the libtriton of each Python differs), the kernel's source and specialisation, the options and
     the target: run this with the device's Triton, and where this Python is not the device's, give that
     Triton's key (``--triton-key``). Whether the device found them shows in its log: the same key hash
     in the header, and compile-ahead lines of seconds."""
@@ -322,12 +328,15 @@ def precompile(args) -> None:
     print(f'precompiling for sm_{args.precompile} ({args.multiprocessors} multiprocessors), triton cache key '
           f'{triton_key_hash()}')
     device = torch.device('cpu')
-    selected = (set(filter(None, args.only.split(','))) or {'bench', 'kernels'}) - set(args.skip.split(','))
+    selected = (set(filter(None, args.only.split(','))) or set(PRECOMPILED)) - set(args.skip.split(','))
     if 'bench' in selected:
         bench_args, paths = bench_rows(args)
         compile_ahead_of_rows(bench, bench_args, device, paths)
     if 'kernels' in selected:
         compile_ahead_of_step('kernels', step_kernels, args, device)
+    if 'model' in selected:
+        with environment(SMMCL_TRITON_AUTOTUNE='0'):
+            compile_ahead_of('the model step', model_kernel_passes(model_runner(args, device)))
     save_triton_cache(args.out)
     print(f'\ntotal {time.time() - args.started:.0f} s')
 
@@ -1074,51 +1083,63 @@ def _model_and_batch(args, device, batch):
     return cfg, model, rgb.to(device), x.to(device), label.to(device)
 
 
+# the model step's paths: (name, fast path, kernels, channels_last, environment: the row family forced for
+# every kernel)
+MODEL_PATHS = (('plain', False, False, None, {}), ('fast', True, False, None, {}),
+               ('fast+triton', True, True, None, {}), ('fast+triton NCHW', True, True, False, {}),
+               ('fast+triton NCHW rows', True, True, False, ALL_ROWS),
+               ('fast+triton NCHW bands', True, True, False, ALL_BANDS))
+
+
 def step_model(args, device):
     import torch
-    from smmcl.engine.precision import for_inference, for_training, memory_format
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
-    os.environ['SMMCL_TRITON_AUTOTUNE'] = '0'  # correctness only: one tile config, fewer compiles
-    try:
-        cfg, model, rgb, x, label = _model_and_batch(args, device, 1 if args.smoke else 2)
+    with environment(SMMCL_TRITON_AUTOTUNE='0'):  # correctness only: one tile config, fewer compiles
+        run = model_runner(args, device)
+        compile_ahead_of('the model step', model_kernel_passes(run))
+        paths = {name: run(*path) for name, *path in MODEL_PATHS}
+    out = {}
+    # fast alone: the error of channels_last and folding; NCHW + kernels: the kernels' alone
+    for other in [name for name in paths if name != 'plain']:
+        out.update({f'{other}: {k}': v for k, v in _path_errors(paths['plain'], paths[other]).items()})
+    print('fp32, TF32 off: fast path (with and without the Triton kernels) vs plain, relative error '
+          '(target <= 1e-4)')
+    for k, v in out.items():
+        print(f'  {k:<70} {v:.2e}' if isinstance(v, float) else f'  {k:<70} {v}')
+    return out
 
-        def run(fast, kernels, layout, env):
-            c = copy.deepcopy(cfg)
-            c.update(fast_path=fast, triton_kernels=kernels, channels_last=layout)
-            m = for_training(copy.deepcopy(model).train(), c)
-            fmt = memory_format(c)
-            r, xx = rgb.contiguous(memory_format=fmt), x.contiguous(memory_format=fmt)
-            with environment(**env):
-                torch.manual_seed(3)
-                terms = m(r, xx, label, return_terms=True)
-                terms['loss'].backward()
-                grads = {n: p.grad.detach().clone() for n, p in m.named_parameters() if p.grad is not None}
-                inf = for_inference(m, c)
-                torch.manual_seed(4)
-                with torch.no_grad():
-                    logits = inf.encode_decode(r, xx)[0]
-            return dict(terms={k: v.detach() for k, v in terms.items()}, grads=grads, logits=logits)
 
-        # (name, fast path, kernels, channels_last, environment: the row family forced for every kernel)
-        checked = (('plain', False, False, None, {}), ('fast', True, False, None, {}),
-                   ('fast+triton', True, True, None, {}), ('fast+triton NCHW', True, True, False, {}),
-                   ('fast+triton NCHW rows', True, True, False, ALL_ROWS),
-                   ('fast+triton NCHW bands', True, True, False, ALL_BANDS))
-        # one candidate a kernel here, which the workers would leave to the launch: all at once first
-        compile_ahead_of('the model step', [lambda p=p: run(*p[1:]) for p in checked if p[2]])
-        paths = {name: run(*path) for name, *path in checked}
-        out = {}
-        # fast alone: the error of channels_last and folding; NCHW + kernels: the kernels' alone
-        for other in [name for name in paths if name != 'plain']:
-            out.update({f'{other}: {k}': v for k, v in _path_errors(paths['plain'], paths[other]).items()})
-        print('fp32, TF32 off: fast path (with and without the Triton kernels) vs plain, relative error '
-              '(target <= 1e-4)')
-        for k, v in out.items():
-            print(f'  {k:<70} {v:.2e}' if isinstance(v, float) else f'  {k:<70} {v}')
-        return out
-    finally:
-        os.environ.pop('SMMCL_TRITON_AUTOTUNE', None)
+def model_runner(args, device):
+    """``run(fast, kernels, layout, env)`` of the model step: a training step (loss terms, gradients) and an
+    inference forward (logits) of the same fp32 model on the same batch (2 images, 1 in the smoke run)."""
+    import torch
+    from smmcl.engine.precision import for_inference, for_training, memory_format
+    cfg, model, rgb, x, label = _model_and_batch(args, device, 1 if args.smoke else 2)
+
+    def run(fast, kernels, layout, env):
+        c = copy.deepcopy(cfg)
+        c.update(fast_path=fast, triton_kernels=kernels, channels_last=layout)
+        m = for_training(copy.deepcopy(model).train(), c)
+        fmt = memory_format(c)
+        r, xx = rgb.contiguous(memory_format=fmt), x.contiguous(memory_format=fmt)
+        with environment(**env):
+            torch.manual_seed(3)
+            terms = m(r, xx, label, return_terms=True)
+            terms['loss'].backward()
+            grads = {n: p.grad.detach().clone() for n, p in m.named_parameters() if p.grad is not None}
+            inf = for_inference(m, c)
+            torch.manual_seed(4)
+            with torch.no_grad():
+                logits = inf.encode_decode(r, xx)[0]
+        return dict(terms={k: v.detach() for k, v in terms.items()}, grads=grads, logits=logits)
+    return run
+
+
+def model_kernel_passes(run):
+    """The model step's paths with the kernels, as passes for :func:`compile_ahead_of`: one candidate a
+    kernel (SMMCL_TRITON_AUTOTUNE=0), which the compile workers would otherwise leave to each launch."""
+    return [lambda p=p: run(*p[1:]) for p in MODEL_PATHS if p[2]]
 
 
 def _path_errors(p, f):

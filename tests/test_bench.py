@@ -533,17 +533,18 @@ precision = {args[3].get('PRECISION') for _, args in pool.jobs if args[1] == 'bm
 import torch
 from smmcl.kernels import triton_dwconv
 sms = triton_dwconv._sms(torch.empty(1))
+assert 'SMMCL_TRITON_AUTOTUNE' not in os.environ  # the model step's one candidate a kernel, not after it
 print('JOBS', len(pool.jobs), len(names), sms, sorted(precision), target.COMPILING_FOR)
 '''
 
 
 @pytest.mark.slow
-def test_precompiling_hands_the_bench_and_kernels_steps_launches_over_for_the_gpu_without_one(tmp_path):
-    """``gpu_check.py --precompile 90`` on the CPU, without the interpreter: the bench rows' passes and the kernels
-    step run with CPU tensors standing for an sm_90 GPU's, every launch handed over to the workers (a stand-in
-    here) and none compiled or run in the process; the launches' arguments follow the GPU (the NMF's products
-    on TF32 tensor cores, as on an H100, where the interpreter multiplies in float32), and Triton's key is the
-    one given."""
+def test_precompiling_hands_the_first_steps_launches_over_for_the_gpu_without_one(tmp_path):
+    """``gpu_check.py --precompile 90`` on the CPU, without the interpreter: the bench rows' passes, the kernels
+    step and the model step's kernel paths (one candidate a kernel) run with CPU tensors standing for an sm_90
+    GPU's, every launch handed over to the workers (a stand-in here) and none compiled or run in the process;
+    the launches' arguments follow the GPU (the NMF's products on TF32 tensor cores, as on an H100, where the
+    interpreter multiplies in float32), and Triton's key is the one given."""
     import hashlib
     key = tmp_path / 'key.txt'
     key.write_text('3.6.0-a-device-pythons-triton\n')
@@ -555,6 +556,7 @@ def test_precompiling_hands_the_bench_and_kernels_steps_launches_over_for_the_gp
     assert f'precompiling for sm_90 (132 multiprocessors), triton cache key {digest}' in out.stdout
     assert 'compiled ahead of the bench rows (4 passes): {' in out.stdout
     assert 'compiled ahead of the kernels step (1 passes): {' in out.stdout and 'failed' not in out.stdout
+    assert 'compiled ahead of the model step (4 passes): {' in out.stdout
     jobs, kernels, sms, precision, target = out.stdout.split('JOBS')[1].split(maxsplit=4)
     assert int(jobs) > 500 and int(kernels) >= 30 and sms == '132'
     assert precision == "['tf32x3']" and target.strip() == '(132, (9, 0))'
