@@ -335,8 +335,7 @@ def precompile(args) -> None:
     if 'kernels' in selected:
         compile_ahead_of_step('kernels', step_kernels, args, device)
     if 'model' in selected:
-        with environment(SMMCL_TRITON_AUTOTUNE='0'):
-            compile_ahead_of('the model step', model_kernel_passes(model_runner(args, device)))
+        compile_ahead_of('the model step', model_kernel_passes(model_runner(args, device)))
     save_triton_cache(args.out)
     print(f'\ntotal {time.time() - args.started:.0f} s')
 
@@ -1095,10 +1094,9 @@ def step_model(args, device):
     import torch
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
-    with environment(SMMCL_TRITON_AUTOTUNE='0'):  # correctness only: one tile config, fewer compiles
-        run = model_runner(args, device)
-        compile_ahead_of('the model step', model_kernel_passes(run))
-        paths = {name: run(*path) for name, *path in MODEL_PATHS}
+    run = model_runner(args, device)
+    compile_ahead_of('the model step', model_kernel_passes(run))
+    paths = {name: run(*path) for name, *path in MODEL_PATHS}
     out = {}
     # fast alone: the error of channels_last and folding; NCHW + kernels: the kernels' alone
     for other in [name for name in paths if name != 'plain']:
@@ -1112,7 +1110,8 @@ def step_model(args, device):
 
 def model_runner(args, device):
     """``run(fast, kernels, layout, env)`` of the model step: a training step (loss terms, gradients) and an
-    inference forward (logits) of the same fp32 model on the same batch (2 images, 1 in the smoke run)."""
+    inference forward (logits) of the same fp32 model on the same batch (2 images, 1 in the smoke run), with
+    one tile config a kernel (SMMCL_TRITON_AUTOTUNE=0: correctness only, fewer compiles)."""
     import torch
     from smmcl.engine.precision import for_inference, for_training, memory_format
     cfg, model, rgb, x, label = _model_and_batch(args, device, 1 if args.smoke else 2)
@@ -1123,7 +1122,7 @@ def model_runner(args, device):
         m = for_training(copy.deepcopy(model).train(), c)
         fmt = memory_format(c)
         r, xx = rgb.contiguous(memory_format=fmt), x.contiguous(memory_format=fmt)
-        with environment(**env):
+        with environment(SMMCL_TRITON_AUTOTUNE='0', **env):
             torch.manual_seed(3)
             terms = m(r, xx, label, return_terms=True)
             terms['loss'].backward()
@@ -1137,8 +1136,8 @@ def model_runner(args, device):
 
 
 def model_kernel_passes(run):
-    """The model step's paths with the kernels, as passes for :func:`compile_ahead_of`: one candidate a
-    kernel (SMMCL_TRITON_AUTOTUNE=0), which the compile workers would otherwise leave to each launch."""
+    """The model step's paths with the kernels, as passes for :func:`compile_ahead_of`: their one candidate a
+    kernel, which the compile workers would otherwise leave to each launch."""
     return [lambda p=p: run(*p[1:]) for p in MODEL_PATHS if p[2]]
 
 
