@@ -625,15 +625,16 @@ def test_custom_op_registrations():
     torch.library.opcheck(ops().shortcut_residual, (a, low, _tensor(3, 1, 1), b, _tensor(1, 3, 4, 5, fmt=CL, seed=3),
                                                     True))
     running = [_tensor(3, seed=4).detach(), _tensor(3, seed=5).detach().abs()]
-    torch.library.opcheck(ops().batch_norm_stats, (a.detach(), b.detach(), b.detach(), *running, 0.1, 1e-5),
+    stats_args = (a.detach(), b.detach(), b.detach(), *running, 0.1, 1e-5)
+    torch.library.opcheck(ops().batch_norm_stats, stats_args + (None, None),
                           test_utils=('test_schema', 'test_faketensor'))
     partials = ops().scaled_residual(a.detach(), low.detach(), _tensor(3, 1, 1).detach(), None, True)[1]
-    torch.library.opcheck(ops().batch_norm_stats, (a.detach(), b.detach(), b.detach(), *running, 0.1, 1e-5, partials),
+    torch.library.opcheck(ops().batch_norm_stats, stats_args + (partials, None),
                           test_utils=('test_schema', 'test_faketensor'))
     tracked = torch.tensor(3, device=DEVICE)  # the module's batch count: its mutation declared (opcheck's copies)
-    torch.library.opcheck(ops().batch_norm_stats, (a.detach(), b.detach(), b.detach(), *running, 0.1, 1e-5, None,
-                                                   tracked), test_utils=('test_schema', 'test_faketensor'))
-    coef = ops().batch_norm_stats(a.detach(), b.detach(), b.detach(), *running, 0.1, 1e-5)
+    torch.library.opcheck(ops().batch_norm_stats, stats_args + (None, tracked),
+                          test_utils=('test_schema', 'test_faketensor'))
+    coef = ops().batch_norm_stats(*stats_args, None, None)
     for full in (True, False):
         torch.library.opcheck(ops().batch_norm_apply, (a, b, _tensor(3, seed=6), coef, torch.bfloat16, full))
 
@@ -1630,7 +1631,7 @@ def test_batch_norm_statistics_do_not_cancel_on_a_large_mean():
     """A channel whose mean is 1e3 times its spread (a residual stream can drift so): the variance from the
     channel-shifted sums is float64's to 1e-5, where plain sums of squares in float32 lose it."""
     x, weight, bias, running = _batch_norm_inputs(NCHW, offset=2000.0)
-    coef = ops().batch_norm_stats(x.detach(), weight.detach(), bias.detach(), *running, 0.1, 1e-5)
+    coef = ops().batch_norm_stats(x.detach(), weight.detach(), bias.detach(), *running, 0.1, 1e-5, None, None)
     var = x.detach().double().var(dim=(0, 2, 3), unbiased=False)
     assert rel(coef[0], x.detach().double().mean(dim=(0, 2, 3))) <= 1e-7
     assert rel(coef[1], (var + 1e-5).rsqrt()) <= 1e-5

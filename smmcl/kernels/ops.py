@@ -454,12 +454,14 @@ shortcut_residual.register_autograd(_shortcut_residual_grad, setup_context=_save
 
 # ---- a block's BatchNorm in training, writing the next conv's copy in the same pass ---------------------------
 
+# No defaults on the last two arguments: torch 2.11's custom ops (the GPU image's) look a mutated argument up
+# among the positional arguments given, so an omitted ``num_batches_tracked`` raised an IndexError there.
 @torch.library.custom_op('smmcl::batch_norm_stats', mutates_args=('running_mean', 'running_var', 'num_batches_tracked'))
 def batch_norm_stats(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor,
-                     momentum: float, eps: float, partials: Optional[Tensor] = None,
-                     num_batches_tracked: Optional[Tensor] = None) -> Tensor:
+                     momentum: float, eps: float, partials: Optional[Tensor],
+                     num_batches_tracked: Optional[Tensor]) -> Tensor:
     """A training-mode batch normalisation's statistics of N-C-H-W x (running ones updated in place, and
-    ``num_batches_tracked`` counted up where given, as the module counts its batches): 4 x C
+    ``num_batches_tracked`` counted up where not None, as the module counts its batches): 4 x C
     float32 (mean, invstd, weight * invstd, bias; :func:`triton_channel.batch_norm_stats`), from
     ``partials`` where given with rows (those of x from the tail that wrote it: x is not read). No
     autograd: :func:`batch_norm_apply`'s backward is the whole batch norm's, through these statistics
@@ -470,7 +472,7 @@ def batch_norm_stats(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tens
 
 
 @batch_norm_stats.register_fake
-def _(x, weight, bias, running_mean, running_var, momentum, eps, partials=None, num_batches_tracked=None):
+def _(x, weight, bias, running_mean, running_var, momentum, eps, partials, num_batches_tracked):
     return x.new_empty(4, x.shape[1], dtype=torch.float32)
 
 
