@@ -261,7 +261,8 @@ def main(argv=None):
             print(f'\n===== {step} ({time.time() - started:.0f} s) =====')
             running = step
             try:
-                results[step] = fn(args, device)
+                with tf32_kept():
+                    results[step] = fn(args, device)
             except Exception:  # noqa: BLE001 - report and go on to the next step
                 traceback.print_exc(file=sys.stdout)
                 if _STOPPING:  # a DataLoader's worker stopped by the same SIGTERM, reported before it
@@ -532,6 +533,18 @@ def step_kernels(args, device):
                 batch_norm=batch_norm_table(args, device, bandwidth),
                 bias_epilogue=bias_epilogue_table(args, device, bandwidth),
                 modulation=modulation_table(args, device, bandwidth), nmf=nmf_table(args, device))
+
+
+@contextlib.contextmanager
+def tf32_kept():
+    """PyTorch's TF32 switches as they were, restored after: the kernels and model steps turn them off for
+    their float32 comparisons, and the steps after them time what train.py runs, with the run's switches."""
+    import torch
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @contextlib.contextmanager
@@ -955,9 +968,8 @@ def nmf_table(args, device):
     n = 1 if args.smoke else args.batch
     d, (h, w), rank = (64, (8, 12), 64) if args.smoke else (512, (60, 80), 64)  # MSCAN-B: 512 channels at 1/8
     pixels = h * w
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    with tf32_kept():
+        torch.backends.cuda.matmul.allow_tf32 = False
         x = torch.rand(n, d, pixels, device=device)
         bases = torch.rand(n, d, rank, device=device)
         coef = torch.rand(n, pixels, rank, device=device)
@@ -986,8 +998,6 @@ def nmf_table(args, device):
             times['rel_diff'] = rel(nmf(maps), plain)  # the first call also makes auto's choices
             times['whole_tf32x3_ms'] = time_ms(lambda: nmf(maps), device, args.smoke)
             auto = {name: triton_matmul.choice(a, b) for name, (a, b) in large.items()}
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
     flops = 2 * n * d * pixels * rank  # one large product
     print(f'\nNMF (float32, batch {n}, D {d}, N {pixels}, R {rank}), ms: whole eval forward {times["whole_ms"]:.3f}'
           + (f', with smmcl::bmm_tf32x3 {times["whole_tf32x3_ms"]:.3f} (relative difference {times["rel_diff"]:.1e};'

@@ -585,3 +585,40 @@ def test_the_kernels_read_the_gpus_properties_once_and_the_precompiled_ones_for_
     assert target.gpu_properties(torch.device('cpu')) is None and not kernels.runs_on(torch.empty(1))
     monkeypatch.setattr(target, 'COMPILING_FOR', (132, (9, 0)))
     assert target.gpu_properties(torch.device('cpu')) == (132, (9, 0)) and kernels.runs_on(torch.empty(1))
+
+
+TF32_CHILD = r'''
+import sys
+
+import torch
+
+sys.path.insert(0, sys.argv[1])
+import gpu_check
+
+
+def turns_tf32_off(args, device):  # as the kernels and model steps do for their float32 comparisons
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    return {}
+
+
+def reads_tf32(args, device):
+    print('TF32', torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    return {}
+
+
+gpu_check.step_model, gpu_check.step_graphs = turns_tf32_off, reads_tf32
+torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, True
+gpu_check.main(['--smoke', '--only', 'model,graphs', '--out', ''])
+print('AFTER', torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+'''
+
+
+def test_the_steps_after_a_float32_comparison_run_with_the_runs_tf32_switches(tmp_path):
+    """The kernels and model steps turn TF32 off; the steps after them (graphs, profile, brief: what train.py
+    runs) find the switches as the run set them, and so does the run after its last step."""
+    script = tmp_path / 'child.py'
+    script.write_text(TF32_CHILD)
+    out = subprocess.run([sys.executable, str(script), os.path.join(REPO_ROOT, 'bench')], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert 'TF32 True True' in out.stdout and 'AFTER True True' in out.stdout
