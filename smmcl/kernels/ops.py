@@ -455,7 +455,7 @@ shortcut_residual.register_autograd(_shortcut_residual_grad, setup_context=_save
 # ---- a block's BatchNorm in training, writing the next conv's copy in the same pass ---------------------------
 
 # No defaults on the last two arguments: torch 2.11's custom ops (the GPU image's) look a mutated argument up
-# among the positional arguments given, so an omitted ``num_batches_tracked`` raised an IndexError there.
+# among the positional arguments given, so a call that omits ``num_batches_tracked`` raises an IndexError there.
 @torch.library.custom_op('smmcl::batch_norm_stats', mutates_args=('running_mean', 'running_var', 'num_batches_tracked'))
 def batch_norm_stats(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor,
                      momentum: float, eps: float, partials: Optional[Tensor],
