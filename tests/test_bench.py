@@ -140,14 +140,11 @@ def test_the_kernels_step_compiles_ahead_by_running_once_untimed_and_silent(monk
     ahead = []
     monkeypatch.setattr(gpu_check, 'compile_ahead_of_step', lambda name, step, args, device: ahead.append(name))
     monkeypatch.setattr(gpu_check, 'copy_bandwidth', bandwidth)
-    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32  # the step turns TF32 off
-    try:
+    with gpu_check.tf32_kept():  # the step turns TF32 off
         for untimed in ([], [True]):
             monkeypatch.setattr(gpu_check, '_UNTIMED', untimed)
             with pytest.raises(Measured):
                 gpu_check.step_kernels(SimpleNamespace(smoke=True, batch=1), torch.device('cpu'))
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     assert ahead == ['kernels']  # not again within its own untimed run
 
 
